@@ -1,0 +1,200 @@
+"""Donors: where the finetuned weights come from.
+
+Execution never calls a donor *module*. It runs the recipient's own module with the donor's
+parameters swapped in (``torch.func``-style reparametrization), so every donor only has to answer
+one question: *what are F's parameters of the module at this path?*
+
+- :class:`ModelDonor` — a loaded finetuned model (``transformers`` object).
+- :class:`SafetensorsDonor` — a checkpoint folder or file; reads only the tensors a plan needs.
+- :class:`TensorDonor` — a dict of tensors ``{"model.layers.3.mlp.up_proj.weight": W, ...}``.
+
+Every donor's parameters are checked against the recipient's shapes and cast to the recipient's
+dtype and device (documented in docs/errors.md: floating dtypes are cast, shapes must match).
+
+Example:
+    >>> from nngraft.testing import tiny_pair
+    >>> P, F, tok = tiny_pair("llama")
+    >>> donor = ModelDonor(F)
+    >>> sorted(donor.params("model.layers.0.mlp.up_proj", P.model.layers[0].mlp.up_proj))
+    ['weight']
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any, Mapping, Protocol
+
+import torch
+
+from .arch import get_module
+from .errors import DonorMismatchError
+
+
+class Donor(Protocol):
+    """Anything that returns F's parameters for the recipient module at ``path``."""
+
+    def params(self, path: str, module: torch.nn.Module) -> dict[str, torch.Tensor]:
+        """F's parameters for ``module`` (named as in ``module.named_parameters()``)."""
+
+
+def _fit(name: str, tensor: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    if tuple(tensor.shape) != tuple(like.shape):
+        raise DonorMismatchError(
+            f"donor tensor {name!r} has shape {tuple(tensor.shape)} but the recipient's has "
+            f"{tuple(like.shape)}; are both models the same architecture and size?"
+        )
+    if tensor.dtype != like.dtype or tensor.device != like.device:
+        if not tensor.dtype.is_floating_point:
+            raise DonorMismatchError(f"donor tensor {name!r} has non-float dtype {tensor.dtype}")
+        tensor = tensor.to(device=like.device, dtype=like.dtype)
+    return tensor
+
+
+class _CachingDonor:
+    """Shared logic: fetch F's tensors for a module once, check them, keep them."""
+
+    def __init__(self) -> None:
+        self._cache: dict[str, dict[str, torch.Tensor]] = {}
+
+    def params(self, path: str, module: torch.nn.Module) -> dict[str, torch.Tensor]:
+        found = self._cache.get(path)
+        if found is None:
+            found = {}
+            for name, like in module.named_parameters():
+                full = f"{path}.{name}"
+                found[name] = _fit(full, self._tensor(full), like)
+            self._cache[path] = found
+        return found
+
+    def _tensor(self, name: str) -> torch.Tensor:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def clear(self) -> None:
+        """Forget cached tensors (frees memory between studies)."""
+        self._cache.clear()
+
+
+class ModelDonor(_CachingDonor):
+    """F as a loaded model. Tensors are shared, not copied, when dtype and device already match."""
+
+    def __init__(self, model: torch.nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def _tensor(self, name: str) -> torch.Tensor:
+        path, _, leaf = name.rpartition(".")
+        try:
+            return getattr(get_module(self.model, path), leaf)
+        except AttributeError:
+            raise DonorMismatchError(
+                f"the donor model ({type(self.model).__name__}) has no parameter {name!r}; "
+                "is it the same architecture as the recipient?"
+            ) from None
+
+    def check_against(self, recipient: torch.nn.Module) -> None:
+        """Refuse a donor of another architecture or size, naming what differs."""
+        rc, dc = getattr(recipient, "config", None), getattr(self.model, "config", None)
+        if rc is not None and dc is not None and rc.model_type != dc.model_type:
+            raise DonorMismatchError(
+                f"recipient is a {rc.model_type!r} model but the donor is {dc.model_type!r}; "
+                "grafting needs F to be a finetuned copy of P"
+            )
+        theirs = dict(self.model.named_parameters())
+        for name, p in recipient.named_parameters():
+            if name not in theirs:
+                raise DonorMismatchError(f"the donor has no parameter {name!r}")
+            if theirs[name].shape != p.shape:
+                raise DonorMismatchError(
+                    f"parameter {name!r}: recipient shape {tuple(p.shape)}, donor shape "
+                    f"{tuple(theirs[name].shape)}; F must be a finetuned copy of P"
+                )
+
+
+class TensorDonor(_CachingDonor):
+    """F's tensors by full parameter name, e.g. from ``model.state_dict()`` or a computation."""
+
+    def __init__(self, tensors: Mapping[str, torch.Tensor], *, source: str = "tensor dict") -> None:
+        super().__init__()
+        self.tensors = dict(tensors)
+        self.source = source
+
+    def _tensor(self, name: str) -> torch.Tensor:
+        try:
+            return self.tensors[name]
+        except KeyError:
+            raise DonorMismatchError(
+                f"the donor ({self.source}) has no tensor {name!r}, which this graft needs"
+            ) from None
+
+
+class SafetensorsDonor(_CachingDonor):
+    """F from a ``.safetensors`` file or a folder of them (sharded checkpoints included).
+
+    Only the tensors a graft touches are read (memory-mapped), so grafting the last four MLPs of
+    a 70B model needs only those MLPs in memory. Checkpoint names may lack the model's prefix
+    (``h.0.mlp`` for ``transformer.h.0.mlp``); pass ``prefix`` (default: tried automatically).
+    Loading never unpickles anything.
+    """
+
+    def __init__(self, path: str | Path, *, prefixes: tuple[str, ...] = ("transformer.", "model.",
+                                                                          "gpt_neox.")) -> None:
+        super().__init__()
+        from safetensors import safe_open
+
+        self.path = Path(path)
+        files = sorted(self.path.glob("*.safetensors")) if self.path.is_dir() else [self.path]
+        if not files or not all(f.exists() for f in files):
+            raise DonorMismatchError(f"no .safetensors weights found at {self.path}")
+        self._index: dict[str, Path] = {}
+        for file in files:
+            with safe_open(str(file), framework="pt") as handle:
+                for key in handle.keys():
+                    self._index[key] = file
+        self._prefixes = prefixes
+        self._renames = {"lm_head.weight": ("embed_out.weight",)}
+
+    def _key(self, name: str) -> str | None:
+        candidates = [name] + [name[len(p):] for p in self._prefixes if name.startswith(p)]
+        candidates += list(self._renames.get(name, ()))
+        return next((k for k in candidates if k in self._index), None)
+
+    def _tensor(self, name: str) -> torch.Tensor:
+        from safetensors import safe_open
+
+        key = self._key(name)
+        if key is None:
+            if name == "lm_head.weight":  # tied embeddings: the checkpoint stores only the input side
+                for alt in ("model.embed_tokens.weight", "transformer.wte.weight", "wte.weight",
+                            "embed_tokens.weight"):
+                    if (key := self._key(alt)) is not None:
+                        break
+            if key is None:
+                raise DonorMismatchError(
+                    f"the donor checkpoint {self.path} has no tensor {name!r} (nor under a known "
+                    "alias); this graft needs it"
+                )
+        with safe_open(str(self._index[key]), framework="pt") as handle:
+            return handle.get_tensor(key)
+
+
+def as_donor(donor: Any) -> Donor:
+    """Accept a model, a path, a tensor dict or a Donor; return a Donor."""
+    if isinstance(donor, torch.nn.Module):
+        return ModelDonor(donor)
+    if isinstance(donor, (str, Path)) and Path(donor).exists():
+        return SafetensorsDonor(donor)
+    if isinstance(donor, Mapping):
+        return TensorDonor(donor)
+    if hasattr(donor, "params"):
+        return donor
+    raise DonorMismatchError(
+        f"cannot use {donor!r} as a donor: pass a loaded model, a safetensors file/folder, a dict "
+        "of tensors, or an object with a params(path, module) method"
+    )
+
+
+def read_config(path: str | Path) -> dict[str, Any]:
+    """The ``config.json`` beside a checkpoint (used to check architectures match)."""
+    file = Path(path) / "config.json" if Path(path).is_dir() else Path(path).parent / "config.json"
+    return json.loads(file.read_text()) if file.exists() else {}

@@ -1,0 +1,95 @@
+"""Run a :class:`~nngraft.plan.GraftPlan` in one nnsight trace of the recipient.
+
+For each grafted module, in forward order::
+
+    x   = module.input                      # what P's module receives (the grafted run's own state)
+    y   = module(x[rows, cols]) with F's parameters swapped in
+    out = module.output.clone(); out[rows, cols(, features)] = y
+    module.output = out
+
+Only the grafted positions are sent through the donor (gather → donor → scatter), so a graft at
+the last token costs one token's worth of work per module.
+
+Why one pass is exact: every weighted operation in a transformer acts on each position separately,
+and the only cross-position operation, attention's mixing, has no weights. So the output of a
+module at position ``t`` depends only on its input at ``t`` and on the weights active at ``t``;
+keys and values written at ``t`` are read unchanged by later positions — exactly what processing
+token by token with F's weights swapped in (and a KV cache) produces. Attention grafts replace the
+q/k/v/o *projections*, so P's KV cache is never touched by the donor.
+"""
+
+from __future__ import annotations
+
+from contextlib import contextmanager
+from typing import Any, Iterator
+
+import torch
+
+from .donor import Donor
+from .plan import GraftPlan
+
+
+@contextmanager
+def swapped_parameters(module: torch.nn.Module, params: dict[str, torch.Tensor]) -> Iterator[None]:
+    """Temporarily run ``module`` with ``params`` in place of its own (restored on exit, always)."""
+    try:
+        from torch.nn.utils.stateless import _reparametrize_module
+    except ImportError:  # pragma: no cover - very old or very new torch
+        _reparametrize_module = None
+    if _reparametrize_module is not None:
+        with _reparametrize_module(module, params):
+            yield
+        return
+    saved = {}  # pragma: no cover - fallback path
+    try:  # pragma: no cover
+        for name, value in params.items():
+            owner_path, _, leaf = name.rpartition(".")
+            owner = module.get_submodule(owner_path) if owner_path else module
+            saved[name] = (owner, leaf, owner._parameters[leaf])
+            owner._parameters[leaf] = torch.nn.Parameter(value, requires_grad=False)
+        yield
+    finally:  # pragma: no cover
+        for owner, leaf, value in saved.values():
+            owner._parameters[leaf] = value
+
+
+def envoy_at(root: Any, path: str) -> Any:
+    """The nnsight envoy at a dotted module path (``model.layers.3.mlp``)."""
+    node = root
+    for part in path.split("."):
+        node = node[int(part)] if part.isdigit() else getattr(node, part)
+    return node
+
+
+def apply_plan(root: Any, plan: GraftPlan, donor: Donor) -> None:
+    """Inside an open trace of ``root``: apply every module graft of ``plan``, in order."""
+    for path, grafts in plan.by_path():
+        envoy = envoy_at(root, path)
+        module = envoy._module
+        params = donor.params(path, module)
+        x = envoy.input
+        out = envoy.output
+        new = out.clone()
+        if len(grafts) == 1:
+            rows, cols = grafts[0].rows, grafts[0].cols
+        else:  # fused q/k/v at different positions: one donor call on the union
+            cells = torch.unique(torch.stack([torch.cat([g.rows for g in grafts]),
+                                              torch.cat([g.cols for g in grafts])]), dim=1)
+            rows, cols = cells[0], cells[1]
+        with swapped_parameters(module, params):
+            y = envoy(x[rows, cols])
+        for graft in grafts:
+            part = y if len(grafts) == 1 else y[_positions_in(rows, cols, graft.rows, graft.cols, plan.seq_len)]
+            if graft.features is None:
+                new[graft.rows, graft.cols] = part
+            else:
+                block = new[graft.rows, graft.cols]
+                block[..., graft.features] = part[..., graft.features]
+                new[graft.rows, graft.cols] = block
+        envoy.output = new
+
+
+def _positions_in(rows, cols, sub_rows, sub_cols, width) -> torch.Tensor:
+    """Indices of the cells (sub_rows, sub_cols) inside the sorted cells (rows, cols)."""
+    keys = rows * width + cols
+    return torch.searchsorted(keys, sub_rows * width + sub_cols)

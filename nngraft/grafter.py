@@ -1,0 +1,272 @@
+"""The user-facing entry point: :class:`Grafter` runs specs on a recipient with a donor.
+
+Example:
+    >>> from nngraft import Grafter, GraftSpec, GraftRule, Span, Last
+    >>> from nngraft.testing import tiny_pair
+    >>> P, F, tok = tiny_pair("llama")
+    >>> g = Grafter(P, F, tok)
+    >>> spec = GraftSpec(name="fe_lt", rules=[GraftRule(components=["all"],
+    ...                  positions=[Span(span="first_actor"), Last()])])
+    >>> out = g.run(spec, ["Ada Lovelace stars in a movie alongside"],
+    ...             spans=[{"first_actor": "Ada Lovelace"}])
+    >>> out.logits.shape[0], out.target_prob("Alan").shape
+    (1, torch.Size([1]))
+"""
+
+from __future__ import annotations
+
+import inspect
+import threading
+from pathlib import Path
+from dataclasses import dataclass
+from typing import Any, Mapping, Sequence
+
+import torch
+
+from .arch import Adapter, adapter_for
+from .donor import Donor, ModelDonor, as_donor
+from .execute import apply_plan
+from .plan import GraftPlan, compile_plan
+from .result import GraftResult
+from .spec import GraftSpec
+from .tokens import PaddedBatch, SpanValue, TokenizedPrompt, pad_left, tokenize_prompts
+
+SpecLike = GraftSpec | str | Mapping[str, Any]
+
+
+def as_spec(spec: SpecLike) -> GraftSpec:
+    """A GraftSpec from a spec, a JSON file path, or a dict."""
+    if isinstance(spec, GraftSpec):
+        return spec
+    if isinstance(spec, Mapping):
+        from pydantic import ValidationError
+
+        from .errors import SpecError
+        from .spec import format_validation_error
+
+        try:
+            return GraftSpec.model_validate(spec)
+        except ValidationError as error:
+            raise SpecError(format_validation_error(error, "<dict>")) from None
+    return GraftSpec.load(spec)
+
+
+def _load_model(name_or_path: str, dtype: Any, device: Any) -> torch.nn.Module:
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(name_or_path, dtype=dtype or "auto")
+    return model.to(device).eval() if device else model.eval()
+
+
+@dataclass
+class GenerationResult:
+    """Greedy continuations under a graft: new token ids, their text, and each step's logits."""
+
+    tokens: torch.Tensor  # (batch, new_tokens)
+    texts: list[str]
+    step_logits: list[torch.Tensor]  # one (batch, vocab) tensor per new token
+
+
+class Grafter:
+    """Run graft specs on a recipient ``P`` with weights from a donor ``F``.
+
+    Args:
+        recipient: the pretrained model P (a loaded ``transformers`` model, or a path / hub id).
+        donor: the finetuned model F: a loaded model, a path / hub id, a safetensors file or
+            folder, a ``{name: tensor}`` dict, or any :class:`~nngraft.donor.Donor`.
+        tokenizer: P's tokenizer (loaded from ``recipient`` when it is a path / hub id).
+        adapter: override the architecture adapter (default: from ``config.model_type``).
+        batch_size: rows per forward pass.
+
+    One Grafter may be used from several threads; traces are serialized with a lock.
+    P's weights are never modified: donor parameters are swapped in only for the duration of
+    each donor call.
+    """
+
+    def __init__(self, recipient: Any, donor: Any, tokenizer: Any = None, *, adapter: Adapter | None = None,
+                 batch_size: int = 32, dtype: Any = None, device: Any = None) -> None:
+        import nnsight
+
+        if isinstance(recipient, str):
+            if tokenizer is None:
+                from transformers import AutoTokenizer
+
+                tokenizer = AutoTokenizer.from_pretrained(recipient)
+            recipient = _load_model(recipient, dtype, device)
+        if isinstance(donor, str) and not Path(donor).exists():
+            donor = _load_model(donor, dtype, device)  # a hub id; a local folder is read lazily
+        if tokenizer is None:
+            raise ValueError("pass the recipient's tokenizer (Grafter(P, F, tokenizer))")
+        self.model = recipient
+        self.tokenizer = tokenizer
+        self.adapter = adapter or adapter_for(recipient)
+        self.donor: Donor = as_donor(donor)
+        if isinstance(self.donor, ModelDonor):
+            self.donor.check_against(recipient)
+        self.batch_size = batch_size
+        self.nn = nnsight.NNsight(recipient)
+        self._lock = threading.Lock()
+        params = inspect.signature(recipient.forward).parameters
+        self._keep_last = "logits_to_keep" in params
+        self._cache_kw = "cache" if "cache" in params else "past_key_values"
+
+    @classmethod
+    def from_pretrained(cls, recipient: str, donor: str, **kwargs: Any) -> "Grafter":
+        """``Grafter.from_pretrained("meta-llama/Llama-3.2-1B", "me/llama-movies-sft")``."""
+        return cls(recipient, donor, **kwargs)
+
+    @property
+    def n_layers(self) -> int:
+        return self.adapter.n_layers(self.model.config)
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    # -- compiling ------------------------------------------------------------------------------
+
+    def tokenize(self, prompts: Sequence[str] | str,
+                 spans: Sequence[Mapping[str, SpanValue]] | None = None) -> list[TokenizedPrompt]:
+        return tokenize_prompts(self.tokenizer, prompts, spans)
+
+    def plan(self, spec: SpecLike | Sequence[SpecLike], prompts: Sequence[str] | str,
+             spans: Sequence[Mapping[str, SpanValue]] | None = None) -> GraftPlan:
+        """Compile without running (to inspect with ``plan.summary()`` or check a spec fits)."""
+        tokenized = self.tokenize(prompts, spans)
+        return compile_plan(self._per_row(spec, len(tokenized)), self.adapter, self.model.config, tokenized)
+
+    @staticmethod
+    def _per_row(spec: SpecLike | Sequence[SpecLike], n: int) -> list[GraftSpec]:
+        if isinstance(spec, (GraftSpec, str, Mapping)):
+            return [as_spec(spec)] * n
+        specs = [as_spec(s) for s in spec]
+        if len(specs) != n:
+            raise ValueError(f"got {len(specs)} specs for {n} prompts; give one spec, or one per prompt")
+        return specs
+
+    # -- running --------------------------------------------------------------------------------
+
+    def run(self, spec: SpecLike | Sequence[SpecLike], prompts: Sequence[str] | str,
+            spans: Sequence[Mapping[str, SpanValue]] | None = None, *, all_logits: bool = False,
+            batch_size: int | None = None) -> GraftResult:
+        """Next-token logits of every prompt under ``spec`` (one spec, or one per prompt).
+
+        Each prompt's ``spans`` dict gives the text of the spans the spec names."""
+        tokenized = self.tokenize(prompts, spans)
+        specs = self._per_row(spec, len(tokenized))
+        return self._run_rows(specs, tokenized, all_logits=all_logits, batch_size=batch_size)
+
+    def run_grid(self, specs: Sequence[SpecLike] | Mapping[str, SpecLike], prompts: Sequence[str],
+                 spans: Sequence[Mapping[str, SpanValue]] | None = None, *,
+                 batch_size: int | None = None, progress: Any = None) -> dict[str, GraftResult]:
+        """Every spec on every prompt, packed into shared forward passes (rows of a batch carry
+        different specs). Returns ``{spec name: GraftResult}`` in the order given."""
+        if isinstance(specs, Mapping):
+            named = [(name, as_spec(s)) for name, s in specs.items()]
+        else:
+            named = [(s.name, s) for s in (as_spec(x) for x in specs)]
+        names = [n for n, _ in named]
+        if len(set(names)) != len(names):
+            raise ValueError(f"spec names must be unique in a grid; got {names}")
+        tokenized = self.tokenize(prompts, spans)
+        rows = [(spec, p) for _, spec in named for p in tokenized]
+        result = self._run_rows([s for s, _ in rows], [p for _, p in rows], batch_size=batch_size,
+                                progress=progress)
+        n = len(tokenized)
+        return {
+            name: GraftResult(result.logits[i * n:(i + 1) * n], result.prompts[i * n:(i + 1) * n],
+                              self.tokenizer, [name] * n)
+            for i, name in enumerate(names)
+        }
+
+    def _run_rows(self, specs: list[GraftSpec], prompts: list[TokenizedPrompt], *, all_logits: bool = False,
+                  batch_size: int | None = None, progress: Any = None) -> GraftResult:
+        size = batch_size or self.batch_size
+        # Sort rows by length so batches waste little padding; restore order afterwards.
+        order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
+        last: list[torch.Tensor | None] = [None] * len(prompts)
+        full: list[torch.Tensor | None] = [None] * len(prompts)
+        for start in range(0, len(order), size):
+            chunk = order[start:start + size]
+            chunk_prompts = [prompts[i] for i in chunk]
+            plan = compile_plan([specs[i] for i in chunk], self.adapter, self.model.config, chunk_prompts)
+            batch = pad_left([p.ids for p in chunk_prompts], self._pad_id(), self.device)
+            logits, _ = self.forward(plan, batch, keep_all=all_logits)
+            for j, i in enumerate(chunk):
+                last[i] = logits[j, -1]
+                if all_logits:
+                    full[i] = logits[j, batch.pad[j]:]
+            if progress is not None:
+                progress(len(chunk))
+        return GraftResult(torch.stack(last), [p.text for p in prompts], self.tokenizer,
+                           [s.name for s in specs], full if all_logits else None)
+
+    def forward(self, plan: GraftPlan, batch: PaddedBatch, *, keep_all: bool = False,
+                cache: Any = None, use_cache: bool = False) -> tuple[torch.Tensor, Any]:
+        """One forward pass of P with ``plan`` applied. Returns (logits, KV cache or None)."""
+        kwargs: dict[str, Any] = dict(batch.model_inputs(), use_cache=use_cache or cache is not None)
+        if cache is not None:
+            kwargs[self._cache_kw] = cache
+        if self._keep_last and not keep_all:
+            kwargs["logits_to_keep"] = 1
+            plan = _lm_head_on_last_column(plan, self.adapter)
+        with torch.no_grad(), self._lock:
+            if plan.is_empty:
+                out = self.model(**kwargs)
+            else:
+                out = self._traced(plan, kwargs)
+        return out.logits, getattr(out, "past_key_values", None)
+
+    def _traced(self, plan: GraftPlan, kwargs: dict[str, Any]) -> Any:
+        with self.nn.trace(**kwargs):
+            apply_plan(self.nn, plan, self.donor)
+            out = self.nn.output.save()
+        return out
+
+    def _pad_id(self) -> int:
+        pad = getattr(self.tokenizer, "pad_token_id", None)
+        if pad is None:
+            pad = getattr(self.tokenizer, "eos_token_id", None)
+        return int(pad or 0)
+
+    # -- generation -----------------------------------------------------------------------------
+
+    def generate(self, spec: SpecLike | Sequence[SpecLike], prompts: Sequence[str] | str,
+                 spans: Sequence[Mapping[str, SpanValue]] | None = None, *,
+                 max_new_tokens: int = 8) -> GenerationResult:
+        """Greedy decoding under a graft, with a KV cache.
+
+        Each new token is processed once, grafted where the spec's selectors name it in the grown
+        sequence (``last`` names every new token; spans name only prompt tokens). Tokens already
+        processed keep the keys and values they were computed with, as in the per-token method.
+        """
+        tokenized = self.tokenize(prompts, spans)
+        specs = self._per_row(spec, len(tokenized))
+        lengths = [len(p) for p in tokenized]
+        batch = pad_left([p.ids for p in tokenized], self._pad_id(), self.device)
+        plan = compile_plan(specs, self.adapter, self.model.config, tokenized)
+        logits, cache = self.forward(plan, batch, use_cache=True)
+        steps, new = [logits[:, -1]], [logits[:, -1].argmax(-1)]
+        mask, positions = batch.attention_mask, batch.position_ids
+        for _ in range(max_new_tokens - 1):
+            lengths = [n + 1 for n in lengths]
+            mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
+            positions = positions[:, -1:] + 1
+            step = PaddedBatch(new[-1][:, None], mask, positions, batch.pad)
+            grown = compile_plan(specs, self.adapter, self.model.config, tokenized, lengths=lengths)
+            logits, cache = self.forward(grown.last_columns(1), step, cache=cache)
+            steps.append(logits[:, -1])
+            new.append(logits[:, -1].argmax(-1))
+        tokens = torch.stack(new, dim=1)
+        texts = [self.tokenizer.decode(row) for row in tokens.tolist()]
+        return GenerationResult(tokens.cpu(), texts, [s.cpu() for s in steps])
+
+
+def _lm_head_on_last_column(plan: GraftPlan, adapter: Adapter) -> GraftPlan:
+    """With ``logits_to_keep=1`` the LM head sees only the last column: re-index its grafts."""
+    if not any(m.path == adapter.lm_head for m in plan.modules):
+        return plan
+    head = GraftPlan([m for m in plan.modules if m.path == adapter.lm_head], plan.batch_size, plan.seq_len)
+    rest = [m for m in plan.modules if m.path != adapter.lm_head]
+    return GraftPlan(rest + head.last_columns(1).modules, plan.batch_size, plan.seq_len)
+

@@ -1,0 +1,260 @@
+"""Compile specs into a :class:`GraftPlan`: which module outputs to replace, at which (row, column).
+
+    spec (data)  ──compile──▶  GraftPlan (plain tensors and strings)  ──execute──▶  logits
+
+The plan is everything the trace needs and nothing else: per module, in forward order, the row and
+column indices (into the left-padded batch) where the donor's output replaces the recipient's,
+and for fused projections the output features that belong to the grafted component. Rows of one
+batch may carry different specs. A plan holds no pydantic objects, so it can travel in a remote
+request.
+
+Example:
+    >>> from nngraft.spec import GraftSpec, GraftRule, Last
+    >>> from nngraft.arch import adapter_for_model_type
+    >>> from types import SimpleNamespace
+    >>> from nngraft.tokens import TokenizedPrompt
+    >>> spec = GraftSpec(rules=[GraftRule(components=["mlp"], layers="last:1", positions=[Last()])])
+    >>> cfg = SimpleNamespace(num_hidden_layers=2)
+    >>> plan = compile_plan([spec], adapter_for_model_type("llama"), cfg,
+    ...                     [TokenizedPrompt("a b c", (5, 6, 7))])
+    >>> [(m.path, m.cols.tolist()) for m in plan.modules]
+    [('model.layers.1.mlp', [2])]
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Sequence
+
+import torch
+
+from .arch import Adapter, Site
+from .errors import PositionError
+from .spec import All, GraftSpec, Index, Last, Not, Other, Span, resolve_layers
+from .tokens import TokenizedPrompt
+
+# ---------------------------------------------------------------------------------------------
+# Positions
+# ---------------------------------------------------------------------------------------------
+
+
+def select_positions(selector: Any, prompt: TokenizedPrompt, *, row: int = 0, length: int | None = None,
+                     other: frozenset[int] = frozenset()) -> set[int]:
+    """Token indices (0 = first real token) that ``selector`` names in ``prompt``.
+
+    ``length`` overrides the prompt's length (generation grows the sequence); ``other`` is the set
+    the spec's ``{"other": true}`` stands for.
+    """
+    n = len(prompt) if length is None else length
+    if isinstance(selector, Span):
+        if selector.span not in prompt.spans:
+            given = ", ".join(sorted(prompt.spans)) or "none"
+            raise PositionError(
+                f"prompt {row}: the spec grafts at span {selector.span!r}, but no text was given "
+                f"for it (spans given: {given}); pass spans=[{{{selector.span!r}: '...'}}, ...]"
+            )
+        return set(prompt.spans[selector.span])
+    if isinstance(selector, Last):
+        return {n - 1}
+    if isinstance(selector, All):
+        return set(range(n))
+    if isinstance(selector, Other):
+        return set(other)
+    if isinstance(selector, Index):
+        out = set()
+        for i in selector.index:
+            if not -len(prompt) <= i < n:
+                raise PositionError(
+                    f"prompt {row}: position index {i} is out of range for a prompt of "
+                    f"{len(prompt)} tokens ({prompt.text!r})"
+                )
+            out.add(i % n)
+        return out
+    if isinstance(selector, Not):
+        named = set().union(*(select_positions(s, prompt, row=row, length=n, other=other)
+                              for s in selector.not_))
+        return set(range(n)) - named
+    raise TypeError(f"unknown position selector {selector!r}")
+
+
+def _other_positions(spec: GraftSpec, prompt: TokenizedPrompt, row: int, length: int) -> frozenset[int]:
+    named: set[int] = set()
+    for rule in spec.rules:
+        for selector in rule.positions:
+            if not isinstance(selector, Other):
+                named |= select_positions(selector, prompt, row=row, length=length)
+    return frozenset(set(range(length)) - named)
+
+
+# ---------------------------------------------------------------------------------------------
+# The plan
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass
+class ModuleGraft:
+    """Replace ``path``'s output at ``(rows, cols)`` with the donor's.
+
+    ``features``: ``None`` for the whole output, else the output features to replace (a fused
+    projection's q, k or v part). One module may appear several times (q and k of GPT-2's
+    ``c_attn`` at different positions); consecutive entries of one path run as one hook."""
+
+    path: str
+    components: tuple[str, ...]
+    layer: int | None
+    rows: torch.Tensor
+    cols: torch.Tensor
+    features: torch.Tensor | None = None
+
+    @property
+    def count(self) -> int:
+        return int(self.rows.numel())
+
+
+@dataclass
+class GraftPlan:
+    """Module grafts in forward order for a batch of ``batch_size`` rows × ``seq_len`` columns."""
+
+    modules: list[ModuleGraft] = field(default_factory=list)
+    batch_size: int = 0
+    seq_len: int = 0
+
+    @property
+    def is_empty(self) -> bool:
+        return not self.modules
+
+    def by_path(self) -> list[tuple[str, list[ModuleGraft]]]:
+        """Group consecutive grafts of the same module (each group is one nnsight hook)."""
+        groups: list[tuple[str, list[ModuleGraft]]] = []
+        for graft in self.modules:
+            if groups and groups[-1][0] == graft.path:
+                groups[-1][1].append(graft)
+            else:
+                groups.append((graft.path, [graft]))
+        return groups
+
+    def last_columns(self, k: int) -> "GraftPlan":
+        """The part of the plan on the last ``k`` columns, re-indexed to a ``k``-column input.
+
+        Used for generation with a KV cache, where each step feeds only the new tokens."""
+        out = []
+        for graft in self.modules:
+            keep = graft.cols >= self.seq_len - k
+            if keep.any():
+                out.append(ModuleGraft(graft.path, graft.components, graft.layer, graft.rows[keep],
+                                       graft.cols[keep] - (self.seq_len - k), graft.features))
+        return GraftPlan(out, self.batch_size, k)
+
+    def summary(self) -> str:
+        lines = [f"GraftPlan: {len(self.modules)} module grafts over {self.batch_size}×{self.seq_len}"]
+        for g in self.modules:
+            feats = "" if g.features is None else f" features[{g.features.numel()}]"
+            lines.append(f"  {g.path}{feats} ({'+'.join(g.components)}): {g.count} positions")
+        return "\n".join(lines)
+
+
+def _rule_targets(spec: GraftSpec, adapter: Adapter, n_layers: int) -> list[list[tuple[str, int | None]]]:
+    """For each rule, the (component, layer) pairs it grafts."""
+    out = []
+    for r, rule in enumerate(spec.rules):
+        where = f"spec {spec.name!r} rules[{r}]"
+        block, global_ = adapter.expand(list(rule.components), rule=where)
+        targets: list[tuple[str, int | None]] = [(c, None) for c in global_]
+        if block:
+            try:
+                layers = resolve_layers(rule.layers, n_layers)
+            except Exception as error:
+                raise type(error)(f"{where}.layers: {error}") from None
+            targets += [(c, layer) for layer in layers for c in block]
+        out.append(targets)
+    return out
+
+
+def compile_plan(
+    specs: Sequence[GraftSpec],
+    adapter: Adapter,
+    config: Any,
+    prompts: Sequence[TokenizedPrompt],
+    *,
+    lengths: Sequence[int] | None = None,
+    collapse_mlp: bool = True,
+) -> GraftPlan:
+    """Compile one spec per row into a plan for the left-padded batch of ``prompts``.
+
+    ``lengths`` (default: the prompts' lengths) lets generation evaluate selectors on a grown
+    sequence. With ``collapse_mlp``, an MLP whose every projection is grafted at the same
+    positions is grafted as one module (cheaper, and exactly equal: an MLP is position-wise).
+    """
+    if len(specs) != len(prompts):
+        raise ValueError(f"compile_plan got {len(specs)} specs for {len(prompts)} prompts")
+    n_layers = adapter.n_layers(config)
+    lengths = [len(p) for p in prompts] if lengths is None else list(lengths)
+    width = max(lengths)
+    cache: dict[int, list[list[tuple[str, int | None]]]] = {}
+    # (component, layer) -> list of (row, col)
+    chosen: dict[tuple[str, int | None], list[tuple[int, int]]] = {}
+    for row, (spec, prompt) in enumerate(zip(specs, prompts)):
+        if not spec.rules:
+            continue
+        targets = cache.get(id(spec))
+        if targets is None:
+            targets = cache[id(spec)] = _rule_targets(spec, adapter, n_layers)
+        n = lengths[row]
+        pad = width - n
+        other = _other_positions(spec, prompt, row, n) if _uses_other(spec) else frozenset()
+        for rule, rule_targets in zip(spec.rules, targets):
+            positions: set[int] = set()
+            for selector in rule.positions:
+                positions |= select_positions(selector, prompt, row=row, length=n, other=other)
+            cells = [(row, pad + p) for p in sorted(positions)]
+            for target in rule_targets:
+                chosen.setdefault(target, []).extend(cells)
+    return _to_plan(chosen, adapter, config, n_layers, len(prompts), width, collapse_mlp)
+
+
+def _uses_other(spec: GraftSpec) -> bool:
+    return any(isinstance(s, Other) for rule in spec.rules for s in rule.positions)
+
+
+def _to_plan(chosen, adapter: Adapter, config, n_layers, batch, width, collapse_mlp) -> GraftPlan:
+    cells = {key: sorted(set(value)) for key, value in chosen.items() if value}
+    sites: list[tuple[Site, list[tuple[int, int]], tuple[str, ...]]] = []
+    mlp_members = [c for c in ("gate", "up", "down") if c in adapter.components]
+    done: set[tuple[str, int | None]] = set()
+    for (component, layer), where in cells.items():
+        if (component, layer) in done:
+            continue
+        qkv = [("q", layer), ("k", layer), ("v", layer)]
+        if adapter.fused_qkv and component in "qkv" and all(cells.get(m) == where for m in qkv):
+            done.update(qkv)  # the whole fused projection: no feature slicing needed
+            path = adapter.sites("q", layer, config)[0].path
+            sites.append((Site("q", path, layer), where, ("q", "k", "v")))
+            continue
+        members = [(c, layer) for c in mlp_members]
+        if (collapse_mlp and adapter.mlp_path and component in mlp_members
+                and all(cells.get(m) == where for m in members)):
+            done.update(members)
+            path = f"{adapter.layers_path}.{layer}.{adapter.mlp_path}"
+            sites.append((Site("mlp", path, layer), where, tuple(mlp_members)))
+            continue
+        done.add((component, layer))
+        for site in adapter.sites(component, layer, config):
+            sites.append((site, where, (component,)))
+
+    def order(item):
+        site = item[0]
+        if site.component == "mlp":  # the MLP module finishes after its projections
+            first = adapter.site_order(Site(mlp_members[0], f"{adapter.layers_path}.{site.layer}."
+                                            f"{dict((c, p) for c, p in adapter.block)[mlp_members[0]]}",
+                                            site.layer), n_layers)
+            return first
+        return adapter.site_order(site, n_layers)
+
+    sites.sort(key=order)
+    modules = []
+    for site, where, components in sites:
+        rows = torch.tensor([r for r, _ in where], dtype=torch.long)
+        cols = torch.tensor([c for _, c in where], dtype=torch.long)
+        features = None if site.features is None else torch.tensor(site.features, dtype=torch.long)
+        modules.append(ModuleGraft(site.path, components, site.layer, rows, cols, features))
+    return GraftPlan(modules, batch, width)
