@@ -153,7 +153,7 @@ class GraftPlan:
         return "\n".join(lines)
 
 
-def _rule_targets(spec: GraftSpec, adapter: Adapter, n_layers: int) -> list[list[tuple[str, int | None]]]:
+def rule_targets(spec: GraftSpec, adapter: Adapter, n_layers: int) -> list[list[tuple[str, int | None]]]:
     """For each rule, the (component, layer) pairs it grafts."""
     out = []
     for r, rule in enumerate(spec.rules):
@@ -198,16 +198,16 @@ def compile_plan(
             continue
         targets = cache.get(id(spec))
         if targets is None:
-            targets = cache[id(spec)] = _rule_targets(spec, adapter, n_layers)
+            targets = cache[id(spec)] = rule_targets(spec, adapter, n_layers)
         n = lengths[row]
         pad = width - n
         other = _other_positions(spec, prompt, row, n) if _uses_other(spec) else frozenset()
-        for rule, rule_targets in zip(spec.rules, targets):
+        for rule, targets_of_rule in zip(spec.rules, targets):
             positions: set[int] = set()
             for selector in rule.positions:
                 positions |= select_positions(selector, prompt, row=row, length=n, other=other)
             cells = [(row, pad + p) for p in sorted(positions)]
-            for target in rule_targets:
+            for target in targets_of_rule:
                 chosen.setdefault(target, []).extend(cells)
     return _to_plan(chosen, adapter, config, n_layers, len(prompts), width, collapse_mlp)
 

@@ -1,0 +1,128 @@
+"""The ``nngraft`` command line. Thin: parse, call the library, print with rich.
+
+Each subcommand is a ``_cmd_*`` function registered in :func:`build_parser`. Exit codes: 0 ok,
+1 a graft/spec/data error (message printed, no traceback), 2 bad command-line usage.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import Callable, Sequence
+
+from rich.console import Console
+
+console = Console(stderr=True)
+out = Console()
+
+
+def _cmd_schema(args: argparse.Namespace) -> int:
+    """Print the JSON Schema of graft specs."""
+    from .spec import spec_json_schema
+
+    text = json.dumps(spec_json_schema(), indent=2)
+    if args.output:
+        from .io import atomic_write_text
+
+        atomic_write_text(Path(args.output), text + "\n")
+        console.print(f"wrote {args.output}")
+    else:
+        print(text)
+    return 0
+
+
+def _cmd_validate(args: argparse.Namespace) -> int:
+    """Validate spec files; with --model, also check they fit that architecture."""
+    from .errors import GraftError
+    from .spec import GraftSpec
+
+    failed = 0
+    for path in args.specs:
+        try:
+            spec = GraftSpec.load(path)
+            if args.model_type:
+                from .arch import adapter_for_model_type
+                from .plan import rule_targets
+
+                rule_targets(spec, adapter_for_model_type(args.model_type), args.layers)
+        except GraftError as error:
+            failed += 1
+            console.print(f"[red]✗[/red] {path}\n{error}")
+            continue
+        out.print(f"[green]✓[/green] {path}: {spec.name!r}, {len(spec.rules)} rule(s), "
+                  f"schema v{spec.schema_version}")
+    return 1 if failed else 0
+
+
+COMMANDS: dict[str, tuple[Callable[[argparse.Namespace], int], Callable[[argparse.ArgumentParser], None]]] = {}
+
+
+def command(name: str, configure: Callable[[argparse.ArgumentParser], None]):
+    """Register ``fn`` as subcommand ``name`` (``configure`` adds its arguments)."""
+
+    def wrap(fn: Callable[[argparse.Namespace], int]) -> Callable[[argparse.Namespace], int]:
+        COMMANDS[name] = (fn, configure)
+        return fn
+
+    return wrap
+
+
+def _schema_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("-o", "--output", help="write to this file instead of stdout")
+
+
+def _validate_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("specs", nargs="+", help="spec JSON files")
+    p.add_argument("--model-type", help="also check components exist for this HF model_type (e.g. gpt2)")
+    p.add_argument("--layers", type=int, default=32, help="layer count to check layer groups against")
+
+
+command("schema", _schema_args)(_cmd_schema)
+command("validate", _validate_args)(_cmd_validate)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    _load_plugins()
+    parser = argparse.ArgumentParser(
+        prog="nngraft",
+        description="Dynamic weight grafting: run a pretrained model with a finetuned model's weights "
+        "at chosen components, layers and token positions.",
+    )
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for name, (fn, configure) in COMMANDS.items():
+        p = sub.add_parser(name, help=(fn.__doc__ or "").strip().splitlines()[0], description=fn.__doc__)
+        configure(p)
+        p.set_defaults(func=fn)
+    return parser
+
+
+def _load_plugins() -> None:
+    """Import the modules that register more subcommands (study, demo, remote…)."""
+    import importlib
+
+    for module in ("nngraft.study.commands", "nngraft.demo", "nngraft.remote_commands"):
+        try:
+            importlib.import_module(module)
+        except ModuleNotFoundError as error:
+            if error.name != module and not module.startswith(str(error.name)):
+                raise
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    from .errors import GraftError
+
+    args = build_parser().parse_args(argv)
+    try:
+        return int(args.func(args) or 0)
+    except GraftError as error:
+        console.print(f"[red]error:[/red] {error}")
+        return 1
+    except KeyboardInterrupt:
+        console.print("[yellow]interrupted[/yellow]")
+        return 130
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())
