@@ -51,3 +51,15 @@ class DonorMismatchError(GraftError, ValueError):
 
 class SchemaVersionError(SpecError):
     """A spec was written by a newer nngraft than the one reading it."""
+
+
+class DataError(GraftError, ValueError):
+    """A study dataset is malformed: a bad JSONL line, a duplicate id, a fact missing a field."""
+
+
+class TemplateError(DataError):
+    """A text template is malformed, or names a field that the facts do not have."""
+
+
+class DataIntegrityError(DataError):
+    """A saved dataset's content does not match the sha256 recorded in its manifest."""
