@@ -7,7 +7,8 @@ All architecture knowledge of nngraft is in the :data:`ADAPTERS` table below. An
 - for each component, which module produces it, listed **in forward order** inside a block
   (nnsight requires modules to be touched in the order the forward pass calls them);
 - for fused projections (GPT-2 ``c_attn``, NeoX ``query_key_value``), which output features
-  belong to ``q``, ``k`` and ``v``.
+  belong to ``q``, ``k`` and ``v``;
+- for modules that see tokens on another axis than 1, which axis (``token_axes``).
 
 A component may live in several modules (Gemma-2 has a norm before *and* after attention; both
 are ``ln_attn``). Norms without weights (OLMo-1) are simply absent: there is nothing to graft.
@@ -45,12 +46,15 @@ class Site:
     """One module whose output carries (part of) a component.
 
     ``features`` is ``None`` when the whole output belongs to the component, or the indices of
-    the output's last dimension that do (fused QKV)."""
+    the output's last dimension that do (fused QKV). ``token_axis`` is the dimension of the module's
+    input and output that indexes tokens (1 for ``(batch, tokens, ...)``; Gemma-3 normalizes
+    queries and keys as ``(batch, heads, tokens, head_dim)``, axis 2)."""
 
     component: str
     path: str
     layer: int | None
     features: tuple[int, ...] | None = None
+    token_axis: int = 1
 
 
 @dataclass(frozen=True)
@@ -68,6 +72,7 @@ class Adapter:
     mlp_path: str | None = "mlp"
     notes: str = ""
     aliases: tuple[str, ...] = field(default=())
+    token_axes: tuple[tuple[str, int], ...] = ()
 
     # -- what the architecture has ------------------------------------------------------------
 
@@ -116,7 +121,8 @@ class Adapter:
                 features = None
                 if self.fused_qkv and name in ("q", "k", "v"):
                     features = fused_features(self.fused_qkv, name, config)
-                result.append(Site(component, f"{self.layers_path}.{layer}.{rel}", layer, features))
+                axis = dict(self.token_axes).get(rel, 1)
+                result.append(Site(component, f"{self.layers_path}.{layer}.{rel}", layer, features, axis))
         return result
 
     def block_order(self) -> dict[str, int]:
@@ -246,7 +252,8 @@ for _adapter in (
         ("ln_attn", "input_layernorm"), *_ATTN, ("q_norm", "self_attn.q_norm"),
         ("k_norm", "self_attn.k_norm"), *_O, ("ln_attn", "post_attention_layernorm"),
         ("ln_mlp", "pre_feedforward_layernorm"), *_GLU, ("ln_mlp", "post_feedforward_layernorm"),
-    ), **_LLAMA_GLOBALS),
+    ), **_LLAMA_GLOBALS, token_axes=(("self_attn.q_norm", 2), ("self_attn.k_norm", 2)),
+        notes="q_norm / k_norm see (batch, heads, tokens, head_dim)"),
     Adapter("olmo", "model.layers", (*_ATTN, *_O, *_GLU), embed="model.embed_tokens",
             notes="OLMo-1 (hf): layer norms have no weights"),
     Adapter("olmo2", "model.layers", (

@@ -67,9 +67,11 @@ def apply_plan(root: Any, plan: GraftPlan, donor: Donor) -> None:
         envoy = envoy_at(root, path)
         module = envoy._module
         params = donor.params(path, module)
-        x = envoy.input
+        axis = grafts[0].token_axis
+        x = envoy.input.movedim(axis, 1)
         out = envoy.output
         new = out.clone()
+        view = new.movedim(axis, 1)  # a view: writing into it writes into `new`
         if len(grafts) == 1:
             rows, cols = grafts[0].rows, grafts[0].cols
         else:  # fused q/k/v at different positions: one donor call on the union
@@ -81,11 +83,11 @@ def apply_plan(root: Any, plan: GraftPlan, donor: Donor) -> None:
         for graft in grafts:
             part = y if len(grafts) == 1 else y[_positions_in(rows, cols, graft.rows, graft.cols, plan.seq_len)]
             if graft.features is None:
-                new[graft.rows, graft.cols] = part
+                view[graft.rows, graft.cols] = part
             else:
-                block = new[graft.rows, graft.cols]
+                block = view[graft.rows, graft.cols]
                 block[..., graft.features] = part[..., graft.features]
-                new[graft.rows, graft.cols] = block
+                view[graft.rows, graft.cols] = block
         envoy.output = new
 
 

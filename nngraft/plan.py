@@ -105,6 +105,7 @@ class ModuleGraft:
     rows: torch.Tensor
     cols: torch.Tensor
     features: torch.Tensor | None = None
+    token_axis: int = 1
 
     @property
     def count(self) -> int:
@@ -142,7 +143,8 @@ class GraftPlan:
             keep = graft.cols >= self.seq_len - k
             if keep.any():
                 out.append(ModuleGraft(graft.path, graft.components, graft.layer, graft.rows[keep],
-                                       graft.cols[keep] - (self.seq_len - k), graft.features))
+                                       graft.cols[keep] - (self.seq_len - k), graft.features,
+                                       graft.token_axis))
         return GraftPlan(out, self.batch_size, k)
 
     def summary(self) -> str:
@@ -256,5 +258,5 @@ def _to_plan(chosen, adapter: Adapter, config, n_layers, batch, width, collapse_
         rows = torch.tensor([r for r, _ in where], dtype=torch.long)
         cols = torch.tensor([c for _, c in where], dtype=torch.long)
         features = None if site.features is None else torch.tensor(site.features, dtype=torch.long)
-        modules.append(ModuleGraft(site.path, components, site.layer, rows, cols, features))
+        modules.append(ModuleGraft(site.path, components, site.layer, rows, cols, features, site.token_axis))
     return GraftPlan(modules, batch, width)

@@ -91,6 +91,7 @@ def tiny_config(model_type: str, n_layers: int = 2, vocab_size: int = 384) -> An
         kwargs["n_layer"] = n_layers
         kwargs.pop("num_hidden_layers")
     return AutoConfig.for_model(model_type, vocab_size=vocab_size, bos_token_id=1, eos_token_id=2,
+                                initializer_range=0.15,
                                 pad_token_id=0, **kwargs)
 
 
