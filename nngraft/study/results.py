@@ -1,0 +1,203 @@
+"""Results on disk: a JSONL file (one row per model × spec × example) plus a manifest JSON.
+
+Layout of a results directory::
+
+    results.jsonl    one JSON object per line, appended per finished batch (flush + fsync)
+    manifest.json    versions, model identities, spec definitions and hashes, dataset hash,
+                     seeds, dtype, dates (rewritten atomically)
+
+Each row holds: ``model``, ``spec``, ``spec_hash``, ``example`` (``fact_id/template``),
+``fact_id``, ``template``, ``prompt``, ``answer``, ``target_id``, ``target_text``, ``prob``,
+``logprob``, ``rank`` (0-based), ``top_1``, ``top_5``, … (``rank < k``), ``top_tokens`` /
+``top_probs`` (the most likely next tokens), and ``answer_logprob`` / ``answer_tokens`` when the
+whole answer was scored. See :mod:`nngraft.study.metrics` for the definitions.
+
+**Resuming.** Opening an existing file with :class:`ResultsWriter` reads the units already done,
+so a rerun skips them. If the last line is cut off (the process was killed mid-write), it is
+dropped with a warning and the file is truncated to its last complete line before anything is
+appended.
+
+Example:
+    >>> import tempfile, pathlib
+    >>> d = pathlib.Path(tempfile.mkdtemp())
+    >>> with ResultsWriter(d / "results.jsonl") as w:
+    ...     w.append([{"model": "m", "spec": "p", "spec_hash": "0", "example": "f1/t", "prob": 0.5}])
+    >>> [r["prob"] for r in load_results(d / "results.jsonl")]
+    [0.5]
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import warnings
+from pathlib import Path
+from typing import Any, Iterable, Mapping, Sequence
+
+from ..errors import GraftError
+
+RESULTS_FILE = "results.jsonl"
+MANIFEST_FILE = "manifest.json"
+FORMAT_VERSION = 1
+
+UnitKey = tuple[str, str, str]
+"""(model, spec name, example key): one row of the results."""
+
+
+class ResultsError(GraftError, ValueError):
+    """A results file or manifest is unreadable, or does not match the run that wants to extend it."""
+
+
+class TruncatedResultsWarning(UserWarning):
+    """The last line of a results file was incomplete (a killed run) and was dropped."""
+
+
+def unit_key(row: Mapping[str, Any]) -> UnitKey:
+    return (str(row["model"]), str(row["spec"]), str(row["example"]))
+
+
+def results_path(path: str | Path) -> Path:
+    """``path`` itself if it is a file (or ends in .jsonl), else ``path/results.jsonl``."""
+    path = Path(path)
+    if path.is_dir() or (not path.exists() and path.suffix != ".jsonl"):
+        return path / RESULTS_FILE
+    return path
+
+
+def manifest_path(results: str | Path) -> Path:
+    return results_path(results).parent / MANIFEST_FILE
+
+
+def _read_lines(path: Path) -> tuple[list[dict[str, Any]], int, str | None]:
+    """Rows, the byte length of the complete part, and the dropped tail (if the file was cut off)."""
+    data = path.read_bytes()
+    rows: list[dict[str, Any]] = []
+    good = 0
+    lines = data.split(b"\n")
+    for number, raw in enumerate(lines, start=1):
+        is_last = number == len(lines)
+        if not raw.strip():
+            if not is_last:
+                good += len(raw) + 1
+            continue
+        try:
+            row = json.loads(raw)
+            if not isinstance(row, dict):
+                raise ValueError("not a JSON object")
+        except ValueError as error:
+            if is_last or all(not rest.strip() for rest in lines[number:]):
+                return rows, good, raw.decode(errors="replace")
+            raise ResultsError(f"{path}: line {number} is not a JSON object ({error}); the file is "
+                               "damaged in the middle, not just at the end") from None
+        if is_last:  # valid JSON but no newline: the writer died before the "\n"
+            return rows, good, raw.decode(errors="replace")
+        rows.append(row)
+        good += len(raw) + 1
+    return rows, good, None
+
+
+def load_results(path: str | Path) -> list[dict[str, Any]]:
+    """All complete rows of a results file (or directory) as dicts; a cut-off last line is
+    dropped with a :class:`TruncatedResultsWarning`.
+
+    The file is not modified (:class:`ResultsWriter` repairs it when a run resumes)."""
+    path = results_path(path)
+    if not path.exists():
+        raise ResultsError(f"no results file at {path}")
+    rows, _, tail = _read_lines(path)
+    if tail is not None:
+        warnings.warn(f"{path}: dropped an incomplete last line ({len(tail)} characters; the run was "
+                      "probably killed mid-write)", TruncatedResultsWarning, stacklevel=2)
+    return rows
+
+
+def to_dataframe(rows_or_path: Sequence[Mapping[str, Any]] | str | Path) -> Any:
+    """The rows as a ``pandas.DataFrame`` (needs pandas: ``pip install pandas``).
+
+    Example:
+        >>> df = to_dataframe("runs/main")  # doctest: +SKIP
+        >>> df.groupby(["model", "spec"]).prob.mean()  # doctest: +SKIP
+    """
+    try:
+        import pandas as pd
+    except ModuleNotFoundError:
+        raise ResultsError("to_dataframe needs pandas; install it with `pip install pandas` "
+                           "(or use load_results, which returns plain dicts)") from None
+    rows = load_results(rows_or_path) if isinstance(rows_or_path, (str, Path)) else list(rows_or_path)
+    return pd.DataFrame(rows)
+
+
+class ResultsWriter:
+    """Append rows to a results JSONL file, durably, skipping units already there.
+
+    On open: reads the existing rows (their units are :attr:`done`), and if the last line is cut
+    off, warns and truncates the file to its last complete line. :meth:`append` writes one batch
+    of rows with a single write, then flush + fsync, so a crash loses at most the batch in
+    flight (and leaves at worst a cut-off line, repaired on the next open).
+    """
+
+    def __init__(self, path: str | Path) -> None:
+        self.path = results_path(path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.existing: list[dict[str, Any]] = []
+        self.dropped_tail: str | None = None
+        if self.path.exists():
+            rows, good, tail = _read_lines(self.path)
+            self.existing = rows
+            if tail is not None:
+                self.dropped_tail = tail
+                warnings.warn(f"{self.path}: dropped an incomplete last line ({len(tail)} characters; "
+                              "the previous run was probably killed mid-write); its unit will be rerun",
+                              TruncatedResultsWarning, stacklevel=2)
+                with open(self.path, "r+b") as handle:
+                    handle.truncate(good)
+                    handle.flush()
+                    os.fsync(handle.fileno())
+        self.done: dict[UnitKey, dict[str, Any]] = {}
+        for row in self.existing:
+            self.done[unit_key(row)] = row
+        self._handle = open(self.path, "a", encoding="utf-8")
+        self.written = 0
+
+    def append(self, rows: Iterable[Mapping[str, Any]]) -> int:
+        """Write ``rows`` (one batch) durably; returns how many were written."""
+        rows = list(rows)
+        if not rows:
+            return 0
+        text = "".join(json.dumps(row, ensure_ascii=False, allow_nan=True) + "\n" for row in rows)
+        self._handle.write(text)
+        self._handle.flush()
+        os.fsync(self._handle.fileno())
+        for row in rows:
+            self.done[unit_key(row)] = dict(row)
+        self.written += len(rows)
+        return len(rows)
+
+    def close(self) -> None:
+        if not self._handle.closed:
+            self._handle.close()
+
+    def __enter__(self) -> "ResultsWriter":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+
+def load_manifest(results: str | Path) -> dict[str, Any]:
+    """The manifest next to a results file (``{}`` if there is none)."""
+    path = manifest_path(results)
+    if not path.exists():
+        return {}
+    try:
+        return json.loads(path.read_text())
+    except ValueError as error:
+        raise ResultsError(f"{path} is not valid JSON: {error}") from None
+
+
+def write_manifest(results: str | Path, manifest: Mapping[str, Any]) -> Path:
+    """Write the manifest next to ``results`` atomically (temp file + rename)."""
+    from ..io import atomic_write_text
+
+    return atomic_write_text(manifest_path(results), json.dumps(manifest, indent=2, ensure_ascii=False,
+                                                               default=str) + "\n")
