@@ -22,6 +22,7 @@ Example:
     >>> d = pathlib.Path(tempfile.mkdtemp())
     >>> with ResultsWriter(d / "results.jsonl") as w:
     ...     w.append([{"model": "m", "spec": "p", "spec_hash": "0", "example": "f1/t", "prob": 0.5}])
+    1
     >>> [r["prob"] for r in load_results(d / "results.jsonl")]
     [0.5]
 """
