@@ -14,8 +14,8 @@ from typing import Callable, Sequence
 
 from rich.console import Console
 
-console = Console(stderr=True)
-out = Console()
+console = Console(stderr=True, soft_wrap=True)
+out = Console(soft_wrap=True)
 
 
 def _cmd_schema(args: argparse.Namespace) -> int:

@@ -31,6 +31,9 @@ from .arch import get_module
 from .errors import DonorMismatchError
 
 
+_TIED_INPUT_EMBEDDINGS = ("model.embed_tokens.weight", "transformer.wte.weight", "gpt_neox.embed_in.weight")
+
+
 class Donor(Protocol):
     """Anything that returns F's parameters for the recipient module at ``path``."""
 
@@ -63,9 +66,23 @@ class _CachingDonor:
             found = {}
             for name, like in module.named_parameters():
                 full = f"{path}.{name}"
-                found[name] = _fit(full, self._tensor(full), like)
+                found[name] = _fit(full, self._tensor_or_tied(full), like)
             self._cache[path] = found
         return found
+
+    def _tensor_or_tied(self, name: str) -> torch.Tensor:
+        try:
+            return self._tensor(name)
+        except DonorMismatchError:
+            if name != "lm_head.weight":
+                raise
+            # Tied embeddings: checkpoints and named_parameters() keep only the input side.
+            for alt in _TIED_INPUT_EMBEDDINGS:
+                try:
+                    return self._tensor(alt)
+                except DonorMismatchError:
+                    continue
+            raise
 
     def _tensor(self, name: str) -> torch.Tensor:  # pragma: no cover - abstract
         raise NotImplementedError
@@ -164,16 +181,10 @@ class SafetensorsDonor(_CachingDonor):
 
         key = self._key(name)
         if key is None:
-            if name == "lm_head.weight":  # tied embeddings: the checkpoint stores only the input side
-                for alt in ("model.embed_tokens.weight", "transformer.wte.weight", "wte.weight",
-                            "embed_tokens.weight"):
-                    if (key := self._key(alt)) is not None:
-                        break
-            if key is None:
-                raise DonorMismatchError(
-                    f"the donor checkpoint {self.path} has no tensor {name!r} (nor under a known "
-                    "alias); this graft needs it"
-                )
+            raise DonorMismatchError(
+                f"the donor checkpoint {self.path} has no tensor {name!r} (nor under a known "
+                "alias); this graft needs it"
+            )
         with safe_open(str(self._index[key]), framework="pt") as handle:
             return handle.get_tensor(key)
 
