@@ -301,3 +301,20 @@ def adapter_for(model: torch.nn.Module) -> Adapter:
     adapter = adapter_for_model_type(model_type)
     adapter.check_model(model)
     return adapter
+
+
+def adapters_markdown() -> str:
+    """The adapter table as Markdown (pasted into docs/architectures.md; a test keeps it current)."""
+    lines = ["| model_type | blocks at | component → module (per block, forward order) | outside the blocks | notes |",
+             "| --- | --- | --- | --- | --- |"]
+    seen: set[int] = set()
+    for key, adapter in sorted(ADAPTERS.items()):
+        if id(adapter) in seen:
+            continue
+        seen.add(id(adapter))
+        names = ", ".join(f"`{n}`" for n in (adapter.model_type, *adapter.aliases))
+        block = "<br>".join(f"{c}: `{p}`" + (f" ({adapter.fused_qkv} slice)" if adapter.fused_qkv and c in "qkv" else "")
+                            for c, p in adapter.block)
+        outside = "<br>".join(f"{c}: `{getattr(adapter, c)}`" for c in GLOBAL_COMPONENTS if getattr(adapter, c))
+        lines.append(f"| {names} | `{adapter.layers_path}` | {block} | {outside} | {adapter.notes} |")
+    return "\n".join(lines)

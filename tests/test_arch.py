@@ -105,3 +105,13 @@ def test_adapter_with_wrong_path_is_refused():
 def test_get_module():
     model = tiny_model("gpt2")
     assert get_module(model, "transformer.h.1.mlp.c_fc") is model.transformer.h[1].mlp.c_fc
+
+
+def test_docs_table_is_current():
+    from pathlib import Path
+
+    from nngraft.arch import adapters_markdown
+
+    doc = (Path(__file__).parents[1] / "docs" / "architectures.md").read_text()
+    table = doc.split("<!-- adapters:start -->\n")[1].split("<!-- adapters:end -->")[0].strip()
+    assert table == adapters_markdown(), "regenerate with nngraft.arch.adapters_markdown()"
