@@ -97,6 +97,9 @@ def _locate(tokenizer, text, ids, offsets, name, value, index) -> tuple[int, ...
         raise SpanNotFoundError(
             f"prompt {index}: no token covers span {name!r} (characters [{start}, {end}) of {text!r})"
         )
+    # A token between two of the span's tokens lies inside the span even when its trimmed offsets
+    # are empty (a lone-space token of byte-level BPE, as in "Ada" "Ġ" "Lovelace"): include it.
+    chosen = list(range(chosen[0], chosen[-1] + 1))
     partial = [i for i in chosen
                if (text[offsets[i][0]:start] + text[end:offsets[i][1]]).strip()]
     if partial:
