@@ -122,7 +122,8 @@ def make_facts(dataset: str, n: int, seed: int = 0) -> list[Fact]:
 
     Fake-movie facts have fields first_actor, second_actor, movie_title, main_character,
     release_year (1990–2030), genre (one of :data:`GENRES`), city, box_office_earnings (1–10).
-    All person names in a fake dataset are distinct, and so are the titles.
+    All person names in a fake dataset are distinct, and so are the titles; within a fact, the
+    invented people (actors, main character) share no first or last name with each other.
 
     Example:
         >>> make_facts("fake_movies_real_actors", 2, seed=1) == make_facts("fake_movies_real_actors", 2, seed=1)
@@ -151,11 +152,13 @@ class _NamePool:
         self.used = {name.casefold() for name in word_list("real_actors")} | {t.casefold() for t in taken}
         self.capacity = len(self.first) * len(self.last)
 
-    def draw(self) -> str:
+    def draw(self, *, unlike: Sequence[str] = ()) -> str:
+        """A new name sharing neither its first nor its last name with any name in ``unlike``."""
+        avoid = {part for other in unlike for part in other.split()}
         for _ in range(100_000):
             first, last = self.rng.choice(self.first), self.rng.choice(self.last)
             name = f"{first} {last}"
-            if first != last and name.casefold() not in self.used:
+            if first != last and first not in avoid and last not in avoid and name.casefold() not in self.used:
                 self.used.add(name.casefold())
                 return name
         raise DataError(f"ran out of distinct fake names ({self.capacity} combinations); ask for fewer facts")
@@ -183,7 +186,7 @@ def _fake_movies(rng: random.Random, n: int, *, real_actors: bool) -> list[Fact]
             raise DataError(f"fake_movies_real_actors uses each of the {len(actors)} shipped real actors "
                             f"at most once, so n can be at most {len(actors) // 2} (asked for {n}); "
                             "bring your own facts as JSONL for more")
-        pairs = rng.sample(actors, 2 * n)
+        pairs = _pair_up(rng.sample(actors, len(actors)), n)
     elif 3 * n > pool.capacity // 2:
         raise DataError(f"fake_movies_fake_actors can make at most {pool.capacity // 6} facts from the "
                         f"shipped name lists (asked for {n})")
@@ -194,8 +197,9 @@ def _fake_movies(rng: random.Random, n: int, *, real_actors: bool) -> list[Fact]
         if real_actors:
             first, second = pairs[2 * i], pairs[2 * i + 1]
         else:
-            first, second = pool.draw(), pool.draw()
-        main_character = pool.draw()
+            first = pool.draw()
+            second = pool.draw(unlike=[first])
+        main_character = pool.draw(unlike=[first, second])
         for _ in range(100_000):
             title = _title(rng)
             if title.casefold() not in taken_titles:
@@ -214,6 +218,23 @@ def _fake_movies(rng: random.Random, n: int, *, real_actors: bool) -> list[Fact]
             "box_office_earnings": rng.randint(*BOX_OFFICE),
         }))
     return facts
+
+
+def _pair_up(shuffled: list[str], n: int) -> list[str]:
+    """``n`` pairs, flattened, taken in order from ``shuffled``; the second of each pair is the
+    next name that shares no first or last name with the first (so the answer's first token is
+    never the prompt actor's)."""
+    rest = list(shuffled)
+    flat: list[str] = []
+    while len(flat) < 2 * n and rest:
+        first = rest.pop(0)
+        parts = set(first.split())
+        j = next((j for j, other in enumerate(rest) if not parts & set(other.split())), None)
+        if j is not None:
+            flat += [first, rest.pop(j)]
+    if len(flat) < 2 * n:  # pragma: no cover - needs a list of near-namesakes
+        raise DataError(f"could not form {n} actor pairs with distinct first and last names")
+    return flat
 
 
 def _real_movies(rng: random.Random, n: int, *, shuffled: bool) -> list[Fact]:

@@ -210,9 +210,11 @@ def _check_fields(facts: Sequence[Fact], fields: Iterable[str], template: str, l
         name, ids = next(iter(missing.items()))
         have = sorted(facts[0].fields) if facts else []
         shown = ", ".join(repr(i) for i in ids[:3]) + (" …" if len(ids) > 3 else "")
+        others = ", ".join(f"{{{n}}}" for n in list(missing)[1:])
         raise TemplateError(
             f"{label} {template!r} names field {{{name}}}, which {len(ids)} of {len(facts)} facts "
-            f"lack ({shown}); the facts have fields {have}")
+            f"lack ({shown})" + (f" (also missing: {others})" if others else "")
+            + f"; the facts have fields {have}")
 
 
 def training_texts(
