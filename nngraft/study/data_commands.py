@@ -32,6 +32,8 @@ def _configure(p: argparse.ArgumentParser) -> None:
     show.add_argument("--template", action="append", default=[],
                       help="test template name or '{first_actor} ...' string (repeatable)")
     show.add_argument("--answer-field", default="second_actor")
+    show.add_argument("--allow-ambiguous", action="store_true",
+                      help="accept prompts that several facts answer differently")
     show.add_argument("--limit", type=int, default=3, help="facts / prompts to preview")
     show.add_argument("--tokenizer", help="also locate every span on this tokenizer: tiny-gpt2, "
                       "tiny-llama, smollm2, a local tokenizer folder or a .gguf file")
@@ -82,7 +84,8 @@ def _show(args: argparse.Namespace) -> int:
         templates = list(DATASETS[manifest["dataset"]].test_templates)
     tokenizer = _load_tokenizer(args.tokenizer) if args.tokenizer else None
     for template in templates:
-        examples = make_test_examples(facts, template, args.answer_field)
+        examples = make_test_examples(facts, template, args.answer_field,
+                                      allow_ambiguous=args.allow_ambiguous)
         out.print(f"\n[bold]{examples[0].template}[/bold]: {len(examples)} prompts")
         for ex in examples[: args.limit]:
             out.print(f"  {ex.prompt!r} → {ex.answer!r}   spans {ex.spans}")
