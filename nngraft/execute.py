@@ -21,12 +21,13 @@ q/k/v/o *projections*, so P's KV cache is never touched by the donor.
 from __future__ import annotations
 
 from contextlib import contextmanager
-from typing import Any, Iterator
+from typing import Any, Iterator, Mapping
 
 import torch
 
 from .donor import Donor
-from .plan import GraftPlan
+from .errors import DonorMismatchError
+from .plan import GraftPlan, ModuleGraft
 
 
 @contextmanager
@@ -61,34 +62,57 @@ def envoy_at(root: Any, path: str) -> Any:
     return node
 
 
-def apply_plan(root: Any, plan: GraftPlan, donor: Donor) -> None:
-    """Inside an open trace of ``root``: apply every module graft of ``plan``, in order."""
+def apply_plan(root: Any, plan: GraftPlan, donors: Donor | Mapping[str, Donor]) -> None:
+    """Inside an open trace of ``root``: apply every module graft of ``plan``, in order.
+
+    ``donors`` is one donor, or donors by name (``{"default": F, "hybrid": H}``) for plans whose
+    rules name them."""
+    if not isinstance(donors, Mapping):
+        donors = {"default": donors}
     for path, grafts in plan.by_path():
         envoy = envoy_at(root, path)
         module = envoy._module
-        params = donor.params(path, module)
         axis = grafts[0].token_axis
         x = envoy.input.movedim(axis, 1)
         out = envoy.output
         new = out.clone()
         view = new.movedim(axis, 1)  # a view: writing into it writes into `new`
-        if len(grafts) == 1:
-            rows, cols = grafts[0].rows, grafts[0].cols
-        else:  # fused q/k/v at different positions: one donor call on the union
-            cells = torch.unique(torch.stack([torch.cat([g.rows for g in grafts]),
-                                              torch.cat([g.cols for g in grafts])]), dim=1)
-            rows, cols = cells[0], cells[1]
-        with swapped_parameters(module, params):
-            y = envoy(x[rows, cols])
-        for graft in grafts:
-            part = y if len(grafts) == 1 else y[_positions_in(rows, cols, graft.rows, graft.cols, plan.seq_len)]
-            if graft.features is None:
-                view[graft.rows, graft.cols] = part
-            else:
-                block = view[graft.rows, graft.cols]
-                block[..., graft.features] = part[..., graft.features]
-                view[graft.rows, graft.cols] = block
+        for name, mine in _by_donor(grafts):
+            params = _donor(donors, name).params(path, module)
+            if len(mine) == 1:
+                rows, cols = mine[0].rows, mine[0].cols
+            else:  # fused q/k/v at different positions: one donor call on the union
+                cells = torch.unique(torch.stack([torch.cat([g.rows for g in mine]),
+                                                  torch.cat([g.cols for g in mine])]), dim=1)
+                rows, cols = cells[0], cells[1]
+            with swapped_parameters(module, params):
+                y = envoy(x[rows, cols])
+            for graft in mine:
+                part = y if len(mine) == 1 else y[_positions_in(rows, cols, graft.rows, graft.cols, plan.seq_len)]
+                if graft.features is None:
+                    view[graft.rows, graft.cols] = part
+                else:
+                    block = view[graft.rows, graft.cols]
+                    block[..., graft.features] = part[..., graft.features]
+                    view[graft.rows, graft.cols] = block
         envoy.output = new
+
+
+def _by_donor(grafts: list[ModuleGraft]) -> list[tuple[str, list[ModuleGraft]]]:
+    groups: dict[str, list[ModuleGraft]] = {}
+    for graft in grafts:
+        groups.setdefault(graft.donor, []).append(graft)
+    return list(groups.items())
+
+
+def _donor(donors: Mapping[str, Donor], name: str) -> Donor:
+    try:
+        return donors[name]
+    except KeyError:
+        raise DonorMismatchError(
+            f"a rule grafts from donor {name!r}, but this run has donors {sorted(donors)}; pass it "
+            f"with Grafter(P, F, tokenizer, donors={{{name!r}: ...}})"
+        ) from None
 
 
 def _positions_in(rows, cols, sub_rows, sub_cols, width) -> torch.Tensor:

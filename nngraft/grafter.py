@@ -76,6 +76,8 @@ class Grafter:
             folder, a ``{name: tensor}`` dict, or any :class:`~nngraft.donor.Donor`.
         tokenizer: P's tokenizer (loaded from ``recipient`` when it is a path / hub id).
         adapter: override the architecture adapter (default: from ``config.model_type``).
+        donors: more donors by name, for specs whose rules say ``"donor": NAME`` (e.g. the
+            paper's hybrid experiment: the task model everywhere, a hybrid at the last token).
         batch_size: rows per forward pass.
 
     One Grafter may be used from several threads; traces are serialized with a lock.
@@ -84,7 +86,8 @@ class Grafter:
     """
 
     def __init__(self, recipient: Any, donor: Any, tokenizer: Any = None, *, adapter: Adapter | None = None,
-                 batch_size: int = 32, dtype: Any = None, device: Any = None) -> None:
+                 donors: Mapping[str, Any] | None = None, batch_size: int = 32, dtype: Any = None,
+                 device: Any = None) -> None:
         import nnsight
 
         if isinstance(recipient, str):
@@ -93,16 +96,19 @@ class Grafter:
 
                 tokenizer = AutoTokenizer.from_pretrained(recipient)
             recipient = _load_model(recipient, dtype, device)
-        if isinstance(donor, str) and not Path(donor).exists():
-            donor = _load_model(donor, dtype, device)  # a hub id; a local folder is read lazily
         if tokenizer is None:
             raise ValueError("pass the recipient's tokenizer (Grafter(P, F, tokenizer))")
         self.model = recipient
         self.tokenizer = tokenizer
         self.adapter = adapter or adapter_for(recipient)
-        self.donor: Donor = as_donor(donor)
-        if isinstance(self.donor, ModelDonor):
-            self.donor.check_against(recipient)
+        self.donors: dict[str, Donor] = {}
+        for name, value in {"default": donor, **dict(donors or {})}.items():
+            if isinstance(value, str) and not Path(value).exists():
+                value = _load_model(value, dtype, device)  # a hub id; a local folder is read lazily
+            self.donors[name] = as_donor(value)
+            if isinstance(self.donors[name], ModelDonor):
+                self.donors[name].check_against(recipient)
+        self.donor: Donor = self.donors["default"]
         self.batch_size = batch_size
         self.nn = nnsight.NNsight(recipient)
         self._lock = threading.Lock()
@@ -219,7 +225,7 @@ class Grafter:
 
     def _traced(self, plan: GraftPlan, kwargs: dict[str, Any]) -> Any:
         with self.nn.trace(**kwargs):
-            apply_plan(self.nn, plan, self.donor)
+            apply_plan(self.nn, plan, self.donors)
             out = self.nn.output.save()
         return out
 

@@ -29,7 +29,7 @@ from typing import Any, Sequence
 import torch
 
 from .arch import Adapter, Site
-from .errors import PositionError
+from .errors import PositionError, SpecError
 from .spec import All, GraftSpec, Index, Last, Not, Other, Span, resolve_layers
 from .tokens import TokenizedPrompt
 
@@ -106,6 +106,7 @@ class ModuleGraft:
     cols: torch.Tensor
     features: torch.Tensor | None = None
     token_axis: int = 1
+    donor: str = "default"
 
     @property
     def count(self) -> int:
@@ -144,14 +145,15 @@ class GraftPlan:
             if keep.any():
                 out.append(ModuleGraft(graft.path, graft.components, graft.layer, graft.rows[keep],
                                        graft.cols[keep] - (self.seq_len - k), graft.features,
-                                       graft.token_axis))
+                                       graft.token_axis, graft.donor))
         return GraftPlan(out, self.batch_size, k)
 
     def summary(self) -> str:
         lines = [f"GraftPlan: {len(self.modules)} module grafts over {self.batch_size}×{self.seq_len}"]
         for g in self.modules:
             feats = "" if g.features is None else f" features[{g.features.numel()}]"
-            lines.append(f"  {g.path}{feats} ({'+'.join(g.components)}): {g.count} positions")
+            donor = "" if g.donor == "default" else f" from {g.donor!r}"
+            lines.append(f"  {g.path}{feats} ({'+'.join(g.components)}){donor}: {g.count} positions")
         return "\n".join(lines)
 
 
@@ -193,8 +195,8 @@ def compile_plan(
     lengths = [len(p) for p in prompts] if lengths is None else list(lengths)
     width = max(lengths)
     cache: dict[int, list[list[tuple[str, int | None]]]] = {}
-    # (component, layer) -> list of (row, col)
-    chosen: dict[tuple[str, int | None], list[tuple[int, int]]] = {}
+    # (component, layer, donor) -> list of (row, col)
+    chosen: dict[tuple[str, int | None, str], list[tuple[int, int]]] = {}
     for row, (spec, prompt) in enumerate(zip(specs, prompts)):
         if not spec.rules:
             continue
@@ -209,16 +211,46 @@ def compile_plan(
             for selector in rule.positions:
                 positions |= select_positions(selector, prompt, row=row, length=n, other=other)
             cells = [(row, pad + p) for p in sorted(positions)]
-            for target in targets_of_rule:
-                chosen.setdefault(target, []).extend(cells)
-    return _to_plan(chosen, adapter, config, n_layers, len(prompts), width, collapse_mlp)
+            donor = rule.donor or "default"
+            for component, layer in targets_of_rule:
+                chosen.setdefault((component, layer, donor), []).extend(cells)
+    _check_donor_conflicts(chosen, specs)
+    sites = []
+    for donor in dict.fromkeys(key[2] for key in chosen):
+        mine = {(c, l): cells for (c, l, d), cells in chosen.items() if d == donor}
+        sites += [(*site, donor) for site in _sites(mine, adapter, config, collapse_mlp)]
+    # Forward order (stable: one module grafted from two donors stays one group).
+    sites.sort(key=lambda item: _forward_rank(item[0], adapter, n_layers))
+    modules = []
+    for site, where, components, donor in sites:
+        rows = torch.tensor([r for r, _ in where], dtype=torch.long)
+        cols = torch.tensor([c for _, c in where], dtype=torch.long)
+        features = None if site.features is None else torch.tensor(site.features, dtype=torch.long)
+        modules.append(ModuleGraft(site.path, components, site.layer, rows, cols, features,
+                                   site.token_axis, donor))
+    return GraftPlan(modules, len(prompts), width)
+
+
+def _check_donor_conflicts(chosen, specs) -> None:
+    donors_at: dict[tuple[str, int | None, int, int], str] = {}
+    for (component, layer, donor), cells in chosen.items():
+        for row, col in cells:
+            other = donors_at.setdefault((component, layer, row, col), donor)
+            if other != donor:
+                where = f"layer {layer}" if layer is not None else "(global)"
+                raise SpecError(
+                    f"spec {specs[row].name!r}: component {component!r} at {where}, token {col} of "
+                    f"row {row} is grafted from two donors ({other!r} and {donor!r}); each "
+                    "(component, layer, position) may come from one donor only"
+                )
 
 
 def _uses_other(spec: GraftSpec) -> bool:
     return any(isinstance(s, Other) for rule in spec.rules for s in rule.positions)
 
 
-def _to_plan(chosen, adapter: Adapter, config, n_layers, batch, width, collapse_mlp) -> GraftPlan:
+def _sites(chosen, adapter: Adapter, config, collapse_mlp):
+    """(site, cells, components) for each module to graft, merging what can run as one module."""
     cells = {key: sorted(set(value)) for key, value in chosen.items() if value}
     sites: list[tuple[Site, list[tuple[int, int]], tuple[str, ...]]] = []
     mlp_members = [c for c in ("gate", "up", "down") if c in adapter.components]
@@ -235,28 +267,18 @@ def _to_plan(chosen, adapter: Adapter, config, n_layers, batch, width, collapse_
         members = [(c, layer) for c in mlp_members]
         if (collapse_mlp and adapter.mlp_path and component in mlp_members
                 and all(cells.get(m) == where for m in members)):
-            done.update(members)
+            done.update(members)  # the whole MLP is position-wise: graft it as one module
             path = f"{adapter.layers_path}.{layer}.{adapter.mlp_path}"
             sites.append((Site("mlp", path, layer), where, tuple(mlp_members)))
             continue
         done.add((component, layer))
         for site in adapter.sites(component, layer, config):
             sites.append((site, where, (component,)))
+    return sites
 
-    def order(item):
-        site = item[0]
-        if site.component == "mlp":  # the MLP module finishes after its projections
-            first = adapter.site_order(Site(mlp_members[0], f"{adapter.layers_path}.{site.layer}."
-                                            f"{dict((c, p) for c, p in adapter.block)[mlp_members[0]]}",
-                                            site.layer), n_layers)
-            return first
-        return adapter.site_order(site, n_layers)
 
-    sites.sort(key=order)
-    modules = []
-    for site, where, components in sites:
-        rows = torch.tensor([r for r, _ in where], dtype=torch.long)
-        cols = torch.tensor([c for _, c in where], dtype=torch.long)
-        features = None if site.features is None else torch.tensor(site.features, dtype=torch.long)
-        modules.append(ModuleGraft(site.path, components, site.layer, rows, cols, features, site.token_axis))
-    return GraftPlan(modules, batch, width)
+def _forward_rank(site: Site, adapter: Adapter, n_layers: int) -> tuple[int, int]:
+    if site.component == "mlp":  # a collapsed MLP runs where its first projection would
+        first = next(c for c in ("gate", "up", "down") if c in adapter.components)
+        return adapter.site_order(adapter.sites(first, site.layer, None)[0], n_layers)
+    return adapter.site_order(site, n_layers)

@@ -273,6 +273,12 @@ class GraftRule(_Strict):
         "(negative allowed) or {'start': A, 'stop': B}. Not applied to global components.",
     )
     positions: list[PositionSelector] = Field(min_length=1)
+    donor: str | None = Field(
+        default=None,
+        pattern=r"^[A-Za-z_][A-Za-z0-9_.-]*$",
+        description="Which donor grafts this rule, by name, when the run has several "
+        "(Grafter(P, F, tok, donors={'hybrid': H})); default: the main donor F.",
+    )
 
     @field_validator("layers")
     @classmethod
@@ -304,7 +310,8 @@ class GraftSpec(_Strict):
     """A named, versioned set of graft rules. This is the file researchers share.
 
     Several rules combine as a union: a (component, layer, position) named by two rules is
-    grafted once (grafting is idempotent, so this is never an error).
+    grafted once (grafting is idempotent, so this is not an error). Naming it from two
+    *different* donors (``rule.donor``) is an error: it would be ambiguous.
 
     Example:
         >>> spec = GraftSpec.model_validate_json('''{"schema_version": "1", "name": "lt_mlp",

@@ -28,7 +28,7 @@ import torch
 
 from nngraft.arch import Adapter, get_module
 
-Swap = tuple[str, tuple]  # (full parameter name, index into the parameter; () = all of it)
+Swap = tuple  # (full parameter name, index into the parameter; () = all of it[, donor model])
 
 
 def component_swaps(model: torch.nn.Module, adapter: Adapter, component: str, layer: int | None) -> list[Swap]:
@@ -80,7 +80,8 @@ def per_token_reference(
     """Logits at every position (L, vocab) and ``new_tokens`` greedy continuations.
 
     ``swaps_at(t)`` lists the parameter entries that hold F's values while token ``t`` is
-    processed (prompt tokens first, then generated ones).
+    processed (prompt tokens first, then generated ones). An entry may name another donor model
+    as a third element: ``(name, index, G)`` takes G's values instead of F's.
     """
     R = _untied_copy(P).eval()
     r_params = dict(R.named_parameters(remove_duplicate=False))
@@ -95,11 +96,12 @@ def per_token_reference(
     logits: list[torch.Tensor] = []
     t = 0
     while t < prompt_len + new_tokens:
-        for name, index in active:  # restore P's weights
+        for name, index, *_ in active:  # restore P's weights
             r_params[name].data[index] = p_params[name].data[index]
         active = swaps_at(t)
-        for name, index in active:  # F's weights for this token
-            r_params[name].data[index] = f_params[name].data[index]
+        for name, index, *donor in active:  # F's (or the named donor's) weights for this token
+            source = dict(donor[0].named_parameters(remove_duplicate=False)) if donor else f_params
+            r_params[name].data[index] = source[name].data[index]
         kwargs = {cache_kw: cache} if cache is not None else {}
         out = R(input_ids=torch.tensor([[sequence[t]]]), position_ids=torch.tensor([[t]]),
                 use_cache=True, **kwargs)

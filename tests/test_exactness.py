@@ -233,3 +233,29 @@ def test_grafting_never_modifies_weights():
     before = {n: p.clone() for n, p in P.named_parameters()}
     g.run(GraftSpec(rules=[GraftRule(components=["everything"], positions=[All()])]), [PROMPT], [SPANS])
     assert all(torch.equal(before[n], p) for n, p in P.named_parameters())
+
+
+@pytest.mark.parametrize("model_type", ["gpt2", "llama"])
+def test_rules_from_two_donors(model_type):
+    """The paper's hybrid set-up: one donor at the entity, another at the last token."""
+    from nngraft.testing import perturbed_copy
+
+    P, F, tok, _, adapter = setup(model_type)
+    H = perturbed_copy(P, seed=7)
+    g = Grafter(P, F, tok, donors={"hybrid": H})
+    spec = GraftSpec(rules=[GraftRule(components=["all"], positions=[Span(span="first_actor")]),
+                            GraftRule(components=["mlp", "o"], layers="last:1", positions=[Last()], donor="hybrid")])
+    fe = span_tokens(model_type)
+    every = swaps(model_type, ["all"])
+    late = [(*s, H) for s in swaps(model_type, ["mlp", "o"], layers=[g.n_layers - 1])]
+    expected, _ = reference(model_type, PROMPT, lambda t, L: every if t in fe else (late if t == L - 1 else []))
+    assert_close(one_pass(g, spec), expected)
+    # the same component, layer and token from two donors is ambiguous
+    clash = GraftSpec(name="clash", rules=[GraftRule(components=["o"], positions=[Last()]),
+                                           GraftRule(components=["o"], positions=[All()], donor="hybrid")])
+    from nngraft import SpecError
+    with pytest.raises(SpecError, match=r"spec 'clash': component 'o' at layer 0, token \d+ of row 0 is grafted from two donors \('default' and 'hybrid'\)"):
+        g.run(clash, [PROMPT], [SPANS])
+    from nngraft import DonorMismatchError
+    with pytest.raises(DonorMismatchError, match=r"donor 'hybrid', but this run has donors \['default'\]"):
+        setup(model_type)[3].run(spec, [PROMPT], [SPANS])
