@@ -125,4 +125,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 if __name__ == "__main__":  # pragma: no cover
-    sys.exit(main())
+    # Run as `python -m nngraft.cli`, this file is `__main__`; plugins register their commands in
+    # the importable `nngraft.cli` module, so dispatch through that one.
+    from nngraft.cli import main as _main
+
+    sys.exit(_main())
