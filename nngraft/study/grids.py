@@ -1,0 +1,192 @@
+"""The paper's graft specs and the named grids that group them (spec.md §3).
+
+Every spec here is plain data; :func:`write_paper_specs` writes them as the JSON files shipped in
+``recipes/specs/`` (a test checks the files and this module agree). Conventions:
+
+- Positions: **FE** = the ``first_actor`` span, **M** = ``movie_title``, **R** = ``relation`` (the
+  template's relation word, e.g. "stars"), **LT** = the last token. Span names are the test
+  template's ``{fields}``.
+- The position grids (FE, LT, FE+LT, complements, M…, R…) graft ``all`` block components (layer
+  norms, attention q/k/v/o, MLP) at **all layers**. They do not graft the embeddings, the final
+  norm or the LM head, as in the paper's main sweep (``patch_lm_head = never``); the
+  ``lm_head`` grid adds F's LM head at the last token.
+- Baselines: ``p`` has no rules (plain P). ``f`` grafts ``everything`` (every block component,
+  embeddings, final norm, LM head) at every position, which is exactly running F.
+- Component buckets at LT use the paper's names: "attn" = q, k, v only; "o" = the attention
+  output projection; "ffn" = the MLP (gate/up/down; up/down where there is no gate).
+- Layer groups use nngraft's even split (quarters nest in eighths; the paper's eighths were
+  broken, see spec.md §1), so the layer-group specs need a model with at least 8 layers.
+
+Example:
+    >>> specs = paper_specs()
+    >>> [specs[n].name for n in PAPER_GRIDS["main"]]
+    ['p', 'f', 'fe', 'lt', 'fe_lt', 'fe_lt_complement', 'not_fe', 'not_lt']
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+from ..spec import All, GraftRule, GraftSpec, Last, Not, Span
+
+LmHeadMode = Literal["never", "last_token", "always"]
+
+FE, M, R, LT = Span(span="first_actor"), Span(span="movie_title"), Span(span="relation"), Last()
+_LABEL = {"first_actor": "FE", "movie_title": "M", "relation": "R"}
+
+BUCKETS: dict[str, list[str]] = {
+    "attn": ["q", "k", "v"],
+    "o": ["o"],
+    "ffn": ["mlp"],
+    "attn_o": ["q", "k", "v", "o"],
+    "o_ffn": ["o", "mlp"],
+    "attn_ffn": ["q", "k", "v", "mlp"],
+    "attn_o_ffn": ["q", "k", "v", "o", "mlp"],
+    "ffn_up": ["up"],
+    "ffn_down": ["down"],
+    "o_ffn_up": ["o", "up"],
+    "o_ffn_down": ["o", "down"],
+}
+"""Component buckets at the last token, by the paper's names (``patch_configs_lt``)."""
+
+LAYER_COMPONENTS_FOR_GROUPS: dict[str, list[str]] = {
+    "all": ["all"], "attn": ["q", "k", "v"], "o": ["o"], "ffn": ["mlp"],
+}
+QUARTERS = ["first_quarter", "second_quarter", "third_quarter", "fourth_quarter"]
+EIGHTHS = ["first_eighth", "second_eighth", "third_eighth", "fourth_eighth",
+           "fifth_eighth", "sixth_eighth", "seventh_eighth", "eighth_eighth"]
+
+
+def _spec(name: str, description: str, *rules: GraftRule) -> GraftSpec:
+    return GraftSpec(name=name, description=description, rules=list(rules))
+
+
+def _at(*positions, components=("all",), layers="all") -> GraftRule:
+    return GraftRule(components=list(components), layers=layers, positions=list(positions))
+
+
+def _position_specs() -> list[GraftSpec]:
+    specs = []
+    combos = {
+        "fe": [FE], "lt": [LT], "fe_lt": [FE, LT],
+        "m": [M], "m_lt": [M, LT], "fe_m": [FE, M], "fe_m_lt": [FE, M, LT],
+        "r": [R], "r_lt": [R, LT], "fe_r": [FE, R], "fe_r_lt": [FE, R, LT],
+    }
+    for name, positions in combos.items():
+        label = "+".join(_LABEL.get(getattr(p, "span", ""), "LT") for p in positions)
+        specs.append(_spec(name, f"F's block weights (all layers) at {label} only", _at(*positions)))
+    complements = {
+        "fe_lt_complement": [FE, LT], "not_fe": [FE], "not_lt": [LT],
+        "not_fe_m": [FE, M], "not_fe_m_lt": [FE, M, LT],
+    }
+    for name, positions in complements.items():
+        label = "+".join(_LABEL.get(getattr(p, "span", ""), "LT") for p in positions)
+        specs.append(_spec(name, f"F's block weights (all layers) everywhere except {label}",
+                           _at(Not(**{"not": positions}))))
+    return specs
+
+
+def paper_specs() -> dict[str, GraftSpec]:
+    """Every spec of the paper's grids, by name (see the module docstring for conventions)."""
+    specs = [
+        _spec("p", "baseline P: no graft (the pretrained model)"),
+        _spec("f", "baseline F: every weight of F at every position (equals running F)",
+              _at(All(), components=("everything",))),
+        *_position_specs(),
+    ]
+    for bucket, components in BUCKETS.items():
+        specs.append(_spec(f"lt_{bucket}", f"F's {'+'.join(components)} (all layers) at the last token",
+                           _at(LT, components=components)))
+    for label, components in LAYER_COMPONENTS_FOR_GROUPS.items():
+        for group in QUARTERS + EIGHTHS:
+            specs.append(_spec(f"lt_{label}_{group}",
+                               f"F's {'+'.join(components)} in the {group.replace('_', ' ')} of the "
+                               "layers, at the last token",
+                               _at(LT, components=components, layers=group)))
+    specs += [
+        _spec("fe_lt_selective", "selective layers: F's block weights at FE in all layers and at LT "
+              "in the second half (third + fourth quarters)",
+              _at(FE), _at(LT, layers="second_half")),
+        _spec("fe_lt_selective_v1", "earlier selective variant: FE in the first three quarters, LT "
+              "in the second half", _at(FE, layers="first_quarter"), _at(FE, layers="second_quarter"),
+              _at(FE, layers="third_quarter"), _at(LT, layers="second_half")),
+        _spec("fe_o_ffn_lt_selective", "selective layers with the FE component override: o + FFN "
+              "(no q/k/v) at FE in all layers, all block weights at LT in the second half",
+              _at(FE, components=("o", "mlp")), _at(LT, layers="second_half")),
+        _spec("lm_head_only", "only F's LM head, at the last token", _at(LT, components=("lm_head",))),
+    ]
+    for base in PAPER_GRIDS["main"][2:]:
+        spec = with_lm_head(next(s for s in specs if s.name == base), "last_token")
+        specs.append(spec)
+    return {s.name: s for s in specs}
+
+
+def with_lm_head(spec: GraftSpec, mode: LmHeadMode) -> GraftSpec:
+    """``spec`` with F's LM head added: ``never`` (unchanged), ``last_token`` (the LM head at the
+    last position; the working version of the paper's no-op option, named ``NAME+lm_head``) or
+    ``always`` (at every position, ``NAME+lm_head_all``; it gives the same next-token logits as
+    ``last_token``, since only the last position's logits are read).
+
+    Example:
+        >>> with_lm_head(GraftSpec(name="fe"), "last_token").name
+        'fe+lm_head'
+    """
+    if mode == "never":
+        return spec
+    if mode not in ("last_token", "always"):
+        raise ValueError(f"unknown lm_head mode {mode!r}; use 'never', 'last_token' or 'always'")
+    where = LT if mode == "last_token" else All()
+    suffix = "+lm_head" if mode == "last_token" else "+lm_head_all"
+    extra = "at the last token" if mode == "last_token" else "at every position"
+    description = (spec.description or spec.name) + f"; plus F's LM head {extra}"
+    return spec.model_copy(update={"name": spec.name + suffix, "description": description,
+                                   "rules": [*spec.rules, _at(where, components=("lm_head",))]})
+
+
+_BUCKET_NAMES = [f"lt_{b}" for b in BUCKETS]
+PAPER_GRIDS: dict[str, list[str]] = {
+    "main": ["p", "f", "fe", "lt", "fe_lt", "fe_lt_complement", "not_fe", "not_lt"],
+    "movie": ["p", "f", "fe", "lt", "fe_lt", "m", "m_lt", "fe_m", "fe_m_lt", "not_fe_m", "not_fe_m_lt"],
+    "relation": ["p", "f", "fe", "lt", "fe_lt", "r", "fe_r", "r_lt", "fe_r_lt"],
+    "components": ["p", "f", "lt", *_BUCKET_NAMES],
+    "layers": ["p", "f", "lt", *[f"lt_{c}_{g}" for c in LAYER_COMPONENTS_FOR_GROUPS for g in QUARTERS + EIGHTHS]],
+    "lm_head": ["p", "f", "lm_head_only", "fe", "fe+lm_head", "lt", "lt+lm_head", "fe_lt", "fe_lt+lm_head",
+                "fe_lt_complement", "fe_lt_complement+lm_head", "not_fe", "not_fe+lm_head",
+                "not_lt", "not_lt+lm_head"],
+    "selective": ["p", "f", "fe", "lt", "fe_lt", "fe_lt_selective", "fe_lt_selective_v1",
+                  "fe_o_ffn_lt_selective"],
+}
+"""Named grids of :func:`paper_specs` names. ``main``, ``components``, ``layers``, ``lm_head`` and
+``selective`` run on any template with a first actor; ``movie`` needs ``{movie_title}`` in the
+template (sentence_3/4), ``relation`` needs ``{relation}`` (sentence_1/2)."""
+
+
+def grid_specs(name: str) -> list[GraftSpec]:
+    """The specs of a named paper grid, in order.
+
+    Example:
+        >>> [s.name for s in grid_specs("relation")][-1]
+        'fe_r_lt'
+    """
+    if name not in PAPER_GRIDS:
+        from ..errors import SpecError
+
+        raise SpecError(f"unknown grid {name!r}; the paper's grids are: {', '.join(PAPER_GRIDS)}")
+    specs = paper_specs()
+    return [specs[n] for n in PAPER_GRIDS[name]]
+
+
+def spec_file_name(name: str) -> str:
+    """Where :func:`write_paper_specs` puts a spec, relative to the specs folder."""
+    if name.startswith("lt_") and any(name.endswith(g) for g in QUARTERS + EIGHTHS):
+        return f"layers/{name}.json"
+    if "+lm_head" in name:
+        return f"lm_head/{name.replace('+', '_')}.json"
+    return f"{name}.json"
+
+
+def write_paper_specs(folder: str | Path) -> list[Path]:
+    """Write every paper spec as pretty JSON under ``folder`` (``recipes/specs``)."""
+    folder = Path(folder)
+    return [spec.save(folder / spec_file_name(name)) for name, spec in paper_specs().items()]

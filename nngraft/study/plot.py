@@ -1,0 +1,336 @@
+"""Figures from a results file: the paper's bar charts and layer-group heatmaps (PNG and SVG).
+
+- **Bar charts** (one per model × template, plus "all templates" when there are several): mean
+  target probability, top-1 accuracy and top-k accuracy (k is in the axis label; the paper's
+  figures said "Top-5" but used k = 100), each with its 95 % confidence interval over facts as
+  error bars. Bars follow the paper's order: baselines (P, F), single spans (FE, LT, M, R), their
+  unions (FE+LT, …), complements ((FE+LT)ᶜ, FEᶜ, LTᶜ, …), then the component buckets at LT.
+- **Heatmaps** (per model × template × position × layer split): component × layer group →
+  recovery of mean target probability (0 = P, 1 = F), the number written in each cell. Specs
+  qualify when they have one rule whose layers are a named quarter, eighth or half. When recovery
+  is undefined (no baselines, or F ≈ P), the heatmap shows mean probability instead and says so.
+
+Every figure's numbers are also written to ``aggregates.csv`` beside the plots.
+
+Example:
+    >>> display_name("fe_lt_complement"), display_name("lt_o_ffn"), display_name("fe+lm_head")
+    ('(FE+LT)$^c$', 'LT: o+ffn', 'FE +head')
+"""
+
+from __future__ import annotations
+
+import csv
+import math
+import re
+from pathlib import Path
+from typing import Any, Mapping, Sequence
+
+from .grids import BUCKETS, EIGHTHS, LAYER_COMPONENTS_FOR_GROUPS, QUARTERS
+from .metrics import Aggregate, aggregate
+from .results import load_manifest, load_results, results_path
+
+_POS = {"fe": "FE", "lt": "LT", "m": "M", "r": "R"}
+_ORDER = ["p", "f", "fe", "lt", "m", "r", "fe_lt", "m_lt", "fe_m", "fe_m_lt", "fe_r", "r_lt", "fe_r_lt",
+          "fe_lt_complement", "not_fe", "not_lt", "not_fe_m", "not_fe_m_lt",
+          "fe_lt_selective", "fe_lt_selective_v1", "fe_o_ffn_lt_selective", "lm_head_only",
+          *[f"lt_{b}" for b in BUCKETS]]
+_COLORS = {"baseline": "#7f7f7f", "single": "#1f77b4", "union": "#2ca02c", "complement": "#ff7f0e",
+           "bucket": "#9467bd", "other": "#17becf"}
+_FRACTION_GROUPS = {"quarter": QUARTERS, "eighth": EIGHTHS, "half": ["first_half", "second_half"]}
+
+
+def display_name(name: str) -> str:
+    """The paper's label for a spec name (P, F, FE, LT, FE+LT, (FE+LT)ᶜ, FEᶜ, LT: attn, …);
+    unknown names are returned unchanged."""
+    if name.endswith("+lm_head"):
+        return display_name(name[: -len("+lm_head")]) + " +head"
+    if name.endswith("+lm_head_all"):
+        return display_name(name[: -len("+lm_head_all")]) + " +head(all)"
+    if name in ("p", "f"):
+        return name.upper()
+    if name == "fe_lt_complement":
+        return "(FE+LT)$^c$"
+    if name.startswith("not_"):
+        parts = name[4:].split("_")
+        if all(p in _POS for p in parts):
+            inner = "+".join(_POS[p] for p in parts)
+            return (f"({inner})" if len(parts) > 1 else inner) + "$^c$"
+    parts = name.split("_")
+    if all(p in _POS for p in parts):
+        return "+".join(_POS[p] for p in parts)
+    if name.startswith("lt_") and name[3:] in BUCKETS:
+        return "LT: " + name[3:].replace("_", "+").replace("ffn+up", "ffn_up").replace("ffn+down", "ffn_down")
+    return name
+
+
+def category(name: str) -> str:
+    """Bar colour group: baseline, single, union, complement, bucket or other."""
+    base = name.split("+lm_head")[0]
+    if base in ("p", "f"):
+        return "baseline"
+    if base == "fe_lt_complement" or base.startswith("not_"):
+        return "complement"
+    parts = base.split("_")
+    if all(p in _POS for p in parts):
+        return "single" if len(parts) == 1 else "union"
+    if base.startswith("lt_") and base[3:] in BUCKETS:
+        return "bucket"
+    return "other"
+
+
+CHARTS: dict[str, tuple[str, ...]] = {
+    "positions": ("single", "union", "complement"),
+    "components": ("bucket",),
+    "lm_head": ("lm_head",),
+    "other": ("other",),
+}
+"""Bar charts drawn per model × template: each shows P, F and the specs of its categories
+(``lm_head`` = any spec with F's LM head added; ``components`` also shows LT for reference)."""
+
+
+def chart_of(name: str) -> str:
+    if "+lm_head" in name or name == "lm_head_only":
+        return "lm_head"
+    cat = category(name)
+    return next(chart for chart, cats in CHARTS.items() if cat in cats) if cat != "baseline" else "baseline"
+
+
+def _order_key(name: str, first_seen: Mapping[str, int]) -> tuple[int, int, int]:
+    base, _, suffix = name.partition("+")
+    rank = _ORDER.index(base) if base in _ORDER else len(_ORDER)
+    return (rank, first_seen.get(base, 0), 1 if suffix else 0)
+
+
+def layer_facets(spec: Mapping[str, Any]) -> dict[str, str] | None:
+    """``{"component", "layers", "fraction", "position"}`` for a spec with one rule over a named
+    quarter / eighth / half of the layers (a heatmap cell), else ``None``."""
+    rules = spec.get("rules") or []
+    head = [r for r in rules if list(r.get("components", [])) == ["lm_head"]]
+    rules = [r for r in rules if r not in head]
+    if len(rules) != 1 or len(head) > 1:
+        return None
+    rule = rules[0]
+    layers = rule.get("layers", "all")
+    if not isinstance(layers, str):
+        return None
+    match = re.match(r"^\w+_(quarter|eighth|half)$", layers)
+    if not match:
+        return None
+    components = list(rule["components"])
+    label = next((k for k, v in {**LAYER_COMPONENTS_FOR_GROUPS, **BUCKETS}.items() if v == components),
+                 "+".join(components))
+    position = _position_label(rule["positions"])
+    if head:
+        position += f" (+F's LM head at {_position_label(head[0]['positions'])})"
+    return {"component": label, "layers": layers, "fraction": match[1], "position": position}
+
+
+def _position_label(positions: Sequence[Mapping[str, Any]]) -> str:
+    names = {"first_actor": "FE", "movie_title": "M", "relation": "R"}
+    out = []
+    for p in positions:
+        if "span" in p:
+            out.append(names.get(p["span"], p["span"]))
+        elif "last" in p:
+            out.append("LT")
+        elif "all" in p:
+            out.append("all")
+        elif "not" in p:
+            out.append("not(" + _position_label(p["not"]) + ")")
+        elif "index" in p:
+            out.append("idx" + ",".join(map(str, p["index"])))
+        else:
+            out.append("other")
+    return "+".join(out)
+
+
+def _safe(text: str) -> str:
+    return re.sub(r"[^A-Za-z0-9_.-]+", "-", text).strip("-") or "x"
+
+
+def _save(fig: Any, stem: Path, formats: Sequence[str]) -> list[Path]:
+    paths = []
+    for fmt in formats:
+        path = stem.with_suffix(f".{fmt}")
+        fig.savefig(path, dpi=150, bbox_inches="tight")
+        paths.append(path)
+    return paths
+
+
+def _errors(aggs: Sequence[Aggregate], metric: str) -> tuple[list[float], list[list[float]]]:
+    means, low, high = [], [], []
+    for a in aggs:
+        est = a.metrics[metric]
+        means.append(est.mean)
+        low.append(0.0 if math.isnan(est.low) else max(0.0, est.mean - est.low))
+        high.append(0.0 if math.isnan(est.high) else max(0.0, est.high - est.mean))
+    return means, [low, high]
+
+
+def bar_chart(aggs: Sequence[Aggregate], *, title: str, k: int, stem: Path,
+              formats: Sequence[str] = ("png", "svg")) -> list[Path]:
+    """Mean probability, top-1 and top-k accuracy bars (with CI error bars) for one group of specs."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = [a.keys["spec"] for a in aggs]
+    labels = [display_name(n) for n in names]
+    colors = [_COLORS[category(n)] for n in names]
+    panels = [("prob", "mean target probability")]
+    if "top_1" in aggs[0].metrics:
+        panels.append(("top_1", "top-1 accuracy"))
+    if f"top_{k}" in aggs[0].metrics and k != 1:
+        panels.append((f"top_{k}", f"top-{k} accuracy (target in the {k} most likely tokens)"))
+    width = max(6.0, 0.55 * len(names) + 1.5)
+    fig, axes = plt.subplots(len(panels), 1, figsize=(width, 2.6 * len(panels) + 0.8), sharex=True)
+    axes = list(axes) if len(panels) > 1 else [axes]
+    x = list(range(len(names)))
+    n_facts = max(a.n_facts for a in aggs)
+    for ax, (metric, label) in zip(axes, panels):
+        means, err = _errors(aggs, metric)
+        ax.bar(x, means, color=colors, yerr=err, capsize=3, error_kw={"elinewidth": 1})
+        ax.set_ylabel(label, fontsize=9)
+        ax.set_ylim(0, 1.12)
+        ax.grid(axis="y", alpha=0.3)
+        for xi, m, up in zip(x, means, err[1]):
+            if not math.isnan(m):  # the value sits above its error bar, never on it
+                ax.text(xi, min(m + up, 1.0) + 0.015, f"{m:.2f}", ha="center", va="bottom", fontsize=7)
+    axes[-1].set_xticks(x)
+    axes[-1].set_xticklabels(labels, rotation=45, ha="right", fontsize=9)
+    axes[0].set_title(f"{title}\n(n = {n_facts} facts; error bars: 95% CI over facts)", fontsize=10)
+    fig.tight_layout()
+    paths = _save(fig, stem, formats)
+    plt.close(fig)
+    return paths
+
+
+def heatmap(cells: Mapping[tuple[str, str], float], *, rows: Sequence[str], cols: Sequence[str], title: str,
+            value_label: str, stem: Path, formats: Sequence[str] = ("png", "svg")) -> list[Path]:
+    """A rows × cols heatmap with the value written in each cell (blank cells: not run)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    data = np.full((len(rows), len(cols)), np.nan)
+    for (r, c), v in cells.items():
+        data[rows.index(r), cols.index(c)] = v
+    finite = data[np.isfinite(data)]
+    vmin = min(0.0, float(finite.min())) if finite.size else 0.0
+    vmax = max(1.0, float(finite.max())) if finite.size else 1.0
+    fig, ax = plt.subplots(figsize=(1.0 * len(cols) + 2.5, 0.55 * len(rows) + 1.6))
+    image = ax.imshow(np.ma.masked_invalid(data), cmap="viridis", vmin=vmin, vmax=vmax, aspect="auto")
+    ax.set_xticks(range(len(cols)))
+    ax.set_xticklabels([c.replace("_", " ") for c in cols], rotation=30, ha="right", fontsize=8)
+    ax.set_yticks(range(len(rows)))
+    ax.set_yticklabels(rows, fontsize=9)
+    for i in range(len(rows)):
+        for j in range(len(cols)):
+            v = data[i, j]
+            if np.isfinite(v):
+                shade = (v - vmin) / (vmax - vmin or 1)
+                ax.text(j, i, f"{v:.2f}", ha="center", va="center", fontsize=8,
+                        color="black" if shade > 0.6 else "white")
+    fig.colorbar(image, ax=ax, label=value_label)
+    ax.set_title(title, fontsize=10)
+    fig.tight_layout()
+    paths = _save(fig, stem, formats)
+    plt.close(fig)
+    return paths
+
+
+def _write_csv(aggs: Sequence[Aggregate], path: Path) -> Path:
+    rows = [a.to_dict() for a in aggs]
+    columns: list[str] = []
+    for r in rows:
+        columns += [c for c in r if c not in columns]
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".csv.tmp")
+    with open(tmp, "w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=columns)
+        writer.writeheader()
+        writer.writerows(rows)
+    tmp.replace(path)
+    return path
+
+
+def plot_results(results: str | Path, out_dir: str | Path | None = None, *, k: int = 100,
+                 formats: Sequence[str] = ("png", "svg"), method: str = "bootstrap") -> list[Path]:
+    """Render every bar chart and heatmap for a results file (or directory) into ``out_dir``
+    (default: ``plots/`` beside the results). Returns the written paths (figures + CSV).
+
+    ``k`` picks the top-k accuracy panel (a ``top_k`` column must be in the results; the largest
+    stored k is used when it is not)."""
+    path = results_path(results)
+    rows = load_results(path)
+    if not rows:
+        from .results import ResultsError
+
+        raise ResultsError(f"{path} has no rows to plot")
+    manifest = load_manifest(path)
+    specs = {name: info.get("spec", {}) for name, info in manifest.get("specs", {}).items()}
+    roles = {name: info.get("role") for name, info in manifest.get("specs", {}).items()}
+    p_name = next((n for n, r in roles.items() if r == "p"), "p")
+    f_name = next((n for n, r in roles.items() if r == "f"), "f")
+    stored = sorted(int(c[4:]) for c in rows[0] if c.startswith("top_") and c[4:].isdigit())
+    if stored and k not in stored:
+        k = stored[-1]
+    out = Path(out_dir) if out_dir is not None else path.parent / "plots"
+    out.mkdir(parents=True, exist_ok=True)
+    written: list[Path] = []
+
+    templates = list(dict.fromkeys(r["template"] for r in rows))
+    per_template = aggregate(rows, by=("model", "template", "spec"), method=method,
+                             p_spec=p_name, f_spec=f_name)
+    overall = (aggregate([dict(r, template="all templates") for r in rows], by=("model", "template", "spec"),
+                         method=method, p_spec=p_name, f_spec=f_name) if len(templates) > 1 else [])
+    all_aggs = per_template + overall
+    written.append(_write_csv(all_aggs, out / "aggregates.csv"))
+
+    first_seen: dict[str, int] = {}
+    for r in rows:
+        first_seen.setdefault(r["spec"].split("+")[0], len(first_seen))
+    groups: dict[tuple[str, str], list[Aggregate]] = {}
+    for a in all_aggs:
+        groups.setdefault((a.keys["model"], a.keys["template"]), []).append(a)
+    for (model, template), aggs in groups.items():
+        bars = [a for a in aggs if layer_facets(specs.get(a.keys["spec"], {})) is None]
+        bars.sort(key=lambda a: _order_key(a.keys["spec"], first_seen))
+        base = [a for a in bars if chart_of(a.keys["spec"]) == "baseline"]
+        for chart in CHARTS:
+            members = [a for a in bars if chart_of(a.keys["spec"]) == chart]
+            if chart == "components" and members:
+                members = [a for a in bars if a.keys["spec"] == "lt"] + members
+            if chart == "lm_head" and members:
+                with_head = {a.keys["spec"].split("+")[0] for a in members}
+                members = sorted([a for a in bars if a.keys["spec"] in with_head and a not in members] + members,
+                                 key=lambda a: _order_key(a.keys["spec"], first_seen))
+            if not members:
+                continue
+            written += bar_chart(base + members, title=f"{model} — {template} — {chart}", k=k,
+                                 stem=out / f"bars_{chart}_{_safe(model)}_{_safe(template)}", formats=formats)
+        cells: dict[tuple[str, str, str], dict[tuple[str, str], Aggregate]] = {}
+        for a in aggs:
+            facets = layer_facets(specs.get(a.keys["spec"], {}))
+            if facets:
+                cells.setdefault((facets["position"], facets["fraction"], ""), {})[
+                    (facets["component"], facets["layers"])] = a
+        for (position, fraction, _), grid in cells.items():
+            use_recovery = any(a.recovery is not None and not math.isnan(a.recovery.mean) for a in grid.values())
+            values = {key: (a.recovery.mean if use_recovery and a.recovery is not None else a.metrics["prob"].mean)
+                      for key, a in grid.items()}
+            row_names = list(dict.fromkeys(c for c, _ in grid))
+            col_names = [g for g in _FRACTION_GROUPS[fraction] if any(l == g for _, l in grid)]
+            what = ("recovery of mean target prob. (0 = P, 1 = F)" if use_recovery
+                    else "mean target probability (recovery undefined: no baselines or F ≈ P)")
+            n_facts = max(a.n_facts for a in grid.values())
+            written += heatmap(values, rows=row_names, cols=col_names,
+                               title=f"{model} — {template}: F's weights at {position}, by layer "
+                                     f"{fraction}\n{what}; n = {n_facts} facts",
+                               value_label="recovery" if use_recovery else "mean target probability",
+                               stem=out / f"heatmap_{_safe(model)}_{_safe(template)}_{_safe(position)}_{fraction}",
+                               formats=formats)
+    return written

@@ -1,0 +1,237 @@
+"""The study's evaluation subcommands: ``nngraft run``, ``nngraft sweep`` and ``nngraft plot``.
+
+Registered with :func:`nngraft.cli.command` when :mod:`nngraft.study.commands` imports this
+module. Exit codes: 0 ok, 1 an error (message, no traceback), 2 bad usage.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+from pathlib import Path
+from typing import Any, Sequence
+
+from ..cli import command, console, out
+
+
+def _summary_table(rows: Sequence[dict[str, Any]], *, k: int, title: str, p_spec: str = "p",
+                   f_spec: str = "f") -> Any:
+    """A rich table: per model × template × spec, mean prob, top-1, top-k (95 % CI) and recovery."""
+    from rich.table import Table
+
+    from .metrics import aggregate
+    from .plot import display_name
+
+    aggs = aggregate(rows, p_spec=p_spec, f_spec=f_spec)
+    stored = sorted(int(c[4:]) for c in rows[0] if c.startswith("top_") and c[4:].isdigit()) if rows else []
+    if stored and k not in stored:
+        k = stored[-1]
+    table = Table(title=title, caption="mean over facts [95% bootstrap CI]; recovery = (G − P) / (F − P) "
+                  "of mean prob.; rank is 0-based", caption_justify="left")
+    for name in ("model", "template", "spec", "n", "mean prob", "top-1", f"top-{k}", "mean rank", "recovery"):
+        table.add_column(name, justify="right" if name not in ("model", "template", "spec") else "left")
+    for a in aggs:
+        m = a.metrics
+
+        def cell(name: str, fmt: str = ".3f") -> str:
+            if name not in m:
+                return "–"
+            e = m[name]
+            return f"{e.mean:{fmt}} [{e.low:{fmt}}, {e.high:{fmt}}]" if e.method != "none" else f"{e.mean:{fmt}}"
+
+        rec = "–"
+        if a.recovery is not None:
+            rec = (f"{a.recovery.mean:.2f} [{a.recovery.low:.2f}, {a.recovery.high:.2f}]"
+                   if not math.isnan(a.recovery.mean) else "n/a (F ≈ P)")
+        table.add_row(str(a.keys["model"]), str(a.keys["template"]),
+                      f"{a.keys['spec']} ({display_name(a.keys['spec']).replace('$^c$', 'ᶜ')})",
+                      str(a.n_facts), cell("prob"), cell("top_1", ".2f"), cell(f"top_{k}", ".2f"),
+                      cell("rank", ".1f"), rec)
+    return table
+
+
+# ---------------------------------------------------------------------------------------------
+# run
+# ---------------------------------------------------------------------------------------------
+
+
+def _run_args(p: argparse.ArgumentParser) -> None:
+    p.formatter_class = argparse.RawDescriptionHelpFormatter
+    p.epilog = """examples:
+  nngraft run --spec recipes/specs/fe_lt.json --model meta-llama/Llama-3.2-1B --donor runs/sft \\
+              --facts runs/sft/facts.jsonl --template sentence_3
+  nngraft run --spec recipes/specs/lt.json --tiny llama --data examples.jsonl -o runs/try
+The P and F baselines (specs p and f) are always run too, for reference and recovery."""
+    p.add_argument("--spec", action="append", required=True, metavar="SPEC.json",
+                   help="graft spec file (repeat for several)")
+    who = p.add_argument_group("models (give --model and --donor, or --tiny)")
+    who.add_argument("--model", help="recipient P: local path or hub id")
+    who.add_argument("--donor", help="donor F: local path or hub id")
+    who.add_argument("--tiny", metavar="MODEL_TYPE", help="use nngraft.testing.tiny_pair(MODEL_TYPE) (CPU checks)")
+    who.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16", "auto"])
+    who.add_argument("--device", default="auto", help="cpu, cuda, cuda:1 … (default: cuda if available)")
+    data = p.add_argument_group("data (give --data, or --facts/--dataset with --template)")
+    data.add_argument("--data", metavar="EXAMPLES.jsonl", help="test examples: one {fact_id, template, "
+                      "prompt, spans, answer} object per line")
+    data.add_argument("--facts", metavar="FACTS.jsonl", help="facts to render through --template")
+    data.add_argument("--dataset", help="a built-in dataset (e.g. fake_movies_real_actors), with --n")
+    data.add_argument("--n", type=int, help="number of facts of --dataset")
+    data.add_argument("--seed", type=int, default=0, help="seed of --dataset (default 0)")
+    data.add_argument("--template", action="append", default=[], help="test template name (sentence_1 … "
+                      "sentence_4, rmra) or a {field} string; repeat for several")
+    data.add_argument("--answer-field", default="second_actor", help="fact field that is the answer")
+    data.add_argument("--limit", type=int, help="use only the first N facts")
+    p.add_argument("-o", "--output", help="write results.jsonl + manifest.json here (resumes if present)")
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--k", type=int, default=100, help="top-k shown in the table (default 100)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
+def _pair_and_data(args: argparse.Namespace) -> tuple[dict[str, Any], dict[str, Any]]:
+    if args.tiny and (args.model or args.donor):
+        raise SystemExit(_usage("give --tiny, or --model and --donor, not both"))
+    if not args.tiny and not (args.model and args.donor):
+        raise SystemExit(_usage("give --model and --donor (paths or hub ids), or --tiny MODEL_TYPE"))
+    if args.tiny:
+        pair = {"name": f"tiny-{args.tiny}", "tiny": args.tiny, "dtype": args.dtype, "device": args.device}
+    else:
+        pair = {"name": Path(args.donor).name or "model", "recipient": args.model, "donor": args.donor,
+                "dtype": args.dtype, "device": args.device}
+    sources = [x for x in ("data", "facts", "dataset") if getattr(args, x)]
+    if len(sources) != 1:
+        raise SystemExit(_usage("give exactly one of --data, --facts or --dataset"))
+    if args.data:
+        if args.template:
+            raise SystemExit(_usage("--template applies to --facts/--dataset; --data already has prompts"))
+        data: dict[str, Any] = {"examples": str(Path(args.data).resolve())}
+    else:
+        data = {"templates": args.template, "answer_field": args.answer_field}
+        if args.facts:
+            data["facts"] = str(Path(args.facts).resolve())
+        else:
+            if not args.n:
+                raise SystemExit(_usage("--dataset needs --n"))
+            data.update(dataset=args.dataset, n=args.n, seed=args.seed)
+    if args.limit:
+        data["limit"] = args.limit
+    return pair, data
+
+
+def _validated(raw: dict[str, Any]) -> Any:
+    from pydantic import ValidationError
+
+    from ..spec import format_validation_error
+    from .sweep import SweepConfig, SweepConfigError
+
+    try:
+        return SweepConfig.model_validate(raw)
+    except ValidationError as error:
+        raise SweepConfigError(format_validation_error(error, "(command line)").replace(
+            "invalid graft spec", "invalid options")) from None
+
+
+def _usage(message: str) -> int:
+    console.print(f"[red]usage error:[/red] {message}")
+    return 2
+
+
+@command("run", _run_args)
+def cmd_run(args: argparse.Namespace) -> int:
+    """Run graft specs on test examples and print mean target probability, top-k and recovery."""
+    import tempfile
+
+    from .results import load_results
+    from .sweep import run_sweep
+
+    pair, data = _pair_and_data(args)
+    specs = [str(Path(s).resolve()) for s in args.spec]
+    for s in specs:
+        if not Path(s).exists():
+            from ..errors import SpecError
+
+            raise SpecError(f"no spec file at {s}")
+    with tempfile.TemporaryDirectory() as scratch:
+        output = Path(args.output) if args.output else Path(scratch)
+        config = _validated({"name": "run", "models": [pair], "data": data, "specs": specs,
+                             "batch_size": args.batch_size})
+        outcome = run_sweep(config, output=output, show_progress=not args.no_progress, console=console)
+        rows = load_results(outcome.results)
+        out.print(_summary_table(rows, k=args.k, title="nngraft run"))
+        if args.output:
+            console.print(f"results: {outcome.results}\nmanifest: {outcome.manifest}")
+    return 0 if all(r.get("ok", True) for r in outcome.baseline_check.values()) else 1
+
+
+# ---------------------------------------------------------------------------------------------
+# sweep
+# ---------------------------------------------------------------------------------------------
+
+
+def _sweep_args(p: argparse.ArgumentParser) -> None:
+    p.formatter_class = argparse.RawDescriptionHelpFormatter
+    p.epilog = """A sweep config is a JSON file; see docs/study.md and recipes/sweeps/*.json. Example:
+  {"name": "main", "models": [{"name": "llama", "recipient": "meta-llama/Llama-3.2-1B",
+                              "donor": "runs/sft/llama"}],
+   "data": {"facts": "runs/sft/llama/facts.jsonl", "templates": ["sentence_3"]},
+   "grid": "main", "output": "runs/main-llama"}
+Rerunning the same command resumes: rows already in the results file are skipped."""
+    p.add_argument("config", metavar="CONFIG.json", help="sweep config file")
+    p.add_argument("-o", "--output", help="results directory (overrides the config's 'output')")
+    p.add_argument("--plot", action="store_true", help="render the plots when the sweep is done")
+    p.add_argument("--k", type=int, default=100, help="top-k shown in the table and plots (default 100)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
+@command("sweep", _sweep_args)
+def cmd_sweep(args: argparse.Namespace) -> int:
+    """Run a sweep config (models × data × templates × spec grid), resumable, to results JSONL."""
+    from .results import load_results
+    from .sweep import load_sweep_config, run_sweep
+
+    config = load_sweep_config(args.config)
+    outcome = run_sweep(config, output=args.output, show_progress=not args.no_progress, console=console)
+    rows = load_results(outcome.results)
+    out.print(_summary_table(rows, k=args.k, title=f"nngraft sweep {config.name}"))
+    for name, s in outcome.stats.items():
+        console.print(f"{name}: {s.written} rows written, {s.skipped} already done, "
+                      f"{s.seconds:.1f} s ({s.rows_per_second:.1f} rows/s)")
+    console.print(f"results: {outcome.results}\nmanifest: {outcome.manifest}")
+    if args.plot:
+        from .plot import plot_results
+
+        paths = plot_results(outcome.results, k=args.k)
+        console.print(f"plots: {len(paths)} files in {paths[0].parent}")
+    failed = [n for n, r in outcome.baseline_check.items() if not r.get("ok", True)]
+    if failed:
+        console.print(f"[red]error:[/red] baseline check failed for {failed}: the p/f rows differ from "
+                      "plain P/F forwards by more than the tolerance (see manifest.json baseline_check)")
+        return 1
+    return 0
+
+
+# ---------------------------------------------------------------------------------------------
+# plot
+# ---------------------------------------------------------------------------------------------
+
+
+def _plot_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("results", metavar="RESULTS", help="results.jsonl, or the directory holding it")
+    p.add_argument("-o", "--output", help="directory for the figures (default: plots/ beside the results)")
+    p.add_argument("--k", type=int, default=100, help="top-k accuracy panel (default 100, the paper's k)")
+    p.add_argument("--format", action="append", choices=["png", "svg", "pdf"],
+                   help="figure format (repeat; default png and svg)")
+    p.add_argument("--ci", choices=["bootstrap", "t"], default="bootstrap",
+                   help="confidence intervals: percentile bootstrap over facts (default) or Student-t")
+
+
+@command("plot", _plot_args)
+def cmd_plot(args: argparse.Namespace) -> int:
+    """Render bar charts and layer heatmaps (PNG + SVG) and aggregates.csv from a results file."""
+    from .plot import plot_results
+
+    paths = plot_results(args.results, args.output, k=args.k, formats=args.format or ("png", "svg"),
+                         method=args.ci)
+    for path in paths:
+        out.print(str(path))
+    console.print(f"wrote {len(paths)} files")
+    return 0

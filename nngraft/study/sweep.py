@@ -1,0 +1,670 @@
+"""Sweeps: model pair(s) × dataset × test templates × a grid of specs → results + manifest.
+
+A sweep config is a small JSON file (``nngraft sweep CONFIG``)::
+
+    {
+      "name": "main-llama",
+      "models": [{"name": "llama-3.2-1b", "recipient": "meta-llama/Llama-3.2-1B",
+                  "donor": "runs/sft/llama-fmra", "dtype": "float32"}],
+      "data": {"facts": "runs/sft/llama-fmra/facts.jsonl",
+               "templates": ["sentence_1", "sentence_2", "sentence_3", "sentence_4"]},
+      "grid": "main",
+      "lm_head": ["never"],
+      "batch_size": 64,
+      "output": "runs/main-llama"
+    }
+
+Relative paths are relative to the config file. ``grid`` names a paper grid
+(:data:`nngraft.study.grids.PAPER_GRIDS`); ``specs`` adds spec files. The baselines ``p`` (no
+graft) and ``f`` (everything grafted, = running F) are always added, because recovery needs them.
+
+Every (spec, example) unit becomes one row of ``results.jsonl``. Rows of many specs and examples
+share batched forward passes (rows sorted by prompt length, then cut into batches of
+``batch_size``; each batch is one nnsight trace). Batches are a fixed function of the units, so an
+interrupted sweep that is rerun computes the missing rows in exactly the same batches and gives
+bit-identical numbers. Each finished batch is appended with flush + fsync.
+
+After the run, the sweep runs P and F directly (no nngraft in the path) on the first
+``check_baselines`` examples and records in the manifest how far the ``p`` and ``f`` rows are
+from them (``baseline_check``); a gap above tolerance is reported as an error-level warning.
+
+Example:
+    >>> cfg = SweepConfig.model_validate({"models": [{"name": "tiny", "tiny": "llama"}],
+    ...     "data": {"examples": "examples.jsonl"}, "grid": "main"})
+    >>> [s.name for s in resolve_specs(cfg)][:4]
+    ['p', 'f', 'fe', 'lt']
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import hashlib
+import json
+import platform
+import time
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Literal, Sequence
+
+import torch
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from ..errors import GraftError
+from ..grafter import Grafter
+from ..result import target_token_id
+from ..spec import GraftSpec, format_validation_error
+from .examples import TestExample
+from .grids import LmHeadMode, grid_specs, paper_specs, with_lm_head
+from .metrics import DEFAULT_KS, score_logits
+from .results import (FORMAT_VERSION, ResultsError, ResultsWriter, load_manifest, manifest_path,
+                      results_path, write_manifest)
+
+
+class SweepConfigError(GraftError, ValueError):
+    """A sweep config is malformed or names files, grids or models that do not exist."""
+
+
+# ---------------------------------------------------------------------------------------------
+# Config
+# ---------------------------------------------------------------------------------------------
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class ModelPair(_Strict):
+    """A recipient P and donor F. ``recipient``/``donor``: local paths or hub ids. ``tiny``: use
+    :func:`nngraft.testing.tiny_pair` of that model type instead (tests, ``--tiny`` recipes)."""
+
+    name: str = Field(min_length=1)
+    recipient: str | None = None
+    donor: str | None = None
+    tiny: str | None = None
+    tiny_layers: int = 2
+    dtype: Literal["float32", "bfloat16", "float16", "auto"] = "float32"
+    device: str = "auto"
+
+    @model_validator(mode="after")
+    def _one_source(self) -> "ModelPair":
+        if self.tiny is None and not (self.recipient and self.donor):
+            raise ValueError("give both 'recipient' and 'donor' (paths or hub ids), or 'tiny': MODEL_TYPE")
+        if self.tiny is not None and (self.recipient or self.donor):
+            raise ValueError("'tiny' replaces 'recipient' and 'donor'; give one or the other")
+        return self
+
+
+class TemplateConfig(_Strict):
+    """A test template: a name in ``TEST_TEMPLATES`` or a ``{field}`` string, plus fixed values for
+    fields the facts lack (e.g. ``{"relation": "stars"}``)."""
+
+    template: str
+    name: str | None = None
+    values: dict[str, str] = Field(default_factory=dict)
+
+
+class DataConfig(_Strict):
+    """Where the test examples come from: ``examples`` (a JSONL of test examples), or facts
+    (``facts``: a JSONL file; or ``dataset`` + ``n`` + ``seed``: a built-in dataset) rendered
+    through ``templates``."""
+
+    examples: str | None = None
+    facts: str | None = None
+    dataset: str | None = None
+    n: int | None = Field(default=None, ge=1)
+    seed: int = 0
+    templates: list[str | TemplateConfig] = Field(default_factory=list)
+    answer_field: str = "second_actor"
+    limit: int | None = Field(default=None, ge=1, description="use only the first N facts")
+
+    @model_validator(mode="after")
+    def _one_source(self) -> "DataConfig":
+        given = [k for k in ("examples", "facts", "dataset") if getattr(self, k)]
+        if len(given) != 1:
+            raise ValueError("give exactly one of 'examples', 'facts' or 'dataset' "
+                             f"(got {', '.join(given) or 'none'})")
+        if self.dataset and self.n is None:
+            raise ValueError("'dataset' needs 'n' (how many facts to generate)")
+        if self.examples and self.templates:
+            raise ValueError("'templates' applies to 'facts'/'dataset'; an examples file already has prompts")
+        return self
+
+
+class SweepConfig(_Strict):
+    """One sweep (see the module docstring for the file format)."""
+
+    name: str = "sweep"
+    models: list[ModelPair] = Field(min_length=1)
+    data: DataConfig
+    grid: str | list[str] | None = None
+    specs: list[str] = Field(default_factory=list)
+    lm_head: list[LmHeadMode] = Field(default_factory=lambda: ["never"])
+    batch_size: int = Field(default=32, ge=1)
+    ks: list[int] = Field(default_factory=lambda: list(DEFAULT_KS))
+    n_top: int = Field(default=10, ge=1)
+    check_baselines: int = Field(default=8, ge=0)
+    output: str | None = None
+    base_dir: str = Field(default=".", exclude=True)
+
+    @model_validator(mode="after")
+    def _needs_specs(self) -> "SweepConfig":
+        if not self.grid and not self.specs:
+            raise ValueError("give a 'grid' (e.g. \"main\") and/or 'specs' (spec JSON files)")
+        names = [m.name for m in self.models]
+        if len(set(names)) != len(names):
+            raise ValueError(f"model names must be unique; got {names}")
+        return self
+
+    def path(self, value: str) -> Path:
+        p = Path(value).expanduser()
+        return p if p.is_absolute() else Path(self.base_dir) / p
+
+    def output_dir(self) -> Path:
+        return self.path(self.output or f"runs/{self.name}")
+
+
+def load_sweep_config(path: str | Path) -> SweepConfig:
+    """Read and validate a sweep config file; relative paths resolve against its folder."""
+    path = Path(path)
+    try:
+        text = path.read_text()
+    except OSError as error:
+        raise SweepConfigError(f"cannot read sweep config {path}: {error.strerror}") from None
+    try:
+        raw = json.loads(text)
+    except ValueError as error:
+        raise SweepConfigError(f"sweep config {path} is not valid JSON: {error}") from None
+    if not isinstance(raw, dict):
+        raise SweepConfigError(f"sweep config {path} must be a JSON object")
+    raw["base_dir"] = str(path.parent)
+    try:
+        return SweepConfig.model_validate(raw)
+    except ValidationError as error:
+        message = format_validation_error(error, str(path)).replace("invalid graft spec", "invalid sweep config")
+        raise SweepConfigError(message) from None
+
+
+# ---------------------------------------------------------------------------------------------
+# Specs
+# ---------------------------------------------------------------------------------------------
+
+_F_SPEC = paper_specs()["f"]
+
+
+def spec_role(spec: GraftSpec) -> str:
+    """``"p"`` (no rules: plain P), ``"f"`` (everything at every position: F) or ``"graft"``."""
+    if not spec.rules:
+        return "p"
+    if spec.content_hash() == _F_SPEC.content_hash():
+        return "f"
+    return "graft"
+
+
+def resolve_specs(config: SweepConfig) -> list[GraftSpec]:
+    """The sweep's specs: the grid's, then the files', each under every ``lm_head`` mode
+    (baselines are not varied), with the baselines ``p`` and ``f`` added first if missing."""
+    grids = [config.grid] if isinstance(config.grid, str) else list(config.grid or [])
+    base: list[GraftSpec] = [spec for name in grids for spec in grid_specs(name)]
+    for item in config.specs:
+        base.append(GraftSpec.load(config.path(item)))
+    specs: list[GraftSpec] = []
+    for spec in base:
+        modes = ["never"] if spec_role(spec) != "graft" else config.lm_head
+        specs += [with_lm_head(spec, mode) for mode in modes]
+    roles = {spec_role(s) for s in specs}
+    defaults = paper_specs()
+    specs = [defaults[r] for r in ("p", "f") if r not in roles] + specs
+    by_name: dict[str, GraftSpec] = {}
+    unique: list[GraftSpec] = []
+    for spec in specs:
+        seen = by_name.get(spec.name)
+        if seen is None:
+            by_name[spec.name] = spec
+            unique.append(spec)
+        elif seen.content_hash() != spec.content_hash():
+            raise SweepConfigError(f"two different specs are named {spec.name!r}; rename one "
+                                   "(results are keyed by spec name)")
+    return unique
+
+
+# ---------------------------------------------------------------------------------------------
+# Data
+# ---------------------------------------------------------------------------------------------
+
+
+def load_examples_jsonl(path: str | Path) -> list[TestExample]:
+    """Test examples from a JSONL file: one ``{"fact_id", "template", "prompt", "spans", "answer"}``
+    object per line (what :meth:`TestExample.to_dict` writes)."""
+    from ..errors import DataError
+
+    path = Path(path)
+    if not path.exists():
+        raise DataError(f"no examples file at {path}")
+    examples = []
+    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+            examples.append(TestExample(fact_id=str(row["fact_id"]), template=str(row["template"]),
+                                        prompt=row["prompt"], spans=dict(row.get("spans") or {}),
+                                        answer=row["answer"]))
+        except (ValueError, KeyError, TypeError) as error:
+            raise DataError(f"{path}:{number}: not a test example ({type(error).__name__}: {error}); each "
+                            "line needs fact_id, template, prompt, spans, answer") from None
+    if not examples:
+        raise DataError(f"{path} holds no test examples")
+    keys = [e.key for e in examples]
+    if len(set(keys)) != len(keys):
+        dup = next(k for k in keys if keys.count(k) > 1)
+        raise DataError(f"{path}: example {dup!r} (fact_id/template) occurs twice")
+    return examples
+
+
+def save_examples_jsonl(examples: Sequence[TestExample], path: str | Path) -> Path:
+    """Write test examples as JSONL (atomically)."""
+    from ..io import atomic_write_text
+
+    return atomic_write_text(Path(path), "".join(json.dumps(e.to_dict(), ensure_ascii=False) + "\n"
+                                                 for e in examples))
+
+
+def load_data(config: SweepConfig) -> tuple[list[TestExample], dict[str, Any]]:
+    """The sweep's test examples and a description of where they came from (for the manifest)."""
+    from ..errors import DataError
+
+    data = config.data
+    if data.examples:
+        examples = load_examples_jsonl(config.path(data.examples))
+        source: dict[str, Any] = {"examples": str(config.path(data.examples))}
+        if data.limit:
+            keep = list(dict.fromkeys(e.fact_id for e in examples))[: data.limit]
+            examples = [e for e in examples if e.fact_id in set(keep)]
+    else:
+        from . import data as datasets
+
+        if data.facts:
+            facts = datasets.load_facts(config.path(data.facts))
+            source = {"facts": str(config.path(data.facts))}
+        else:
+            facts = datasets.make_facts(data.dataset, data.n, data.seed)
+            source = {"dataset": data.dataset, "n": data.n, "seed": data.seed}
+        if data.limit:
+            facts = facts[: data.limit]
+        source["facts_hash"] = datasets.facts_hash(facts)
+        templates = list(data.templates)
+        if not templates:
+            if data.dataset and data.dataset in datasets.DATASETS:
+                templates = list(datasets.DATASETS[data.dataset].test_templates)
+            else:
+                raise DataError("give 'templates' (names such as \"sentence_3\" or {field} strings) "
+                                "to turn the facts into test prompts")
+        examples = []
+        for t in templates:
+            t = TemplateConfig(template=t) if isinstance(t, str) else t
+            examples += datasets.make_test_examples(facts, t.template, data.answer_field, name=t.name,
+                                                    values=t.values or None)
+        source["templates"] = [t if isinstance(t, str) else t.model_dump() for t in templates]
+        source["answer_field"] = data.answer_field
+    return examples, source
+
+
+def examples_hash(examples: Sequence[TestExample]) -> str:
+    """sha256 of the examples' canonical JSON (keys, prompts, spans, answers)."""
+    blob = json.dumps([e.to_dict() for e in examples], sort_keys=True, ensure_ascii=True)
+    return hashlib.sha256(blob.encode()).hexdigest()
+
+
+# ---------------------------------------------------------------------------------------------
+# Models
+# ---------------------------------------------------------------------------------------------
+
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def model_identity(model: torch.nn.Module, source: str) -> dict[str, Any]:
+    """What identifies a loaded model: its source, type, depth, a hash of its config, and a
+    fingerprint of its weights (sha256 over every parameter's name, shape and first 64 values;
+    it tells P from F, which share a config)."""
+    config = model.config
+    config_json = json.dumps(config.to_dict(), sort_keys=True, default=str)
+    digest = hashlib.sha256()
+    n_params = 0
+    for name, param in model.named_parameters():
+        n_params += param.numel()
+        head = param.detach().reshape(-1)[:64].float().cpu().numpy().tobytes()
+        digest.update(name.encode() + str(tuple(param.shape)).encode() + head)
+    dtype = next(model.parameters()).dtype
+    return {
+        "source": source,
+        "model_type": getattr(config, "model_type", None),
+        "n_layers": getattr(config, "num_hidden_layers", None) or getattr(config, "n_layer", None),
+        "config_hash": hashlib.sha256(config_json.encode()).hexdigest()[:16],
+        "weights_fingerprint": digest.hexdigest()[:16],
+        "n_params": n_params,
+        "dtype": str(dtype).replace("torch.", ""),
+    }
+
+
+@dataclass
+class LoadedPair:
+    name: str
+    recipient: torch.nn.Module
+    donor: torch.nn.Module
+    tokenizer: Any
+    identity: dict[str, Any]
+
+
+def _device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def load_pair(pair: ModelPair, config: SweepConfig | None = None) -> LoadedPair:
+    """Load P, F and the tokenizer of a :class:`ModelPair` (on its device and dtype)."""
+    device = _device(pair.device)
+    if pair.tiny:
+        from ..testing import tiny_pair
+
+        P, F, tok = tiny_pair(pair.tiny, n_layers=pair.tiny_layers)
+        src_p = f"nngraft.testing.tiny_pair({pair.tiny!r}, n_layers={pair.tiny_layers}) P"
+        src_f = f"nngraft.testing.tiny_pair({pair.tiny!r}, n_layers={pair.tiny_layers}) F"
+        if pair.dtype in _DTYPES:
+            P, F = P.to(_DTYPES[pair.dtype]), F.to(_DTYPES[pair.dtype])
+    else:
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        def resolve(value: str) -> str:
+            local = config.path(value) if config is not None else Path(value)
+            return str(local) if local.exists() else value
+
+        src_p, src_f = resolve(pair.recipient), resolve(pair.donor)
+        dtype = _DTYPES.get(pair.dtype, "auto")
+        try:
+            tok = AutoTokenizer.from_pretrained(src_p)
+            P = AutoModelForCausalLM.from_pretrained(src_p, dtype=dtype)
+            F = AutoModelForCausalLM.from_pretrained(src_f, dtype=dtype)
+        except OSError as error:
+            raise SweepConfigError(f"model {pair.name!r}: cannot load {error}") from None
+    P, F = P.to(device).eval(), F.to(device).eval()
+    identity = {"recipient": model_identity(P, src_p), "donor": model_identity(F, src_f),
+                "device": str(device)}
+    return LoadedPair(pair.name, P, F, tok, identity)
+
+
+# ---------------------------------------------------------------------------------------------
+# Running
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass
+class EvalStats:
+    """What one :func:`evaluate` call did."""
+
+    units: int = 0
+    skipped: int = 0
+    written: int = 0
+    batches: int = 0
+    seconds: float = 0.0
+    rows: list[dict[str, Any]] = field(default_factory=list)
+
+    @property
+    def rows_per_second(self) -> float:
+        return self.written / self.seconds if self.seconds > 0 else float("nan")
+
+
+def plan_batches(specs: Sequence[GraftSpec], lengths: Sequence[int], batch_size: int) -> list[list[tuple[int, int]]]:
+    """All (spec index, example index) units in fixed batches: sorted by prompt length (then
+    example, then spec) and cut every ``batch_size`` units. Depends only on the inputs, never on
+    which units are already done, so a resumed run batches exactly like an uninterrupted one."""
+    units = sorted(((s, e) for s in range(len(specs)) for e in range(len(lengths))),
+                   key=lambda u: (lengths[u[1]], u[1], u[0]))
+    return [units[i:i + batch_size] for i in range(0, len(units), batch_size)]
+
+
+def evaluate(grafter: Grafter, specs: Sequence[GraftSpec], examples: Sequence[TestExample], *,
+             model: str = "model", writer: ResultsWriter | None = None, batch_size: int = 32,
+             ks: Sequence[int] = DEFAULT_KS, n_top: int = 10,
+             progress: Callable[[int], None] | None = None) -> EvalStats:
+    """Score every spec on every example with ``grafter``; append rows to ``writer`` (skipping
+    units it already holds) or, without a writer, return them in ``EvalStats.rows``.
+
+    Spans are located for every example before any forward pass, so a prompt whose span cannot
+    be found fails the run up front (nothing is silently dropped).
+
+    Example:
+        >>> from nngraft.testing import tiny_pair
+        >>> P, F, tok = tiny_pair("llama")
+        >>> ex = TestExample("f1", "t", "Ada Lovelace stars in a movie alongside",
+        ...                  {"first_actor": "Ada Lovelace"}, "Alan Turing")
+        >>> stats = evaluate(Grafter(P, F, tok), [paper_specs()["p"], paper_specs()["fe"]], [ex])
+        >>> [(r["spec"], r["example"]) for r in stats.rows]
+        [('p', 'f1/t'), ('fe', 'f1/t')]
+    """
+    start = time.perf_counter()
+    tokenizer = grafter.tokenizer
+    tokenized = grafter.tokenize([e.prompt for e in examples], [e.spans for e in examples])
+    needed = set().union(*(s.rule_names_span() for s in specs))
+    for i, ex in enumerate(examples):
+        missing = needed - set(ex.spans)
+        if missing:
+            users = [s.name for s in specs if s.rule_names_span() & missing]
+            raise GraftError(f"example {ex.key!r} has no span {sorted(missing)} (its spans: "
+                             f"{sorted(ex.spans)}), which specs {users} graft at; use a template "
+                             "with those {fields} or leave those specs out")
+    targets = [target_token_id(tokenizer, e.prompt, e.answer) for e in examples]
+    target_text = [tokenizer.decode([t]) for t in targets]
+    hashes = [s.content_hash() for s in specs]
+    stats = EvalStats(units=len(specs) * len(examples))
+    done = writer.done if writer is not None else {}
+    for batch in plan_batches(specs, [len(t) for t in tokenized], batch_size):
+        todo = [u for u in batch if (model, specs[u[0]].name, examples[u[1]].key) not in done]
+        stats.skipped += len(batch) - len(todo)
+        if not todo:
+            continue
+        result = grafter._run_rows([specs[s] for s, _ in batch], [tokenized[e] for _, e in batch],
+                                   batch_size=len(batch))
+        scores = score_logits(result.logits, [targets[e] for _, e in batch], ks=ks, n_top=n_top)
+        rows = []
+        for j, (s, e) in enumerate(batch):
+            if (s, e) not in todo:
+                continue
+            ex = examples[e]
+            row = {
+                "model": model, "spec": specs[s].name, "spec_hash": hashes[s], "example": ex.key,
+                "fact_id": ex.fact_id, "template": ex.template, "prompt": ex.prompt,
+                "answer": ex.answer, "target_id": targets[e], "target_text": target_text[e],
+                "prob": float(scores.prob[j]), "logprob": float(scores.logprob[j]),
+                "rank": int(scores.rank[j]),
+            }
+            for k, hit in scores.hits.items():
+                row[f"top_{k}"] = bool(hit[j])
+            row["top_tokens"] = [tokenizer.decode([int(t)]) for t in scores.top_ids[j]]
+            row["top_probs"] = [round(float(p), 6) for p in scores.top_probs[j]]
+            rows.append(row)
+        if writer is not None:
+            writer.append(rows)
+        else:
+            stats.rows += rows
+        stats.written += len(rows)
+        stats.batches += 1
+        if progress is not None:
+            progress(len(rows))
+    stats.seconds = time.perf_counter() - start
+    return stats
+
+
+def direct_probs(model: torch.nn.Module, tokenizer: Any, examples: Sequence[TestExample]) -> list[float]:
+    """Target probability from a plain forward of ``model`` on each prompt alone (no nngraft
+    graft path, no padding): the reference the ``p`` and ``f`` rows are checked against."""
+    out = []
+    device = next(model.parameters()).device
+    for ex in examples:
+        ids = tokenizer(ex.prompt, return_tensors="pt")["input_ids"].to(device)
+        with torch.no_grad():
+            logits = model(input_ids=ids).logits[0, -1].float()
+        target = target_token_id(tokenizer, ex.prompt, ex.answer)
+        out.append(float(torch.softmax(logits, -1)[target]))
+    return out
+
+
+def check_baselines(pair: LoadedPair, specs: Sequence[GraftSpec], examples: Sequence[TestExample],
+                    rows: dict[tuple[str, str, str], dict[str, Any]]) -> dict[str, Any]:
+    """Compare the ``p`` / ``f`` rows with plain forwards of P / F (max |Δ prob|)."""
+    report: dict[str, Any] = {"n_examples": len(examples)}
+    tolerance = 1e-4 if pair.identity["recipient"]["dtype"] == "float32" else 2e-2
+    report["tolerance"] = tolerance
+    ok = True
+    for role, model in (("p", pair.recipient), ("f", pair.donor)):
+        names = [s.name for s in specs if spec_role(s) == role]
+        if not names or not examples:
+            continue
+        ref = direct_probs(model, pair.tokenizer, examples)
+        diffs = [abs(rows[(pair.name, names[0], ex.key)]["prob"] - r) for ex, r in zip(examples, ref)
+                 if (pair.name, names[0], ex.key) in rows]
+        gap = max(diffs) if diffs else None
+        report[role] = {"spec": names[0], "max_abs_prob_diff": gap}
+        ok = ok and gap is not None and gap <= tolerance
+    report["ok"] = ok
+    return report
+
+
+def _versions() -> dict[str, str]:
+    import importlib.metadata as md
+
+    out = {"python": platform.python_version(), "platform": platform.platform()}
+    for name in ("nngraft", "torch", "transformers", "nnsight", "pydantic"):
+        try:
+            out[name] = md.version(name)
+        except md.PackageNotFoundError:
+            out[name] = "not installed"
+    return out
+
+
+def _now() -> str:
+    return _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
+
+
+def _check_resume(manifest: dict[str, Any], writer: ResultsWriter, specs: Sequence[GraftSpec],
+                  examples: Sequence[TestExample], models: dict[str, dict[str, Any]]) -> None:
+    """Refuse to extend results that were made with other models, specs or prompts."""
+    if manifest and manifest.get("format_version", FORMAT_VERSION) > FORMAT_VERSION:
+        raise ResultsError(f"{writer.path} was written by a newer nngraft (format "
+                           f"{manifest.get('format_version')}); upgrade to extend it")
+    for name, identity in models.items():
+        old = manifest.get("models", {}).get(name)
+        if not old:
+            continue
+        for side in ("recipient", "donor"):
+            for key in ("config_hash", "weights_fingerprint", "dtype"):
+                if old.get(side, {}).get(key) != identity[side][key]:
+                    raise ResultsError(
+                        f"{writer.path} holds results for model {name!r} whose {side} {key} was "
+                        f"{old.get(side, {}).get(key)!r}; this run's is {identity[side][key]!r}. "
+                        "Use a new output directory (or another model name)")
+    spec_hash = {s.name: s.content_hash() for s in specs}
+    prompts = {e.key: (e.prompt, e.answer) for e in examples}
+    for row in writer.existing:
+        h = spec_hash.get(row.get("spec"))
+        if h is not None and row.get("spec_hash") != h:
+            raise ResultsError(f"{writer.path} holds rows for spec {row['spec']!r} with hash "
+                               f"{row.get('spec_hash')}, but this run's spec {row['spec']!r} has hash {h}: "
+                               "the spec changed. Rename it, or use a new output directory")
+        known = prompts.get(row.get("example"))
+        if known is not None and (row.get("prompt"), row.get("answer")) != known:
+            raise ResultsError(f"{writer.path} holds example {row['example']!r} with prompt "
+                               f"{row.get('prompt')!r} → {row.get('answer')!r}; this run's is {known[0]!r} → "
+                               f"{known[1]!r}. The data changed; use a new output directory")
+
+
+@dataclass
+class SweepOutcome:
+    """Where a sweep wrote, and what it did per model."""
+
+    output: Path
+    results: Path
+    manifest: Path
+    stats: dict[str, EvalStats]
+    baseline_check: dict[str, Any]
+
+
+def run_sweep(config: SweepConfig, *, output: str | Path | None = None, show_progress: bool = True,
+              console: Any = None) -> SweepOutcome:
+    """Run a sweep, appending to ``output/results.jsonl`` (resuming if it exists) and keeping
+    ``output/manifest.json`` current. See the module docstring."""
+    from rich.console import Console
+    from rich.progress import (BarColumn, MofNCompleteColumn, Progress, ProgressColumn, TextColumn,
+                               TimeElapsedColumn, TimeRemainingColumn)
+    from rich.text import Text
+
+    console = console or Console(stderr=True)
+    out_dir = Path(output) if output is not None else config.output_dir()
+    specs = resolve_specs(config)
+    examples, source = load_data(config)
+    results = results_path(out_dir)
+    writer = ResultsWriter(results)
+    manifest = load_manifest(results)
+    run_record = {"started": _now(), "rows_before": len(writer.existing)}
+    try:
+        manifest.setdefault("format", "nngraft.results")
+        manifest["format_version"] = FORMAT_VERSION
+        manifest.setdefault("created", _now())
+        manifest["versions"] = _versions()
+        manifest["sweep"] = config.model_dump(mode="json")
+        manifest.setdefault("specs", {})
+        for s in specs:
+            manifest["specs"][s.name] = {"hash": s.content_hash(), "role": spec_role(s),
+                                         "spec": json.loads(s.to_json())}
+        manifest["dataset"] = {**source, "hash": examples_hash(examples), "n_examples": len(examples),
+                               "n_facts": len({e.fact_id for e in examples}),
+                               "templates": sorted({e.template for e in examples})}
+        manifest["ks"] = list(config.ks)
+        manifest["metrics"] = ("prob/logprob: softmax of the last-token logits in float32; rank: "
+                               "number of tokens with strictly higher log-prob (0-based); top_k: rank < k")
+        manifest.setdefault("models", {})
+        manifest.setdefault("baseline_check", {})
+        manifest.setdefault("runs", [])
+        stats: dict[str, EvalStats] = {}
+
+        class Rate(ProgressColumn):
+            def render(self, task: Any) -> Text:
+                speed = task.finished_speed or task.speed
+                return Text(f"{speed:,.0f} ex/s" if speed else "– ex/s", style="cyan")
+
+        for pair_cfg in config.models:
+            console.print(f"[bold]{pair_cfg.name}[/bold]: loading models …")
+            pair = load_pair(pair_cfg, config)
+            _check_resume(manifest, writer, specs, examples, {pair.name: pair.identity})
+            manifest["models"][pair.name] = pair.identity
+            write_manifest(results, manifest)
+            grafter = Grafter(pair.recipient, pair.donor, pair.tokenizer, batch_size=config.batch_size)
+            total = len(specs) * len(examples)
+            label = f"{pair.name}: {len(specs)} specs × {len(examples)} examples"
+            with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), Rate(),
+                          TimeElapsedColumn(), TimeRemainingColumn(),
+                          console=console, disable=not show_progress, transient=False) as bar:
+                already = sum(1 for k in writer.done if k[0] == pair.name)
+                if already:
+                    bar.console.print(f"resuming: {already} of {total} rows already in {results}")
+                task = bar.add_task(label, total=total, completed=min(already, total))
+                stats[pair.name] = evaluate(
+                    grafter, specs, examples, model=pair.name, writer=writer,
+                    batch_size=config.batch_size, ks=config.ks, n_top=config.n_top,
+                    progress=lambda n: bar.advance(task, n))
+            if config.check_baselines:
+                report = check_baselines(pair, specs, examples[: config.check_baselines], writer.done)
+                manifest["baseline_check"][pair.name] = report
+                if not report["ok"]:
+                    console.print(f"[red]baseline check failed for {pair.name}[/red]: {report}")
+            del grafter, pair
+        run_record.update(finished=_now(), rows_written=sum(s.written for s in stats.values()),
+                          rows_skipped=sum(s.skipped for s in stats.values()))
+        return SweepOutcome(out_dir, results, manifest_path(results), stats, manifest["baseline_check"])
+    finally:
+        writer.close()
+        if "finished" not in run_record:
+            run_record["interrupted"] = _now()
+        manifest.setdefault("runs", []).append(run_record)
+        write_manifest(results, manifest)
