@@ -1,0 +1,551 @@
+"""Donors that can travel as data: dense F tensors, weight deltas (optionally low-rank), LoRA.
+
+A remote run (NDIF) hosts only the pretrained model P, so the finetuned model F must be sent as
+tensors — and only for the modules a spec grafts. Three donors, each usable locally too (they
+implement the ordinary :class:`~nngraft.donor.Donor` protocol, so a study can be checked on a
+small model with :class:`~nngraft.grafter.Grafter` before it is sent):
+
+- :class:`DenseDonor` — F's own parameters (``replace``: the module's formula with θ_F).
+- :class:`DeltaDonor` — ``ΔW = W_F − W_P``, dense or truncated to rank ``r`` by SVD, with the
+  reconstruction error of every tensor recorded (:meth:`DeltaDonor.report`); sent as a
+  *correction* added to P's own output, so megabytes travel instead of gigabytes.
+- :class:`LoraDonor` — a PEFT LoRA adapter folder read natively (``A``, ``B``, ``alpha/r`` or
+  rsLoRA's ``alpha/√r``); also a correction, exactly PEFT's ``y + scale · B(A(x))``.
+
+For shipping, every donor answers :meth:`shipment` — the tensors one module needs, in the dtype
+asked for — and :meth:`estimate_bytes`, the size of that shipment computed from shapes only
+(nothing is materialised, no SVD is run).
+
+Example:
+    >>> from nngraft.testing import tiny_pair
+    >>> P, F, tok = tiny_pair("llama")
+    >>> d = DeltaDonor(F, P, rank=2)
+    >>> s = d.shipment("model.layers.0.mlp.up_proj", P.model.layers[0].mlp.up_proj)
+    >>> s.mode, sorted(s.tensors), tuple(s.tensors["weight.A"].shape)
+    ('correct', ['weight.A', 'weight.B'], (2, 32))
+    >>> 0 < d.report()[0]["rel_error"] < 1
+    True
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, Mapping
+
+import torch
+
+from .donor import ModelDonor, SafetensorsDonor, TensorDonor
+from .errors import DonorMismatchError
+
+Layout = Literal["linear", "conv1d", "embedding", "vector"]
+
+
+class RemoteDonorError(DonorMismatchError):
+    """A donor that cannot travel to a remote server (or cannot be read as one)."""
+
+
+@dataclass
+class Shipment:
+    """What one module needs on the server.
+
+    ``mode``: ``replace`` (``tensors`` are F's parameters), ``correct`` (``tensors`` are deltas:
+    ``weight``/``bias`` dense, or ``weight.A``/``weight.B`` factors), or ``skip`` (F equals P
+    here: nothing to send, nothing to do). ``const`` carries numbers the formula needs
+    (``lora_scale``)."""
+
+    mode: Literal["replace", "correct", "skip"]
+    tensors: dict[str, torch.Tensor] = field(default_factory=dict)
+    const: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in self.tensors.values())
+
+
+# ---------------------------------------------------------------------------------------------
+# Layouts: every 2-D weight read as a linear map (out × in)
+# ---------------------------------------------------------------------------------------------
+
+
+def layout_of(module: torch.nn.Module, name: str = "weight") -> Layout:
+    """How a module stores parameter ``name``: as a linear map (``nn.Linear``: out×in), transposed
+    (GPT-2 ``Conv1D``: in×out), an embedding table (vocab×dim), or a vector (norms, biases)."""
+    param = getattr(module, name)
+    if param.ndim == 1:
+        return "vector"
+    if isinstance(module, torch.nn.Embedding):
+        return "embedding"
+    if type(module).__name__ == "Conv1D":
+        return "conv1d"
+    if isinstance(module, torch.nn.Linear):
+        return "linear"
+    raise RemoteDonorError(
+        f"{type(module).__name__} stores a {param.ndim}-D parameter {name!r} that nngraft cannot "
+        "read as a linear map"
+    )
+
+
+def to_map(weight: torch.Tensor, layout: Layout) -> torch.Tensor:
+    """A weight in its module's storage layout → the linear map it applies (out × in)."""
+    return weight if layout == "linear" else weight.t()
+
+
+def from_map(matrix: torch.Tensor, layout: Layout) -> torch.Tensor:
+    """Inverse of :func:`to_map`."""
+    return matrix if layout == "linear" else matrix.t()
+
+
+def _fresh(tensor: torch.Tensor, dtype: torch.dtype | None) -> torch.Tensor:
+    """A contiguous copy with its own storage (pickling a view would ship the whole base tensor)."""
+    return tensor.detach().to(dtype=dtype or tensor.dtype, device="cpu", copy=True).contiguous()
+
+
+def _check_shape(name: str, tensor: torch.Tensor, like: torch.Tensor, what: str = "donor") -> None:
+    if tuple(tensor.shape) != tuple(like.shape):
+        raise DonorMismatchError(
+            f"{what} tensor {name!r} has shape {tuple(tensor.shape)} but the recipient's has "
+            f"{tuple(like.shape)}; are both models the same architecture and size?"
+        )
+
+
+def _bytes(dtype: torch.dtype) -> int:
+    return torch.empty((), dtype=dtype).element_size()
+
+
+class _Tensors:
+    """F's (or P's) tensors by full parameter name, from a model, a checkpoint or a dict."""
+
+    def __init__(self, source: Any, role: str) -> None:
+        _refuse_envoy(source, role)
+        if isinstance(source, torch.nn.Module):
+            source = ModelDonor(source)
+        elif isinstance(source, Mapping):
+            source = TensorDonor(source, source=f"{role} tensors")
+        elif isinstance(source, (str, Path)):
+            source = SafetensorsDonor(source)
+        if not hasattr(source, "_tensor"):
+            raise RemoteDonorError(
+                f"cannot read the {role} model's tensors from {type(source).__name__}: pass a loaded "
+                "model, a safetensors file or folder, or a {name: tensor} dict"
+            )
+        self.source = source
+
+    def get(self, name: str) -> torch.Tensor:
+        return self.source._tensor(name)
+
+
+def _refuse_envoy(source: Any, role: str) -> None:
+    """An nnsight model/envoy is a *reference* to modules, which on NDIF means P's modules."""
+    try:
+        from nnsight.intervention.envoy import Envoy
+    except ImportError:  # pragma: no cover - nnsight is a dependency
+        return
+    if isinstance(source, Envoy):
+        raise RemoteDonorError(
+            f"the {role} model was given as an nnsight model/envoy ({type(source).__name__}). On NDIF, "
+            "an envoy is sent as a reference to module paths, which the server resolves to the "
+            "hosted pretrained model's OWN modules: the graft would silently do nothing. Pass the "
+            "underlying torch model (envoy._module), a checkpoint path, or a DenseDonor / DeltaDonor "
+            "/ LoraDonor, so F's weights travel as tensors."
+        )
+
+
+# ---------------------------------------------------------------------------------------------
+# Dense
+# ---------------------------------------------------------------------------------------------
+
+
+class DenseDonor:
+    """F's own tensors, for exactly the modules grafted.
+
+    Args:
+        finetuned: F as a loaded model, a safetensors file/folder, or a ``{name: tensor}`` dict.
+        dtype: dtype the tensors travel in (default: the remote run's ``dtype``).
+
+    Locally it behaves like the matching core donor (:class:`~nngraft.donor.ModelDonor` etc.).
+    """
+
+    kind = "dense"
+
+    def __init__(self, finetuned: Any, *, dtype: torch.dtype | None = None) -> None:
+        self._f = _Tensors(finetuned, "finetuned")
+        self.dtype = dtype
+
+    def params(self, path: str, module: torch.nn.Module) -> dict[str, torch.Tensor]:
+        """F's parameters for the recipient's ``module`` (the local Donor protocol)."""
+        return self._f.source.params(path, module)
+
+    def shipment(self, path: str, module: torch.nn.Module, dtype: torch.dtype | None = None) -> Shipment:
+        tensors = {}
+        for name, like in module.named_parameters():
+            full = f"{path}.{name}"
+            value = self._f.get(full)
+            _check_shape(full, value, like)
+            tensors[name] = _fresh(value, self.dtype or dtype)
+        return Shipment("replace", tensors)
+
+    def estimate_bytes(self, path: str, module: torch.nn.Module, dtype: torch.dtype) -> int:
+        return sum(p.numel() for p in module.parameters()) * _bytes(self.dtype or dtype)
+
+    def describe(self) -> str:
+        return "dense F tensors"
+
+
+# ---------------------------------------------------------------------------------------------
+# Delta
+# ---------------------------------------------------------------------------------------------
+
+
+class DeltaDonor:
+    """``ΔW = W_F − W_P`` per tensor, dense or truncated to ``rank`` by SVD.
+
+    Args:
+        finetuned, pretrained: F and P (loaded models, safetensors paths or dicts). Only the
+            tensors of grafted modules are read.
+        deltas: precomputed ``{name: ΔW}`` instead of ``finetuned``/``pretrained``.
+        rank: keep the top ``rank`` singular directions of every 2-D delta (``None``: exact
+            dense delta). A rank that would not make the tensor smaller is sent dense.
+        dtype: dtype the deltas travel in (default: the remote run's ``dtype``).
+
+    Every tensor's error is recorded the first time it is prepared: ``rel_error`` =
+    ‖ΔW − ΔŴ‖/‖ΔW‖ of what is actually sent (rank truncation *and* dtype rounding), and
+    ``rel_to_weight`` = ‖ΔW − ΔŴ‖/‖W_F‖ (how far the grafted weight is from F's). See
+    :meth:`report`. Locally, F's parameters are taken as ``W_P + ΔŴ`` of the recipient module, so
+    a rank-``r`` study gives the same numbers locally and remotely.
+    """
+
+    kind = "delta"
+
+    def __init__(self, finetuned: Any = None, pretrained: Any = None, *,
+                 deltas: Mapping[str, torch.Tensor] | None = None, rank: int | None = None,
+                 dtype: torch.dtype | None = None) -> None:
+        if deltas is None and (finetuned is None or pretrained is None):
+            raise RemoteDonorError("DeltaDonor needs finetuned= and pretrained= (or deltas=)")
+        if rank is not None and rank < 1:
+            raise ValueError(f"rank must be a positive integer or None, got {rank}")
+        self._f = _Tensors(finetuned, "finetuned") if finetuned is not None else None
+        self._p = _Tensors(pretrained, "pretrained") if pretrained is not None else None
+        self._given = dict(deltas) if deltas is not None else None
+        self.rank = rank
+        self.dtype = dtype
+        self._factors: dict[str, tuple[torch.Tensor, ...]] = {}  # name -> (ΔW,) or (B, A)
+        self._shapes: dict[str, tuple[int, ...]] = {}
+        self._report: dict[str, dict[str, Any]] = {}
+        self._local: dict[str, dict[str, torch.Tensor]] = {}
+
+    # -- computing ------------------------------------------------------------------------
+
+    def delta(self, name: str) -> torch.Tensor:
+        """The exact dense ``ΔW`` of parameter ``name`` (float32)."""
+        if self._given is not None:
+            if name not in self._given:
+                raise DonorMismatchError(f"the delta donor has no tensor {name!r}, which this graft needs")
+            return self._given[name].detach().float().cpu()
+        f, p = self._f.get(name).detach().float().cpu(), self._p.get(name).detach().float().cpu()
+        if f.shape != p.shape:
+            raise DonorMismatchError(
+                f"{name!r}: finetuned shape {tuple(f.shape)} but pretrained shape {tuple(p.shape)}"
+            )
+        return f - p
+
+    def _uses_factors(self, shape: tuple[int, ...]) -> bool:
+        if self.rank is None or len(shape) != 2:
+            return False
+        out, inp = shape
+        return self.rank * (out + inp) < out * inp
+
+    def _prepare(self, name: str, layout: Layout) -> tuple[torch.Tensor, ...]:
+        found = self._factors.get(name)
+        if found is not None:
+            return found
+        dw = self.delta(name)
+        self._shapes[name] = tuple(dw.shape)
+        if self._uses_factors(tuple(dw.shape)):
+            matrix = to_map(dw, layout)
+            u, s, vh = torch.linalg.svd(matrix, full_matrices=False)
+            r = min(self.rank, s.numel())
+            found = ((u[:, :r] * s[:r]).contiguous(), vh[:r].contiguous())
+        else:
+            found = (dw,)
+        self._factors[name] = found
+        return found
+
+    def _record(self, name: str, layout: Layout, found: tuple[torch.Tensor, ...],
+                dtype: torch.dtype) -> None:
+        dw = self.delta(name)
+        if len(found) == 2:
+            b, a = (t.to(dtype).float() for t in found)
+            approx = from_map(b @ a, layout)
+            kept: Any = a.shape[0]
+        else:
+            approx = found[0].to(dtype).float()
+            kept = "dense"
+        norm = float(dw.norm())
+        err = float((dw - approx).norm())
+        weight_norm = float(self._f.get(name).detach().float().norm()) if self._f is not None else None
+        self._report[name] = {
+            "name": name, "shape": tuple(dw.shape), "rank": kept, "dtype": str(dtype).removeprefix("torch."),
+            "rel_error": err / norm if norm > 0 else 0.0,
+            "rel_to_weight": (err / weight_norm) if weight_norm else None,
+            "bytes": sum(t.numel() for t in found) * _bytes(dtype),
+            "dense_bytes": dw.numel() * _bytes(dtype),
+        }
+
+    # -- the Donor protocol (local) ---------------------------------------------------------
+
+    def params(self, path: str, module: torch.nn.Module) -> dict[str, torch.Tensor]:
+        """``W_P + ΔŴ`` for the recipient's ``module`` (ΔŴ: what :meth:`shipment` sends, in
+        float32 — the local run does not round to the shipping dtype)."""
+        found = self._local.get(path)
+        if found is None:
+            found = {}
+            for name, p in module.named_parameters():
+                full = f"{path}.{name}"
+                layout = layout_of(module, name)
+                factors = self._prepare(full, layout)
+                _check_shape(full, torch.empty(self._shapes[full], device="meta"), p, "delta")
+                approx = factors[0] if len(factors) == 1 else from_map(factors[0] @ factors[1], layout)
+                found[name] = p.detach() + approx.to(device=p.device, dtype=p.dtype)
+            self._local[path] = found
+        return found
+
+    # -- shipping ---------------------------------------------------------------------------
+
+    def shipment(self, path: str, module: torch.nn.Module, dtype: torch.dtype | None = None) -> Shipment:
+        dtype = self.dtype or dtype or torch.float32
+        tensors: dict[str, torch.Tensor] = {}
+        for name, like in module.named_parameters():
+            full = f"{path}.{name}"
+            layout = layout_of(module, name)
+            found = self._prepare(full, layout)
+            _check_shape(full, torch.empty(self._shapes[full], device="meta"), like, "delta")
+            if full not in self._report or self._report[full]["dtype"] != str(dtype).removeprefix("torch."):
+                self._record(full, layout, found, dtype)
+            if len(found) == 1 and not torch.any(found[0]):
+                continue  # F equals P for this tensor
+            if len(found) == 2:
+                tensors[f"{name}.B"], tensors[f"{name}.A"] = _fresh(found[0], dtype), _fresh(found[1], dtype)
+            else:
+                tensors[name] = _fresh(found[0], dtype)
+        return Shipment("correct", tensors) if tensors else Shipment("skip")
+
+    def estimate_bytes(self, path: str, module: torch.nn.Module, dtype: torch.dtype) -> int:
+        total = 0
+        for p in module.parameters():
+            shape = tuple(p.shape)
+            total += self.rank * sum(shape) if self._uses_factors(shape) else p.numel()
+        return total * _bytes(self.dtype or dtype)
+
+    def report(self) -> list[dict[str, Any]]:
+        """One row per tensor sent so far: name, shape, rank kept (or ``dense``), dtype,
+        ``rel_error``, ``rel_to_weight``, ``bytes`` sent and ``dense_bytes`` it replaces."""
+        return list(self._report.values())
+
+    def describe(self) -> str:
+        return "dense ΔW = W_F − W_P" if self.rank is None else f"ΔW = W_F − W_P truncated to rank {self.rank}"
+
+
+# ---------------------------------------------------------------------------------------------
+# LoRA
+# ---------------------------------------------------------------------------------------------
+
+_LORA_KEY = re.compile(r"^(?P<module>.+)\.(?P<which>lora_A|lora_B|lora_embedding_A|lora_embedding_B)"
+                       r"(?:\.(?P<adapter>[^.]+))?(?:\.weight)?$")
+_PREFIX = "base_model.model."
+
+
+def _pattern_value(patterns: Mapping[str, Any], module: str, default: Any) -> Any:
+    """PEFT's ``rank_pattern`` / ``alpha_pattern`` lookup: a key matches a module name ending in it
+    (as a regular expression, at a dot boundary)."""
+    for key, value in patterns.items():
+        if re.match(rf"(.*\.)?({key})$", module):
+            return value
+    return default
+
+
+class LoraDonor:
+    """A PEFT LoRA adapter as a donor: ``F = P + scale · B·A`` on the adapted modules.
+
+    Args:
+        path: the adapter folder (``adapter_config.json`` + ``adapter_model.safetensors``).
+            Weights are read with safetensors; nothing is unpickled.
+        dtype: dtype ``A``/``B`` travel in (default: the remote run's ``dtype``).
+
+    ``scale`` is ``lora_alpha / r`` (``lora_alpha / √r`` with ``use_rslora``), per module when the
+    adapter has ``rank_pattern`` / ``alpha_pattern``. Modules the adapter does not touch are
+    identical in F and P, so grafting them does nothing (they are skipped). ``modules_to_save``
+    tensors are full finetuned tensors and travel dense. Not supported (refused with a message):
+    DoRA, trained biases (``bias != "none"``, ``lora_bias``), non-LoRA PEFT methods.
+    """
+
+    kind = "lora"
+
+    def __init__(self, path: str | Path, *, dtype: torch.dtype | None = None) -> None:
+        self.path = Path(path)
+        folder = self.path if self.path.is_dir() else self.path.parent
+        config_file = folder / "adapter_config.json"
+        weights = folder / "adapter_model.safetensors" if self.path.is_dir() else self.path
+        if not config_file.exists():
+            raise RemoteDonorError(f"no adapter_config.json in {folder} (is it a PEFT adapter folder?)")
+        if not weights.exists():
+            binary = folder / "adapter_model.bin"
+            hint = (" (found adapter_model.bin: nngraft does not unpickle weights; re-save with "
+                    "safe_serialization=True)") if binary.exists() else ""
+            raise RemoteDonorError(f"no adapter_model.safetensors in {folder}{hint}")
+        self.config = json.loads(config_file.read_text())
+        self._check_config()
+        self.dtype = dtype
+        self.base_model = self.config.get("base_model_name_or_path")
+        from safetensors.torch import load_file
+
+        raw = load_file(str(weights))
+        self.factors: dict[str, dict[str, torch.Tensor]] = {}  # module path -> {"A", "B"}
+        self.full: dict[str, torch.Tensor] = {}  # full parameter name -> tensor (modules_to_save)
+        for key, value in raw.items():
+            name = key[len(_PREFIX):] if key.startswith(_PREFIX) else key
+            match = _LORA_KEY.match(name)
+            if match:
+                which = "A" if match["which"].endswith("A") else "B"
+                self.factors.setdefault(match["module"], {})[which] = value
+            elif name.endswith((".weight", ".bias")):
+                name = name.replace(".modules_to_save.default.", ".").replace(".original_module.", ".")
+                self.full[name] = value
+            else:
+                raise RemoteDonorError(f"{weights}: unrecognised adapter tensor {key!r}")
+        for module, pair in self.factors.items():
+            if set(pair) != {"A", "B"}:
+                raise RemoteDonorError(f"{weights}: module {module!r} has lora {sorted(pair)} but not both A and B")
+        self._local: dict[str, dict[str, torch.Tensor]] = {}
+
+    def _check_config(self) -> None:
+        c = self.config
+        if c.get("peft_type", "LORA") != "LORA":
+            raise RemoteDonorError(f"{self.path}: PEFT method {c.get('peft_type')!r} is not LoRA")
+        if c.get("use_dora"):
+            raise RemoteDonorError(f"{self.path}: DoRA adapters are not supported (their update is not "
+                                   "a low-rank delta: it rescales each column of W)")
+        if c.get("bias", "none") != "none" or c.get("lora_bias"):
+            raise RemoteDonorError(f"{self.path}: adapters with trained biases (bias={c.get('bias')!r}, "
+                                   f"lora_bias={c.get('lora_bias')!r}) are not supported")
+        for unsupported in ("target_parameters", "trainable_token_indices", "layer_replication"):
+            if c.get(unsupported):
+                raise RemoteDonorError(f"{self.path}: adapter option {unsupported}={c[unsupported]!r} "
+                                       "is not supported")
+
+    def scale(self, module: str) -> float:
+        """The LoRA scale of ``module``: ``alpha / r`` (rsLoRA: ``alpha / √r``)."""
+        c = self.config
+        r_file = int(self.factors[module]["A"].shape[0])
+        r = int(_pattern_value(c.get("rank_pattern") or {}, module, c.get("r", r_file)))
+        if r != r_file:
+            raise RemoteDonorError(f"{self.path}: module {module!r} has rank {r_file} in the weights but "
+                                   f"{r} in adapter_config.json")
+        alpha = float(_pattern_value(c.get("alpha_pattern") or {}, module, c.get("lora_alpha", r)))
+        return alpha / math.sqrt(r) if c.get("use_rslora") else alpha / r
+
+    def _check_factors(self, path: str, module: torch.nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
+        a, b = self.factors[path]["A"], self.factors[path]["B"]
+        out, inp = to_map(module.weight, layout_of(module)).shape
+        if a.shape[1] != inp or b.shape[0] != out or a.shape[0] != b.shape[1]:
+            raise DonorMismatchError(
+                f"LoRA factors of {path!r} (A {tuple(a.shape)}, B {tuple(b.shape)}) do not fit the "
+                f"recipient's {type(module).__name__} ({out} out × {inp} in); was the adapter trained on "
+                "this model?"
+            )
+        return a, b
+
+    def check_against(self, model: torch.nn.Module) -> None:
+        """Refuse an adapter whose modules or shapes do not exist in ``model``."""
+        from .arch import get_module
+
+        for path in list(self.factors) + [n.rpartition(".")[0] for n in self.full]:
+            try:
+                module = get_module(model, path)
+            except AttributeError:
+                raise DonorMismatchError(
+                    f"the LoRA adapter {self.path} adapts module {path!r}, which {type(model).__name__} "
+                    "does not have; was it trained on this architecture?"
+                ) from None
+            if path in self.factors:
+                self._check_factors(path, module)
+        for name, value in self.full.items():
+            path, _, leaf = name.rpartition(".")
+            _check_shape(name, value, getattr(get_module(model, path), leaf), "adapter")
+
+    # -- the Donor protocol (local) ---------------------------------------------------------
+
+    def params(self, path: str, module: torch.nn.Module) -> dict[str, torch.Tensor]:
+        """F's parameters: P's own, plus ``scale · B·A`` on the adapted weight (as PEFT's merge)."""
+        found = self._local.get(path)
+        if found is None:
+            found = {}
+            for name, p in module.named_parameters():
+                full = f"{path}.{name}"
+                value = p.detach()
+                if full in self.full:
+                    _check_shape(full, self.full[full], p, "adapter")
+                    value = self.full[full].to(device=p.device, dtype=p.dtype)
+                elif name == "weight" and path in self.factors:
+                    a, b = self._check_factors(path, module)
+                    delta = from_map(b.float() @ a.float(), layout_of(module)) * self.scale(path)
+                    value = value + delta.to(device=p.device, dtype=p.dtype)
+                found[name] = value
+            self._local[path] = found
+        return found
+
+    # -- shipping ---------------------------------------------------------------------------
+
+    def shipment(self, path: str, module: torch.nn.Module, dtype: torch.dtype | None = None) -> Shipment:
+        dtype = self.dtype or dtype or torch.float32
+        names = [n for n, _ in module.named_parameters()]
+        full = {n: self.full[f"{path}.{n}"] for n in names if f"{path}.{n}" in self.full}
+        if full:
+            if path in self.factors or set(full) != set(names):
+                raise RemoteDonorError(f"{self.path}: module {path!r} is only partly saved in full "
+                                       "(modules_to_save); nngraft cannot graft it remotely")
+            for n, like in module.named_parameters():
+                _check_shape(f"{path}.{n}", full[n], like, "adapter")
+            return Shipment("replace", {n: _fresh(t, dtype) for n, t in full.items()})
+        if path not in self.factors:
+            return Shipment("skip")
+        a, b = self._check_factors(path, module)
+        return Shipment("correct", {"weight.A": _fresh(a, dtype), "weight.B": _fresh(b, dtype)},
+                        {"lora_scale": self.scale(path)})
+
+    def estimate_bytes(self, path: str, module: torch.nn.Module, dtype: torch.dtype) -> int:
+        size = _bytes(self.dtype or dtype)
+        names = [f"{path}.{n}" for n, _ in module.named_parameters()]
+        if any(n in self.full for n in names):
+            return sum(self.full[n].numel() for n in names if n in self.full) * size
+        if path not in self.factors:
+            return 0
+        return sum(t.numel() for t in self.factors[path].values()) * size
+
+    def describe(self) -> str:
+        c = self.config
+        return (f"LoRA adapter {self.path.name} (r={c.get('r')}, alpha={c.get('lora_alpha')}"
+                f"{', rsLoRA' if c.get('use_rslora') else ''}; {len(self.factors)} adapted modules)")
+
+
+RemoteDonor = DenseDonor | DeltaDonor | LoraDonor
+"""The donors that can travel to a remote server."""
+
+
+def as_remote_donor(donor: Any) -> RemoteDonor:
+    """A donor that can be sent: one of ours as is; a model, checkpoint or dict as a DenseDonor.
+
+    Refuses nnsight models/envoys (the silent no-op trap) and donors that only know how to swap
+    parameters into a local module."""
+    if isinstance(donor, (DenseDonor, DeltaDonor, LoraDonor)):
+        return donor
+    _refuse_envoy(donor, "finetuned")
+    if isinstance(donor, (torch.nn.Module, Mapping, str, Path, ModelDonor, TensorDonor, SafetensorsDonor)):
+        return DenseDonor(donor)
+    raise RemoteDonorError(
+        f"{type(donor).__name__} cannot be sent to a remote server: it can only swap parameters into "
+        "a local module. Use DenseDonor(F), DeltaDonor(F, P, rank=...) or LoraDonor(adapter_dir)."
+    )

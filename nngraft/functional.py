@@ -1,0 +1,188 @@
+"""Graftable modules as pure functions — the code that runs *inside* a remote (NDIF) trace.
+
+On NDIF only the pretrained model P is hosted. A graft there cannot call a donor module or swap
+parameters into P's module (the module the server's user code sees may be a weightless stand-in,
+and referencing a second model's modules silently resolves to P's own). So the donor travels as
+plain tensors and its output is computed from what P's module *receives* and *returns*:
+
+- ``replace``: ``y = f(x; θ_F)`` — F's own parameters, computed with the module's formula;
+- ``correct``: ``y = y_P + f(x; Δθ) - f(x; 0)`` — P's own output plus the part of F's output that
+  differs, for a weight delta ``Δθ = θ_F − θ_P`` (dense, or low-rank ``ΔW ≈ B·A`` as in LoRA).
+  Every graftable module is affine in each of its parameters, so this is exact up to rounding.
+
+A *program* is plain data (dicts, lists, strings, numbers and tensors; no nngraft objects) so it
+can be pickled into a request that a server without nngraft installed can load. This module
+imports only ``torch`` and ``nnsight``, and is registered with ``nnsight.register`` so its source
+travels with each request (see :mod:`nngraft.remote`).
+
+Module kinds (``kind``) and their formulas mirror ``transformers`` exactly; which kind a module
+is, is decided on the client and checked bit for bit against the module's own forward
+(:func:`nngraft.remote.module_kind`):
+
+========== ===================================================================================
+linear     ``F.linear(x, W, b)``                                  (``nn.Linear``)
+conv1d     ``addmm(b, x, W)`` with ``W`` stored (in, out)          (GPT-2 ``Conv1D``)
+embedding  ``F.embedding(ids, W) * scale``                         (``nn.Embedding``, Gemma's scaled)
+rms_llama  ``w * (x·rsqrt(mean x² + eps)).to(dtype)``               (Llama, Mistral, Qwen2/3)
+rms_olmo2  ``(w * x·rsqrt(mean x² + eps)).to(dtype)``               (OLMo-2)
+rms_gemma  ``(x·rsqrt(mean x² + eps) * (1 + w)).to(dtype)``         (Gemma 1/2/3)
+layer_norm ``F.layer_norm(x, shape, w, b, eps)``                    (``nn.LayerNorm``)
+========== ===================================================================================
+
+Example:
+    >>> import torch
+    >>> x, W = torch.randn(2, 3), torch.randn(4, 3)
+    >>> torch.equal(forward("linear", x, {"weight": W}, {}), torch.nn.functional.linear(x, W))
+    True
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import nnsight
+import torch
+
+PROGRAM_VERSION = 1
+KINDS = ("linear", "conv1d", "embedding", "rms_llama", "rms_olmo2", "rms_gemma", "layer_norm")
+
+
+def _rms(x: torch.Tensor, eps: float) -> torch.Tensor:
+    h = x.to(torch.float32)
+    return h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + eps)
+
+
+def _scale(const: dict, like: torch.Tensor) -> Any:
+    # Gemma keeps the scale as a float32 buffer and casts it to the weight's dtype before use.
+    return torch.tensor(const["scale"], dtype=torch.float32, device=like.device).to(like.dtype)
+
+
+def forward(kind: str, x: torch.Tensor, p: dict, const: dict) -> torch.Tensor:
+    """The output of a ``kind`` module with parameters ``p`` (``weight``, ``bias``) on input ``x``."""
+    w, b = p.get("weight"), p.get("bias")
+    if kind == "linear":
+        return torch.nn.functional.linear(x, w, b)
+    if kind == "conv1d":
+        out = torch.addmm(b, x.reshape(-1, x.shape[-1]), w) if b is not None else x.reshape(-1, x.shape[-1]) @ w
+        return out.view(x.shape[:-1] + (w.shape[-1],))
+    if kind == "embedding":
+        y = torch.nn.functional.embedding(x, w)
+        return y * _scale(const, w) if const.get("scale") is not None else y
+    if kind == "rms_llama":
+        return w * _rms(x, const["eps"]).to(x.dtype)
+    if kind == "rms_olmo2":
+        return (w * _rms(x, const["eps"])).to(x.dtype)
+    if kind == "rms_gemma":
+        return (_rms(x, const["eps"]) * (1.0 + w.float())).type_as(x)
+    if kind == "layer_norm":
+        return torch.nn.functional.layer_norm(x, tuple(const["shape"]), w, b, const["eps"])
+    raise ValueError(f"nngraft.functional: unknown module kind {kind!r}")
+
+
+def _lowrank(x: torch.Tensor, d: dict, name: str) -> torch.Tensor | None:
+    """``x · (B A)ᵀ`` for a factored delta ``{name}.A`` (r×in), ``{name}.B`` (out×r), or None."""
+    a, b = d.get(name + ".A"), d.get(name + ".B")
+    if a is None:
+        return None
+    return torch.nn.functional.linear(torch.nn.functional.linear(x, a), b)
+
+
+def correction(kind: str, x: torch.Tensor, d: dict, const: dict) -> torch.Tensor:
+    """``f(x; θ_P + Δ) − f(x; θ_P)`` for deltas ``d``: dense (``weight``, ``bias``) or factored
+    (``weight.A``, ``weight.B``), times ``const["lora_scale"]`` for the factored part (LoRA).
+    A module whose deltas are all zero is not sent at all (F equals P there)."""
+    scale = const.get("lora_scale", 1.0)
+    dw, db = d.get("weight"), d.get("bias")
+    parts = []
+    if kind in ("linear", "conv1d"):
+        low = _lowrank(x, d, "weight")
+        if low is not None:
+            parts.append(low * scale if scale != 1.0 else low)
+        elif dw is not None and kind == "linear":
+            parts.append(torch.nn.functional.linear(x, dw))
+        elif dw is not None:
+            parts.append((x.reshape(-1, x.shape[-1]) @ dw).view(x.shape[:-1] + (dw.shape[-1],)))
+    elif kind == "embedding":
+        a = d.get("weight.A")
+        if a is not None:  # ΔWᵀ ≈ B·A with A: r×vocab, B: dim×r
+            low = torch.nn.functional.linear(a.t()[x], d["weight.B"])
+            parts.append(low * scale if scale != 1.0 else low)
+        elif dw is not None:
+            parts.append(torch.nn.functional.embedding(x, dw))
+        if parts and const.get("scale") is not None:
+            parts[0] = parts[0] * _scale(const, parts[0])
+    elif kind in ("rms_llama", "rms_olmo2", "rms_gemma", "layer_norm"):
+        if dw is not None and kind == "rms_llama":
+            parts.append(dw * _rms(x, const["eps"]).to(x.dtype))
+        elif dw is not None and kind == "rms_olmo2":
+            parts.append((dw * _rms(x, const["eps"])).to(x.dtype))
+        elif dw is not None and kind == "rms_gemma":
+            parts.append((_rms(x, const["eps"]) * dw.float()).type_as(x))
+        elif dw is not None:
+            n = torch.nn.functional.layer_norm(x, tuple(const["shape"]), None, None, const["eps"])
+            parts.append(n * dw)
+    else:
+        raise ValueError(f"nngraft.functional: unknown module kind {kind!r}")
+    if db is not None:
+        parts.append(db)
+    if not parts:
+        raise ValueError(f"nngraft.functional: a {kind} correction with no deltas")
+    out = parts[0]
+    for part in parts[1:]:
+        out = out + part
+    return out
+
+
+def donor_output(op: dict, x: torch.Tensor, y_p: torch.Tensor) -> torch.Tensor:
+    """F's output of one module at the gathered cells: ``x`` its input there, ``y_p`` P's output."""
+    tensors = {k: v.to(device=y_p.device, dtype=y_p.dtype) for k, v in op["tensors"].items()}
+    if op["mode"] == "replace":
+        return forward(op["kind"], x, tensors, op["const"])
+    if op["mode"] == "correct":
+        return y_p + correction(op["kind"], x, tensors, op["const"]).to(y_p.dtype)
+    raise ValueError(f"nngraft.functional: unknown op mode {op['mode']!r}")
+
+
+def envoy_at(root: Any, path: str) -> Any:
+    """The envoy at a dotted module path below ``root`` (``model.layers.3.mlp.up_proj``)."""
+    node = root
+    for part in path.split("."):
+        node = node[int(part)] if part.isdigit() else getattr(node, part)
+    return node
+
+
+def apply_op(root: Any, op: dict) -> None:
+    """Inside a trace: replace one module's output at the op's cells with the donor's output."""
+    envoy = envoy_at(root, op["path"])
+    axis = op["axis"]
+    x = envoy.input
+    if x.dim() > 1 and axis != 1:
+        x = x.movedim(axis, 1)
+    out = envoy.output
+    new = out.clone()
+    view = new.movedim(axis, 1) if axis != 1 else new
+    rows, cols = op["rows"].to(view.device), op["cols"].to(view.device)
+    y = donor_output(op, x[rows.to(x.device), cols.to(x.device)], view[rows, cols])
+    for part in op["parts"]:
+        piece = y if part["select"] is None else y[part["select"].to(y.device)]
+        prow, pcol = part["rows"].to(view.device), part["cols"].to(view.device)
+        if part["features"] is None:
+            view[prow, pcol] = piece
+        else:
+            features = part["features"].to(view.device)
+            block = view[prow, pcol]
+            block[..., features] = piece[..., features]
+            view[prow, pcol] = block
+    envoy.output = new
+
+
+def run_program(root: Any, program: dict) -> Any:
+    """Inside a trace of ``root``: apply every op in order; return the saved logits."""
+    if program.get("version") != PROGRAM_VERSION:
+        raise ValueError(
+            f"nngraft program version {program.get('version')!r} is not {PROGRAM_VERSION}; "
+            "client and server code disagree"
+        )
+    for op in program["ops"]:
+        apply_op(root, op)
+    return nnsight.save(root.output.logits)

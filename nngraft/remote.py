@@ -1,0 +1,853 @@
+"""Remote grafting on NDIF: the pretrained model P runs on the server, the donor travels as data.
+
+On NDIF only P is hosted; F is yours. A module of F referenced inside a remote trace is sent as a
+*reference by module path*, which the server resolves to P's OWN module — the graft silently does
+nothing. So here the donor travels as tensors (dense F tensors, a weight delta, or LoRA factors;
+see :mod:`nngraft.delta`) for exactly the modules a spec grafts, and F's output is computed
+functionally inside the trace from P's input and output (:mod:`nngraft.functional`)::
+
+    g = Grafter.remote("meta-llama/Meta-Llama-3.1-8B", donor=LoraDonor("path/to/adapter"))
+    out = g.run(spec, prompts, spans=...)        # one NDIF request per batch; same GraftResult
+
+Why functional and not parameter swapping (what local runs do): swapping tensors into P's module
+needs the server's *real* module, but NDIF may run user code in a sandbox process that holds only
+a weightless stand-in of the model (activations cross a socket, module weights never do); a
+swap there would change nothing on the GPU — the same silent no-op. Reading a module's input and
+output and writing a new output is the one thing every NDIF execution mode supports.
+
+Before anything is sent, a pre-flight check compiles the spec against the model's config
+(components, layers), checks every donor tensor's shape against P's, verifies that the
+functional form of every grafted module class reproduces the module's own forward bit for bit,
+estimates the payload from shapes (refusing above ``max_payload_mb``), and then inspects the
+serialized request for references the server would resolve to P (the trap above) and for objects
+the server cannot load (nngraft itself is not installed there).
+
+``execution=`` chooses where the request runs: ``"ndif"`` (default), ``"local"`` (this process,
+on a local copy of P, through the exact serialize → deserialize → execute round trip a server
+does — check a study on a small model first), or any callable ``server(metadata_json, blob) ->
+result_bytes``.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import io
+import os
+import sys
+import types
+from dataclasses import dataclass, field
+from typing import Any, Callable, Mapping, Sequence
+
+import torch
+
+from .arch import Adapter, adapter_for, get_module
+from .delta import DeltaDonor, LoraDonor, RemoteDonor, as_remote_donor
+from .errors import GraftError
+from .functional import PROGRAM_VERSION, forward as functional_forward, run_program
+from .grafter import Grafter, SpecLike, _lm_head_on_last_column
+from .plan import GraftPlan, rule_targets
+
+DEFAULT_MAX_PAYLOAD_MB = 256.0
+"""Default refusal threshold for one request (``NNGRAFT_MAX_PAYLOAD_MB`` overrides it). NDIF does
+not publish a request size limit; large requests are slow to upload and to deserialize."""
+
+SERVER_PACKAGES = frozenset({
+    "torch", "numpy", "transformers", "accelerate", "diffusers", "einops", "peft", "nnsight",
+    # what those bring along
+    "cloudpickle", "greenlet", "pydantic", "pydantic_core", "tokenizers", "safetensors",
+    "huggingface_hub", "yaml", "zstandard", "httpx", "websocket", "tqdm", "typing_extensions",
+})
+"""Top-level packages an NDIF server has installed (nnsight 0.8.1 lists the first eight; the rest
+are their dependencies). Anything else in a request must travel by value."""
+
+
+# ---------------------------------------------------------------------------------------------
+# Errors
+# ---------------------------------------------------------------------------------------------
+
+
+class RemoteGraftError(GraftError):
+    """A remote run could not be prepared, sent, or completed."""
+
+
+class RemoteAuthError(RemoteGraftError):
+    """No NDIF API key, or NDIF refused it."""
+
+
+class RemoteConnectionError(RemoteGraftError):
+    """NDIF could not be reached."""
+
+
+class ModelNotAvailableError(RemoteGraftError):
+    """The recipient model is not running on NDIF."""
+
+
+class PayloadTooLargeError(RemoteGraftError):
+    """A request would exceed the payload limit."""
+
+
+class ForeignModuleError(RemoteGraftError):
+    """A request references a module (or envoy) that is not the recipient's own.
+
+    On NDIF such a reference resolves *by module path* to the hosted model's own module, so a
+    graft from it would silently do nothing; a raw module would be shipped whole."""
+
+
+class ServerEnvironmentError(RemoteGraftError):
+    """A request contains an object the server cannot load (its package is not installed there)."""
+
+
+class RemoteExecutionError(RemoteGraftError):
+    """The server ran the request and it failed (the server's traceback is in the message)."""
+
+
+class UnsupportedModuleError(RemoteGraftError):
+    """A grafted module has no functional form nngraft can compute remotely."""
+
+
+class RemoteUnsupportedError(RemoteGraftError, NotImplementedError):
+    """A feature that works locally but not remotely (e.g. generation with a KV cache)."""
+
+
+# ---------------------------------------------------------------------------------------------
+# Module kinds: which functional formula reproduces a module's forward
+# ---------------------------------------------------------------------------------------------
+
+_KIND_CACHE: dict[tuple, bool] = {}
+
+
+def _probe(module: torch.nn.Module, kind: str, const: dict, make_input: Callable[[torch.dtype], Any]) -> bool:
+    """Does ``functional.forward(kind)`` reproduce ``module``'s forward bit for bit, in float32 and
+    bfloat16? Runs on a CPU copy with random parameters (meta modules are materialised first)."""
+    key = (type(module), kind, tuple(sorted((k, str(v)) for k, v in const.items())),
+           tuple(tuple(p.shape) for p in module.parameters()))
+    if key in _KIND_CACHE:
+        return _KIND_CACHE[key]
+    gen = torch.Generator().manual_seed(0)
+    probe = copy.deepcopy(module)
+    probe = probe.to_empty(device="cpu") if any(p.is_meta for p in probe.parameters()) else probe.cpu()
+    ok = True
+    with torch.no_grad():
+        for p in probe.parameters():
+            p.copy_(1 + 0.5 * torch.randn(p.shape, generator=gen))
+        for dtype in (torch.float32, torch.bfloat16):
+            probe.to(dtype)
+            x = make_input(dtype)
+            params = dict(probe.named_parameters())
+            try:
+                ok = torch.equal(probe(x), functional_forward(kind, x, params, const))
+            except Exception:  # noqa: BLE001 - a formula that does not apply is just "no"
+                ok = False
+            if not ok:
+                break
+    _KIND_CACHE[key] = ok
+    return ok
+
+
+def module_kind(module: torch.nn.Module, path: str = "") -> tuple[str, dict[str, Any]]:
+    """The :mod:`nngraft.functional` kind of ``module`` and the constants its formula needs.
+
+    ``nn.Linear``, GPT-2's ``Conv1D``, ``nn.Embedding`` and ``nn.LayerNorm`` are recognised by class
+    (when they do not override ``forward``); scaled embeddings and RMS norms are matched by
+    running candidate formulas against the module's own forward on random inputs and requiring
+    bitwise equality in float32 and bfloat16. Raises :class:`UnsupportedModuleError` otherwise.
+
+    Example:
+        >>> module_kind(torch.nn.LayerNorm(8))
+        ('layer_norm', {'eps': 1e-05, 'shape': [8]})
+    """
+    cls = type(module)
+    if isinstance(module, torch.nn.Linear) and cls.forward is torch.nn.Linear.forward:
+        return "linear", {}
+    if cls.__name__ == "Conv1D":
+        from transformers.pytorch_utils import Conv1D
+
+        if isinstance(module, Conv1D) and cls.forward is Conv1D.forward:
+            return "conv1d", {}
+    if isinstance(module, torch.nn.Embedding):
+        if cls.forward is torch.nn.Embedding.forward and module.max_norm is None:
+            return "embedding", {}
+        scale = getattr(module, "scalar_embed_scale", None)
+        if scale is not None:
+            const = {"scale": float(scale)}
+            n = module.num_embeddings
+            ids = lambda dtype: torch.arange(min(n, 64)) % n  # noqa: E731
+            if _probe(module, "embedding", const, ids):
+                return "embedding", const
+    if isinstance(module, torch.nn.LayerNorm) and cls.forward is torch.nn.LayerNorm.forward:
+        return "layer_norm", {"eps": float(module.eps), "shape": list(module.normalized_shape)}
+    params = dict(module.named_parameters())
+    if set(params) == {"weight"} and params["weight"].ndim == 1:
+        eps = getattr(module, "variance_epsilon", getattr(module, "eps", None))
+        if isinstance(eps, (int, float)):
+            d = params["weight"].shape[0]
+            x = lambda dtype: (3 * torch.randn(2, 3, d, generator=torch.Generator().manual_seed(1))).to(dtype)  # noqa: E731
+            for kind in ("rms_llama", "rms_olmo2", "rms_gemma"):
+                if _probe(module, kind, {"eps": float(eps)}, x):
+                    return kind, {"eps": float(eps)}
+    raise UnsupportedModuleError(
+        f"cannot graft {path or 'a module'} ({cls.__name__}) remotely: nngraft has no functional form "
+        "that reproduces its forward exactly (supported: Linear, GPT-2 Conv1D, Embedding incl. "
+        "Gemma's scaled one, LayerNorm, and Llama/OLMo-2/Gemma-style RMSNorm)"
+    )
+
+
+# ---------------------------------------------------------------------------------------------
+# Plans → programs
+# ---------------------------------------------------------------------------------------------
+
+
+def leaf_plan(plan: GraftPlan, adapter: Adapter, config: Any) -> GraftPlan:
+    """The same grafts on leaf modules only: a whole-MLP graft (one module call locally) becomes
+    one graft per projection at the same cells — the same function, since an MLP is position-wise
+    and its projections are its only weights."""
+    modules = []
+    n_layers = adapter.n_layers(config)
+    for graft in plan.modules:
+        fused = adapter.fused_qkv and set(graft.components) <= {"q", "k", "v"}
+        if len(graft.components) > 1 and not fused:
+            sites = [s for c in graft.components for s in adapter.sites(c, graft.layer, config)]
+            sites.sort(key=lambda s: adapter.site_order(s, n_layers))
+            for site in sites:
+                modules.append(dataclasses.replace(graft, path=site.path, components=(site.component,),
+                                                   features=None, token_axis=site.token_axis))
+        else:
+            modules.append(graft)
+    return GraftPlan(modules, plan.batch_size, plan.seq_len)
+
+
+@dataclass
+class PayloadItem:
+    """One grafted module's share of a request."""
+
+    path: str
+    mode: str  # replace / correct / skip
+    kind: str
+    bytes: int
+
+
+@dataclass
+class PayloadReport:
+    """What a request carries (donor tensors per module) and whether it fits the limit."""
+
+    items: list[PayloadItem] = field(default_factory=list)
+    donor: str = ""
+    dtype: str = ""
+    limit_bytes: int | None = None
+    exact: bool = False  # True once measured on the serialized request
+
+    @property
+    def total_bytes(self) -> int:
+        return sum(i.bytes for i in self.items)
+
+    @property
+    def skipped(self) -> list[str]:
+        return [i.path for i in self.items if i.mode == "skip"]
+
+    def summary(self) -> str:
+        sent = [i for i in self.items if i.mode != "skip"]
+        text = (f"{len(sent)} module(s), {format_bytes(self.total_bytes)} of donor tensors "
+                f"({self.donor}, {self.dtype})")
+        if self.skipped:
+            text += f"; {len(self.skipped)} grafted module(s) unchanged by the donor (skipped)"
+        return text
+
+    def table(self) -> str:
+        width = max([len(i.path) for i in self.items] + [6])
+        lines = [f"{'module':<{width}}  {'mode':<8} {'kind':<10} {'bytes':>10}"]
+        for i in self.items:
+            lines.append(f"{i.path:<{width}}  {i.mode:<8} {i.kind:<10} {format_bytes(i.bytes):>10}")
+        lines.append(f"{'total':<{width}}  {'':<8} {'':<10} {format_bytes(self.total_bytes):>10}")
+        return "\n".join(lines)
+
+    def check(self, size: int | None = None) -> None:
+        """Raise :class:`PayloadTooLargeError` if ``size`` (default: the tensor total) is over the limit."""
+        size = self.total_bytes if size is None else size
+        if self.limit_bytes is not None and size > self.limit_bytes:
+            raise PayloadTooLargeError(
+                f"this request would send {format_bytes(size)} ({self.summary()}), over the limit of "
+                f"{format_bytes(self.limit_bytes)}. Send less: a DeltaDonor with rank=... or a LoRA "
+                "adapter instead of dense tensors, dtype=torch.bfloat16, fewer modules or layers per "
+                "spec, or raise max_payload_mb= (NNGRAFT_MAX_PAYLOAD_MB) if you are sure."
+            )
+
+
+def format_bytes(n: float) -> str:
+    """``format_bytes(3_500_000)`` → ``'3.5 MB'`` (decimal units)."""
+    for unit in ("B", "kB", "MB", "GB", "TB"):
+        if abs(n) < 1000 or unit == "TB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1000
+    return f"{n:.1f} TB"  # pragma: no cover
+
+
+def _dtype_name(dtype: torch.dtype | None) -> str:
+    return str(dtype).removeprefix("torch.") if dtype is not None else "as stored"
+
+
+def _cells(grafts: Sequence[Any], width: int) -> tuple[torch.Tensor, torch.Tensor, list[torch.Tensor | None]]:
+    if len(grafts) == 1:
+        return grafts[0].rows, grafts[0].cols, [None]
+    cells = torch.unique(torch.stack([torch.cat([g.rows for g in grafts]),
+                                      torch.cat([g.cols for g in grafts])]), dim=1)
+    rows, cols = cells[0], cells[1]
+    keys = rows * width + cols
+    return rows, cols, [torch.searchsorted(keys, g.rows * width + g.cols) for g in grafts]
+
+
+def build_program(plan: GraftPlan, model: torch.nn.Module, adapter: Adapter, donor: RemoteDonor,
+                  dtype: torch.dtype | None) -> tuple[dict, PayloadReport]:
+    """Turn a plan into a program (plain data + tensors) and report what it carries."""
+    plan = leaf_plan(plan, adapter, model.config)
+    ops: list[dict] = []
+    report = PayloadReport(donor=donor.describe(), dtype=_dtype_name(getattr(donor, "dtype", None) or dtype))
+    for path, grafts in plan.by_path():
+        module = get_module(model, path)
+        shipment = donor.shipment(path, module, dtype)
+        if shipment.mode == "skip":
+            report.items.append(PayloadItem(path, "skip", "-", 0))
+            continue
+        kind, const = module_kind(module, path)
+        rows, cols, selects = _cells(grafts, plan.seq_len)
+        parts = [{"rows": g.rows.clone(), "cols": g.cols.clone(), "select": s,
+                  "features": None if g.features is None else g.features.clone()}
+                 for g, s in zip(grafts, selects)]
+        ops.append({"path": path, "kind": kind, "mode": shipment.mode, "axis": int(grafts[0].token_axis),
+                    "rows": rows.clone(), "cols": cols.clone(), "parts": parts,
+                    "tensors": shipment.tensors, "const": {**const, **shipment.const}})
+        report.items.append(PayloadItem(path, shipment.mode, kind, shipment.nbytes))
+    return {"version": PROGRAM_VERSION, "ops": ops}, report
+
+
+def spec_modules(specs: Sequence[Any], adapter: Adapter, config: Any) -> list[str]:
+    """The leaf modules a list of specs grafts (at any position), in forward order."""
+    n_layers = adapter.n_layers(config)
+    sites = {}
+    for spec in specs:
+        for targets in rule_targets(spec, adapter, n_layers):
+            for component, layer in targets:
+                for site in adapter.sites(component, layer, config):
+                    sites.setdefault(site.path, site)
+    return [s.path for s in sorted(sites.values(), key=lambda s: adapter.site_order(s, n_layers))]
+
+
+def estimate_payload(specs: Sequence[Any], model: torch.nn.Module, donor: Any, dtype: torch.dtype | None,
+                     *, adapter: Adapter | None = None, limit_bytes: int | None = None) -> PayloadReport:
+    """Donor bytes a request for ``specs`` carries, computed from shapes only (``model`` may live on
+    the meta device; ``donor`` needs only ``estimate_bytes``). Checks the specs against the
+    model's config on the way (unknown components, layers out of range raise SpecError)."""
+    adapter = adapter or adapter_for(model)
+    report = PayloadReport(donor=donor.describe(), dtype=_dtype_name(getattr(donor, "dtype", None) or dtype),
+                           limit_bytes=limit_bytes)
+    for path in spec_modules(specs, adapter, model.config):
+        size = donor.estimate_bytes(path, get_module(model, path), dtype or torch.float32)
+        report.items.append(PayloadItem(path, "skip" if size == 0 else "send", "", size))
+    return report
+
+
+# ---------------------------------------------------------------------------------------------
+# Serialization guard: what the server would make of the request
+# ---------------------------------------------------------------------------------------------
+
+
+class _Count(io.RawIOBase):
+    def __init__(self) -> None:
+        self.n = 0
+
+    def writable(self) -> bool:
+        return True
+
+    def write(self, b: Any) -> int:
+        self.n += len(b)
+        return len(b)
+
+
+def _root(name: str) -> str:
+    return name.split(".")[0]
+
+
+def _checking_pickler():
+    from cloudpickle import cloudpickle as cp
+    from nnsight.intervention.serialization import CustomCloudPickler
+
+    class CheckingPickler(CustomCloudPickler):
+        """nnsight's request pickler, plus checks of what the server will resolve or import."""
+
+        def __init__(self, file: Any, known: Mapping[str, Any], protocol: int) -> None:
+            super().__init__(file, protocol=protocol)
+            self.known = known
+            self.foreign: list[tuple[str, str]] = []  # (persistent id, type) not the recipient's
+
+        def persistent_id(self, obj: Any) -> Any:
+            pid = super().persistent_id(obj)
+            if pid is not None:
+                if self.known.get(pid) is not obj:
+                    self.foreign.append((str(pid), type(obj).__name__))
+                return pid
+            if isinstance(obj, torch.nn.Module):
+                raise ForeignModuleError(
+                    f"the request would carry a whole {type(obj).__name__} module by value (with all "
+                    "its weights); a donor must travel as the tensors of the grafted modules only "
+                    "(DenseDonor, DeltaDonor or LoraDonor)."
+                )
+            return None
+
+        def reducer_override(self, obj: Any) -> Any:
+            is_class = isinstance(obj, type)
+            if is_class or isinstance(obj, types.FunctionType):
+                if cp._should_pickle_by_reference(obj):
+                    found = cp._lookup_module_and_qualname(obj)
+                    if found is not None:
+                        self._server_has(found[0].__name__, f"{found[0].__name__}.{getattr(obj, '__qualname__', obj)}")
+            elif isinstance(obj, types.ModuleType) and cp._should_pickle_by_reference(obj):
+                self._server_has(obj.__name__, obj.__name__)
+            return super().reducer_override(obj)
+
+        @staticmethod
+        def _server_has(module: str, what: str) -> None:
+            root = _root(module)
+            if root in SERVER_PACKAGES or root in sys.stdlib_module_names or root == "builtins":
+                return
+            raise ServerEnvironmentError(
+                f"the request refers to {what}, which the server would have to import from "
+                f"{root!r}; NDIF servers do not have {root!r} installed. Only plain data (tensors, "
+                "dicts, lists, numbers, strings) may go into a remote trace, or register the module "
+                "with nnsight.register(...) so its source travels with the request."
+            )
+
+    return CheckingPickler
+
+
+def check_request(tracer: Any, known: Mapping[str, Any]) -> int:
+    """Pickle ``tracer``'s request exactly as ``RequestModel.serialize`` does, but with checks;
+    return its uncompressed size in bytes. Raises :class:`ForeignModuleError` or
+    :class:`ServerEnvironmentError` for what would break (silently or not) on the server."""
+    from nnsight.intervention.serialization import DEFAULT_PROTOCOL, reduce_block
+
+    variables = dict(tracer.info.frame.f_locals)
+    interventions = reduce_block(tracer.node, tracer.info.frame.f_globals, variables)
+    sink = _Count()
+    pickler = _checking_pickler()(sink, known, protocol=DEFAULT_PROTOCOL)
+    pickler.dump((tracer, interventions))
+    if pickler.foreign:
+        modules = [pid[len("Module:"):] for pid, _ in pickler.foreign if pid.startswith("Module:")]
+        others = sorted({f"{kind} ({pid})" for pid, kind in pickler.foreign if not pid.startswith("Module:")})
+        shown = ", ".join(repr(m) for m in modules[-3:])
+        raise ForeignModuleError(
+            f"the request references {len(modules)} module(s) of a model other than the recipient"
+            + (f" (e.g. {shown})" if modules else "") + (f"; also {', '.join(others)}" if others else "")
+            + ". NDIF resolves such references by path to the hosted model, so it would run the "
+            "recipient's OWN modules there: the graft would silently do nothing. Send the finetuned "
+            "weights as tensors instead (DenseDonor, DeltaDonor or LoraDonor; see docs/remote.md)."
+        )
+    return sink.n
+
+
+# ---------------------------------------------------------------------------------------------
+# Transport
+# ---------------------------------------------------------------------------------------------
+
+Server = Callable[[str, bytes], bytes]
+"""``server(metadata_json, blob) -> result_bytes``: anything that runs a serialized request."""
+
+
+def _backend_class():
+    from nnsight.intervention.backends.remote import RemoteBackend, RemoteError
+
+    class NngraftBackend(RemoteBackend):
+        """nnsight's RemoteBackend with nngraft's request checks, size limit and error messages;
+        ``server`` replaces the network (HTTP + websocket) with a callable."""
+
+        def __init__(self, model_key: str, *, known: Mapping[str, Any], limit_bytes: int | None,
+                     server: Server | None = None, check: bool = True, **kwargs: Any) -> None:
+            super().__init__(model_key, **kwargs)
+            self.known = known
+            self.check = check  # False only in the test that shows what the check prevents
+            self.limit_bytes = limit_bytes
+            self.server = server
+            self.raw_bytes: int | None = None
+            self.sent_bytes: int | None = None
+
+        def _serialize(self, tracer: Any) -> bytes:
+            size = check_request(tracer, self.known) if self.check else 0
+            if self.limit_bytes is not None and size > self.limit_bytes:
+                raise PayloadTooLargeError(
+                    f"the serialized request is {format_bytes(size)}, over the limit of "
+                    f"{format_bytes(self.limit_bytes)} (raise max_payload_mb= if you are sure)"
+                )
+            blob = super()._serialize(tracer)
+            self.raw_bytes, self.sent_bytes = size, len(blob)
+            return blob
+
+        def request(self, request: Any, tracer: Any) -> Any:
+            if self.server is not None:
+                blob = self._serialize(tracer)
+                return self.finalize(self.server(request.metadata(), blob))
+            try:
+                return super().request(request, tracer)
+            except RemoteError as error:
+                raise _translate(error, self.host) from None
+            except OSError as error:
+                raise RemoteConnectionError(f"could not reach NDIF at {self.host}: {error}") from None
+
+    return NngraftBackend
+
+
+def _translate(error: Exception, host: str) -> RemoteGraftError:
+    """nnsight's RemoteError → a GraftError that says what to do (never echoing the API key)."""
+    cause = error.__cause__
+    status = getattr(getattr(cause, "response", None), "status_code", None)
+    if status in (401, 403):
+        return RemoteAuthError(
+            f"NDIF ({host}) refused the request (HTTP {status}): {error}. Check NDIF_API_KEY "
+            "(get a key at https://login.ndif.us) and that your key may use this model."
+        )
+    if status is not None:
+        return RemoteGraftError(f"NDIF ({host}) refused the request (HTTP {status}): {error}")
+    return RemoteExecutionError(f"the request failed on NDIF ({host}):\n{error}")
+
+
+class InProcessServer:
+    """Runs requests the way an NDIF model actor does — ``RequestModel.deserialize`` against the
+    model's persistent objects, ``tracer.execute``, collect the ``save()``-marked values,
+    ``torch.save`` them — in this process, on a worker thread, against a local copy of P.
+
+    It catches everything serialization can break (unpicklable or unimportable objects, code
+    that does not survive source shipping) and gives real numbers on a small model, but it runs
+    in the client's own process, so it cannot prove that nothing depends on local state; the
+    test suite also runs requests in a fresh subprocess that has only P (tests/remote_worker.py).
+    """
+
+    def __init__(self, wrapper: Any) -> None:
+        self.wrapper = wrapper
+
+    def __call__(self, metadata: str, blob: bytes) -> bytes:
+        from concurrent.futures import ThreadPoolExecutor
+
+        with ThreadPoolExecutor(1) as pool:
+            return pool.submit(self._execute, metadata, blob).result()
+
+    def _execute(self, metadata: str, blob: bytes) -> bytes:
+        import linecache
+
+        from nnsight.schema.request import RequestModel
+        from nnsight.tracing.globals import BLOCKS, SOURCES
+        from nnsight.tracing.tracer import _saves, dec, inc
+
+        request = RequestModel.model_validate_json(metadata)
+        snapshots = (dict(linecache.cache), dict(SOURCES), dict(BLOCKS))
+        try:
+            self.wrapper._remoteable_set_env(request.env)
+            tracer = RequestModel.deserialize(blob, self.wrapper._remoteable_persistent_objects(),
+                                              compress=request.compress)
+            inc()
+            try:
+                with torch.no_grad():
+                    tracer.execute(tracer.info.code)
+                saves = _saves()
+                saved = {k: v for k, v in tracer.info.frame.f_locals.items() if id(v) in saves}
+            finally:
+                dec()
+        except Exception as error:
+            raise RemoteExecutionError(f"the request failed in the in-process server: "
+                                       f"{type(error).__name__}: {error}") from error
+        finally:
+            for target, saved_state in zip((linecache.cache, SOURCES, BLOCKS), snapshots):
+                target.clear()
+                target.update(saved_state)
+        buffer = io.BytesIO()
+        torch.save({k: v.detach().cpu() if isinstance(v, torch.Tensor) else v for k, v in saved.items()},
+                   buffer)
+        data = buffer.getvalue()
+        if request.compress:
+            import zstandard
+
+            data = zstandard.ZstdCompressor(level=3).compress(data)
+        return data
+
+
+def _canonical_id(repo_id: str) -> str:
+    """The Hub's spelling of ``repo_id`` (what NDIF lists), via nnsight's cache; as given if offline."""
+    from nnsight.modeling.huggingface import _ID_CACHE
+
+    if repo_id not in _ID_CACHE:
+        try:
+            from huggingface_hub import HfApi
+
+            _ID_CACHE[repo_id] = HfApi().model_info(repo_id).id
+        except Exception:  # noqa: BLE001 - offline or unknown: compare as given
+            return repo_id
+    return _ID_CACHE[repo_id]
+
+
+def check_model_available(repo_id: str, host: str | None = None, *, get: Callable[[str], Any] | None = None) -> None:
+    """Raise :class:`ModelNotAvailableError` unless NDIF reports ``repo_id`` RUNNING.
+
+    ``get(url) -> json`` performs the HTTP GET (default: ``httpx``)."""
+    from nnsight.schema.config import CONFIG
+
+    host = host or CONFIG.API.HOST
+    if get is None:
+        def get(url: str) -> Any:
+            import httpx
+
+            response = httpx.get(url, timeout=httpx.Timeout(5.0, read=30.0))
+            response.raise_for_status()
+            return response.json()
+    try:
+        status = get(f"{host}/status")
+    except Exception as error:  # noqa: BLE001 - any transport failure means "unreachable"
+        raise RemoteConnectionError(f"could not read NDIF's model list at {host}/status: {error}") from None
+    deployments = (status or {}).get("deployments", {}) or {}
+    running = sorted({str(d.get("repo_id", name)) for name, d in deployments.items()
+                      if d.get("application_state") == "RUNNING"})
+    if repo_id.lower() in {r.lower() for r in running}:
+        return
+    listed = ", ".join(running[:20]) + (" …" if len(running) > 20 else "") if running else "none"
+    raise ModelNotAvailableError(
+        f"{repo_id!r} is not running on NDIF ({host}). Running now: {listed}. Remote grafting needs P "
+        "to be hosted there (check https://nnsight.net/status or nnsight.status()); for a model NDIF "
+        "does not host, run locally with Grafter(P, F, tokenizer)."
+    )
+
+
+# ---------------------------------------------------------------------------------------------
+# The trace (its source travels with every request: keep it minimal)
+# ---------------------------------------------------------------------------------------------
+
+
+def _remote_trace(wrapper: Any, inputs: dict, program: dict, backend: Any) -> Any:
+    with wrapper.trace(**inputs, backend=backend):
+        logits = run_program(wrapper, program)
+    return logits
+
+
+# ---------------------------------------------------------------------------------------------
+# RemoteGrafter
+# ---------------------------------------------------------------------------------------------
+
+
+def _registered() -> None:
+    import nnsight
+
+    from . import functional
+
+    nnsight.register(functional)
+
+
+class RemoteGrafter(Grafter):
+    """A :class:`~nngraft.grafter.Grafter` whose forward passes run on NDIF (or a stand-in).
+
+    Args:
+        recipient: P — a Hub id NDIF hosts; or, for ``execution="local"`` / a custom server, a
+            loaded ``transformers`` model or an nnsight ``TransformersModel``.
+        donor: :class:`~nngraft.delta.DenseDonor`, :class:`~nngraft.delta.DeltaDonor`,
+            :class:`~nngraft.delta.LoraDonor`; a loaded F, checkpoint path or tensor dict is sent
+            as a DenseDonor. nnsight models/envoys of F are refused (the silent no-op trap).
+        tokenizer: P's tokenizer (default: the one the Hub id brings).
+        execution: ``"ndif"`` (default), ``"local"``, or a ``server(metadata, blob) -> bytes``.
+        dtype: dtype donor tensors travel in (default ``bfloat16`` on NDIF, whose models run in
+            bfloat16; the local model's dtype otherwise). A donor's own ``dtype=`` wins.
+        max_payload_mb: refuse requests above this (default 256, or ``NNGRAFT_MAX_PAYLOAD_MB``).
+        api_key: NDIF API key (default: ``NDIF_API_KEY``, then nnsight's saved key). Never logged.
+        host: NDIF host (default: nnsight's, ``NDIF_HOST``).
+        check_model: check that NDIF runs the model before the first request.
+        verbose: print one line per request (modules, bytes) and, for rank-truncated deltas, the
+            worst reconstruction error.
+
+    ``run`` and ``run_grid`` work as locally and return the same :class:`GraftResult`; rows are
+    packed ``batch_size`` to a request, and each request carries the donor tensors of the modules
+    its plan grafts. ``generate`` is not supported remotely.
+    """
+
+    def __init__(self, recipient: Any, donor: Any, tokenizer: Any = None, *,
+                 execution: str | Server = "ndif", dtype: torch.dtype | None = None,
+                 max_payload_mb: float | None = None, api_key: str | None = None, host: str | None = None,
+                 revision: str | None = None, check_model: bool = True, batch_size: int = 64,
+                 adapter: Adapter | None = None, verbose: bool = True) -> None:
+        import threading
+
+        from nnsight.intervention.envoy import Envoy
+        from nnsight.modeling.transformers import TransformersModel
+
+        if execution not in ("ndif", "local") and not callable(execution):
+            raise ValueError(f"execution must be 'ndif', 'local' or a callable server, not {execution!r}")
+        self.execution = execution
+        self.donor = as_remote_donor(donor)
+        self._api_key: str | None = None
+        self.host = host
+        if execution == "ndif":
+            if not isinstance(recipient, str):
+                raise RemoteGraftError(
+                    "a remote run on NDIF needs the recipient as the Hub id NDIF hosts (e.g. "
+                    "'meta-llama/Meta-Llama-3.1-8B'), not a local model object; to check a study on a "
+                    "local model, pass execution='local'"
+                )
+            self._api_key = self._find_api_key(api_key)
+            if check_model:
+                check_model_available(_canonical_id(recipient), host)
+        if isinstance(recipient, str):
+            if tokenizer is None:
+                from transformers import AutoTokenizer
+
+                tokenizer = AutoTokenizer.from_pretrained(recipient, revision=revision)
+            load = dict(dispatch=True) if execution == "local" else {}
+            wrapper = TransformersModel(recipient, revision=revision, task="text-generation",
+                                        tokenizer=tokenizer, **load)
+        elif isinstance(recipient, TransformersModel):
+            wrapper = recipient
+        else:
+            module = recipient._module if isinstance(recipient, Envoy) else recipient
+            if tokenizer is None:
+                raise ValueError("pass the recipient's tokenizer (RemoteGrafter(P, donor, tokenizer))")
+            wrapper = TransformersModel(module, tokenizer=tokenizer, task="text-generation")
+        self.nn = wrapper
+        self.model = wrapper._module
+        self.tokenizer = tokenizer if tokenizer is not None else wrapper.tokenizer
+        self.adapter = adapter or adapter_for(self.model)
+        self.batch_size = batch_size
+        self._lock = threading.Lock()
+        import inspect
+
+        params = inspect.signature(self.model.forward).parameters
+        self._keep_last = "logits_to_keep" in params
+        self._cache_kw = "cache" if "cache" in params else "past_key_values"
+        local_dtype = next(self.model.parameters()).dtype
+        self.dtype = dtype or (torch.bfloat16 if execution == "ndif" else local_dtype)
+        limit = max_payload_mb if max_payload_mb is not None else float(
+            os.environ.get("NNGRAFT_MAX_PAYLOAD_MB", DEFAULT_MAX_PAYLOAD_MB))
+        self.limit_bytes = int(limit * 1e6)
+        self.verbose = verbose
+        self.last_report: PayloadReport | None = None
+        self.requests: list[dict[str, Any]] = []  # one entry per request sent: sizes and module count
+        if hasattr(self.donor, "check_against"):
+            self.donor.check_against(self.model)
+        if isinstance(self.donor, LoraDonor) and isinstance(recipient, str):
+            _check_lora_base(self.donor, recipient)
+        _registered()
+
+    @staticmethod
+    def _find_api_key(api_key: str | None) -> str:
+        from nnsight.schema.config import CONFIG
+
+        key = api_key or os.environ.get("NDIF_API_KEY") or CONFIG.API.APIKEY
+        if not key:
+            raise RemoteAuthError(
+                "no NDIF API key: set the NDIF_API_KEY environment variable (or run `nnsight login`, "
+                "or pass api_key=...). Get a key at https://login.ndif.us."
+            )
+        return key
+
+    def __repr__(self) -> str:  # never shows the API key
+        return (f"RemoteGrafter({self.model.config.model_type!r}, donor={self.donor.describe()!r}, "
+                f"execution={self.execution if isinstance(self.execution, str) else 'custom'!r})")
+
+    @property
+    def device(self) -> torch.device:
+        return torch.device("cpu")  # inputs are built here; the server moves them
+
+    # -- pre-flight -----------------------------------------------------------------------
+
+    def estimate(self, specs: SpecLike | Sequence[SpecLike]) -> PayloadReport:
+        """Donor bytes one request for ``specs`` carries, from shapes only (nothing is computed or
+        sent). Validates the specs against the model's config on the way."""
+        from .grafter import as_spec
+
+        items = [specs] if isinstance(specs, (str, Mapping)) or not isinstance(specs, Sequence) else specs
+        return estimate_payload([as_spec(s) for s in items], self.model, self.donor, self.dtype,
+                                adapter=self.adapter, limit_bytes=self.limit_bytes)
+
+    def program(self, plan: GraftPlan) -> tuple[dict, PayloadReport]:
+        """The program one request runs for ``plan``, after the pre-flight checks."""
+        rough = PayloadReport(donor=self.donor.describe(), dtype=_dtype_name(self.dtype),
+                              limit_bytes=self.limit_bytes)
+        for path, _ in leaf_plan(plan, self.adapter, self.model.config).by_path():
+            size = self.donor.estimate_bytes(path, get_module(self.model, path), self.dtype)
+            rough.items.append(PayloadItem(path, "send", "", size))
+        rough.check()  # refuse before materialising anything (SVDs, reads)
+        program, report = build_program(plan, self.model, self.adapter, self.donor, self.dtype)
+        report.limit_bytes = self.limit_bytes
+        report.check()
+        return program, report
+
+    # -- running --------------------------------------------------------------------------
+
+    def _backend(self) -> Any:
+        known = self.nn._remoteable_persistent_objects()
+        cls = _backend_class()
+        if self.execution == "ndif":
+            return cls(self.nn.to_model_key(), known=known, limit_bytes=self.limit_bytes,
+                       host=self.host, api_key=self._api_key, env=self.nn._remoteable_get_env())
+        server = InProcessServer(self.nn) if self.execution == "local" else self.execution
+        return cls(f"local:{self.model.config.model_type}", known=known, limit_bytes=self.limit_bytes,
+                   server=server, host=self.host or "http://localhost", api_key="",
+                   env=self.nn._remoteable_get_env())
+
+    def forward(self, plan: GraftPlan, batch: Any, *, keep_all: bool = False, cache: Any = None,
+                use_cache: bool = False) -> tuple[torch.Tensor, Any]:
+        """One request: P with ``plan`` applied on the server. Returns (logits, None)."""
+        if cache is not None or use_cache:
+            raise RemoteUnsupportedError(
+                "remote runs do not keep a KV cache between requests, so generation is not "
+                "supported remotely; score targets with run() / run_grid(), or generate locally"
+            )
+        inputs: dict[str, Any] = {k: v.cpu() for k, v in batch.model_inputs().items()}
+        inputs["use_cache"] = False
+        if self._keep_last and not keep_all:
+            inputs["logits_to_keep"] = 1
+            plan = _lm_head_on_last_column(plan, self.adapter)
+        program, report = self.program(plan)
+        self.last_report = report
+        backend = self._backend()
+        with self._lock:
+            logits = _remote_trace(self.nn, inputs, program, backend)
+        report.exact = True
+        self.requests.append({"modules": len(program["ops"]), "donor_bytes": report.total_bytes,
+                              "request_bytes": backend.raw_bytes, "sent_bytes": backend.sent_bytes})
+        if self.verbose:
+            self._say(report, backend)
+        return logits, None
+
+    def _say(self, report: PayloadReport, backend: Any) -> None:
+        from rich.console import Console
+
+        where = "NDIF" if self.execution == "ndif" else ("local server" if self.execution == "local" else "server")
+        line = f"[dim]nngraft → {where}: {report.summary()}; request {format_bytes(backend.sent_bytes or 0)}[/dim]"
+        if isinstance(self.donor, DeltaDonor) and self.donor.rank is not None and self.donor.report():
+            worst = max(self.donor.report(), key=lambda r: r["rel_error"])
+            line += (f"\n[dim]  rank-{self.donor.rank} delta: worst relative reconstruction error "
+                     f"{worst['rel_error']:.2e} ({worst['name']}); see donor.report()[/dim]")
+        Console(stderr=True).print(line)
+
+    def generate(self, *args: Any, **kwargs: Any) -> Any:
+        raise RemoteUnsupportedError(
+            "generation is not supported remotely (each request is one forward pass without a KV "
+            "cache); use run() / run_grid(), or generate locally with Grafter"
+        )
+
+
+def _check_lora_base(donor: LoraDonor, repo_id: str) -> None:
+    """Refuse an adapter trained on another Hub model (a LoRA only means something on its base)."""
+    base = donor.base_model
+    if not base or os.path.exists(base) or "/" not in base:
+        return
+    if base.lower() != repo_id.lower():
+        raise RemoteDonorMismatch(
+            f"the LoRA adapter {donor.path} was trained on {base!r} but the recipient is {repo_id!r}. "
+            "Grafting an adapter onto another base gives meaningless numbers; if the two are the "
+            "same weights under different names, edit base_model_name_or_path in adapter_config.json."
+        )
+
+
+class RemoteDonorMismatch(RemoteGraftError):
+    """A donor made for another model than the remote recipient."""
+
+
+__all__ = [
+    "DEFAULT_MAX_PAYLOAD_MB", "ForeignModuleError", "InProcessServer", "ModelNotAvailableError",
+    "PayloadReport", "PayloadTooLargeError", "RemoteAuthError", "RemoteConnectionError",
+    "RemoteExecutionError", "RemoteGraftError", "RemoteGrafter", "RemoteUnsupportedError",
+    "ServerEnvironmentError", "UnsupportedModuleError", "build_program", "check_model_available",
+    "check_request", "estimate_payload", "leaf_plan", "module_kind",
+]

@@ -1,0 +1,129 @@
+"""A stand-in NDIF model server, run as a FRESH subprocess by tests/test_remote.py.
+
+It has only the pretrained models P (loaded from checkpoint folders, like a server loads its
+deployment) and none of the test's objects: it is started with ``python -I`` (no script folder,
+no user site on sys.path) and refuses to import ``nngraft`` or ``tests`` at all, so a request only
+works if everything it needs travelled inside it. Each request is run the way an NDIF model actor
+runs one (nnsight 0.8.1; ``ndif`` deployments/modeling/base.py ``BaseModelDeployment.execute``):
+
+    model._remoteable_set_env(request.env)
+    tracer = RequestModel.deserialize(blob, model._remoteable_persistent_objects(), compress=...)
+    inc(); tracer.execute(tracer.info.code); saved = save()-marked locals of the block; dec()
+    torch.save(saved) (zstd-compressed when the request was)
+
+Protocol on stdin/stdout, every frame a 4-byte big-endian length and bytes:
+    startup  → {"ready": true, "models": [...], "nngraft_importable": bool}
+    request  ← {"model": key, "metadata": RequestModel JSON}, then the payload blob
+    response → {"ok": bool, "error": str, "foreign_modules": [...]}, then the result blob
+
+Usage: python -I tests/remote_worker.py KEY=CHECKPOINT_DIR [KEY=CHECKPOINT_DIR ...]
+"""
+
+import io
+import json
+import struct
+import sys
+import traceback
+
+_BLOCKED = ("nngraft", "tests")
+
+
+class _Blocker:
+    """A server does not have nngraft (or the test suite) installed."""
+
+    def find_spec(self, name, path=None, target=None):
+        if name.split(".")[0] in _BLOCKED:
+            raise ModuleNotFoundError(f"No module named {name!r} (not installed on this server)", name=name)
+        return None
+
+
+def _read(stream):
+    head = stream.read(4)
+    if len(head) < 4:
+        return None
+    (n,) = struct.unpack(">I", head)
+    return stream.read(n)
+
+
+def _write(stream, data: bytes) -> None:
+    stream.write(struct.pack(">I", len(data)) + data)
+    stream.flush()
+
+
+def _load(folder):
+    from nnsight.modeling.transformers import TransformersModel
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    module = AutoModelForCausalLM.from_pretrained(folder).eval()
+    module.requires_grad_(False)  # as the NDIF actor does
+    return TransformersModel(module, tokenizer=AutoTokenizer.from_pretrained(folder), task="text-generation")
+
+
+def _execute(model, metadata: str, blob: bytes) -> bytes:
+    import linecache
+
+    import torch
+    from nnsight.schema.request import RequestModel
+    from nnsight.tracing.globals import BLOCKS, SOURCES
+    from nnsight.tracing.tracer import _saves, dec, inc
+
+    request = RequestModel.model_validate_json(metadata)
+    snapshots = (dict(linecache.cache), dict(SOURCES), dict(BLOCKS))
+    try:
+        model._remoteable_set_env(request.env)
+        tracer = RequestModel.deserialize(blob, model._remoteable_persistent_objects(), compress=request.compress)
+        inc()
+        try:
+            tracer.execute(tracer.info.code)
+            saves = _saves()
+            saved = {k: v for k, v in tracer.info.frame.f_locals.items() if id(v) in saves}
+        finally:
+            dec()
+    finally:
+        for target, state in zip((linecache.cache, SOURCES, BLOCKS), snapshots):
+            target.clear()
+            target.update(state)
+    buffer = io.BytesIO()
+    torch.save({k: v.detach().cpu() if isinstance(v, torch.Tensor) else v for k, v in saved.items()}, buffer)
+    data = buffer.getvalue()
+    if request.compress:
+        import zstandard
+
+        data = zstandard.ZstdCompressor(level=3).compress(data)
+    return data
+
+
+def main(argv):
+    stdin, stdout = sys.stdin.buffer, sys.stdout.buffer
+    sys.stdout = sys.stderr  # keep the protocol stream clean of prints
+    models = {}
+    for item in argv:
+        key, _, folder = item.partition("=")
+        models[key] = _load(folder)
+    try:
+        import nngraft  # noqa: F401
+
+        importable = True
+    except ModuleNotFoundError:
+        importable = False
+    _write(stdout, json.dumps({"ready": True, "models": sorted(models), "nngraft_importable": importable}).encode())
+    while True:
+        header = _read(stdin)
+        if header is None:
+            return 0
+        message = json.loads(header)
+        blob = _read(stdin)
+        try:
+            result = _execute(models[message["model"]], message["metadata"], blob)
+            reply = {"ok": True, "error": ""}
+        except BaseException as error:  # noqa: BLE001 - report everything to the client
+            result = b""
+            reply = {"ok": False, "error": f"{type(error).__name__}: {error}\n{traceback.format_exc()}"}
+        reply["foreign_modules"] = sorted(m for m in sys.modules if m.split(".")[0] in _BLOCKED)
+        _write(stdout, json.dumps(reply).encode())
+        _write(stdout, result)
+
+
+if __name__ == "__main__":  # only as a script: importing this file (pytest does) changes nothing
+    sys.meta_path.insert(0, _Blocker())
+    sys.exit(main(sys.argv[1:]))

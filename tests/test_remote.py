@@ -1,0 +1,621 @@
+"""Remote grafting: requests survive nnsight's remote serialization and give the local numbers.
+
+The central tests serialize each request exactly as nnsight's RemoteBackend does, then run it in a
+FRESH subprocess (tests/remote_worker.py) that has only P — loaded from a checkpoint folder, as a
+server loads its deployment — and cannot import nngraft or the tests, the way an NDIF model actor
+runs a request. Results must equal the local graft for dense, delta and LoRA donors on two
+architectures. Other tests pin down the silent no-op trap, the pre-flight checks, the payload
+sizes, and the network path (HTTP and websocket mocked, the real nnsight client code in between).
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+import struct
+import subprocess
+import sys
+import threading
+from functools import lru_cache
+from pathlib import Path
+
+import pytest
+import torch
+
+from nngraft import GraftRule, GraftSpec, Grafter, Last, Span
+from nngraft.delta import DeltaDonor, DenseDonor, LoraDonor, RemoteDonorError
+from nngraft.remote import (
+    ForeignModuleError,
+    ModelNotAvailableError,
+    PayloadTooLargeError,
+    RemoteAuthError,
+    RemoteConnectionError,
+    RemoteExecutionError,
+    RemoteGrafter,
+    RemoteUnsupportedError,
+    ServerEnvironmentError,
+    UnsupportedModuleError,
+    _backend_class,
+    check_model_available,
+    estimate_payload,
+    leaf_plan,
+    module_kind,
+)
+from nngraft.testing import TINY_MODEL_TYPES, tiny_pair
+
+ATOL, RTOL = 2e-5, 1e-4
+ARCHS = ("llama", "gpt2")
+PROMPTS = ["Ada Lovelace stars in a movie alongside", "Q: Who stars in a movie with Grace Hopper? A:"]
+SPANS = [{"first_actor": "Ada Lovelace"}, {"first_actor": "Grace Hopper"}]
+SPEC = GraftSpec(name="fe_lt_everything", rules=[
+    GraftRule(components=["everything"], positions=[Span(span="first_actor"), Last()])])
+LORA_TARGETS = {"llama": ["q_proj", "v_proj", "gate_proj", "up_proj", "down_proj"],
+                "gpt2": ["c_attn", "c_proj", "c_fc"]}
+
+
+@lru_cache(maxsize=None)
+def models(arch: str):
+    """(P, F, tokenizer, lora_dir, F_lora) — F_lora is P with the LoRA adapter merged (by PEFT)."""
+    from peft import LoraConfig, get_peft_model
+
+    P, F, tok = tiny_pair(arch)
+    config = LoraConfig(r=4, lora_alpha=16, target_modules=LORA_TARGETS[arch], init_lora_weights=False,
+                        fan_in_fan_out=arch == "gpt2", use_rslora=arch == "gpt2")
+    peft_model = get_peft_model(copy.deepcopy(P), config)
+    folder = Path(_tmp()) / f"lora_{arch}"
+    peft_model.save_pretrained(folder)
+    merged = peft_model.merge_and_unload().eval()
+    return P, F, tok, folder, merged
+
+
+@lru_cache(maxsize=None)
+def _tmp() -> str:
+    import tempfile
+
+    return tempfile.mkdtemp(prefix="nngraft-remote-")
+
+
+def remote_donor(arch: str, kind: str):
+    P, F, tok, lora_dir, merged = models(arch)
+    if kind == "dense":
+        return DenseDonor(F, dtype=torch.float32)
+    if kind == "delta":
+        return DeltaDonor(F, P, dtype=torch.float32)
+    return LoraDonor(lora_dir, dtype=torch.float32)
+
+
+@lru_cache(maxsize=None)
+def local_run(arch: str, kind: str):
+    """The local graft (core Grafter, module-based donor) every remote result must equal."""
+    P, F, tok, _, merged = models(arch)
+    donor = {"plain": F, "dense": F, "delta": F, "lora": merged}[kind]
+    return Grafter(P, donor, tok).run(GraftSpec() if kind == "plain" else SPEC, PROMPTS, SPANS)
+
+
+# ---------------------------------------------------------------------------------------------
+# The stand-in server: one fresh subprocess for the whole module
+# ---------------------------------------------------------------------------------------------
+
+
+class Worker:
+    """Client side of tests/remote_worker.py."""
+
+    def __init__(self, checkpoints: dict[str, Path]) -> None:
+        script = Path(__file__).with_name("remote_worker.py")
+        env = {k: v for k, v in os.environ.items() if not k.startswith("PYTHON")}
+        self.proc = subprocess.Popen(
+            [sys.executable, "-I", str(script), *[f"{k}={v}" for k, v in checkpoints.items()]],
+            stdin=subprocess.PIPE, stdout=subprocess.PIPE, cwd=_tmp(), env=env)
+        self._hello: dict | None = None
+        self.lock = threading.Lock()
+        self.calls: list[dict] = []
+
+    @property
+    def hello(self) -> dict:
+        if self._hello is None:  # read lazily: the worker boots while the tests prepare models
+            self._hello = json.loads(self._read())
+        return self._hello
+
+    def _read(self) -> bytes:
+        head = self.proc.stdout.read(4)
+        if len(head) < 4:
+            raise RuntimeError(f"the worker died (exit code {self.proc.poll()})")
+        return self.proc.stdout.read(struct.unpack(">I", head)[0])
+
+    def _write(self, data: bytes) -> None:
+        self.proc.stdin.write(struct.pack(">I", len(data)) + data)
+        self.proc.stdin.flush()
+
+    def run(self, model: str, metadata: str, blob: bytes) -> tuple[dict, bytes]:
+        assert self.hello["ready"]
+        with self.lock:
+            self._write(json.dumps({"model": model, "metadata": metadata}).encode())
+            self._write(blob)
+            reply = json.loads(self._read())
+            result = self._read()
+        self.calls.append(reply)
+        return reply, result
+
+    def server(self, model: str):
+        """A ``server(metadata, blob) -> bytes`` for RemoteGrafter(execution=...)."""
+        def serve(metadata: str, blob: bytes) -> bytes:
+            reply, result = self.run(model, metadata, blob)
+            if not reply["ok"]:
+                raise RemoteExecutionError(reply["error"])
+            return result
+        return serve
+
+    def close(self) -> None:
+        self.proc.stdin.close()
+        self.proc.wait(timeout=30)
+
+
+@pytest.fixture(scope="module")
+def worker():
+    checkpoints = {}
+    for arch in ARCHS:
+        P, _, tok = tiny_pair(arch)  # the same P as models(arch)[0]: same config, same seed
+        folder = Path(_tmp()) / f"P_{arch}"
+        P.save_pretrained(folder)
+        tok.save_pretrained(folder)
+        checkpoints[arch] = folder
+    w = Worker(checkpoints)
+    yield w
+    w.close()
+
+
+def test_worker_is_a_clean_server(worker):
+    """The stand-in server holds only P, and nngraft is not importable there."""
+    assert worker.hello["ready"] and worker.hello["models"] == sorted(ARCHS)
+    assert worker.hello["nngraft_importable"] is False
+
+
+# ---------------------------------------------------------------------------------------------
+# The central test
+# ---------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("kind", ["dense", "delta", "lora"])
+@pytest.mark.parametrize("arch", ARCHS)
+def test_request_run_by_fresh_server_equals_local_graft(worker, arch, kind):
+    P, F, tok, _, _ = models(arch)
+    donor = remote_donor(arch, kind)
+    local = local_run(arch, kind)
+    expected, plain = local.logits, local_run(arch, "plain").logits
+
+    g = RemoteGrafter(P, donor, tok, execution=worker.server(arch), verbose=False)
+    out = g.run(SPEC, PROMPTS, SPANS)
+
+    assert worker.calls[-1]["ok"] and worker.calls[-1]["foreign_modules"] == []
+    assert out.logits.shape == expected.shape
+    torch.testing.assert_close(out.logits, expected, atol=ATOL, rtol=RTOL)
+    assert (out.logits - plain).abs().max() > 1e-2  # the graft did something
+    # the same result object as a local run, with the same helpers
+    assert type(out) is type(local) and list(out.spec_names) == list(local.spec_names)
+    torch.testing.assert_close(out.target_prob("Alan"), local.target_prob("Alan"), atol=1e-6, rtol=1e-4)
+
+
+def test_run_grid_remote_equals_local(worker):
+    P, F, tok, _, _ = models("llama")
+    specs = [SPEC, GraftSpec(name="lt_mlp", rules=[GraftRule(components=["mlp"], layers="last:1",
+                                                             positions=[Last()])])]
+    expected = Grafter(P, F, tok).run_grid(specs, PROMPTS, SPANS)
+    g = RemoteGrafter(P, DeltaDonor(F, P, dtype=torch.float32), tok, execution=worker.server("llama"),
+                      verbose=False)
+    got = g.run_grid(specs, PROMPTS, SPANS)
+    assert list(got) == list(expected)
+    for name in expected:
+        torch.testing.assert_close(got[name].logits, expected[name].logits, atol=ATOL, rtol=RTOL)
+    assert len(g.requests) == 1  # four rows, one request
+
+
+# ---------------------------------------------------------------------------------------------
+# The silent no-op trap
+# ---------------------------------------------------------------------------------------------
+
+
+def _graft_with_envoy(P_nn, F_nn, ids, backend):
+    """A hand-written remote graft that calls F's MLP envoy — the trap."""
+    with P_nn.trace(input_ids=ids, backend=backend):
+        x = P_nn.model.layers[1].mlp.input
+        P_nn.model.layers[1].mlp.output = F_nn.model.layers[1].mlp(x)
+        logits = P_nn.output.logits.save()
+    return logits
+
+
+def test_envoy_reference_is_a_silent_noop_on_the_server_and_is_refused(worker):
+    from nnsight.modeling.transformers import TransformersModel
+
+    P, F, tok, _, _ = models("llama")
+    P_nn = TransformersModel(P, tokenizer=tok, task="text-generation")
+    F_nn = TransformersModel(F, tokenizer=tok, task="text-generation")
+    ids = torch.tensor([tok(PROMPTS[0])["input_ids"]])
+    with torch.no_grad():
+        plain = P(ids).logits
+        grafted_here = _graft_with_envoy(P_nn, F_nn, ids, None)  # locally F's envoy is F's module
+    assert (grafted_here - plain).abs().max() > 1e-2
+
+    Backend = _backend_class()
+    known = P_nn._remoteable_persistent_objects()
+    unchecked = Backend("local:llama", known=known, limit_bytes=None, server=worker.server("llama"),
+                        host="http://localhost", api_key="", check=False)
+    on_server = _graft_with_envoy(P_nn, F_nn, ids, unchecked)
+    # the server resolved F's envoy to P's own MLP: the "graft" did nothing, and nothing said so
+    torch.testing.assert_close(on_server, plain, atol=ATOL, rtol=RTOL)
+
+    checked = Backend("local:llama", known=known, limit_bytes=None, server=worker.server("llama"),
+                      host="http://localhost", api_key="")
+    n = len(worker.calls)
+    with pytest.raises(ForeignModuleError, match="silently do nothing") as error:
+        _graft_with_envoy(P_nn, F_nn, ids, checked)
+    assert "module(s) of a model other than the recipient" in str(error.value)
+    assert len(worker.calls) == n  # refused before anything was sent
+
+
+def test_envoy_as_donor_is_refused():
+    import nnsight
+    from nnsight.modeling.transformers import TransformersModel
+
+    P, F, tok, _, _ = models("llama")
+    for envoy in (nnsight.NNsight(F), TransformersModel(F, tokenizer=tok, task="text-generation")):
+        with pytest.raises(RemoteDonorError, match="silently do nothing"):
+            RemoteGrafter(P, envoy, tok, execution="local")
+        with pytest.raises(RemoteDonorError, match="silently do nothing"):
+            DeltaDonor(envoy, P)
+
+
+def test_raw_module_in_a_request_is_refused():
+    from nnsight.modeling.transformers import TransformersModel
+
+    P, _, tok, _, _ = models("llama")
+    F = tiny_pair("llama")[1]  # a fresh F: never wrapped in an envoy, so its modules carry no path tag
+    P_nn = TransformersModel(P, tokenizer=tok, task="text-generation")
+    backend = _backend_class()("local:llama", known=P_nn._remoteable_persistent_objects(), limit_bytes=None,
+                               server=lambda m, b: b"", host="http://localhost", api_key="")
+    with pytest.raises(ForeignModuleError, match="whole LlamaForCausalLM module"):
+        _graft_with_envoy(P_nn, F, torch.tensor([[5, 6, 7]]), backend)
+
+
+def _trace_with_object(P_nn, payload, backend):
+    with P_nn.trace(input_ids=torch.tensor([[5, 6, 7]]), backend=backend):
+        kept = payload
+        logits = P_nn.output.logits.save()
+    return kept, logits
+
+
+def test_objects_the_server_cannot_import_are_refused():
+    from nnsight.modeling.transformers import TransformersModel
+
+    P, F, tok, _, _ = models("llama")
+    P_nn = TransformersModel(P, tokenizer=tok, task="text-generation")
+    plan = Grafter(P, F, tok).plan(SPEC, PROMPTS[:1], SPANS[:1])  # an nngraft object
+    backend = _backend_class()("local:llama", known=P_nn._remoteable_persistent_objects(), limit_bytes=None,
+                               server=lambda m, b: b"", host="http://localhost", api_key="")
+    with pytest.raises(ServerEnvironmentError, match="'nngraft'"):
+        _trace_with_object(P_nn, plan, backend)
+
+
+# ---------------------------------------------------------------------------------------------
+# Pre-flight: spec validation, payload estimate and limit
+# ---------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("kind", ["dense", "delta", "rank2", "lora"])
+def test_estimate_equals_what_is_sent(kind):
+    P, F, tok, lora_dir, _ = models("llama")
+    donor = {"dense": DenseDonor(F), "delta": DeltaDonor(F, P), "rank2": DeltaDonor(F, P, rank=2),
+             "lora": LoraDonor(lora_dir)}[kind]
+    g = RemoteGrafter(P, donor, tok, execution="local", dtype=torch.bfloat16, verbose=False)
+    estimate = g.estimate(SPEC)
+    g.run(SPEC, PROMPTS, SPANS)
+    sent = g.last_report
+    assert estimate.total_bytes == sent.total_bytes > 0
+    assert sent.dtype == "bfloat16"
+    assert {i.path for i in estimate.items if i.mode == "skip"} == set(sent.skipped)
+    request = g.requests[-1]["request_bytes"]
+    assert sent.total_bytes < request < sent.total_bytes + 200_000  # tensors + envoy tree + inputs
+
+
+def test_request_overhead_is_small_and_tensors_dominate():
+    """The serialized request = donor tensors + a fixed overhead (envoy tree, code, inputs)."""
+    P, F, tok, _, _ = models("llama")
+    g = RemoteGrafter(P, DenseDonor(F), tok, execution="local", verbose=False)
+    g.run(GraftSpec(), PROMPTS, SPANS)
+    empty = g.requests[-1]["request_bytes"]
+    g.run(SPEC, PROMPTS, SPANS)
+    full = g.requests[-1]
+    extra = full["request_bytes"] - empty
+    assert full["donor_bytes"] <= extra <= full["donor_bytes"] * 1.25
+
+
+def test_payload_limit_refuses_before_sending():
+    P, F, tok, _, _ = models("llama")
+    calls = []
+    g = RemoteGrafter(P, DenseDonor(F), tok, execution=lambda m, b: calls.append(b), max_payload_mb=0.01,
+                      verbose=False)
+    with pytest.raises(PayloadTooLargeError, match=r"over the limit of 10\.0 kB.*DeltaDonor"):
+        g.run(SPEC, PROMPTS, SPANS)
+    assert calls == []
+
+
+def test_spec_is_validated_against_the_model():
+    from nngraft.errors import ComponentNotFoundError, LayerRangeError
+
+    P, F, tok, _, _ = models("gpt2")
+    g = RemoteGrafter(P, DenseDonor(F), tok, execution="local", verbose=False)
+    with pytest.raises(ComponentNotFoundError, match="gate"):
+        g.estimate(GraftSpec(rules=[GraftRule(components=["gate"], positions=[Last()])]))
+    with pytest.raises(LayerRangeError):
+        g.estimate(GraftSpec(rules=[GraftRule(components=["mlp"], layers=[7], positions=[Last()])]))
+
+
+def test_donor_of_another_size_is_refused():
+    from nngraft.errors import DonorMismatchError
+
+    P, _, tok, _, _ = models("llama")
+    _, F3, _ = tiny_pair("llama", n_layers=3)
+    F_wide = tiny_pair("qwen2")[1]
+    g = RemoteGrafter(P, DenseDonor(F_wide), tok, execution="local", verbose=False)
+    with pytest.raises(DonorMismatchError, match="shape"):
+        g.run(SPEC, PROMPTS, SPANS)
+    lora = models("gpt2")[3]
+    with pytest.raises(DonorMismatchError, match="does not have"):
+        RemoteGrafter(P, LoraDonor(lora), tok, execution="local", verbose=False)
+
+
+def test_generation_is_refused_remotely():
+    P, F, tok, _, _ = models("llama")
+    g = RemoteGrafter(P, DenseDonor(F), tok, execution="local", verbose=False)
+    with pytest.raises(RemoteUnsupportedError, match="generation"):
+        g.generate(SPEC, PROMPTS[:1], SPANS[:1])
+
+
+# ---------------------------------------------------------------------------------------------
+# Functional forms: every graftable module of every tiny architecture
+# ---------------------------------------------------------------------------------------------
+
+
+def _leaf_modules(arch: str):
+    from nngraft.arch import adapter_for, get_module
+    from nngraft.remote import spec_modules
+
+    P, F, tok = tiny_pair(arch)
+    adapter = adapter_for(P)
+    spec = GraftSpec(rules=[GraftRule(components=["everything"], positions=[Last()])])
+    for path in spec_modules([spec], adapter, P.config):
+        yield P, path, get_module(P, path)
+
+
+@pytest.mark.parametrize("arch", TINY_MODEL_TYPES)
+def test_functional_forms_reproduce_every_module(arch):
+    from nngraft.functional import forward
+
+    seen = set()
+    for P, path, module in _leaf_modules(arch):
+        kind, const = module_kind(module, path)
+        seen.add(kind)
+        if kind == "embedding":
+            x = torch.tensor([[3, 4, 5]])
+        else:
+            width = module.weight.shape[-1] if kind != "conv1d" else module.weight.shape[0]
+            x = torch.randn(2, 3, width)
+        with torch.no_grad():
+            expected = module(x)
+            got = forward(kind, x, dict(module.named_parameters()), const)
+        assert torch.equal(got, expected), (arch, path, kind)
+    assert "embedding" in seen and ({"linear", "conv1d"} & seen)
+
+
+def test_unknown_module_class_is_refused():
+    class ScaledNorm(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.weight = torch.nn.Parameter(torch.ones(8))
+            self.eps = 1e-6
+
+        def forward(self, x):
+            return x * self.weight * 2
+
+    with pytest.raises(UnsupportedModuleError, match="ScaledNorm"):
+        module_kind(ScaledNorm(), "model.norm")
+
+
+def test_leaf_plan_splits_a_whole_mlp_graft():
+    from nngraft.arch import adapter_for
+
+    P, F, tok, _, _ = models("llama")
+    plan = Grafter(P, F, tok).plan(GraftSpec(rules=[GraftRule(components=["mlp"], layers="last:1",
+                                                              positions=[Last()])]), PROMPTS[:1])
+    assert [m.path for m in plan.modules] == ["model.layers.1.mlp"]
+    leaves = leaf_plan(plan, adapter_for(P), P.config)
+    assert [m.path for m in leaves.modules] == [f"model.layers.1.mlp.{p}_proj" for p in ("gate", "up", "down")]
+
+
+@pytest.mark.parametrize("arch", [a for a in TINY_MODEL_TYPES if a not in ARCHS])
+def test_in_process_round_trip_equals_local_graft_on_other_architectures(arch):
+    """The serialize → deserialize → execute round trip, in process, on the other 9 architectures."""
+    P, F, tok = tiny_pair(arch)
+    expected = Grafter(P, F, tok).run(SPEC, PROMPTS, SPANS).logits
+    got = RemoteGrafter(P, DeltaDonor(F, P), tok, execution="local", verbose=False).run(SPEC, PROMPTS, SPANS)
+    torch.testing.assert_close(got.logits, expected, atol=ATOL, rtol=RTOL)
+
+
+# ---------------------------------------------------------------------------------------------
+# The network path: NDIF mocked at the HTTP / websocket layer, nnsight's client code unchanged
+# ---------------------------------------------------------------------------------------------
+
+
+class FakeNDIF:
+    """Answers nnsight's RemoteBackend like NDIF: /status, /subscribe (websocket), /request."""
+
+    def __init__(self, worker, repo_id: str, model: str, key: str = "secret-key-123") -> None:
+        self.worker, self.repo_id, self.model, self.key = worker, repo_id, model, key
+        self.messages: list = []
+        self.posted: list[dict] = []
+        self.fail_with: str | None = None
+
+    # websocket ---------------------------------------------------------------------------
+    def create_connection(self, url, header=None):
+        assert url.endswith("/subscribe")
+        fake = self
+
+        class Connection:
+            def __init__(self):
+                self.queue = [json.dumps({"session_id": "session-1"})]
+
+            def recv(self):
+                if not self.queue:
+                    self.queue.extend(fake.messages)
+                    fake.messages.clear()
+                return self.queue.pop(0)
+
+            def settimeout(self, t):
+                pass
+
+            def close(self):
+                pass
+
+        return Connection()
+
+    # http --------------------------------------------------------------------------------
+    def client(self, *args, **kwargs):
+        import httpx
+
+        fake = self
+
+        class Client:
+            def __enter__(self):
+                return self
+
+            def __exit__(self, *exc):
+                return False
+
+            def post(self, url, data=None, files=None, headers=None):
+                from nnsight.schema.response import ResponseModel, Status
+
+                request = httpx.Request("POST", url)
+                blob = files["blob"][1]
+                fake.posted.append({"headers": dict(headers), "metadata": data["data"], "blob": blob})
+                if headers.get("ndif-api-key") != fake.key:
+                    return httpx.Response(401, json={"detail": "Invalid API key."}, request=request)
+                if fake.fail_with:
+                    fake.messages.append(ResponseModel(id="job-1", status=Status.ERROR,
+                                                       description=fake.fail_with).model_dump_json())
+                else:
+                    reply, result = fake.worker.run(fake.model, data["data"], blob)
+                    if reply["ok"]:
+                        fake.messages.append(ResponseModel(id="job-1", status=Status.COMPLETED,
+                                                           data=result).pickle())
+                    else:
+                        fake.messages.append(ResponseModel(id="job-1", status=Status.ERROR,
+                                                           description=reply["error"]).model_dump_json())
+                return httpx.Response(200, text=ResponseModel(id="job-1", status=Status.RECEIVED).model_dump_json(),
+                                      request=request)
+
+        return Client()
+
+    def get(self, url, *args, **kwargs):
+        import httpx
+
+        assert url.endswith("/status")
+        deployments = {"d1": {"repo_id": self.repo_id, "application_state": "RUNNING", "deployment_level": "HOT"},
+                       "d2": {"repo_id": "openai-community/gpt2", "application_state": "RUNNING"}}
+        return httpx.Response(200, json={"deployments": deployments}, request=httpx.Request("GET", url))
+
+
+@pytest.fixture
+def fake_ndif(worker, monkeypatch):
+    import httpx
+    import websocket
+    from nnsight.modeling import huggingface
+
+    repo = "nngraft-tests/tiny-llama"
+    folder = str(Path(_tmp()) / "P_llama")
+    fake = FakeNDIF(worker, repo, "llama")
+    monkeypatch.setattr(websocket, "create_connection", fake.create_connection)
+    monkeypatch.setattr(httpx, "Client", fake.client)
+    monkeypatch.setattr(httpx, "get", fake.get)
+    monkeypatch.setitem(huggingface._ID_CACHE, folder, repo)  # the Hub's canonical id, without the Hub
+    monkeypatch.setenv("NDIF_API_KEY", fake.key)
+    fake.folder = folder
+    return fake
+
+
+def test_ndif_path_end_to_end_with_mocked_network(fake_ndif):
+    P, F, tok, lora_dir, merged = models("llama")
+    expected = Grafter(P, merged, tok).run(SPEC, PROMPTS, SPANS).logits
+    g = RemoteGrafter(fake_ndif.folder, LoraDonor(lora_dir), dtype=torch.float32, verbose=False)
+    out = g.run(SPEC, PROMPTS, SPANS)
+    torch.testing.assert_close(out.logits, expected, atol=ATOL, rtol=RTOL)
+    posted = fake_ndif.posted[-1]
+    assert posted["headers"]["ndif-api-key"] == fake_ndif.key
+    assert fake_ndif.key.encode() not in posted["blob"]  # the key travels in the header only
+    assert fake_ndif.key not in posted["metadata"] and fake_ndif.key not in repr(g)
+    assert json.loads(posted["metadata"])["compress"] is True  # nnsight's default, zstd
+
+
+def test_ndif_bad_key_is_a_clear_error(fake_ndif, monkeypatch):
+    monkeypatch.setenv("NDIF_API_KEY", "wrong-key-456")
+    P, F, tok, _, _ = models("llama")
+    g = RemoteGrafter(fake_ndif.folder, DenseDonor(F), verbose=False)
+    with pytest.raises(RemoteAuthError, match="HTTP 401.*NDIF_API_KEY") as error:
+        g.run(SPEC, PROMPTS[:1], SPANS[:1])
+    assert "wrong-key-456" not in str(error.value)
+
+
+def test_ndif_missing_key_is_refused_before_anything_is_sent(fake_ndif, monkeypatch):
+    from nnsight.schema.config import CONFIG
+
+    monkeypatch.delenv("NDIF_API_KEY")
+    monkeypatch.setattr(CONFIG.API, "APIKEY", None)
+    with pytest.raises(RemoteAuthError, match="NDIF_API_KEY"):
+        RemoteGrafter(fake_ndif.folder, DenseDonor(models("llama")[1]))
+    assert fake_ndif.posted == []
+
+
+def test_ndif_server_error_carries_the_servers_message(fake_ndif):
+    fake_ndif.fail_with = "Traceback ...\nCUDA out of memory"
+    g = RemoteGrafter(fake_ndif.folder, DenseDonor(models("llama")[1]), verbose=False)
+    with pytest.raises(RemoteExecutionError, match="CUDA out of memory"):
+        g.run(SPEC, PROMPTS[:1], SPANS[:1])
+
+
+def test_model_not_running_on_ndif(fake_ndif, monkeypatch):
+    from nnsight.modeling import huggingface
+
+    monkeypatch.setitem(huggingface._ID_CACHE, "meta-llama/Nope", "meta-llama/Nope")
+    with pytest.raises(ModelNotAvailableError, match=r"'meta-llama/Nope' is not running.*openai-community/gpt2"):
+        RemoteGrafter("meta-llama/Nope", DenseDonor(models("llama")[1]))
+    with pytest.raises(RemoteConnectionError, match="could not read"):
+        check_model_available("x/y", "http://ndif.invalid", get=_unreachable)
+
+
+def _unreachable(url):
+    raise OSError("connection refused")
+
+
+def test_lora_trained_on_another_base_is_refused(fake_ndif, tmp_path):
+    import shutil
+
+    from nngraft.remote import RemoteDonorMismatch
+
+    lora = tmp_path / "lora"
+    shutil.copytree(models("llama")[3], lora)
+    config = json.loads((lora / "adapter_config.json").read_text())
+    config["base_model_name_or_path"] = "meta-llama/Meta-Llama-3.1-8B-Instruct"
+    (lora / "adapter_config.json").write_text(json.dumps(config))
+    with pytest.raises(RemoteDonorMismatch, match="trained on 'meta-llama/Meta-Llama-3.1-8B-Instruct'"):
+        RemoteGrafter(fake_ndif.folder, LoraDonor(lora))
+
+
+def test_estimate_payload_from_shapes_on_meta_model():
+    """The pre-flight estimate needs no weights: a meta model built from the config suffices."""
+    from transformers import AutoModelForCausalLM
+
+    P, F, tok, lora_dir, _ = models("llama")
+    with torch.device("meta"):
+        meta = AutoModelForCausalLM.from_config(P.config)
+    real = estimate_payload([SPEC], P, LoraDonor(lora_dir), torch.bfloat16)
+    shapes = estimate_payload([SPEC], meta, LoraDonor(lora_dir), torch.bfloat16)
+    assert real.total_bytes == shapes.total_bytes > 0
