@@ -121,6 +121,15 @@ class Grafter:
         """``Grafter.from_pretrained("meta-llama/Llama-3.2-1B", "me/llama-movies-sft")``."""
         return cls(recipient, donor, **kwargs)
 
+    @classmethod
+    def remote(cls, recipient: Any, donor: Any, tokenizer: Any = None, **kwargs: Any) -> "Grafter":
+        """Run on NDIF, where only P is hosted and the donor travels as tensors:
+        ``Grafter.remote("meta-llama/Meta-Llama-3.1-8B", donor=LoraDonor("adapter/"))``.
+        See :class:`nngraft.remote.RemoteGrafter` and docs/remote.md."""
+        from .remote import RemoteGrafter
+
+        return RemoteGrafter(recipient, donor, tokenizer, **kwargs)
+
     @property
     def n_layers(self) -> int:
         return self.adapter.n_layers(self.model.config)
