@@ -71,9 +71,17 @@ class Shipment:
 # ---------------------------------------------------------------------------------------------
 
 
+def _owner(module: torch.nn.Module, name: str) -> tuple[torch.nn.Module, str]:
+    """(the submodule that holds parameter ``name``, its own name there): ``up_proj.weight`` of an
+    MLP is ``weight`` of its ``up_proj``."""
+    prefix, _, leaf = name.rpartition(".")
+    return (module.get_submodule(prefix) if prefix else module), leaf
+
+
 def layout_of(module: torch.nn.Module, name: str = "weight") -> Layout:
     """How a module stores parameter ``name``: as a linear map (``nn.Linear``: out×in), transposed
     (GPT-2 ``Conv1D``: in×out), an embedding table (vocab×dim), or a vector (norms, biases)."""
+    module, name = _owner(module, name)
     param = getattr(module, name)
     if param.ndim == 1:
         return "vector"
@@ -135,7 +143,8 @@ class _Tensors:
         self.source = source
 
     def get(self, name: str) -> torch.Tensor:
-        return self.source._tensor(name)
+        # the core donors' tensor lookup (with the tied-embedding fallback for lm_head.weight)
+        return getattr(self.source, "_tensor_or_tied", self.source._tensor)(name)
 
 
 def _refuse_envoy(source: Any, role: str) -> None:
@@ -405,12 +414,17 @@ class LoraDonor:
         raw = load_file(str(weights))
         self.factors: dict[str, dict[str, torch.Tensor]] = {}  # module path -> {"A", "B"}
         self.full: dict[str, torch.Tensor] = {}  # full parameter name -> tensor (modules_to_save)
+        # PEFT also saves the *base* weights of adapted embeddings / heads (in case the vocabulary
+        # was resized); they must equal the recipient's, which is checked where weights are known.
+        self.base: dict[str, torch.Tensor] = {}
         for key, value in raw.items():
             name = key[len(_PREFIX):] if key.startswith(_PREFIX) else key
             match = _LORA_KEY.match(name)
             if match:
                 which = "A" if match["which"].endswith("A") else "B"
                 self.factors.setdefault(match["module"], {})[which] = value
+            elif ".base_layer." in name:
+                self.base[name.replace(".base_layer.", ".")] = value
             elif name.endswith((".weight", ".bias")):
                 name = name.replace(".modules_to_save.default.", ".").replace(".original_module.", ".")
                 self.full[name] = value
@@ -472,9 +486,27 @@ class LoraDonor:
                 ) from None
             if path in self.factors:
                 self._check_factors(path, module)
-        for name, value in self.full.items():
+        for name, value in {**self.full, **self.base}.items():
             path, _, leaf = name.rpartition(".")
-            _check_shape(name, value, getattr(get_module(model, path), leaf), "adapter")
+            try:
+                like = getattr(get_module(model, path), leaf)
+            except AttributeError:
+                raise DonorMismatchError(f"the LoRA adapter {self.path} has a tensor for {name!r}, which "
+                                         f"{type(model).__name__} does not have") from None
+            _check_shape(name, value, like, "adapter")
+            if name in self.base:
+                self._check_base(name, like)
+
+    def _check_base(self, name: str, recipient: torch.Tensor) -> None:
+        """The adapter's saved base weight must be the recipient's (skipped on meta tensors)."""
+        if recipient.is_meta:
+            return
+        if not torch.equal(self.base[name].to(recipient.dtype), recipient.detach().cpu()):
+            raise DonorMismatchError(
+                f"the LoRA adapter {self.path} was saved with its own base weights for {name!r}, and they "
+                "differ from the recipient's (resized vocabulary, or another base model); nngraft "
+                "cannot graft such an adapter"
+            )
 
     # -- the Donor protocol (local) ---------------------------------------------------------
 
@@ -485,13 +517,17 @@ class LoraDonor:
             found = {}
             for name, p in module.named_parameters():
                 full = f"{path}.{name}"
+                owner_path, _, leaf = full.rpartition(".")
                 value = p.detach()
+                if full in self.base:
+                    self._check_base(full, p)
                 if full in self.full:
                     _check_shape(full, self.full[full], p, "adapter")
                     value = self.full[full].to(device=p.device, dtype=p.dtype)
-                elif name == "weight" and path in self.factors:
-                    a, b = self._check_factors(path, module)
-                    delta = from_map(b.float() @ a.float(), layout_of(module)) * self.scale(path)
+                elif leaf == "weight" and owner_path in self.factors:
+                    owner, _ = _owner(module, name)
+                    a, b = self._check_factors(owner_path, owner)
+                    delta = from_map(b.float() @ a.float(), layout_of(owner)) * self.scale(owner_path)
                     value = value + delta.to(device=p.device, dtype=p.dtype)
                 found[name] = value
             self._local[path] = found
