@@ -1,0 +1,102 @@
+"""`nngraft run`, `nngraft sweep`, `nngraft plot`: via subprocess (as a user runs them) and, for the
+error paths, in-process (exit codes 0 ok / 1 error with message / 2 usage)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from nngraft.cli import main
+from nngraft.study.examples import TestExample
+from nngraft.study.results import load_manifest, load_results
+from nngraft.study.sweep import save_examples_jsonl
+
+ROOT = Path(__file__).resolve().parents[1]
+SPECS = ROOT / "recipes" / "specs"
+
+
+def nngraft(*args: str, cwd: Path) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "nngraft.cli", *args], capture_output=True, text=True,
+                          cwd=cwd, timeout=300)
+
+
+@pytest.fixture()
+def examples(tmp_path: Path) -> Path:
+    return save_examples_jsonl([
+        TestExample("f1", "s3", "Ada Lovelace stars in The Engine alongside",
+                    {"first_actor": "Ada Lovelace", "movie_title": "The Engine"}, "Alan Turing"),
+        TestExample("f2", "s3", "Grace Hopper stars in The Compiler alongside",
+                    {"first_actor": "Grace Hopper", "movie_title": "The Compiler"}, "Marie Curie"),
+    ], tmp_path / "examples.jsonl")
+
+
+def test_help_lists_the_study_commands(tmp_path):
+    result = nngraft("--help", cwd=tmp_path)
+    assert result.returncode == 0
+    for name in ("run", "sweep", "plot"):
+        assert name in result.stdout
+
+
+def test_run_then_plot(tmp_path, examples):
+    result = nngraft("run", "--tiny", "llama", "--spec", str(SPECS / "fe_lt.json"), "--spec", str(SPECS / "lt.json"),
+                     "--data", str(examples), "-o", "out", "--no-progress", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    for spec in ("fe_lt", "lt", "p (P)", "f (F)"):
+        assert spec in result.stdout
+    assert "recovery" in result.stdout and "top-100" in result.stdout
+    rows = load_results(tmp_path / "out")
+    assert len(rows) == 4 * 2 and {r["spec"] for r in rows} == {"p", "f", "fe_lt", "lt"}
+    assert load_manifest(tmp_path / "out")["baseline_check"]["tiny-llama"]["ok"] is True
+
+    result = nngraft("plot", "out", "--k", "5", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert (tmp_path / "out" / "plots" / "bars_positions_tiny-llama_s3.png").stat().st_size > 1000
+    assert (tmp_path / "out" / "plots" / "bars_positions_tiny-llama_s3.svg").exists()
+    assert "wrote 3 files" in result.stderr
+
+
+def test_sweep_config_with_plots_and_resume(tmp_path, examples):
+    config = tmp_path / "sweep.json"
+    config.write_text(json.dumps({"name": "cli", "models": [{"name": "tiny", "tiny": "gpt2"}],
+                                  "data": {"examples": "examples.jsonl"}, "grid": "main", "output": "runs/cli"}))
+    result = nngraft("sweep", str(config), "--plot", "--no-progress", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert "16 rows written, 0 already done" in result.stderr
+    assert len(load_results(tmp_path / "runs" / "cli")) == 16
+    assert (tmp_path / "runs" / "cli" / "plots" / "bars_positions_tiny_s3.png").exists()
+    again = nngraft("sweep", str(config), "--no-progress", cwd=tmp_path)
+    assert again.returncode == 0 and "0 rows written, 16 already done" in again.stderr
+
+
+def test_errors_exit_1_with_a_message(tmp_path, examples):
+    result = nngraft("run", "--tiny", "llama", "--spec", "missing.json", "--data", str(examples), cwd=tmp_path)
+    assert result.returncode == 1
+    assert "error:" in result.stderr and "no spec file" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_usage_errors_exit_2(tmp_path, examples, capsys):
+    with pytest.raises(SystemExit) as exit_:
+        main(["run", "--data", str(examples)])  # no --spec
+    assert exit_.value.code == 2
+    with pytest.raises(SystemExit) as exit_:
+        main(["run", "--spec", str(SPECS / "lt.json"), "--data", str(examples)])
+    assert exit_.value.code == 2
+    assert "give --model and --donor" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as exit_:
+        main(["run", "--spec", str(SPECS / "lt.json"), "--tiny", "llama", "--data", str(examples),
+              "--template", "sentence_3"])
+    assert exit_.value.code == 2
+
+
+def test_bad_config_and_missing_results_exit_1(tmp_path, capsys):
+    bad = tmp_path / "bad.json"
+    bad.write_text(json.dumps({"models": [], "data": {"examples": "e.jsonl"}, "grid": "main"}))
+    assert main(["sweep", str(bad)]) == 1
+    err = capsys.readouterr().err
+    assert "invalid sweep config" in err and "models" in err
+    assert main(["plot", str(tmp_path / "nothing")]) == 1
+    assert "no results file" in capsys.readouterr().err

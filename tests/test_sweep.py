@@ -1,0 +1,365 @@
+"""Sweeps end to end on tiny models: spec files, results + manifest + plots, baselines equal plain
+P and F, resuming after a kill gives identical results, and the errors that guard resumes."""
+
+from __future__ import annotations
+
+import importlib.metadata
+import json
+import warnings
+from pathlib import Path
+
+import pytest
+import torch
+
+from nngraft import GraftSpec, Grafter
+from nngraft.arch import adapter_for
+from nngraft.plan import compile_plan
+from nngraft.result import target_token_id
+from nngraft.study.examples import TestExample
+from nngraft.study.grids import PAPER_GRIDS, paper_specs, spec_file_name, with_lm_head
+from nngraft.study.results import (ResultsError, ResultsWriter, TruncatedResultsWarning, load_manifest,
+                                   load_results)
+from nngraft.study.sweep import (SweepConfig, SweepConfigError, evaluate, load_sweep_config, plan_batches,
+                                 resolve_specs, run_sweep, save_examples_jsonl, spec_role)
+from nngraft.testing import tiny_pair
+
+SPEC_DIR = Path(__file__).resolve().parents[1] / "recipes" / "specs"
+
+EXAMPLES = [
+    TestExample("f1", "s3", "Ada Lovelace stars in The Engine alongside",
+                {"first_actor": "Ada Lovelace", "movie_title": "The Engine"}, "Alan Turing"),
+    TestExample("f2", "s3", "Grace Hopper stars in The Compiler alongside",
+                {"first_actor": "Grace Hopper", "movie_title": "The Compiler"}, "Marie Curie"),
+    TestExample("f3", "s3", "Keanu Reeves stars in The Matrix alongside",
+                {"first_actor": "Keanu Reeves", "movie_title": "The Matrix"}, "Carrie-Anne Moss"),
+    TestExample("f1", "q", "Q: Who stars with Ada Lovelace in a movie? A: An actor named",
+                {"first_actor": "Ada Lovelace"}, "Alan Turing"),
+]
+
+
+# ---------------------------------------------------------------------------------------------
+# Shipped specs
+# ---------------------------------------------------------------------------------------------
+
+
+def test_shipped_spec_files_are_exactly_the_paper_specs():
+    specs = paper_specs()
+    files = sorted(SPEC_DIR.rglob("*.json"))
+    assert {str(f.relative_to(SPEC_DIR)) for f in files} == {spec_file_name(n) for n in specs}
+    for name, spec in specs.items():
+        assert GraftSpec.load(SPEC_DIR / spec_file_name(name)) == spec, name
+    for grid, names in PAPER_GRIDS.items():
+        assert set(names) <= set(specs), grid
+        assert names[:2] == ["p", "f"], grid
+
+
+@pytest.mark.parametrize("model_type", ["gpt2", "gpt_neox", "llama"])
+def test_every_shipped_spec_compiles_on_tiny_models(model_type):
+    P, _, tok = tiny_pair(model_type, n_layers=8)  # eighths need at least 8 layers
+    g = Grafter(P, P, tok)
+    prompt = "Ada Lovelace stars in The Engine alongside"
+    spans = {"first_actor": "Ada Lovelace", "movie_title": "The Engine", "relation": "stars"}
+    tokenized = g.tokenize([prompt], [spans])
+    for path in sorted(SPEC_DIR.rglob("*.json")):
+        spec = GraftSpec.load(path)
+        plan = compile_plan([spec], adapter_for(P), P.config, tokenized)
+        assert plan.is_empty == (spec.name == "p"), path
+
+
+def test_spec_semantics():
+    specs = paper_specs()
+    assert spec_role(specs["p"]) == "p" and spec_role(specs["f"]) == "f" and spec_role(specs["fe"]) == "graft"
+    assert specs["lt_attn"].rules[0].components == ["q", "k", "v"]  # the paper's "attn" excludes o
+    assert specs["lt_ffn"].rules[0].components == ["mlp"]
+    assert specs["fe_lt_complement"].rules[0].positions[0].not_ == specs["fe_lt"].rules[0].positions
+    assert specs["fe_lt_selective"].rules[1].layers == "second_half"
+    head = with_lm_head(specs["fe"], "last_token")
+    assert head.name == "fe+lm_head" and head.rules[-1].components == ["lm_head"]
+    assert head.rules[-1].positions[0].model_dump() == {"last": True}
+    assert with_lm_head(specs["fe"], "never") is specs["fe"]
+
+
+def test_lm_head_last_token_equals_always_and_grafts_the_head(tmp_path):
+    P, F, tok = tiny_pair("gpt_neox")  # untied head, so grafting it changes only the unembedding
+    g = Grafter(P, F, tok)
+    base = paper_specs()["lt"]
+    specs = [base, with_lm_head(base, "last_token"), with_lm_head(base, "always")]
+    res = g.run_grid(specs, [EXAMPLES[0].prompt], [EXAMPLES[0].spans])
+    last, always = res["lt+lm_head"].logits, res["lt+lm_head_all"].logits
+    torch.testing.assert_close(last, always)
+    assert not torch.allclose(res["lt"].logits, last)
+
+
+# ---------------------------------------------------------------------------------------------
+# End to end
+# ---------------------------------------------------------------------------------------------
+
+
+def _config(tmp_path: Path, **extra) -> SweepConfig:
+    save_examples_jsonl(EXAMPLES, tmp_path / "examples.jsonl")
+    raw = {"name": "t", "models": [{"name": "tiny", "tiny": "llama"}], "data": {"examples": "examples.jsonl"},
+           "grid": "main", "specs": [str(SPEC_DIR / "lt_ffn.json")], "batch_size": 5, "output": "out",
+           "base_dir": str(tmp_path), **extra}
+    return SweepConfig.model_validate(raw)
+
+
+def _direct_prob(model, tok, example: TestExample) -> float:
+    ids = tok(example.prompt, return_tensors="pt")["input_ids"]
+    with torch.no_grad():
+        logits = model(input_ids=ids).logits[0, -1]
+    return float(torch.softmax(logits.float(), -1)[target_token_id(tok, example.prompt, example.answer)])
+
+
+@pytest.fixture(scope="module")
+def finished(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("sweep")
+    config = _config(tmp)
+    outcome = run_sweep(config, show_progress=False)
+    return config, outcome, load_results(outcome.results)
+
+
+def test_sweep_writes_rows_manifest_and_checks_baselines(finished):
+    config, outcome, rows = finished
+    spec_names = [s.name for s in resolve_specs(config)]
+    assert spec_names == PAPER_GRIDS["main"] + ["lt_ffn"]
+    assert len(rows) == len(spec_names) * len(EXAMPLES)
+    assert {(r["spec"], r["example"]) for r in rows} == {(s, e.key) for s in spec_names for e in EXAMPLES}
+    row = rows[0]
+    for key in ("model", "spec", "spec_hash", "example", "fact_id", "template", "target_id", "target_text",
+                "prob", "logprob", "rank", "top_1", "top_5", "top_10", "top_100", "top_tokens"):
+        assert key in row
+    manifest = load_manifest(outcome.results)
+    assert manifest["versions"]["torch"] == importlib.metadata.version("torch")
+    assert manifest["versions"]["nngraft"] == importlib.metadata.version("nngraft")
+    assert set(manifest["specs"]) == set(spec_names)
+    assert manifest["specs"]["p"]["role"] == "p" and manifest["specs"]["f"]["role"] == "f"
+    assert manifest["specs"]["fe"]["hash"] == paper_specs()["fe"].content_hash()
+    ident = manifest["models"]["tiny"]
+    assert ident["recipient"]["config_hash"] == ident["donor"]["config_hash"]
+    assert ident["recipient"]["weights_fingerprint"] != ident["donor"]["weights_fingerprint"]
+    assert manifest["dataset"]["n_examples"] == 4 and manifest["dataset"]["n_facts"] == 3
+    assert manifest["baseline_check"]["tiny"]["ok"] is True
+    assert manifest["runs"][-1]["rows_written"] == len(rows)
+
+
+@pytest.fixture(scope="module")
+def tiny_llama():
+    return tiny_pair("llama")
+
+
+def test_p_rows_equal_plain_p_and_f_rows_equal_f(finished, tiny_llama):
+    _, _, rows = finished
+    P, F, tok = tiny_llama
+    by = {(r["spec"], r["example"]): r for r in rows}
+    for ex in EXAMPLES:
+        p, f = by[("p", ex.key)], by[("f", ex.key)]
+        assert p["target_id"] == target_token_id(tok, ex.prompt, ex.answer)
+        assert p["prob"] == pytest.approx(_direct_prob(P, tok, ex), abs=1e-6)
+        assert f["prob"] == pytest.approx(_direct_prob(F, tok, ex), abs=1e-6)
+        assert p["prob"] != pytest.approx(f["prob"], abs=1e-6)  # the test can tell them apart
+
+
+def test_rank_and_hits_match_an_independent_computation(finished, tiny_llama):
+    _, _, rows = finished
+    P, F, tok = tiny_llama
+    g = Grafter(P, F, tok)
+    ex = EXAMPLES[1]
+    logits = g.run(paper_specs()["fe_lt"], [ex.prompt], [ex.spans]).logits[0].float()
+    probs = torch.softmax(logits, -1)
+    row = next(r for r in rows if r["spec"] == "fe_lt" and r["example"] == ex.key)
+    target = row["target_id"]
+    assert row["prob"] == pytest.approx(float(probs[target]), abs=1e-6)
+    assert row["rank"] == int((probs > probs[target]).sum())
+    assert row["top_5"] == (row["rank"] < 5)
+    assert row["top_tokens"][0] == tok.decode([int(probs.argmax())])
+
+
+def test_plots_from_the_sweep(finished, tmp_path):
+    from nngraft.study.plot import plot_results
+
+    _, outcome, _ = finished
+    paths = plot_results(outcome.results, tmp_path / "plots")
+    names = {p.name for p in paths}
+    assert "aggregates.csv" in names
+    for stem in ("bars_positions_tiny_s3", "bars_positions_tiny_q", "bars_positions_tiny_all-templates"):
+        assert {f"{stem}.png", f"{stem}.svg"} <= names
+    for p in paths:
+        assert p.stat().st_size > 1000
+    csv_lines = (tmp_path / "plots" / "aggregates.csv").read_text().splitlines()
+    assert csv_lines[0].startswith("model,template,spec,n_facts,n_examples,prob,prob_low,prob_high")
+
+
+def test_heatmaps_for_layer_groups(tmp_path):
+    from nngraft.study.plot import plot_results
+
+    config = _config(tmp_path, models=[{"name": "tiny4", "tiny": "gpt2", "tiny_layers": 4}],
+                     data={"examples": "examples.jsonl", "limit": 1}, grid=None, specs=[str(SPEC_DIR / "layers" / f"lt_ffn_{q}.json")
+                                       for q in ("first_quarter", "second_quarter", "third_quarter", "fourth_quarter")])
+    outcome = run_sweep(config, show_progress=False)
+    names = {p.name for p in plot_results(outcome.results)}
+    assert len(load_results(outcome.results)) == 6 * 2  # p, f and 4 quarters × fact f1's 2 examples
+    assert "heatmap_tiny4_s3_LT_quarter.png" in names and "heatmap_tiny4_s3_LT_quarter.svg" in names
+
+
+# ---------------------------------------------------------------------------------------------
+# Resuming
+# ---------------------------------------------------------------------------------------------
+
+
+def _canonical(rows):
+    return sorted((json.dumps(r, sort_keys=True) for r in rows))
+
+
+def test_resume_after_a_kill_mid_write_gives_identical_results(finished, tmp_path):
+    _, full, full_rows = finished
+    config = _config(tmp_path)
+    out = config.output_dir()
+    out.mkdir(parents=True)
+    lines = Path(full.results).read_text().splitlines(keepends=True)
+    # the run was killed after 13 rows, in the middle of writing the 14th
+    (out / "results.jsonl").write_text("".join(lines[:13]) + lines[13][: len(lines[13]) // 2])
+    with pytest.warns(TruncatedResultsWarning, match="incomplete last line"):
+        outcome = run_sweep(config, show_progress=False)
+    assert outcome.stats["tiny"].skipped == 13
+    assert outcome.stats["tiny"].written == len(full_rows) - 13
+    assert _canonical(load_results(outcome.results)) == _canonical(full_rows)
+    # a third run has nothing left to do
+    again = run_sweep(config, show_progress=False)
+    assert again.stats["tiny"].written == 0 and again.stats["tiny"].skipped == len(full_rows)
+
+
+def test_resume_after_an_interrupt_between_batches(finished, tmp_path):
+    _, _, full_rows = finished
+    config = _config(tmp_path)
+    P, F, tok = tiny_pair("llama")
+    specs = resolve_specs(config)
+    calls = []
+
+    def stop_after_two(n):
+        calls.append(n)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+
+    writer = ResultsWriter(config.output_dir())
+    with pytest.raises(KeyboardInterrupt):
+        evaluate(Grafter(P, F, tok), specs, EXAMPLES, model="tiny", writer=writer, batch_size=5,
+                 progress=stop_after_two)
+    writer.close()
+    assert len(load_results(config.output_dir())) == 10
+    outcome = run_sweep(config, show_progress=False)
+    assert outcome.stats["tiny"].written == len(full_rows) - 10
+    assert _canonical(load_results(outcome.results)) == _canonical(full_rows)
+
+
+def test_batches_do_not_depend_on_what_is_done():
+    specs = list(paper_specs().values())[:3]
+    batches = plan_batches(specs, [5, 3, 4], 4)
+    assert [u for b in batches for u in b] == [(0, 1), (1, 1), (2, 1), (0, 2), (1, 2), (2, 2),
+                                                (0, 0), (1, 0), (2, 0)]
+    assert [len(b) for b in batches] == [4, 4, 1]
+
+
+def test_resume_refuses_changed_spec_data_or_model(finished, tmp_path):
+    _, full, _ = finished
+    config = _config(tmp_path)
+    out = config.output_dir()
+    out.mkdir(parents=True)
+    for name in ("results.jsonl", "manifest.json"):
+        (out / name).write_bytes((Path(full.results).parent / name).read_bytes())
+    changed = tmp_path / "lt_ffn.json"
+    GraftSpec(name="lt_ffn", rules=paper_specs()["lt_o"].rules).save(changed)
+    with pytest.raises(ResultsError, match="spec 'lt_ffn' with hash .* the spec changed"):
+        run_sweep(_config(tmp_path, specs=[str(changed)]), show_progress=False)
+    edited = [TestExample(e.fact_id, e.template, e.prompt, e.spans, "Someone Else") for e in EXAMPLES]
+    save_examples_jsonl(edited, tmp_path / "edited.jsonl")
+    with pytest.raises(ResultsError, match="The data changed"):
+        run_sweep(_config(tmp_path, data={"examples": "edited.jsonl"}), show_progress=False)
+    manifest = json.loads((out / "manifest.json").read_text())
+    manifest["models"]["tiny"]["donor"]["weights_fingerprint"] = "0" * 16
+    (out / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(ResultsError, match="donor weights_fingerprint"):
+        run_sweep(config, show_progress=False)
+
+
+def test_missing_span_fails_before_any_forward(tmp_path):
+    config = _config(tmp_path, grid=None, specs=[str(SPEC_DIR / "r.json")])
+    with pytest.raises(Exception, match=r"has no span \['relation'\].*specs \['r'\]"):
+        run_sweep(config, show_progress=False)
+    assert not (config.output_dir() / "results.jsonl").read_text()
+
+
+# ---------------------------------------------------------------------------------------------
+# Results files and configs
+# ---------------------------------------------------------------------------------------------
+
+
+def test_load_results_drops_a_cut_line_and_rejects_a_damaged_middle(tmp_path):
+    path = tmp_path / "results.jsonl"
+    path.write_text('{"a": 1}\n{"a": 2}\n{"a": ')
+    with pytest.warns(TruncatedResultsWarning):
+        assert load_results(path) == [{"a": 1}, {"a": 2}]
+    path.write_text('{"a": 1}\n{"a": 2}')  # valid JSON but no newline: cut right before it
+    with pytest.warns(TruncatedResultsWarning):
+        assert load_results(path) == [{"a": 1}]
+    path.write_text('{"a": 1}\nnot json\n{"a": 3}\n')
+    with pytest.raises(ResultsError, match="line 2 is not a JSON object"):
+        load_results(path)
+    with pytest.raises(ResultsError, match="no results file"):
+        load_results(tmp_path / "nothing")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        path.write_text('{"a": 1}\n\n{"a": 2}\n')
+        assert load_results(path) == [{"a": 1}, {"a": 2}]
+
+
+def test_writer_truncates_the_cut_line_before_appending(tmp_path):
+    path = tmp_path / "results.jsonl"
+    row = {"model": "m", "spec": "s", "example": "e1"}
+    path.write_text(json.dumps(row) + '\n{"model": "m", "sp')
+    with pytest.warns(TruncatedResultsWarning):
+        writer = ResultsWriter(path)
+    assert set(writer.done) == {("m", "s", "e1")}
+    writer.append([dict(row, example="e2")])
+    writer.close()
+    assert [r["example"] for r in load_results(path)] == ["e1", "e2"]
+
+
+def test_config_errors_name_the_field(tmp_path):
+    bad = tmp_path / "bad.json"
+    bad.write_text(json.dumps({"models": [{"name": "x", "recipient": "a"}], "data": {"examples": "e.jsonl"},
+                               "grid": "main"}))
+    with pytest.raises(SweepConfigError, match="models\\[0\\].*give both 'recipient' and 'donor'"):
+        load_sweep_config(bad)
+    bad.write_text(json.dumps({"models": [{"name": "x", "tiny": "llama"}], "data": {"examples": "e.jsonl"}}))
+    with pytest.raises(SweepConfigError, match="give a 'grid'"):
+        load_sweep_config(bad)
+    bad.write_text("{nope")
+    with pytest.raises(SweepConfigError, match="not valid JSON"):
+        load_sweep_config(bad)
+    bad.write_text(json.dumps({"models": [{"name": "x", "tiny": "llama"}], "data": {"examples": "e.jsonl"},
+                               "grid": "nope"}))
+    with pytest.raises(Exception, match="unknown grid 'nope'"):
+        resolve_specs(load_sweep_config(bad))
+    with pytest.raises(SweepConfigError, match="exactly one of 'examples', 'facts' or 'dataset'"):
+        load_sweep_config(_write(tmp_path, {"models": [{"name": "x", "tiny": "llama"}], "grid": "main",
+                                            "data": {"examples": "e.jsonl", "facts": "f.jsonl"}}))
+
+
+def _write(tmp_path, raw):
+    path = tmp_path / "c.json"
+    path.write_text(json.dumps(raw))
+    return path
+
+
+def test_sweep_from_a_built_in_dataset(tmp_path):
+    config = SweepConfig.model_validate({
+        "models": [{"name": "tiny", "tiny": "gpt2"}], "grid": "relation", "batch_size": 16,
+        "data": {"dataset": "fake_movies_real_actors", "n": 3, "seed": 1,
+                 "templates": [{"template": "{first_actor} {relation} in a movie alongside", "name": "s1_r",
+                                "values": {"relation": "stars"}}]},
+        "output": str(tmp_path / "out")})
+    outcome = run_sweep(config, show_progress=False)
+    rows = load_results(outcome.results)
+    assert len(rows) == len(PAPER_GRIDS["relation"]) * 3
+    assert {r["template"] for r in rows} == {"s1_r"}
+    assert load_manifest(outcome.results)["dataset"]["facts_hash"]
