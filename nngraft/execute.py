@@ -73,10 +73,13 @@ def apply_plan(root: Any, plan: GraftPlan, donors: Donor | Mapping[str, Donor]) 
         envoy = envoy_at(root, path)
         module = envoy._module
         axis = grafts[0].token_axis
-        x = envoy.input.movedim(axis, 1)
+        x = envoy.input
         out = envoy.output
-        new = out.clone()
-        view = new.movedim(axis, 1)  # a view: writing into it writes into `new`
+        if axis != 1:
+            x, view = x.movedim(axis, 1), out.movedim(axis, 1)
+        else:
+            view = out
+        # The module's output is a fresh tensor that nothing has read yet: write into it in place.
         for name, mine in _by_donor(grafts):
             params = _donor(donors, name).params(path, module)
             if len(mine) == 1:
@@ -85,8 +88,7 @@ def apply_plan(root: Any, plan: GraftPlan, donors: Donor | Mapping[str, Donor]) 
                 cells = torch.unique(torch.stack([torch.cat([g.rows for g in mine]),
                                                   torch.cat([g.cols for g in mine])]), dim=1)
                 rows, cols = cells[0], cells[1]
-            with swapped_parameters(module, params):
-                y = envoy(x[rows, cols])
+            y = donor_forward(envoy, module, params, x[rows, cols])
             for graft in mine:
                 part = y if len(mine) == 1 else y[_positions_in(rows, cols, graft.rows, graft.cols, plan.seq_len)]
                 if graft.features is None:
@@ -95,7 +97,21 @@ def apply_plan(root: Any, plan: GraftPlan, donors: Donor | Mapping[str, Donor]) 
                     block = view[graft.rows, graft.cols]
                     block[..., graft.features] = part[..., graft.features]
                     view[graft.rows, graft.cols] = block
-        envoy.output = new
+
+
+def donor_forward(envoy: Any, module: torch.nn.Module, params: dict[str, torch.Tensor], x: torch.Tensor) -> torch.Tensor:
+    """P's ``module`` applied to ``x`` with the donor's ``params``.
+
+    Linear layers (``nn.Linear``, GPT-2's ``Conv1D``) are computed directly; any other module is
+    run as itself with the parameters swapped in (called through its envoy, which nnsight allows
+    inside a trace without disturbing the forward pass being traced)."""
+    kind = type(module)
+    if kind is torch.nn.Linear:
+        return torch.nn.functional.linear(x, params["weight"], params.get("bias"))
+    if kind.__name__ == "Conv1D" and set(params) == {"weight", "bias"}:  # GPT-2: weight is (in, out)
+        return torch.addmm(params["bias"], x.reshape(-1, x.shape[-1]), params["weight"]).view(*x.shape[:-1], -1)
+    with swapped_parameters(module, params):
+        return envoy(x)
 
 
 def _by_donor(grafts: list[ModuleGraft]) -> list[tuple[str, list[ModuleGraft]]]:
