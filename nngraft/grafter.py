@@ -175,7 +175,10 @@ class Grafter:
                  spans: Sequence[Mapping[str, SpanValue]] | None = None, *,
                  batch_size: int | None = None, progress: Any = None) -> dict[str, GraftResult]:
         """Every spec on every prompt, packed into shared forward passes (rows of a batch carry
-        different specs). Returns ``{spec name: GraftResult}`` in the order given."""
+        different specs). Returns ``{spec name: GraftResult}`` in the order given.
+
+        ``progress``: ``True`` for a rich progress bar, or a callable taking the number of rows
+        just finished."""
         if isinstance(specs, Mapping):
             named = [(name, as_spec(s)) for name, s in specs.items()]
         else:
@@ -197,6 +200,9 @@ class Grafter:
     def _run_rows(self, specs: list[GraftSpec], prompts: list[TokenizedPrompt], *, all_logits: bool = False,
                   batch_size: int | None = None, progress: Any = None) -> GraftResult:
         size = batch_size or self.batch_size
+        if progress is True:
+            with _progress_bar(len(prompts)) as advance:
+                return self._run_rows(specs, prompts, all_logits=all_logits, batch_size=size, progress=advance)
         # Sort rows by length so batches waste little padding; restore order afterwards.
         order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
         last: list[torch.Tensor | None] = [None] * len(prompts)
@@ -275,6 +281,24 @@ class Grafter:
         tokens = torch.stack(new, dim=1)
         texts = [self.tokenizer.decode(row) for row in tokens.tolist()]
         return GenerationResult(tokens.cpu(), texts, [s.cpu() for s in steps])
+
+
+class _progress_bar:
+    """A rich progress bar over rows (spec × prompt), with rows/s and time left."""
+
+    def __init__(self, total: int) -> None:
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+        self.progress = Progress(TextColumn("grafting"), BarColumn(), MofNCompleteColumn(), TextColumn("rows"),
+                                 TimeElapsedColumn(), TextColumn("left"), TimeRemainingColumn(), transient=True)
+        self.task = self.progress.add_task("grafting", total=total)
+
+    def __enter__(self):
+        self.progress.start()
+        return lambda n: self.progress.advance(self.task, n)
+
+    def __exit__(self, *exc: Any) -> None:
+        self.progress.stop()
 
 
 def _lm_head_on_last_column(plan: GraftPlan, adapter: Adapter) -> GraftPlan:

@@ -259,3 +259,23 @@ def test_rules_from_two_donors(model_type):
     from nngraft import DonorMismatchError
     with pytest.raises(DonorMismatchError, match=r"donor 'hybrid', but this run has donors \['default'\]"):
         setup(model_type)[3].run(spec, [PROMPT], [SPANS])
+
+
+def test_run_grid_equals_separate_runs_and_reports_progress():
+    """Many specs packed as rows of shared forward passes give each spec's own numbers."""
+    _, _, _, g, _ = setup("llama")
+    prompts = [PROMPT, "Marie Curie stars in", "Q: Who stars in a movie with Grace Hopper? A: An actor named"]
+    spans = [SPANS, {"first_actor": "Marie Curie"}, {"first_actor": "Grace Hopper"}]
+    specs = [GraftSpec(name="p"),
+             GraftSpec(name="fe", rules=[GraftRule(components=["all"], positions=[Span(span="first_actor")])]),
+             GraftSpec(name="lt_mlp", rules=[GraftRule(components=["mlp"], layers="last:1", positions=[Last()])])]
+    seen = []
+    grid = g.run_grid(specs, prompts, spans, batch_size=4, progress=seen.append)
+    assert list(grid) == ["p", "fe", "lt_mlp"] and sum(seen) == 9
+    for spec in specs:
+        alone = g.run(spec, prompts, spans)
+        assert_close(grid[spec.name].logits, alone.logits)
+    with pytest.raises(ValueError, match="unique"):
+        g.run_grid([specs[0], specs[0]], prompts, spans)
+    grid = g.run_grid(specs, prompts, spans, progress=True)  # the rich bar path
+    assert_close(grid["fe"].logits, g.run(specs[1], prompts, spans).logits)
