@@ -43,7 +43,7 @@ from typing import Any
 import nnsight
 import torch
 
-PROGRAM_VERSION = 1
+PROGRAM_VERSION = 2
 KINDS = ("linear", "conv1d", "embedding", "rms_llama", "rms_olmo2", "rms_gemma", "layer_norm")
 
 
@@ -133,14 +133,16 @@ def correction(kind: str, x: torch.Tensor, d: dict, const: dict) -> torch.Tensor
     return out
 
 
-def donor_output(op: dict, x: torch.Tensor, y_p: torch.Tensor) -> torch.Tensor:
-    """F's output of one module at the gathered cells: ``x`` its input there, ``y_p`` P's output."""
-    tensors = {k: v.to(device=y_p.device, dtype=y_p.dtype) for k, v in op["tensors"].items()}
-    if op["mode"] == "replace":
-        return forward(op["kind"], x, tensors, op["const"])
-    if op["mode"] == "correct":
-        return y_p + correction(op["kind"], x, tensors, op["const"]).to(y_p.dtype)
-    raise ValueError(f"nngraft.functional: unknown op mode {op['mode']!r}")
+def donor_output(kind: str, source: dict, const: dict, x: torch.Tensor, y_p: torch.Tensor) -> torch.Tensor:
+    """One donor's output of a ``kind`` module at the gathered cells: ``x`` is the module's input
+    there, ``y_p`` P's output there. ``source`` holds the donor's ``mode`` and ``tensors``."""
+    tensors = {k: v.to(device=y_p.device, dtype=y_p.dtype) for k, v in source["tensors"].items()}
+    const = {**const, **source["const"]}
+    if source["mode"] == "replace":
+        return forward(kind, x, tensors, const)
+    if source["mode"] == "correct":
+        return y_p + correction(kind, x, tensors, const).to(y_p.dtype)
+    raise ValueError(f"nngraft.functional: unknown op mode {source['mode']!r}")
 
 
 def envoy_at(root: Any, path: str) -> Any:
@@ -152,27 +154,32 @@ def envoy_at(root: Any, path: str) -> Any:
 
 
 def apply_op(root: Any, op: dict) -> None:
-    """Inside a trace: replace one module's output at the op's cells with the donor's output."""
+    """Inside a trace: replace one module's output at each source's cells with that donor's output.
+
+    ``op``: ``path``, ``kind``, ``const``, ``axis`` (the token dimension), and ``sources`` — one per
+    donor grafting this module, each with ``mode``, ``tensors``, ``const``, the union ``rows`` /
+    ``cols`` of its cells, and ``parts`` (``rows``, ``cols``, ``select`` into the union, and
+    ``features`` for part of a fused projection). Different sources never share a cell."""
     envoy = envoy_at(root, op["path"])
     axis = op["axis"]
     x = envoy.input
     if x.dim() > 1 and axis != 1:
         x = x.movedim(axis, 1)
-    out = envoy.output
-    new = out.clone()
+    new = envoy.output.clone()
     view = new.movedim(axis, 1) if axis != 1 else new
-    rows, cols = op["rows"].to(view.device), op["cols"].to(view.device)
-    y = donor_output(op, x[rows.to(x.device), cols.to(x.device)], view[rows, cols])
-    for part in op["parts"]:
-        piece = y if part["select"] is None else y[part["select"].to(y.device)]
-        prow, pcol = part["rows"].to(view.device), part["cols"].to(view.device)
-        if part["features"] is None:
-            view[prow, pcol] = piece
-        else:
-            features = part["features"].to(view.device)
-            block = view[prow, pcol]
-            block[..., features] = piece[..., features]
-            view[prow, pcol] = block
+    for source in op["sources"]:
+        rows, cols = source["rows"].to(view.device), source["cols"].to(view.device)
+        y = donor_output(op["kind"], source, op["const"], x[rows.to(x.device), cols.to(x.device)], view[rows, cols])
+        for part in source["parts"]:
+            piece = y if part["select"] is None else y[part["select"].to(y.device)]
+            prow, pcol = part["rows"].to(view.device), part["cols"].to(view.device)
+            if part["features"] is None:
+                view[prow, pcol] = piece
+            else:
+                features = part["features"].to(view.device)
+                block = view[prow, pcol]
+                block[..., features] = piece[..., features]
+                view[prow, pcol] = block
     envoy.output = new
 
 

@@ -286,6 +286,10 @@ def _dtype_name(dtype: torch.dtype | None) -> str:
     return str(dtype).removeprefix("torch.") if dtype is not None else "as stored"
 
 
+def _dtype_label(donors: Mapping[str, Any], dtype: torch.dtype | None) -> str:
+    return ", ".join(sorted({_dtype_name(getattr(d, "dtype", None) or dtype) for d in donors.values()}))
+
+
 def _cells(grafts: Sequence[Any], width: int) -> tuple[torch.Tensor, torch.Tensor, list[torch.Tensor | None]]:
     if len(grafts) == 1:
         return grafts[0].rows, grafts[0].cols, [None]
@@ -296,53 +300,89 @@ def _cells(grafts: Sequence[Any], width: int) -> tuple[torch.Tensor, torch.Tenso
     return rows, cols, [torch.searchsorted(keys, g.rows * width + g.cols) for g in grafts]
 
 
-def build_program(plan: GraftPlan, model: torch.nn.Module, adapter: Adapter, donor: RemoteDonor,
+def _donor_of(graft: Any) -> str:
+    return getattr(graft, "donor", None) or "default"
+
+
+def _pick(donors: Mapping[str, RemoteDonor], name: str) -> RemoteDonor:
+    try:
+        return donors[name]
+    except KeyError:
+        raise RemoteGraftError(
+            f"a spec rule names donor {name!r}, but this run has donors {sorted(donors)}; pass "
+            f"donors={{{name!r}: ...}}"
+        ) from None
+
+
+def build_program(plan: GraftPlan, model: torch.nn.Module, adapter: Adapter,
+                  donors: RemoteDonor | Mapping[str, RemoteDonor],
                   dtype: torch.dtype | None) -> tuple[dict, PayloadReport]:
-    """Turn a plan into a program (plain data + tensors) and report what it carries."""
+    """Turn a plan into a program (plain data + tensors) and report what it carries.
+
+    ``donors``: one donor, or donors by name for specs whose rules name them (``"donor": NAME``)."""
+    if not isinstance(donors, Mapping):
+        donors = {"default": donors}
     plan = leaf_plan(plan, adapter, model.config)
     ops: list[dict] = []
-    report = PayloadReport(donor=donor.describe(), dtype=_dtype_name(getattr(donor, "dtype", None) or dtype))
+    report = PayloadReport(donor=", ".join(d.describe() for d in donors.values()),
+                           dtype=_dtype_label(donors, dtype))
     for path, grafts in plan.by_path():
         module = get_module(model, path)
-        shipment = donor.shipment(path, module, dtype)
-        if shipment.mode == "skip":
-            report.items.append(PayloadItem(path, "skip", "-", 0))
-            continue
-        kind, const = module_kind(module, path)
-        rows, cols, selects = _cells(grafts, plan.seq_len)
-        parts = [{"rows": g.rows.clone(), "cols": g.cols.clone(), "select": s,
-                  "features": None if g.features is None else g.features.clone()}
-                 for g, s in zip(grafts, selects)]
-        ops.append({"path": path, "kind": kind, "mode": shipment.mode, "axis": int(grafts[0].token_axis),
-                    "rows": rows.clone(), "cols": cols.clone(), "parts": parts,
-                    "tensors": shipment.tensors, "const": {**const, **shipment.const}})
-        report.items.append(PayloadItem(path, shipment.mode, kind, shipment.nbytes))
+        sources = []
+        kind, const = None, {}
+        for name in dict.fromkeys(_donor_of(g) for g in grafts):
+            mine = [g for g in grafts if _donor_of(g) == name]
+            shipment = _pick(donors, name).shipment(path, module, dtype)
+            label = path if name == "default" else f"{path} ({name})"
+            if shipment.mode == "skip":
+                report.items.append(PayloadItem(label, "skip", "-", 0))
+                continue
+            if kind is None:
+                kind, const = module_kind(module, path)
+            rows, cols, selects = _cells(mine, plan.seq_len)
+            parts = [{"rows": g.rows.clone(), "cols": g.cols.clone(), "select": s,
+                      "features": None if g.features is None else g.features.clone()}
+                     for g, s in zip(mine, selects)]
+            sources.append({"mode": shipment.mode, "tensors": shipment.tensors, "const": dict(shipment.const),
+                            "rows": rows.clone(), "cols": cols.clone(), "parts": parts})
+            report.items.append(PayloadItem(label, shipment.mode, kind, shipment.nbytes))
+        if sources:
+            ops.append({"path": path, "kind": kind, "const": const, "axis": int(grafts[0].token_axis),
+                        "sources": sources})
     return {"version": PROGRAM_VERSION, "ops": ops}, report
 
 
-def spec_modules(specs: Sequence[Any], adapter: Adapter, config: Any) -> list[str]:
-    """The leaf modules a list of specs grafts (at any position), in forward order."""
+def spec_modules(specs: Sequence[Any], adapter: Adapter, config: Any) -> list[tuple[str, str]]:
+    """The leaf modules a list of specs grafts (at any position), with the donor name grafting
+    each, in forward order."""
     n_layers = adapter.n_layers(config)
-    sites = {}
+    sites: dict[tuple[str, str], Any] = {}
     for spec in specs:
-        for targets in rule_targets(spec, adapter, n_layers):
+        for rule, targets in zip(spec.rules, rule_targets(spec, adapter, n_layers)):
+            donor = getattr(rule, "donor", None) or "default"
             for component, layer in targets:
                 for site in adapter.sites(component, layer, config):
-                    sites.setdefault(site.path, site)
-    return [s.path for s in sorted(sites.values(), key=lambda s: adapter.site_order(s, n_layers))]
+                    sites.setdefault((site.path, donor), site)
+    ordered = sorted(sites.items(), key=lambda item: adapter.site_order(item[1], n_layers))
+    return [key for key, _ in ordered]
 
 
-def estimate_payload(specs: Sequence[Any], model: torch.nn.Module, donor: Any, dtype: torch.dtype | None,
+def estimate_payload(specs: Sequence[Any], model: torch.nn.Module, donors: Any, dtype: torch.dtype | None,
                      *, adapter: Adapter | None = None, limit_bytes: int | None = None) -> PayloadReport:
     """Donor bytes a request for ``specs`` carries, computed from shapes only (``model`` may live on
-    the meta device; ``donor`` needs only ``estimate_bytes``). Checks the specs against the
-    model's config on the way (unknown components, layers out of range raise SpecError)."""
+    the meta device; a donor needs only ``estimate_bytes``). Checks the specs against the model's
+    config on the way (unknown components, layers out of range raise SpecError).
+
+    ``donors``: one donor, or donors by name (for rules that name theirs)."""
     adapter = adapter or adapter_for(model)
-    report = PayloadReport(donor=donor.describe(), dtype=_dtype_name(getattr(donor, "dtype", None) or dtype),
-                           limit_bytes=limit_bytes)
-    for path in spec_modules(specs, adapter, model.config):
-        size = donor.estimate_bytes(path, get_module(model, path), dtype or torch.float32)
-        report.items.append(PayloadItem(path, "skip" if size == 0 else "send", "", size))
+    if not isinstance(donors, Mapping):
+        donors = {"default": donors}
+    report = PayloadReport(donor=", ".join(d.describe() for d in donors.values()),
+                           dtype=_dtype_label(donors, dtype), limit_bytes=limit_bytes)
+    for path, name in spec_modules(specs, adapter, model.config):
+        size = _pick(donors, name).estimate_bytes(path, get_module(model, path), dtype or torch.float32)
+        label = path if name == "default" else f"{path} ({name})"
+        report.items.append(PayloadItem(label, "skip" if size == 0 else "send", "", size))
     return report
 
 
@@ -655,6 +695,7 @@ class RemoteGrafter(Grafter):
         check_model: check that NDIF runs the model before the first request.
         verbose: print one line per request (modules, bytes) and, for rank-truncated deltas, the
             worst reconstruction error.
+        donors: more donors by name, for spec rules that say ``"donor": NAME`` (as locally).
 
     ``run`` and ``run_grid`` work as locally and return the same :class:`GraftResult`; rows are
     packed ``batch_size`` to a request, and each request carries the donor tensors of the modules
@@ -665,7 +706,8 @@ class RemoteGrafter(Grafter):
                  execution: str | Server = "ndif", dtype: torch.dtype | None = None,
                  max_payload_mb: float | None = None, api_key: str | None = None, host: str | None = None,
                  revision: str | None = None, check_model: bool = True, batch_size: int = 64,
-                 adapter: Adapter | None = None, verbose: bool = True) -> None:
+                 adapter: Adapter | None = None, verbose: bool = True,
+                 donors: Mapping[str, Any] | None = None) -> None:
         import threading
 
         from nnsight.intervention.envoy import Envoy
@@ -674,7 +716,8 @@ class RemoteGrafter(Grafter):
         if execution not in ("ndif", "local") and not callable(execution):
             raise ValueError(f"execution must be 'ndif', 'local' or a callable server, not {execution!r}")
         self.execution = execution
-        self.donor = as_remote_donor(donor)
+        self.donors = {name: as_remote_donor(value) for name, value in {"default": donor, **dict(donors or {})}.items()}
+        self.donor = self.donors["default"]
         self._api_key: str | None = None
         self.host = host
         if execution == "ndif":
@@ -721,10 +764,11 @@ class RemoteGrafter(Grafter):
         self.verbose = verbose
         self.last_report: PayloadReport | None = None
         self.requests: list[dict[str, Any]] = []  # one entry per request sent: sizes and module count
-        if hasattr(self.donor, "check_against"):
-            self.donor.check_against(self.model)
-        if isinstance(self.donor, LoraDonor) and isinstance(recipient, str):
-            _check_lora_base(self.donor, recipient)
+        for value in self.donors.values():
+            if hasattr(value, "check_against"):
+                value.check_against(self.model)
+            if isinstance(value, LoraDonor) and isinstance(recipient, str):
+                _check_lora_base(value, recipient)
         _registered()
 
     @staticmethod
@@ -755,18 +799,20 @@ class RemoteGrafter(Grafter):
         from .grafter import as_spec
 
         items = [specs] if isinstance(specs, (str, Mapping)) or not isinstance(specs, Sequence) else specs
-        return estimate_payload([as_spec(s) for s in items], self.model, self.donor, self.dtype,
+        return estimate_payload([as_spec(s) for s in items], self.model, self.donors, self.dtype,
                                 adapter=self.adapter, limit_bytes=self.limit_bytes)
 
     def program(self, plan: GraftPlan) -> tuple[dict, PayloadReport]:
         """The program one request runs for ``plan``, after the pre-flight checks."""
-        rough = PayloadReport(donor=self.donor.describe(), dtype=_dtype_name(self.dtype),
-                              limit_bytes=self.limit_bytes)
-        for path, _ in leaf_plan(plan, self.adapter, self.model.config).by_path():
-            size = self.donor.estimate_bytes(path, get_module(self.model, path), self.dtype)
-            rough.items.append(PayloadItem(path, "send", "", size))
+        rough = PayloadReport(donor=", ".join(d.describe() for d in self.donors.values()),
+                              dtype=_dtype_name(self.dtype), limit_bytes=self.limit_bytes)
+        for path, grafts in leaf_plan(plan, self.adapter, self.model.config).by_path():
+            module = get_module(self.model, path)
+            for name in dict.fromkeys(_donor_of(g) for g in grafts):
+                size = _pick(self.donors, name).estimate_bytes(path, module, self.dtype)
+                rough.items.append(PayloadItem(path, "send", "", size))
         rough.check()  # refuse before materialising anything (SVDs, reads)
-        program, report = build_program(plan, self.model, self.adapter, self.donor, self.dtype)
+        program, report = build_program(plan, self.model, self.adapter, self.donors, self.dtype)
         report.limit_bytes = self.limit_bytes
         report.check()
         return program, report
@@ -814,10 +860,11 @@ class RemoteGrafter(Grafter):
 
         where = "NDIF" if self.execution == "ndif" else ("local server" if self.execution == "local" else "server")
         line = f"[dim]nngraft → {where}: {report.summary()}; request {format_bytes(backend.sent_bytes or 0)}[/dim]"
-        if isinstance(self.donor, DeltaDonor) and self.donor.rank is not None and self.donor.report():
-            worst = max(self.donor.report(), key=lambda r: r["rel_error"])
-            line += (f"\n[dim]  rank-{self.donor.rank} delta: worst relative reconstruction error "
-                     f"{worst['rel_error']:.2e} ({worst['name']}); see donor.report()[/dim]")
+        for name, donor in self.donors.items():
+            if isinstance(donor, DeltaDonor) and donor.rank is not None and donor.report():
+                worst = max(donor.report(), key=lambda r: r["rel_error"])
+                line += (f"\n[dim]  {name}: rank-{donor.rank} delta, worst relative reconstruction error "
+                         f"{worst['rel_error']:.2e} ({worst['name']}); see donor.report()[/dim]")
         Console(stderr=True).print(line)
 
     def generate(self, *args: Any, **kwargs: Any) -> Any:

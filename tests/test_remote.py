@@ -210,6 +210,24 @@ def test_run_grid_remote_equals_local(worker):
     assert len(g.requests) == 1  # four rows, one request
 
 
+def test_named_donors_per_rule_remote_equals_local(worker):
+    """Rules that name another donor ("donor": NAME) work remotely as locally, one request."""
+    from nngraft.testing import perturbed_copy
+
+    P, F, tok, _, _ = models("gpt2")
+    H = perturbed_copy(P, seed=7)
+    spec = GraftSpec(name="two_donors", rules=[
+        GraftRule(components=["attn"], positions=[Span(span="first_actor")], donor="h"),
+        GraftRule(components=["mlp", "q"], positions=[Last()])])
+    expected = Grafter(P, F, tok, donors={"h": H}).run(spec, PROMPTS, SPANS).logits
+    g = RemoteGrafter(P, DenseDonor(F, dtype=torch.float32), tok, donors={"h": DeltaDonor(H, P, dtype=torch.float32)},
+                      execution=worker.server("gpt2"), verbose=False)
+    torch.testing.assert_close(g.run(spec, PROMPTS, SPANS).logits, expected, atol=ATOL, rtol=RTOL)
+    assert any(i.path.endswith("c_attn (h)") for i in g.last_report.items)
+    with pytest.raises(Exception, match="'h'"):
+        RemoteGrafter(P, DenseDonor(F), tok, execution=worker.server("gpt2"), verbose=False).run(spec, PROMPTS, SPANS)
+
+
 # ---------------------------------------------------------------------------------------------
 # The silent no-op trap
 # ---------------------------------------------------------------------------------------------
@@ -383,7 +401,7 @@ def _leaf_modules(arch: str):
     P, F, tok = tiny_pair(arch)
     adapter = adapter_for(P)
     spec = GraftSpec(rules=[GraftRule(components=["everything"], positions=[Last()])])
-    for path in spec_modules([spec], adapter, P.config):
+    for path, _ in spec_modules([spec], adapter, P.config):
         yield P, path, get_module(P, path)
 
 
