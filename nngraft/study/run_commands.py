@@ -14,9 +14,11 @@ from typing import Any, Sequence
 from ..cli import command, console, out
 
 
-def _summary_table(rows: Sequence[dict[str, Any]], *, k: int, title: str, p_spec: str = "p",
-                   f_spec: str = "f") -> Any:
-    """A rich table: per model × template × spec, mean prob, top-1, top-k (95 % CI) and recovery."""
+def summary_table(rows: Sequence[dict[str, Any]], *, k: int, title: str, p_spec: str = "p",
+                  f_spec: str = "f") -> Any:
+    """Rich tables, one per model × template: per spec the number of facts, mean target
+    probability with its 95 % bootstrap CI, top-1 and top-k accuracy, mean rank and recovery."""
+    from rich.console import Group
     from rich.table import Table
 
     from .metrics import aggregate
@@ -26,28 +28,41 @@ def _summary_table(rows: Sequence[dict[str, Any]], *, k: int, title: str, p_spec
     stored = sorted(int(c[4:]) for c in rows[0] if c.startswith("top_") and c[4:].isdigit()) if rows else []
     if stored and k not in stored:
         k = stored[-1]
-    table = Table(title=title, caption="mean over facts [95% bootstrap CI]; recovery = (G − P) / (F − P) "
-                  "of mean prob.; rank is 0-based", caption_justify="left")
-    for name in ("model", "template", "spec", "n", "mean prob", "top-1", f"top-{k}", "mean rank", "recovery"):
-        table.add_column(name, justify="right" if name not in ("model", "template", "spec") else "left")
+    groups: dict[tuple[str, str], list[Any]] = {}
     for a in aggs:
-        m = a.metrics
+        groups.setdefault((str(a.keys["model"]), str(a.keys["template"])), []).append(a)
+    tables = []
+    for (model, template), members in sorted(groups.items(), key=lambda item: item[0]):
+        table = Table(title=f"{title}: {model} — {template}", title_justify="left")
+        table.add_column("spec", no_wrap=True)
+        for name in ("facts", "mean prob [95% CI]", "top-1", f"top-{k}", "mean rank", "recovery [95% CI]"):
+            table.add_column(name, justify="right", no_wrap=True)
+        for a in members:
+            m = a.metrics
+            prob = m["prob"]
+            prob_text = f"{prob.mean:.3f}" + (f" [{prob.low:.3f}, {prob.high:.3f}]" if prob.method != "none" else "")
+            rec = "–"
+            if a.recovery is not None:
+                r = a.recovery
+                rec = (f"{r.mean:.2f} [{r.low:.2f}, {r.high:.2f}]" if not math.isnan(r.mean) else "n/a (F ≈ P)")
+            mean = lambda name, fmt: f"{m[name].mean:{fmt}}" if name in m else "–"  # noqa: E731
+            label = display_name(a.keys["spec"]).replace("$^c$", "ᶜ")
+            spec = a.keys["spec"] if label == a.keys["spec"] else f"{a.keys['spec']} ({label})"
+            table.add_row(spec, str(a.n_facts), prob_text, mean("top_1", ".2f"), mean(f"top_{k}", ".2f"),
+                          mean("rank", ".1f"), rec)
+        tables.append(table)
+    tables.append("[dim]means over facts; CI: percentile bootstrap over facts; recovery = (G − P) / (F − P) of "
+                  "mean prob. (n/a when |F − P| < 0.05); rank is 0-based; top-k: fewer than k tokens more likely[/dim]")
+    return Group(*tables)
 
-        def cell(name: str, fmt: str = ".3f") -> str:
-            if name not in m:
-                return "–"
-            e = m[name]
-            return f"{e.mean:{fmt}} [{e.low:{fmt}}, {e.high:{fmt}}]" if e.method != "none" else f"{e.mean:{fmt}}"
 
-        rec = "–"
-        if a.recovery is not None:
-            rec = (f"{a.recovery.mean:.2f} [{a.recovery.low:.2f}, {a.recovery.high:.2f}]"
-                   if not math.isnan(a.recovery.mean) else "n/a (F ≈ P)")
-        table.add_row(str(a.keys["model"]), str(a.keys["template"]),
-                      f"{a.keys['spec']} ({display_name(a.keys['spec']).replace('$^c$', 'ᶜ')})",
-                      str(a.n_facts), cell("prob"), cell("top_1", ".2f"), cell(f"top_{k}", ".2f"),
-                      cell("rank", ".1f"), rec)
-    return table
+def _wide(console: Any) -> Any:
+    """The console itself on a terminal; else a 130-column one (tables stay readable in logs)."""
+    from rich.console import Console
+
+    if console.is_terminal:
+        return console
+    return Console(width=max(console.width, 130), file=console.file)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -156,7 +171,7 @@ def cmd_run(args: argparse.Namespace) -> int:
                              "batch_size": args.batch_size})
         outcome = run_sweep(config, output=output, show_progress=not args.no_progress, console=console)
         rows = load_results(outcome.results)
-        out.print(_summary_table(rows, k=args.k, title="nngraft run"))
+        _wide(out).print(summary_table(rows, k=args.k, title="nngraft run"))
         if args.output:
             console.print(f"results: {outcome.results}\nmanifest: {outcome.manifest}")
     return 0 if all(r.get("ok", True) for r in outcome.baseline_check.values()) else 1
@@ -191,7 +206,7 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     config = load_sweep_config(args.config)
     outcome = run_sweep(config, output=args.output, show_progress=not args.no_progress, console=console)
     rows = load_results(outcome.results)
-    out.print(_summary_table(rows, k=args.k, title=f"nngraft sweep {config.name}"))
+    _wide(out).print(summary_table(rows, k=args.k, title=f"nngraft sweep {config.name}"))
     for name, s in outcome.stats.items():
         console.print(f"{name}: {s.written} rows written, {s.skipped} already done, "
                       f"{s.seconds:.1f} s ({s.rows_per_second:.1f} rows/s)")

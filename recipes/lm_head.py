@@ -1,0 +1,22 @@
+#!/usr/bin/env python
+"""LM head: the main grid with and without F's LM head at the last token (the working version of
+the paper's patch_lm_head="last_token", a no-op in its code), plus F's LM head alone.
+
+    python recipes/lm_head.py --tiny
+    python recipes/lm_head.py --model P --donor F --dataset fake_movies_real_actors --n 1000
+"""
+
+import sys
+
+from _common import build_config, execute, parser
+
+TEMPLATES = ["sentence_1", "sentence_2", "sentence_3", "sentence_4"]
+
+
+def main(argv=None) -> int:
+    args = parser(__doc__).parse_args(argv)
+    return execute(build_config(args, "lm_head", grid="lm_head", templates=TEMPLATES), args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,20 @@
+#!/usr/bin/env python
+"""Movie-title span (M): M, M+LT, FE+M, FE+M+LT, (FE+M)ᶜ, (FE+M+LT)ᶜ next to FE, LT, FE+LT, on the
+one sentence whose prompt holds the title (the paper used sentence_3 only).
+
+    python recipes/movie_span.py --tiny
+    python recipes/movie_span.py --model P --donor F --dataset fake_movies_real_actors --n 1000
+"""
+
+import sys
+
+from _common import build_config, execute, parser
+
+
+def main(argv=None) -> int:
+    args = parser(__doc__).parse_args(argv)
+    return execute(build_config(args, "movie_span", grid="movie", templates=["sentence_3"]), args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

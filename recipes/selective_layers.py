@@ -1,0 +1,22 @@
+#!/usr/bin/env python
+"""Selective layers (spec.md §3): FE in all layers + LT in the second half; the earlier variant
+(FE in the first three quarters); and the FE component override (o + FFN at FE, no q/k/v).
+
+    python recipes/selective_layers.py --tiny
+    python recipes/selective_layers.py --model P --donor F --dataset fake_movies_real_actors --n 1000
+"""
+
+import sys
+
+from _common import build_config, execute, parser
+
+TEMPLATES = ["sentence_1", "sentence_2", "sentence_3", "sentence_4"]
+
+
+def main(argv=None) -> int:
+    args = parser(__doc__, tiny_layers=4).parse_args(argv)
+    return execute(build_config(args, "selective_layers", grid="selective", templates=TEMPLATES), args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
