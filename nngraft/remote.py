@@ -254,11 +254,15 @@ class PayloadReport:
         return text
 
     def table(self) -> str:
+        """One line per module: path, mode (replace/correct/skip, or send for an estimate), module
+        kind (once known) and bytes."""
         width = max([len(i.path) for i in self.items] + [6])
-        lines = [f"{'module':<{width}}  {'mode':<8} {'kind':<10} {'bytes':>10}"]
-        for i in self.items:
-            lines.append(f"{i.path:<{width}}  {i.mode:<8} {i.kind:<10} {format_bytes(i.bytes):>10}")
-        lines.append(f"{'total':<{width}}  {'':<8} {'':<10} {format_bytes(self.total_bytes):>10}")
+        kinds = any(i.kind for i in self.items)
+        def line(path: str, mode: str, kind: str, size: str) -> str:
+            return f"{path:<{width}}  {mode:<8} " + (f"{kind:<10} " if kinds else "") + f"{size:>10}"
+        lines = [line("module", "mode", "kind", "bytes")]
+        lines += [line(i.path, i.mode, i.kind, format_bytes(i.bytes)) for i in self.items]
+        lines.append(line("total", "", "", format_bytes(self.total_bytes)))
         return "\n".join(lines)
 
     def check(self, size: int | None = None) -> None:
@@ -384,6 +388,54 @@ def estimate_payload(specs: Sequence[Any], model: torch.nn.Module, donors: Any, 
         label = path if name == "default" else f"{path} ({name})"
         report.items.append(PayloadItem(label, "skip" if size == 0 else "send", "", size))
     return report
+
+
+class ShapeDonor:
+    """A donor known only by its form, for payload estimates without any weights.
+
+    ``kind``: ``dense`` (F's tensors), ``delta`` (dense ΔW), ``delta:R`` (ΔW at rank R), ``lora:R``
+    (a LoRA adapter of rank R on the 2-D weights of the modules named in ``targets``, default all;
+    other modules are unchanged by such an adapter and are skipped).
+
+    Example:
+        >>> ShapeDonor.parse("lora:16").estimate_bytes("up", torch.nn.Linear(4096, 14336), torch.bfloat16)
+        589824
+    """
+
+    def __init__(self, kind: str, rank: int | None = None, targets: Sequence[str] | None = None) -> None:
+        if kind not in ("dense", "delta", "lora") or (kind == "lora" and not rank):
+            raise ValueError(f"unknown donor form {kind!r}{f':{rank}' if rank else ''}")
+        self.kind, self.rank, self.targets, self.dtype = kind, rank, tuple(targets or ()), None
+
+    @classmethod
+    def parse(cls, text: str) -> "ShapeDonor":
+        """``dense``, ``delta``, ``delta:16``, ``lora:16``, ``lora:16:gate_proj,up_proj``."""
+        parts = text.split(":")
+        try:
+            rank = int(parts[1]) if len(parts) > 1 else None
+        except ValueError:
+            raise ValueError(f"bad donor form {text!r}: the rank must be an integer") from None
+        return cls(parts[0], rank, parts[2].split(",") if len(parts) > 2 else None)
+
+    def describe(self) -> str:
+        if self.kind == "lora":
+            return f"LoRA r={self.rank}" + (f" on {','.join(self.targets)}" if self.targets else "")
+        if self.kind == "delta" and self.rank:
+            return f"ΔW rank {self.rank}"
+        return {"dense": "dense F tensors", "delta": "dense ΔW"}[self.kind]
+
+    def estimate_bytes(self, path: str, module: torch.nn.Module, dtype: torch.dtype) -> int:
+        size = torch.empty((), dtype=dtype).element_size()
+        total = 0
+        for name, p in module.named_parameters():
+            shape = tuple(p.shape)
+            low = self.rank is not None and len(shape) == 2 and self.rank * sum(shape) < p.numel()
+            if self.kind == "lora":
+                adapted = not self.targets or path.rsplit(".", 1)[-1] in self.targets
+                total += self.rank * sum(shape) if (adapted and len(shape) == 2 and name == "weight") else 0
+            else:
+                total += self.rank * sum(shape) if low else p.numel()
+        return total * size
 
 
 # ---------------------------------------------------------------------------------------------
@@ -744,7 +796,8 @@ class RemoteGrafter(Grafter):
             module = recipient._module if isinstance(recipient, Envoy) else recipient
             if tokenizer is None:
                 raise ValueError("pass the recipient's tokenizer (RemoteGrafter(P, donor, tokenizer))")
-            wrapper = TransformersModel(module, tokenizer=tokenizer, task="text-generation")
+            meta = dict(device="meta") if any(p.is_meta for p in module.parameters()) else {}
+            wrapper = TransformersModel(module, tokenizer=tokenizer, task="text-generation", **meta)
         self.nn = wrapper
         self.model = wrapper._module
         self.tokenizer = tokenizer if tokenizer is not None else wrapper.tokenizer
@@ -895,6 +948,6 @@ __all__ = [
     "DEFAULT_MAX_PAYLOAD_MB", "ForeignModuleError", "InProcessServer", "ModelNotAvailableError",
     "PayloadReport", "PayloadTooLargeError", "RemoteAuthError", "RemoteConnectionError",
     "RemoteExecutionError", "RemoteGraftError", "RemoteGrafter", "RemoteUnsupportedError",
-    "ServerEnvironmentError", "UnsupportedModuleError", "build_program", "check_model_available",
+    "ServerEnvironmentError", "ShapeDonor", "UnsupportedModuleError", "build_program", "check_model_available",
     "check_request", "estimate_payload", "leaf_plan", "module_kind",
 ]

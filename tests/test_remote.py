@@ -637,3 +637,21 @@ def test_estimate_payload_from_shapes_on_meta_model():
     real = estimate_payload([SPEC], P, LoraDonor(lora_dir), torch.bfloat16)
     shapes = estimate_payload([SPEC], meta, LoraDonor(lora_dir), torch.bfloat16)
     assert real.total_bytes == shapes.total_bytes > 0
+
+
+def test_payload_command(tmp_path, capsys):
+    from nngraft.cli import main
+    from nngraft.testing import tiny_config
+
+    tiny_config("llama").save_pretrained(tmp_path / "cfg")
+    spec_file = tmp_path / "lt_mlp.json"
+    GraftSpec(name="lt_mlp", rules=[GraftRule(components=["mlp"], layers="last:1", positions=[Last()])]).save(spec_file)
+    lora_dir = models("llama")[3]
+    rc = main(["payload", str(spec_file), "--model", str(tmp_path / "cfg"), "--per-module",
+               "--donor", "dense", "--donor", "lora:2:up_proj", "--donor", f"adapter:{lora_dir}"])
+    text = capsys.readouterr().out
+    assert rc == 0
+    assert "12.3 kB" in text  # dense: 3 matrices of 64×32 in bfloat16
+    assert "384 B" in text  # LoRA r=2 on up_proj only: 2·(64+32) numbers
+    assert "2.3 kB" in text  # the real adapter (r=4 on gate/up/down): 3·4·(64+32) numbers
+    assert main(["payload", str(spec_file), "--model", str(tmp_path / "cfg"), "--donor", "lora"]) == 2

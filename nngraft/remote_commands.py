@@ -1,0 +1,85 @@
+"""``nngraft payload``: how much a remote (NDIF) run of some specs would send, before sending it.
+
+    nngraft payload recipes/specs/lt_mlp.json --model meta-llama/Meta-Llama-3.1-8B \\
+        --donor dense --donor delta:16 --donor lora:16 --dtype bfloat16
+
+``--model`` is a Hub id, a checkpoint folder or a ``config.json``: only the config is read (the
+model is built on the meta device, without weights). Each ``--donor`` is a form (``dense``,
+``delta``, ``delta:R``, ``lora:R[:module,module]``) or ``adapter:PATH`` for a real PEFT LoRA
+adapter. The specs are checked against the model (components, layers) on the way.
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+from typing import Any
+
+from .cli import command, console, out
+
+
+def _meta_model(name: str) -> Any:
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    path = Path(name)
+    config = AutoConfig.from_pretrained(str(path.parent if path.name == "config.json" else path))
+    with torch.device("meta"):
+        return AutoModelForCausalLM.from_config(config)
+
+
+def _donor(text: str) -> Any:
+    from .delta import LoraDonor
+    from .remote import ShapeDonor
+
+    if text.startswith("adapter:"):
+        return LoraDonor(text[len("adapter:"):])
+    return ShapeDonor.parse(text)
+
+
+def _cmd_payload(args: argparse.Namespace) -> int:
+    """Estimate the payload of a remote run (donor bytes per request) from shapes only."""
+    import torch
+    from rich.table import Table
+
+    from .remote import DEFAULT_MAX_PAYLOAD_MB, estimate_payload, format_bytes
+    from .spec import GraftSpec
+
+    specs = [GraftSpec.load(p) for p in args.specs]
+    try:
+        donors = [_donor(d) for d in (args.donor or ["dense", "delta:16", "lora:16"])]
+    except ValueError as error:
+        console.print(f"[red]error:[/red] {error}")
+        return 2
+    model = _meta_model(args.model)
+    dtype = getattr(torch, args.dtype)
+    limit = int((args.limit_mb if args.limit_mb is not None else DEFAULT_MAX_PAYLOAD_MB) * 1e6)
+    table = Table(title=f"{args.model}: {', '.join(s.name for s in specs)} ({args.dtype})")
+    for column in ("donor", "modules sent", "skipped", "donor bytes", f"limit {format_bytes(limit)}"):
+        table.add_column(column, justify="left" if column == "donor" else "right")
+    for donor in donors:
+        report = estimate_payload(specs, model, donor, dtype, limit_bytes=limit)
+        sent = [i for i in report.items if i.mode != "skip"]
+        table.add_row(report.donor, str(len(sent)), str(len(report.skipped)), format_bytes(report.total_bytes),
+                      "[green]fits[/green]" if report.total_bytes <= limit else "[red]over[/red]")
+        if args.per_module:
+            out.print(f"\n{report.donor}\n{report.table()}")
+    out.print(table)
+    out.print("Each request also carries the inputs and nnsight's description of the model (about 70 kB "
+              "for Llama-3-8B; see docs/benchmarks.md), and is zstd-compressed on the way.")
+    return 0
+
+
+def _payload_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("specs", nargs="+", help="spec JSON files (one request grafts all of them)")
+    p.add_argument("--model", required=True, help="Hub id, checkpoint folder or config.json of the recipient P")
+    p.add_argument("--donor", action="append", default=None,
+                   help="dense | delta | delta:R | lora:R[:mod,mod] | adapter:PATH (repeatable; "
+                   "default: dense, delta:16, lora:16)")
+    p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"],
+                   help="dtype the tensors travel in (default bfloat16)")
+    p.add_argument("--limit-mb", type=float, default=None, help="payload limit to compare against")
+    p.add_argument("--per-module", action="store_true", help="also print bytes per module")
+
+
+command("payload", _payload_args)(_cmd_payload)
