@@ -576,11 +576,20 @@ def _backend_class():
             if self.server is not None:
                 blob = self._serialize(tracer)
                 return self.finalize(self.server(request.metadata(), blob))
+            import websocket
+
             try:
                 return super().request(request, tracer)
             except RemoteError as error:
                 raise _translate(error, self.host) from None
-            except OSError as error:
+            except websocket.WebSocketBadStatusException as error:
+                if error.status_code in (401, 403):
+                    raise RemoteAuthError(
+                        f"NDIF ({self.host}) refused the connection (HTTP {error.status_code}). Check "
+                        "NDIF_API_KEY (get a key at https://login.ndif.us)."
+                    ) from None
+                raise RemoteConnectionError(f"NDIF ({self.host}) refused the connection: {error}") from None
+            except (OSError, websocket.WebSocketException) as error:
                 raise RemoteConnectionError(f"could not reach NDIF at {self.host}: {error}") from None
 
     return NngraftBackend

@@ -347,6 +347,16 @@ def test_request_overhead_is_small_and_tensors_dominate():
     assert full["donor_bytes"] <= extra <= full["donor_bytes"] * 1.25
 
 
+def test_all_logits_remote_equals_local():
+    P, F, tok, _, _ = models("llama")
+    expected = Grafter(P, F, tok).run(SPEC, PROMPTS, SPANS, all_logits=True)
+    got = RemoteGrafter(P, DenseDonor(F), tok, execution="local", verbose=False).run(SPEC, PROMPTS, SPANS,
+                                                                                     all_logits=True)
+    assert len(got.all_logits) == len(expected.all_logits) == 2
+    for a, b in zip(got.all_logits, expected.all_logits):
+        torch.testing.assert_close(a, b, atol=ATOL, rtol=RTOL)
+
+
 def test_payload_limit_refuses_before_sending():
     P, F, tok, _, _ = models("llama")
     calls = []
@@ -580,6 +590,25 @@ def test_ndif_bad_key_is_a_clear_error(fake_ndif, monkeypatch):
     with pytest.raises(RemoteAuthError, match="HTTP 401.*NDIF_API_KEY") as error:
         g.run(SPEC, PROMPTS[:1], SPANS[:1])
     assert "wrong-key-456" not in str(error.value)
+
+
+def test_ndif_refusing_the_websocket_is_an_auth_error(fake_ndif, monkeypatch):
+    import websocket
+
+    def refuse(url, header=None):
+        raise websocket.WebSocketBadStatusException("Handshake status %d %s", 401, "Unauthorized")
+
+    monkeypatch.setattr(websocket, "create_connection", refuse)
+    g = RemoteGrafter(fake_ndif.folder, DenseDonor(models("llama")[1]), verbose=False)
+    with pytest.raises(RemoteAuthError, match="refused the connection \\(HTTP 401\\)"):
+        g.run(SPEC, PROMPTS[:1], SPANS[:1])
+
+    def down(url, header=None):
+        raise ConnectionRefusedError("connection refused")
+
+    monkeypatch.setattr(websocket, "create_connection", down)
+    with pytest.raises(RemoteConnectionError, match="could not reach NDIF"):
+        g.run(SPEC, PROMPTS[:1], SPANS[:1])
 
 
 def test_ndif_missing_key_is_refused_before_anything_is_sent(fake_ndif, monkeypatch):
