@@ -14,6 +14,7 @@ Example:
 
 from .arch import ADAPTERS, Adapter, adapter_for, register_adapter
 from .donor import Donor, ModelDonor, SafetensorsDonor, TensorDonor
+from .delta import DeltaDonor, DenseDonor, LoraDonor
 from .errors import (
     ComponentNotFoundError,
     DonorMismatchError,
@@ -50,7 +51,8 @@ PositionSelector = Span | Last | Index | Other | All | Not
 """Where in the prompt a rule grafts (see :mod:`nngraft.spec`)."""
 
 __all__ = [
-    "ADAPTERS", "Adapter", "All", "ComponentNotFoundError", "Donor", "DonorMismatchError",
+    "ADAPTERS", "Adapter", "All", "ComponentNotFoundError", "DeltaDonor", "DenseDonor", "Donor",
+    "DonorMismatchError", "LoraDonor",
     "GenerationResult", "GraftError", "GraftPlan", "GraftResult", "GraftRule", "GraftSpec", "Grafter",
     "Index", "Last", "LayerRange", "LayerRangeError", "ModelDonor", "Not", "Other", "PositionError",
     "PositionSelector", "SCHEMA_VERSION", "SafetensorsDonor", "Span", "SpanAlignmentWarning",
