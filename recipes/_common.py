@@ -78,19 +78,22 @@ def build_config(args: argparse.Namespace, recipe: str, *, grid: str | Sequence[
         "base_dir": str(Path.cwd())})
 
 
-def execute(config: Any, args: argparse.Namespace) -> int:
-    """Run (or with --dry-run describe) the sweep, print the summary table, render the plots."""
+def execute(args: argparse.Namespace, recipe: str, **sweep: Any) -> int:
+    """Build the sweep (:func:`build_config` with ``sweep``), then run it (or with --dry-run describe
+    it), print the summary tables and render the plots. Returns the exit code."""
     from rich.console import Console
 
     from nngraft.errors import GraftError
     from nngraft.study.results import load_results
     from nngraft.study.run_commands import _wide, summary_table
-    from nngraft.study.sweep import load_data, resolve_specs, run_sweep
+    from nngraft.study.sweep import check_spans, load_data, resolve_specs, run_sweep
 
     console = Console(stderr=True)
     try:
+        config = build_config(args, recipe, **sweep)
         specs = resolve_specs(config)
         examples, _ = load_data(config)
+        check_spans(specs, examples)
         if args.dry_run:
             print(json.dumps(config.model_dump(mode="json"), indent=2))
             console.print(f"{len(specs)} specs × {len(examples)} examples = {len(specs) * len(examples)} rows "

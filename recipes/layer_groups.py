@@ -9,14 +9,14 @@ group heatmaps of recovery. --tiny uses an 8-layer tiny pair (eighths need 8 lay
 
 import sys
 
-from _common import build_config, execute, parser
+from _common import execute, parser
 
 TEMPLATES = ["sentence_1", "sentence_2", "sentence_3", "sentence_4"]
 
 
 def main(argv=None) -> int:
     args = parser(__doc__, tiny_layers=8).parse_args(argv)
-    return execute(build_config(args, "layer_groups", grid="layers", templates=TEMPLATES), args)
+    return execute(args, "layer_groups", grid="layers", templates=TEMPLATES)
 
 
 if __name__ == "__main__":

@@ -8,14 +8,14 @@ the paper's patch_lm_head="last_token", a no-op in its code), plus F's LM head a
 
 import sys
 
-from _common import build_config, execute, parser
+from _common import execute, parser
 
 TEMPLATES = ["sentence_1", "sentence_2", "sentence_3", "sentence_4"]
 
 
 def main(argv=None) -> int:
     args = parser(__doc__).parse_args(argv)
-    return execute(build_config(args, "lm_head", grid="lm_head", templates=TEMPLATES), args)
+    return execute(args, "lm_head", grid="lm_head", templates=TEMPLATES)
 
 
 if __name__ == "__main__":

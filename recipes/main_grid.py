@@ -10,14 +10,14 @@ four movie test sentences.
 
 import sys
 
-from _common import build_config, execute, parser
+from _common import execute, parser
 
 TEMPLATES = ["sentence_1", "sentence_2", "sentence_3", "sentence_4"]
 
 
 def main(argv=None) -> int:
     args = parser(__doc__).parse_args(argv)
-    return execute(build_config(args, "main_grid", grid="main", templates=TEMPLATES), args)
+    return execute(args, "main_grid", grid="main", templates=TEMPLATES)
 
 
 if __name__ == "__main__":

@@ -8,12 +8,12 @@ one sentence whose prompt holds the title (the paper used sentence_3 only).
 
 import sys
 
-from _common import build_config, execute, parser
+from _common import execute, parser
 
 
 def main(argv=None) -> int:
     args = parser(__doc__).parse_args(argv)
-    return execute(build_config(args, "movie_span", grid="movie", templates=["sentence_3"]), args)
+    return execute(args, "movie_span", grid="movie", templates=["sentence_3"])
 
 
 if __name__ == "__main__":

@@ -9,12 +9,12 @@ know real co-stars? P, F and the main grid on real movies (RMRA facts, prompt
 
 import sys
 
-from _common import build_config, execute, parser
+from _common import execute, parser
 
 
 def main(argv=None) -> int:
     args = parser(__doc__, dataset="real_movies_real_actors").parse_args(argv)
-    return execute(build_config(args, "real_movies", grid="main", templates=["rmra"]), args)
+    return execute(args, "real_movies", grid="main", templates=["rmra"])
 
 
 if __name__ == "__main__":

@@ -9,7 +9,7 @@ sentence_1 and sentence_2.
 
 import sys
 
-from _common import build_config, execute, parser
+from _common import execute, parser
 
 TEMPLATES = [
     {"name": "sentence_1_r", "template": "{first_actor} {relation} in a movie alongside",
@@ -21,7 +21,7 @@ TEMPLATES = [
 
 def main(argv=None) -> int:
     args = parser(__doc__).parse_args(argv)
-    return execute(build_config(args, "relation_span", grid="relation", templates=TEMPLATES), args)
+    return execute(args, "relation_span", grid="relation", templates=TEMPLATES)
 
 
 if __name__ == "__main__":

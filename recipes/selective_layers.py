@@ -8,14 +8,14 @@
 
 import sys
 
-from _common import build_config, execute, parser
+from _common import execute, parser
 
 TEMPLATES = ["sentence_1", "sentence_2", "sentence_3", "sentence_4"]
 
 
 def main(argv=None) -> int:
     args = parser(__doc__, tiny_layers=4).parse_args(argv)
-    return execute(build_config(args, "selective_layers", grid="selective", templates=TEMPLATES), args)
+    return execute(args, "selective_layers", grid="selective", templates=TEMPLATES)
 
 
 if __name__ == "__main__":

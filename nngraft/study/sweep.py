@@ -424,6 +424,19 @@ def plan_batches(specs: Sequence[GraftSpec], lengths: Sequence[int], batch_size:
     return [units[i:i + batch_size] for i in range(0, len(units), batch_size)]
 
 
+def check_spans(specs: Sequence[GraftSpec], examples: Sequence[TestExample]) -> None:
+    """Raise if a spec grafts at a span some example does not have (checked before any model is
+    loaded, so a long sweep never fails half-way; nothing is silently dropped)."""
+    for ex in examples:
+        for spec in specs:
+            missing = spec.rule_names_span() - set(ex.spans)
+            if missing:
+                users = [s.name for s in specs if s.rule_names_span() & missing]
+                raise GraftError(f"example {ex.key!r} has no span {sorted(missing)} (its spans: "
+                                 f"{sorted(ex.spans)}), which specs {users} graft at; use a template "
+                                 "with those {fields} or leave those specs out")
+
+
 def evaluate(grafter: Grafter, specs: Sequence[GraftSpec], examples: Sequence[TestExample], *,
              model: str = "model", writer: ResultsWriter | None = None, batch_size: int = 32,
              ks: Sequence[int] = DEFAULT_KS, n_top: int = 10,
@@ -446,14 +459,7 @@ def evaluate(grafter: Grafter, specs: Sequence[GraftSpec], examples: Sequence[Te
     start = time.perf_counter()
     tokenizer = grafter.tokenizer
     tokenized = grafter.tokenize([e.prompt for e in examples], [e.spans for e in examples])
-    needed = set().union(*(s.rule_names_span() for s in specs))
-    for i, ex in enumerate(examples):
-        missing = needed - set(ex.spans)
-        if missing:
-            users = [s.name for s in specs if s.rule_names_span() & missing]
-            raise GraftError(f"example {ex.key!r} has no span {sorted(missing)} (its spans: "
-                             f"{sorted(ex.spans)}), which specs {users} graft at; use a template "
-                             "with those {fields} or leave those specs out")
+    check_spans(specs, examples)
     targets = [target_token_id(tokenizer, e.prompt, e.answer) for e in examples]
     target_text = [tokenizer.decode([t]) for t in targets]
     hashes = [s.content_hash() for s in specs]
@@ -603,6 +609,7 @@ def run_sweep(config: SweepConfig, *, output: str | Path | None = None, show_pro
     out_dir = Path(output) if output is not None else config.output_dir()
     specs = resolve_specs(config)
     examples, source = load_data(config)
+    check_spans(specs, examples)
     results = results_path(out_dir)
     writer = ResultsWriter(results)
     manifest = load_manifest(results)
