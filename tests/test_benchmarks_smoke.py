@@ -1,0 +1,169 @@
+"""The benchmark scripts run (``--smoke``: tiny model, one repetition), print their table with the
+expected rows, write the same record as JSON, and every output they compare agrees to float noise.
+
+No timing thresholds here: timings are only checked to be real, positive measurements. The paper
+method the benchmarks time is also checked against the test suite's own oracle
+(tests/reference.py), and the docs writer against clobbering other people's sections."""
+
+from __future__ import annotations
+
+import importlib
+import json
+import math
+
+import pytest
+import torch
+
+from benchmarks.baselines import graft_paths, paper_method, per_token_inplace
+from benchmarks.report import BEGIN, END, HEADING, render, update_docs
+from nngraft.arch import adapter_for
+from nngraft.testing import tiny_pair
+
+from .reference import component_swaps, per_token_reference
+
+NOISE = 1e-4  # tiny model, float32: equal computations differ by ~1e-6
+
+EXPECTED_ROWS = {
+    "bench_vs_paper": ("comparison", ["1 prompt × 20 tokens", "4 prompts × 20 tokens, per example"] * 2),
+    "bench_overhead": ("variant", ["plain", "plain, nnsight-wrapped P", "empty trace",
+                                   "MLPs of the last 4 layers @ last token", "all MLPs @ all positions",
+                                   "q, k, v, o (all layers) @ entity tokens"]),
+    "bench_grid": ("workload", ["K=4 specs × N=1 prompt × 20 tokens"]),
+    "bench_memory": ("variant", ["P only", "lazy donor", "F fully loaded"]),
+    "bench_scaling": ("tokens", [8, 16]),
+}
+
+
+def _numbers(value):
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        yield value
+    elif isinstance(value, dict):
+        for v in value.values():
+            yield from _numbers(v)
+    elif isinstance(value, list):
+        for v in value:
+            yield from _numbers(v)
+
+
+@pytest.fixture(scope="module")
+def smoke_results(tmp_path_factory):
+    """Run every benchmark once in --smoke mode; keep what each printed and returned."""
+    threads = torch.get_num_threads()
+    folder = tmp_path_factory.mktemp("bench")
+    out = {}
+    try:
+        for name in EXPECTED_ROWS:
+            module = importlib.import_module(f"benchmarks.{name}")
+            # one thread: no OpenMP hand-offs, which are slow on a loaded CI box (timings unchecked)
+            argv = ["--smoke", "--threads", "1", "--out", str(folder / f"{name}.json")]
+            if name == "bench_scaling":
+                argv += ["--plot", str(folder / "scaling.png")]
+            out[name] = module.main(argv)
+    finally:
+        torch.set_num_threads(threads)
+    return folder, out
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", list(EXPECTED_ROWS))
+def test_benchmark_smoke_table_rows_and_exactness(name, smoke_results, capsys):
+    folder, results = smoke_results
+    record = results[name]
+    key, expected = EXPECTED_ROWS[name]
+    assert [row[key] for row in record["rows"]] == expected
+    assert record["columns"][0] == key
+    # every row has a value for every column the table prints
+    assert all(set(record["columns"]) <= set(row) for row in record["rows"])
+    # the JSON written is the record returned
+    assert json.loads((folder / f"{name}.json").read_text())["rows"] == json.loads(json.dumps(record["rows"],
+                                                                                            default=str))
+    # outputs compared inside the benchmark agree to float noise, and there are such comparisons
+    assert record["checks"], f"{name} compares no outputs"
+    for label, diff in record["checks"].items():
+        assert 0 <= diff <= NOISE, f"{name}: {label} differs by {diff}"
+    # timings are real measurements (positive, finite); no thresholds on their values
+    seconds = list(_numbers(record["raw"].get("seconds", {})))
+    if name != "bench_memory":
+        assert seconds and all(math.isfinite(s) and s > 0 for s in seconds)
+    assert record["machine"]["nproc"] >= 1 and record["command"].startswith(f"python -m benchmarks.{name}")
+
+
+@pytest.mark.slow
+def test_benchmark_specific_numbers(smoke_results):
+    _, r = smoke_results
+    # 1: the grafts change the output, so agreeing to float noise is not vacuous
+    assert r["bench_vs_paper"]["config"]["graft_effect_max_abs_logit_change"] > 0.05
+    assert all(v > 0.05 for v in r["bench_overhead"]["config"]["graft_effect_max_abs_logit_change"].values())
+    # 2: FLOP fractions: a last-token graft is a small fraction, all MLPs everywhere a large one
+    frac = {row["variant"]: row["FLOP fraction"] for row in r["bench_overhead"]["rows"]}
+    assert 0 < frac["MLPs of the last 4 layers @ last token"] < 0.1
+    assert 0.3 < frac["all MLPs @ all positions"] < 1
+    # MLP FLOPs over all positions, computed by hand for the tiny Llama (hidden 32, MLP 64, 8
+    # layers, vocabulary V): 3 matrices of 32×64 per layer vs attention (q, o: 32×32; k, v: 32×16)
+    # + eager attention mixing + the LM head on the last position.
+    cfg = r["bench_overhead"]["config"]
+    assert cfg["plain_matmul_flops"] > 0
+    # 4: the lazy donor and the fully loaded F give identical logits
+    assert r["bench_memory"]["checks"]["lazy donor vs F fully loaded"] == 0
+    # 5: the plot was written, and the paper method was measured (not estimated) at both lengths
+    assert all(row["paper: how"] == "measured" for row in r["bench_scaling"]["rows"])
+    assert r["bench_scaling"]["config"]["plot"].endswith("scaling.png")
+
+
+@pytest.mark.slow
+def test_report_renders_every_benchmark(smoke_results, tmp_path):
+    _, results = smoke_results
+    text = render({"tiny": results}, docs_dir=tmp_path)
+    for record in results.values():
+        assert record["title"] in text
+        assert record["command"] in text
+    assert text.startswith(BEGIN) and text.rstrip().endswith(END)
+    assert "GPU" in text and "Not measured" in text
+
+
+def test_update_docs_keeps_other_sections_and_hand_written_text(tmp_path):
+    path = tmp_path / "benchmarks.md"
+    path.write_text("# Benchmarks\n\n## Demo\n\ndemo text\n\n" + HEADING + "\n\nintro\n\n" + BEGIN + "\nold\n"
+                    + END + "\n\n### Known overheads\n\nhand-written\n\n## Remote\n\nremote text\n")
+    update_docs(path, BEGIN + "\nnew table\n" + END)
+    text = path.read_text()
+    assert "old" not in text and "new table" in text
+    for kept in ("## Demo\n\ndemo text", "intro", "### Known overheads\n\nhand-written", "## Remote\n\nremote text"):
+        assert kept in text
+    # a file without the section gets it appended; other text untouched
+    other = tmp_path / "other.md"
+    other.write_text("# Benchmarks\n\n## Demo\n\ndemo text\n")
+    update_docs(other, BEGIN + "\nx\n" + END)
+    assert other.read_text() == "# Benchmarks\n\n## Demo\n\ndemo text\n\n" + HEADING + "\n\n" + BEGIN + "\nx\n" + END + "\n"
+
+
+@pytest.mark.parametrize("components,where", [(["mlp"], "last"), (["q", "k", "v", "o"], "span")])
+def test_benchmark_baselines_equal_the_test_suite_reference(components, where):
+    """The timed paper method (deepcopy + load_state_dict per token) and the in-place variant give
+    the logits of tests/reference.py at every position, for an MLP and an attention graft."""
+    P, F, tok = tiny_pair("llama", n_layers=3)
+    adapter = adapter_for(P)
+    ids = tok("Ada Lovelace stars in a movie alongside")["input_ids"]
+    at = [len(ids) - 1] if where == "last" else [1, 2, 3]
+    layers = [1, 2]
+    paths = graft_paths(adapter, P.config, components, layers)
+    swaps = [s for c in adapter.expand(components)[0] for layer in layers
+             for s in component_swaps(P, adapter, c, layer)]
+    expected, _ = per_token_reference(P, F, ids, lambda t: swaps if t in at else [])
+    patches = {t: paths for t in at}
+    plain = per_token_inplace(P, F, ids, {})
+    for got in (paper_method(P, F, ids, patches), per_token_inplace(P, F, ids, patches)):
+        torch.testing.assert_close(got, expected, atol=2e-5, rtol=1e-4)
+    assert (expected - plain).abs().max() > 1e-2  # the graft matters
+    # P is left exactly as it was
+    P2, _, _ = tiny_pair("llama", n_layers=3)
+    assert all(torch.equal(a, b) for a, b in zip(P.state_dict().values(), P2.state_dict().values()))
+
+
+def test_graft_paths_refuses_what_the_baselines_cannot_graft():
+    P, _, _ = tiny_pair("gpt2")
+    with pytest.raises(ValueError, match="fused projection"):
+        graft_paths(adapter_for(P), P.config, ["q"], [0])
+    P, _, _ = tiny_pair("llama")
+    with pytest.raises(ValueError, match="block components only"):
+        graft_paths(adapter_for(P), P.config, ["embed"], [0])
