@@ -42,6 +42,7 @@ def parser(description: str, *, dataset: str = "fake_movies_real_actors", tiny_l
     data.add_argument("--limit", type=int, help="use only the first N facts")
     p.add_argument("-o", "--output", help="results directory (default runs/<recipe>-<model>)")
     p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--answer-logprob", action="store_true", help="also score whole answers (teacher forcing)")
     p.add_argument("--k", type=int, default=100, help="top-k in the table and plots")
     p.add_argument("--no-plot", action="store_true", help="skip the figures")
     p.add_argument("--dry-run", action="store_true", help="print the sweep config and plan, run nothing")
@@ -74,7 +75,7 @@ def build_config(args: argparse.Namespace, recipe: str, *, grid: str | Sequence[
         data["limit"] = args.limit
     return SweepConfig.model_validate({
         "name": f"{recipe}-{name}", "models": [model], "data": data, "grid": grid, "lm_head": list(lm_head),
-        "batch_size": args.batch_size, "output": args.output or f"runs/{recipe}-{name}",
+        "batch_size": args.batch_size, "answer_logprob": args.answer_logprob, "output": args.output or f"runs/{recipe}-{name}",
         "base_dir": str(Path.cwd())})
 
 

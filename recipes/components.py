@@ -4,7 +4,7 @@ LT carry recall — attn (q, k, v only), o, ffn, their unions, ffn_up / ffn_down
 next to P, F and LT (every block component).
 
     python recipes/components.py --tiny
-    python recipes/components.py --model P --donor F --dataset fake_movies_real_actors --n 1000
+    python recipes/components.py --model P --donor F --facts data/fmra.jsonl
 """
 
 import sys

@@ -4,7 +4,7 @@ of the layers (correct eighths, which the paper's code got wrong), drawn as comp
 group heatmaps of recovery. --tiny uses an 8-layer tiny pair (eighths need 8 layers).
 
     python recipes/layer_groups.py --tiny
-    python recipes/layer_groups.py --model P --donor F --dataset fake_movies_real_actors --n 1000
+    python recipes/layer_groups.py --model P --donor F --facts data/fmra.jsonl
 """
 
 import sys

@@ -3,7 +3,7 @@
 the paper's patch_lm_head="last_token", a no-op in its code), plus F's LM head alone.
 
     python recipes/lm_head.py --tiny
-    python recipes/lm_head.py --model P --donor F --dataset fake_movies_real_actors --n 1000
+    python recipes/lm_head.py --model P --donor F --facts data/fmra.jsonl
 """
 
 import sys

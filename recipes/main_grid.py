@@ -5,7 +5,7 @@ four movie test sentences.
 
     python recipes/main_grid.py --tiny                      # CPU smoke run, seconds
     python recipes/main_grid.py --model meta-llama/Llama-3.2-1B --donor runs/sft/llama-fmra \\
-        --dataset fake_movies_real_actors --n 1000          # the paper's setting, on a GPU
+        --facts data/fmra.jsonl                              # the paper's setting, on a GPU
 """
 
 import sys

@@ -3,7 +3,7 @@
 one sentence whose prompt holds the title (the paper used sentence_3 only).
 
     python recipes/movie_span.py --tiny
-    python recipes/movie_span.py --model P --donor F --dataset fake_movies_real_actors --n 1000
+    python recipes/movie_span.py --model P --donor F --facts data/fmra.jsonl
 """
 
 import sys

@@ -4,7 +4,7 @@ know real co-stars? P, F and the main grid on real movies (RMRA facts, prompt
 "{movie_title} stars {first_actor} and"). F below P here means finetuning overwrote old knowledge.
 
     python recipes/real_movies.py --tiny
-    python recipes/real_movies.py --model P --donor F_fmra --n 120
+    python recipes/real_movies.py --model P --donor F_fmra --n 120   # all 120 shipped real movies
 """
 
 import sys

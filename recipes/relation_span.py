@@ -4,7 +4,7 @@ becomes a span by writing it as a {relation} field with a fixed value; the promp
 sentence_1 and sentence_2.
 
     python recipes/relation_span.py --tiny
-    python recipes/relation_span.py --model P --donor F --dataset fake_movies_real_actors --n 1000
+    python recipes/relation_span.py --model P --donor F --facts data/fmra.jsonl
 """
 
 import sys

@@ -3,7 +3,7 @@
 (FE in the first three quarters); and the FE component override (o + FFN at FE, no q/k/v).
 
     python recipes/selective_layers.py --tiny
-    python recipes/selective_layers.py --model P --donor F --dataset fake_movies_real_actors --n 1000
+    python recipes/selective_layers.py --model P --donor F --facts data/fmra.jsonl
 """
 
 import sys

@@ -410,3 +410,54 @@ def test_recipe_runs_on_a_tiny_model(tmp_path, capsys):
 def test_recipe_without_models_is_an_error(capsys):
     assert _recipe("main_grid").main(["--dry-run"]) == 1
     assert "give --model and --donor" in capsys.readouterr().err
+
+
+# ---------------------------------------------------------------------------------------------
+# Whole-answer log-probability
+# ---------------------------------------------------------------------------------------------
+
+
+def _full_logprob(grafter, spec, prompt, answer_ids):
+    """Reference: one full forward of prompt + answer tokens (no cache), summing the answer terms."""
+    from nngraft.tokens import TokenizedPrompt
+
+    [p] = grafter.tokenize([prompt.prompt], [prompt.spans])
+    joined = TokenizedPrompt(p.text, p.ids + tuple(answer_ids), p.spans)
+    logits = grafter._run_rows([spec], [joined], all_logits=True).all_logits[0].float()
+    logp = torch.log_softmax(logits, -1)
+    start = len(p) - 1
+    return sum(float(logp[start + j, t]) for j, t in enumerate(answer_ids))
+
+
+def test_answer_logprob_equals_full_teacher_forced_forwards(tmp_path):
+    from nngraft import Index
+    from nngraft.study.answer import answer_token_ids
+
+    P, F, tok = tiny_pair("gpt2")
+    g = Grafter(P, F, tok)
+    specs = paper_specs()
+    stats = evaluate(g, [specs["p"], specs["f"], specs["fe"], specs["lt"]], EXAMPLES[:2], answer_logprob=True)
+    rows = {(r["spec"], r["example"]): r for r in stats.rows}
+    for ex in EXAMPLES[:2]:
+        ids = answer_token_ids(tok, ex.prompt, ex.answer)
+        assert len(ids) > 1 and ids[0] == rows[("p", ex.key)]["target_id"]
+        n = len(tok(ex.prompt)["input_ids"])
+        # the new tokens are grafted by "last" (every new token), never by a prompt span
+        lt_cells = GraftSpec(name="lt_ref", rules=[specs["lt"].rules[0].model_copy(
+            update={"positions": [Index(index=list(range(n - 1, n - 1 + len(ids))))]})])
+        refs = {"p": _full_logprob(g, specs["p"], ex, ids), "f": _full_logprob(g, specs["f"], ex, ids),
+                "fe": _full_logprob(g, specs["fe"], ex, ids), "lt": _full_logprob(g, lt_cells, ex, ids)}
+        for name, ref in refs.items():
+            row = rows[(name, ex.key)]
+            assert row["answer_tokens"] == len(ids)
+            assert row["answer_logprob"] == pytest.approx(ref, abs=1e-4), name
+            assert row["answer_logprob"] < row["logprob"]  # later tokens only add negative terms
+    # plain P with no nngraft at all
+    ex = EXAMPLES[0]
+    ids = answer_token_ids(tok, ex.prompt, ex.answer)
+    full = torch.tensor([tok(ex.prompt)["input_ids"] + ids])
+    with torch.no_grad():
+        logp = torch.log_softmax(P(input_ids=full).logits[0].float(), -1)
+    n = full.shape[1] - len(ids)
+    plain = sum(float(logp[n - 1 + j, t]) for j, t in enumerate(ids))
+    assert rows[("p", ex.key)]["answer_logprob"] == pytest.approx(plain, abs=1e-4)

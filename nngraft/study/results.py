@@ -7,7 +7,8 @@ Layout of a results directory::
                      seeds, dtype, dates (rewritten atomically)
 
 Each row holds: ``model``, ``spec``, ``spec_hash``, ``example`` (``fact_id/template``),
-``fact_id``, ``template``, ``prompt``, ``answer``, ``target_id``, ``target_text``, ``prob``,
+``fact_id``, ``template``, ``prompt``, ``answer``, ``target_id``, ``target_text`` (decoded),
+``target_token`` (the raw vocabulary piece, e.g. ``"ĠAlan"`` / ``"▁Alan"``), ``prob``,
 ``logprob``, ``rank`` (0-based), ``top_1``, ``top_5``, … (``rank < k``), ``top_tokens`` /
 ``top_probs`` (the most likely next tokens), and ``answer_logprob`` / ``answer_tokens`` when the
 whole answer was scored. See :mod:`nngraft.study.metrics` for the definitions.

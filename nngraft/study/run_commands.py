@@ -98,6 +98,8 @@ The P and F baselines (specs p and f) are always run too, for reference and reco
     data.add_argument("--limit", type=int, help="use only the first N facts")
     p.add_argument("-o", "--output", help="write results.jsonl + manifest.json here (resumes if present)")
     p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--answer-logprob", action="store_true",
+                   help="also score the whole answer by teacher forcing (answer_logprob column)")
     p.add_argument("--k", type=int, default=100, help="top-k shown in the table (default 100)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
 
@@ -168,7 +170,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     with tempfile.TemporaryDirectory() as scratch:
         output = Path(args.output) if args.output else Path(scratch)
         config = _validated({"name": "run", "models": [pair], "data": data, "specs": specs,
-                             "batch_size": args.batch_size})
+                             "batch_size": args.batch_size, "answer_logprob": args.answer_logprob})
         outcome = run_sweep(config, output=output, show_progress=not args.no_progress, console=console)
         rows = load_results(outcome.results)
         _wide(out).print(summary_table(rows, k=args.k, title="nngraft run"))

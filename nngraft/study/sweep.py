@@ -144,6 +144,7 @@ class SweepConfig(_Strict):
     ks: list[int] = Field(default_factory=lambda: list(DEFAULT_KS))
     n_top: int = Field(default=10, ge=1)
     check_baselines: int = Field(default=8, ge=0)
+    answer_logprob: bool = Field(default=False, description="also score the whole answer (teacher forcing)")
     output: str | None = None
     base_dir: str = Field(default=".", exclude=True)
 
@@ -439,13 +440,14 @@ def check_spans(specs: Sequence[GraftSpec], examples: Sequence[TestExample]) -> 
 
 def evaluate(grafter: Grafter, specs: Sequence[GraftSpec], examples: Sequence[TestExample], *,
              model: str = "model", writer: ResultsWriter | None = None, batch_size: int = 32,
-             ks: Sequence[int] = DEFAULT_KS, n_top: int = 10,
+             ks: Sequence[int] = DEFAULT_KS, n_top: int = 10, answer_logprob: bool = False,
              progress: Callable[[int], None] | None = None) -> EvalStats:
     """Score every spec on every example with ``grafter``; append rows to ``writer`` (skipping
     units it already holds) or, without a writer, return them in ``EvalStats.rows``.
 
     Spans are located for every example before any forward pass, so a prompt whose span cannot
-    be found fails the run up front (nothing is silently dropped).
+    be found fails the run up front (nothing is silently dropped). With ``answer_logprob``, rows
+    also get the teacher-forced log-probability of the whole answer (:mod:`.answer`).
 
     Example:
         >>> from nngraft.testing import tiny_pair
@@ -462,6 +464,11 @@ def evaluate(grafter: Grafter, specs: Sequence[GraftSpec], examples: Sequence[Te
     check_spans(specs, examples)
     targets = [target_token_id(tokenizer, e.prompt, e.answer) for e in examples]
     target_text = [tokenizer.decode([t]) for t in targets]
+    target_piece = tokenizer.convert_ids_to_tokens(targets)
+    if answer_logprob:
+        from .answer import answer_logprobs, answer_token_ids
+
+        answer_ids = [answer_token_ids(tokenizer, e.prompt, e.answer) for e in examples]
     hashes = [s.content_hash() for s in specs]
     stats = EvalStats(units=len(specs) * len(examples))
     done = writer.done if writer is not None else {}
@@ -473,6 +480,9 @@ def evaluate(grafter: Grafter, specs: Sequence[GraftSpec], examples: Sequence[Te
         result = grafter._run_rows([specs[s] for s, _ in batch], [tokenized[e] for _, e in batch],
                                    batch_size=len(batch))
         scores = score_logits(result.logits, [targets[e] for _, e in batch], ks=ks, n_top=n_top)
+        if answer_logprob:
+            per_token = answer_logprobs(grafter, [specs[s] for s, _ in batch], [tokenized[e] for _, e in batch],
+                                        [answer_ids[e] for _, e in batch])
         rows = []
         for j, (s, e) in enumerate(batch):
             if (s, e) not in todo:
@@ -482,6 +492,7 @@ def evaluate(grafter: Grafter, specs: Sequence[GraftSpec], examples: Sequence[Te
                 "model": model, "spec": specs[s].name, "spec_hash": hashes[s], "example": ex.key,
                 "fact_id": ex.fact_id, "template": ex.template, "prompt": ex.prompt,
                 "answer": ex.answer, "target_id": targets[e], "target_text": target_text[e],
+                "target_token": target_piece[e],
                 "prob": float(scores.prob[j]), "logprob": float(scores.logprob[j]),
                 "rank": int(scores.rank[j]),
             }
@@ -489,6 +500,9 @@ def evaluate(grafter: Grafter, specs: Sequence[GraftSpec], examples: Sequence[Te
                 row[f"top_{k}"] = bool(hit[j])
             row["top_tokens"] = [tokenizer.decode([int(t)]) for t in scores.top_ids[j]]
             row["top_probs"] = [round(float(p), 6) for p in scores.top_probs[j]]
+            if answer_logprob:
+                row["answer_logprob"] = sum(per_token[j])
+                row["answer_tokens"] = len(per_token[j])
             rows.append(row)
         if writer is not None:
             writer.append(rows)
@@ -554,7 +568,8 @@ def _now() -> str:
 
 
 def _check_resume(manifest: dict[str, Any], writer: ResultsWriter, specs: Sequence[GraftSpec],
-                  examples: Sequence[TestExample], models: dict[str, dict[str, Any]]) -> None:
+                  examples: Sequence[TestExample], models: dict[str, dict[str, Any]],
+                  answer_logprob: bool = False) -> None:
     """Refuse to extend results that were made with other models, specs or prompts."""
     if manifest and manifest.get("format_version", FORMAT_VERSION) > FORMAT_VERSION:
         raise ResultsError(f"{writer.path} was written by a newer nngraft (format "
@@ -570,6 +585,10 @@ def _check_resume(manifest: dict[str, Any], writer: ResultsWriter, specs: Sequen
                         f"{writer.path} holds results for model {name!r} whose {side} {key} was "
                         f"{old.get(side, {}).get(key)!r}; this run's is {identity[side][key]!r}. "
                         "Use a new output directory (or another model name)")
+    if writer.existing and answer_logprob != ("answer_logprob" in writer.existing[0]):
+        raise ResultsError(f"{writer.path} was written with answer_logprob="
+                           f"{not answer_logprob}; this run asks for {answer_logprob}. Rows must agree: "
+                           "use a new output directory")
     spec_hash = {s.name: s.content_hash() for s in specs}
     prompts = {e.key: (e.prompt, e.answer) for e in examples}
     for row in writer.existing:
@@ -643,7 +662,7 @@ def run_sweep(config: SweepConfig, *, output: str | Path | None = None, show_pro
         for pair_cfg in config.models:
             console.print(f"[bold]{pair_cfg.name}[/bold]: loading models …")
             pair = load_pair(pair_cfg, config)
-            _check_resume(manifest, writer, specs, examples, {pair.name: pair.identity})
+            _check_resume(manifest, writer, specs, examples, {pair.name: pair.identity}, config.answer_logprob)
             manifest["models"][pair.name] = pair.identity
             write_manifest(results, manifest)
             grafter = Grafter(pair.recipient, pair.donor, pair.tokenizer, batch_size=config.batch_size)
@@ -659,6 +678,7 @@ def run_sweep(config: SweepConfig, *, output: str | Path | None = None, show_pro
                 stats[pair.name] = evaluate(
                     grafter, specs, examples, model=pair.name, writer=writer,
                     batch_size=config.batch_size, ks=config.ks, n_top=config.n_top,
+                    answer_logprob=config.answer_logprob,
                     progress=lambda n: bar.advance(task, n))
             if config.check_baselines:
                 report = check_baselines(pair, specs, examples[: config.check_baselines], writer.done)
