@@ -26,6 +26,7 @@ import torch
 from .arch import Adapter, adapter_for
 from .donor import Donor, ModelDonor, as_donor
 from .execute import apply_plan
+from .partial import derived_donors
 from .plan import GraftPlan, compile_plan
 from .result import GraftResult
 from .spec import GraftSpec
@@ -109,6 +110,7 @@ class Grafter:
             if isinstance(self.donors[name], ModelDonor):
                 self.donors[name].check_against(recipient)
         self.donor: Donor = self.donors["default"]
+        self._partial: dict[str, Any] = {}  # parameter-level donors derived from these, by name
         self.batch_size = batch_size
         self.nn = nnsight.NNsight(recipient)
         self._lock = threading.Lock()
@@ -239,8 +241,9 @@ class Grafter:
         return out.logits, getattr(out, "past_key_values", None)
 
     def _traced(self, plan: GraftPlan, kwargs: dict[str, Any]) -> Any:
+        donors = derived_donors(plan, self.donors, self.model, self.adapter, self._partial)
         with self.nn.trace(**kwargs):
-            apply_plan(self.nn, plan, self.donors)
+            apply_plan(self.nn, plan, donors)
             out = self.nn.output.save()
         return out
 

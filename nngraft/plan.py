@@ -23,6 +23,7 @@ Example:
 
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass, field
 from typing import Any, Sequence
 
@@ -114,12 +115,26 @@ class ModuleGraft:
 
 
 @dataclass
+class DerivedDonor:
+    """A donor made from another by keeping only part of its weight change (``rule.weights``).
+
+    ``selection`` is the rule's :class:`~nngraft.spec.WeightSelection` as a plain dict;
+    ``components`` the rule's components (groups expanded) — with ``top_percent`` ranked per
+    layer, entries compete across all of them within a layer."""
+
+    base: str
+    selection: dict
+    components: tuple[str, ...] = ()
+
+
+@dataclass
 class GraftPlan:
     """Module grafts in forward order for a batch of ``batch_size`` rows × ``seq_len`` columns."""
 
     modules: list[ModuleGraft] = field(default_factory=list)
     batch_size: int = 0
     seq_len: int = 0
+    derived: dict[str, DerivedDonor] = field(default_factory=dict)
 
     @property
     def is_empty(self) -> bool:
@@ -146,7 +161,7 @@ class GraftPlan:
                 out.append(ModuleGraft(graft.path, graft.components, graft.layer, graft.rows[keep],
                                        graft.cols[keep] - (self.seq_len - k), graft.features,
                                        graft.token_axis, graft.donor))
-        return GraftPlan(out, self.batch_size, k)
+        return GraftPlan(out, self.batch_size, k, self.derived)
 
     def summary(self) -> str:
         lines = [f"GraftPlan: {len(self.modules)} module grafts over {self.batch_size}×{self.seq_len}"]
@@ -197,6 +212,7 @@ def compile_plan(
     cache: dict[int, list[list[tuple[str, int | None]]]] = {}
     # (component, layer, donor) -> list of (row, col)
     chosen: dict[tuple[str, int | None, str], list[tuple[int, int]]] = {}
+    derived: dict[str, DerivedDonor] = {}
     for row, (spec, prompt) in enumerate(zip(specs, prompts)):
         if not spec.rules:
             continue
@@ -212,13 +228,19 @@ def compile_plan(
                 positions |= select_positions(selector, prompt, row=row, length=n, other=other)
             cells = [(row, pad + p) for p in sorted(positions)]
             donor = rule.donor or "default"
+            if rule.weights is not None:  # a parameter-level graft: a donor derived from `donor`
+                comps = tuple(dict.fromkeys(c for c, _ in targets_of_rule))
+                tag = hashlib.sha256(",".join(comps).encode()).hexdigest()[:6]
+                base, donor = donor, f"{donor}~{rule.weights.key()}~{tag}"
+                derived.setdefault(donor, DerivedDonor(base, rule.weights.model_dump(exclude_none=True), comps))
             for component, layer in targets_of_rule:
                 chosen.setdefault((component, layer, donor), []).extend(cells)
     _check_donor_conflicts(chosen, specs)
     sites = []
     for donor in dict.fromkeys(key[2] for key in chosen):
         mine = {(c, l): cells for (c, l, d), cells in chosen.items() if d == donor}
-        sites += [(*site, donor) for site in _sites(mine, adapter, config, collapse_mlp)]
+        merge = collapse_mlp and donor not in derived  # partial ΔW is per parameter: keep leaves
+        sites += [(*site, donor) for site in _sites(mine, adapter, config, merge)]
     # Forward order (stable: one module grafted from two donors stays one group).
     sites.sort(key=lambda item: _forward_rank(item[0], adapter, n_layers))
     modules = []
@@ -228,7 +250,7 @@ def compile_plan(
         features = None if site.features is None else torch.tensor(site.features, dtype=torch.long)
         modules.append(ModuleGraft(site.path, components, site.layer, rows, cols, features,
                                    site.token_axis, donor))
-    return GraftPlan(modules, len(prompts), width)
+    return GraftPlan(modules, len(prompts), width, derived)
 
 
 def _check_donor_conflicts(chosen, specs) -> None:
@@ -249,8 +271,9 @@ def _uses_other(spec: GraftSpec) -> bool:
     return any(isinstance(s, Other) for rule in spec.rules for s in rule.positions)
 
 
-def _sites(chosen, adapter: Adapter, config, collapse_mlp):
-    """(site, cells, components) for each module to graft, merging what can run as one module."""
+def _sites(chosen, adapter: Adapter, config, merge):
+    """(site, cells, components) for each module to graft; with ``merge``, an MLP or a fused QKV
+    grafted whole at the same cells runs as one module."""
     cells = {key: sorted(set(value)) for key, value in chosen.items() if value}
     sites: list[tuple[Site, list[tuple[int, int]], tuple[str, ...]]] = []
     mlp_members = [c for c in ("gate", "up", "down") if c in adapter.components]
@@ -259,13 +282,13 @@ def _sites(chosen, adapter: Adapter, config, collapse_mlp):
         if (component, layer) in done:
             continue
         qkv = [("q", layer), ("k", layer), ("v", layer)]
-        if adapter.fused_qkv and component in "qkv" and all(cells.get(m) == where for m in qkv):
+        if merge and adapter.fused_qkv and component in "qkv" and all(cells.get(m) == where for m in qkv):
             done.update(qkv)  # the whole fused projection: no feature slicing needed
             path = adapter.sites("q", layer, config)[0].path
             sites.append((Site("q", path, layer), where, ("q", "k", "v")))
             continue
         members = [(c, layer) for c in mlp_members]
-        if (collapse_mlp and adapter.mlp_path and component in mlp_members
+        if (merge and adapter.mlp_path and component in mlp_members
                 and all(cells.get(m) == where for m in members)):
             done.update(members)  # the whole MLP is position-wise: graft it as one module
             path = f"{adapter.layers_path}.{layer}.{adapter.mlp_path}"

@@ -251,6 +251,57 @@ Not.model_rebuild()
 # ---------------------------------------------------------------------------------------------
 
 
+class WeightSelection(_Strict):
+    """Graft only part of each component's weight change ΔW = W_F − W_P (parameter-level grafts).
+
+    Exactly one of:
+
+    - ``top_percent``: the largest ``top_percent`` % of ``|ΔW|`` entries, ranked within each
+      tensor (``per: "tensor"``) or across all the rule's tensors of a layer (``per: "layer"``);
+    - ``rank``: the rank-``r`` SVD truncation of each weight matrix's ΔW (1-D parameters —
+      biases, norm weights — keep their whole ΔW);
+    - ``rows`` / ``columns``: output features / input features, in ``nn.Linear`` orientation
+      (``weight[rows, :]`` and ``bias[rows]`` / ``weight[:, columns]``); for embeddings rows are
+      token ids;
+    - ``heads``: attention heads (rows of q/k/v, columns of o; k/v heads are the KV heads);
+    - ``neurons``: MLP neurons (rows of gate/up, columns of down).
+
+    The grafted module computes ``W_P + ΔW_partial`` — for a linear layer, P's output plus
+    ``x · ΔW_partialᵀ``.
+
+    Example: ``{"rank": 4}``, ``{"top_percent": 5, "per": "layer"}``, ``{"neurons": [7, 12]}``.
+    """
+
+    top_percent: float | None = Field(default=None, gt=0, le=100)
+    per: Literal["tensor", "layer"] = "tensor"
+    rank: int | None = Field(default=None, ge=1)
+    rows: list[int] | None = Field(default=None, min_length=1)
+    columns: list[int] | None = Field(default=None, min_length=1)
+    heads: list[int] | None = Field(default=None, min_length=1)
+    neurons: list[int] | None = Field(default=None, min_length=1)
+
+    @model_validator(mode="after")
+    def _exactly_one(self) -> "WeightSelection":
+        chosen = [k for k in ("top_percent", "rank", "rows", "columns", "heads", "neurons")
+                  if getattr(self, k) is not None]
+        if len(chosen) != 1:
+            raise ValueError("give exactly one of top_percent, rank, rows, columns, heads, neurons "
+                             f"(got {', '.join(chosen) or 'none'})")
+        if self.per == "layer" and chosen != ["top_percent"]:
+            raise ValueError("per: 'layer' only applies to top_percent")
+        return self
+
+    @property
+    def kind(self) -> str:
+        return next(k for k in ("top_percent", "rank", "rows", "columns", "heads", "neurons")
+                    if getattr(self, k) is not None)
+
+    def key(self) -> str:
+        """A short stable name for this selection (used to name the derived donor)."""
+        blob = json.dumps(self.model_dump(mode="json", exclude_none=True), sort_keys=True)
+        return f"{self.kind}-{hashlib.sha256(blob.encode()).hexdigest()[:8]}"
+
+
 class GraftRule(_Strict):
     """Graft ``components`` at ``layers`` for the tokens ``positions`` select.
 
@@ -278,6 +329,11 @@ class GraftRule(_Strict):
         pattern=r"^[A-Za-z_][A-Za-z0-9_.-]*$",
         description="Which donor grafts this rule, by name, when the run has several "
         "(Grafter(P, F, tok, donors={'hybrid': H})); default: the main donor F.",
+    )
+    weights: WeightSelection | None = Field(
+        default=None,
+        description="Graft only part of the weight change ΔW = W_F − W_P: top_percent, rank, rows, "
+        "columns, heads or neurons (see WeightSelection). Default: all of it.",
     )
 
     @field_validator("layers")

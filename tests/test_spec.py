@@ -64,7 +64,7 @@ def test_json_schema_validates_shape():
     assert schema["$schema"].startswith("https://json-schema.org/")
     rule = schema["$defs"]["GraftRule"]
     assert rule["additionalProperties"] is False
-    assert set(rule["properties"]) == {"components", "layers", "positions", "donor"}
+    assert set(rule["properties"]) == {"components", "layers", "positions", "donor", "weights"}
     enum = rule["properties"]["components"]["items"]["enum"]
     assert set(enum) == set(COMPONENTS) | set(COMPONENT_GROUPS)
 
