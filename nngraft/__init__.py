@@ -30,6 +30,7 @@ from .plan import GraftPlan, compile_plan
 from .result import GraftResult
 from .spec import (
     SCHEMA_VERSION,
+    WeightSelection,
     All,
     GraftRule,
     GraftSpec,
@@ -56,6 +57,6 @@ __all__ = [
     "GenerationResult", "GraftError", "GraftPlan", "GraftResult", "GraftRule", "GraftSpec", "Grafter",
     "Index", "Last", "LayerRange", "LayerRangeError", "ModelDonor", "Not", "Other", "PositionError",
     "PositionSelector", "SCHEMA_VERSION", "SafetensorsDonor", "Span", "SpanAlignmentWarning",
-    "SpanNotFoundError", "SpecError", "TensorDonor", "UnsupportedArchitectureError", "adapter_for",
+    "SpanNotFoundError", "SpecError", "TensorDonor", "UnsupportedArchitectureError", "WeightSelection", "adapter_for",
     "compile_plan", "everywhere_except", "register_adapter", "resolve_layers", "spec_json_schema",
 ]
