@@ -51,8 +51,8 @@ def parser(description: str, *, dataset: str = "fake_movies_real_actors", tiny_l
     return p
 
 
-def build_config(args: argparse.Namespace, recipe: str, *, grid: str | Sequence[str], templates: Sequence[Any],
-                 lm_head: Sequence[str] = ("never",)) -> Any:
+def build_config(args: argparse.Namespace, recipe: str, *, grid: str | Sequence[str] | None, templates: Sequence[Any],
+                 lm_head: Sequence[str] = ("never",), specs: Sequence[str] = ()) -> Any:
     from nngraft.study.sweep import SweepConfig, SweepConfigError
 
     if args.tiny and (args.model or args.donor):
@@ -74,7 +74,8 @@ def build_config(args: argparse.Namespace, recipe: str, *, grid: str | Sequence[
     if args.limit:
         data["limit"] = args.limit
     return SweepConfig.model_validate({
-        "name": f"{recipe}-{name}", "models": [model], "data": data, "grid": grid, "lm_head": list(lm_head),
+        "name": f"{recipe}-{name}", "models": [model], "data": data, "grid": grid, "specs": list(specs),
+        "lm_head": list(lm_head),
         "batch_size": args.batch_size, "answer_logprob": args.answer_logprob, "output": args.output or f"runs/{recipe}-{name}",
         "base_dir": str(Path.cwd())})
 

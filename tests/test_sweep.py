@@ -461,3 +461,18 @@ def test_answer_logprob_equals_full_teacher_forced_forwards(tmp_path):
     n = full.shape[1] - len(ids)
     plain = sum(float(logp[n - 1 + j, t]) for j, t in enumerate(ids))
     assert rows[("p", ex.key)]["answer_logprob"] == pytest.approx(plain, abs=1e-4)
+
+
+def test_shipped_sweep_configs_validate():
+    from nngraft.study.sweep import check_spans, load_data
+
+    configs = sorted((SPEC_DIR.parent / "sweeps").glob("*.json"))
+    assert {c.stem for c in configs} >= {"tiny", "main", "layers"}
+    for path in configs:
+        config = load_sweep_config(path)
+        specs = resolve_specs(config)
+        assert [s.name for s in specs][:2] == ["p", "f"]
+        if path.stem == "tiny":
+            examples, _ = load_data(config)
+            check_spans(specs, examples)
+            assert len(examples) == 16
