@@ -310,5 +310,5 @@ def _lm_head_on_last_column(plan: GraftPlan, adapter: Adapter) -> GraftPlan:
         return plan
     head = GraftPlan([m for m in plan.modules if m.path == adapter.lm_head], plan.batch_size, plan.seq_len)
     rest = [m for m in plan.modules if m.path != adapter.lm_head]
-    return GraftPlan(rest + head.last_columns(1).modules, plan.batch_size, plan.seq_len)
+    return GraftPlan(rest + head.last_columns(1).modules, plan.batch_size, plan.seq_len, plan.derived)
 

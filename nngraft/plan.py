@@ -239,7 +239,10 @@ def compile_plan(
     sites = []
     for donor in dict.fromkeys(key[2] for key in chosen):
         mine = {(c, l): cells for (c, l, d), cells in chosen.items() if d == donor}
-        merge = collapse_mlp and donor not in derived  # partial ΔW is per parameter: keep leaves
+        # One MLP module per layer can only stand in for its projections when a single donor
+        # grafts there (nnsight cannot reach a projection inside a module it already ran), and a
+        # partial ΔW is defined per parameter: then graft the projections themselves.
+        merge = collapse_mlp and len({key[2] for key in chosen}) == 1 and donor not in derived
         sites += [(*site, donor) for site in _sites(mine, adapter, config, merge)]
     # Forward order (stable: one module grafted from two donors stays one group).
     sites.sort(key=lambda item: _forward_rank(item[0], adapter, n_layers))
@@ -271,9 +274,9 @@ def _uses_other(spec: GraftSpec) -> bool:
     return any(isinstance(s, Other) for rule in spec.rules for s in rule.positions)
 
 
-def _sites(chosen, adapter: Adapter, config, merge):
-    """(site, cells, components) for each module to graft; with ``merge``, an MLP or a fused QKV
-    grafted whole at the same cells runs as one module."""
+def _sites(chosen, adapter: Adapter, config, merge_mlp):
+    """(site, cells, components) for each module to graft. A fused QKV grafted whole at the same
+    cells runs as one module, and so does an MLP with ``merge_mlp``."""
     cells = {key: sorted(set(value)) for key, value in chosen.items() if value}
     sites: list[tuple[Site, list[tuple[int, int]], tuple[str, ...]]] = []
     mlp_members = [c for c in ("gate", "up", "down") if c in adapter.components]
@@ -282,13 +285,13 @@ def _sites(chosen, adapter: Adapter, config, merge):
         if (component, layer) in done:
             continue
         qkv = [("q", layer), ("k", layer), ("v", layer)]
-        if merge and adapter.fused_qkv and component in "qkv" and all(cells.get(m) == where for m in qkv):
+        if adapter.fused_qkv and component in "qkv" and all(cells.get(m) == where for m in qkv):
             done.update(qkv)  # the whole fused projection: no feature slicing needed
             path = adapter.sites("q", layer, config)[0].path
             sites.append((Site("q", path, layer), where, ("q", "k", "v")))
             continue
         members = [(c, layer) for c in mlp_members]
-        if (merge and adapter.mlp_path and component in mlp_members
+        if (merge_mlp and adapter.mlp_path and component in mlp_members
                 and all(cells.get(m) == where for m in members)):
             done.update(members)  # the whole MLP is position-wise: graft it as one module
             path = f"{adapter.layers_path}.{layer}.{adapter.mlp_path}"

@@ -191,3 +191,28 @@ def test_json_round_trip_with_weights():
                                '"weights": {"top_percent": 5, "per": "layer"}}]}')
     assert spec.rules[0].weights.top_percent == 5
     assert GraftSpec.from_json(spec.to_json()) == spec
+
+
+def test_delta_fraction_recipe(tmp_path, monkeypatch):
+    """The 'how much of ΔW is needed' recipe runs end to end on a tiny pair; on a 32-wide model
+    rank 32 keeps all of ΔW, so it must equal keeping 100 %."""
+    import sys
+    from pathlib import Path
+
+    from nngraft.study.results import load_results
+
+    monkeypatch.syspath_prepend(str(Path(__file__).parents[1] / "recipes"))
+    monkeypatch.chdir(tmp_path)
+    import delta_fraction
+
+    assert delta_fraction.main(["--tiny", "--n", "3", "-o", str(tmp_path / "out"), "--no-progress"]) == 0
+    rows = load_results(tmp_path / "out" / "results.jsonl")
+    by_spec: dict[str, dict[str, float]] = {}
+    for row in rows:
+        by_spec.setdefault(row["spec"], {})[row["fact_id"]] = row["prob"]
+    assert set(by_spec) >= {"p", "f", "fe_lt_top1", "fe_lt_top100", "fe_lt_rank1", "fe_lt_rank32"}
+    assert all(len(v) == 3 for v in by_spec.values())
+    for fact, prob in by_spec["fe_lt_top100"].items():
+        assert abs(by_spec["fe_lt_rank32"][fact] - prob) < 1e-6
+    assert any(abs(by_spec["fe_lt_rank1"][f] - p) > 1e-6 for f, p in by_spec["fe_lt_top100"].items())
+    assert (tmp_path / "out" / "delta_fraction.png").exists()
