@@ -1,0 +1,116 @@
+"""The figure of a localization search (``localize.png``), drawn from ``localize.json`` data.
+
+Left: the search, step by step — every candidate set tried (grey dots), the kept set's recovery
+after each step (blue line) and its size in units (orange, right axis, log scale), with the
+target as a dashed line. Right: the found set's recovery curve — its units grafted one more at a
+time, most important first (blue; orange for the held-out facts when there are any).
+
+Example:
+    >>> import json, tempfile, pathlib
+    >>> data = {"spec": {"name": "demo"}, "settings": {"target": 0.9, "metric": "prob"},
+    ...         "recovery": {"mean": 0.95, "low": 0.9, "high": 1.0}, "n_units": 1, "universe_units": 40,
+    ...         "forward_passes": 3, "grid_calls": 2, "heldout_recovery": None,
+    ...         "steps": [{"index": 1, "stage": "baselines", "kind": "baselines", "n_units": 40,
+    ...                    "recovery": 1.0, "candidates": [{"recovery": 0.0}, {"recovery": 1.0}]}],
+    ...         "curve": [{"n_units": 0, "added": "P", "recovery": 0.0, "heldout_recovery": None},
+    ...                   {"n_units": 1, "added": "last·o·L1", "recovery": 0.95, "heldout_recovery": None}]}
+    >>> path = plot_localize(data, pathlib.Path(tempfile.mkdtemp()) / "localize.png")
+    >>> path.stat().st_size > 10_000
+    True
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import tempfile
+from pathlib import Path
+from typing import Any, Mapping
+
+_METRIC = {"prob": "mean target probability", "logprob": "mean target log-prob", "top1": "top-1 accuracy"}
+_CLIP = (-0.6, 1.6)
+
+
+def _num(value: Any) -> float:
+    return math.nan if value is None else float(value)
+
+
+def plot_localize(data: Mapping[str, Any], path: str | Path, *, dpi: int = 150) -> Path:
+    """Draw the search and the recovery curve of a :meth:`LocalizeResult.to_dict` (or a loaded
+    ``localize.json``) into ``path`` (PNG; written atomically)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    settings = data["settings"]
+    target = float(settings["target"])
+    steps = list(data["steps"])
+    curve = list(data["curve"])
+    fig, (ax, bx) = plt.subplots(1, 2, figsize=(max(11.0, 0.5 * len(steps) + 0.3 * len(curve) + 6), 5.2),
+                                 gridspec_kw={"width_ratios": [max(len(steps), 4), max(len(curve), 4)]})
+
+    # -- left: the search ---------------------------------------------------------------------
+    xs = [s["index"] for s in steps]
+    for s in steps:
+        ys = [min(max(_num(c["recovery"]), _CLIP[0]), _CLIP[1]) for c in s["candidates"]]
+        ax.scatter([s["index"]] * len(ys), ys, s=12, color="#999999", alpha=0.6, zorder=2,
+                   label="candidate sets tried" if s is steps[0] else None)
+    ax.plot(xs, [_num(s["recovery"]) for s in steps], "o-", color="#1f77b4", zorder=3, label="kept set")
+    ax.axhline(target, color="#d62728", linestyle="--", linewidth=1, label=f"target {target:g}")
+    ax.set_ylim(_CLIP[0] - 0.05, _CLIP[1] + 0.05)
+    ax.set_ylabel(f"recovery of {_METRIC.get(settings['metric'], settings['metric'])}\n(0 = P, 1 = F)", fontsize=9)
+    ax.set_xticks(xs)
+    ax.set_xticklabels([f"{s['stage']}\n{s['kind']}" for s in steps], rotation=60, ha="right", fontsize=7)
+    ax.grid(axis="y", alpha=0.3)
+    ax.set_title(f"search: {data['forward_passes']} forward passes in {data['grid_calls']} batched steps\n"
+                 f"(candidates outside [{_CLIP[0]}, {_CLIP[1]}] drawn at the edge)", fontsize=9)
+    twin = ax.twinx()
+    twin.step(xs, [max(int(s["n_units"]), 1) for s in steps], where="post", color="#ff7f0e", alpha=0.8,
+              label="kept units (right axis)")
+    twin.set_yscale("log")
+    from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter
+
+    twin.yaxis.set_major_locator(LogLocator(base=10, subs=(1.0, 2.0, 5.0)))
+    twin.yaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
+    twin.yaxis.set_minor_formatter(NullFormatter())
+    twin.set_ylabel("units in the kept set", fontsize=9, color="#ff7f0e")
+    handles = ax.get_legend_handles_labels()
+    extra = twin.get_legend_handles_labels()
+    ax.legend(handles[0] + extra[0], handles[1] + extra[1], fontsize=7, loc="lower left")
+
+    # -- right: the recovery curve ------------------------------------------------------------
+    n = [int(c["n_units"]) for c in curve]
+    bx.plot(n, [_num(c["recovery"]) for c in curve], "o-", color="#1f77b4", label="search facts")
+    held = [_num(c.get("heldout_recovery")) for c in curve]
+    if any(not math.isnan(h) for h in held):
+        bx.plot(n, held, "s--", color="#ff7f0e", label="held-out facts")
+    bx.axhline(target, color="#d62728", linestyle="--", linewidth=1, label=f"target {target:g}")
+    bx.set_xticks(n)
+    if len(curve) <= 40:
+        bx.set_xticklabels(["P"] + [f"+{c['added']}" for c in curve[1:]], rotation=60, ha="right", fontsize=7)
+    bx.set_xlabel("units grafted (most important first)", fontsize=9)
+    bx.grid(axis="y", alpha=0.3)
+    bx.legend(fontsize=7, loc="lower right")
+    rec = data["recovery"]
+    ci = "" if rec.get("low") is None else f" [{rec['low']:.2f}, {rec['high']:.2f}]"
+    held_rec = data.get("heldout_recovery")
+    held_text = "" if not held_rec or held_rec.get("mean") is None else f"; held out {held_rec['mean']:.2f}"
+    bx.set_title(f"found set: {data['n_units']} of {data['universe_units']} units, recovery "
+                 f"{rec['mean']:.2f}{ci}{held_text}", fontsize=9)
+    fig.suptitle(f"nngraft localize — {data['spec']['name']}", fontsize=11)
+    fig.tight_layout()
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".png", dir=path.parent)
+    os.close(fd)
+    try:
+        fig.savefig(tmp, dpi=dpi, bbox_inches="tight", format="png")
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    finally:
+        plt.close(fig)
+    return path
