@@ -100,3 +100,13 @@ def test_bad_config_and_missing_results_exit_1(tmp_path, capsys):
     assert "invalid sweep config" in err and "models" in err
     assert main(["plot", str(tmp_path / "nothing")]) == 1
     assert "no results file" in capsys.readouterr().err
+
+
+def test_run_from_a_built_in_dataset_and_template(tmp_path, capsys):
+    code = main(["run", "--tiny", "gpt2", "--spec", str(SPECS / "fe.json"), "--dataset", "fake_movies_real_actors",
+                 "--n", "2", "--template", "sentence_3", "--no-progress", "-o", str(tmp_path / "out")])
+    assert code == 0
+    rows = load_results(tmp_path / "out")
+    assert {r["template"] for r in rows} == {"sentence_3"} and len(rows) == 3 * 2
+    assert load_manifest(tmp_path / "out")["dataset"]["dataset"] == "fake_movies_real_actors"
+    assert "sentence_3" in capsys.readouterr().out

@@ -476,3 +476,20 @@ def test_shipped_sweep_configs_validate():
             examples, _ = load_data(config)
             check_spans(specs, examples)
             assert len(examples) == 16
+
+
+def test_to_dataframe_without_pandas_says_how_to_install(tmp_path, monkeypatch):
+    import builtins
+
+    from nngraft.study.results import to_dataframe
+
+    real_import = builtins.__import__
+
+    def no_pandas(name, *args, **kwargs):
+        if name == "pandas":
+            raise ModuleNotFoundError("No module named 'pandas'", name="pandas")
+        return real_import(name, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "__import__", no_pandas)
+    with pytest.raises(ResultsError, match="pip install pandas"):
+        to_dataframe([{"a": 1}])
