@@ -96,6 +96,11 @@ def _unit_key(unit: Unit, groups: Sequence[str]) -> tuple[int, int, int]:
     return (groups.index(group), -1 if layer is None else layer, _ORDER[component])
 
 
+def _r(value: float) -> str:
+    """A recovery with 3 decimals, never "-0.000" (float noise around an exact 0)."""
+    return f"{round(value, 3) + 0.0:.3f}"
+
+
 def unit_label(unit: Unit) -> str:
     """``"first_actor·embed"``, ``"last·o·L3"``."""
     group, component, layer = unit
@@ -158,7 +163,7 @@ def units_to_spec(units: Sequence[Unit] | frozenset[Unit], spans: Sequence[str],
     if unknown:
         raise LocalizeError(f"unknown position group(s) {sorted(unknown)}; groups are {order}")
     layers_of: dict[tuple[str, str], list[int]] = {}
-    for group, component, layer in sorted(units, key=lambda u: _unit_key(u, order)):
+    for group, component, layer in sorted(set(units), key=lambda u: _unit_key(u, order)):
         layers_of.setdefault((group, component), [])
         if layer is not None:
             layers_of[(group, component)].append(layer)
@@ -326,7 +331,7 @@ class LocalizeResult:
                  + f" of {METRICS[self.settings['metric']]} (target {self.settings['target']:g})"]
         if self.heldout_recovery is not None:
             h = self.heldout_recovery
-            lines.append(f"held-out facts ({h.n}): recovery {h.mean:.3f}"
+            lines.append(f"held-out facts ({h.n}): recovery {_r(h.mean)}"
                          + (f" [{h.low:.3f}, {h.high:.3f}]" if not math.isnan(h.low) else "")
                          + (f" ({h.note})" if h.note else ""))
         for rule in self.spec.rules:
@@ -489,7 +494,7 @@ class _Search:
         self.steps.append(step)
         fresh = sum(not c.cached for c in step.candidates)
         self.log(f"[bold]{step.index:>2}[/bold] {stage:<10} {kind:<9} {fresh:>3} sets {step.forward_passes:>3} fwd │ "
-                 f"[cyan]{step.n_units:>4}[/cyan] units, rec [cyan]{step.recovery:.3f}[/cyan] │ {decision}")
+                 f"[cyan]{step.n_units:>4}[/cyan] units, rec [cyan]{_r(step.recovery)}[/cyan] │ {decision}")
 
     def current(self) -> frozenset[Unit]:
         return frozenset().union(*(b.units() for b in self.blocks)) if self.blocks else frozenset()
@@ -528,7 +533,7 @@ class _Search:
         self.record("baselines", "baselines", f"P = {p_mean:.4f}, F = {f_mean:.4f}")
         if u_rec < self.target:
             raise LocalizeError(
-                f"grafting every unit the search may use recovers only {u_rec:.3f} < target {self.target:g}"
+                f"grafting every unit the search may use recovers only {_r(u_rec)} < target {self.target:g}"
                 + ("" if self.globals else " (global components are excluded: allow them, or lower the target)"))
         return {"p": p_mean, "f": f_mean, "universe_recovery": u_rec, "n_facts": len(self.p_values)}
 
