@@ -496,3 +496,23 @@ def test_to_dataframe_without_pandas_says_how_to_install(tmp_path, monkeypatch):
     monkeypatch.setattr(builtins, "__import__", no_pandas)
     with pytest.raises(ResultsError, match="pip install pandas"):
         to_dataframe([{"a": 1}])
+
+
+def test_sweep_loads_models_from_local_folders(tmp_path):
+    P, F, tok = tiny_pair("gpt_neox")
+    for name, model in (("P", P), ("F", F)):
+        model.save_pretrained(tmp_path / name)
+        tok.save_pretrained(tmp_path / name)
+    config = _config(tmp_path, models=[{"name": "local", "recipient": "P", "donor": "F"}],
+                     data={"examples": "examples.jsonl", "limit": 1}, grid=None,
+                     specs=[str(SPEC_DIR / "lt.json")])
+    outcome = run_sweep(config, show_progress=False)
+    manifest = load_manifest(outcome.results)
+    ident = manifest["models"]["local"]
+    assert ident["recipient"]["source"] == str(tmp_path / "P") and ident["donor"]["source"] == str(tmp_path / "F")
+    assert ident["recipient"]["model_type"] == "gpt_neox" and ident["recipient"]["dtype"] == "float32"
+    assert manifest["baseline_check"]["local"]["ok"] is True
+    assert manifest["seeds"]["bootstrap"] == 0
+    rows = {(r["spec"], r["example"]): r for r in load_results(outcome.results)}
+    ex = EXAMPLES[0]
+    assert rows[("f", ex.key)]["prob"] == pytest.approx(_direct_prob(F, tok, ex), abs=1e-6)

@@ -647,6 +647,9 @@ def run_sweep(config: SweepConfig, *, output: str | Path | None = None, show_pro
                                "n_facts": len({e.fact_id for e in examples}),
                                "templates": sorted({e.template for e in examples})}
         manifest["ks"] = list(config.ks)
+        manifest["seeds"] = {"data": config.data.seed if not config.data.examples else None,
+                             "bootstrap": 0, "tiny_models": 0 if any(m.tiny for m in config.models) else None}
+        manifest["dtypes"] = {m.name: m.dtype for m in config.models}
         manifest["metrics"] = ("prob/logprob: softmax of the last-token logits in float32; rank: "
                                "number of tokens with strictly higher log-prob (0-based); top_k: rank < k")
         manifest.setdefault("models", {})
