@@ -28,7 +28,7 @@ def main(argv=None) -> int:
     p = parser(__doc__)
     add_search_args(p)
     args = p.parse_args(argv)
-    console = Console(stderr=True)
+    console = Console(stderr=True, soft_wrap=True)
     if args.tiny:  # random tiny models know no facts: localize F's own next token, on log-probs
         args.targets = args.targets or "donor_top1"
         args.metric = args.metric or "logprob"

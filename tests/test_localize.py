@@ -404,3 +404,33 @@ def test_cli_localize_needs_models(capsys):
         cli_main(["localize", "--dataset", "fake_movies_fake_actors", "--n", "2", "--template", "sentence_1"])
     assert exit_.value.code == 2
     assert "give --model and --donor" in capsys.readouterr().err
+
+
+def _recipe():
+    import importlib.util
+    import sys
+    from pathlib import Path
+
+    folder = Path(__file__).resolve().parents[1] / "recipes"
+    sys.path.insert(0, str(folder))
+    try:
+        spec = importlib.util.spec_from_file_location("recipe_localize", folder / "localize.py")
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+    finally:
+        sys.path.remove(str(folder))
+    return module
+
+
+def test_recipe_dry_run(tmp_path, capsys):
+    assert _recipe().main(["--tiny", "--n", "3", "--dry-run", "-o", str(tmp_path / "out")]) == 0
+    err = capsys.readouterr().err
+    # sentence_3 has two spans: 4 position groups, 14 proper subsets in the first step
+    assert "['first_actor', 'movie_title'] + last + other" in err and "14 subsets: 42 rows →" in err
+    assert "'targets': 'donor_top1'" in err and "'metric': 'logprob'" in err  # the --tiny defaults
+    assert not (tmp_path / "out").exists()
+
+
+def test_recipe_without_models_is_an_error(capsys):
+    assert _recipe().main(["--dry-run"]) == 1
+    assert "give --model and --donor" in capsys.readouterr().err
