@@ -203,6 +203,13 @@ class DenseDonor:
     def describe(self) -> str:
         return "dense F tensors"
 
+    def deltas(self, path: str, module: torch.nn.Module) -> dict[str, torch.Tensor]:
+        raise RemoteDonorError(
+            "a rule with 'weights' (a parameter-level graft) needs the weight change ΔW = W_F − W_P, "
+            "which dense F tensors alone do not give remotely (P's weights stay on the server); use "
+            "DeltaDonor(F, P) or a LoraDonor"
+        )
+
 
 # ---------------------------------------------------------------------------------------------
 # Delta
@@ -348,6 +355,16 @@ class DeltaDonor:
             shape = tuple(p.shape)
             total += self.rank * sum(shape) if self._uses_factors(shape) else p.numel()
         return total * _bytes(self.dtype or dtype)
+
+    def deltas(self, path: str, module: torch.nn.Module) -> dict[str, torch.Tensor]:
+        """The exact dense ``ΔW`` of each of ``module``'s parameters (for parameter-level grafts,
+        which select part of it), float32, in the module's storage layout."""
+        out = {}
+        for name, like in module.named_parameters():
+            value = self.delta(f"{path}.{name}")
+            _check_shape(f"{path}.{name}", value, like, "delta")
+            out[name] = value
+        return out
 
     def report(self) -> list[dict[str, Any]]:
         """One row per tensor sent so far: name, shape, rank kept (or ``dense``), dtype,
@@ -560,6 +577,23 @@ class LoraDonor:
         if path not in self.factors:
             return 0
         return sum(t.numel() for t in self.factors[path].values()) * size
+
+    def deltas(self, path: str, module: torch.nn.Module) -> dict[str, torch.Tensor]:
+        """``scale · B·A`` for the adapted weight (module layout, float32), zeros elsewhere."""
+        out = {}
+        for name, like in module.named_parameters():
+            full = f"{path}.{name}"
+            if full in self.full:
+                raise RemoteDonorError(f"{self.path}: {full!r} is saved in full (modules_to_save); its "
+                                       "weight change needs P's weights, which stay on the server")
+            owner_path, _, leaf = full.rpartition(".")
+            if leaf == "weight" and owner_path in self.factors:
+                owner, _ = _owner(module, name)
+                a, b = self._check_factors(owner_path, owner)
+                out[name] = from_map(b.float() @ a.float(), layout_of(owner)) * self.scale(owner_path)
+            else:
+                out[name] = torch.zeros(tuple(like.shape))
+        return out
 
     def describe(self) -> str:
         c = self.config

@@ -214,7 +214,7 @@ def leaf_plan(plan: GraftPlan, adapter: Adapter, config: Any) -> GraftPlan:
                                                    features=None, token_axis=site.token_axis))
         else:
             modules.append(graft)
-    return GraftPlan(modules, plan.batch_size, plan.seq_len)
+    return dataclasses.replace(plan, modules=modules)
 
 
 @dataclass
@@ -337,7 +337,7 @@ def build_program(plan: GraftPlan, model: torch.nn.Module, adapter: Adapter,
         for name in dict.fromkeys(_donor_of(g) for g in grafts):
             mine = [g for g in grafts if _donor_of(g) == name]
             shipment = _pick(donors, name).shipment(path, module, dtype)
-            label = path if name == "default" else f"{path} ({name})"
+            label = path if name == "default" else f"{path} ({name.split('~')[0]}{', part' if '~' in name else ''})"
             if shipment.mode == "skip":
                 report.items.append(PayloadItem(label, "skip", "-", 0))
                 continue
@@ -356,19 +356,41 @@ def build_program(plan: GraftPlan, model: torch.nn.Module, adapter: Adapter,
     return {"version": PROGRAM_VERSION, "ops": ops}, report
 
 
-def spec_modules(specs: Sequence[Any], adapter: Adapter, config: Any) -> list[tuple[str, str]]:
-    """The leaf modules a list of specs grafts (at any position), with the donor name grafting
-    each, in forward order."""
+def spec_modules(specs: Sequence[Any], adapter: Adapter, config: Any) -> list[tuple[str, str, dict | None]]:
+    """The leaf modules a list of specs grafts (at any position), with the donor name grafting each
+    and the rule's parameter-level selection (``weights``, or None), in forward order."""
     n_layers = adapter.n_layers(config)
-    sites: dict[tuple[str, str], Any] = {}
+    sites: dict[tuple[str, str, str], tuple[Any, dict | None]] = {}
     for spec in specs:
         for rule, targets in zip(spec.rules, rule_targets(spec, adapter, n_layers)):
             donor = getattr(rule, "donor", None) or "default"
+            weights = getattr(rule, "weights", None)
+            selection = weights.model_dump(exclude_none=True) if weights is not None else None
             for component, layer in targets:
                 for site in adapter.sites(component, layer, config):
-                    sites.setdefault((site.path, donor), site)
-    ordered = sorted(sites.items(), key=lambda item: adapter.site_order(item[1], n_layers))
-    return [key for key, _ in ordered]
+                    key = (site.path, donor, repr(sorted(selection.items())) if selection else "")
+                    sites.setdefault(key, (site, selection))
+    ordered = sorted(sites.items(), key=lambda item: adapter.site_order(item[1][0], n_layers))
+    return [(path, donor, selection) for (path, donor, _), (_, selection) in ordered]
+
+
+class _PartialShape:
+    """Size of a parameter-level graft (rule ``weights``) of a donor: the selected part of ΔW travels
+    dense, except ``rank`` selections, which travel as two factors per matrix."""
+
+    def __init__(self, base: Any, selection: dict) -> None:
+        self.base, self.selection, self.dtype = base, selection, getattr(base, "dtype", None)
+
+    def describe(self) -> str:
+        return f"{self.base.describe()}, part {self.selection}"
+
+    def estimate_bytes(self, path: str, module: torch.nn.Module, dtype: torch.dtype) -> int:
+        rank = self.selection.get("rank")
+        total = 0
+        for p in module.parameters():
+            shape = tuple(p.shape)
+            total += rank * sum(shape) if rank and len(shape) == 2 and rank * sum(shape) < p.numel() else p.numel()
+        return total * torch.empty((), dtype=self.dtype or dtype).element_size()
 
 
 def estimate_payload(specs: Sequence[Any], model: torch.nn.Module, donors: Any, dtype: torch.dtype | None,
@@ -383,9 +405,12 @@ def estimate_payload(specs: Sequence[Any], model: torch.nn.Module, donors: Any, 
         donors = {"default": donors}
     report = PayloadReport(donor=", ".join(d.describe() for d in donors.values()),
                            dtype=_dtype_label(donors, dtype), limit_bytes=limit_bytes)
-    for path, name in spec_modules(specs, adapter, model.config):
-        size = _pick(donors, name).estimate_bytes(path, get_module(model, path), dtype or torch.float32)
-        label = path if name == "default" else f"{path} ({name})"
+    for path, name, selection in spec_modules(specs, adapter, model.config):
+        donor = _pick(donors, name)
+        if selection is not None:
+            donor = _PartialShape(donor, selection)
+        size = donor.estimate_bytes(path, get_module(model, path), dtype or torch.float32)
+        label = path if name == "default" and selection is None else f"{path} ({name}{', part' if selection else ''})"
         report.items.append(PayloadItem(label, "skip" if size == 0 else "send", "", size))
     return report
 
@@ -436,6 +461,56 @@ class ShapeDonor:
             else:
                 total += self.rank * sum(shape) if low else p.numel()
         return total * size
+
+
+def _remote_partial_class():
+    from .delta import Shipment, _bytes, _fresh, from_map, layout_of, to_map
+    from .partial import PartialDonor
+
+    class RemotePartialDonor(PartialDonor):
+        """A parameter-level graft (a rule's ``weights``) of a donor that travels as data: the core's
+        selection (:mod:`nngraft.partial`) applied on the client to the donor's ΔW; the selected
+        part travels as a correction (``rank`` selections as two factors per matrix)."""
+
+        def __init__(self, base: Any, derived: Any, recipient: torch.nn.Module, adapter: Adapter) -> None:
+            if not hasattr(base, "deltas"):
+                raise RemoteGraftError(f"a parameter-level graft needs a DeltaDonor or LoraDonor, not "
+                                       f"{type(base).__name__}")
+            super().__init__(base, derived, recipient, adapter)
+            self.dtype = getattr(base, "dtype", None)
+
+        def _deltas(self, path: str, module: torch.nn.Module) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+            # P's weights stay on the server: select from ΔW alone (then "W_P + part" is just "part")
+            return {name: (torch.zeros_like(d), d) for name, d in self.base.deltas(path, module).items()}
+
+        def shipment(self, path: str, module: torch.nn.Module, dtype: torch.dtype | None = None) -> Shipment:
+            dtype = self.dtype or dtype or torch.float32
+            tensors: dict[str, torch.Tensor] = {}
+            if self.selection.kind == "rank":
+                r = self.selection.rank
+                for name, d in self.base.deltas(path, module).items():
+                    if d.ndim == 2 and r * sum(d.shape) < d.numel():
+                        layout = layout_of(module, name)
+                        u, sv, vh = torch.linalg.svd(to_map(d, layout).double(), full_matrices=False)
+                        k = min(r, sv.numel())
+                        norm = float(sv.norm())
+                        self.errors[f"{path}.{name}"] = float(sv[k:].norm()) / norm if norm else 0.0
+                        tensors[f"{name}.B"] = _fresh((u[:, :k] * sv[:k]).float(), dtype)
+                        tensors[f"{name}.A"] = _fresh(vh[:k].float(), dtype)
+                    elif torch.any(d):
+                        tensors[name] = _fresh(d, dtype)
+            else:
+                tensors = {n: _fresh(d, dtype) for n, d in self.params(path, module).items() if torch.any(d)}
+            return Shipment("correct", tensors) if tensors else Shipment("skip")
+
+        def estimate_bytes(self, path: str, module: torch.nn.Module, dtype: torch.dtype) -> int:
+            return _PartialShape(self.base, self.selection.model_dump(exclude_none=True)).estimate_bytes(
+                path, module, self.dtype or dtype)
+
+        def describe(self) -> str:
+            return f"{self.base.describe()}, part {self.selection.model_dump(exclude_none=True)}"
+
+    return RemotePartialDonor
 
 
 # ---------------------------------------------------------------------------------------------
@@ -826,6 +901,7 @@ class RemoteGrafter(Grafter):
         self.verbose = verbose
         self.last_report: PayloadReport | None = None
         self.requests: list[dict[str, Any]] = []  # one entry per request sent: sizes and module count
+        self._partial: dict[str, Any] = {}  # parameter-level donors (rule "weights"), by derived name
         for value in self.donors.values():
             if hasattr(value, "check_against"):
                 value.check_against(self.model)
@@ -864,17 +940,29 @@ class RemoteGrafter(Grafter):
         return estimate_payload([as_spec(s) for s in items], self.model, self.donors, self.dtype,
                                 adapter=self.adapter, limit_bytes=self.limit_bytes)
 
+    def _donors_for(self, plan: GraftPlan) -> dict[str, Any]:
+        """The run's donors plus the parameter-level donors a plan's rules derive from them."""
+        derived = getattr(plan, "derived", None) or {}
+        out = dict(self.donors)
+        for name, spec in derived.items():
+            if name not in self._partial:
+                self._partial[name] = _remote_partial_class()(_pick(self.donors, spec.base), spec,
+                                                              self.model, self.adapter)
+            out[name] = self._partial[name]
+        return out
+
     def program(self, plan: GraftPlan) -> tuple[dict, PayloadReport]:
         """The program one request runs for ``plan``, after the pre-flight checks."""
+        donors = self._donors_for(plan)
         rough = PayloadReport(donor=", ".join(d.describe() for d in self.donors.values()),
                               dtype=_dtype_name(self.dtype), limit_bytes=self.limit_bytes)
         for path, grafts in leaf_plan(plan, self.adapter, self.model.config).by_path():
             module = get_module(self.model, path)
             for name in dict.fromkeys(_donor_of(g) for g in grafts):
-                size = _pick(self.donors, name).estimate_bytes(path, module, self.dtype)
+                size = _pick(donors, name).estimate_bytes(path, module, self.dtype)
                 rough.items.append(PayloadItem(path, "send", "", size))
         rough.check()  # refuse before materialising anything (SVDs, reads)
-        program, report = build_program(plan, self.model, self.adapter, self.donors, self.dtype)
+        program, report = build_program(plan, self.model, self.adapter, donors, self.dtype)
         report.limit_bytes = self.limit_bytes
         report.check()
         return program, report

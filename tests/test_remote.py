@@ -228,6 +228,31 @@ def test_named_donors_per_rule_remote_equals_local(worker):
         RemoteGrafter(P, DenseDonor(F), tok, execution=worker.server("gpt2"), verbose=False).run(spec, PROMPTS, SPANS)
 
 
+def test_parameter_level_grafts_remote_equal_local(worker):
+    """Rules with "weights" (part of ΔW: rank, neurons, heads, top entries per layer) remotely."""
+    P, F, tok, _, _ = models("llama")
+    spec = GraftSpec.model_validate({"name": "parts", "rules": [
+        {"components": ["mlp"], "layers": "last:1", "positions": [{"last": True}], "weights": {"rank": 2}},
+        {"components": ["up", "down"], "layers": "first:1", "positions": [{"last": True}],
+         "weights": {"neurons": [1, 5, 9]}},
+        {"components": ["q", "o"], "positions": [{"span": "first_actor"}], "weights": {"heads": [1]}},
+        {"components": ["k", "v"], "positions": [{"last": True}],
+         "weights": {"top_percent": 10, "per": "layer"}}]})
+    expected = Grafter(P, F, tok).run(spec, PROMPTS, SPANS).logits
+    plain = local_run("llama", "plain").logits
+    g = RemoteGrafter(P, DeltaDonor(F, P, dtype=torch.float32), tok, execution=worker.server("llama"),
+                      verbose=False)
+    got = g.run(spec, PROMPTS, SPANS).logits
+    torch.testing.assert_close(got, expected, atol=ATOL, rtol=RTOL)
+    assert (got - plain).abs().max() > 1e-3
+    rank_part = [i for i in g.last_report.items if i.path.startswith("model.layers.1.mlp.down_proj")]
+    assert rank_part and rank_part[0].bytes == 2 * (32 + 64) * 4  # two factors, not the dense ΔW
+    estimate = g.estimate(spec)
+    assert estimate.total_bytes >= g.last_report.total_bytes
+    with pytest.raises(RemoteDonorError, match="DeltaDonor"):
+        RemoteGrafter(P, DenseDonor(F), tok, execution="local", verbose=False).run(spec, PROMPTS, SPANS)
+
+
 # ---------------------------------------------------------------------------------------------
 # The silent no-op trap
 # ---------------------------------------------------------------------------------------------
@@ -411,7 +436,7 @@ def _leaf_modules(arch: str):
     P, F, tok = tiny_pair(arch)
     adapter = adapter_for(P)
     spec = GraftSpec(rules=[GraftRule(components=["everything"], positions=[Last()])])
-    for path, _ in spec_modules([spec], adapter, P.config):
+    for path, _, _ in spec_modules([spec], adapter, P.config):
         yield P, path, get_module(P, path)
 
 
