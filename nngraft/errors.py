@@ -63,3 +63,57 @@ class TemplateError(DataError):
 
 class DataIntegrityError(DataError):
     """A saved dataset's content does not match the sha256 recorded in its manifest."""
+
+
+# -- remote grafting (nngraft.remote, nngraft.delta, nngraft.payload) -------------------------
+
+
+class RemoteGraftError(GraftError):
+    """A remote run could not be prepared, sent, or completed."""
+
+
+class RemoteDonorError(DonorMismatchError):
+    """A donor that cannot travel to a remote server (an nnsight envoy, an unsupported adapter)."""
+
+
+class RemoteAuthError(RemoteGraftError):
+    """No NDIF API key, or NDIF refused it."""
+
+
+class RemoteConnectionError(RemoteGraftError):
+    """NDIF could not be reached."""
+
+
+class ModelNotAvailableError(RemoteGraftError):
+    """The recipient model is not running on NDIF."""
+
+
+class PayloadTooLargeError(RemoteGraftError):
+    """A request would exceed the payload limit."""
+
+
+class ForeignModuleError(RemoteGraftError):
+    """A request references a module (or envoy) that is not the recipient's own.
+
+    On NDIF such a reference resolves *by module path* to the hosted model's own module, so a
+    graft from it would silently do nothing; a raw module would be shipped whole."""
+
+
+class ServerEnvironmentError(RemoteGraftError):
+    """A request contains an object the server cannot load (its package is not installed there)."""
+
+
+class RemoteExecutionError(RemoteGraftError):
+    """The server ran the request and it failed (the server's traceback is in the message)."""
+
+
+class UnsupportedModuleError(RemoteGraftError):
+    """A grafted module has no functional form nngraft can compute remotely."""
+
+
+class RemoteUnsupportedError(RemoteGraftError, NotImplementedError):
+    """A feature that works locally but not remotely (e.g. generation with a KV cache)."""
+
+
+class RemoteDonorMismatch(RemoteGraftError):
+    """A donor made for another model than the remote recipient (e.g. a LoRA trained on another base)."""
