@@ -39,13 +39,9 @@ from typing import Any, Literal, Mapping
 import torch
 
 from .donor import ModelDonor, SafetensorsDonor, TensorDonor
-from .errors import DonorMismatchError
+from .errors import DonorMismatchError, RemoteDonorError
 
 Layout = Literal["linear", "conv1d", "embedding", "vector"]
-
-
-class RemoteDonorError(DonorMismatchError):
-    """A donor that cannot travel to a remote server (or cannot be read as one)."""
 
 
 @dataclass
