@@ -695,6 +695,6 @@ def run_sweep(config: SweepConfig, *, output: str | Path | None = None, show_pro
     finally:
         writer.close()
         if "finished" not in run_record:
-            run_record["interrupted"] = _now()
+            run_record.update(interrupted=_now(), rows_written=writer.written)
         manifest.setdefault("runs", []).append(run_record)
         write_manifest(results, manifest)
