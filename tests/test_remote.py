@@ -382,6 +382,28 @@ def test_all_logits_remote_equals_local():
         torch.testing.assert_close(a, b, atol=ATOL, rtol=RTOL)
 
 
+@pytest.mark.parametrize("arch", ["gpt2", "gpt_neox"])
+def test_fused_qkv_parts_at_different_positions(arch):
+    """q, k and v of one fused projection grafted at different tokens: one module, feature slices."""
+    from nngraft import Index
+
+    P, F, tok = tiny_pair(arch)
+    spec = GraftSpec(name="qkv_apart", rules=[
+        GraftRule(components=["q"], positions=[Span(span="first_actor")]),
+        GraftRule(components=["k"], positions=[Last(), Index(index=[1])]),
+        GraftRule(components=["v"], layers=[0], positions=[Index(index=[1])])])
+    expected = Grafter(P, F, tok).run(spec, PROMPTS, SPANS).logits
+    g = RemoteGrafter(P, DeltaDonor(F, P), tok, execution="local", verbose=False)
+    torch.testing.assert_close(g.run(spec, PROMPTS, SPANS).logits, expected, atol=ATOL, rtol=RTOL)
+    assert (expected - local_plain(arch)).abs().max() > 1e-3
+
+
+@lru_cache(maxsize=None)
+def local_plain(arch: str) -> torch.Tensor:
+    P, F, tok = tiny_pair(arch)
+    return Grafter(P, F, tok).run(GraftSpec(), PROMPTS, SPANS).logits
+
+
 def test_payload_limit_refuses_before_sending():
     P, F, tok, _, _ = models("llama")
     calls = []
