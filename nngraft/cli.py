@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shlex
 import sys
 from pathlib import Path
 from typing import Callable, Sequence
@@ -113,7 +114,9 @@ def _load_plugins() -> None:
 def main(argv: Sequence[str] | None = None) -> int:
     from .errors import GraftError
 
+    argv = list(sys.argv[1:] if argv is None else argv)
     args = build_parser().parse_args(argv)
+    args.command_line = "nngraft " + shlex.join(argv)  # what to rerun (e.g. to resume after Ctrl-C)
     try:
         return int(args.func(args) or 0)
     except GraftError as error:

@@ -152,6 +152,31 @@ def _usage(message: str) -> int:
     return 2
 
 
+def interrupted(results: Path, command_line: str) -> int:
+    """After Ctrl-C: say how many rows are saved where, and the command that resumes; exit 130.
+
+    Every finished batch is already on disk (appended with fsync) and the manifest records the
+    interrupted run, so the partial file is readable with :func:`~.results.load_results`."""
+    import warnings
+
+    from .results import ResultsError, load_results, manifest_path
+
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # a cut-off last line is dropped on resume anyway
+            saved = len(load_results(results))
+    except ResultsError:
+        saved = 0
+    if saved:
+        console.print(f"[yellow]interrupted:[/yellow] {saved} rows are saved in {results} (manifest: "
+                      f"{manifest_path(results)}).\nTo resume, run the same command again; rows already "
+                      f"saved are skipped:\n  {command_line}")
+    else:
+        console.print(f"[yellow]interrupted[/yellow] before any row was saved; to start again, run:\n"
+                      f"  {command_line}")
+    return 130
+
+
 @command("run", _run_args)
 def cmd_run(args: argparse.Namespace) -> int:
     """Run graft specs on test examples and print mean target probability, top-k and recovery."""
@@ -171,7 +196,16 @@ def cmd_run(args: argparse.Namespace) -> int:
         output = Path(args.output) if args.output else Path(scratch)
         config = _validated({"name": "run", "models": [pair], "data": data, "specs": specs,
                              "batch_size": args.batch_size, "answer_logprob": args.answer_logprob})
-        outcome = run_sweep(config, output=output, show_progress=not args.no_progress, console=console)
+        try:
+            outcome = run_sweep(config, output=output, show_progress=not args.no_progress, console=console)
+        except KeyboardInterrupt:
+            if not args.output:
+                console.print("[yellow]interrupted[/yellow]; nothing was kept (without -o DIR, results "
+                              "live in a temporary folder). Run with -o DIR to keep partial results.")
+                return 130
+            from .results import results_path
+
+            return interrupted(results_path(output), getattr(args, "command_line", "the same command"))
         rows = load_results(outcome.results)
         _wide(out).print(summary_table(rows, k=args.k, title="nngraft run"))
         if args.output:
@@ -206,7 +240,13 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     from .sweep import load_sweep_config, run_sweep
 
     config = load_sweep_config(args.config)
-    outcome = run_sweep(config, output=args.output, show_progress=not args.no_progress, console=console)
+    try:
+        outcome = run_sweep(config, output=args.output, show_progress=not args.no_progress, console=console)
+    except KeyboardInterrupt:
+        from .results import results_path
+
+        out_dir = Path(args.output) if args.output else config.output_dir()
+        return interrupted(results_path(out_dir), getattr(args, "command_line", "the same command"))
     rows = load_results(outcome.results)
     _wide(out).print(summary_table(rows, k=args.k, title=f"nngraft sweep {config.name}"))
     for name, s in outcome.stats.items():
