@@ -227,7 +227,8 @@ class DeltaDonor:
     ‖ΔW − ΔŴ‖/‖ΔW‖ of what is actually sent (rank truncation *and* dtype rounding), and
     ``rel_to_weight`` = ‖ΔW − ΔŴ‖/‖W_F‖ (how far the grafted weight is from F's). See
     :meth:`report`. Locally, F's parameters are taken as ``W_P + ΔŴ`` of the recipient module, so
-    a rank-``r`` study gives the same numbers locally and remotely.
+    a rank-``r`` study gives the same numbers locally and remotely. What is sent is cached in
+    float32 (the dense ΔW, or its two factors) per grafted tensor, for the donor's lifetime.
     """
 
     kind = "delta"
@@ -402,6 +403,11 @@ class LoraDonor:
     identical in F and P, so grafting them does nothing (they are skipped). ``modules_to_save``
     tensors are full finetuned tensors and travel dense. Not supported (refused with a message):
     DoRA, trained biases (``bias != "none"``, ``lora_bias``), non-LoRA PEFT methods.
+
+    The donor is the *adapter* (PEFT's unmerged model): with tied input/output embeddings, an
+    adapter on the input embedding changes only the input side, whereas ``merge_and_unload()``
+    would also change the tied head. The base weights PEFT saves beside adapted embeddings
+    (``base_layer``) must equal P's; this is checked wherever P's weights are at hand.
     """
 
     kind = "lora"
