@@ -29,6 +29,7 @@ from pathlib import Path
 from typing import Literal
 
 from ..spec import All, GraftRule, GraftSpec, Last, Not, Span
+from .hybrid import HYBRID_SPEC_NAMES, hybrid_specs
 
 LmHeadMode = Literal["never", "last_token", "always"]
 
@@ -119,6 +120,7 @@ def paper_specs() -> dict[str, GraftSpec]:
     for base in PAPER_GRIDS["main"][2:]:
         spec = with_lm_head(next(s for s in specs if s.name == base), "last_token")
         specs.append(spec)
+    specs += hybrid_specs()  # rules with donor "hybrid" / "relation" (see nngraft.study.hybrid)
     return {s.name: s for s in specs}
 
 
@@ -156,10 +158,12 @@ PAPER_GRIDS: dict[str, list[str]] = {
                 "not_lt", "not_lt+lm_head"],
     "selective": ["p", "f", "fe", "lt", "fe_lt", "fe_lt_selective", "fe_lt_selective_v1",
                   "fe_o_ffn_lt_selective"],
+    "hybrid": ["p", "f", *HYBRID_SPEC_NAMES],
 }
 """Named grids of :func:`paper_specs` names. ``main``, ``components``, ``layers``, ``lm_head`` and
 ``selective`` run on any template with a first actor; ``movie`` needs ``{movie_title}`` in the
-template (sentence_3/4), ``relation`` needs ``{relation}`` (sentence_1/2)."""
+template (sentence_3/4), ``relation`` needs ``{relation}`` (sentence_1/2). ``hybrid`` needs the
+named donors ``hybrid`` and ``relation`` (:mod:`nngraft.study.hybrid`)."""
 
 
 def grid_specs(name: str) -> list[GraftSpec]:
@@ -181,6 +185,8 @@ def spec_file_name(name: str) -> str:
     """Where :func:`write_paper_specs` puts a spec, relative to the specs folder."""
     if name.startswith("lt_") and any(name.endswith(g) for g in QUARTERS + EIGHTHS):
         return f"layers/{name}.json"
+    if name in HYBRID_SPEC_NAMES:
+        return f"hybrid/{name}.json"
     if "+lm_head" in name:
         return f"lm_head/{name.replace('+', '_')}.json"
     return f"{name}.json"

@@ -359,27 +359,30 @@ def _rule(components: Sequence[str], position: Any, donor: str | None = None) ->
 def hybrid_specs() -> list[GraftSpec]:
     """The hybrid experiment's specs (see the module docstring): 5 configs, 4 controls, 2 baselines."""
     lt_label = "q, k, v, o, mlp (all layers)"
-    fe_label = {"no_fe": "nothing at FE", "full_fe": "T's block weights at FE",
-                "fe_attn": "T's q, k, v at FE", "fe_ffn": "T's MLP at FE", "fe_o_ffn": "T's o + MLP at FE"}
+    fe_label = {"no_fe": "nothing at FE", "full_fe": "the task model's block weights at FE",
+                "fe_attn": "the task model's q, k, v at FE", "fe_ffn": "the task model's MLP at FE",
+                "fe_o_ffn": "the task model's o + MLP at FE"}
     specs = []
     for variant, fe in FE_VARIANTS.items():
         fe_rules = [_rule(fe, _FE)] if fe else []
         specs.append(GraftSpec(
             name=f"attn_o_ffn_{variant}",
-            description=f"hybrid: {fe_label[variant]} (all layers); H's {lt_label} at the last token",
+            description=f"hybrid experiment: {fe_label[variant]} (all layers); the hybrid's {lt_label} "
+            "at the last token",
             rules=[*fe_rules, _rule(LT_COMPONENTS, _LT, HYBRID)]))
     for variant in CONTROL_VARIANTS:
         fe = FE_VARIANTS[variant]
         fe_rules = [_rule(fe, _FE)] if fe else []
-        for who, donor, label in (("task", None, "T's"), ("relation", RELATION, "R's")):
+        for who, donor in (("task", None), ("relation", RELATION)):
             specs.append(GraftSpec(
                 name=f"attn_o_ffn_{variant}_{who}_lt",
-                description=f"hybrid control: {fe_label[variant]}; {label} {lt_label} at the last token",
+                description=f"hybrid experiment control: {fe_label[variant]}; the {who} model's "
+                f"{lt_label} at the last token",
                 rules=[*fe_rules, _rule(LT_COMPONENTS, _LT, donor)]))
-    for donor, what in ((RELATION, "R"), (HYBRID, "H")):
+    for donor in (RELATION, HYBRID):
         specs.append(GraftSpec(
-            name=f"{donor}_model", description=f"baseline {what}: every weight of {what} at every "
-            f"position (equals running {what})",
+            name=f"{donor}_model", description=f"hybrid experiment baseline: every weight of the {donor} "
+            f"model at every position (equals running it)",
             rules=[GraftRule(components=["everything"], positions=[{"all": True}], donor=donor)]))
     return specs
 
