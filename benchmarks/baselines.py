@@ -76,6 +76,11 @@ class _Clock:
             self.stats[phase] = self.stats.get(phase, 0.0) + time.perf_counter() - start
 
 
+def _cache_of(out: Any) -> Any:
+    """The KV cache a forward returned (``cache`` in transformers 5, ``past_key_values`` before)."""
+    return out.cache if "cache" in getattr(out, "keys", lambda: ())() else out.past_key_values
+
+
 def _cache_kw(model: torch.nn.Module) -> str:
     return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
 
@@ -103,7 +108,7 @@ def paper_method(P: torch.nn.Module, F: torch.nn.Module, ids: Sequence[int],
         kwargs = {cache_kw: cache} if cache is not None else {}
         with clock("forward"):
             out = recipient(input_ids=input_ids[:, idx:idx + 1], use_cache=True, **kwargs)
-        cache = out.past_key_values
+        cache = _cache_of(out)
         logits.append(out.logits[0, -1])
         del recipient
     return torch.stack(logits)
@@ -131,7 +136,7 @@ def per_token_inplace(P: torch.nn.Module, F: torch.nn.Module, ids: Sequence[int]
         finally:
             for param, data in reversed(saved):
                 param.data = data
-        cache = out.past_key_values
+        cache = _cache_of(out)
         logits.append(out.logits[0, -1])
     return torch.stack(logits)
 

@@ -86,7 +86,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     args = parse(p, argv)
     if args.smoke:
         args.batch = 4
-    reps = args.reps or (5 if args.model == "smollm2" else 15)
+    reps = args.reps or (4 if args.model == "smollm2" else 15)
 
     m = load_models(args.model)
     g = m.grafter
