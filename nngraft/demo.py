@@ -246,17 +246,10 @@ def _pct(x: float) -> str:
 
 def run_demo(options: DemoOptions, console: Any = None) -> DemoOutcome:
     """Run the demo (see the module docstring) and return where it wrote and what it measured."""
-    from transformers.utils import logging as hf_logging
+    from .models import quiet_transformers
 
-    verbosity, bars = hf_logging.get_verbosity(), hf_logging.is_progress_bar_enabled()
-    hf_logging.set_verbosity_error()  # no "Loading weights" bars or deprecation chatter in the demo
-    hf_logging.disable_progress_bar()
-    try:
+    with quiet_transformers():  # no "Loading weights" bars or deprecation chatter in the demo
         return _run_demo(options, console)
-    finally:
-        hf_logging.set_verbosity(verbosity)
-        if bars:
-            hf_logging.enable_progress_bar()
 
 
 def _run_demo(options: DemoOptions, console: Any) -> DemoOutcome:
@@ -604,11 +597,10 @@ facts (facts.jsonl), ready for `nngraft run --model P --donor OUT --facts OUT/fa
 @command("finetune", _finetune_args)
 def _cmd_finetune(args: argparse.Namespace) -> int:
     """Finetune a causal LM on a dataset's training texts (the paper's recipe, or a fast CPU preset)."""
-    from .cli import console, out
     from .errors import DataError
-    from .models import load_model
+    from .models import quiet_transformers
     from .study import data as datasets
-    from .study.finetune import PRESETS, LoraOptions, finetune
+    from .study.finetune import PRESETS, LoraOptions
 
     if bool(args.facts) == bool(args.dataset):
         raise DataError("give --facts FILE, or --dataset NAME with --n")
@@ -639,6 +631,17 @@ def _cmd_finetune(args: argparse.Namespace) -> int:
     if "val_fraction" in changes and changes["val_fraction"] == 0 and "select" not in changes:
         changes["select"] = "last"
     config = config.replace(**changes)
+    with quiet_transformers():
+        return _finetune_command(args, facts, texts, config, source, templates, out_dir)
+
+
+def _finetune_command(args: argparse.Namespace, facts: Any, texts: list[str], config: Any, source: dict[str, Any],
+                      templates: str, out_dir: Path) -> int:
+    from .cli import console, out
+    from .models import load_model
+    from .study import data as datasets
+    from .study.finetune import finetune
+
     model, tokenizer = load_model(args.model, device=_device(args.device), console=console)
     console.print(f"finetuning {args.model} on {len(texts)} texts from {len(facts)} facts "
                   f"({', '.join(args.families)}; {', '.join(args.directions)}) with {config}")

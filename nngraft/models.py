@@ -26,8 +26,9 @@ import json
 import os
 import shutil
 import tempfile
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import torch
 
@@ -114,19 +115,10 @@ def _convert_gguf(gguf: Path, target: Path, ident: dict[str, Any]) -> None:
         raise ModelLoadError("reading the SmolLM2 GGUF file needs the 'gguf' package; install it "
                              'with: pip install "nngraft[demo]"') from None
     from transformers import AutoModelForCausalLM, AutoTokenizer
-    from transformers.utils import logging as hf_logging
 
-    verbosity = hf_logging.get_verbosity()
-    hf_logging.set_verbosity_error()
-    disabled = hf_logging.is_progress_bar_enabled()
-    hf_logging.disable_progress_bar()
-    try:
+    with quiet_transformers():
         model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
         tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
-    finally:
-        hf_logging.set_verbosity(verbosity)
-        if disabled:
-            hf_logging.enable_progress_bar()
     # The weights are already de-quantized to float32 plain nn.Linear modules; drop the GGUF
     # "quantizer" so save_pretrained writes an ordinary checkpoint.
     model.hf_quantizer = None
@@ -148,6 +140,23 @@ def _convert_gguf(gguf: Path, target: Path, ident: dict[str, Any]) -> None:
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+@contextmanager
+def quiet_transformers() -> Iterator[None]:
+    """Silence ``transformers``' progress bars ("Loading weights", "Writing model shards") and
+    warnings for the duration (nngraft draws its own progress); restores the settings after."""
+    from transformers.utils import logging as hf_logging
+
+    verbosity, bars = hf_logging.get_verbosity(), hf_logging.is_progress_bar_enabled()
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        hf_logging.set_verbosity(verbosity)
+        if bars:
+            hf_logging.enable_progress_bar()
 
 
 def _default_permissions(folder: Path) -> None:

@@ -212,3 +212,29 @@ def test_cached_finetune_trains_a_copy_then_reuses_it(tmp_path):
     assert not cached5
     with pytest.raises(FinetuneError, match="needs stop_key"):
         cached_finetune(base, _tok(), TEXTS, config=config, cache=tmp_path, stop_when=lambda m, e: True)
+
+
+def _finetune_recipe():
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "recipes" / "finetune.py"
+    spec = importlib.util.spec_from_file_location("recipe_finetune", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_finetune_recipe_dry_run_shows_the_papers_recipe(capsys):
+    assert _finetune_recipe().main(["--model", "some/model", "--dry-run"]) == 0
+    text = capsys.readouterr().out
+    assert "1000 facts → 22000 training texts (lm, qa; A2B, B2A)" in text  # 1000 × 11 templates × 2 orders
+    assert "lr=2e-06, weight_decay=0.001, batch_size=4, epochs=10" in text
+
+
+def test_finetune_recipe_tiny_run_writes_a_loadable_model(tmp_path):
+    out = tmp_path / "ft"
+    assert _finetune_recipe().main(["--tiny", "--out", str(out), "--no-progress"]) == 0
+    manifest = read_finetune_manifest(out)
+    assert manifest["n_texts"] == 4 * 5 * 2 and manifest["epochs_run"] == 2
+    assert weights_fingerprint(load_finetuned(out)) == manifest["weights_sha256"]
