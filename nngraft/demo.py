@@ -344,6 +344,10 @@ def _run_demo(options: DemoOptions, console: Any) -> DemoOutcome:
     console.rule("[bold]4. graft F's weights into P")
     t = time.perf_counter()
     specs = demo_specs()
+    skipped = [s.name for s in specs if not s.rule_names_span() <= set(examples[0].spans)]
+    if skipped:  # e.g. FE+M+LT on a template without {movie_title}
+        console.print(f"[dim]template {options.template} has no span for {', '.join(skipped)}: left out[/dim]")
+        specs = [s for s in specs if s.name not in skipped]
     grafter = Grafter(P, F, tokenizer, batch_size=64)
     results = out / "results.jsonl"
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
@@ -452,13 +456,13 @@ def summarize(rows: Sequence[dict[str, Any]], model: str, template: str, n_facts
                             "positions, run P", title_justify="left")
     for name in ("row", "what is grafted", "mean p(target) [95% CI]", "top-1", "top-100", "recovery [95% CI]"):
         positions.add_column(name, justify="left" if name in ("row", "what is grafted") else "right", no_wrap=True)
-    for spec in POSITION_ROWS:
+    for spec in [name for name in POSITION_ROWS if name in aggs]:
         a = aggs[spec]
         prob = a.metrics["prob"]
         interval = f" [{prob.low:.3f}, {prob.high:.3f}]" if prob.method != "none" else ""
         positions.add_row(display_name(spec).replace("$^c$", "ᶜ"), READING[spec], f"{prob.mean:.3f}{interval}",
                           top1(spec), f"{a.metrics['top_100'].mean:.2f}", recovery(spec))
-        if spec in ("f", "fe_m_lt"):
+        if spec in ("f", "fe_m_lt" if "fe_m_lt" in aggs else "fe_lt"):
             positions.add_section()
 
     parts = Table(title="recall: which of F's weights at the last token? — recovery (top-1); "
