@@ -41,6 +41,7 @@ import datetime as _dt
 import hashlib
 import json
 import platform
+import re
 import time
 import warnings
 from dataclasses import dataclass, field
@@ -76,11 +77,14 @@ class _Strict(BaseModel):
 
 class ModelPair(_Strict):
     """A recipient P and donor F. ``recipient``/``donor``: local paths or hub ids. ``tiny``: use
-    :func:`nngraft.testing.tiny_pair` of that model type instead (tests, ``--tiny`` recipes)."""
+    :func:`nngraft.testing.tiny_pair` of that model type instead (tests, ``--tiny`` recipes).
+    ``donors``: extra named donors (paths or hub ids) for spec rules with ``"donor": NAME``, e.g.
+    ``{"hybrid": "runs/hybrid/hybrid-…", "relation": "runs/sft/relation"}``."""
 
     name: str = Field(min_length=1)
     recipient: str | None = None
     donor: str | None = None
+    donors: dict[str, str] = Field(default_factory=dict)
     tiny: str | None = None
     tiny_layers: int = 2
     dtype: Literal["float32", "bfloat16", "float16", "auto"] = "float32"
@@ -92,6 +96,10 @@ class ModelPair(_Strict):
             raise ValueError("give both 'recipient' and 'donor' (paths or hub ids), or 'tiny': MODEL_TYPE")
         if self.tiny is not None and (self.recipient or self.donor):
             raise ValueError("'tiny' replaces 'recipient' and 'donor'; give one or the other")
+        for key in self.donors:
+            if key == "default" or not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_.-]*", key):
+                raise ValueError(f"donor name {key!r}: use a name such as 'hybrid' (letters, digits, _ . -; "
+                                 "'default' is the main donor)")
         return self
 
 
@@ -355,6 +363,7 @@ class LoadedPair:
     donor: torch.nn.Module
     tokenizer: Any
     identity: dict[str, Any]
+    donors: dict[str, torch.nn.Module] = field(default_factory=dict)
 
 
 def _device(name: str) -> torch.device:
@@ -392,7 +401,19 @@ def load_pair(pair: ModelPair, config: SweepConfig | None = None) -> LoadedPair:
     P, F = P.to(device).eval(), F.to(device).eval()
     identity = {"recipient": model_identity(P, src_p), "donor": model_identity(F, src_f),
                 "device": str(device)}
-    return LoadedPair(pair.name, P, F, tok, identity)
+    donors = {}
+    for key, value in pair.donors.items():  # extra named donors: always paths or hub ids
+        from transformers import AutoModelForCausalLM
+
+        local = config.path(value) if config is not None else Path(value)
+        src = str(local) if local.exists() else value
+        try:
+            donors[key] = AutoModelForCausalLM.from_pretrained(src, dtype=_DTYPES.get(pair.dtype, "auto"))
+        except OSError as error:
+            raise SweepConfigError(f"model {pair.name!r}: cannot load donor {key!r}: {error}") from None
+        donors[key] = donors[key].to(device).eval()
+        identity.setdefault("donors", {})[key] = model_identity(donors[key], src)
+    return LoadedPair(pair.name, P, F, tok, identity, donors)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -436,6 +457,19 @@ def check_spans(specs: Sequence[GraftSpec], examples: Sequence[TestExample]) -> 
                 raise GraftError(f"example {ex.key!r} has no span {sorted(missing)} (its spans: "
                                  f"{sorted(ex.spans)}), which specs {users} graft at; use a template "
                                  "with those {fields} or leave those specs out")
+
+
+def check_donors(specs: Sequence[GraftSpec], models: Sequence[ModelPair]) -> None:
+    """Raise if a spec's rule names a donor (``"donor": NAME``) that some model pair does not
+    give in its ``donors`` (checked before any model is loaded)."""
+    for pair in models:
+        for spec in specs:
+            missing = sorted({r.donor for r in spec.rules if r.donor not in (None, "default")} - set(pair.donors))
+            if missing:
+                raise SweepConfigError(
+                    f"spec {spec.name!r} grafts from donor(s) {missing}, but model {pair.name!r} has "
+                    f"donors {sorted(pair.donors)}; add them to its \"donors\" (e.g. {{\"{missing[0]}\": PATH}}) "
+                    "or leave the spec out")
 
 
 def evaluate(grafter: Grafter, specs: Sequence[GraftSpec], examples: Sequence[TestExample], *,
@@ -585,6 +619,14 @@ def _check_resume(manifest: dict[str, Any], writer: ResultsWriter, specs: Sequen
                         f"{writer.path} holds results for model {name!r} whose {side} {key} was "
                         f"{old.get(side, {}).get(key)!r}; this run's is {identity[side][key]!r}. "
                         "Use a new output directory (or another model name)")
+        for donor, ident in identity.get("donors", {}).items():  # named donors, e.g. "hybrid"
+            before = old.get("donors", {}).get(donor)
+            for key in ("config_hash", "weights_fingerprint", "dtype"):
+                if before is not None and before.get(key) != ident[key]:
+                    raise ResultsError(
+                        f"{writer.path} holds results for model {name!r} whose donor {donor!r} {key} was "
+                        f"{before.get(key)!r}; this run's is {ident[key]!r}. "
+                        "Use a new output directory (or another model name)")
     if writer.existing and answer_logprob != ("answer_logprob" in writer.existing[0]):
         raise ResultsError(f"{writer.path} was written with answer_logprob="
                            f"{not answer_logprob}; this run asks for {answer_logprob}. Rows must agree: "
@@ -629,6 +671,7 @@ def run_sweep(config: SweepConfig, *, output: str | Path | None = None, show_pro
     specs = resolve_specs(config)
     examples, source = load_data(config)
     check_spans(specs, examples)
+    check_donors(specs, config.models)
     results = results_path(out_dir)
     writer = ResultsWriter(results)
     manifest = load_manifest(results)
@@ -668,7 +711,8 @@ def run_sweep(config: SweepConfig, *, output: str | Path | None = None, show_pro
             _check_resume(manifest, writer, specs, examples, {pair.name: pair.identity}, config.answer_logprob)
             manifest["models"][pair.name] = pair.identity
             write_manifest(results, manifest)
-            grafter = Grafter(pair.recipient, pair.donor, pair.tokenizer, batch_size=config.batch_size)
+            grafter = Grafter(pair.recipient, pair.donor, pair.tokenizer, donors=pair.donors,
+                              batch_size=config.batch_size)
             total = len(specs) * len(examples)
             label = f"{pair.name}: {len(specs)} specs × {len(examples)} examples"
             with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), Rate(),
