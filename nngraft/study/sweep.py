@@ -566,13 +566,19 @@ def direct_probs(model: torch.nn.Module, tokenizer: Any, examples: Sequence[Test
 
 def check_baselines(pair: LoadedPair, specs: Sequence[GraftSpec], examples: Sequence[TestExample],
                     rows: dict[tuple[str, str, str], dict[str, Any]]) -> dict[str, Any]:
-    """Compare the ``p`` / ``f`` rows with plain forwards of P / F (max |Δ prob|)."""
+    """Compare the ``p`` / ``f`` rows with plain forwards of P / F (max |Δ prob|), and rows of a
+    spec grafting everything from a named donor X at every position with plain forwards of X
+    (reported as ``donor:X``)."""
     report: dict[str, Any] = {"n_examples": len(examples)}
     tolerance = 1e-4 if pair.identity["recipient"]["dtype"] == "float32" else 2e-2
     report["tolerance"] = tolerance
     ok = True
-    for role, model in (("p", pair.recipient), ("f", pair.donor)):
-        names = [s.name for s in specs if spec_role(s) == role]
+    checks = [("p", pair.recipient, lambda s: spec_role(s) == "p"), ("f", pair.donor, lambda s: spec_role(s) == "f")]
+    for key, model in pair.donors.items():
+        whole = GraftSpec(rules=[r.model_copy(update={"donor": key}) for r in _F_SPEC.rules]).content_hash()
+        checks.append((f"donor:{key}", model, lambda s, whole=whole: s.content_hash() == whole))
+    for role, model, matches in checks:
+        names = [s.name for s in specs if matches(s)]
         if not names or not examples:
             continue
         ref = direct_probs(model, pair.tokenizer, examples)
