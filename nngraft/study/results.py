@@ -70,8 +70,9 @@ def manifest_path(results: str | Path) -> Path:
     return results_path(results).parent / MANIFEST_FILE
 
 
-def _read_lines(path: Path) -> tuple[list[dict[str, Any]], int, str | None]:
-    """Rows, the byte length of the complete part, and the dropped tail (if the file was cut off)."""
+def _read_lines(path: Path) -> tuple[list[dict[str, Any]], int, tuple[int, str] | None]:
+    """Rows, the byte length of the complete part, and the dropped tail as (line number, text)
+    if the file was cut off."""
     data = path.read_bytes()
     rows: list[dict[str, Any]] = []
     good = 0
@@ -88,11 +89,13 @@ def _read_lines(path: Path) -> tuple[list[dict[str, Any]], int, str | None]:
                 raise ValueError("not a JSON object")
         except ValueError as error:
             if is_last or all(not rest.strip() for rest in lines[number:]):
-                return rows, good, raw.decode(errors="replace")
+                return rows, good, (number, raw.decode(errors="replace"))
             raise ResultsError(f"{path}: line {number} is not a JSON object ({error}); the file is "
-                               "damaged in the middle, not just at the end") from None
+                               "damaged in the middle, not just at the end. Nothing was changed: "
+                               "delete that line (its row is then recomputed) or use a new output "
+                               "directory") from None
         if is_last:  # valid JSON but no newline: the writer died before the "\n"
-            return rows, good, raw.decode(errors="replace")
+            return rows, good, (number, raw.decode(errors="replace"))
         rows.append(row)
         good += len(raw) + 1
     return rows, good, None
@@ -108,8 +111,8 @@ def load_results(path: str | Path) -> list[dict[str, Any]]:
         raise ResultsError(f"no results file at {path}")
     rows, _, tail = _read_lines(path)
     if tail is not None:
-        warnings.warn(f"{path}: dropped an incomplete last line ({len(tail)} characters; the run was "
-                      "probably killed mid-write)", TruncatedResultsWarning, stacklevel=2)
+        warnings.warn(f"{path}: line {tail[0]}: dropped an incomplete last line ({len(tail[1])} characters; "
+                      "the run was probably killed mid-write)", TruncatedResultsWarning, stacklevel=2)
     return rows
 
 
@@ -142,14 +145,15 @@ class ResultsWriter:
         self.path = results_path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self.existing: list[dict[str, Any]] = []
-        self.dropped_tail: str | None = None
+        self.dropped_tail: str | None = None  # the text of a cut-off last line
         if self.path.exists():
             rows, good, tail = _read_lines(self.path)
             self.existing = rows
             if tail is not None:
-                self.dropped_tail = tail
-                warnings.warn(f"{self.path}: dropped an incomplete last line ({len(tail)} characters; "
-                              "the previous run was probably killed mid-write); its unit will be rerun",
+                self.dropped_tail = tail[1]
+                warnings.warn(f"{self.path}: line {tail[0]}: dropped an incomplete last line "
+                              f"({len(tail[1])} characters; the previous run was probably killed "
+                              "mid-write); its unit will be rerun",
                               TruncatedResultsWarning, stacklevel=2)
                 with open(self.path, "r+b") as handle:
                     handle.truncate(good)
