@@ -6,11 +6,16 @@ regenerate it from the real messages (a test fails when the page is out of date)
 
 from __future__ import annotations
 
+import contextlib
+import json
+import os
+import tempfile
 import warnings
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
 from typing import Callable
+from unittest import mock
 
 import pytest
 import torch
@@ -32,6 +37,8 @@ from nngraft import (
     TensorDonor,
     UnsupportedArchitectureError,
 )
+from nngraft.errors import GraftError, ModelNotAvailableError, PayloadTooLargeError, RemoteAuthError, RemoteGraftError
+from nngraft.study.results import ResultsError, TruncatedResultsWarning
 from nngraft.testing import tiny_model, tiny_pair
 
 DOC = Path(__file__).parents[1] / "docs" / "errors.md"
@@ -117,6 +124,156 @@ def _no_offsets():
     tokenize_prompt(SlowTokenizer(), "Ada stars", {"first_actor": "Ada"})
 
 
+# -- 17: results files on resume ------------------------------------------------------------
+
+ROW = {"model": "tiny", "spec": "p", "example": "f1/s3", "prob": 0.25}
+
+
+@contextlib.contextmanager
+def _scratch_folder():
+    """A fresh temp folder as the working directory, so messages show short, stable paths."""
+    with tempfile.TemporaryDirectory() as tmp, contextlib.chdir(tmp):
+        yield Path(tmp)
+
+
+def _prepare_resume(folder: Path, results_text: str) -> None:
+    """A tiny sweep config whose output folder already holds ``results_text``."""
+    from nngraft.study.examples import TestExample
+    from nngraft.study.sweep import save_examples_jsonl
+
+    save_examples_jsonl([TestExample("f1", "s3", "Ada Lovelace stars in a movie alongside",
+                                     {"first_actor": "Ada Lovelace"}, "Alan Turing")], folder / "examples.jsonl")
+    (folder / "sweep.json").write_text(json.dumps({
+        "name": "t", "models": [{"name": "tiny", "tiny": "llama"}], "data": {"examples": "examples.jsonl"},
+        "grid": "main", "output": "runs/t"}))
+    (folder / "runs" / "t").mkdir(parents=True)
+    (folder / "runs" / "t" / "results.jsonl").write_text(results_text)
+
+
+def _resume(results_text: str) -> None:
+    from nngraft.study.sweep import load_sweep_config, run_sweep
+
+    with _scratch_folder() as folder:
+        _prepare_resume(folder, results_text)
+        run_sweep(load_sweep_config("sweep.json"), show_progress=False)
+
+
+def _resume_cut_off() -> None:
+    from nngraft.study.results import TruncatedResultsWarning
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", TruncatedResultsWarning)
+        _resume(json.dumps(ROW) + "\n" + json.dumps(dict(ROW, spec="f")) + '\n{"model": "tiny", "sp')
+
+
+def _resume_damaged() -> None:
+    _resume(json.dumps(ROW) + "\nnot json\n" + json.dumps(dict(ROW, spec="f")) + "\n")
+
+
+# -- 18: NDIF, mocked at the HTTP / websocket layer (tests/test_remote.py's FakeNDIF) --------
+
+NDIF_HOST = "https://ndif.example"
+NDIF_REPO = "nngraft-tests/tiny-llama"
+NDIF_KEY = "key-123"
+
+
+@lru_cache(maxsize=None)
+def _hosted_folder() -> str:
+    """P's config and tokenizer: what nnsight reads to build the (meta) model of a hosted repo."""
+    P, _, tok = pair()
+    folder = Path(tempfile.mkdtemp(prefix="nngraft-errors-")) / "tiny-llama"
+    P.config.save_pretrained(folder)
+    tok.save_pretrained(folder)
+    return str(folder)
+
+
+def _payload_refused(fake):
+    import httpx
+
+    def client(*args, **kwargs):
+        class Client:
+            def __enter__(self):
+                return self
+
+            def __exit__(self, *exc):
+                return False
+
+            def post(self, url, data=None, files=None, headers=None):
+                fake.posted.append({"headers": dict(headers)})
+                return httpx.Response(413, text="Request Entity Too Large", request=httpx.Request("POST", url))
+
+        return Client()
+
+    return client
+
+
+def _ndif(run: Callable[[str], object], *, key: str | None = NDIF_KEY, sent: int = 0, too_large: bool = False):
+    """Call ``run(hosted_folder)`` with NDIF's HTTP and websocket endpoints mocked; check how many
+    requests reached the network and that the key is not echoed, then re-raise the error."""
+    import httpx
+    import websocket
+    from nnsight.modeling import huggingface
+    from nnsight.schema.config import CONFIG
+
+    from tests.test_remote import FakeNDIF
+
+    fake = FakeNDIF(None, NDIF_REPO, "llama", key=NDIF_KEY)  # never reaches its worker: all fail first
+    folder = _hosted_folder()
+    with contextlib.ExitStack() as stack:
+        stack.enter_context(mock.patch.dict(os.environ))
+        os.environ.pop("NDIF_API_KEY", None)
+        if key is not None:
+            os.environ["NDIF_API_KEY"] = key
+        stack.enter_context(mock.patch.object(CONFIG.API, "APIKEY", None))
+        stack.enter_context(mock.patch.object(httpx, "get", fake.get))
+        stack.enter_context(mock.patch.object(httpx, "Client", _payload_refused(fake) if too_large else fake.client))
+        stack.enter_context(mock.patch.object(websocket, "create_connection", fake.create_connection))
+        stack.enter_context(mock.patch.dict(huggingface._ID_CACHE, {folder: NDIF_REPO, "meta-llama/Nope": "meta-llama/Nope"}))
+        try:
+            run(folder)
+        except GraftError as error:
+            assert len(fake.posted) == sent, f"{len(fake.posted)} requests were sent, expected {sent}"
+            assert not key or key not in str(error), "the API key is echoed in the message"
+            raise
+    raise AssertionError("no error")
+
+
+LT_MLP = spec(GraftRule(components=["mlp"], positions=[Last()]), name="lt_mlp")
+
+
+def _ndif_run(folder: str, **kwargs) -> None:
+    from nngraft.delta import DenseDonor
+    from nngraft.remote import RemoteGrafter
+
+    RemoteGrafter(folder, DenseDonor(pair()[1]), host=NDIF_HOST, verbose=False, **kwargs).run(LT_MLP, ["Ada stars in"])
+
+
+def _ndif_no_key():
+    from nngraft.delta import DenseDonor
+    from nngraft.remote import RemoteGrafter
+
+    _ndif(lambda folder: RemoteGrafter(folder, DenseDonor(pair()[1]), host=NDIF_HOST), key=None)
+
+
+def _ndif_wrong_key():
+    _ndif(_ndif_run, key="wrong-key-456", sent=1)
+
+
+def _ndif_not_hosted():
+    from nngraft.delta import DenseDonor
+    from nngraft.remote import RemoteGrafter
+
+    _ndif(lambda folder: RemoteGrafter("meta-llama/Nope", DenseDonor(pair()[1]), host=NDIF_HOST))
+
+
+def _ndif_over_limit():
+    _ndif(lambda folder: _ndif_run(folder, max_payload_mb=0.01))
+
+
+def _ndif_413():
+    _ndif(_ndif_run, sent=1, too_large=True)
+
+
 CASES = [
     Case(1, "malformed JSON spec", '`{"rules": [`',
          lambda: GraftSpec.from_json('{"rules": [', source="fe.json"), SpecError, r"invalid graft spec fe.json:\n  \(JSON\): Invalid JSON"),
@@ -172,6 +329,32 @@ CASES = [
          handling="raised; an empty *spec* (no rules) is valid: it is the plain recipient P"),
     Case(16, "tokenizer without offsets", "a slow tokenizer with spans", _no_offsets, PositionError,
          "cannot report character offsets; spans need a fast tokenizer"),
+    Case(17, "results file cut off at the end, on resume", 'last line `{"model": "tiny", "sp` (a run killed mid-write)',
+         _resume_cut_off, TruncatedResultsWarning,
+         r"runs/t/results.jsonl: line 3: dropped an incomplete last line \(21 characters; the previous run was "
+         r"probably killed mid-write\); its unit will be rerun",
+         handling="warning; the cut line is dropped, the file truncated to its last complete line, and that row "
+                  "recomputed (`load_results` drops it too, without changing the file)"),
+    Case(17, "results file damaged in the middle, on resume", "line 2 is `not json`", _resume_damaged, ResultsError,
+         r"runs/t/results.jsonl: line 2 is not a JSON object \(Expecting value.*\); the file is damaged in the "
+         r"middle, not just at the end. Nothing was changed: delete that line",
+         handling="raised before any model is loaded; the file is left as it was (also by `load_results`)"),
+    Case(18, "NDIF API key missing", "no `NDIF_API_KEY`, no `nnsight login`", _ndif_no_key, RemoteAuthError,
+         r"no NDIF API key: set the NDIF_API_KEY environment variable \(or run `nnsight login`",
+         handling="raised before anything is sent"),
+    Case(18, "NDIF API key refused", "HTTP 401 from NDIF", _ndif_wrong_key, RemoteAuthError,
+         r"NDIF \(https://ndif.example\) refused the request \(HTTP 401\).*Check NDIF_API_KEY",
+         handling="raised; the key is never echoed"),
+    Case(18, "model not hosted on NDIF", "`RemoteGrafter(\"meta-llama/Nope\", ...)`", _ndif_not_hosted,
+         ModelNotAvailableError, r"'meta-llama/Nope' is not running on NDIF \(https://ndif.example\). Running now: "
+         r"nngraft-tests/tiny-llama",
+         handling="raised before anything is sent (NDIF's /status is read first)"),
+    Case(18, "request over the payload limit", "dense MLP graft, `max_payload_mb=0.01`", _ndif_over_limit,
+         PayloadTooLargeError, r"this request would send 24.6 kB .* over the limit of 10.0 kB. Send less: a DeltaDonor",
+         handling="raised before anything is sent (estimated from tensor shapes); default limit 256 MB"),
+    Case(18, "NDIF refuses the payload size", "HTTP 413 from NDIF", _ndif_413, RemoteGraftError,
+         r"NDIF \(https://ndif.example\) refused the request \(HTTP 413\)",
+         handling="raised"),
 ]
 
 
@@ -200,6 +383,32 @@ def test_empty_spec_is_plain_recipient():
     with torch.no_grad():
         plain = P(torch.tensor([tok("Ada stars in")["input_ids"]])).logits[0, -1]
     torch.testing.assert_close(grafter().run(GraftSpec(), ["Ada stars in"]).logits[0], plain, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("damage", ["cut off", "damaged"])
+def test_refused_resume_leaves_the_results_file_as_it_was(damage):
+    """Item 17: an error on resume writes nothing (no manifest, no temp file, no repair), and
+    ``load_results`` reads without changing the file."""
+    from nngraft.study.results import load_results
+    from nngraft.study.sweep import load_sweep_config, run_sweep
+
+    good = json.dumps(ROW) + "\n"
+    text = good + ('{"model": "tiny", "sp' if damage == "cut off" else "not json\n" + good.replace('"p"', '"f"'))
+    with _scratch_folder() as folder:
+        _prepare_resume(folder, text)
+        results = folder / "runs" / "t" / "results.jsonl"
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", TruncatedResultsWarning)
+            with pytest.raises((ResultsError, TruncatedResultsWarning), match="runs/t/results.jsonl: line [23]"):
+                run_sweep(load_sweep_config("sweep.json"), show_progress=False)
+        if damage == "cut off":
+            with pytest.warns(TruncatedResultsWarning, match="line 2: dropped an incomplete last line"):
+                assert load_results(results) == [ROW]
+        else:
+            with pytest.raises(ResultsError, match="line 2 is not a JSON object"):
+                load_results(results)
+        assert results.read_text() == text
+        assert [p.name for p in results.parent.iterdir()] == ["results.jsonl"]
 
 
 def message(case: Case) -> str:
