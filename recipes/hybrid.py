@@ -43,11 +43,15 @@ def _parser():
 
 
 def _facts(args):
-    from nngraft.study.data import load_facts, make_facts
+    """(facts, file stem, source dataset name, source dataset seed) — the last two are copied into
+    the split files' manifests so `nngraft data texts` picks the dataset's training templates."""
+    from nngraft.study.data import load_facts, make_facts, read_manifest
 
     if args.facts:
-        return load_facts(args.facts), Path(args.facts).name.removesuffix(".jsonl")
-    return make_facts(args.dataset, args.n, args.seed), f"{args.dataset}-n{args.n}-seed{args.seed}"
+        manifest = read_manifest(args.facts) or {}
+        return (load_facts(args.facts), Path(args.facts).name.removesuffix(".jsonl"), manifest.get("dataset"),
+                manifest.get("seed"))
+    return make_facts(args.dataset, args.n, args.seed), f"{args.dataset}-n{args.n}-seed{args.seed}", args.dataset, args.seed
 
 
 def _tiny_models(args, root: Path) -> tuple[str, str, str]:
@@ -84,7 +88,7 @@ def main(argv=None) -> int:
             raise SweepConfigError("the hybrid recipe takes --task and --relation instead of --donor")
         if args.tiny and (args.model or args.task or args.relation):
             raise SweepConfigError("give --tiny, or --model, --task and --relation, not both")
-        facts, stem = _facts(args)
+        facts, stem, dataset, dataset_seed = _facts(args)
         split_a, split_b = split_facts(facts, args.split_seed)
         overlap = shared_entities(split_a, split_b)
         if overlap:
@@ -93,8 +97,8 @@ def main(argv=None) -> int:
         if args.write_splits:
             for label, part in (("A", split_a), ("B", split_b)):
                 path = Path(args.write_splits) / f"{stem}_{label}.jsonl"
-                save_facts(part, path, dataset=stem, seed=args.split_seed)
-                console.print(f"split {label}: {len(part)} facts → {path}")
+                save_facts(part, path, dataset=dataset, seed=dataset_seed)
+                console.print(f"split {label} (seed {args.split_seed}): {len(part)} facts → {path}")
             console.print("next: `nngraft data texts` on each split, finetune P on A (task model) and on B "
                           "(relation model), then run this recipe with --task/--relation")
             return 0
@@ -135,7 +139,7 @@ def main(argv=None) -> int:
             return 0
 
         for label, part in (("A", split_a), ("B", split_b)):
-            save_facts(part, out / f"facts_{label}.jsonl", dataset=stem, seed=args.split_seed)
+            save_facts(part, out / f"facts_{label}.jsonl", dataset=dataset, seed=dataset_seed)
         if args.tiny:
             recipient, task, relation = _tiny_models(args, out / "models")
         else:

@@ -405,13 +405,17 @@ def test_recipe_dry_run_and_errors(tmp_path, capsys):
 
 
 def test_recipe_writes_splits(tmp_path, capsys):
-    from nngraft.study.data import load_facts, save_facts
+    from nngraft.study.data import load_facts, read_manifest, save_facts
 
     facts = make_facts("fake_movies_real_actors", 7, seed=0)
-    save_facts(facts, tmp_path / "fmra.jsonl")
-    assert _recipe().main(["--facts", str(tmp_path / "fmra.jsonl"), "--write-splits", str(tmp_path / "s")]) == 0
+    save_facts(facts, tmp_path / "fmra.jsonl", dataset="fake_movies_real_actors", seed=0)
+    assert _recipe().main(["--facts", str(tmp_path / "fmra.jsonl"), "--split-seed", "3",
+                           "--write-splits", str(tmp_path / "s")]) == 0
     a, b = load_facts(tmp_path / "s" / "fmra_A.jsonl"), load_facts(tmp_path / "s" / "fmra_B.jsonl")
-    assert ([f.id for f in a], [f.id for f in b]) == tuple([f.id for f in x] for x in split_facts(facts, 0))
+    assert ([f.id for f in a], [f.id for f in b]) == tuple([f.id for f in x] for x in split_facts(facts, 3))
+    # the source dataset travels with the splits, so `nngraft data texts` picks its training templates
+    assert read_manifest(tmp_path / "s" / "fmra_B.jsonl")["dataset"] == "fake_movies_real_actors"
+    assert "split A (seed 3): 4 facts" in capsys.readouterr().err
 
 
 def test_recipe_runs_on_tiny_models(tmp_path, capsys):
