@@ -31,6 +31,9 @@ from .arch import get_module
 from .errors import DonorMismatchError
 
 
+_PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle")
+"""Checkpoint formats that are pickles: refused, never loaded."""
+
 _TIED_INPUT_EMBEDDINGS = ("model.embed_tokens.weight", "transformer.wte.weight", "gpt_neox.embed_in.weight")
 
 
@@ -160,14 +163,30 @@ class SafetensorsDonor(_CachingDonor):
         from safetensors import safe_open
 
         self.path = Path(path)
-        files = sorted(self.path.glob("*.safetensors")) if self.path.is_dir() else [self.path]
-        if not files or not all(f.exists() for f in files):
+        if self.path.is_dir():
+            files = sorted(self.path.glob("*.safetensors"))
+            others = sorted(f.name for f in self.path.iterdir() if f.suffix in _PICKLE_SUFFIXES)
+        else:
+            files = [self.path] if self.path.suffix == ".safetensors" and self.path.exists() else []
+            others = [self.path.name] if self.path.exists() and not files else []
+        if not files and others:
+            raise DonorMismatchError(
+                f"{self.path} holds no .safetensors weights, only {', '.join(others)}. nngraft never "
+                "unpickles weight files (.bin/.pt/.pth/.ckpt are pickles; loading one can run code). "
+                "Convert it once: safetensors.torch.save_file(torch.load(FILE, weights_only=True), "
+                "'model.safetensors'), or F.save_pretrained(DIR); or load F with transformers and "
+                "pass the model"
+            )
+        if not files:
             raise DonorMismatchError(f"no .safetensors weights found at {self.path}")
         self._index: dict[str, Path] = {}
         for file in files:
-            with safe_open(str(file), framework="pt") as handle:
-                for key in handle.keys():
-                    self._index[key] = file
+            try:
+                with safe_open(str(file), framework="pt") as handle:
+                    for key in handle.keys():
+                        self._index[key] = file
+            except Exception as error:  # noqa: BLE001 - safetensors' own error type is not public
+                raise DonorMismatchError(f"{file} is not a readable .safetensors file ({error})") from None
         self._prefixes = prefixes
         self._renames = {"lm_head.weight": ("embed_out.weight",)}
 
