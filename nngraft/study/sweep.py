@@ -333,7 +333,8 @@ _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torc
 
 
 def model_identity(model: torch.nn.Module, source: str) -> dict[str, Any]:
-    """What identifies a loaded model: its source, type, depth, a hash of its config, and a
+    """What identifies a loaded model: its source, the Hub revision (commit) it was loaded from
+    (``None`` for local folders and tiny models), type, depth, a hash of its config, and a
     fingerprint of its weights (sha256 over every parameter's name, shape and first 64 values;
     it tells P from F, which share a config)."""
     config = model.config
@@ -347,6 +348,7 @@ def model_identity(model: torch.nn.Module, source: str) -> dict[str, Any]:
     dtype = next(model.parameters()).dtype
     return {
         "source": source,
+        "revision": getattr(config, "_commit_hash", None),
         "model_type": getattr(config, "model_type", None),
         "n_layers": getattr(config, "num_hidden_layers", None) or getattr(config, "n_layer", None),
         "config_hash": hashlib.sha256(config_json.encode()).hexdigest()[:16],
