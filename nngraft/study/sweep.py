@@ -332,9 +332,26 @@ def examples_hash(examples: Sequence[TestExample]) -> str:
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
+def hub_revision(source: str) -> str | None:
+    """The Hub commit a model was loaded from, read off its cache path (``…/snapshots/<commit>/``)
+    without any network access; ``None`` for folders outside the Hub cache and for tiny models."""
+    from huggingface_hub import try_to_load_from_cache
+    from transformers.utils.hub import extract_commit_hash
+
+    local = Path(source)
+    if local.exists():
+        found: Any = str(local.absolute() / "config.json" if local.is_dir() else local.absolute())
+    else:
+        try:
+            found = try_to_load_from_cache(source, "config.json")
+        except Exception:  # noqa: BLE001 - not a valid repo id (e.g. a tiny test model's description)
+            return None
+    return extract_commit_hash(found, None) if isinstance(found, str) else None
+
+
 def model_identity(model: torch.nn.Module, source: str) -> dict[str, Any]:
     """What identifies a loaded model: its source, the Hub revision (commit) it was loaded from
-    (``None`` for local folders and tiny models), type, depth, a hash of its config, and a
+    (``None`` outside the Hub cache, e.g. tiny models), type, depth, a hash of its config, and a
     fingerprint of its weights (sha256 over every parameter's name, shape and first 64 values;
     it tells P from F, which share a config)."""
     config = model.config
@@ -348,7 +365,7 @@ def model_identity(model: torch.nn.Module, source: str) -> dict[str, Any]:
     dtype = next(model.parameters()).dtype
     return {
         "source": source,
-        "revision": getattr(config, "_commit_hash", None),
+        "revision": hub_revision(source),
         "model_type": getattr(config, "model_type", None),
         "n_layers": getattr(config, "num_hidden_layers", None) or getattr(config, "n_layer", None),
         "config_hash": hashlib.sha256(config_json.encode()).hexdigest()[:16],
