@@ -378,7 +378,7 @@ def test_without_globals_an_lm_head_change_cannot_be_reached():
 
 def test_cli_localize_writes_spec_result_and_plot(tmp_path, capsys):
     out = tmp_path / "loc"
-    code = cli_main(["localize", "--tiny", "llama", "--dataset", "fake_movies_fake_actors", "--n", "3",
+    code = cli_main(["localize", "--tiny", "llama", "--dataset", "fake_movies_fake_actors", "--n", "2",
                      "--template", "sentence_1", "--targets", "donor_top1", "--metric", "logprob",
                      "--target", "0.8", "--no-progress", "-o", str(out)])
     assert code == 0
@@ -391,7 +391,7 @@ def test_cli_localize_writes_spec_result_and_plot(tmp_path, capsys):
     assert data["recovery"]["mean"] >= 0.8 and (out / "localize.png").exists()
     # the log-prob baselines, recomputed from plain forwards of the same tiny pair
     P, F, tok = tiny_pair("llama")
-    examples = make_test_examples(make_facts("fake_movies_fake_actors", 3, seed=0), "sentence_1")
+    examples = make_test_examples(make_facts("fake_movies_fake_actors", 2, seed=0), "sentence_1")
     f_logits = direct_last_logits(F, tok, examples)
     ids = f_logits.argmax(-1)
     for name, logits in (("p", direct_last_logits(P, tok, examples)), ("f", f_logits)):

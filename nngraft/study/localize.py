@@ -400,10 +400,10 @@ def split_facts(fact_ids: Sequence[str], holdout: float, seed: int) -> tuple[lis
 class _Search:
     def __init__(self, grafter: Grafter, examples: Sequence[TestExample], *, target: float, metric: str,
                  targets: Any, spans: list[str], include_globals: bool, search_idx: list[int],
-                 heldout_idx: list[int], seed: int, min_gap: float, batch_size: int | None, name: str,
+                 heldout_idx: list[int], seed: int, min_gap: float, batch_size: int | None,
                  log: Any, progress: Any) -> None:
         self.g, self.examples, self.target, self.metric = grafter, list(examples), target, metric
-        self.spans, self.seed, self.min_gap, self.batch_size, self.name = spans, seed, min_gap, batch_size, name
+        self.spans, self.seed, self.min_gap, self.batch_size = spans, seed, min_gap, batch_size
         self.log, self.progress = log, progress
         self.search_idx, self.heldout_idx = search_idx, heldout_idx
         self.groups = list(spans) + [LAST, OTHER]
@@ -605,6 +605,7 @@ class _Search:
             self.record(stage, "knockouts", f"drop {labels[removable[0]]}")
         else:
             self.record(stage, "knockouts", f"{len(removable)} blocks could go alone")
+            knockouts = self._pending
             prefixes = [(" ".join(f"− {labels[i]}" for i in removable[:k]) if k <= 3
                          else f"− {k} least needed blocks",
                          current - frozenset().union(*(units[i] for i in removable[:k])))
@@ -616,6 +617,8 @@ class _Search:
                     j, rec = k, r
             if j >= 2:
                 self._pending[j - 2].chosen = True
+            else:
+                knockouts[removable[0]].chosen = True
         gone = set(removable[:j])
         self.blocks = [b for i, b in enumerate(self.blocks) if i not in gone]
         self.cur_rec = rec
@@ -720,7 +723,7 @@ def localize(grafter: Grafter, examples: Sequence[TestExample], *, target: float
                   TimeElapsedColumn(), console=console, transient=True, disable=not show_progress) as bar:
         search = _Search(grafter, examples, target=target, metric=metric, targets=targets, spans=spans,
                          include_globals=include_globals, search_idx=search_idx, heldout_idx=heldout_idx,
-                         seed=seed, min_gap=min_gap, batch_size=batch_size, name=name,
+                         seed=seed, min_gap=min_gap, batch_size=batch_size,
                          log=bar.console.print, progress=bar)
         bar.console.print(f"[bold]nngraft localize[/bold]: {len(search_facts)} facts ({len(search_idx)} examples)"
                           + (f", {len(held_facts)} held out" if held_facts else "")
