@@ -179,9 +179,10 @@ def units_to_spec(units: Sequence[Unit] | frozenset[Unit], spans: Sequence[str],
             min(order.index(g) for g in kv[1]), kv[0][1][:1] or (-1,), _ORDER[kv[0][0][0]])):
         names = list(comps)
         for group_name, members in (groups or {}).items():
-            if len(members) > 1 and set(members) <= set(names):
-                names = [c for c in names if c not in members]
-                names.insert(0, group_name)
+            if len(members) > 1 and set(members) <= set(names):  # the group, where its first member was
+                at = names.index(next(c for c in names if c in members))
+                names = [c for c in names[:at] if c not in members] + [group_name] + [
+                    c for c in names[at:] if c not in members]
         layer_sel: Any = "all" if not layers or len(layers) == n_layers else list(layers)
         # the groups partition the tokens: all of them together are every token
         positions = ([All()] if set(where) == set(order)
@@ -336,7 +337,8 @@ class LocalizeResult:
                          + (f" ({h.note})" if h.note else ""))
         for rule in self.spec.rules:
             pos = ", ".join(json.dumps(p.model_dump(by_alias=True)) for p in rule.positions)
-            lines.append(f"  {'+'.join(rule.components)} @ layers {rule.layers} @ {pos}")
+            layers = "" if set(rule.components) <= set(GLOBAL_COMPONENTS) else f" @ layers {rule.layers}"
+            lines.append(f"  {'+'.join(rule.components)}{layers} @ {pos}")
         lines.append(f"{self.forward_passes} forward passes in {self.grid_calls} batched steps, "
                      f"{self.candidates_evaluated} candidate sets, {self.rows} rows, {self.seconds:.1f} s")
         return "\n".join(lines)
