@@ -273,6 +273,40 @@ def test_saved_files(position_plant, tmp_path):
 
 
 # ---------------------------------------------------------------------------------------------
+# Planted in the LM head, scored on the answers (the default targets and metric)
+# ---------------------------------------------------------------------------------------------
+
+
+def test_answer_targets_planted_in_the_lm_head():
+    """F = P except LM-head rows that push each prompt's answer token up; with the default
+    targets (first answer token) and metric (probability) the search must return exactly F's LM
+    head at the last token."""
+    tok = tiny_tokenizer("llama")
+    P = sharpened("qwen2", 2, tok)
+    F = perturbed_copy(P, scale=0.0)
+    examples = make_test_examples(make_facts("fake_movies_fake_actors", 4, seed=1), "sentence_1")
+    answer_ids = []
+    for ex in examples:  # the first token after the prompt's own, by hand
+        head = tok(ex.prompt)["input_ids"]
+        full = tok(ex.prompt + " " + ex.answer)["input_ids"]
+        assert full[:len(head)] == head
+        answer_ids.append(full[len(head)])
+        with torch.no_grad():
+            h = P(input_ids=torch.tensor([head]), output_hidden_states=True).hidden_states[-1][0, -1]
+            F.lm_head.weight[answer_ids[-1]] += 0.5 * h
+    g = Grafter(P, F, tok)
+    result = localize(g, examples, console=quiet(), show_progress=False)
+    assert result.units == [("last", "lm_head", None)]
+    assert result.settings["targets"] == "answer" and result.settings["metric"] == "prob"
+    assert result.data["target_ids"] == answer_ids
+    p = per_fact_mean(target_prob(direct_last_logits(P, tok, examples), answer_ids), examples).mean()
+    f = per_fact_mean(target_prob(direct_last_logits(F, tok, examples), answer_ids), examples).mean()
+    assert f - p > 0.5
+    assert result.baselines["p"] == pytest.approx(p, abs=1e-5) and result.baselines["f"] == pytest.approx(f, abs=1e-5)
+    assert result.recovery.mean == pytest.approx(1.0, abs=1e-5)
+
+
+# ---------------------------------------------------------------------------------------------
 # Specs from units
 # ---------------------------------------------------------------------------------------------
 
