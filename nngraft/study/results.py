@@ -30,11 +30,14 @@ Example:
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import signal
+import threading
 import warnings
 from pathlib import Path
-from typing import Any, Iterable, Mapping, Sequence
+from typing import Any, Iterable, Iterator, Mapping, Sequence
 
 from ..errors import GraftError
 
@@ -132,6 +135,26 @@ def to_dataframe(rows_or_path: Sequence[Mapping[str, Any]] | str | Path) -> Any:
     return pd.DataFrame(rows)
 
 
+@contextlib.contextmanager
+def _ctrl_c_deferred() -> Iterator[None]:
+    """Hold back Ctrl-C (SIGINT) until the block is done, then raise it as usual. Only in the
+    main thread, where Python handles signals; elsewhere the block just runs."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    caught: list[int] = []
+    previous = signal.signal(signal.SIGINT, lambda number, frame: caught.append(number))
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+        if caught:
+            if callable(previous):
+                previous(signal.SIGINT, None)  # Python's default handler raises KeyboardInterrupt
+            elif previous == signal.SIG_DFL:
+                os.kill(os.getpid(), signal.SIGINT)
+
+
 class ResultsWriter:
     """Append rows to a results JSONL file, durably, skipping units already there.
 
@@ -171,12 +194,13 @@ class ResultsWriter:
         if not rows:
             return 0
         text = "".join(json.dumps(row, ensure_ascii=False, allow_nan=True) + "\n" for row in rows)
-        self._handle.write(text)
-        self._handle.flush()
-        os.fsync(self._handle.fileno())
-        for row in rows:
-            self.done[unit_key(row)] = dict(row)
-        self.written += len(rows)
+        with _ctrl_c_deferred():  # a batch is written and counted whole, or not at all
+            self._handle.write(text)
+            self._handle.flush()
+            os.fsync(self._handle.fileno())
+            for row in rows:
+                self.done[unit_key(row)] = dict(row)
+            self.written += len(rows)
         return len(rows)
 
     def close(self) -> None:
