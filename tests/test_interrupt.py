@@ -4,6 +4,8 @@ Each test starts `python -m nngraft.cli sweep sweep.json` on a tiny model pair (
 batches), waits until results.jsonl holds some rows but not all, then kills it (SIGKILL: no chance
 to clean up; SIGINT: Ctrl-C). Rerunning the same command must resume, skip the saved rows, and end
 with exactly the rows (same units, identical numbers) of an uninterrupted run in another folder.
+The manifest beside the results records what made them (versions, spec hashes, model identities,
+seeds, dtype).
 """
 
 from __future__ import annotations
@@ -85,12 +87,17 @@ def assert_same_rows(got: list[dict], expected: list[dict]) -> None:
 
 
 @pytest.fixture(scope="module")
-def uninterrupted(tmp_path_factory) -> list[dict]:
+def uninterrupted_folder(tmp_path_factory) -> Path:
     folder = tmp_path_factory.mktemp("uninterrupted")
     code, err = finish(start(folder), folder)
     assert code == 0, err
     assert f"{TOTAL} rows written, 0 already done" in err
-    rows = load_results(folder / "out")
+    return folder
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(uninterrupted_folder) -> list[dict]:
+    rows = load_results(uninterrupted_folder / "out")
     assert len(rows) == TOTAL
     return rows
 
@@ -140,3 +147,90 @@ def test_ctrl_c_mid_sweep_says_how_to_resume_and_rerun_gives_identical_results(u
     assert_same_rows(load_results(tmp_path / "out"), uninterrupted)
     assert [("interrupted" in r, "finished" in r) for r in load_manifest(tmp_path / "out")["runs"]] == [
         (True, False), (False, True)]
+
+
+# ---------------------------------------------------------------------------------------------
+# The manifest: what made these numbers
+# ---------------------------------------------------------------------------------------------
+
+
+def test_manifest_records_versions_spec_hashes_model_identities_seeds_and_dtype(uninterrupted_folder, uninterrupted):
+    import hashlib
+    import importlib.metadata
+
+    from nngraft import GraftSpec
+    from nngraft.study.grids import paper_specs
+    from nngraft.testing import tiny_pair
+
+    manifest = load_manifest(uninterrupted_folder / "out")
+    assert manifest["versions"]["nngraft"] == importlib.metadata.version("nngraft")
+    assert manifest["versions"]["torch"] == importlib.metadata.version("torch")
+    hashes = {"p": paper_specs()["p"].content_hash(), "f": paper_specs()["f"].content_hash(),
+              "fe_lt": GraftSpec.load(SPECS / "fe_lt.json").content_hash()}
+    assert {name: s["hash"] for name, s in manifest["specs"].items()} == hashes
+    assert {r["spec_hash"] for r in uninterrupted} == set(hashes.values())
+    assert all(r["spec_hash"] == hashes[r["spec"]] for r in uninterrupted)
+    P, F, _ = tiny_pair("llama")
+    config_hash = hashlib.sha256(json.dumps(P.config.to_dict(), sort_keys=True, default=str).encode()).hexdigest()[:16]
+    tiny = manifest["models"]["tiny"]
+    for side, model in (("recipient", P), ("donor", F)):
+        ident = tiny[side]
+        assert ident["config_hash"] == config_hash
+        assert ident["source"].startswith("nngraft.testing.tiny_pair('llama', n_layers=2)")
+        assert ident["revision"] is None and ident["dtype"] == "float32"
+        assert ident["n_params"] == sum(p.numel() for p in model.parameters())
+    assert tiny["recipient"]["weights_fingerprint"] != tiny["donor"]["weights_fingerprint"]
+    assert manifest["seeds"] == {"data": 0, "bootstrap": 0, "tiny_models": 0}
+    assert manifest["dtypes"] == {"tiny": "float32"}
+    assert manifest["dataset"]["n_examples"] == 10 and len(manifest["dataset"]["hash"]) == 64
+    assert manifest["sweep"]["batch_size"] == 1
+
+
+def test_manifest_model_identity_records_the_hub_revision(tmp_path, monkeypatch):
+    """A model from the Hub cache is identified by its commit (read off the cache path, offline)."""
+    import huggingface_hub.constants
+
+    from nngraft.study.sweep import hub_revision, model_identity
+    from nngraft.testing import tiny_pair
+
+    commit = "0123456789abcdef" * 2 + "01234567"
+    repo = tmp_path / "hub" / "models--org--tiny"
+    snapshot = repo / "snapshots" / commit
+    P, _, _ = tiny_pair("llama")
+    P.config.save_pretrained(snapshot)
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text(commit)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    assert model_identity(P, "org/tiny")["revision"] == commit  # a hub id, found in the cache
+    assert hub_revision(str(snapshot)) == commit  # the snapshot folder itself
+    assert hub_revision("org/not-cached") is None
+    assert hub_revision(str(tmp_path)) is None  # a plain local folder: its path is the identity
+
+
+def test_ctrl_c_during_a_write_lands_after_the_batch_is_written_and_counted(tmp_path, monkeypatch):
+    """The race behind "rows saved" counts: Ctrl-C in the middle of ResultsWriter.append is held
+    back until the batch is on disk and counted, then raised as usual."""
+    import os
+
+    from nngraft.study.results import ResultsWriter
+
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        writer = ResultsWriter(tmp_path)
+        real_fsync = os.fsync
+
+        def fsync_hit_by_ctrl_c(fd):
+            os.kill(os.getpid(), signal.SIGINT)
+            real_fsync(fd)
+
+        monkeypatch.setattr(os, "fsync", fsync_hit_by_ctrl_c)
+        rows = [{"model": "m", "spec": "p", "example": f"e{i}"} for i in range(3)]
+        with pytest.raises(KeyboardInterrupt):
+            writer.append(rows)
+        monkeypatch.undo()
+        writer.close()
+        assert writer.written == 3 and len(writer.done) == 3
+        assert load_results(tmp_path) == rows
+        assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # restored
+    finally:
+        signal.signal(signal.SIGINT, previous)
