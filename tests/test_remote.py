@@ -71,9 +71,13 @@ def models(arch: str):
 
 @lru_cache(maxsize=None)
 def _tmp() -> str:
+    import atexit
+    import shutil
     import tempfile
 
-    return tempfile.mkdtemp(prefix="nngraft-remote-")
+    path = tempfile.mkdtemp(prefix="nngraft-remote-")
+    atexit.register(shutil.rmtree, path, ignore_errors=True)
+    return path
 
 
 def remote_donor(arch: str, kind: str):
