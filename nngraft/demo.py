@@ -210,9 +210,19 @@ def next_token_top1(model: Any, tokenizer: Any, examples: Sequence[Any], batch_s
 
 
 def _device(name: str) -> torch.device:
+    """``auto`` → cuda when available, else cpu; a CUDA device without CUDA is a clear error."""
+    from .errors import GraftError
+
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise GraftError(f"unknown device {name!r}; use cpu, cuda, cuda:1 … or auto") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise GraftError(f"--device {name}: this torch build has no usable CUDA GPU "
+                         f"(torch {torch.__version__}); use --device cpu or auto")
+    return device
 
 
 def _prepare_out(out: Path) -> None:

@@ -136,6 +136,18 @@ def test_options_quick_defaults_and_errors(tmp_path):
         DemoOptions(facts=1)
 
 
+def test_device_errors_are_clear():
+    from nngraft.demo import _device
+
+    assert _device("cpu") == torch.device("cpu")
+    assert _device("auto").type == ("cuda" if torch.cuda.is_available() else "cpu")
+    with pytest.raises(GraftError, match="unknown device 'gpu0'"):
+        _device("gpu0")
+    if not torch.cuda.is_available():
+        with pytest.raises(GraftError, match="--device cuda: this torch build has no usable CUDA GPU"):
+            _device("cuda")
+
+
 def test_demo_refuses_an_output_folder_with_other_results(tmp_path):
     from nngraft.demo import _prepare_out
 
