@@ -234,3 +234,32 @@ def test_ctrl_c_during_a_write_lands_after_the_batch_is_written_and_counted(tmp_
         assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # restored
     finally:
         signal.signal(signal.SIGINT, previous)
+
+
+def test_ctrl_c_in_nngraft_run(tmp_path, monkeypatch, capsys):
+    """`nngraft run -o DIR` says what is saved and how to resume; without -o it says nothing was kept."""
+    from nngraft.cli import main
+    from nngraft.grafter import Grafter
+
+    real = Grafter._run_rows
+    calls = []
+
+    def ctrl_c_on_third_batch(self, *args, **kwargs):
+        calls.append(1)
+        if len(calls) == 3:
+            raise KeyboardInterrupt
+        return real(self, *args, **kwargs)
+
+    monkeypatch.setattr(Grafter, "_run_rows", ctrl_c_on_third_batch)
+    monkeypatch.chdir(tmp_path)
+    args = ["run", "--tiny", "llama", "--spec", str(SPECS / "lt.json"), "--dataset", "fake_movies_real_actors",
+            "--n", "3", "--template", "sentence_3", "--batch-size", "1", "--no-progress"]
+    assert main([*args, "-o", "out dir"]) == 130
+    err = capsys.readouterr().err
+    assert len(load_results(tmp_path / "out dir")) == 2  # the two batches before Ctrl-C
+    assert "interrupted: 2 rows are saved in out dir/results.jsonl (manifest: out dir/manifest.json)" in err
+    assert ("nngraft run --tiny llama --spec " + str(SPECS / "lt.json")) in err
+    assert err.rstrip().endswith("--no-progress -o 'out dir'")  # quoted: pasteable as is
+    calls.clear()
+    assert main(args) == 130
+    assert "nothing was kept (without -o DIR" in capsys.readouterr().err
