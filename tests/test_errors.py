@@ -132,8 +132,13 @@ ROW = {"model": "tiny", "spec": "p", "example": "f1/s3", "prob": 0.25}
 @contextlib.contextmanager
 def _scratch_folder():
     """A fresh temp folder as the working directory, so messages show short, stable paths."""
-    with tempfile.TemporaryDirectory() as tmp, contextlib.chdir(tmp):
-        yield Path(tmp)
+    before = os.getcwd()
+    with tempfile.TemporaryDirectory() as tmp:
+        os.chdir(tmp)  # (contextlib.chdir needs Python 3.11; nngraft supports 3.10)
+        try:
+            yield Path(tmp)
+        finally:
+            os.chdir(before)
 
 
 def _prepare_resume(folder: Path, results_text: str) -> None:
