@@ -104,7 +104,8 @@ def smollm2_path(*, cache: str | Path | None = None, console: Any = None) -> Pat
     if console is not None:
         console.print(f"[dim]converting {gguf.name} to a Hugging Face folder (once; cached in "
                       f"{target.parent})…[/dim]")
-    _convert_gguf(gguf, target, ident)
+    with quiet_transformers():
+        _convert_gguf(gguf, target, ident)
     return target
 
 
@@ -116,7 +117,7 @@ def _convert_gguf(gguf: Path, target: Path, ident: dict[str, Any]) -> None:
                              'with: pip install "nngraft[demo]"') from None
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    with quiet_transformers():
+    with _no_gguf_progress_bar():
         model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
         tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
     # The weights are already de-quantized to float32 plain nn.Linear modules; drop the GGUF
@@ -157,6 +158,25 @@ def quiet_transformers() -> Iterator[None]:
         hf_logging.set_verbosity(verbosity)
         if bars:
             hf_logging.enable_progress_bar()
+
+
+@contextmanager
+def _no_gguf_progress_bar() -> Iterator[None]:
+    """transformers' GGUF reader draws a tqdm bar that its progress-bar switch does not reach; the
+    caller prints its own message instead. (A no-op if a transformers version has no such bar.)"""
+    try:
+        import transformers.modeling_gguf_pytorch_utils as gguf_utils
+    except ImportError:  # pragma: no cover - another transformers layout
+        yield
+        return
+    original = getattr(gguf_utils, "tqdm", None)
+    if original is not None:
+        gguf_utils.tqdm = lambda iterable=None, *args, **kwargs: iterable
+    try:
+        yield
+    finally:
+        if original is not None:
+            gguf_utils.tqdm = original
 
 
 def _default_permissions(folder: Path) -> None:
