@@ -71,15 +71,20 @@ def test_same_seed_same_weights_other_seed_differs():
 
 
 def test_best_val_epoch_is_the_one_kept():
-    # A high learning rate overshoots, so the validation loss is not monotone and the best epoch
-    # is usually not the last; either way the returned weights must be the best epoch's.
+    # Validation texts unlike the training texts: as the model fits the training sentence, the
+    # validation loss rises after epoch 1, so the kept weights must be epoch 1's, not the last's.
     config = FAST.replace(lr=3e-2, epochs=5)
-    result = finetune(_model(), _tok(), TEXTS, config=config, progress=False)
+    _, val_ids = split_texts([str(i) for i in range(10)], config.val_fraction, config.seed)
+    texts = ["the quick brown fox jumps over the lazy dog 0123456789" if str(i) in val_ids else TEXTS[0]
+             for i in range(10)]
+    result = finetune(_model(), _tok(), texts, config=config, progress=False)
     vals = [h.val_loss for h in result.history]
-    assert result.best_epoch == 1 + vals.index(min(vals))
-    _, val = split_texts(TEXTS, config.val_fraction, config.seed)
-    assert _mean_loss(result.model, _tok(), val) == pytest.approx(min(vals), rel=1e-4)
-    assert result.manifest["selected_val_loss"] == min(vals)
+    assert result.best_epoch == 1 + vals.index(min(vals)) and result.best_epoch < len(vals)
+    assert vals[-1] > min(vals) + 0.5
+    _, val = split_texts(texts, config.val_fraction, config.seed)
+    assert set(val) == {texts[int(i)] for i in val_ids}
+    assert _mean_loss(result.model, _tok(), val) == pytest.approx(min(vals), rel=1e-4)  # restored
+    assert result.manifest["selected_val_loss"] == min(vals) and result.manifest["best_epoch"] == result.best_epoch
 
 
 def test_saves_manifest_and_loads_back(tmp_path):
