@@ -11,13 +11,14 @@ The whole study in one command, on a laptop:
    actor orders (full finetune, the :data:`~nngraft.study.finetune.CPU_FAST` preset) until it
    answers its training prompts, or ``max_epochs``. The result F is cached by content hash
    (base weights, texts, hyperparameters), so a second run skips this step.
-4. **Graft.** The paper's grid on the test template (``sentence_3``: "X stars in TITLE
-   alongside" → first token of the co-star), in shared one-pass forwards: P, F, FE (enrichment),
-   LT (recall), FE+LT, their complements; at LT the attention vs MLP buckets, each by layer
-   quarter, and the final layers' MLPs.
-5. **Report.** A rich table (mean target probability with 95 % CI, top-1 accuracy, recovery
-   between P and F), ``results.jsonl`` + ``manifest.json``, PNG bar charts and heatmaps, and
-   ``summary.txt`` (the table as text), all in ``--out``.
+4. **Graft.** 39 specs on the test template (``sentence_3``: "X stars in TITLE alongside" →
+   first token of the co-star), in shared one-pass forwards: the paper's position grid (P, F,
+   FE = enrichment, LT = recall, FE+LT, FE+M+LT, the complements), then at the last token
+   attention (q, k, v, o) vs MLP over all layers, per layer quarter and in the final layers —
+   each alone and on top of FE.
+5. **Report.** Rich tables (mean target probability with 95 % CI, top-1 and top-100 accuracy,
+   recovery between P and F), ``results.jsonl`` + ``manifest.json``, PNG bar charts and heatmaps,
+   and ``summary.txt`` (the tables as text), all in ``--out``. See docs/demo.md.
 
 ``--quick`` runs the same path on 4 facts with one short finetuning epoch: it proves the pipeline
 works end to end (the test suite runs it); its numbers mean nothing.
