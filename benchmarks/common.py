@@ -340,7 +340,7 @@ class Result:
         """Stamp machine and command, print the table, write JSON if asked; return the record."""
         self.machine = machine_info()
         given = list(sys.argv[1:] if argv is None else argv)
-        self.command = f"python -m benchmarks.{self.benchmark} " + " ".join(given)
+        self.command = (f"python -m benchmarks.{self.benchmark} " + " ".join(given)).replace(str(ROOT) + os.sep, "")
         self.config.setdefault("smoke", bool(args.smoke))
         self.config.setdefault("reps", args.reps)
         print_table(self)

@@ -8,6 +8,8 @@ affect the next). About 10 minutes on a 2-core CPU.
     python -m benchmarks.run_all                       # everything
     python -m benchmarks.run_all --models tiny         # seconds
     python -m benchmarks.run_all --only bench_grid     # one benchmark, then re-render the docs
+    python -m benchmarks.run_all --models smollm2 --threads 1 --only bench_vs_paper bench_overhead bench_grid
+                                                       # a 1-thread cross-check: an extra summary column
 """
 
 from __future__ import annotations
@@ -41,9 +43,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     failed = []
     for model in args.models:
         for bench in args.only:
+            key = report.results_key(model, args.threads)
             cmd = [sys.executable, "-m", f"benchmarks.{bench}", "--model", model, "--threads", str(args.threads),
-                   "--out", str(args.results / model / f"{bench}.json")]
-            if bench == "bench_scaling" and not args.no_docs:
+                   "--out", str(args.results / key / f"{bench}.json")]
+            if bench == "bench_scaling" and not args.no_docs and key == model:
                 cmd += ["--plot", str(args.docs.parent / f"benchmark-scaling-{model}.png")]
             log(f"run_all: {' '.join(cmd[1:])}")
             if subprocess.run(cmd, cwd=ROOT, env=env).returncode != 0:
@@ -53,10 +56,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=ROOT,
                            capture_output=True, text=True).stdout.strip() != ""
     given = list(sys.argv[1:] if argv is None else argv)
-    write_json(args.results / "run.json", {
-        "command": "python -m benchmarks.run_all " + " ".join(given), "started": started,
-        "seconds": seconds, "failed": failed, "dirty": dirty,
-    })
+    if args.threads != 2:  # a cross-check run: keep the main run's record
+        write_json(args.results / f"run-{args.threads}thread.json", {
+            "command": "python -m benchmarks.run_all " + " ".join(sys.argv[1:] if argv is None else argv),
+            "started": started, "seconds": time.perf_counter() - start, "failed": failed})
+    else:
+        write_json(args.results / "run.json", {
+            "command": "python -m benchmarks.run_all " + " ".join(given), "started": started,
+            "seconds": seconds, "failed": failed, "dirty": dirty,
+        })
     if not args.no_docs:
         report.main(["--results", str(args.results), "--docs", str(args.docs)])
     log(f"run_all: done in {seconds / 60:.1f} min" + (f"; FAILED: {failed}" if failed else ""))
