@@ -238,7 +238,10 @@ class Grafter:
                 out = self.model(**kwargs)
             else:
                 out = self._traced(plan, kwargs)
-        return out.logits, getattr(out, "past_key_values", None)
+        if not kwargs["use_cache"]:
+            return out.logits, None
+        cache = out["cache"] if "cache" in out else out.get("past_key_values")  # transformers 5 renamed it
+        return out.logits, cache
 
     def _traced(self, plan: GraftPlan, kwargs: dict[str, Any]) -> Any:
         donors = derived_donors(plan, self.donors, self.model, self.adapter, self._partial)
