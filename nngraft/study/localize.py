@@ -116,6 +116,19 @@ def _layers_label(layers: Sequence[int], n_layers: int) -> str:
     return "L" + ",".join(map(str, layers))
 
 
+def _runs(layers: Any) -> str:
+    """``[0, 1, 2, 5]`` → ``"0–2, 5"``; other selections as they are."""
+    if not isinstance(layers, list):
+        return str(layers)
+    runs: list[list[int]] = []
+    for layer in sorted(layers):
+        if runs and layer == runs[-1][-1] + 1:
+            runs[-1].append(layer)
+        else:
+            runs.append([layer])
+    return ", ".join(f"{r[0]}–{r[-1]}" if len(r) > 1 else str(r[0]) for r in runs)
+
+
 @dataclass(frozen=True)
 class Block:
     """A product of units the search keeps or drops as a whole: one position group × some
@@ -337,7 +350,7 @@ class LocalizeResult:
                          + (f" ({h.note})" if h.note else ""))
         for rule in self.spec.rules:
             pos = ", ".join(json.dumps(p.model_dump(by_alias=True)) for p in rule.positions)
-            layers = "" if set(rule.components) <= set(GLOBAL_COMPONENTS) else f" @ layers {rule.layers}"
+            layers = "" if set(rule.components) <= set(GLOBAL_COMPONENTS) else f" @ layers {_runs(rule.layers)}"
             lines.append(f"  {'+'.join(rule.components)}{layers} @ {pos}")
         lines.append(f"{self.forward_passes} forward passes in {self.grid_calls} batched steps, "
                      f"{self.candidates_evaluated} candidate sets, {self.rows} rows, {self.seconds:.1f} s")

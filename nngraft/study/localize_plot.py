@@ -29,6 +29,8 @@ from typing import Any, Mapping
 
 _METRIC = {"prob": "mean target probability", "logprob": "mean target log-prob", "top1": "top-1 accuracy"}
 _CLIP = (-0.6, 1.6)
+_MAX_LABELLED = 30
+"""Up to this many units, the curve's ticks name each added unit; beyond, they count units."""
 
 
 def _num(value: Any) -> float:
@@ -47,8 +49,10 @@ def plot_localize(data: Mapping[str, Any], path: str | Path, *, dpi: int = 150) 
     target = float(settings["target"])
     steps = list(data["steps"])
     curve = list(data["curve"])
-    fig, (ax, bx) = plt.subplots(1, 2, figsize=(max(11.0, 0.5 * len(steps) + 0.3 * len(curve) + 6), 5.2),
-                                 gridspec_kw={"width_ratios": [max(len(steps), 4), max(len(curve), 4)]})
+    labelled = len(curve) <= _MAX_LABELLED
+    width = min(18.0, max(11.0, 0.4 * len(steps) + (0.3 * len(curve) if labelled else 5.0) + 5))
+    fig, (ax, bx) = plt.subplots(1, 2, figsize=(width, 5.2), gridspec_kw={"width_ratios": [
+        min(max(len(steps), 4), 24), min(max(len(curve), 4), _MAX_LABELLED) if labelled else 16]})
 
     # -- left: the search ---------------------------------------------------------------------
     xs = [s["index"] for s in steps]
@@ -61,7 +65,8 @@ def plot_localize(data: Mapping[str, Any], path: str | Path, *, dpi: int = 150) 
     ax.set_ylim(_CLIP[0] - 0.05, _CLIP[1] + 0.05)
     ax.set_ylabel(f"recovery of {_METRIC.get(settings['metric'], settings['metric'])}\n(0 = P, 1 = F)", fontsize=9)
     ax.set_xticks(xs)
-    ax.set_xticklabels([f"{s['stage']}\n{s['kind']}" for s in steps], rotation=60, ha="right", fontsize=7)
+    ax.set_xticklabels([f"{s['stage']}\n{s['kind']}" for s in steps], rotation=60, ha="right",
+                       fontsize=7 if len(steps) <= 16 else 6)
     ax.grid(axis="y", alpha=0.3)
     ax.set_title(f"search: {data['forward_passes']} forward passes in {data['grid_calls']} batched steps\n"
                  f"(candidates outside [{_CLIP[0]}, {_CLIP[1]}] drawn at the edge)", fontsize=9)
@@ -81,13 +86,19 @@ def plot_localize(data: Mapping[str, Any], path: str | Path, *, dpi: int = 150) 
 
     # -- right: the recovery curve ------------------------------------------------------------
     n = [int(c["n_units"]) for c in curve]
-    bx.plot(n, [_num(c["recovery"]) for c in curve], "o-", color="#1f77b4", label="search facts")
+    ys = [_num(c["recovery"]) for c in curve]
+    marker = 5 if labelled else 2
+    bx.plot(n, ys, "o-", color="#1f77b4", markersize=marker, label="search facts")
     held = [_num(c.get("heldout_recovery")) for c in curve]
     if any(not math.isnan(h) for h in held):
-        bx.plot(n, held, "s--", color="#ff7f0e", label="held-out facts")
+        bx.plot(n, held, "s--", color="#ff7f0e", markersize=marker, label="held-out facts")
     bx.axhline(target, color="#d62728", linestyle="--", linewidth=1, label=f"target {target:g}")
-    bx.set_xticks(n)
-    if len(curve) <= 40:
+    first = next((k for k, y in zip(n, ys) if y >= target), None)
+    if first is not None and not labelled:
+        bx.axvline(first, color="#2ca02c", linestyle=":", linewidth=1,
+                   label=f"the first {first} units reach the target")
+    if labelled:
+        bx.set_xticks(n)
         bx.set_xticklabels(["P"] + [f"+{c['added']}" for c in curve[1:]], rotation=60, ha="right", fontsize=7)
     bx.set_xlabel("units grafted (most important first)", fontsize=9)
     bx.grid(axis="y", alpha=0.3)
