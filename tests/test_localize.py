@@ -27,6 +27,16 @@ from nngraft.testing import perturbed_copy, tiny_model, tiny_pair, tiny_tokenize
 TARGET = 0.9
 
 
+@pytest.fixture(autouse=True, scope="module")
+def one_torch_thread():
+    """On tiny models torch's intra-op threads only spin-wait: with 2 threads on this 2-core box
+    a search ran 10× slower (50× when the box was loaded) than with one."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 def quiet() -> Console:
     return Console(file=io.StringIO(), width=200)
 
