@@ -126,23 +126,9 @@ def _localize_args(p: argparse.ArgumentParser) -> None:
                    --targets donor_top1 --metric logprob -o runs/localize-tiny
 Writes OUTPUT/spec.json (the found spec), OUTPUT/localize.json (every step, the recovery curve,
 forward passes) and OUTPUT/localize.png. See docs/localize.md."""
-    who = p.add_argument_group("models (give --model and --donor, or --tiny)")
-    who.add_argument("--model", help="recipient P: local path or hub id")
-    who.add_argument("--donor", help="donor F: local path or hub id")
-    who.add_argument("--tiny", metavar="MODEL_TYPE", help="use nngraft.testing.tiny_pair(MODEL_TYPE) (CPU checks)")
-    who.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16", "auto"])
-    who.add_argument("--device", default="auto", help="cpu, cuda, cuda:1 … (default: cuda if available)")
-    data = p.add_argument_group("data (give --data, or --facts/--dataset with --template)")
-    data.add_argument("--data", metavar="EXAMPLES.jsonl", help="test examples: one {fact_id, template, "
-                      "prompt, spans, answer} object per line")
-    data.add_argument("--facts", metavar="FACTS.jsonl", help="facts to render through --template")
-    data.add_argument("--dataset", help="a built-in dataset (e.g. fake_movies_real_actors), with --n")
-    data.add_argument("--n", type=int, help="number of facts of --dataset")
-    data.add_argument("--seed", type=int, default=0, help="seed of --dataset (default 0)")
-    data.add_argument("--template", action="append", default=[], help="test template name (sentence_1 … "
-                      "sentence_4, rmra) or a {field} string; repeat for several")
-    data.add_argument("--answer-field", default="second_actor", help="fact field that is the answer")
-    data.add_argument("--limit", type=int, help="use only the first N facts")
+    from .run_commands import add_model_data_args
+
+    add_model_data_args(p)
     add_search_args(p)
     p.add_argument("-o", "--output", help="output folder (default runs/localize-<model>)")
     p.add_argument("--batch-size", type=int, default=32, help="rows per forward pass (default 32)")

@@ -70,15 +70,9 @@ def _wide(console: Any) -> Any:
 # ---------------------------------------------------------------------------------------------
 
 
-def _run_args(p: argparse.ArgumentParser) -> None:
-    p.formatter_class = argparse.RawDescriptionHelpFormatter
-    p.epilog = """examples:
-  nngraft run --spec recipes/specs/fe_lt.json --model meta-llama/Llama-3.2-1B --donor runs/sft \\
-              --facts runs/sft/facts.jsonl --template sentence_3
-  nngraft run --spec recipes/specs/lt.json --tiny llama --data examples.jsonl -o runs/try
-The P and F baselines (specs p and f) are always run too, for reference and recovery."""
-    p.add_argument("--spec", action="append", required=True, metavar="SPEC.json",
-                   help="graft spec file (repeat for several)")
+def add_model_data_args(p: argparse.ArgumentParser) -> None:
+    """The model (--model/--donor or --tiny) and data (--data, or --facts/--dataset + --template)
+    options shared by ``nngraft run`` and ``nngraft localize``; read back by :func:`_pair_and_data`."""
     who = p.add_argument_group("models (give --model and --donor, or --tiny)")
     who.add_argument("--model", help="recipient P: local path or hub id")
     who.add_argument("--donor", help="donor F: local path or hub id")
@@ -96,6 +90,18 @@ The P and F baselines (specs p and f) are always run too, for reference and reco
                       "sentence_4, rmra) or a {field} string; repeat for several")
     data.add_argument("--answer-field", default="second_actor", help="fact field that is the answer")
     data.add_argument("--limit", type=int, help="use only the first N facts")
+
+
+def _run_args(p: argparse.ArgumentParser) -> None:
+    p.formatter_class = argparse.RawDescriptionHelpFormatter
+    p.epilog = """examples:
+  nngraft run --spec recipes/specs/fe_lt.json --model meta-llama/Llama-3.2-1B --donor runs/sft \\
+              --facts runs/sft/facts.jsonl --template sentence_3
+  nngraft run --spec recipes/specs/lt.json --tiny llama --data examples.jsonl -o runs/try
+The P and F baselines (specs p and f) are always run too, for reference and recovery."""
+    p.add_argument("--spec", action="append", required=True, metavar="SPEC.json",
+                   help="graft spec file (repeat for several)")
+    add_model_data_args(p)
     p.add_argument("-o", "--output", help="write results.jsonl + manifest.json here (resumes if present)")
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--answer-logprob", action="store_true",
