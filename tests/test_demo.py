@@ -244,3 +244,38 @@ def test_cli_restarts_itself_with_passive_openmp_only_when_unset(monkeypatch):
     assert path == sys.executable and argv[0] == sys.executable and argv[-2:] == ["demo", "--quick"]
     assert argv[1] == "-c" and "nngraft.cli import main" in argv[2]
     assert env["OMP_WAIT_POLICY"] == "PASSIVE"
+
+
+def test_gguf_conversion_is_atomic_and_done_once(tmp_path, monkeypatch):
+    """A conversion that dies half-way leaves nothing behind; a finished one is reused. (The real
+    GGUF → float32 load is replaced by a tiny model here; the quick demo test does the real one.)"""
+    import transformers
+
+    from nngraft import models
+    from nngraft.testing import tiny_model, tiny_tokenizer
+
+    tiny, tok = tiny_model("llama"), tiny_tokenizer("llama")
+    monkeypatch.setattr(transformers.AutoModelForCausalLM, "from_pretrained", lambda *a, **k: tiny)
+    monkeypatch.setattr(transformers.AutoTokenizer, "from_pretrained", lambda *a, **k: tok)
+
+    def die(*args, **kwargs):
+        raise KeyboardInterrupt  # killed while writing the weights
+
+    monkeypatch.setattr(tiny, "save_pretrained", die)
+    with pytest.raises(KeyboardInterrupt):
+        models.smollm2_path(cache=tmp_path)
+    assert list((tmp_path / "models").iterdir()) == []  # no half-written folder, no temp folder
+    monkeypatch.undo()
+    monkeypatch.setattr(transformers.AutoModelForCausalLM, "from_pretrained", lambda *a, **k: tiny)
+    monkeypatch.setattr(transformers.AutoTokenizer, "from_pretrained", lambda *a, **k: tok)
+    folder = models.smollm2_path(cache=tmp_path)
+    assert folder.parent == tmp_path / "models" and (folder / "model.safetensors").is_file()
+    record = json.loads((folder / "nngraft-conversion.json").read_text())
+    assert record["weights_sha256"] == models.weights_fingerprint(tiny)
+    assert record["file"] == smollm2_gguf_path().name and record["size"] == smollm2_gguf_path().stat().st_size
+
+    def must_not_load(*a, **k):
+        raise AssertionError("converted again")
+
+    monkeypatch.setattr(transformers.AutoModelForCausalLM, "from_pretrained", must_not_load)
+    assert models.smollm2_path(cache=tmp_path) == folder
