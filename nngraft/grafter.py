@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import inspect
 import threading
+from collections import Counter
 from pathlib import Path
 from dataclasses import dataclass
 from typing import Any, Mapping, Sequence
@@ -27,8 +28,9 @@ from .arch import Adapter, adapter_for
 from .donor import Donor, ModelDonor, as_donor
 from .execute import apply_plan
 from .partial import derived_donors
-from .plan import GraftPlan, compile_plan
+from .plan import GraftPlan, compile_plan, first_grafted_position
 from .result import GraftResult
+from .schedule import Chunk, Row, schedule_rows
 from .spec import GraftSpec
 from .tokens import PaddedBatch, SpanValue, TokenizedPrompt, pad_left, tokenize_prompts
 
@@ -79,7 +81,12 @@ class Grafter:
         adapter: override the architecture adapter (default: from ``config.model_type``).
         donors: more donors by name, for specs whose rules say ``"donor": NAME`` (e.g. the
             paper's hybrid experiment: the task model everywhere, a hybrid at the last token).
-        batch_size: rows per forward pass.
+        batch_size: rows per forward pass (at most).
+        share_prefix: when several rows share a prompt (many specs on one prompt), compute each
+            prompt's ungrafted prefix once and run only the grafted suffixes on its KV cache
+            (:mod:`nngraft.schedule`; equal to the plain pass up to float rounding).
+        call_cost: the scheduler's price of one forward pass, in token positions (default 16 on
+            CPU, 1024 on an accelerator, where small passes cost about the same as large ones).
 
     One Grafter may be used from several threads; traces are serialized with a lock.
     P's weights are never modified: donor parameters are swapped in only for the duration of
@@ -88,7 +95,7 @@ class Grafter:
 
     def __init__(self, recipient: Any, donor: Any, tokenizer: Any = None, *, adapter: Adapter | None = None,
                  donors: Mapping[str, Any] | None = None, batch_size: int = 32, dtype: Any = None,
-                 device: Any = None) -> None:
+                 device: Any = None, share_prefix: bool = True, call_cost: float | None = None) -> None:
         import nnsight
 
         if isinstance(recipient, str):
@@ -112,6 +119,8 @@ class Grafter:
         self.donor: Donor = self.donors["default"]
         self._partial: dict[str, Any] = {}  # parameter-level donors derived from these, by name
         self.batch_size = batch_size
+        self.share_prefix = share_prefix
+        self.call_cost = call_cost if call_cost is not None else (16 if self.device.type == "cpu" else 1024)
         self.nn = nnsight.NNsight(recipient)
         self._lock = threading.Lock()
         params = inspect.signature(recipient.forward).parameters
@@ -205,24 +214,82 @@ class Grafter:
         if progress is True:
             with _progress_bar(len(prompts)) as advance:
                 return self._run_rows(specs, prompts, all_logits=all_logits, batch_size=size, progress=advance)
-        # Sort rows by length so batches waste little padding; restore order afterwards.
-        order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
         last: list[torch.Tensor | None] = [None] * len(prompts)
         full: list[torch.Tensor | None] = [None] * len(prompts)
-        for start in range(0, len(order), size):
-            chunk = order[start:start + size]
-            chunk_prompts = [prompts[i] for i in chunk]
-            plan = compile_plan([specs[i] for i in chunk], self.adapter, self.model.config, chunk_prompts)
-            batch = pad_left([p.ids for p in chunk_prompts], self._pad_id(), self.device)
-            logits, _ = self.forward(plan, batch, keep_all=all_logits)
-            for j, i in enumerate(chunk):
+        prefixes = self._shareable_prefixes(specs, prompts, all_logits)
+        if any(prefixes):
+            chunks = schedule_rows([Row(i, p.ids, len(p), n) for i, (p, n) in enumerate(zip(prompts, prefixes))],
+                                   size, self.call_cost)
+        else:  # nothing to share: fixed chunks of rows sorted by length (little padding)
+            order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
+            chunks = [Chunk(order[k:k + size], False) for k in range(0, len(order), size)]
+        for chunk in chunks:
+            chunk_prompts = [prompts[i] for i in chunk.indices]
+            plan = compile_plan([specs[i] for i in chunk.indices], self.adapter, self.model.config, chunk_prompts)
+            logits, pad = None, ()
+            if chunk.shared:
+                logits = self._forward_on_prefix(plan, chunk_prompts, [prefixes[i] for i in chunk.indices])
+            if logits is None:
+                batch = pad_left([p.ids for p in chunk_prompts], self._pad_id(), self.device)
+                logits, _ = self.forward(plan, batch, keep_all=all_logits)
+                pad = batch.pad
+            for j, i in enumerate(chunk.indices):
                 last[i] = logits[j, -1]
                 if all_logits:
-                    full[i] = logits[j, batch.pad[j]:]
+                    full[i] = logits[j, pad[j]:]
             if progress is not None:
-                progress(len(chunk))
+                progress(len(chunk.indices))
         return GraftResult(torch.stack(last), [p.text for p in prompts], self.tokenizer,
                            [s.name for s in specs], full if all_logits else None)
+
+    # -- sharing each prompt's ungrafted prefix (see nngraft.schedule) ---------------------------
+
+    def _shareable_prefixes(self, specs: list[GraftSpec], prompts: list[TokenizedPrompt],
+                            all_logits: bool) -> list[int]:
+        """Per row, how many leading positions may come from its prompt's shared ungrafted prefix:
+        those before the first grafted position, but always leaving the last token to run (for its
+        logits); 0 for a prompt that occurs once, with ``all_logits``, or with ``share_prefix`` off."""
+        counts = Counter(p.ids for p in prompts)
+        if not self.share_prefix or all_logits or all(c == 1 for c in counts.values()):
+            return [0] * len(prompts)
+        out = []
+        for spec, prompt in zip(specs, prompts):
+            first = first_grafted_position(spec, prompt)
+            n = min(len(prompt) - 1, len(prompt) if first is None else first)
+            out.append(n if counts[prompt.ids] > 1 else 0)
+        return out
+
+    def _forward_on_prefix(self, plan: GraftPlan, prompts: list[TokenizedPrompt],
+                           prefixes: list[int]) -> torch.Tensor | None:
+        """Last-column logits of ``plan`` on ``prompts``, computing each distinct prompt's prefix
+        once without grafts and then every row's own suffix on that KV cache. ``None`` when the
+        model's cache does not hold the whole prefix (sliding-window layers): run it plainly."""
+        longest: dict[tuple[int, ...], int] = {}
+        for prompt, n in zip(prompts, prefixes):
+            longest[prompt.ids] = max(longest.get(prompt.ids, 0), n)
+        keys = [k for k, n in longest.items() if n > 0]
+        where = {k: i for i, k in enumerate(keys)}
+        head = pad_left([k[:longest[k]] for k in keys], self._pad_id(), self.device)
+        _, cache = self.forward(GraftPlan([], len(keys), head.input_ids.shape[1]), head, use_cache=True)
+        width = head.input_ids.shape[1]
+        if not _cache_holds(cache, width):
+            return None
+        source = [where.get(p.ids, 0) for p in prompts]
+        cache.batch_select_indices(torch.tensor(source, device=self.device))
+        # Row r sees positions 0 … prefix_r - 1 of its prompt's prefix, which sits right-aligned.
+        column = torch.arange(width, device=self.device)
+        starts = torch.tensor([width - longest[p.ids] for p in prompts], device=self.device)[:, None]
+        ends = starts + torch.tensor(prefixes, device=self.device)[:, None]
+        seen = ((column >= starts) & (column < ends)).to(head.attention_mask.dtype)
+        tail = pad_left([p.ids[n:] for p, n in zip(prompts, prefixes)], self._pad_id(), self.device)
+        offset = torch.tensor(prefixes, device=self.device)[:, None]
+        batch = PaddedBatch(tail.input_ids, torch.cat([seen, tail.attention_mask], dim=1),
+                            tail.position_ids + offset, tail.pad)
+        suffix_plan = plan.last_columns(tail.input_ids.shape[1])
+        if sum(m.count for m in suffix_plan.modules) != sum(m.count for m in plan.modules):
+            raise AssertionError("internal error: a graft fell inside a shared prefix")  # pragma: no cover
+        logits, _ = self.forward(suffix_plan, batch, cache=cache)
+        return logits
 
     def forward(self, plan: GraftPlan, batch: PaddedBatch, *, keep_all: bool = False,
                 cache: Any = None, use_cache: bool = False) -> tuple[torch.Tensor, Any]:
@@ -315,3 +382,16 @@ def _lm_head_on_last_column(plan: GraftPlan, adapter: Adapter) -> GraftPlan:
     rest = [m for m in plan.modules if m.path != adapter.lm_head]
     return GraftPlan(rest + head.last_columns(1).modules, plan.batch_size, plan.seq_len, plan.derived)
 
+
+
+def _cache_holds(cache: Any, width: int) -> bool:
+    """Whether every layer of a KV cache holds all ``width`` positions (sliding-window layers may
+    keep fewer, and then a shared prefix cannot be used)."""
+    layers = getattr(cache, "layers", None)
+    if layers is None:
+        return False
+    for layer in layers:
+        keys = getattr(layer, "keys", None)
+        if not isinstance(keys, torch.Tensor) or keys.shape[-2] != width:
+            return False
+    return True

@@ -87,6 +87,22 @@ def _other_positions(spec: GraftSpec, prompt: TokenizedPrompt, row: int, length:
     return frozenset(set(range(length)) - named)
 
 
+def first_grafted_position(spec: GraftSpec, prompt: TokenizedPrompt) -> int | None:
+    """The first token position any rule of ``spec`` grafts at in ``prompt`` (``None``: none).
+
+    Every position before it computes exactly what P computes, so it may come from a KV cache
+    shared with other rows of the same prompt (:mod:`nngraft.schedule`)."""
+    n = len(prompt)
+    other = _other_positions(spec, prompt, 0, n) if _uses_other(spec) else frozenset()
+    first: int | None = None
+    for rule in spec.rules:
+        for selector in rule.positions:
+            named = select_positions(selector, prompt, length=n, other=other)
+            if named:
+                first = min(named) if first is None else min(first, min(named))
+    return first
+
+
 # ---------------------------------------------------------------------------------------------
 # The plan
 # ---------------------------------------------------------------------------------------------

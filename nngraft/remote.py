@@ -465,6 +465,7 @@ class RemoteGrafter(Grafter):
         self.tokenizer = tokenizer if tokenizer is not None else wrapper.tokenizer
         self.adapter = adapter or adapter_for(self.model)
         self.batch_size = batch_size
+        self.share_prefix = False  # a shared prefix needs a KV cache kept between requests
         self._lock = threading.Lock()
         import inspect
 

@@ -87,10 +87,22 @@ def test_quick_demo_caches_the_finetune_and_repeats_the_table(quick_runs):
     assert len(list((cache / "finetuned").iterdir())) == 1
     assert len(list((cache / "models").iterdir())) == 1  # SmolLM2 converted once
     assert second.summary.read_text() == first.summary.read_text()
-    assert second.table == first.table
-    a = [(r["spec"], r["example"], r["prob"]) for r in load_results(first.results)]
-    b = [(r["spec"], r["example"], r["prob"]) for r in load_results(second.results)]
-    assert sorted(a) == sorted(b)
+    # Equal to float rounding: MKL's matrix multiplies may round the last bit differently with
+    # memory alignment (bit-exact with MKL_CBWR=COMPATIBLE), and a rank or a printed number never moves.
+    assert len(second.table) == len(first.table)
+    for a, b in zip(first.table, second.table):
+        assert a.keys() == b.keys()
+        for key in a:
+            if isinstance(a[key], float):
+                assert b[key] == pytest.approx(a[key], rel=1e-5, abs=1e-9, nan_ok=True), key
+            else:
+                assert b[key] == a[key], key
+    a = {(r["spec"], r["example"]): r for r in load_results(first.results)}
+    b = {(r["spec"], r["example"]): r for r in load_results(second.results)}
+    assert a.keys() == b.keys()
+    for key, row in a.items():
+        assert b[key]["prob"] == pytest.approx(row["prob"], rel=1e-5)
+        assert b[key]["rank"] == row["rank"] and b[key]["top_tokens"] == row["top_tokens"]
 
 
 @pytest.mark.slow

@@ -1,0 +1,164 @@
+"""Rows that share a prompt compute its ungrafted prefix once (nngraft.schedule): the numbers equal
+the per-token reference and the plain one-pass run, on every architecture, and the shared path
+really runs (counted forward passes), falls back where a cache cannot hold the prefix, and is
+scheduled sensibly."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from nngraft import GraftRule, GraftSpec, Grafter, Index, Last, Not, Other, Span
+from nngraft.schedule import Row, schedule_rows
+from nngraft.testing import TINY_MODEL_TYPES, perturbed_copy, tiny_config, tiny_pair, tiny_tokenizer
+
+from .test_exactness import assert_close, reference, setup, span_tokens, swaps
+
+PROMPTS = ["Ada Lovelace stars in a movie alongside", "Marie Curie stars in",
+           "Q: Who stars in a movie with Grace Hopper? A: An actor named"]
+SPANS = [{"first_actor": "Ada Lovelace"}, {"first_actor": "Marie Curie"}, {"first_actor": "Grace Hopper"}]
+
+
+def grid_specs() -> list[GraftSpec]:
+    """Specs whose first grafted position varies: none, the last token, the entity, token 2,
+    complements (``other``, ``not``) and a parameter-level graft."""
+    fe = Span(span="first_actor")
+    return [
+        GraftSpec(name="p"),
+        GraftSpec(name="lt_mlp", rules=[GraftRule(components=["mlp"], layers="last:1", positions=[Last()])]),
+        GraftSpec(name="lt_all", rules=[GraftRule(components=["all"], positions=[Last()])]),
+        GraftSpec(name="fe", rules=[GraftRule(components=["all"], positions=[fe])]),
+        GraftSpec(name="fe_lt_attn", rules=[GraftRule(components=["attn"], positions=[fe, Last()])]),
+        GraftSpec(name="kv_at_2", rules=[GraftRule(components=["k", "v"], positions=[Index(index=[2])])]),
+        GraftSpec(name="other", rules=[GraftRule(components=["mlp"], positions=[Last()]),
+                                       GraftRule(components=["o"], positions=[Other()])]),
+        GraftSpec(name="not_fe", rules=[GraftRule(components=["mlp"], positions=[Not(not_=[fe])])]),
+        GraftSpec(name="lt_top", rules=[GraftRule(components=["mlp"], positions=[Last()],
+                                                  weights={"top_percent": 10})]),
+    ]
+
+
+class PassCounter:
+    """Counts forward passes of a Grafter by kind: ``prefix`` (plain, building a cache),
+    ``suffix`` (run on a shared cache) and ``plain``."""
+
+    def __init__(self, grafter: Grafter, monkeypatch) -> None:
+        self.calls: list[str] = []
+        original = grafter.forward
+
+        def counted(plan, batch, **kwargs):
+            kind = "suffix" if kwargs.get("cache") is not None else "prefix" if kwargs.get("use_cache") else "plain"
+            self.calls.append(kind)
+            return original(plan, batch, **kwargs)
+
+        monkeypatch.setattr(grafter, "forward", counted)
+
+
+@pytest.mark.parametrize("model_type", TINY_MODEL_TYPES)
+def test_shared_prefix_equals_plain_pass(model_type, monkeypatch):
+    """Every spec of a grid, sharing on vs off: the same last-token logits; sharing really ran."""
+    P, F, tok = tiny_pair(model_type)
+    shared, plain = Grafter(P, F, tok), Grafter(P, F, tok, share_prefix=False)
+    counter = PassCounter(shared, monkeypatch)
+    specs = grid_specs()
+    a = shared.run_grid(specs, PROMPTS, SPANS, batch_size=16)
+    b = plain.run_grid(specs, PROMPTS, SPANS, batch_size=16)
+    assert "suffix" in counter.calls and "prefix" in counter.calls
+    for spec in specs:
+        assert_close(a[spec.name].logits, b[spec.name].logits)
+    # and the grafts did something (a test of sharing must not pass on ungrafted rows)
+    assert (a["fe"].logits - a["p"].logits).abs().max() > 1e-2
+    assert (a["lt_mlp"].logits - a["p"].logits).abs().max() > 1e-3
+
+
+@pytest.mark.parametrize("model_type", ["gpt2", "gpt_neox", "llama", "gemma3_text", "olmo2"])
+def test_shared_prefix_equals_per_token_reference(model_type):
+    """The shared-prefix path against the literal per-token weight swap, row by row."""
+    _, _, _, g, _ = setup(model_type)
+    every, mlp_last = swaps(model_type, ["all"]), swaps(model_type, ["mlp"], layers=[g.n_layers - 1])
+    attn, kv = swaps(model_type, ["attn"]), swaps(model_type, ["k", "v"])
+    specs = {s.name: s for s in grid_specs()}
+    tables = {
+        "p": lambda fe: lambda t, L: [],
+        "lt_mlp": lambda fe: lambda t, L: mlp_last if t == L - 1 else [],
+        "lt_all": lambda fe: lambda t, L: every if t == L - 1 else [],
+        "fe": lambda fe: lambda t, L: every if t in fe else [],
+        "fe_lt_attn": lambda fe: lambda t, L: attn if t in fe or t == L - 1 else [],
+        "kv_at_2": lambda fe: lambda t, L: kv if t == 2 else [],
+    }
+    grid = g.run_grid([specs[n] for n in tables], PROMPTS, SPANS, batch_size=32)
+    for name, table in tables.items():
+        for i, (prompt, spans) in enumerate(zip(PROMPTS, SPANS)):
+            expected, _ = reference(model_type, prompt, table(span_tokens(model_type, prompt, spans)))
+            assert_close(grid[name].logits[i], expected[-1])
+
+
+def test_sdpa_attention_with_a_gap_in_the_mask(monkeypatch):
+    """Real checkpoints use SDPA attention: rows with short suffixes are left-padded after the
+    shared prefix (a masked gap mid-sequence); results still equal the plain pass."""
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(0)
+    tok = tiny_tokenizer("llama")
+    P = AutoModelForCausalLM.from_config(tiny_config("llama", 2, len(tok)), attn_implementation="sdpa").eval()
+    F = perturbed_copy(P)
+    shared, plain = Grafter(P, F, tok, call_cost=0), Grafter(P, F, tok, share_prefix=False)
+    counter = PassCounter(shared, monkeypatch)
+    specs = grid_specs()
+    a = shared.run_grid(specs, PROMPTS, SPANS)
+    b = plain.run_grid(specs, PROMPTS, SPANS)
+    assert counter.calls.count("suffix") >= 2
+    for spec in specs:
+        assert_close(a[spec.name].logits, b[spec.name].logits)
+
+
+def test_sliding_window_cache_falls_back_to_the_plain_pass(monkeypatch):
+    """Gemma-2's sliding-window layers keep only the last ``sliding_window`` keys: a longer prefix
+    cannot be shared, so those rows run plainly — with the right numbers."""
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(0)
+    tok = tiny_tokenizer("llama")
+    config = tiny_config("gemma2", 2, len(tok))
+    config.sliding_window = 3
+    P = AutoModelForCausalLM.from_config(config, attn_implementation="eager").eval()
+    F = perturbed_copy(P)
+    shared, plain = Grafter(P, F, tok), Grafter(P, F, tok, share_prefix=False)
+    counter = PassCounter(shared, monkeypatch)
+    specs = grid_specs()[:3]  # prefixes of 5+ tokens, longer than the window
+    a = shared.run_grid(specs, PROMPTS, SPANS)
+    b = plain.run_grid(specs, PROMPTS, SPANS)
+    assert "prefix" in counter.calls and "suffix" not in counter.calls and "plain" in counter.calls
+    for spec in specs:
+        assert_close(a[spec.name].logits, b[spec.name].logits)
+
+
+def test_no_sharing_when_every_prompt_is_used_once_or_all_logits(monkeypatch):
+    P, F, tok = tiny_pair("llama")
+    g = Grafter(P, F, tok)
+    counter = PassCounter(g, monkeypatch)
+    spec = grid_specs()[1]
+    g.run(spec, PROMPTS, SPANS)  # three different prompts, one spec
+    g.run([spec, grid_specs()[2]], [PROMPTS[0]] * 2, [SPANS[0]] * 2, all_logits=True)
+    assert counter.calls == ["plain", "plain"]
+
+
+def test_schedule_covers_every_row_once_within_batch_size():
+    rows = [Row(i, key=i % 3, length=10 + i % 3, prefix=(i * 7) % 10) for i in range(50)]
+    for size in (1, 4, 32):
+        chunks = schedule_rows(rows, batch_size=size, call_cost=16)
+        assert sorted(i for c in chunks for i in c.indices) == list(range(50))
+        assert all(1 <= len(c.indices) <= size for c in chunks)
+    assert schedule_rows(rows, 8, 16) == schedule_rows(list(reversed(rows)), 8, 16)  # order-free
+
+
+def test_schedule_shares_when_it_saves_work_and_splits_by_suffix():
+    # 30 specs at the last token of a 20-token prompt, 2 at its start (suffix 19)
+    rows = [Row(i, key="a", length=20, prefix=19) for i in range(30)]
+    rows += [Row(30 + i, key="a", length=20, prefix=1) for i in range(2)]
+    chunks = schedule_rows(rows, batch_size=32, call_cost=16)
+    assert [(sorted(c.indices), c.shared) for c in chunks] == [(list(range(30)), True), ([30, 31], False)]
+    # when a forward pass costs as much as hundreds of positions (a GPU), one chunk
+    assert [c.shared for c in schedule_rows(rows, batch_size=32, call_cost=1024)] == [False]
+    # a prompt used once has nothing to share
+    assert [c.shared for c in schedule_rows([Row(0, "a", 20, 0)], 32, 16)] == [False]
