@@ -92,7 +92,7 @@ def summary(results: dict[str, dict[str, dict[str, Any]]]) -> str:
                                               f"{row['target'].removeprefix('≤ ')} ({_verdict(row['met'])})")(
                           next(x for x in r["rows"] if x["variant"] == label))))
     for i in range(2):
-        specs.append(("3", f"32 specs in one forward vs 32 traces (workload {i + 1})", "≥ 4× throughput", "bench_grid",
+        specs.append(("3", f"32 specs in one run_grid call vs 32 traces (workload {i + 1})", "≥ 4× throughput", "bench_grid",
                       lambda r, i=i: f"{r['rows'][i]['workload'].split(' × ')[1]}: "
                                      + ratio_cell(r["rows"][i], "throughput ratio (median)")))
     specs.append(("3", "full grid throughput", "report", "bench_grid",
