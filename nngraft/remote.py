@@ -234,7 +234,7 @@ def _backend_class():
             try:
                 return super().request(request, tracer)
             except RemoteError as error:
-                raise _translate(error, self.host) from None
+                raise _translate(error, self.host, self.sent_bytes, self.raw_bytes) from None
             except websocket.WebSocketBadStatusException as error:
                 if error.status_code in (401, 403):
                     raise RemoteAuthError(
@@ -248,14 +248,33 @@ def _backend_class():
     return NngraftBackend
 
 
-def _translate(error: Exception, host: str) -> RemoteGraftError:
-    """nnsight's RemoteError → a GraftError that says what to do (never echoing the API key)."""
+def _translate(error: Exception, host: str, sent_bytes: int | None = None,
+               raw_bytes: int | None = None) -> RemoteGraftError:
+    """nnsight's RemoteError → a GraftError that says what to do (never echoing the API key).
+
+    ``sent_bytes``/``raw_bytes``: the request's size as sent (compressed) and before
+    compression, when known; quoted when the server says the request is too large (HTTP 413).
+    """
     cause = error.__cause__
     status = getattr(getattr(cause, "response", None), "status_code", None)
+    said = str(error).rstrip(". ")
     if status in (401, 403):
         return RemoteAuthError(
-            f"NDIF ({host}) refused the request (HTTP {status}): {error}. Check NDIF_API_KEY "
+            f"NDIF ({host}) refused the request (HTTP {status}): {said}. Check NDIF_API_KEY "
             "(get a key at https://login.ndif.us) and that your key may use this model."
+        )
+    if status == 413:
+        size = ""
+        if sent_bytes is not None:
+            size = f" The request was {format_bytes(sent_bytes)} as sent"
+            if raw_bytes:
+                size += f" ({format_bytes(raw_bytes)} before compression)"
+            size += "."
+        return PayloadTooLargeError(
+            f"NDIF ({host}) refused the request as too large for the server (HTTP 413): {said}."
+            f"{size} Send less per request: a smaller batch_size=, a DeltaDonor or LoraDonor of "
+            "lower rank instead of dense tensors, or fewer grafted modules or layers per spec "
+            "(lower max_payload_mb= to catch this before sending; see docs/remote.md)."
         )
     if status is not None:
         return RemoteGraftError(f"NDIF ({host}) refused the request (HTTP {status}): {error}")

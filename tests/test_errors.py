@@ -37,7 +37,7 @@ from nngraft import (
     TensorDonor,
     UnsupportedArchitectureError,
 )
-from nngraft.errors import GraftError, ModelNotAvailableError, PayloadTooLargeError, RemoteAuthError, RemoteGraftError
+from nngraft.errors import GraftError, ModelNotAvailableError, PayloadTooLargeError, RemoteAuthError
 from nngraft.study.results import ResultsError, TruncatedResultsWarning
 from nngraft.testing import tiny_model, tiny_pair
 
@@ -357,9 +357,12 @@ CASES = [
     Case(18, "request over the payload limit", "dense MLP graft, `max_payload_mb=0.01`", _ndif_over_limit,
          PayloadTooLargeError, r"this request would send 24.6 kB .* over the limit of 10.0 kB. Send less: a DeltaDonor",
          handling="raised before anything is sent (estimated from tensor shapes); default limit 256 MB"),
-    Case(18, "NDIF refuses the payload size", "HTTP 413 from NDIF", _ndif_413, RemoteGraftError,
-         r"NDIF \(https://ndif.example\) refused the request \(HTTP 413\)",
-         handling="raised"),
+    Case(18, "NDIF refuses the payload size", "HTTP 413 from NDIF", _ndif_413, PayloadTooLargeError,
+         r"NDIF \(https://ndif.example\) refused the request as too large for the server \(HTTP 413\): "
+         r"Failed to send request: Request Entity Too Large. The request was .* as sent \(.* before "
+         r"compression\). Send less per request: a smaller batch_size=.*see docs/remote.md",
+         handling="raised after sending (the server's limit); lower `max_payload_mb` to refuse such "
+                  "requests before sending"),
 ]
 
 

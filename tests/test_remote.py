@@ -533,6 +533,7 @@ class FakeNDIF:
         self.messages: list = []
         self.posted: list[dict] = []
         self.fail_with: str | None = None
+        self.reject_with: "httpx.Response | None" = None  # an HTTP error answer to /request (e.g. 413)
 
     # websocket ---------------------------------------------------------------------------
     def create_connection(self, url, header=None):
@@ -578,6 +579,9 @@ class FakeNDIF:
                 fake.posted.append({"headers": dict(headers), "metadata": data["data"], "blob": blob})
                 if headers.get("ndif-api-key") != fake.key:
                     return httpx.Response(401, json={"detail": "Invalid API key."}, request=request)
+                if fake.reject_with is not None:
+                    fake.reject_with.request = request
+                    return fake.reject_with
                 if fake.fail_with:
                     fake.messages.append(ResponseModel(id="job-1", status=Status.ERROR,
                                                        description=fake.fail_with).model_dump_json())
@@ -677,6 +681,52 @@ def test_ndif_server_error_carries_the_servers_message(fake_ndif):
     g = RemoteGrafter(fake_ndif.folder, DenseDonor(models("llama")[1]), verbose=False)
     with pytest.raises(RemoteExecutionError, match="CUDA out of memory"):
         g.run(SPEC, PROMPTS[:1], SPANS[:1])
+
+
+def test_ndif_413_is_payload_too_large_with_the_size_and_what_to_do(fake_ndif):
+    import httpx
+
+    # what a proxy in front of NDIF answers: plain text, not FastAPI's JSON
+    fake_ndif.reject_with = httpx.Response(413, text="413 Request Entity Too Large")
+    g = RemoteGrafter(fake_ndif.folder, DenseDonor(models("llama")[1]), verbose=False)
+    with pytest.raises(PayloadTooLargeError) as error:
+        g.run(SPEC, PROMPTS[:1], SPANS[:1])
+    message = str(error.value)
+    sent = len(fake_ndif.posted[-1]["blob"])
+    assert "too large for the server (HTTP 413)" in message
+    assert "Request Entity Too Large" in message
+    from nngraft.payload import format_bytes
+    assert f"The request was {format_bytes(sent)} as sent (" in message  # the real size, and raw
+    for advice in ("batch_size=", "DeltaDonor or LoraDonor of lower rank", "fewer grafted modules",
+                   "max_payload_mb=", "docs/remote.md"):
+        assert advice in message
+    assert fake_ndif.key not in message
+
+
+def test_translate_413_without_a_known_size():
+    import httpx
+    from nnsight.intervention.backends.remote import RemoteError
+
+    from nngraft.errors import RemoteGraftError
+    from nngraft.remote import _translate
+
+    def fake(status: int) -> Exception:  # nnsight's RemoteError, raised from httpx's status error
+        request = httpx.Request("POST", "https://ndif.example/request")
+        response = httpx.Response(status, text="too big", request=request)
+        error = RemoteError("Failed to send request: too big")
+        error.__cause__ = httpx.HTTPStatusError("status", request=request, response=response)
+        return error
+
+    translated = _translate(fake(413), "https://ndif.example")
+    assert type(translated) is PayloadTooLargeError
+    assert str(translated).startswith("NDIF (https://ndif.example) refused the request as too large "
+                                      "for the server (HTTP 413): Failed to send request: too big. Send less")
+    assert "The request was" not in str(translated)  # no size invented when none is known
+    assert "1.5 MB as sent (3.0 MB before compression)" in str(
+        _translate(fake(413), "h", sent_bytes=1_500_000, raw_bytes=3_000_000))
+    assert type(_translate(fake(403), "h")) is RemoteAuthError
+    other = _translate(fake(500), "h")
+    assert type(other) is RemoteGraftError and "HTTP 500" in str(other)
 
 
 def test_model_not_running_on_ndif(fake_ndif, monkeypatch):
