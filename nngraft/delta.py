@@ -38,7 +38,7 @@ from typing import Any, Literal, Mapping
 
 import torch
 
-from .donor import ModelDonor, SafetensorsDonor, TensorDonor
+from .donor import _PICKLE_SUFFIXES, ModelDonor, SafetensorsDonor, TensorDonor
 from .errors import DonorMismatchError, RemoteDonorError
 
 Layout = Literal["linear", "conv1d", "embedding", "vector"]
@@ -390,12 +390,49 @@ def _pattern_value(patterns: Mapping[str, Any], module: str, default: Any) -> An
     return default
 
 
+def _adapter_files(path: Path) -> tuple[Path, Path]:
+    """(folder, safetensors weights file) of the LoRA adapter at ``path`` (its folder or its
+    ``.safetensors`` file). Refuses pickled checkpoints before anything reads them."""
+    if not path.exists():
+        raise RemoteDonorError(f"no LoRA adapter at {path}: it does not exist (pass the adapter folder, "
+                               "with adapter_config.json and adapter_model.safetensors)")
+    if path.is_dir():
+        weights = path / "adapter_model.safetensors"
+        if not weights.exists():
+            binary = path / "adapter_model.bin"
+            if binary.exists():
+                raise _pickled_adapter(binary, f"{path} has adapter_model.bin but no adapter_model.safetensors")
+            raise RemoteDonorError(f"no adapter_model.safetensors in {path}")
+        return path, weights
+    if path.suffix in _PICKLE_SUFFIXES:
+        raise _pickled_adapter(path, f"{path} is a pickled checkpoint")
+    if path.suffix != ".safetensors":
+        raise RemoteDonorError(f"{path} is not a .safetensors file: pass the adapter folder (with "
+                               "adapter_config.json and adapter_model.safetensors) or its .safetensors file")
+    return path.parent, path
+
+
+def _pickled_adapter(binary: Path, what: str) -> RemoteDonorError:
+    """The error for a LoRA adapter saved as a pickle: how to convert it, in one line."""
+    target = binary.parent / "adapter_model.safetensors"
+    command = (f"python -c \"import torch, safetensors.torch as st; st.save_file(torch.load("
+               f"{str(binary)!r}, weights_only=True), {str(target)!r})\"")
+    return RemoteDonorError(
+        f"{what}. nngraft never unpickles weights ({', '.join(_PICKLE_SUFFIXES)} files are pickles; "
+        "loading one can run code). Convert the adapter to safetensors once (torch's weights_only "
+        f"loader refuses code):\n  {command}\nor, with peft: PeftModel.from_pretrained(P, "
+        f"{str(binary.parent)!r}).save_pretrained(DIR, safe_serialization=True). Then pass the folder "
+        f"({binary.parent}) or the .safetensors file."
+    )
+
+
 class LoraDonor:
     """A PEFT LoRA adapter as a donor: ``F = P + scale · B·A`` on the adapted modules.
 
     Args:
-        path: the adapter folder (``adapter_config.json`` + ``adapter_model.safetensors``).
-            Weights are read with safetensors; nothing is unpickled.
+        path: the adapter folder (``adapter_config.json`` + ``adapter_model.safetensors``), or
+            that ``.safetensors`` file. Weights are read with safetensors; nothing is unpickled: a
+            ``.bin``/``.pt``/``.pth``/``.ckpt`` adapter is refused with the one-line conversion.
         dtype: dtype ``A``/``B`` travel in (default: the remote run's ``dtype``).
 
     ``scale`` is ``lora_alpha / r`` (``lora_alpha / √r`` with ``use_rslora``), per module when the
@@ -414,16 +451,10 @@ class LoraDonor:
 
     def __init__(self, path: str | Path, *, dtype: torch.dtype | None = None) -> None:
         self.path = Path(path)
-        folder = self.path if self.path.is_dir() else self.path.parent
+        folder, weights = _adapter_files(self.path)
         config_file = folder / "adapter_config.json"
-        weights = folder / "adapter_model.safetensors" if self.path.is_dir() else self.path
         if not config_file.exists():
             raise RemoteDonorError(f"no adapter_config.json in {folder} (is it a PEFT adapter folder?)")
-        if not weights.exists():
-            binary = folder / "adapter_model.bin"
-            hint = (" (found adapter_model.bin: nngraft does not unpickle weights; re-save with "
-                    "safe_serialization=True)") if binary.exists() else ""
-            raise RemoteDonorError(f"no adapter_model.safetensors in {folder}{hint}")
         self.config = json.loads(config_file.read_text())
         self._check_config()
         self.dtype = dtype

@@ -7,6 +7,7 @@ from __future__ import annotations
 import copy
 import json
 import math
+import re
 from functools import lru_cache
 from pathlib import Path
 
@@ -235,8 +236,67 @@ def test_unsupported_adapters_are_refused(tmp_path):
             LoraDonor(folder)
     (folder / "adapter_config.json").write_text(json.dumps(config))
     (folder / "adapter_model.safetensors").rename(folder / "adapter_model.bin")
-    with pytest.raises(RemoteDonorError, match="does not unpickle"):
+    with pytest.raises(RemoteDonorError, match="has adapter_model.bin but no adapter_model.safetensors. "
+                                               "nngraft never unpickles weights"):
         LoraDonor(folder)
+    with pytest.raises(RemoteDonorError, match="adapter_config.json is not a .safetensors file: pass the adapter folder"):
+        LoraDonor(folder / "adapter_config.json")
+    with pytest.raises(RemoteDonorError, match="no LoRA adapter at .*nope: it does not exist"):
+        LoraDonor(tmp_path / "nope")
+
+
+class _Armed:
+    """Unpickling this creates ``marker`` (as in tests/test_safety.py): a malicious checkpoint."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self):
+        return Path.touch, (self.marker,)
+
+
+@pytest.mark.parametrize("suffix", [".bin", ".pt", ".pth", ".ckpt"])
+def test_pickled_adapter_file_is_refused_unread_with_the_conversion(tmp_path, suffix):
+    P, _, _ = tiny_pair("llama")
+    folder, _ = lora_adapter(P, tmp_path / "a", r=4, lora_alpha=8, target_modules=["up_proj"])
+    marker = tmp_path / "UNPICKLED"
+    armed = folder / f"adapter_model{suffix}"
+    torch.save({"base_model.model.model.layers.0.mlp.up_proj.lora_A.weight": _Armed(marker)}, armed)
+    with pytest.raises(RemoteDonorError) as error:
+        LoraDonor(armed)
+    message = str(error.value)
+    assert message.startswith(f"{armed} is a pickled checkpoint. nngraft never unpickles weights (.bin, .pt, "
+                              ".pth, .ckpt, .pkl, .pickle files are pickles; loading one can run code). "
+                              "Convert the adapter to safetensors once")
+    assert (f"python -c \"import torch, safetensors.torch as st; st.save_file(torch.load({str(armed)!r}, "
+            f"weights_only=True), {str(folder / 'adapter_model.safetensors')!r})\"") in message
+    assert f"Then pass the folder ({folder}) or the .safetensors file." in message
+    assert "save_pretrained(DIR, safe_serialization=True)" in message
+    assert not marker.exists()  # refused before anything read it
+    torch.load(armed, weights_only=False)  # ... and the trap is live
+    assert marker.exists()
+
+
+def test_pickled_peft_adapter_converted_with_the_messages_command_gives_the_merged_numbers(tmp_path):
+    import subprocess
+    import sys
+
+    P, _, tok = tiny_pair("llama")
+    folder, merged = lora_adapter(P, tmp_path / "a", r=4, lora_alpha=8, target_modules=["up_proj", "v_proj"])
+    from peft import PeftModel
+
+    # the same adapter as PEFT's pickle format (safe_serialization=False writes adapter_model.bin)
+    pickled = tmp_path / "pickled"
+    PeftModel.from_pretrained(copy.deepcopy(P), folder).save_pretrained(pickled, safe_serialization=False)
+    assert sorted(p.name for p in pickled.iterdir()) == ["README.md", "adapter_config.json", "adapter_model.bin"]
+    for given in (pickled, pickled / "adapter_model.bin"):
+        with pytest.raises(RemoteDonorError, match="nngraft never unpickles weights") as error:
+            LoraDonor(given)
+    command = re.search(r'python -c "(.*)"', str(error.value)).group(1)
+    subprocess.run([sys.executable, "-c", command], check=True)
+    expected = Grafter(P, merged, tok).run(SPEC, PROMPTS, SPANS).logits
+    close(run(P, LoraDonor(pickled), tok), expected)
+    close(run(P, LoraDonor(pickled / "adapter_model.safetensors"), tok), expected)
 
 
 def test_lora_for_another_model_is_refused(tmp_path):

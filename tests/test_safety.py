@@ -226,9 +226,11 @@ def test_remote_donors_and_model_loading_never_unpickle(armed):
         DenseDonor(paths["bin"])
     with pytest.raises(DonorMismatchError, match="never unpickles"):
         DeltaDonor(paths["folder"], P)
-    with pytest.raises(RemoteDonorError, match="found adapter_model.bin: nngraft does not unpickle"):
+    with pytest.raises(RemoteDonorError, match="has adapter_model.bin but no adapter_model.safetensors. "
+                                               "nngraft never unpickles weights"):
         LoraDonor(paths["peft"])
-    with pytest.raises(Exception):  # noqa: B017 - safetensors' own header error; the point is below
+    with pytest.raises(RemoteDonorError, match=r"(?s)adapter_model.bin is a pickled checkpoint. nngraft never "
+                                               r"unpickles weights.*st.save_file\(torch.load\("):
         LoraDonor(paths["peft"] / "adapter_model.bin")
     # A model *folder* given as P is loaded by transformers, which reads .bin files with
     # torch.load(weights_only=True): refused, not run.
