@@ -30,7 +30,7 @@ from .execute import apply_plan
 from .partial import derived_donors
 from .plan import GraftPlan, compile_plan, first_grafted_position
 from .result import GraftResult
-from .schedule import Chunk, Row, schedule_rows
+from .schedule import Chunk, Row, default_call_cost, schedule_rows
 from .spec import GraftSpec
 from .tokens import PaddedBatch, SpanValue, TokenizedPrompt, pad_left, tokenize_prompts
 
@@ -85,8 +85,9 @@ class Grafter:
         share_prefix: when several rows share a prompt (many specs on one prompt), compute each
             prompt's ungrafted prefix once and run only the grafted suffixes on its KV cache
             (:mod:`nngraft.schedule`; equal to the plain pass up to float rounding).
-        call_cost: the scheduler's price of one forward pass, in token positions (default 16 on
-            CPU, 1024 on an accelerator, where small passes cost about the same as large ones).
+        call_cost: the scheduler's price of one forward pass, in token positions (default: an
+            estimate from the model's size and device, :func:`nngraft.schedule.default_call_cost`;
+            0 shares whenever any positions are saved).
 
     One Grafter may be used from several threads; traces are serialized with a lock.
     P's weights are never modified: donor parameters are swapped in only for the duration of
@@ -120,7 +121,7 @@ class Grafter:
         self._partial: dict[str, Any] = {}  # parameter-level donors derived from these, by name
         self.batch_size = batch_size
         self.share_prefix = share_prefix
-        self.call_cost = call_cost if call_cost is not None else (16 if self.device.type == "cpu" else 1024)
+        self.call_cost = call_cost if call_cost is not None else default_call_cost(recipient)
         self.nn = nnsight.NNsight(recipient)
         self._lock = threading.Lock()
         params = inspect.signature(recipient.forward).parameters

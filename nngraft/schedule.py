@@ -28,7 +28,12 @@ Example:
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Hashable, Sequence
+from typing import Any, Hashable, Sequence
+
+# Rough machine constants for the scheduler's cost model (only ratios matter, and only roughly).
+CALL_SECONDS = 0.01  # fixed time of one forward pass: Python, tokenizing, the nnsight trace
+CPU_FLOPS, ACCELERATOR_FLOPS = 1e11, 2e14  # a few CPU cores; a data-centre GPU in bf16
+ACCELERATOR_BYTES_PER_SECOND = 2e12  # a pass reads every weight once: small passes are memory-bound
 
 
 @dataclass(frozen=True)
@@ -53,6 +58,27 @@ class Chunk:
 
     indices: list[int]
     shared: bool
+
+
+def default_call_cost(model: Any) -> float:
+    """The price of one forward pass of ``model``, in token positions: the fixed time of a pass
+    (:data:`CALL_SECONDS`, plus reading every weight once on an accelerator) over the time one
+    position takes (2 FLOPs per parameter). About 4 for SmolLM2-135M on a CPU (sharing pays off);
+    thousands for a tiny test model, whose passes are all fixed cost (it does not).
+
+    Example:
+        >>> from nngraft.testing import tiny_model
+        >>> default_call_cost(tiny_model("llama")) > 1000
+        True
+    """
+    params = list(model.parameters())
+    count = sum(p.numel() for p in params)
+    device = params[0].device if params else None
+    fixed, flops = CALL_SECONDS, CPU_FLOPS
+    if device is not None and device.type not in ("cpu", "meta"):
+        flops = ACCELERATOR_FLOPS
+        fixed += sum(p.numel() * p.element_size() for p in params) / ACCELERATOR_BYTES_PER_SECOND
+    return max(1.0, fixed / (2 * max(count, 1) / flops))
 
 
 def schedule_rows(rows: Sequence[Row], batch_size: int, call_cost: float) -> list[Chunk]:

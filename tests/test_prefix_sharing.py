@@ -58,7 +58,8 @@ class PassCounter:
 def test_shared_prefix_equals_plain_pass(model_type, monkeypatch):
     """Every spec of a grid, sharing on vs off: the same last-token logits; sharing really ran."""
     P, F, tok = tiny_pair(model_type)
-    shared, plain = Grafter(P, F, tok), Grafter(P, F, tok, share_prefix=False)
+    # call_cost=0: share whenever positions are saved (a tiny model's default would not share)
+    shared, plain = Grafter(P, F, tok, call_cost=0), Grafter(P, F, tok, share_prefix=False)
     counter = PassCounter(shared, monkeypatch)
     specs = grid_specs()
     a = shared.run_grid(specs, PROMPTS, SPANS, batch_size=16)
@@ -72,9 +73,11 @@ def test_shared_prefix_equals_plain_pass(model_type, monkeypatch):
 
 
 @pytest.mark.parametrize("model_type", ["gpt2", "gpt_neox", "llama", "gemma3_text", "olmo2"])
-def test_shared_prefix_equals_per_token_reference(model_type):
+def test_shared_prefix_equals_per_token_reference(model_type, monkeypatch):
     """The shared-prefix path against the literal per-token weight swap, row by row."""
-    _, _, _, g, _ = setup(model_type)
+    P, F, tok, _, _ = setup(model_type)
+    g = Grafter(P, F, tok, call_cost=0)
+    counter = PassCounter(g, monkeypatch)
     every, mlp_last = swaps(model_type, ["all"]), swaps(model_type, ["mlp"], layers=[g.n_layers - 1])
     attn, kv = swaps(model_type, ["attn"]), swaps(model_type, ["k", "v"])
     specs = {s.name: s for s in grid_specs()}
@@ -87,6 +90,7 @@ def test_shared_prefix_equals_per_token_reference(model_type):
         "kv_at_2": lambda fe: lambda t, L: kv if t == 2 else [],
     }
     grid = g.run_grid([specs[n] for n in tables], PROMPTS, SPANS, batch_size=32)
+    assert "suffix" in counter.calls
     for name, table in tables.items():
         for i, (prompt, spans) in enumerate(zip(PROMPTS, SPANS)):
             expected, _ = reference(model_type, prompt, table(span_tokens(model_type, prompt, spans)))
@@ -123,7 +127,7 @@ def test_sliding_window_cache_falls_back_to_the_plain_pass(monkeypatch):
     config.sliding_window = 3
     P = AutoModelForCausalLM.from_config(config, attn_implementation="eager").eval()
     F = perturbed_copy(P)
-    shared, plain = Grafter(P, F, tok), Grafter(P, F, tok, share_prefix=False)
+    shared, plain = Grafter(P, F, tok, call_cost=0), Grafter(P, F, tok, share_prefix=False)
     counter = PassCounter(shared, monkeypatch)
     specs = grid_specs()[:3]  # prefixes of 5+ tokens, longer than the window
     a = shared.run_grid(specs, PROMPTS, SPANS)
@@ -135,12 +139,35 @@ def test_sliding_window_cache_falls_back_to_the_plain_pass(monkeypatch):
 
 def test_no_sharing_when_every_prompt_is_used_once_or_all_logits(monkeypatch):
     P, F, tok = tiny_pair("llama")
-    g = Grafter(P, F, tok)
+    g = Grafter(P, F, tok, call_cost=0)
     counter = PassCounter(g, monkeypatch)
     spec = grid_specs()[1]
     g.run(spec, PROMPTS, SPANS)  # three different prompts, one spec
     g.run([spec, grid_specs()[2]], [PROMPTS[0]] * 2, [SPANS[0]] * 2, all_logits=True)
     assert counter.calls == ["plain", "plain"]
+
+
+def test_default_call_cost_follows_model_size(monkeypatch):
+    """A tiny model's passes are all fixed cost: by default its grid runs as one plain pass. A
+    model of SmolLM2's size (built on the meta device) is priced at a few positions per pass."""
+    from transformers import AutoModelForCausalLM
+
+    from nngraft.schedule import CALL_SECONDS, CPU_FLOPS, default_call_cost
+
+    P, F, tok = tiny_pair("llama")
+    g = Grafter(P, F, tok)
+    counter = PassCounter(g, monkeypatch)
+    g.run_grid(grid_specs(), PROMPTS, SPANS)
+    assert counter.calls == ["plain"]
+    config = tiny_config("llama", 30, 49152)
+    config.update(dict(hidden_size=576, intermediate_size=1536, num_attention_heads=9, num_key_value_heads=3,
+                       head_dim=64))
+    with torch.device("meta"):
+        smol = AutoModelForCausalLM.from_config(config)
+    n = sum(p.numel() for p in smol.parameters())
+    assert 130e6 < n < 140e6
+    assert default_call_cost(smol) == pytest.approx(CALL_SECONDS * CPU_FLOPS / (2 * n))
+    assert 2 < default_call_cost(smol) < 6
 
 
 def test_schedule_covers_every_row_once_within_batch_size():
