@@ -389,3 +389,22 @@ def print_table(result: Result) -> None:
         console.print(f"max |Δ logits| {name}: {value:.2e}")
     for note in result.notes:
         console.print(f"note: {note}")
+
+
+def replace_docs_section(path: Path, generated: str, begin: str, end: str, heading: str) -> None:
+    """Write ``generated`` (which starts with ``begin`` and ends with ``end``) into the markdown
+    file at ``path``: in place of the old ``begin`` … ``end`` block, else right under ``heading``,
+    else as a new ``heading`` section at the end. Text outside the block is kept. Atomic."""
+    from nngraft.io import atomic_write_text
+
+    path = Path(path)
+    text = path.read_text() if path.exists() else "# Benchmarks\n"
+    if begin in text and end in text:
+        before, rest = text.split(begin, 1)
+        text = before + generated + rest.split(end, 1)[1]
+    elif heading in text:
+        head, rest = text.split(heading, 1)
+        text = head + heading + "\n\n" + generated + "\n" + rest
+    else:
+        text = text.rstrip("\n") + "\n\n" + heading + "\n\n" + generated + "\n"
+    atomic_write_text(path, text)

@@ -30,6 +30,8 @@ from typing import Any, Sequence
 
 import torch
 
+from .common import replace_docs_section
+
 ROOT = Path(__file__).resolve().parent.parent
 BEGIN, END = "<!-- remote-payload:begin -->", "<!-- remote-payload:end -->"
 HEADING = "## Remote payload sizes"
@@ -188,18 +190,7 @@ def render(result: dict[str, Any]) -> str:
 
 
 def update_docs(path: Path, generated: str) -> None:
-    from nngraft.io import atomic_write_text
-
-    text = path.read_text() if path.exists() else "# Benchmarks\n"
-    if BEGIN in text and END in text:
-        before, rest = text.split(BEGIN, 1)
-        text = before + generated + rest.split(END, 1)[1]
-    elif HEADING in text:
-        head, rest = text.split(HEADING, 1)
-        text = head + HEADING + "\n\n" + generated + "\n" + rest
-    else:
-        text = text.rstrip("\n") + "\n\n" + HEADING + "\n\n" + generated + "\n"
-    atomic_write_text(path, text)
+    replace_docs_section(path, generated, BEGIN, END, HEADING)
 
 
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:

@@ -18,7 +18,7 @@ import os
 from pathlib import Path
 from typing import Any, Sequence
 
-from .common import FLOAT_NOISE, MODELS, RESULTS, ROOT, fmt
+from .common import FLOAT_NOISE, MODELS, RESULTS, ROOT, fmt, replace_docs_section
 
 HEADING = "## Grafting performance"
 BEGIN = "<!-- grafting-performance:begin -->"
@@ -199,21 +199,7 @@ def render(results: dict[str, dict[str, dict[str, Any]]], run: dict[str, Any] | 
 
 
 def update_docs(path: Path, generated: str) -> None:
-    """Put ``generated`` between the markers of the section (creating the section or file if needed)."""
-    from nngraft.io import atomic_write_text
-
-    path = Path(path)
-    text = path.read_text() if path.exists() else "# Benchmarks\n"
-    if BEGIN in text and END in text:
-        before, rest = text.split(BEGIN, 1)
-        _, after = rest.split(END, 1)
-        text = before + generated + after
-    elif HEADING in text:
-        head, rest = text.split(HEADING, 1)
-        text = head + HEADING + "\n\n" + generated + "\n" + rest
-    else:
-        text = text.rstrip("\n") + "\n\n" + HEADING + "\n\n" + generated + "\n"
-    atomic_write_text(path, text)
+    replace_docs_section(path, generated, BEGIN, END, HEADING)
 
 
 def main(argv: Sequence[str] | None = None) -> None:
