@@ -24,6 +24,8 @@ import time
 from pathlib import Path
 from typing import Any, Sequence
 
+from nngraft.io import atomic_save_figure
+
 from .baselines import graft_paths, paper_method, per_token_inplace
 from .bench_vs_paper import spec_last4_mlp
 from .common import (FLOAT_NOISE, Result, load_models, log, max_abs_diff, median, parse, parser,
@@ -184,12 +186,10 @@ def plot(rows: list[dict[str, Any]], path: Path, *, title: str) -> None:
     bx.yaxis.set_minor_formatter(NullFormatter())
     fig.suptitle(title, fontsize=10)
     fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp.png")  # write, then rename: never a half-written PNG
-    fig.savefig(tmp, dpi=110)
-    plt.close(fig)
-    tmp.replace(path)
+    try:
+        atomic_save_figure(fig, Path(path), dpi=110)  # never a half-written PNG
+    finally:
+        plt.close(fig)
 
 
 if __name__ == "__main__":

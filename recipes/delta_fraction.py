@@ -15,6 +15,8 @@ from pathlib import Path
 
 from _common import build_config, parser
 
+from nngraft.io import atomic_save_figure
+
 PERCENTS = [1, 2, 5, 10, 25, 50, 100]
 RANKS = [1, 2, 4, 8, 16, 32]
 TEMPLATES = ["sentence_3"]
@@ -67,9 +69,7 @@ def plot(results: Path, out: Path) -> list[Path]:
     fig.tight_layout()
     paths = []
     for ext in ("png", "svg"):
-        path = out / f"delta_fraction.{ext}"
-        fig.savefig(path, dpi=130)
-        paths.append(path)
+        paths.append(atomic_save_figure(fig, out / f"delta_fraction.{ext}", dpi=130))
     plt.close(fig)
     return paths
 

@@ -22,10 +22,10 @@ Example:
 from __future__ import annotations
 
 import math
-import os
-import tempfile
 from pathlib import Path
 from typing import Any, Mapping
+
+from ..io import atomic_save_figure
 
 _METRIC = {"prob": "mean target probability", "logprob": "mean target log-prob", "top1": "top-1 accuracy"}
 _CLIP = (-0.6, 1.6)
@@ -112,16 +112,8 @@ def plot_localize(data: Mapping[str, Any], path: str | Path, *, dpi: int = 150) 
     fig.suptitle(f"nngraft localize — {data['spec']['name']}", fontsize=11)
     fig.tight_layout()
 
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".png", dir=path.parent)
-    os.close(fd)
     try:
-        fig.savefig(tmp, dpi=dpi, bbox_inches="tight", format="png")
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+        atomic_save_figure(fig, Path(path), dpi=dpi, bbox_inches="tight", format="png")
     finally:
         plt.close(fig)
     return path

@@ -25,6 +25,7 @@ import re
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
+from ..io import atomic_save_figure
 from .grids import BUCKETS, EIGHTHS, LAYER_COMPONENTS_FOR_GROUPS, QUARTERS
 from .metrics import Aggregate, aggregate
 from .results import load_manifest, load_results, results_path
@@ -152,8 +153,7 @@ def _save(fig: Any, stem: Path, formats: Sequence[str]) -> list[Path]:
     paths = []
     for fmt in formats:
         path = stem.with_suffix(f".{fmt}")
-        fig.savefig(path, dpi=150, bbox_inches="tight")
-        paths.append(path)
+        paths.append(atomic_save_figure(fig, path, dpi=150, bbox_inches="tight"))
     return paths
 
 
