@@ -110,3 +110,94 @@ def test_run_from_a_built_in_dataset_and_template(tmp_path, capsys):
     assert {r["template"] for r in rows} == {"sentence_3"} and len(rows) == 3 * 2
     assert load_manifest(tmp_path / "out")["dataset"]["dataset"] == "fake_movies_real_actors"
     assert "sentence_3" in capsys.readouterr().out
+
+
+# ---------------------------------------------------------------------------------------------
+# nngraft run --donor NAME=PATH (named donors for rules with "donor": NAME)
+# ---------------------------------------------------------------------------------------------
+
+HYBRID_SPEC = {"name": "f_mlp_hybrid_o_lt", "rules": [
+    {"components": ["mlp"], "positions": [{"span": "first_actor"}]},
+    {"components": ["o"], "positions": [{"last": True}], "donor": "hybrid"}]}
+
+
+@pytest.fixture(scope="module")
+def three_models(tmp_path_factory):
+    """P, F and a hybrid donor H (P perturbed differently) saved as folders, and a spec using H."""
+    from nngraft.testing import perturbed_copy, tiny_pair
+
+    root = tmp_path_factory.mktemp("named-donors")
+    P, F, tok = tiny_pair("llama")
+    for name, model in (("P", P), ("F", F), ("H", perturbed_copy(P, seed=7))):
+        model.save_pretrained(root / name)
+        tok.save_pretrained(root / name)
+    (root / "hybrid.json").write_text(json.dumps(HYBRID_SPEC))
+    return root
+
+
+def _direct_probs(root: Path, donors: dict[str, str], examples: Path):
+    """What Grafter(P, F, tok, donors=...) gives for HYBRID_SPEC: {fact_id: next-token probabilities}."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from nngraft import GraftSpec, Grafter
+
+    load = lambda name: AutoModelForCausalLM.from_pretrained(root / name, dtype=torch.float32).eval()  # noqa: E731
+    tok = AutoTokenizer.from_pretrained(root / "P")
+    g = Grafter(load("P"), load("F"), tok, donors={k: load(v) for k, v in donors.items()})
+    exs = [json.loads(line) for line in examples.read_text().splitlines()]
+    spec = GraftSpec.model_validate(HYBRID_SPEC)
+    logits = g.run(spec, [e["prompt"] for e in exs], [e["spans"] for e in exs]).logits
+    probs = torch.softmax(logits.float(), -1)
+    return {e["fact_id"]: probs[j] for j, e in enumerate(exs)}
+
+
+def test_run_with_a_named_donor_equals_grafter_with_donors(three_models, examples, capsys):
+    root = three_models
+    out = root / "out"
+    code = main(["run", "--model", str(root / "P"), "--donor", str(root / "F"), "--donor", f"hybrid={root / 'H'}",
+                 "--spec", str(root / "hybrid.json"), "--data", str(examples), "--no-progress", "-o", str(out)])
+    assert code == 0, capsys.readouterr()
+    rows = {r["fact_id"]: r for r in load_results(out) if r["spec"] == "f_mlp_hybrid_o_lt"}
+    expected = _direct_probs(root, {"hybrid": "H"}, examples)
+    with_f = _direct_probs(root, {"hybrid": "F"}, examples)  # F's o at the last token instead of H's
+    assert rows.keys() == expected.keys() == {"f1", "f2"}
+    for fact, row in rows.items():
+        assert row["prob"] == pytest.approx(float(expected[fact][row["target_id"]]), rel=1e-5, abs=1e-7)
+        assert row["top_probs"][0] == pytest.approx(float(expected[fact].max()), abs=1e-6)  # stored rounded
+        # H really is used: with F in its place the number is another one
+        assert abs(float(with_f[fact][row["target_id"]]) - row["prob"]) > 1e-6
+    manifest = load_manifest(out)
+    (ident,) = manifest["models"].values()
+    assert ident["donors"]["hybrid"]["source"] == str(root / "H")
+
+
+def test_run_named_donor_errors(three_models, examples, capsys, tmp_path):
+    root = three_models
+    base = ["run", "--model", str(root / "P"), "--spec", str(root / "hybrid.json"), "--data", str(examples),
+            "--no-progress"]
+    usage = {
+        ("--donor", "F", "--donor", "G"): "--donor given twice without a name ('F' and 'G'): give F once, and "
+                                          "each further donor as NAME=PATH",
+        ("--donor", "F", "--donor", "hybrid="): "--donor 'hybrid=': a named donor is NAME=PATH",
+        ("--donor", "F", "--donor", "=H"): "--donor '=H': a named donor is NAME=PATH",
+        ("--donor", "F", "--donor", "runs/lr=1e-4"): "--donor 'runs/lr=1e-4': a named donor is NAME=PATH",
+        ("--donor", "F", "--donor", "default=H"): "'default' is the main donor F; give it as --donor PATH",
+        ("--donor", "F", "--donor", "hybrid=H", "--donor", "hybrid=G"): "--donor hybrid= given twice ('H' and 'G')",
+    }
+    for donors, message in usage.items():
+        capsys.readouterr()
+        with pytest.raises(SystemExit) as exit_:
+            main(base + list(donors))
+        assert exit_.value.code == 2
+        assert message in " ".join(capsys.readouterr().err.split())
+    # a spec naming a donor that was not given: exit 1, before any model is loaded
+    out = tmp_path / "never"
+    assert main(base + ["--donor", str(root / "F"), "-o", str(out)]) == 1
+    err = " ".join(capsys.readouterr().err.split())
+    assert ("spec 'f_mlp_hybrid_o_lt' grafts from donor(s) 'hybrid', which this command was not given (given: F "
+            "(--donor PATH)); add --donor hybrid=PATH (a finetuned copy of P: local folder or hub id)") in err
+    assert not out.exists()
+    assert main(base + ["--donor", str(root / "F"), "--donor", f"relation={root / 'H'}", "-o", str(out)]) == 1
+    assert f"(given: F (--donor PATH), relation={root / 'H'}); add --donor hybrid=PATH" in " ".join(
+        capsys.readouterr().err.split())

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import math
+import re
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -70,12 +71,19 @@ def _wide(console: Any) -> Any:
 # ---------------------------------------------------------------------------------------------
 
 
-def add_model_data_args(p: argparse.ArgumentParser) -> None:
+def add_model_data_args(p: argparse.ArgumentParser, *, named_donors: bool = False) -> None:
     """The model (--model/--donor or --tiny) and data (--data, or --facts/--dataset + --template)
-    options shared by ``nngraft run`` and ``nngraft localize``; read back by :func:`_pair_and_data`."""
+    options shared by ``nngraft run`` and ``nngraft localize``; read back by :func:`_pair_and_data`.
+    ``named_donors``: ``--donor`` may be repeated as ``NAME=PATH`` for spec rules with
+    ``"donor": NAME`` (``nngraft run``)."""
     who = p.add_argument_group("models (give --model and --donor, or --tiny)")
     who.add_argument("--model", help="recipient P: local path or hub id")
-    who.add_argument("--donor", help="donor F: local path or hub id")
+    if named_donors:
+        who.add_argument("--donor", action="append", default=[], metavar="F | NAME=PATH",
+                         help="donor F: local path or hub id; repeat as NAME=PATH (e.g. hybrid=runs/hybrid) "
+                              "for the donors that spec rules name with \"donor\": NAME")
+    else:
+        who.add_argument("--donor", help="donor F: local path or hub id")
     who.add_argument("--tiny", metavar="MODEL_TYPE", help="use nngraft.testing.tiny_pair(MODEL_TYPE) (CPU checks)")
     who.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16", "auto"])
     who.add_argument("--device", default="auto", help="cpu, cuda, cuda:1 … (default: cuda if available)")
@@ -98,10 +106,12 @@ def _run_args(p: argparse.ArgumentParser) -> None:
   nngraft run --spec recipes/specs/fe_lt.json --model meta-llama/Llama-3.2-1B --donor runs/sft \\
               --facts runs/sft/facts.jsonl --template sentence_3
   nngraft run --spec recipes/specs/lt.json --tiny llama --data examples.jsonl -o runs/try
+  nngraft run --spec hybrid_lt.json --model P --donor runs/sft --donor hybrid=runs/hybrid --data ex.jsonl
+              (rules with "donor": "hybrid" graft from runs/hybrid, the others from runs/sft)
 The P and F baselines (specs p and f) are always run too, for reference and recovery."""
     p.add_argument("--spec", action="append", required=True, metavar="SPEC.json",
                    help="graft spec file (repeat for several)")
-    add_model_data_args(p)
+    add_model_data_args(p, named_donors=True)
     p.add_argument("-o", "--output", help="write results.jsonl + manifest.json here (resumes if present)")
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--answer-logprob", action="store_true",
@@ -110,16 +120,68 @@ The P and F baselines (specs p and f) are always run too, for reference and reco
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
+_DONOR_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_.-]*")
+
+
+def parse_donors(values: str | Sequence[str] | None) -> tuple[str | None, dict[str, str]]:
+    """``--donor`` values → (F, {NAME: PATH}). A value is F's path or hub id, or ``NAME=PATH`` for a
+    named donor (a value that exists as a local path is always F, even with an ``=`` in it).
+
+    >>> parse_donors(["runs/sft", "hybrid=runs/hybrid"])
+    ('runs/sft', {'hybrid': 'runs/hybrid'})
+    """
+    if values is None or isinstance(values, str):
+        return values, {}
+    default: str | None = None
+    named: dict[str, str] = {}
+    for value in values:
+        name, eq, path = value.partition("=")
+        if not eq or Path(value).exists():
+            if default is not None:
+                raise SystemExit(_usage(f"--donor given twice without a name ({default!r} and {value!r}): give "
+                                        "F once, and each further donor as NAME=PATH (e.g. --donor hybrid=runs/hybrid)"))
+            default = value
+            continue
+        if not _DONOR_NAME.fullmatch(name) or not path:
+            raise SystemExit(_usage(f"--donor {value!r}: a named donor is NAME=PATH with a name such as 'hybrid' "
+                                    "(letters, digits, _ . -) and a local path or hub id; F itself is --donor PATH"))
+        if name == "default":
+            raise SystemExit(_usage(f"--donor {value!r}: 'default' is the main donor F; give it as --donor PATH"))
+        if name in named:
+            raise SystemExit(_usage(f"--donor {name}= given twice ({named[name]!r} and {path!r}); each name "
+                                    "names one donor"))
+        named[name] = path
+    return default, named
+
+
+def check_named_donors(specs: Sequence[Any], named: dict[str, str]) -> None:
+    """Raise :class:`~nngraft.errors.DonorMismatchError` if a spec's rule names a donor
+    (``"donor": NAME``) that no ``--donor NAME=PATH`` gave (before any model is loaded)."""
+    from ..errors import DonorMismatchError
+
+    for spec in specs:
+        missing = sorted({r.donor for r in spec.rules if r.donor not in (None, "default")} - set(named))
+        if missing:
+            given = ", ".join(["F (--donor PATH)"] + [f"{k}={v}" for k, v in named.items()])
+            raise DonorMismatchError(
+                f"spec {spec.name!r} grafts from donor(s) {', '.join(map(repr, missing))}, which this command "
+                f"was not given (given: {given}); add " + " ".join(f"--donor {m}=PATH" for m in missing)
+                + " (a finetuned copy of P: local folder or hub id), or leave the spec out")
+
+
 def _pair_and_data(args: argparse.Namespace) -> tuple[dict[str, Any], dict[str, Any]]:
-    if args.tiny and (args.model or args.donor):
+    donor, named = parse_donors(args.donor)
+    if args.tiny and (args.model or donor):
         raise SystemExit(_usage("give --tiny, or --model and --donor, not both"))
-    if not args.tiny and not (args.model and args.donor):
+    if not args.tiny and not (args.model and donor):
         raise SystemExit(_usage("give --model and --donor (paths or hub ids), or --tiny MODEL_TYPE"))
     if args.tiny:
         pair = {"name": f"tiny-{args.tiny}", "tiny": args.tiny, "dtype": args.dtype, "device": args.device}
     else:
-        pair = {"name": Path(args.donor).name or "model", "recipient": args.model, "donor": args.donor,
+        pair = {"name": Path(donor).name or "model", "recipient": args.model, "donor": donor,
                 "dtype": args.dtype, "device": args.device}
+    if named:
+        pair["donors"] = named
     sources = [x for x in ("data", "facts", "dataset") if getattr(args, x)]
     if len(sources) != 1:
         raise SystemExit(_usage("give exactly one of --data, --facts or --dataset"))
@@ -191,6 +253,8 @@ def cmd_run(args: argparse.Namespace) -> int:
     from .results import load_results
     from .sweep import run_sweep
 
+    from ..spec import GraftSpec
+
     pair, data = _pair_and_data(args)
     specs = [str(Path(s).resolve()) for s in args.spec]
     for s in specs:
@@ -198,6 +262,7 @@ def cmd_run(args: argparse.Namespace) -> int:
             from ..errors import SpecError
 
             raise SpecError(f"no spec file at {s}")
+    check_named_donors([GraftSpec.load(s) for s in specs], pair.get("donors", {}))
     with tempfile.TemporaryDirectory() as scratch:
         output = Path(args.output) if args.output else Path(scratch)
         config = _validated({"name": "run", "models": [pair], "data": data, "specs": specs,
