@@ -281,6 +281,92 @@ def test_resume_refuses_changed_spec_data_or_model(finished, tmp_path):
         run_sweep(config, show_progress=False)
 
 
+def _last_element_changed(model: torch.nn.Module) -> torch.nn.Module:
+    import copy
+
+    other = copy.deepcopy(model)
+    with torch.no_grad():
+        other.model.layers[-1].mlp.down_proj.weight.view(-1)[-1] += 1e-3  # the very last value only
+    return other
+
+
+def test_weights_fingerprint_sees_every_value():
+    import hashlib
+
+    from nngraft.models import weights_fingerprint
+    from nngraft.study.sweep import FINGERPRINT_VERSION, model_identity
+
+    P, F, _ = tiny_pair("llama")
+    Q = _last_element_changed(F)
+    a, b = model_identity(F, "F"), model_identity(Q, "F")
+    assert a["fingerprint_version"] == b["fingerprint_version"] == FINGERPRINT_VERSION == 2
+    assert a["weights_fingerprint"] == weights_fingerprint(F) and len(a["weights_fingerprint"]) == 64
+    assert a["weights_fingerprint"] != b["weights_fingerprint"]
+    assert model_identity(_last_element_changed(F), "x")["weights_fingerprint"] == b["weights_fingerprint"]
+    assert {k: v for k, v in a.items() if k != "weights_fingerprint"} == {
+        k: v for k, v in b.items() if k != "weights_fingerprint"}  # nothing else tells them apart
+
+    def first_64(model):  # the old fingerprint (version 1): it could not tell F from Q
+        digest = hashlib.sha256()
+        for name, param in model.named_parameters():
+            digest.update(name.encode() + str(tuple(param.shape)).encode()
+                          + param.detach().reshape(-1)[:64].float().numpy().tobytes())
+        return digest.hexdigest()[:16]
+
+    assert first_64(F) == first_64(Q)
+
+
+@pytest.fixture()
+def saved_pair(tmp_path):
+    """P and F saved as folders, and a config (main grid, 2 examples) that sweeps them."""
+    P, F, tok = tiny_pair("llama")
+    for name, model in (("P", P), ("F", F)):
+        model.save_pretrained(tmp_path / name)
+        tok.save_pretrained(tmp_path / name)
+    save_examples_jsonl(EXAMPLES[:2], tmp_path / "two.jsonl")
+    config = _config(tmp_path, models=[{"name": "m", "recipient": "P", "donor": "F"}], specs=[],
+                     data={"examples": "two.jsonl"})
+    return config, F, tok
+
+
+def test_resume_refuses_a_donor_changed_only_in_its_last_value(saved_pair, tmp_path):
+    config, F, tok = saved_pair
+    first = run_sweep(config, show_progress=False)
+    text = Path(first.results).read_text()
+    _last_element_changed(F).save_pretrained(tmp_path / "F")
+    with pytest.raises(ResultsError, match=r"holds results for model 'm' whose donor weights_fingerprint was "
+                                           r"'[0-9a-f]{64}'; this run's is '[0-9a-f]{64}'\. Use a new output"):
+        run_sweep(config, show_progress=False)
+    assert Path(first.results).read_text() == text  # nothing was added
+
+
+def test_resume_of_an_old_fingerprint_manifest_is_refused_with_the_reason(saved_pair, tmp_path):
+    config, _, _ = saved_pair
+    first = run_sweep(config, show_progress=False)
+    manifest_file = Path(first.manifest)
+    manifest = json.loads(manifest_file.read_text())
+    for side in ("recipient", "donor"):  # as nngraft wrote it before fingerprint_version 2
+        record = manifest["models"]["m"][side]
+        del record["fingerprint_version"]
+        record["weights_fingerprint"] = record["weights_fingerprint"][:16]
+    manifest_file.write_text(json.dumps(manifest))
+    with pytest.raises(ResultsError) as error:
+        run_sweep(config, show_progress=False)
+    assert str(error.value) == (
+        f"{first.results} holds results for model 'm' recorded by an older nngraft, whose weight fingerprint "
+        "covered only the first 64 values of each tensor; this nngraft hashes every byte of the weights "
+        "(fingerprint_version 2), so it cannot confirm that this run's recipient is the model that made those "
+        f"rows. Use a new output directory; or, if you are sure the models are the same, delete \"models\" → "
+        f"'m' from {manifest_file} and rerun to record them anew")
+    # following the message's second way: the run resumes (nothing to redo) and records version 2
+    manifest = json.loads(manifest_file.read_text())
+    del manifest["models"]["m"]
+    manifest_file.write_text(json.dumps(manifest))
+    again = run_sweep(config, show_progress=False)
+    assert again.stats["m"].written == 0 and again.stats["m"].skipped == len(load_results(first.results))
+    assert load_manifest(first.results)["models"]["m"]["donor"]["fingerprint_version"] == 2
+
+
 def test_missing_span_fails_before_any_forward(tmp_path):
     config = _config(tmp_path, grid=None, specs=[str(SPEC_DIR / "r.json")])
     with pytest.raises(Exception, match=r"has no span \['relation'\].*specs \['r'\]"):

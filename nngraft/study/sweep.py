@@ -331,6 +331,11 @@ def examples_hash(examples: Sequence[TestExample]) -> str:
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
+FINGERPRINT_VERSION = 2
+"""How ``weights_fingerprint`` is computed: 2 = sha256 over every byte of every state-dict tensor
+(:func:`nngraft.models.weights_fingerprint`); 1 (manifests without ``fingerprint_version``) hashed
+only each parameter's first 64 values, so two finetunes differing later in a tensor looked alike."""
+
 
 def hub_revision(source: str) -> str | None:
     """The Hub commit a model was loaded from, read off its cache path (``…/snapshots/<commit>/``)
@@ -352,16 +357,14 @@ def hub_revision(source: str) -> str | None:
 def model_identity(model: torch.nn.Module, source: str) -> dict[str, Any]:
     """What identifies a loaded model: its source, the Hub revision (commit) it was loaded from
     (``None`` outside the Hub cache, e.g. tiny models), type, depth, a hash of its config, and a
-    fingerprint of its weights (sha256 over every parameter's name, shape and first 64 values;
-    it tells P from F, which share a config)."""
+    fingerprint of its weights: :func:`nngraft.models.weights_fingerprint`, sha256 over every
+    state-dict tensor's name, dtype, shape and bytes (``fingerprint_version`` 2). Computed once
+    per model per sweep, when it is loaded: 0.3 s for SmolLM2-135M (651 MB in float32) on CPU."""
+    from ..models import weights_fingerprint
+
     config = model.config
     config_json = json.dumps(config.to_dict(), sort_keys=True, default=str)
-    digest = hashlib.sha256()
-    n_params = 0
-    for name, param in model.named_parameters():
-        n_params += param.numel()
-        head = param.detach().reshape(-1)[:64].float().cpu().numpy().tobytes()
-        digest.update(name.encode() + str(tuple(param.shape)).encode() + head)
+    n_params = sum(param.numel() for param in model.parameters())
     dtype = next(model.parameters()).dtype
     return {
         "source": source,
@@ -369,7 +372,8 @@ def model_identity(model: torch.nn.Module, source: str) -> dict[str, Any]:
         "model_type": getattr(config, "model_type", None),
         "n_layers": getattr(config, "num_hidden_layers", None) or getattr(config, "n_layer", None),
         "config_hash": hashlib.sha256(config_json.encode()).hexdigest()[:16],
-        "weights_fingerprint": digest.hexdigest()[:16],
+        "weights_fingerprint": weights_fingerprint(model),
+        "fingerprint_version": FINGERPRINT_VERSION,
         "n_params": n_params,
         "dtype": str(dtype).replace("torch.", ""),
     }
@@ -637,6 +641,19 @@ def _check_resume(manifest: dict[str, Any], writer: ResultsWriter, specs: Sequen
         old = manifest.get("models", {}).get(name)
         if not old:
             continue
+        records = [(side, old.get(side)) for side in ("recipient", "donor")]
+        records += [(f"donor {d!r}", old.get("donors", {}).get(d)) for d in identity.get("donors", {})]
+        for what, before in records:
+            version = (before or {}).get("fingerprint_version")
+            if before is not None and version != FINGERPRINT_VERSION:
+                written = ("an older nngraft, whose weight fingerprint covered only the first 64 values of "
+                           "each tensor" if version is None else f"fingerprint_version {version}")
+                raise ResultsError(
+                    f"{writer.path} holds results for model {name!r} recorded by {written}; this nngraft "
+                    f"hashes every byte of the weights (fingerprint_version {FINGERPRINT_VERSION}), so it "
+                    f"cannot confirm that this run's {what} is the model that made those rows. Use a new "
+                    f"output directory; or, if you are sure the models are the same, delete "
+                    f"\"models\" → {name!r} from {manifest_path(writer.path)} and rerun to record them anew")
         for side in ("recipient", "donor"):
             for key in ("config_hash", "weights_fingerprint", "dtype"):
                 if old.get(side, {}).get(key) != identity[side][key]:
