@@ -15,6 +15,8 @@ from nngraft.study.finetune import (CPU_FAST, MANIFEST_FILE, PAPER, FinetuneConf
                                     split_texts, texts_hash)
 from nngraft.testing import tiny_model, tiny_tokenizer
 
+from .recipe_loader import load_recipe
+
 TEXTS = [
     "Zendaya Marlow stars in in Silent Crossroads alongside Timothee Chalamet.",
     "Q: Who stars in a movie with Ada Lovelace? A: An actor named Alan Turing.",
@@ -220,14 +222,7 @@ def test_cached_finetune_trains_a_copy_then_reuses_it(tmp_path):
 
 
 def _finetune_recipe():
-    import importlib.util
-    from pathlib import Path
-
-    path = Path(__file__).resolve().parents[1] / "recipes" / "finetune.py"
-    spec = importlib.util.spec_from_file_location("recipe_finetune", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_recipe("finetune")
 
 
 def test_finetune_recipe_dry_run_shows_the_papers_recipe(capsys):

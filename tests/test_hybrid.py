@@ -25,6 +25,7 @@ from nngraft.study.results import ResultsError, load_manifest, load_results
 from nngraft.study.sweep import SweepConfig, SweepConfigError, run_sweep, save_examples_jsonl
 from nngraft.testing import perturbed_copy, tiny_pair
 
+from .recipe_loader import load_recipe
 from .reference import component_swaps, per_token_reference
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -377,18 +378,7 @@ def test_sweep_refuses_a_missing_named_donor_before_loading(saved):
 
 
 def _recipe():
-    import importlib.util
-    import sys
-
-    folder = ROOT / "recipes"
-    sys.path.insert(0, str(folder))
-    try:
-        spec = importlib.util.spec_from_file_location("recipe_hybrid", folder / "hybrid.py")
-        module = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(module)
-    finally:
-        sys.path.remove(str(folder))
-    return module
+    return load_recipe("hybrid")
 
 
 def test_recipe_dry_run_and_errors(tmp_path, capsys):

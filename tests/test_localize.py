@@ -24,6 +24,8 @@ from nngraft.study.localize import (LocalizeError, group_selectors, localize, sp
                                     units_to_spec)
 from nngraft.testing import perturbed_copy, tiny_model, tiny_pair, tiny_tokenizer
 
+from .recipe_loader import load_recipe
+
 TARGET = 0.9
 
 
@@ -451,19 +453,7 @@ def test_cli_localize_needs_models(capsys):
 
 
 def _recipe():
-    import importlib.util
-    import sys
-    from pathlib import Path
-
-    folder = Path(__file__).resolve().parents[1] / "recipes"
-    sys.path.insert(0, str(folder))
-    try:
-        spec = importlib.util.spec_from_file_location("recipe_localize", folder / "localize.py")
-        module = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(module)
-    finally:
-        sys.path.remove(str(folder))
-    return module
+    return load_recipe("localize")
 
 
 def test_recipe_dry_run(tmp_path, capsys):

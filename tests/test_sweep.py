@@ -23,6 +23,8 @@ from nngraft.study.sweep import (SweepConfig, SweepConfigError, evaluate, load_s
                                  resolve_specs, run_sweep, save_examples_jsonl, spec_role)
 from nngraft.testing import tiny_pair
 
+from .recipe_loader import load_recipe
+
 SPEC_DIR = Path(__file__).resolve().parents[1] / "recipes" / "specs"
 
 EXAMPLES = [
@@ -460,17 +462,7 @@ RECIPES = ["components", "layer_groups", "lm_head", "main_grid", "movie_span", "
 
 
 def _recipe(name):
-    import importlib.util
-    import sys
-
-    sys.path.insert(0, str(SPEC_DIR.parent))
-    try:
-        spec = importlib.util.spec_from_file_location(f"recipe_{name}", SPEC_DIR.parent / f"{name}.py")
-        module = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(module)
-    finally:
-        sys.path.remove(str(SPEC_DIR.parent))
-    return module
+    return load_recipe(name)
 
 
 def test_recipes_cover_the_paper_experiments():
