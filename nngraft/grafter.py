@@ -121,7 +121,9 @@ class Grafter:
         self._partial: dict[str, Any] = {}  # parameter-level donors derived from these, by name
         self.batch_size = batch_size
         self.share_prefix = share_prefix
-        self.call_cost = call_cost if call_cost is not None else default_call_cost(recipient)
+        if call_cost is None:
+            call_cost = default_call_cost(recipient, self.adapter.n_layers(recipient.config))
+        self.call_cost = call_cost
         self.nn = nnsight.NNsight(recipient)
         self._lock = threading.Lock()
         params = inspect.signature(recipient.forward).parameters
