@@ -125,16 +125,26 @@ def machine_block(results: dict[str, dict[str, dict[str, Any]]], run: dict[str, 
         return "_No results yet: run `python -m benchmarks.run_all`._"
     first = records[0]["machine"]
     loads = [r["machine"].get("load_average", [None])[0] for r in records]
+    by_commit: dict[str, list[str]] = {}
+    for key, per in results.items():
+        for bench, record in per.items():
+            by_commit.setdefault(record["machine"]["git_commit"], []).append(f"{key}/{bench}")
+    commits = sorted(by_commit, key=lambda c: -len(by_commit[c]))
+    commit_text = f"commit `{commits[0]}`" if len(commits) == 1 else "commits " + ", ".join(
+        f"`{c}` ({'the rest' if i == 0 else ', '.join(by_commit[c])})" for i, c in enumerate(commits))
+    dates = sorted(r["machine"]["date"] for r in records)
+    date_text = dates[0] if dates[0] == dates[-1] else f"{dates[0]} to {dates[-1]}"
     lines = [
         f"- **Machine:** {first['cpu']}, {first['nproc']} cores (nproc), {first['memory_gib']} GiB RAM, "
         f"no GPU used; torch threads: {first['torch_threads']}; `OMP_WAIT_POLICY={first.get('omp_wait_policy')}`.",
         f"- **Versions:** Python {first['python']}, torch {first['torch']}, transformers "
-        f"{first['transformers']}, nnsight {first['nnsight']}; nngraft at commit `{first['git_commit']}`"
+        f"{first['transformers']}, nnsight {first['nnsight']}; nngraft at {commit_text}"
         f"{' (plus uncommitted work in the tree)' if run and run.get('dirty') else ''}.",
-        f"- **Date:** {run['started'] if run else first['date']}"
-        + (f"; the whole run took {run['seconds'] / 60:.1f} min." if run else "."),
-        f"- **Command:** `{run['command'] if run else 'python -m benchmarks.run_all'}` (each benchmark "
-        "also runs alone: the command is in each table's caption).",
+        f"- **Date:** {date_text} (each table's record has its own date and commit)"
+        + (f"; the last `run_all` took {run['seconds'] / 60:.1f} min." if run else "."),
+        f"- **Command:** `python -m benchmarks.run_all`"
+        + (f" (last: `{run['command'].strip()}`)" if run and run["command"].strip() != "python -m benchmarks.run_all" else "")
+        + "; each benchmark also runs alone: the command is in each table's caption.",
         f"- **Load:** the machine was shared with other jobs during the run (1-minute load average "
         f"{min(l for l in loads if l is not None):.1f}–{max(l for l in loads if l is not None):.1f} on "
         f"{first['nproc']} cores, sampled at the end of each benchmark), so absolute times are noisy. "
