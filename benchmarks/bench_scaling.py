@@ -159,25 +159,19 @@ def plot(rows: list[dict[str, Any]], path: Path, *, title: str) -> None:
             label="paper method, estimated")
     if meas:
         ax.plot(*zip(*meas), "D", color="tab:red", label="paper method, measured")
-    ax.set_xscale("log", base=2)
-    ax.set_yscale("log")
-    ax.set_xlabel("prompt length (tokens)")
-    ax.set_ylabel("seconds per prompt (median)")
-    ax.grid(True, which="both", alpha=0.3)
-    ax.legend(fontsize=8)
     bx.plot(L, [r["paper ÷ one-pass"] for r in rows], "-", color="tab:red")
     for how, face in (("measured", "tab:red"), ("estimated", "white")):
         pts = [(r["tokens"], r["paper ÷ one-pass"]) for r in rows if r["paper: how"] == how]
         if pts:
             bx.plot(*zip(*pts), "D", color="tab:red", markerfacecolor=face, label=f"paper method ({how}) ÷ one-pass")
     bx.plot(L, [r["per-token ÷ one-pass"] for r in rows], "s-", color="tab:blue", label="best per-token ÷ one-pass")
-    bx.set_xscale("log", base=2)
-    bx.set_yscale("log")
-    bx.set_xlabel("prompt length (tokens)")
-    bx.set_ylabel("speed-up of one-pass (×)")
-    bx.grid(True, which="both", alpha=0.3)
-    bx.legend(fontsize=8)
-    for axis in (ax, bx):
+    for axis, ylabel in ((ax, "seconds per prompt (median)"), (bx, "speed-up of one-pass (×)")):
+        axis.set_xscale("log", base=2)
+        axis.set_yscale("log")
+        axis.set_xlabel("prompt length (tokens)")
+        axis.set_ylabel(ylabel)
+        axis.grid(True, which="both", alpha=0.3)
+        axis.legend(fontsize=8)
         axis.xaxis.set_major_locator(FixedLocator(L))
         axis.xaxis.set_minor_locator(NullLocator())
         axis.xaxis.set_major_formatter(ScalarFormatter())
