@@ -28,7 +28,7 @@ from .arch import Adapter, adapter_for
 from .donor import Donor, ModelDonor, as_donor
 from .execute import apply_plan
 from .partial import derived_donors
-from .plan import GraftPlan, compile_plan, first_grafted_position
+from .plan import GraftPlan, compile_plan, first_grafted_position, prefix_signature
 from .result import GraftResult
 from .schedule import Chunk, Row, default_call_cost, schedule_rows
 from .spec import GraftSpec
@@ -59,6 +59,17 @@ def _load_model(name_or_path: str, dtype: Any, device: Any) -> torch.nn.Module:
 
     model = AutoModelForCausalLM.from_pretrained(name_or_path, dtype=dtype or "auto")
     return model.to(device).eval() if device else model.eval()
+
+
+@dataclass(frozen=True)
+class SharedPrefix:
+    """How one row shares a prefix pass: rows with equal ``key`` (prompt ids, prefix signature)
+    share one; the row takes its first ``length`` positions from it (0: shares nothing); ``spec``
+    is set when the shared prefix carries grafts (the row's spec, equal to its group's there)."""
+
+    key: Any
+    length: int
+    spec: GraftSpec | None = None
 
 
 @dataclass
@@ -220,18 +231,20 @@ class Grafter:
         last: list[torch.Tensor | None] = [None] * len(prompts)
         full: list[torch.Tensor | None] = [None] * len(prompts)
         prefixes = self._shareable_prefixes(specs, prompts, all_logits)
-        if any(prefixes):
-            chunks = schedule_rows([Row(i, p.ids, len(p), n) for i, (p, n) in enumerate(zip(prompts, prefixes))],
+        if any(p.length for p in prefixes):
+            chunks = schedule_rows([Row(i, p.key, len(prompts[i]), p.length) for i, p in enumerate(prefixes)],
                                    size, self.call_cost)
         else:  # nothing to share: fixed chunks of rows sorted by length (little padding)
             order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
             chunks = [Chunk(order[k:k + size], False) for k in range(0, len(order), size)]
         for chunk in chunks:
+            chunk_specs = [specs[i] for i in chunk.indices]
             chunk_prompts = [prompts[i] for i in chunk.indices]
-            plan = compile_plan([specs[i] for i in chunk.indices], self.adapter, self.model.config, chunk_prompts)
+            plan = compile_plan(chunk_specs, self.adapter, self.model.config, chunk_prompts)
             logits, pad = None, ()
             if chunk.shared:
-                logits = self._forward_on_prefix(plan, chunk_prompts, [prefixes[i] for i in chunk.indices])
+                logits = self._forward_on_prefix(plan, chunk_specs, chunk_prompts,
+                                                 [prefixes[i] for i in chunk.indices])
             if logits is None:
                 batch = pad_left([p.ids for p in chunk_prompts], self._pad_id(), self.device)
                 logits, _ = self.forward(plan, batch, keep_all=all_logits)
@@ -248,50 +261,80 @@ class Grafter:
     # -- sharing each prompt's ungrafted prefix (see nngraft.schedule) ---------------------------
 
     def _shareable_prefixes(self, specs: list[GraftSpec], prompts: list[TokenizedPrompt],
-                            all_logits: bool) -> list[int]:
-        """Per row, how many leading positions may come from its prompt's shared ungrafted prefix:
-        those before the first grafted position, but always leaving the last token to run (for its
-        logits); 0 for a prompt that occurs once, with ``all_logits``, or with ``share_prefix`` off."""
+                            all_logits: bool) -> list[SharedPrefix]:
+        """Per row, which prefix pass it may share and how many leading positions it takes from it.
+
+        Rows of one prompt whose grafts before the last token are the same (FE+LT with different
+        last-token parts, say) share a *grafted* prefix: everything but the last token, computed
+        once with those grafts. Other rows of a prompt share its ungrafted prefix: the positions
+        before their first graft, computed once by P. Always leaves the last token to run (for its
+        logits). Nothing is shared for a prompt that occurs once, with ``all_logits``, or with
+        ``share_prefix`` off."""
         counts = Counter(p.ids for p in prompts)
         if not self.share_prefix or all_logits or all(c == 1 for c in counts.values()):
-            return [0] * len(prompts)
+            return [SharedPrefix((p.ids, ()), 0) for p in prompts]
+        signatures = [prefix_signature(s, p) if counts[p.ids] > 1 else () for s, p in zip(specs, prompts)]
+        groups = Counter((p.ids, sig) for p, sig in zip(prompts, signatures))
         out = []
-        for spec, prompt in zip(specs, prompts):
-            first = first_grafted_position(spec, prompt)
-            n = min(len(prompt) - 1, len(prompt) if first is None else first)
-            out.append(n if counts[prompt.ids] > 1 else 0)
+        for spec, prompt, sig in zip(specs, prompts, signatures):
+            n = len(prompt)
+            if counts[prompt.ids] == 1:
+                out.append(SharedPrefix((prompt.ids, ()), 0))
+            elif sig and groups[(prompt.ids, sig)] > 1:
+                out.append(SharedPrefix((prompt.ids, sig), n - 1, spec))
+            else:
+                first = first_grafted_position(spec, prompt)
+                out.append(SharedPrefix((prompt.ids, ()), min(n - 1, n if first is None else first)))
         return out
 
-    def _forward_on_prefix(self, plan: GraftPlan, prompts: list[TokenizedPrompt],
-                           prefixes: list[int]) -> torch.Tensor | None:
-        """Last-column logits of ``plan`` on ``prompts``, computing each distinct prompt's prefix
-        once without grafts and then every row's own suffix on that KV cache. ``None`` when the
-        model's cache does not hold the whole prefix (sliding-window layers): run it plainly."""
-        longest: dict[tuple[int, ...], int] = {}
-        for prompt, n in zip(prompts, prefixes):
-            longest[prompt.ids] = max(longest.get(prompt.ids, 0), n)
-        keys = [k for k, n in longest.items() if n > 0]
-        where = {k: i for i, k in enumerate(keys)}
-        head = pad_left([k[:longest[k]] for k in keys], self._pad_id(), self.device)
-        _, cache = self.forward(GraftPlan([], len(keys), head.input_ids.shape[1]), head, use_cache=True)
+    def _forward_on_prefix(self, plan: GraftPlan, specs: list[GraftSpec], prompts: list[TokenizedPrompt],
+                           prefixes: list[SharedPrefix]) -> torch.Tensor | None:
+        """Last-column logits of ``plan`` on ``prompts``: one prefix pass computes every distinct
+        shared prefix of these rows (P's own, or with the grafts their rows share there) and keeps
+        its KV cache, then every row runs its own suffix on that cache. ``None`` when the model's
+        cache does not hold the whole prefix (sliding-window layers): run it plainly."""
+        keys: dict[Any, tuple[TokenizedPrompt, int, GraftSpec]] = {}
+        for prompt, share in zip(prompts, prefixes):
+            if share.length:
+                _, longest, spec = keys.get(share.key, (prompt, 0, share.spec or GraftSpec()))
+                keys[share.key] = (prompt, max(longest, share.length), spec)
+        where = {key: i for i, key in enumerate(keys)}
+        heads = list(keys.values())
+        head = pad_left([p.ids[:n] for p, n, _ in heads], self._pad_id(), self.device)
         width = head.input_ids.shape[1]
+        lengths = [n for _, n, _ in heads]
+        head_plan = GraftPlan([], len(heads), width)
+        if any(spec.rules for _, _, spec in heads):  # grafted prefixes: their cells before the cut
+            full = compile_plan([spec for _, _, spec in heads], self.adapter, self.model.config,
+                                [p for p, _, _ in heads])
+            cut = torch.tensor(lengths)
+            head_plan = full.remap(lambda rows, t: t < cut[rows], [len(p) for p, _, _ in heads], width,
+                                   [width - n for n in lengths])
+            head_plan.modules = [m for m in head_plan.modules if m.path != self.adapter.lm_head]
+        _, cache = self.forward(head_plan, head, use_cache=True)
         if not _cache_holds(cache, width):
             return None
-        source = [where.get(p.ids, 0) for p in prompts]
-        cache.batch_select_indices(torch.tensor(source, device=self.device))
-        # Row r sees positions 0 … prefix_r - 1 of its prompt's prefix, which sits right-aligned.
+        cache.batch_select_indices(torch.tensor([where.get(s.key, 0) for s in prefixes], device=self.device))
+        # Row r sees the first prefix_r positions of its prefix, which sits right-aligned.
         column = torch.arange(width, device=self.device)
-        starts = torch.tensor([width - longest[p.ids] for p in prompts], device=self.device)[:, None]
-        ends = starts + torch.tensor(prefixes, device=self.device)[:, None]
+        starts = torch.tensor([width - keys[s.key][1] if s.length else width for s in prefixes],
+                              device=self.device)[:, None]
+        ends = starts + torch.tensor([s.length for s in prefixes], device=self.device)[:, None]
         seen = ((column >= starts) & (column < ends)).to(head.attention_mask.dtype)
-        tail = pad_left([p.ids[n:] for p, n in zip(prompts, prefixes)], self._pad_id(), self.device)
-        offset = torch.tensor(prefixes, device=self.device)[:, None]
+        tail = pad_left([p.ids[s.length:] for p, s in zip(prompts, prefixes)], self._pad_id(), self.device)
+        offset = torch.tensor([s.length for s in prefixes], device=self.device)[:, None]
         batch = PaddedBatch(tail.input_ids, torch.cat([seen, tail.attention_mask], dim=1),
                             tail.position_ids + offset, tail.pad)
-        suffix_plan = plan.last_columns(tail.input_ids.shape[1])
-        if sum(m.count for m in suffix_plan.modules) != sum(m.count for m in plan.modules):
-            raise AssertionError("internal error: a graft fell inside a shared prefix")  # pragma: no cover
-        logits, _ = self.forward(suffix_plan, batch, cache=cache)
+        # Each row's own cells from its cut on (those before it are in the shared prefix).
+        cut = torch.tensor([s.length for s in prefixes])
+        grafted = torch.tensor([s.spec is not None for s in prefixes])
+        mine = plan.remap(lambda rows, t: t >= cut[rows], [len(p) for p in prompts], tail.input_ids.shape[1],
+                          [pad - s.length for pad, s in zip(tail.pad, prefixes)])
+        dropped = plan.remap(lambda rows, t: (t < cut[rows]) & ~grafted[rows], [len(p) for p in prompts], 1,
+                             [0] * len(prompts))
+        if dropped.modules:  # an ungrafted prefix must hold no cell
+            raise AssertionError("internal error: a graft fell inside a shared ungrafted prefix")  # pragma: no cover
+        logits, _ = self.forward(mine, batch, cache=cache)
         return logits
 
     def forward(self, plan: GraftPlan, batch: PaddedBatch, *, keep_all: bool = False,

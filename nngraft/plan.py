@@ -103,6 +103,24 @@ def first_grafted_position(spec: GraftSpec, prompt: TokenizedPrompt) -> int | No
     return first
 
 
+def prefix_signature(spec: GraftSpec, prompt: TokenizedPrompt) -> tuple:
+    """What ``spec`` grafts before ``prompt``'s last token, as hashable data: per rule, its content
+    (components, layers, donor, weights) and the positions it names there. Rows of one prompt with
+    equal signatures compute identical states before the last token, so they may share one
+    grafted prefix pass (:mod:`nngraft.schedule`). ``()``: nothing is grafted there."""
+    n = len(prompt)
+    other = _other_positions(spec, prompt, 0, n) if _uses_other(spec) else frozenset()
+    parts = []
+    for rule in spec.rules:
+        named: set[int] = set()
+        for selector in rule.positions:
+            named |= select_positions(selector, prompt, length=n, other=other)
+        before = tuple(sorted(p for p in named if p < n - 1))
+        if before:
+            parts.append((rule.model_dump_json(exclude={"positions"}), before))
+    return tuple(sorted(parts))
+
+
 # ---------------------------------------------------------------------------------------------
 # The plan
 # ---------------------------------------------------------------------------------------------
@@ -178,6 +196,23 @@ class GraftPlan:
                                        graft.cols[keep] - (self.seq_len - k), graft.features,
                                        graft.token_axis, graft.donor))
         return GraftPlan(out, self.batch_size, k, self.derived)
+
+    def remap(self, keep_position: Any, lengths: Sequence[int], width: int,
+              new_pad: Sequence[int]) -> "GraftPlan":
+        """The cells whose token position ``t`` satisfies ``keep_position(rows, t)`` (tensors),
+        moved from this plan's left-padded layout (prompt lengths ``lengths``) to a layout of
+        ``width`` columns where row ``r``'s position ``t`` sits at column ``new_pad[r] + t``."""
+        length = torch.tensor(list(lengths), dtype=torch.long)
+        pad = torch.tensor(list(new_pad), dtype=torch.long)
+        out = []
+        for graft in self.modules:
+            position = graft.cols - (self.seq_len - length[graft.rows])
+            keep = keep_position(graft.rows, position)
+            if keep.any():
+                rows = graft.rows[keep]
+                out.append(ModuleGraft(graft.path, graft.components, graft.layer, rows,
+                                       pad[rows] + position[keep], graft.features, graft.token_axis, graft.donor))
+        return GraftPlan(out, self.batch_size, width, self.derived)
 
     def summary(self) -> str:
         lines = [f"GraftPlan: {len(self.modules)} module grafts over {self.batch_size}×{self.seq_len}"]

@@ -35,6 +35,15 @@ def grid_specs() -> list[GraftSpec]:
         GraftSpec(name="not_fe", rules=[GraftRule(components=["mlp"], positions=[Not(not_=[fe])])]),
         GraftSpec(name="lt_top", rules=[GraftRule(components=["mlp"], positions=[Last()],
                                                   weights={"top_percent": 10})]),
+        # the same grafts as "fe" before the last token: these three share one grafted prefix
+        GraftSpec(name="fe_lt_mlp", rules=[GraftRule(components=["all"], positions=[fe]),
+                                           GraftRule(components=["mlp"], layers="last:1", positions=[Last()])]),
+        GraftSpec(name="fe_lt_o", rules=[GraftRule(components=["o"], positions=[Last()]),
+                                         GraftRule(components=["all"], positions=[fe])]),
+        # a parameter-level graft at the entity, shared by two rows
+        GraftSpec(name="fe_top", rules=[GraftRule(components=["mlp"], positions=[fe], weights={"top_percent": 10})]),
+        GraftSpec(name="fe_top_lt", rules=[GraftRule(components=["mlp"], positions=[fe], weights={"top_percent": 10}),
+                                           GraftRule(components=["attn"], positions=[Last()])]),
     ]
 
 
@@ -44,11 +53,18 @@ class PassCounter:
 
     def __init__(self, grafter: Grafter, monkeypatch) -> None:
         self.calls: list[str] = []
+        self.grafted_prefixes = 0  # prefix passes that carried grafts
+        self.gaps = 0  # suffix passes whose mask has a masked gap mid-sequence
         original = grafter.forward
 
         def counted(plan, batch, **kwargs):
             kind = "suffix" if kwargs.get("cache") is not None else "prefix" if kwargs.get("use_cache") else "plain"
             self.calls.append(kind)
+            if kind == "prefix" and plan.modules:
+                self.grafted_prefixes += 1
+            if kind == "suffix":  # a masked gap: a 0 after a 1 in some row of the attention mask
+                mask = batch.attention_mask
+                self.gaps += int(((mask[:, 1:] == 0) & (mask.cummax(dim=1).values[:, :-1] == 1)).any())
             return original(plan, batch, **kwargs)
 
         monkeypatch.setattr(grafter, "forward", counted)
@@ -64,7 +80,7 @@ def test_shared_prefix_equals_plain_pass(model_type, monkeypatch):
     specs = grid_specs()
     a = shared.run_grid(specs, PROMPTS, SPANS, batch_size=16)
     b = plain.run_grid(specs, PROMPTS, SPANS, batch_size=16)
-    assert "suffix" in counter.calls and "prefix" in counter.calls
+    assert "suffix" in counter.calls and "prefix" in counter.calls and counter.grafted_prefixes
     for spec in specs:
         assert_close(a[spec.name].logits, b[spec.name].logits)
     # and the grafts did something (a test of sharing must not pass on ungrafted rows)
@@ -79,7 +95,7 @@ def test_shared_prefix_equals_per_token_reference(model_type, monkeypatch):
     g = Grafter(P, F, tok, call_cost=0)
     counter = PassCounter(g, monkeypatch)
     every, mlp_last = swaps(model_type, ["all"]), swaps(model_type, ["mlp"], layers=[g.n_layers - 1])
-    attn, kv = swaps(model_type, ["attn"]), swaps(model_type, ["k", "v"])
+    attn, kv, o = swaps(model_type, ["attn"]), swaps(model_type, ["k", "v"]), swaps(model_type, ["o"])
     specs = {s.name: s for s in grid_specs()}
     tables = {
         "p": lambda fe: lambda t, L: [],
@@ -88,9 +104,11 @@ def test_shared_prefix_equals_per_token_reference(model_type, monkeypatch):
         "fe": lambda fe: lambda t, L: every if t in fe else [],
         "fe_lt_attn": lambda fe: lambda t, L: attn if t in fe or t == L - 1 else [],
         "kv_at_2": lambda fe: lambda t, L: kv if t == 2 else [],
+        "fe_lt_mlp": lambda fe: lambda t, L: every if t in fe else (mlp_last if t == L - 1 else []),
+        "fe_lt_o": lambda fe: lambda t, L: every if t in fe else (o if t == L - 1 else []),
     }
     grid = g.run_grid([specs[n] for n in tables], PROMPTS, SPANS, batch_size=32)
-    assert "suffix" in counter.calls
+    assert "suffix" in counter.calls and counter.grafted_prefixes
     for name, table in tables.items():
         for i, (prompt, spans) in enumerate(zip(PROMPTS, SPANS)):
             expected, _ = reference(model_type, prompt, table(span_tokens(model_type, prompt, spans)))
@@ -98,22 +116,34 @@ def test_shared_prefix_equals_per_token_reference(model_type, monkeypatch):
 
 
 def test_sdpa_attention_with_a_gap_in_the_mask(monkeypatch):
-    """Real checkpoints use SDPA attention: rows with short suffixes are left-padded after the
-    shared prefix (a masked gap mid-sequence); results still equal the plain pass."""
+    """Real checkpoints use SDPA attention. Rows of one pass whose suffixes differ in length are
+    left-padded after the shared prefix, and a row that takes fewer prefix positions than its
+    prefix pass computed masks the rest: masked gaps mid-sequence. Results still equal the plain
+    pass (the pass is built by hand here; the scheduler forms such passes when they are cheaper)."""
     from transformers import AutoModelForCausalLM
+
+    from nngraft.grafter import SharedPrefix
+    from nngraft.plan import compile_plan
 
     torch.manual_seed(0)
     tok = tiny_tokenizer("llama")
     P = AutoModelForCausalLM.from_config(tiny_config("llama", 2, len(tok)), attn_implementation="sdpa").eval()
     F = perturbed_copy(P)
-    shared, plain = Grafter(P, F, tok, call_cost=0), Grafter(P, F, tok, share_prefix=False)
-    counter = PassCounter(shared, monkeypatch)
-    specs = grid_specs()
-    a = shared.run_grid(specs, PROMPTS, SPANS)
-    b = plain.run_grid(specs, PROMPTS, SPANS)
-    assert counter.calls.count("suffix") >= 2
-    for spec in specs:
-        assert_close(a[spec.name].logits, b[spec.name].logits)
+    g, plain = Grafter(P, F, tok), Grafter(P, F, tok, share_prefix=False)
+    counter = PassCounter(g, monkeypatch)
+    by_name = {s.name: s for s in grid_specs()}
+    names = ["lt_mlp", "kv_at_2", "p", "fe_lt_mlp", "fe_lt_o", "lt_top"]
+    specs = [by_name[n] for n in names] * 2
+    prompts = g.tokenize([PROMPTS[0]] * 6 + [PROMPTS[2]] * 6, [SPANS[0]] * 6 + [SPANS[2]] * 6)
+    shares = g._shareable_prefixes(specs, prompts, all_logits=False)
+    assert [s.length for s in shares[:6]] == [len(prompts[0]) - 1, 2, len(prompts[0]) - 1,
+                                             len(prompts[0]) - 1, len(prompts[0]) - 1, len(prompts[0]) - 1]
+    assert shares[3].spec is not None and shares[3].key == shares[4].key != shares[0].key  # a grafted prefix
+    plan = compile_plan(specs, g.adapter, P.config, prompts)
+    logits = g._forward_on_prefix(plan, specs, prompts, shares)
+    assert counter.gaps == 1 and counter.grafted_prefixes == 1
+    expected = plain.run(specs, [p.text for p in prompts], [SPANS[0]] * 6 + [SPANS[2]] * 6).logits
+    assert_close(logits[:, -1], expected)
 
 
 def test_sliding_window_cache_falls_back_to_the_plain_pass(monkeypatch):
@@ -157,7 +187,7 @@ def test_default_call_cost_follows_model_size(monkeypatch):
     P, F, tok = tiny_pair("llama")
     g = Grafter(P, F, tok)
     counter = PassCounter(g, monkeypatch)
-    g.run_grid(grid_specs(), PROMPTS, SPANS)
+    g.run_grid(grid_specs(), PROMPTS, SPANS, batch_size=64)
     assert counter.calls == ["plain"]
     config = tiny_config("llama", 30, 49152)
     config.update(dict(hidden_size=576, intermediate_size=1536, num_attention_heads=9, num_key_value_heads=3,
