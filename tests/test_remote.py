@@ -204,9 +204,12 @@ def test_run_grid_remote_equals_local(worker):
     P, F, tok, _, _ = models("llama")
     specs = [SPEC, GraftSpec(name="lt_mlp", rules=[GraftRule(components=["mlp"], layers="last:1",
                                                              positions=[Last()])])]
-    expected = Grafter(P, F, tok).run_grid(specs, PROMPTS, SPANS)
+    # locally the rows of each prompt share its prefix (call_cost=0 forces it on a tiny model);
+    # remotely there is no KV cache between requests, so every row runs its whole prompt
+    expected = Grafter(P, F, tok, call_cost=0).run_grid(specs, PROMPTS, SPANS)
     g = RemoteGrafter(P, DeltaDonor(F, P, dtype=torch.float32), tok, execution=worker.server("llama"),
                       verbose=False)
+    assert g.share_prefix is False
     got = g.run_grid(specs, PROMPTS, SPANS)
     assert list(got) == list(expected)
     for name in expected:
