@@ -194,26 +194,6 @@ def _hosted_folder() -> str:
     return str(folder)
 
 
-def _payload_refused(fake):
-    import httpx
-
-    def client(*args, **kwargs):
-        class Client:
-            def __enter__(self):
-                return self
-
-            def __exit__(self, *exc):
-                return False
-
-            def post(self, url, data=None, files=None, headers=None):
-                fake.posted.append({"headers": dict(headers)})
-                return httpx.Response(413, text="Request Entity Too Large", request=httpx.Request("POST", url))
-
-        return Client()
-
-    return client
-
-
 def _ndif(run: Callable[[str], object], *, key: str | None = NDIF_KEY, sent: int = 0, too_large: bool = False):
     """Call ``run(hosted_folder)`` with NDIF's HTTP and websocket endpoints mocked; check how many
     requests reached the network and that the key is not echoed, then re-raise the error."""
@@ -225,6 +205,8 @@ def _ndif(run: Callable[[str], object], *, key: str | None = NDIF_KEY, sent: int
     from tests.test_remote import FakeNDIF
 
     fake = FakeNDIF(None, NDIF_REPO, "llama", key=NDIF_KEY)  # never reaches its worker: all fail first
+    if too_large:
+        fake.reject_with = httpx.Response(413, text="Request Entity Too Large")
     folder = _hosted_folder()
     with contextlib.ExitStack() as stack:
         stack.enter_context(mock.patch.dict(os.environ))
@@ -233,7 +215,7 @@ def _ndif(run: Callable[[str], object], *, key: str | None = NDIF_KEY, sent: int
             os.environ["NDIF_API_KEY"] = key
         stack.enter_context(mock.patch.object(CONFIG.API, "APIKEY", None))
         stack.enter_context(mock.patch.object(httpx, "get", fake.get))
-        stack.enter_context(mock.patch.object(httpx, "Client", _payload_refused(fake) if too_large else fake.client))
+        stack.enter_context(mock.patch.object(httpx, "Client", fake.client))
         stack.enter_context(mock.patch.object(websocket, "create_connection", fake.create_connection))
         stack.enter_context(mock.patch.dict(huggingface._ID_CACHE, {folder: NDIF_REPO, "meta-llama/Nope": "meta-llama/Nope"}))
         try:
