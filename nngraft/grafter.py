@@ -238,13 +238,11 @@ class Grafter:
             order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
             chunks = [Chunk(order[k:k + size], False) for k in range(0, len(order), size)]
         for chunk in chunks:
-            chunk_specs = [specs[i] for i in chunk.indices]
             chunk_prompts = [prompts[i] for i in chunk.indices]
-            plan = compile_plan(chunk_specs, self.adapter, self.model.config, chunk_prompts)
+            plan = compile_plan([specs[i] for i in chunk.indices], self.adapter, self.model.config, chunk_prompts)
             logits, pad = None, ()
             if chunk.shared:
-                logits = self._forward_on_prefix(plan, chunk_specs, chunk_prompts,
-                                                 [prefixes[i] for i in chunk.indices])
+                logits = self._forward_on_prefix(plan, chunk_prompts, [prefixes[i] for i in chunk.indices])
             if logits is None:
                 batch = pad_left([p.ids for p in chunk_prompts], self._pad_id(), self.device)
                 logits, _ = self.forward(plan, batch, keep_all=all_logits)
@@ -287,7 +285,7 @@ class Grafter:
                 out.append(SharedPrefix((prompt.ids, ()), min(n - 1, n if first is None else first)))
         return out
 
-    def _forward_on_prefix(self, plan: GraftPlan, specs: list[GraftSpec], prompts: list[TokenizedPrompt],
+    def _forward_on_prefix(self, plan: GraftPlan, prompts: list[TokenizedPrompt],
                            prefixes: list[SharedPrefix]) -> torch.Tensor | None:
         """Last-column logits of ``plan`` on ``prompts``: one prefix pass computes every distinct
         shared prefix of these rows (P's own, or with the grafts their rows share there) and keeps
@@ -307,31 +305,28 @@ class Grafter:
         if any(spec.rules for _, _, spec in heads):  # grafted prefixes: their cells before the cut
             full = compile_plan([spec for _, _, spec in heads], self.adapter, self.model.config,
                                 [p for p, _, _ in heads])
-            cut = torch.tensor(lengths)
-            head_plan = full.remap(lambda rows, t: t < cut[rows], [len(p) for p, _, _ in heads], width,
+            head_end = torch.tensor(lengths)
+            head_plan = full.remap(lambda rows, t: t < head_end[rows], [len(p) for p, _, _ in heads], width,
                                    [width - n for n in lengths])
             head_plan.modules = [m for m in head_plan.modules if m.path != self.adapter.lm_head]
         _, cache = self.forward(head_plan, head, use_cache=True)
         if not _cache_holds(cache, width):
             return None
         cache.batch_select_indices(torch.tensor([where.get(s.key, 0) for s in prefixes], device=self.device))
-        # Row r sees the first prefix_r positions of its prefix, which sits right-aligned.
-        column = torch.arange(width, device=self.device)
-        starts = torch.tensor([width - keys[s.key][1] if s.length else width for s in prefixes],
-                              device=self.device)[:, None]
-        ends = starts + torch.tensor([s.length for s in prefixes], device=self.device)[:, None]
-        seen = ((column >= starts) & (column < ends)).to(head.attention_mask.dtype)
+        # Row r sees the first `taken[r]` positions of its prefix, which sits right-aligned.
+        taken = torch.tensor([s.length for s in prefixes])
+        column = torch.arange(width)
+        starts = torch.tensor([width - keys[s.key][1] if s.length else width for s in prefixes])[:, None]
+        seen = (column >= starts) & (column < starts + taken[:, None])
         tail = pad_left([p.ids[s.length:] for p, s in zip(prompts, prefixes)], self._pad_id(), self.device)
-        offset = torch.tensor([s.length for s in prefixes], device=self.device)[:, None]
-        batch = PaddedBatch(tail.input_ids, torch.cat([seen, tail.attention_mask], dim=1),
-                            tail.position_ids + offset, tail.pad)
+        batch = PaddedBatch(tail.input_ids, torch.cat([seen.to(tail.attention_mask), tail.attention_mask], dim=1),
+                            tail.position_ids + taken[:, None].to(self.device), tail.pad)
         # Each row's own cells from its cut on (those before it are in the shared prefix).
-        cut = torch.tensor([s.length for s in prefixes])
-        grafted = torch.tensor([s.spec is not None for s in prefixes])
-        mine = plan.remap(lambda rows, t: t >= cut[rows], [len(p) for p in prompts], tail.input_ids.shape[1],
+        lengths = [len(p) for p in prompts]
+        mine = plan.remap(lambda rows, t: t >= taken[rows], lengths, tail.input_ids.shape[1],
                           [pad - s.length for pad, s in zip(tail.pad, prefixes)])
-        dropped = plan.remap(lambda rows, t: (t < cut[rows]) & ~grafted[rows], [len(p) for p in prompts], 1,
-                             [0] * len(prompts))
+        grafted = torch.tensor([s.spec is not None for s in prefixes])
+        dropped = plan.remap(lambda rows, t: (t < taken[rows]) & ~grafted[rows], lengths, 1, [0] * len(prompts))
         if dropped.modules:  # an ungrafted prefix must hold no cell
             raise AssertionError("internal error: a graft fell inside a shared ungrafted prefix")  # pragma: no cover
         logits, _ = self.forward(mine, batch, cache=cache)

@@ -87,20 +87,21 @@ def _other_positions(spec: GraftSpec, prompt: TokenizedPrompt, row: int, length:
     return frozenset(set(range(length)) - named)
 
 
+def _positions_per_rule(spec: GraftSpec, prompt: TokenizedPrompt) -> list[tuple[Any, set[int]]]:
+    """Each rule of ``spec`` with the token positions it names in ``prompt``."""
+    n = len(prompt)
+    other = _other_positions(spec, prompt, 0, n) if _uses_other(spec) else frozenset()
+    return [(rule, set().union(*(select_positions(s, prompt, length=n, other=other) for s in rule.positions)))
+            for rule in spec.rules]
+
+
 def first_grafted_position(spec: GraftSpec, prompt: TokenizedPrompt) -> int | None:
     """The first token position any rule of ``spec`` grafts at in ``prompt`` (``None``: none).
 
     Every position before it computes exactly what P computes, so it may come from a KV cache
     shared with other rows of the same prompt (:mod:`nngraft.schedule`)."""
-    n = len(prompt)
-    other = _other_positions(spec, prompt, 0, n) if _uses_other(spec) else frozenset()
-    first: int | None = None
-    for rule in spec.rules:
-        for selector in rule.positions:
-            named = select_positions(selector, prompt, length=n, other=other)
-            if named:
-                first = min(named) if first is None else min(first, min(named))
-    return first
+    named = set().union(*(positions for _, positions in _positions_per_rule(spec, prompt)))
+    return min(named) if named else None
 
 
 def prefix_signature(spec: GraftSpec, prompt: TokenizedPrompt) -> tuple:
@@ -108,14 +109,10 @@ def prefix_signature(spec: GraftSpec, prompt: TokenizedPrompt) -> tuple:
     (components, layers, donor, weights) and the positions it names there. Rows of one prompt with
     equal signatures compute identical states before the last token, so they may share one
     grafted prefix pass (:mod:`nngraft.schedule`). ``()``: nothing is grafted there."""
-    n = len(prompt)
-    other = _other_positions(spec, prompt, 0, n) if _uses_other(spec) else frozenset()
+    last = len(prompt) - 1
     parts = []
-    for rule in spec.rules:
-        named: set[int] = set()
-        for selector in rule.positions:
-            named |= select_positions(selector, prompt, length=n, other=other)
-        before = tuple(sorted(p for p in named if p < n - 1))
+    for rule, positions in _positions_per_rule(spec, prompt):
+        before = tuple(sorted(p for p in positions if p < last))
         if before:
             parts.append((rule.model_dump_json(exclude={"positions"}), before))
     return tuple(sorted(parts))

@@ -62,23 +62,20 @@ class Chunk:
     shared: bool
 
 
-def default_call_cost(model: Any, n_layers: int | None = None) -> float:
-    """The price of one forward pass of ``model``, in token positions: the fixed time of a pass
-    (:data:`CALL_SECONDS` plus :data:`CALL_SECONDS_PER_LAYER` per layer, plus reading every weight
+def default_call_cost(model: Any, n_layers: int) -> float:
+    """The price of one forward pass of ``model`` (``n_layers`` deep), in token positions: the
+    fixed time of a pass (:data:`CALL_SECONDS` plus :data:`CALL_SECONDS_PER_LAYER` per layer, plus reading every weight
     once on an accelerator) over the time one position takes (2 FLOPs per parameter). About 15 for
     SmolLM2-135M on a CPU (sharing pays off); thousands for a tiny test model, whose passes are all
     fixed cost (it does not).
 
     Example:
         >>> from nngraft.testing import tiny_model
-        >>> default_call_cost(tiny_model("llama")) > 1000
+        >>> default_call_cost(tiny_model("llama"), n_layers=2) > 1000
         True
     """
     params = list(model.parameters())
     count = sum(p.numel() for p in params)
-    if n_layers is None:
-        config = getattr(model, "config", None)
-        n_layers = getattr(config, "num_hidden_layers", None) or getattr(config, "n_layer", None) or 0
     device = params[0].device if params else None
     fixed, flops = CALL_SECONDS + CALL_SECONDS_PER_LAYER * n_layers, CPU_FLOPS
     if device is not None and device.type not in ("cpu", "meta"):

@@ -140,7 +140,7 @@ def test_sdpa_attention_with_a_gap_in_the_mask(monkeypatch):
                                              len(prompts[0]) - 1, len(prompts[0]) - 1, len(prompts[0]) - 1]
     assert shares[3].spec is not None and shares[3].key == shares[4].key != shares[0].key  # a grafted prefix
     plan = compile_plan(specs, g.adapter, P.config, prompts)
-    logits = g._forward_on_prefix(plan, specs, prompts, shares)
+    logits = g._forward_on_prefix(plan, prompts, shares)
     assert counter.gaps == 1 and counter.grafted_prefixes == 1
     expected = plain.run(specs, [p.text for p in prompts], [SPANS[0]] * 6 + [SPANS[2]] * 6).logits
     assert_close(logits[:, -1], expected)
@@ -197,8 +197,8 @@ def test_default_call_cost_follows_model_size(monkeypatch):
     n = sum(p.numel() for p in smol.parameters())
     assert 130e6 < n < 140e6
     fixed = CALL_SECONDS + 30 * CALL_SECONDS_PER_LAYER
-    assert default_call_cost(smol) == pytest.approx(fixed * CPU_FLOPS / (2 * n))
-    assert 10 < default_call_cost(smol) < 25
+    assert default_call_cost(smol, 30) == pytest.approx(fixed * CPU_FLOPS / (2 * n))
+    assert 10 < default_call_cost(smol, 30) < 25
 
 
 def test_schedule_covers_every_row_once_within_batch_size():
