@@ -99,7 +99,7 @@ def worker(variant: str, p_dir: str, f_dir: str, prompts_file: str, out: str, th
     if variant == "P only":
         g = Grafter(P, P, tokenizer)  # only to tokenize exactly as the grafting variants do
         step("Grafter built")
-        batch = pad_left([t.ids for t in g.tokenize(texts, spans)], g._pad_id())
+        batch = pad_left([t.ids for t in g.tokenize(texts, spans)], g.pad_id)
         logits = plain_forward(P, batch)
     else:
         donor: Any = f_dir

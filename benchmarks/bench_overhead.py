@@ -93,7 +93,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     prompts = prompts_of_length(m.tokenizer, args.batch, args.length)
     texts, spans = [q.text for q in prompts], [dict(q.spans) for q in prompts]
     tokenized = g.tokenize(texts, spans)
-    batch = pad_left([t.ids for t in tokenized], g._pad_id())
+    batch = pad_left([t.ids for t in tokenized], g.pad_id)
     kwargs = model_kwargs(m.P, batch)
     total_flops, per_module = module_flops(m.P, kwargs)
 

@@ -4,7 +4,7 @@ the MLPs of the last 4 layers (at the last token), for each way of sending the d
 Two kinds of numbers, both written to benchmarks/results/payload_sizes.json and to the "Remote
 payload sizes" section of docs/benchmarks.md:
 
-- **from shapes** (``nngraft.remote.estimate_payload``): the bytes of the donor tensors each form
+- **from shapes** (``nngraft.backends.ndif.estimate_payload``): the bytes of the donor tensors each form
   sends, for the real Llama-3-8B shapes (hidden 4096, MLP 14336, 32 layers, vocab 128256). Exact
   arithmetic; no weights involved.
 - **measured**: the real client path (``RemoteGrafter`` → nnsight's ``RequestModel.serialize``,
@@ -105,7 +105,7 @@ def capture_server(vocab: int):
 
 
 def measure(model: Any, donor: Any, the_spec: Any) -> dict[str, Any]:
-    from nngraft.remote import RemoteGrafter
+    from nngraft.backends.ndif import RemoteGrafter
     from nngraft.testing import tiny_tokenizer
 
     g = RemoteGrafter(model, donor, tiny_tokenizer("gpt2"), execution=capture_server(model.config.vocab_size),
@@ -121,7 +121,7 @@ def measure(model: Any, donor: Any, the_spec: Any) -> dict[str, Any]:
 def run() -> dict[str, Any]:
     from nngraft import GraftSpec
     from nngraft.delta import LoraDonor
-    from nngraft.remote import ShapeDonor, estimate_payload
+    from nngraft.backends.ndif import ShapeDonor, estimate_payload
 
     model = meta_llama3_8b()
     the_spec = spec()
@@ -153,7 +153,7 @@ def _version(name: str) -> str:
 
 
 def render(result: dict[str, Any]) -> str:
-    from nngraft.remote import format_bytes
+    from nngraft.backends.ndif import format_bytes
 
     whole = result["whole_model_bf16_bytes"]
     m = result["measured"]
@@ -161,7 +161,7 @@ def render(result: dict[str, Any]) -> str:
              "What one remote request carries when it grafts the **MLPs of the last 4 layers** (gate, up, "
              "down: 12 matrices of 4096×14336) of a **Llama-3-8B-shaped** model, for each way of sending "
              "the donor (`python -m benchmarks.payload_sizes`; computed from shapes with "
-             "`nngraft.remote.estimate_payload`, so exact for these shapes). For scale: the whole model in "
+             "`nngraft.backends.ndif.estimate_payload`, so exact for these shapes). For scale: the whole model in "
              f"bfloat16 is {format_bytes(whole)}.", "",
              "| donor sent as | modules | donor tensors per request | vs dense bf16 |",
              "| --- | ---: | ---: | ---: |"]

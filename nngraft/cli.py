@@ -103,7 +103,7 @@ def _load_plugins() -> None:
     """Import the modules that register more subcommands (study, demo, remote…)."""
     import importlib
 
-    for module in ("nngraft.study.commands", "nngraft.demo", "nngraft.remote_commands"):
+    for module in ("nngraft.study.commands", "nngraft.study.demo", "nngraft.remote_commands"):
         try:
             importlib.import_module(module)
         except ModuleNotFoundError as error:

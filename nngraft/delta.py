@@ -38,7 +38,7 @@ from typing import Any, Literal, Mapping
 
 import torch
 
-from .donor import _PICKLE_SUFFIXES, ModelDonor, SafetensorsDonor, TensorDonor
+from .donor import PICKLE_SUFFIXES, ModelDonor, SafetensorsDonor, TensorDonor
 from .errors import DonorMismatchError, RemoteDonorError
 
 Layout = Literal["linear", "conv1d", "embedding", "vector"]
@@ -103,7 +103,7 @@ def from_map(matrix: torch.Tensor, layout: Layout) -> torch.Tensor:
     return matrix if layout == "linear" else matrix.t()
 
 
-def _fresh(tensor: torch.Tensor, dtype: torch.dtype | None) -> torch.Tensor:
+def detached_copy(tensor: torch.Tensor, dtype: torch.dtype | None) -> torch.Tensor:
     """A contiguous copy with its own storage (pickling a view would ship the whole base tensor)."""
     return tensor.detach().to(dtype=dtype or tensor.dtype, device="cpu", copy=True).contiguous()
 
@@ -190,7 +190,7 @@ class DenseDonor:
             full = f"{path}.{name}"
             value = self._f.get(full)
             _check_shape(full, value, like)
-            tensors[name] = _fresh(value, self.dtype or dtype)
+            tensors[name] = detached_copy(value, self.dtype or dtype)
         return Shipment("replace", tensors)
 
     def estimate_bytes(self, path: str, module: torch.nn.Module, dtype: torch.dtype) -> int:
@@ -341,9 +341,9 @@ class DeltaDonor:
             if len(found) == 1 and not torch.any(found[0]):
                 continue  # F equals P for this tensor
             if len(found) == 2:
-                tensors[f"{name}.B"], tensors[f"{name}.A"] = _fresh(found[0], dtype), _fresh(found[1], dtype)
+                tensors[f"{name}.B"], tensors[f"{name}.A"] = detached_copy(found[0], dtype), detached_copy(found[1], dtype)
             else:
-                tensors[name] = _fresh(found[0], dtype)
+                tensors[name] = detached_copy(found[0], dtype)
         return Shipment("correct", tensors) if tensors else Shipment("skip")
 
     def estimate_bytes(self, path: str, module: torch.nn.Module, dtype: torch.dtype) -> int:
@@ -404,7 +404,7 @@ def _adapter_files(path: Path) -> tuple[Path, Path]:
                 raise _pickled_adapter(binary, f"{path} has adapter_model.bin but no adapter_model.safetensors")
             raise RemoteDonorError(f"no adapter_model.safetensors in {path}")
         return path, weights
-    if path.suffix in _PICKLE_SUFFIXES:
+    if path.suffix in PICKLE_SUFFIXES:
         raise _pickled_adapter(path, f"{path} is a pickled checkpoint")
     if path.suffix != ".safetensors":
         raise RemoteDonorError(f"{path} is not a .safetensors file: pass the adapter folder (with "
@@ -418,7 +418,7 @@ def _pickled_adapter(binary: Path, what: str) -> RemoteDonorError:
     command = (f"python -c \"import torch, safetensors.torch as st; st.save_file(torch.load("
                f"{str(binary)!r}, weights_only=True), {str(target)!r})\"")
     return RemoteDonorError(
-        f"{what}. nngraft never unpickles weights ({', '.join(_PICKLE_SUFFIXES)} files are pickles; "
+        f"{what}. nngraft never unpickles weights ({', '.join(PICKLE_SUFFIXES)} files are pickles; "
         "loading one can run code). Convert the adapter to safetensors once (torch's weights_only "
         f"loader refuses code):\n  {command}\nor, with peft: PeftModel.from_pretrained(P, "
         f"{str(binary.parent)!r}).save_pretrained(DIR, safe_serialization=True). Then pass the folder "
@@ -595,11 +595,11 @@ class LoraDonor:
                                        "(modules_to_save); nngraft cannot graft it remotely")
             for n, like in module.named_parameters():
                 _check_shape(f"{path}.{n}", full[n], like, "adapter")
-            return Shipment("replace", {n: _fresh(t, dtype) for n, t in full.items()})
+            return Shipment("replace", {n: detached_copy(t, dtype) for n, t in full.items()})
         if path not in self.factors:
             return Shipment("skip")
         a, b = self._check_factors(path, module)
-        return Shipment("correct", {"weight.A": _fresh(a, dtype), "weight.B": _fresh(b, dtype)},
+        return Shipment("correct", {"weight.A": detached_copy(a, dtype), "weight.B": detached_copy(b, dtype)},
                         {"lora_scale": self.scale(path)})
 
     def estimate_bytes(self, path: str, module: torch.nn.Module, dtype: torch.dtype) -> int:

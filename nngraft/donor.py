@@ -31,7 +31,7 @@ from .arch import get_module
 from .errors import DonorMismatchError
 
 
-_PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle")
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle")
 """Checkpoint formats that are pickles: refused, never loaded."""
 
 _TIED_INPUT_EMBEDDINGS = ("model.embed_tokens.weight", "transformer.wte.weight", "gpt_neox.embed_in.weight")
@@ -165,7 +165,7 @@ class SafetensorsDonor(_CachingDonor):
         self.path = Path(path)
         if self.path.is_dir():
             files = sorted(self.path.glob("*.safetensors"))
-            others = sorted(f.name for f in self.path.iterdir() if f.suffix in _PICKLE_SUFFIXES)
+            others = sorted(f.name for f in self.path.iterdir() if f.suffix in PICKLE_SUFFIXES)
         else:
             files = [self.path] if self.path.suffix == ".safetensors" and self.path.exists() else []
             others = [self.path.name] if self.path.exists() and not files else []

@@ -65,7 +65,7 @@ class DataIntegrityError(DataError):
     """A saved dataset's content does not match the sha256 recorded in its manifest."""
 
 
-# -- remote grafting (nngraft.remote, nngraft.delta, nngraft.payload) -------------------------
+# -- remote grafting (nngraft.backends.ndif, nngraft.delta, nngraft.backends.payload) -------------------------
 
 
 class RemoteGraftError(GraftError):

@@ -26,13 +26,13 @@ import torch
 
 from .arch import Adapter, adapter_for
 from .donor import Donor, ModelDonor, as_donor
-from .execute import apply_plan
+from .backends.local import apply_plan
 from .partial import derived_donors
 from .plan import GraftPlan, compile_plan, first_grafted_position, prefix_signature
 from .result import GraftResult
 from .schedule import Chunk, Row, default_call_cost, schedule_rows
 from .spec import GraftSpec
-from .tokens import PaddedBatch, SpanValue, TokenizedPrompt, pad_left, tokenize_prompts
+from .tokens import PaddedBatch, SpanValue, TokenizedPrompt, pad_left, pad_token_id, tokenize_prompts
 
 SpecLike = GraftSpec | str | Mapping[str, Any]
 
@@ -150,8 +150,8 @@ class Grafter:
     def remote(cls, recipient: Any, donor: Any, tokenizer: Any = None, **kwargs: Any) -> "Grafter":
         """Run on NDIF, where only P is hosted and the donor travels as tensors:
         ``Grafter.remote("meta-llama/Meta-Llama-3.1-8B", donor=LoraDonor("adapter/"))``.
-        See :class:`nngraft.remote.RemoteGrafter` and docs/remote.md."""
-        from .remote import RemoteGrafter
+        See :class:`nngraft.backends.ndif.RemoteGrafter` and docs/remote.md."""
+        from .backends.ndif import RemoteGrafter
 
         return RemoteGrafter(recipient, donor, tokenizer, **kwargs)
 
@@ -194,7 +194,7 @@ class Grafter:
         Each prompt's ``spans`` dict gives the text of the spans the spec names."""
         tokenized = self.tokenize(prompts, spans)
         specs = self._per_row(spec, len(tokenized))
-        return self._run_rows(specs, tokenized, all_logits=all_logits, batch_size=batch_size)
+        return self.run_rows(specs, tokenized, all_logits=all_logits, batch_size=batch_size)
 
     def run_grid(self, specs: Sequence[SpecLike] | Mapping[str, SpecLike], prompts: Sequence[str],
                  spans: Sequence[Mapping[str, SpanValue]] | None = None, *,
@@ -213,7 +213,7 @@ class Grafter:
             raise ValueError(f"spec names must be unique in a grid; got {names}")
         tokenized = self.tokenize(prompts, spans)
         rows = [(spec, p) for _, spec in named for p in tokenized]
-        result = self._run_rows([s for s, _ in rows], [p for _, p in rows], batch_size=batch_size,
+        result = self.run_rows([s for s, _ in rows], [p for _, p in rows], batch_size=batch_size,
                                 progress=progress)
         n = len(tokenized)
         return {
@@ -222,12 +222,12 @@ class Grafter:
             for i, name in enumerate(names)
         }
 
-    def _run_rows(self, specs: list[GraftSpec], prompts: list[TokenizedPrompt], *, all_logits: bool = False,
+    def run_rows(self, specs: list[GraftSpec], prompts: list[TokenizedPrompt], *, all_logits: bool = False,
                   batch_size: int | None = None, progress: Any = None) -> GraftResult:
         size = batch_size or self.batch_size
         if progress is True:
             with _progress_bar(len(prompts)) as advance:
-                return self._run_rows(specs, prompts, all_logits=all_logits, batch_size=size, progress=advance)
+                return self.run_rows(specs, prompts, all_logits=all_logits, batch_size=size, progress=advance)
         last: list[torch.Tensor | None] = [None] * len(prompts)
         full: list[torch.Tensor | None] = [None] * len(prompts)
         prefixes = self._shareable_prefixes(specs, prompts, all_logits)
@@ -244,7 +244,7 @@ class Grafter:
             if chunk.shared:
                 logits = self._forward_on_prefix(plan, chunk_prompts, [prefixes[i] for i in chunk.indices])
             if logits is None:
-                batch = pad_left([p.ids for p in chunk_prompts], self._pad_id(), self.device)
+                batch = pad_left([p.ids for p in chunk_prompts], self.pad_id, self.device)
                 logits, _ = self.forward(plan, batch, keep_all=all_logits)
                 pad = batch.pad
             for j, i in enumerate(chunk.indices):
@@ -298,7 +298,7 @@ class Grafter:
                 keys[share.key] = (prompt, max(longest, share.length), spec)
         where = {key: i for i, key in enumerate(keys)}
         heads = list(keys.values())
-        head = pad_left([p.ids[:n] for p, n, _ in heads], self._pad_id(), self.device)
+        head = pad_left([p.ids[:n] for p, n, _ in heads], self.pad_id, self.device)
         width = head.input_ids.shape[1]
         lengths = [n for _, n, _ in heads]
         head_plan = GraftPlan([], len(heads), width)
@@ -318,7 +318,7 @@ class Grafter:
         column = torch.arange(width)
         starts = torch.tensor([width - keys[s.key][1] if s.length else width for s in prefixes])[:, None]
         seen = (column >= starts) & (column < starts + taken[:, None])
-        tail = pad_left([p.ids[s.length:] for p, s in zip(prompts, prefixes)], self._pad_id(), self.device)
+        tail = pad_left([p.ids[s.length:] for p, s in zip(prompts, prefixes)], self.pad_id, self.device)
         batch = PaddedBatch(tail.input_ids, torch.cat([seen.to(tail.attention_mask), tail.attention_mask], dim=1),
                             tail.position_ids + taken[:, None].to(self.device), tail.pad)
         # Each row's own cells from its cut on (those before it are in the shared prefix).
@@ -340,7 +340,7 @@ class Grafter:
             kwargs[self._cache_kw] = cache
         if self._keep_last and not keep_all:
             kwargs["logits_to_keep"] = 1
-            plan = _lm_head_on_last_column(plan, self.adapter)
+            plan = plan.lm_head_on_last_column(self.adapter.lm_head)
         with torch.no_grad(), self._lock:
             if plan.is_empty:
                 out = self.model(**kwargs)
@@ -358,11 +358,10 @@ class Grafter:
             out = self.nn.output.save()
         return out
 
-    def _pad_id(self) -> int:
-        pad = getattr(self.tokenizer, "pad_token_id", None)
-        if pad is None:
-            pad = getattr(self.tokenizer, "eos_token_id", None)
-        return int(pad or 0)
+    @property
+    def pad_id(self) -> int:
+        """The id rows are left-padded with (:func:`nngraft.tokens.pad_token_id`)."""
+        return pad_token_id(self.tokenizer)
 
     # -- generation -----------------------------------------------------------------------------
 
@@ -378,7 +377,7 @@ class Grafter:
         tokenized = self.tokenize(prompts, spans)
         specs = self._per_row(spec, len(tokenized))
         lengths = [len(p) for p in tokenized]
-        batch = pad_left([p.ids for p in tokenized], self._pad_id(), self.device)
+        batch = pad_left([p.ids for p in tokenized], self.pad_id, self.device)
         plan = compile_plan(specs, self.adapter, self.model.config, tokenized)
         logits, cache = self.forward(plan, batch, use_cache=True)
         steps, new = [logits[:, -1]], [logits[:, -1].argmax(-1)]
@@ -413,15 +412,6 @@ class _progress_bar:
 
     def __exit__(self, *exc: Any) -> None:
         self.progress.stop()
-
-
-def _lm_head_on_last_column(plan: GraftPlan, adapter: Adapter) -> GraftPlan:
-    """With ``logits_to_keep=1`` the LM head sees only the last column: re-index its grafts."""
-    if not any(m.path == adapter.lm_head for m in plan.modules):
-        return plan
-    head = GraftPlan([m for m in plan.modules if m.path == adapter.lm_head], plan.batch_size, plan.seq_len)
-    rest = [m for m in plan.modules if m.path != adapter.lm_head]
-    return GraftPlan(rest + head.last_columns(1).modules, plan.batch_size, plan.seq_len, plan.derived)
 
 
 

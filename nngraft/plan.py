@@ -194,6 +194,16 @@ class GraftPlan:
                                        graft.token_axis, graft.donor))
         return GraftPlan(out, self.batch_size, k, self.derived)
 
+    def lm_head_on_last_column(self, lm_head: str) -> "GraftPlan":
+        """This plan for a forward that computes logits only for the last column
+        (``logits_to_keep=1``): the LM head (module path ``lm_head``) then sees a one-column
+        input, so its grafts are re-indexed to that column; other modules are unchanged."""
+        if not any(m.path == lm_head for m in self.modules):
+            return self
+        head = GraftPlan([m for m in self.modules if m.path == lm_head], self.batch_size, self.seq_len)
+        rest = [m for m in self.modules if m.path != lm_head]
+        return GraftPlan(rest + head.last_columns(1).modules, self.batch_size, self.seq_len, self.derived)
+
     def remap(self, keep_position: Any, lengths: Sequence[int], width: int,
               new_pad: Sequence[int]) -> "GraftPlan":
         """The cells whose token position ``t`` satisfies ``keep_position(rows, t)`` (tensors),

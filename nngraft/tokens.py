@@ -26,6 +26,15 @@ SpanValue = str | tuple[int, int]
 """A span's text (its first occurrence in the prompt is used) or a ``(start, end)`` character range."""
 
 
+def pad_token_id(tokenizer: Any) -> int:
+    """The id used to pad batches: the tokenizer's pad token, else its end-of-sequence token, else 0."""
+    for name in ("pad_token_id", "eos_token_id"):
+        value = getattr(tokenizer, name, None)
+        if value is not None:
+            return int(value)
+    return 0
+
+
 class SpanAlignmentWarning(UserWarning):
     """A span boundary falls inside a token; the whole token is selected (the warning names it)."""
 

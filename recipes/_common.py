@@ -87,7 +87,7 @@ def execute(args: argparse.Namespace, recipe: str, **sweep: Any) -> int:
 
     from nngraft.errors import GraftError
     from nngraft.study.results import load_results
-    from nngraft.study.run_commands import _wide, summary_table
+    from nngraft.study.run_commands import wide_console, summary_table
     from nngraft.study.sweep import check_spans, load_data, resolve_specs, run_sweep
 
     console = Console(stderr=True)
@@ -102,7 +102,7 @@ def execute(args: argparse.Namespace, recipe: str, **sweep: Any) -> int:
                           f"→ {config.output_dir()}")
             return 0
         outcome = run_sweep(config, show_progress=not args.no_progress, console=console)
-        _wide(Console()).print(summary_table(load_results(outcome.results), k=args.k, title=config.name))
+        wide_console(Console()).print(summary_table(load_results(outcome.results), k=args.k, title=config.name))
         if not args.no_plot:
             from nngraft.study.plot import plot_results
 

@@ -160,14 +160,14 @@ def _run(args, config, split: str, console) -> int:
     from rich.console import Console
 
     from nngraft.study.results import load_results
-    from nngraft.study.run_commands import _wide, summary_table
+    from nngraft.study.run_commands import wide_console, summary_table
     from nngraft.study.sweep import run_sweep
 
     outcome = run_sweep(config, show_progress=not args.no_progress, console=console)
     reference = "relation_model" if split == "B" else "f"
     console.print(f"split {split}: recovery is relative to P and "
                   f"{'R (relation_model), the model that learned these facts' if split == 'B' else 'F = T, the task model, which learned these facts'}")
-    _wide(Console()).print(summary_table(load_results(outcome.results), k=args.k, title=config.name,
+    wide_console(Console()).print(summary_table(load_results(outcome.results), k=args.k, title=config.name,
                                          f_spec=reference))
     if not args.no_plot:
         from nngraft.study.plot import plot_results

@@ -17,7 +17,7 @@ import torch
 from nngraft import GraftRule, GraftSpec, Grafter, Last, Span
 from nngraft.delta import DeltaDonor, DenseDonor, LoraDonor, RemoteDonorError, from_map, layout_of, to_map
 from nngraft.errors import DonorMismatchError
-from nngraft.remote import RemoteGrafter
+from nngraft.backends.ndif import RemoteGrafter
 from nngraft.testing import perturbed_copy, tiny_pair
 
 ATOL, RTOL = 2e-5, 1e-4

@@ -14,9 +14,9 @@ import json
 import pytest
 import torch
 
-from nngraft.demo import (DEFAULT_FACTS, QUICK_FACTS, DemoOptions, demo_specs, next_token_top1, run_demo)
+from nngraft.study.demo import (DEFAULT_FACTS, QUICK_FACTS, DemoOptions, demo_specs, next_token_top1, run_demo)
 from nngraft.errors import GraftError
-from nngraft.models import ModelLoadError, load_model, smollm2_gguf_path
+from nngraft.study.models import ModelLoadError, load_model, smollm2_gguf_path
 from nngraft.study.data import make_facts, make_test_examples
 from nngraft.study.results import load_results
 from nngraft.study.sweep import direct_probs
@@ -149,7 +149,7 @@ def test_options_quick_defaults_and_errors(tmp_path):
 
 
 def test_device_errors_are_clear():
-    from nngraft.demo import _device
+    from nngraft.study.demo import _device
 
     assert _device("cpu") == torch.device("cpu")
     assert _device("auto").type == ("cuda" if torch.cuda.is_available() else "cpu")
@@ -161,15 +161,15 @@ def test_device_errors_are_clear():
 
 
 def test_demo_refuses_an_output_folder_with_other_results(tmp_path):
-    from nngraft.demo import _prepare_out
+    from nngraft.study.demo import prepare_out_folder
 
     (tmp_path / "manifest.json").write_text(json.dumps({"format": "nngraft.results", "sweep": {}}))
     with pytest.raises(GraftError, match="did not write"):
-        _prepare_out(tmp_path)
+        prepare_out_folder(tmp_path)
     (tmp_path / "manifest.json").write_text(json.dumps({"demo": {"facts": 4}}))
     (tmp_path / "results.jsonl").write_text("{}\n")
     (tmp_path / "notes.txt").write_text("mine")
-    _prepare_out(tmp_path)
+    prepare_out_folder(tmp_path)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["notes.txt"]  # only the demo's own files go
 
 
@@ -240,7 +240,7 @@ def test_cli_registers_demo_and_finetune():
 def test_cli_restarts_itself_with_passive_openmp_only_when_unset(monkeypatch):
     import sys
 
-    from nngraft.demo import passive_omp_reexec
+    from nngraft.study.demo import passive_omp_reexec
 
     calls = []
     monkeypatch.setattr("os.execve", lambda path, argv, env: calls.append((path, argv, env)))
@@ -263,7 +263,7 @@ def test_gguf_conversion_is_atomic_and_done_once(tmp_path, monkeypatch):
     GGUF → float32 load is replaced by a tiny model here; the quick demo test does the real one.)"""
     import transformers
 
-    from nngraft import models
+    from nngraft.study import models
     from nngraft.testing import tiny_model, tiny_tokenizer
 
     tiny, tok = tiny_model("llama"), tiny_tokenizer("llama")

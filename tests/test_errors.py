@@ -232,14 +232,14 @@ LT_MLP = spec(GraftRule(components=["mlp"], positions=[Last()]), name="lt_mlp")
 
 def _ndif_run(folder: str, **kwargs) -> None:
     from nngraft.delta import DenseDonor
-    from nngraft.remote import RemoteGrafter
+    from nngraft.backends.ndif import RemoteGrafter
 
     RemoteGrafter(folder, DenseDonor(pair()[1]), host=NDIF_HOST, verbose=False, **kwargs).run(LT_MLP, ["Ada stars in"])
 
 
 def _ndif_no_key():
     from nngraft.delta import DenseDonor
-    from nngraft.remote import RemoteGrafter
+    from nngraft.backends.ndif import RemoteGrafter
 
     _ndif(lambda folder: RemoteGrafter(folder, DenseDonor(pair()[1]), host=NDIF_HOST), key=None)
 
@@ -250,7 +250,7 @@ def _ndif_wrong_key():
 
 def _ndif_not_hosted():
     from nngraft.delta import DenseDonor
-    from nngraft.remote import RemoteGrafter
+    from nngraft.backends.ndif import RemoteGrafter
 
     _ndif(lambda folder: RemoteGrafter("meta-llama/Nope", DenseDonor(pair()[1]), host=NDIF_HOST))
 

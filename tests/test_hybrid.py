@@ -15,7 +15,7 @@ import torch
 from nngraft import GraftRule, GraftSpec, Grafter, Last, Span
 from nngraft.arch import adapter_for
 from nngraft.errors import (ComponentNotFoundError, DataError, DonorMismatchError, LayerRangeError, SpecError)
-from nngraft.models import weights_fingerprint
+from nngraft.study.models import weights_fingerprint
 from nngraft.study.data import make_facts
 from nngraft.study.examples import Fact, TestExample
 from nngraft.study.grids import PAPER_GRIDS, grid_specs, paper_specs

@@ -241,7 +241,7 @@ def test_ctrl_c_in_nngraft_run(tmp_path, monkeypatch, capsys):
     from nngraft.cli import main
     from nngraft.grafter import Grafter
 
-    real = Grafter._run_rows
+    real = Grafter.run_rows
     calls = []
 
     def ctrl_c_on_third_batch(self, *args, **kwargs):
@@ -250,7 +250,7 @@ def test_ctrl_c_in_nngraft_run(tmp_path, monkeypatch, capsys):
             raise KeyboardInterrupt
         return real(self, *args, **kwargs)
 
-    monkeypatch.setattr(Grafter, "_run_rows", ctrl_c_on_third_batch)
+    monkeypatch.setattr(Grafter, "run_rows", ctrl_c_on_third_batch)
     monkeypatch.chdir(tmp_path)
     args = ["run", "--tiny", "llama", "--spec", str(SPECS / "lt.json"), "--dataset", "fake_movies_real_actors",
             "--n", "3", "--template", "sentence_3", "--batch-size", "1", "--no-progress"]

@@ -25,7 +25,7 @@ import torch
 
 from nngraft import GraftRule, GraftSpec, Grafter, Last, Span
 from nngraft.delta import DeltaDonor, DenseDonor, LoraDonor, RemoteDonorError
-from nngraft.remote import (
+from nngraft.backends.ndif import (
     ForeignModuleError,
     ModelNotAvailableError,
     PayloadTooLargeError,
@@ -460,7 +460,7 @@ def test_generation_is_refused_remotely():
 
 def _leaf_modules(arch: str):
     from nngraft.arch import adapter_for, get_module
-    from nngraft.remote import spec_modules
+    from nngraft.backends.ndif import spec_modules
 
     P, F, tok = tiny_pair(arch)
     adapter = adapter_for(P)
@@ -471,7 +471,7 @@ def _leaf_modules(arch: str):
 
 @pytest.mark.parametrize("arch", TINY_MODEL_TYPES)
 def test_functional_forms_reproduce_every_module(arch):
-    from nngraft.functional import forward
+    from nngraft.backends.functional import forward
 
     seen = set()
     for P, path, module in _leaf_modules(arch):
@@ -698,7 +698,7 @@ def test_ndif_413_is_payload_too_large_with_the_size_and_what_to_do(fake_ndif):
     sent = len(fake_ndif.posted[-1]["blob"])
     assert "too large for the server (HTTP 413)" in message
     assert "Request Entity Too Large" in message
-    from nngraft.payload import format_bytes
+    from nngraft.backends.payload import format_bytes
     assert f"The request was {format_bytes(sent)} as sent (" in message  # the real size, and raw
     for advice in ("batch_size=", "DeltaDonor or LoraDonor of lower rank", "fewer grafted modules",
                    "max_payload_mb=", "docs/remote.md"):
@@ -711,7 +711,7 @@ def test_translate_413_without_a_known_size():
     from nnsight.intervention.backends.remote import RemoteError
 
     from nngraft.errors import RemoteGraftError
-    from nngraft.remote import _translate
+    from nngraft.backends.ndif import translate_remote_error
 
     def fake(status: int) -> Exception:  # nnsight's RemoteError, raised from httpx's status error
         request = httpx.Request("POST", "https://ndif.example/request")
@@ -720,15 +720,15 @@ def test_translate_413_without_a_known_size():
         error.__cause__ = httpx.HTTPStatusError("status", request=request, response=response)
         return error
 
-    translated = _translate(fake(413), "https://ndif.example")
+    translated = translate_remote_error(fake(413), "https://ndif.example")
     assert type(translated) is PayloadTooLargeError
     assert str(translated).startswith("NDIF (https://ndif.example) refused the request as too large "
                                       "for the server (HTTP 413): Failed to send request: too big. Send less")
     assert "The request was" not in str(translated)  # no size invented when none is known
     assert "1.5 MB as sent (3.0 MB before compression)" in str(
-        _translate(fake(413), "h", sent_bytes=1_500_000, raw_bytes=3_000_000))
-    assert type(_translate(fake(403), "h")) is RemoteAuthError
-    other = _translate(fake(500), "h")
+        translate_remote_error(fake(413), "h", sent_bytes=1_500_000, raw_bytes=3_000_000))
+    assert type(translate_remote_error(fake(403), "h")) is RemoteAuthError
+    other = translate_remote_error(fake(500), "h")
     assert type(other) is RemoteGraftError and "HTTP 500" in str(other)
 
 
@@ -749,7 +749,7 @@ def _unreachable(url):
 def test_lora_trained_on_another_base_is_refused(fake_ndif, tmp_path):
     import shutil
 
-    from nngraft.remote import RemoteDonorMismatch
+    from nngraft.backends.ndif import RemoteDonorMismatch
 
     lora = tmp_path / "lora"
     shutil.copytree(models("llama")[3], lora)

@@ -44,10 +44,10 @@ ALLOWED = {
     # (file, call): why it is safe
     ("cli.py", "importlib.import_module"):
         "imports nngraft's own plugin modules from a constant tuple; no name comes from input",
-    ("remote.py", "RequestModel.deserialize"):
+    ("backends/ndif.py", "RequestModel.deserialize"):
         "InProcessServer (the local stand-in for NDIF) unpickles the request blob this same process "
         "serialized a moment before; it never reads a file or anything from the network",
-    ("remote.py", "tracer.execute"):
+    ("backends/ndif.py", "tracer.execute"):
         "InProcessServer runs that request's trace code, written by nngraft itself (as NDIF does)",
 }
 
@@ -254,7 +254,7 @@ class _InProcessWorker:
     def __init__(self) -> None:
         from nnsight.modeling.transformers import TransformersModel
 
-        from nngraft.remote import InProcessServer
+        from nngraft.backends.ndif import InProcessServer
 
         P, _, tok = pair()
         self.server = InProcessServer(TransformersModel(P, tokenizer=tok, task="text-generation"))
@@ -275,7 +275,7 @@ def test_api_key_never_appears_in_output_logs_results_or_files(tmp_path, monkeyp
 
     from nngraft.cli import main
     from nngraft.delta import DenseDonor
-    from nngraft.remote import RemoteExecutionError, RemoteGrafter
+    from nngraft.backends.ndif import RemoteExecutionError, RemoteGrafter
     from nngraft.study.results import load_manifest, load_results
     from tests.test_remote import FakeNDIF
 

@@ -295,7 +295,7 @@ def _last_element_changed(model: torch.nn.Module) -> torch.nn.Module:
 def test_weights_fingerprint_sees_every_value():
     import hashlib
 
-    from nngraft.models import weights_fingerprint
+    from nngraft.study.models import weights_fingerprint
     from nngraft.study.sweep import FINGERPRINT_VERSION, model_identity
 
     P, F, _ = tiny_pair("llama")
@@ -504,7 +504,7 @@ def _full_logprob(grafter, spec, prompt, answer_ids):
 
     [p] = grafter.tokenize([prompt.prompt], [prompt.spans])
     joined = TokenizedPrompt(p.text, p.ids + tuple(answer_ids), p.spans)
-    logits = grafter._run_rows([spec], [joined], all_logits=True).all_logits[0].float()
+    logits = grafter.run_rows([spec], [joined], all_logits=True).all_logits[0].float()
     logp = torch.log_softmax(logits, -1)
     start = len(p) - 1
     return sum(float(logp[start + j, t]) for j, t in enumerate(answer_ids))

@@ -71,7 +71,7 @@ def answer_logprobs(grafter: Grafter, specs: Sequence[GraftSpec], prompts: Seque
     specs, prompts = list(specs), list(prompts)
     config, adapter = grafter.model.config, grafter.adapter
     lengths = [len(p) for p in prompts]
-    batch = pad_left([p.ids for p in prompts], grafter._pad_id(), grafter.device)
+    batch = pad_left([p.ids for p in prompts], grafter.pad_id, grafter.device)
     plan = compile_plan(specs, adapter, config, prompts)
     logits, cache = grafter.forward(plan, batch, use_cache=True)
     steps = max(len(a) for a in answers)
@@ -85,7 +85,7 @@ def answer_logprobs(grafter: Grafter, specs: Sequence[GraftSpec], prompts: Seque
 
     collect(logits[:, -1], 0)
     mask, positions = batch.attention_mask, batch.position_ids
-    pad = grafter._pad_id()
+    pad = grafter.pad_id
     for j in range(1, steps):
         lengths = [n + 1 for n in lengths]
         fed = torch.tensor([[a[j - 1] if j - 1 < len(a) else pad] for a in answers], device=grafter.device)

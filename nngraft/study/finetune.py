@@ -50,7 +50,8 @@ import torch
 
 from ..errors import GraftError
 from ..io import atomic_write_text
-from ..models import _default_permissions
+from ..tokens import pad_token_id
+from .models import default_permissions
 
 MANIFEST_FILE = "finetune-manifest.json"
 MANIFEST_FORMAT = "nngraft.finetune"
@@ -248,14 +249,6 @@ def _evaluate(model: Any, seqs: list[list[int]], pad_id: int, batch_size: int, d
     return total / max(count, 1)
 
 
-def _pad_id(tokenizer: Any) -> int:
-    for name in ("pad_token_id", "eos_token_id"):
-        value = getattr(tokenizer, name, None)
-        if value is not None:
-            return int(value)
-    return 0
-
-
 def _prepare(model: Any, config: FinetuneConfig) -> Any:
     if config.lora is not None:
         try:
@@ -293,7 +286,7 @@ def finetune(model: Any, tokenizer: Any, texts: Sequence[str], *, config: Finetu
     Returns a :class:`FinetuneResult` whose ``model`` holds the selected epoch's weights, in eval
     mode (for LoRA, the ``peft`` model; :func:`load_finetuned` gives a merged one from disk).
     """
-    from ..models import model_identity
+    from .models import model_identity
 
     texts = list(texts)
     if not texts:
@@ -313,7 +306,7 @@ def finetune(model: Any, tokenizer: Any, texts: Sequence[str], *, config: Finetu
     train_texts, val_texts = split_texts(texts, config.val_fraction, config.seed)
     train_seqs = _encode(tokenizer, train_texts, config.max_length)
     val_seqs = _encode(tokenizer, val_texts, config.max_length)
-    pad_id = _pad_id(tokenizer)
+    pad_id = pad_token_id(tokenizer)
 
     model = _prepare(model, config)
     params = [p for p in model.parameters() if p.requires_grad]
@@ -459,7 +452,7 @@ def save_finetuned(model: Any, tokenizer: Any, manifest: dict[str, Any], out_dir
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
     try:
-        _default_permissions(tmp)
+        default_permissions(tmp)
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
         atomic_write_text(tmp / MANIFEST_FILE, json.dumps(manifest, indent=2) + "\n")
@@ -504,9 +497,9 @@ def cached_finetune(model: Any, tokenizer: Any, texts: Sequence[str], *, config:
     The folder is ``<cache>/finetuned/<key>`` with :func:`finetune_key` of the base model's
     weights, the texts, ``config`` and ``stop_key`` — a string that must describe ``stop_when``
     (a function cannot be hashed), e.g. ``"probe=sentence_2;top1>=0.9"``. ``cache`` defaults to
-    :func:`nngraft.models.cache_dir`. ``refresh=True`` trains again and replaces the entry.
+    :func:`nngraft.study.models.cache_dir`. ``refresh=True`` trains again and replaces the entry.
     """
-    from ..models import cache_dir, weights_fingerprint
+    from .models import cache_dir, weights_fingerprint
 
     if stop_when is not None and stop_key is None:
         raise FinetuneError("cached_finetune with stop_when needs stop_key (a description of the stop rule) "

@@ -254,7 +254,7 @@ def hybrid_record(task_model: torch.nn.Module, relation_model: torch.nn.Module, 
                   components: Sequence[str] = DEFAULT_COMPONENTS) -> dict[str, Any]:
     """What identifies a hybrid: both inputs (source and full weight sha256), the selection, the
     resolved layers and every replaced parameter. ``record["key"]`` hashes all of it."""
-    from ..models import weights_fingerprint
+    from .models import weights_fingerprint
 
     rule = _normalized(layers, components)
     adapter = adapter_for(task_model)
@@ -338,7 +338,7 @@ def prepare_hybrid(task: str | Path, relation: str | Path, out_dir: str | Path, 
         say(f"hybrid: reusing {folder}")
         return folder, old, True
     H = build_hybrid(T, R, layers, components)
-    from ..models import weights_fingerprint
+    from .models import weights_fingerprint
 
     record["weights_sha256"] = weights_fingerprint(H)
     save_hybrid(H, tok, record, folder)

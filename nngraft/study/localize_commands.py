@@ -139,9 +139,9 @@ forward passes) and OUTPUT/localize.png. See docs/localize.md."""
 @command("localize", _localize_args)
 def cmd_localize(args: argparse.Namespace) -> int:
     """Search (position group × component × layer) for a small graft set reaching a recovery target."""
-    from .run_commands import _pair_and_data
+    from .run_commands import pair_and_data
 
-    pair, data = _pair_and_data(args)
+    pair, data = pair_and_data(args)
     output = Path(args.output or f"runs/localize-{pair['name']}")
     result, paths = run_localize(pair, data, output=output, plot=not args.no_plot,
                                  show_progress=not args.no_progress, console=console,

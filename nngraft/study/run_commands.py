@@ -57,7 +57,7 @@ def summary_table(rows: Sequence[dict[str, Any]], *, k: int, title: str, p_spec:
     return Group(*tables)
 
 
-def _wide(console: Any) -> Any:
+def wide_console(console: Any) -> Any:
     """The console itself on a terminal; else a 130-column one (tables stay readable in logs)."""
     from rich.console import Console
 
@@ -73,7 +73,7 @@ def _wide(console: Any) -> Any:
 
 def add_model_data_args(p: argparse.ArgumentParser, *, named_donors: bool = False) -> None:
     """The model (--model/--donor or --tiny) and data (--data, or --facts/--dataset + --template)
-    options shared by ``nngraft run`` and ``nngraft localize``; read back by :func:`_pair_and_data`.
+    options shared by ``nngraft run`` and ``nngraft localize``; read back by :func:`pair_and_data`.
     ``named_donors``: ``--donor`` may be repeated as ``NAME=PATH`` for spec rules with
     ``"donor": NAME`` (``nngraft run``)."""
     who = p.add_argument_group("models (give --model and --donor, or --tiny)")
@@ -169,7 +169,7 @@ def check_named_donors(specs: Sequence[Any], named: dict[str, str]) -> None:
                 + " (a finetuned copy of P: local folder or hub id), or leave the spec out")
 
 
-def _pair_and_data(args: argparse.Namespace) -> tuple[dict[str, Any], dict[str, Any]]:
+def pair_and_data(args: argparse.Namespace) -> tuple[dict[str, Any], dict[str, Any]]:
     donor, named = parse_donors(args.donor)
     if args.tiny and (args.model or donor):
         raise SystemExit(_usage("give --tiny, or --model and --donor, not both"))
@@ -255,7 +255,7 @@ def cmd_run(args: argparse.Namespace) -> int:
 
     from ..spec import GraftSpec
 
-    pair, data = _pair_and_data(args)
+    pair, data = pair_and_data(args)
     specs = [str(Path(s).resolve()) for s in args.spec]
     for s in specs:
         if not Path(s).exists():
@@ -278,7 +278,7 @@ def cmd_run(args: argparse.Namespace) -> int:
 
             return interrupted(results_path(output), getattr(args, "command_line", "the same command"))
         rows = load_results(outcome.results)
-        _wide(out).print(summary_table(rows, k=args.k, title="nngraft run"))
+        wide_console(out).print(summary_table(rows, k=args.k, title="nngraft run"))
         if args.output:
             console.print(f"results: {outcome.results}\nmanifest: {outcome.manifest}")
     return 0 if all(r.get("ok", True) for r in outcome.baseline_check.values()) else 1
@@ -319,7 +319,7 @@ def cmd_sweep(args: argparse.Namespace) -> int:
         out_dir = Path(args.output) if args.output else config.output_dir()
         return interrupted(results_path(out_dir), getattr(args, "command_line", "the same command"))
     rows = load_results(outcome.results)
-    _wide(out).print(summary_table(rows, k=args.k, title=f"nngraft sweep {config.name}"))
+    wide_console(out).print(summary_table(rows, k=args.k, title=f"nngraft sweep {config.name}"))
     for name, s in outcome.stats.items():
         console.print(f"{name}: {s.written} rows written, {s.skipped} already done, "
                       f"{s.seconds:.1f} s ({s.rows_per_second:.1f} rows/s)")

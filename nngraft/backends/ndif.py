@@ -4,7 +4,7 @@ On NDIF only P is hosted; F is yours. A module of F referenced inside a remote t
 *reference by module path*, which the server resolves to P's OWN module — the graft silently does
 nothing. So here the donor travels as tensors (dense F tensors, a weight delta, or LoRA factors;
 see :mod:`nngraft.delta`) for exactly the modules a spec grafts, and F's output is computed
-functionally inside the trace from P's input and output (:mod:`nngraft.functional`)::
+functionally inside the trace from P's input and output (:mod:`nngraft.backends.functional`)::
 
     g = Grafter.remote("meta-llama/Meta-Llama-3.1-8B", donor=LoraDonor("path/to/adapter"))
     out = g.run(spec, prompts, spans=...)        # one NDIF request per batch; same GraftResult
@@ -22,8 +22,8 @@ estimates the payload from shapes (refusing above ``max_payload_mb``), and then 
 serialized request for references the server would resolve to P (the trap above) and for objects
 the server cannot load (nngraft itself is not installed there).
 
-Modules: :mod:`nngraft.delta` (donors as data), :mod:`nngraft.payload` (plans → programs, module
-kinds, payload sizes), :mod:`nngraft.functional` (the code that runs on the server), and this one
+Modules: :mod:`nngraft.delta` (donors as data), :mod:`nngraft.backends.payload` (plans → programs, module
+kinds, payload sizes), :mod:`nngraft.backends.functional` (the code that runs on the server), and this one
 (request checks, transport, :class:`RemoteGrafter`).
 
 ``execution=`` chooses where the request runs: ``"ndif"`` (default), ``"local"`` (this process,
@@ -42,9 +42,9 @@ from typing import Any, Callable, Mapping, Sequence
 
 import torch
 
-from .arch import Adapter, adapter_for, get_module
-from .delta import DeltaDonor, LoraDonor, as_remote_donor
-from .errors import (  # noqa: F401 - re-exported: remote errors live in nngraft.errors
+from ..arch import Adapter, adapter_for, get_module
+from ..delta import DeltaDonor, LoraDonor, as_remote_donor
+from ..errors import (  # noqa: F401 - re-exported: remote errors live in nngraft.errors
     ForeignModuleError,
     ModelNotAvailableError,
     PayloadTooLargeError,
@@ -59,15 +59,15 @@ from .errors import (  # noqa: F401 - re-exported: remote errors live in nngraft
     UnsupportedModuleError,
 )
 from .functional import run_program
-from .grafter import Grafter, SpecLike, _lm_head_on_last_column
-from .payload import (  # noqa: F401 - re-exported for users of nngraft.remote
+from ..grafter import Grafter, SpecLike
+from .payload import (  # noqa: F401 - re-exported for users of nngraft.backends.ndif
     PayloadItem,
     PayloadReport,
     RemotePartialDonor,
     ShapeDonor,
-    _donor_of,
-    _dtype_name,
-    _pick,
+    donor_name_of,
+    dtype_name,
+    pick_donor,
     build_program,
     estimate_payload,
     format_bytes,
@@ -75,7 +75,7 @@ from .payload import (  # noqa: F401 - re-exported for users of nngraft.remote
     module_kind,
     spec_modules,
 )
-from .plan import GraftPlan
+from ..plan import GraftPlan
 
 DEFAULT_MAX_PAYLOAD_MB = 256.0
 """Default refusal threshold for one request (``NNGRAFT_MAX_PAYLOAD_MB`` overrides it). NDIF does
@@ -234,7 +234,7 @@ def _backend_class():
             try:
                 return super().request(request, tracer)
             except RemoteError as error:
-                raise _translate(error, self.host, self.sent_bytes, self.raw_bytes) from None
+                raise translate_remote_error(error, self.host, self.sent_bytes, self.raw_bytes) from None
             except websocket.WebSocketBadStatusException as error:
                 if error.status_code in (401, 403):
                     raise RemoteAuthError(
@@ -248,7 +248,7 @@ def _backend_class():
     return NngraftBackend
 
 
-def _translate(error: Exception, host: str, sent_bytes: int | None = None,
+def translate_remote_error(error: Exception, host: str, sent_bytes: int | None = None,
                raw_bytes: int | None = None) -> RemoteGraftError:
     """nnsight's RemoteError → a GraftError that says what to do (never echoing the API key).
 
@@ -532,7 +532,7 @@ class RemoteGrafter(Grafter):
     def estimate(self, specs: SpecLike | Sequence[SpecLike]) -> PayloadReport:
         """Donor bytes one request for ``specs`` carries, from shapes only (nothing is computed or
         sent). Validates the specs against the model's config on the way."""
-        from .grafter import as_spec
+        from ..grafter import as_spec
 
         items = [specs] if isinstance(specs, (str, Mapping)) or not isinstance(specs, Sequence) else specs
         return estimate_payload([as_spec(s) for s in items], self.model, self.donors, self.dtype,
@@ -544,7 +544,7 @@ class RemoteGrafter(Grafter):
         out = dict(self.donors)
         for name, spec in derived.items():
             if name not in self._partial:
-                self._partial[name] = RemotePartialDonor(_pick(self.donors, spec.base), spec,
+                self._partial[name] = RemotePartialDonor(pick_donor(self.donors, spec.base), spec,
                                                               self.model, self.adapter)
             out[name] = self._partial[name]
         return out
@@ -553,11 +553,11 @@ class RemoteGrafter(Grafter):
         """The program one request runs for ``plan``, after the pre-flight checks."""
         donors = self._donors_for(plan)
         rough = PayloadReport(donor=", ".join(d.describe() for d in self.donors.values()),
-                              dtype=_dtype_name(self.dtype), limit_bytes=self.limit_bytes)
+                              dtype=dtype_name(self.dtype), limit_bytes=self.limit_bytes)
         for path, grafts in leaf_plan(plan, self.adapter, self.model.config).by_path():
             module = get_module(self.model, path)
-            for name in dict.fromkeys(_donor_of(g) for g in grafts):
-                size = _pick(donors, name).estimate_bytes(path, module, self.dtype)
+            for name in dict.fromkeys(donor_name_of(g) for g in grafts):
+                size = pick_donor(donors, name).estimate_bytes(path, module, self.dtype)
                 rough.items.append(PayloadItem(path, "send", "", size))
         rough.check()  # refuse before materialising anything (SVDs, reads)
         program, report = build_program(plan, self.model, self.adapter, donors, self.dtype)
@@ -590,7 +590,7 @@ class RemoteGrafter(Grafter):
         inputs["use_cache"] = False
         if self._keep_last and not keep_all:
             inputs["logits_to_keep"] = 1
-            plan = _lm_head_on_last_column(plan, self.adapter)
+            plan = plan.lm_head_on_last_column(self.adapter.lm_head)
         program, report = self.program(plan)
         self.last_report = report
         backend = self._backend()

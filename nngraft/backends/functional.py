@@ -13,11 +13,11 @@ plain tensors and its output is computed from what P's module *receives* and *re
 A *program* is plain data (dicts, lists, strings, numbers and tensors; no nngraft objects) so it
 can be pickled into a request that a server without nngraft installed can load. This module
 imports only ``torch`` and ``nnsight``, and is registered with ``nnsight.register`` so its source
-travels with each request (see :mod:`nngraft.remote`).
+travels with each request (see :mod:`nngraft.backends.ndif`).
 
 Module kinds (``kind``) and their formulas mirror ``transformers`` exactly; which kind a module
 is, is decided on the client and checked bit for bit against the module's own forward
-(:func:`nngraft.remote.module_kind`):
+(:func:`nngraft.backends.ndif.module_kind`):
 
 ========== ===================================================================================
 linear     ``F.linear(x, W, b)``                                  (``nn.Linear``)
@@ -76,7 +76,7 @@ def forward(kind: str, x: torch.Tensor, p: dict, const: dict) -> torch.Tensor:
         return (_rms(x, const["eps"]) * (1.0 + w.float())).type_as(x)
     if kind == "layer_norm":
         return torch.nn.functional.layer_norm(x, tuple(const["shape"]), w, b, const["eps"])
-    raise ValueError(f"nngraft.functional: unknown module kind {kind!r}")
+    raise ValueError(f"nngraft.backends.functional: unknown module kind {kind!r}")
 
 
 def _lowrank(x: torch.Tensor, d: dict, name: str) -> torch.Tensor | None:
@@ -122,11 +122,11 @@ def correction(kind: str, x: torch.Tensor, d: dict, const: dict) -> torch.Tensor
             n = torch.nn.functional.layer_norm(x, tuple(const["shape"]), None, None, const["eps"])
             parts.append(n * dw)
     else:
-        raise ValueError(f"nngraft.functional: unknown module kind {kind!r}")
+        raise ValueError(f"nngraft.backends.functional: unknown module kind {kind!r}")
     if db is not None:
         parts.append(db)
     if not parts:
-        raise ValueError(f"nngraft.functional: a {kind} correction with no deltas")
+        raise ValueError(f"nngraft.backends.functional: a {kind} correction with no deltas")
     out = parts[0]
     for part in parts[1:]:
         out = out + part
@@ -142,7 +142,7 @@ def donor_output(kind: str, source: dict, const: dict, x: torch.Tensor, y_p: tor
         return forward(kind, x, tensors, const)
     if source["mode"] == "correct":
         return y_p + correction(kind, x, tensors, const).to(y_p.dtype)
-    raise ValueError(f"nngraft.functional: unknown op mode {source['mode']!r}")
+    raise ValueError(f"nngraft.backends.functional: unknown op mode {source['mode']!r}")
 
 
 def envoy_at(root: Any, path: str) -> Any:

@@ -2,7 +2,7 @@
 
 A spec compiles to a :class:`~nngraft.plan.GraftPlan` as for a local run; here the plan becomes a
 *program* — plain data plus the donor's tensors, one op per grafted leaf module — that
-:func:`nngraft.functional.run_program` executes inside the remote trace. On the way:
+:func:`nngraft.backends.functional.run_program` executes inside the remote trace. On the way:
 
 - :func:`module_kind` decides which functional formula computes each grafted module, and checks
   it reproduces the module's own forward bit for bit;
@@ -27,12 +27,12 @@ from typing import Any, Callable, Mapping, Sequence
 
 import torch
 
-from .arch import Adapter, adapter_for, get_module
-from .delta import RemoteDonor, Shipment, _fresh, layout_of, to_map
-from .errors import PayloadTooLargeError, RemoteGraftError, UnsupportedModuleError
+from ..arch import Adapter, adapter_for, get_module
+from ..delta import RemoteDonor, Shipment, detached_copy, layout_of, to_map
+from ..errors import PayloadTooLargeError, RemoteGraftError, UnsupportedModuleError
 from .functional import PROGRAM_VERSION, forward as functional_forward
-from .partial import PartialDonor
-from .plan import GraftPlan, rule_targets
+from ..partial import PartialDonor
+from ..plan import GraftPlan, rule_targets
 
 # ---------------------------------------------------------------------------------------------
 # Module kinds: which functional formula reproduces a module's forward
@@ -70,7 +70,7 @@ def _probe(module: torch.nn.Module, kind: str, const: dict, make_input: Callable
 
 
 def module_kind(module: torch.nn.Module, path: str = "") -> tuple[str, dict[str, Any]]:
-    """The :mod:`nngraft.functional` kind of ``module`` and the constants its formula needs.
+    """The :mod:`nngraft.backends.functional` kind of ``module`` and the constants its formula needs.
 
     ``nn.Linear``, GPT-2's ``Conv1D``, ``nn.Embedding`` and ``nn.LayerNorm`` are recognised by class
     (when they do not override ``forward``); scaled embeddings and RMS norms are matched by
@@ -210,12 +210,12 @@ def format_bytes(n: float) -> str:
     return f"{n:.1f} TB"  # pragma: no cover
 
 
-def _dtype_name(dtype: torch.dtype | None) -> str:
+def dtype_name(dtype: torch.dtype | None) -> str:
     return str(dtype).removeprefix("torch.") if dtype is not None else "as stored"
 
 
 def _dtype_label(donors: Mapping[str, Any], dtype: torch.dtype | None) -> str:
-    return ", ".join(sorted({_dtype_name(getattr(d, "dtype", None) or dtype) for d in donors.values()}))
+    return ", ".join(sorted({dtype_name(getattr(d, "dtype", None) or dtype) for d in donors.values()}))
 
 
 def _cells(grafts: Sequence[Any], width: int) -> tuple[torch.Tensor, torch.Tensor, list[torch.Tensor | None]]:
@@ -228,11 +228,11 @@ def _cells(grafts: Sequence[Any], width: int) -> tuple[torch.Tensor, torch.Tenso
     return rows, cols, [torch.searchsorted(keys, g.rows * width + g.cols) for g in grafts]
 
 
-def _donor_of(graft: Any) -> str:
+def donor_name_of(graft: Any) -> str:
     return getattr(graft, "donor", None) or "default"
 
 
-def _pick(donors: Mapping[str, RemoteDonor], name: str) -> RemoteDonor:
+def pick_donor(donors: Mapping[str, RemoteDonor], name: str) -> RemoteDonor:
     try:
         return donors[name]
     except KeyError:
@@ -258,9 +258,9 @@ def build_program(plan: GraftPlan, model: torch.nn.Module, adapter: Adapter,
         module = get_module(model, path)
         sources = []
         kind, const = None, {}
-        for name in dict.fromkeys(_donor_of(g) for g in grafts):
-            mine = [g for g in grafts if _donor_of(g) == name]
-            shipment = _pick(donors, name).shipment(path, module, dtype)
+        for name in dict.fromkeys(donor_name_of(g) for g in grafts):
+            mine = [g for g in grafts if donor_name_of(g) == name]
+            shipment = pick_donor(donors, name).shipment(path, module, dtype)
             label = path if name == "default" else f"{path} ({name.split('~')[0]}{', part' if '~' in name else ''})"
             if shipment.mode == "skip":
                 report.items.append(PayloadItem(label, "skip", "-", 0))
@@ -330,7 +330,7 @@ def estimate_payload(specs: Sequence[Any], model: torch.nn.Module, donors: Any, 
     report = PayloadReport(donor=", ".join(d.describe() for d in donors.values()),
                            dtype=_dtype_label(donors, dtype), limit_bytes=limit_bytes)
     for path, name, selection in spec_modules(specs, adapter, model.config):
-        donor = _pick(donors, name)
+        donor = pick_donor(donors, name)
         if selection is not None:
             donor = _PartialShape(donor, selection)
         size = donor.estimate_bytes(path, get_module(model, path), dtype or torch.float32)
@@ -415,12 +415,12 @@ class RemotePartialDonor(PartialDonor):
                     k = min(r, sv.numel())
                     norm = float(sv.norm())
                     self.errors[f"{path}.{name}"] = float(sv[k:].norm()) / norm if norm else 0.0
-                    tensors[f"{name}.B"] = _fresh((u[:, :k] * sv[:k]).float(), dtype)
-                    tensors[f"{name}.A"] = _fresh(vh[:k].float(), dtype)
+                    tensors[f"{name}.B"] = detached_copy((u[:, :k] * sv[:k]).float(), dtype)
+                    tensors[f"{name}.A"] = detached_copy(vh[:k].float(), dtype)
                 elif torch.any(d):
-                    tensors[name] = _fresh(d, dtype)
+                    tensors[name] = detached_copy(d, dtype)
         else:
-            tensors = {n: _fresh(d, dtype) for n, d in self.params(path, module).items() if torch.any(d)}
+            tensors = {n: detached_copy(d, dtype) for n, d in self.params(path, module).items() if torch.any(d)}
         return Shipment("correct", tensors) if tensors else Shipment("skip")
 
     def estimate_bytes(self, path: str, module: torch.nn.Module, dtype: torch.dtype) -> int:

@@ -25,9 +25,9 @@ from typing import Any, Iterator, Mapping
 
 import torch
 
-from .donor import Donor
-from .errors import DonorMismatchError
-from .plan import GraftPlan, ModuleGraft
+from ..donor import Donor
+from ..errors import DonorMismatchError
+from ..plan import GraftPlan, ModuleGraft
 
 
 @contextmanager
