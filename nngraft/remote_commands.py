@@ -30,7 +30,7 @@ def _meta_model(name: str) -> Any:
 
 def _donor(text: str) -> Any:
     from .delta import LoraDonor
-    from .remote import ShapeDonor
+    from .backends.ndif import ShapeDonor
 
     if text.startswith("adapter:"):
         return LoraDonor(text[len("adapter:"):])
@@ -42,7 +42,7 @@ def _cmd_payload(args: argparse.Namespace) -> int:
     import torch
     from rich.table import Table
 
-    from .remote import DEFAULT_MAX_PAYLOAD_MB, estimate_payload, format_bytes
+    from .backends.ndif import DEFAULT_MAX_PAYLOAD_MB, estimate_payload, format_bytes
     from .spec import GraftSpec
 
     specs = [GraftSpec.load(p) for p in args.specs]

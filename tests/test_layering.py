@@ -111,6 +111,13 @@ def test_no_module_imports_another_modules_private_names():
     assert bad == []
 
 
+def test_every_import_of_nngraft_names_a_module_that_exists():
+    """Function-level imports run late: a moved module must not leave one behind."""
+    bad = [f"{name}:{line} imports {module}" for name in MODULES for module, _, line in imports_of(name)
+           if module.split(".")[0] == "nngraft" and module not in MODULES]
+    assert bad == []
+
+
 def test_the_core_does_not_import_the_study():
     bad = [f"{name}:{line} imports {module}" for name in CORE for module, _, line in imports_of(name)
            if module == "nngraft.study" or module.startswith("nngraft.study.")]
