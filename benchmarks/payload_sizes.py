@@ -7,7 +7,7 @@ payload sizes" section of docs/benchmarks.md:
 - **from shapes** (``nngraft.backends.ndif.estimate_payload``): the bytes of the donor tensors each form
   sends, for the real Llama-3-8B shapes (hidden 4096, MLP 14336, 32 layers, vocab 128256). Exact
   arithmetic; no weights involved.
-- **measured**: the real client path (``RemoteGrafter`` → nnsight's ``RequestModel.serialize``,
+- **measured**: the real client path (``Grafter.remote`` → nnsight's ``RequestModel.serialize``,
   request checks, zstd) on a weightless (meta) Llama-3-8B built from that config, with a
   synthetic random LoRA adapter of rank 16 and 64, and with an empty spec (the fixed overhead: the
   model's envoy tree, the code, the inputs). The request is captured instead of sent; nothing runs.
@@ -105,15 +105,15 @@ def capture_server(vocab: int):
 
 
 def measure(model: Any, donor: Any, the_spec: Any) -> dict[str, Any]:
-    from nngraft.backends.ndif import RemoteGrafter
+    from nngraft import Grafter
     from nngraft.testing import tiny_tokenizer
 
-    g = RemoteGrafter(model, donor, tiny_tokenizer("gpt2"), execution=capture_server(model.config.vocab_size),
+    g = Grafter.remote(model, donor, tiny_tokenizer("gpt2"), execution=capture_server(model.config.vocab_size),
                       dtype=torch.bfloat16, max_payload_mb=10_000, verbose=False)
     start = time.perf_counter()
     g.run(the_spec, ["Zendaya Marlow stars in a movie alongside"])
     seconds = time.perf_counter() - start
-    request = g.requests[-1]
+    request = g.backend.requests[-1]
     return {"donor_bytes": request["donor_bytes"], "request_bytes": request["request_bytes"],
             "sent_bytes_zstd": request["sent_bytes"], "client_seconds": round(seconds, 2)}
 

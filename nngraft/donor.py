@@ -224,6 +224,18 @@ def as_donor(donor: Any) -> Donor:
     )
 
 
+def pick_donor(donors: Mapping[str, Any], name: str) -> Any:
+    """The donor a rule names (``"default"`` unless the rule says ``"donor": NAME``), or a
+    :class:`~nngraft.errors.DonorMismatchError` saying which donors the run has and how to add one."""
+    try:
+        return donors[name]
+    except KeyError:
+        raise DonorMismatchError(
+            f"a rule grafts from donor {name!r}, but this run has donors {sorted(donors)}; pass it "
+            f"with donors={{{name!r}: ...}} (Grafter(P, F, tokenizer, donors=...) or Grafter.remote(..., donors=...))"
+        ) from None
+
+
 def read_config(path: str | Path) -> dict[str, Any]:
     """The ``config.json`` beside a checkpoint (used to check architectures match)."""
     file = Path(path) / "config.json" if Path(path).is_dir() else Path(path).parent / "config.json"

@@ -27,8 +27,16 @@ Example:
 
 from __future__ import annotations
 
+from collections import Counter
 from dataclasses import dataclass
-from typing import Any, Hashable, Sequence
+from typing import Any, Callable, Hashable, Sequence
+
+import torch
+
+from .arch import Adapter
+from .plan import GraftPlan, compile_plan, first_grafted_position, prefix_signature
+from .spec import GraftSpec
+from .tokens import PaddedBatch, TokenizedPrompt, pad_left
 
 # Rough machine constants for the scheduler's cost model (only ratios matter, and only roughly).
 # Fixed time of one forward pass (Python in every module, tokenizing, the nnsight trace): measured
@@ -120,3 +128,108 @@ def schedule_rows(rows: Sequence[Row], batch_size: int, call_cost: float) -> lis
         chunks.append(Chunk([r.index for r in order[start:end]], use))
         end = start
     return chunks[::-1]
+
+
+# ---------------------------------------------------------------------------------------------
+# Prefix surgery: which rows share which prefix, and the two passes that share it
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class SharedPrefix:
+    """How one row shares a prefix pass: rows with equal ``key`` (prompt ids, prefix signature)
+    share one; the row takes its first ``length`` positions from it (0: shares nothing); ``spec``
+    is set when the shared prefix carries grafts (the row's spec, equal to its group's there)."""
+
+    key: Any
+    length: int
+    spec: GraftSpec | None = None
+
+
+def shareable_prefixes(specs: Sequence[GraftSpec], prompts: Sequence[TokenizedPrompt]) -> list[SharedPrefix]:
+    """Per row, which prefix pass it may share and how many leading positions it takes from it.
+
+    Rows of one prompt whose grafts before the last token are the same (FE+LT with different
+    last-token parts, say) share a *grafted* prefix: everything but the last token, computed
+    once with those grafts. Other rows of a prompt share its ungrafted prefix: the positions
+    before their first graft, computed once by P. Always leaves the last token to run (for its
+    logits). Nothing is shared for a prompt that occurs once."""
+    counts = Counter(p.ids for p in prompts)
+    if all(c == 1 for c in counts.values()):
+        return [SharedPrefix((p.ids, ()), 0) for p in prompts]
+    signatures = [prefix_signature(s, p) if counts[p.ids] > 1 else () for s, p in zip(specs, prompts)]
+    groups = Counter((p.ids, sig) for p, sig in zip(prompts, signatures))
+    out = []
+    for spec, prompt, sig in zip(specs, prompts, signatures):
+        n = len(prompt)
+        if counts[prompt.ids] == 1:
+            out.append(SharedPrefix((prompt.ids, ()), 0))
+        elif sig and groups[(prompt.ids, sig)] > 1:
+            out.append(SharedPrefix((prompt.ids, sig), n - 1, spec))
+        else:
+            first = first_grafted_position(spec, prompt)
+            out.append(SharedPrefix((prompt.ids, ()), min(n - 1, n if first is None else first)))
+    return out
+
+
+def forward_on_prefix(forward: Callable[..., tuple[torch.Tensor, Any]], plan: GraftPlan,
+                      prompts: list[TokenizedPrompt], prefixes: list[SharedPrefix], *, adapter: Adapter,
+                      config: Any, device: Any, pad_id: int) -> torch.Tensor | None:
+    """Last-column logits of ``plan`` on ``prompts``: one prefix pass computes every distinct
+    shared prefix of these rows (P's own, or with the grafts their rows share there) and keeps
+    its KV cache, then every row runs its own suffix on that cache. ``forward(plan, batch, *,
+    cache=, use_cache=)`` runs one pass (a cache-keeping backend's, e.g. ``Grafter.forward``).
+    ``None`` when the model's cache does not hold the whole prefix (sliding-window layers): run
+    it plainly."""
+    keys: dict[Any, tuple[TokenizedPrompt, int, GraftSpec]] = {}
+    for prompt, share in zip(prompts, prefixes):
+        if share.length:
+            _, longest, spec = keys.get(share.key, (prompt, 0, share.spec or GraftSpec()))
+            keys[share.key] = (prompt, max(longest, share.length), spec)
+    where = {key: i for i, key in enumerate(keys)}
+    heads = list(keys.values())
+    head = pad_left([p.ids[:n] for p, n, _ in heads], pad_id, device)
+    width = head.input_ids.shape[1]
+    lengths = [n for _, n, _ in heads]
+    head_plan = GraftPlan([], len(heads), width)
+    if any(spec.rules for _, _, spec in heads):  # grafted prefixes: their cells before the cut
+        full = compile_plan([spec for _, _, spec in heads], adapter, config, [p for p, _, _ in heads])
+        head_end = torch.tensor(lengths)
+        head_plan = full.remap(lambda rows, t: t < head_end[rows], [len(p) for p, _, _ in heads], width,
+                               [width - n for n in lengths])
+        head_plan.modules = [m for m in head_plan.modules if m.path != adapter.lm_head]
+    _, cache = forward(head_plan, head, use_cache=True)
+    if not cache_holds(cache, width):
+        return None
+    cache.batch_select_indices(torch.tensor([where.get(s.key, 0) for s in prefixes], device=device))
+    # Row r sees the first `taken[r]` positions of its prefix, which sits right-aligned.
+    taken = torch.tensor([s.length for s in prefixes])
+    column = torch.arange(width)
+    starts = torch.tensor([width - keys[s.key][1] if s.length else width for s in prefixes])[:, None]
+    seen = (column >= starts) & (column < starts + taken[:, None])
+    tail = pad_left([p.ids[s.length:] for p, s in zip(prompts, prefixes)], pad_id, device)
+    batch = PaddedBatch(tail.input_ids, torch.cat([seen.to(tail.attention_mask), tail.attention_mask], dim=1),
+                        tail.position_ids + taken[:, None].to(device), tail.pad)
+    # Each row's own cells from its cut on (those before it are in the shared prefix).
+    lengths = [len(p) for p in prompts]
+    mine = plan.remap(lambda rows, t: t >= taken[rows], lengths, tail.input_ids.shape[1],
+                      [pad - s.length for pad, s in zip(tail.pad, prefixes)])
+    grafted = torch.tensor([s.spec is not None for s in prefixes])
+    dropped = plan.remap(lambda rows, t: (t < taken[rows]) & ~grafted[rows], lengths, 1, [0] * len(prompts))
+    if dropped.modules:  # an ungrafted prefix must hold no cell
+        raise AssertionError("internal error: a graft fell inside a shared ungrafted prefix")  # pragma: no cover
+    logits, _ = forward(mine, batch, cache=cache)
+    return logits
+
+
+def cache_holds(cache: Any, width: int) -> bool:
+    """Whether every layer of a KV cache holds all ``width`` positions (sliding-window layers may
+    keep fewer, and then a shared prefix cannot be used)."""
+    layers = getattr(cache, "layers", None)
+    if layers is None:
+        return False
+    for layer in layers:
+        keys = getattr(layer, "keys", None)
+        if not isinstance(keys, torch.Tensor) or keys.shape[-2] != width:
+            return False
+    return True

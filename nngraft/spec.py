@@ -24,7 +24,7 @@ import hashlib
 import json
 import re
 from pathlib import Path
-from typing import Annotated, Any, Literal, Union
+from typing import Annotated, Any, Literal, Mapping, Union
 
 from pydantic import (
     BaseModel,
@@ -471,6 +471,27 @@ def spec_json_schema() -> dict[str, Any]:
     schema["$schema"] = "https://json-schema.org/draft/2020-12/schema"
     schema["$id"] = f"https://nngraft.dev/schema/graft-spec-v{SCHEMA_VERSION}.json"
     return schema
+
+
+SpecLike = Union["GraftSpec", str, Path, Mapping[str, Any]]
+"""What the API accepts as a spec: a :class:`GraftSpec`, a JSON file path, or a dict."""
+
+
+def as_spec(spec: SpecLike) -> GraftSpec:
+    """A GraftSpec from a spec, a JSON file path, or a dict (validated, with readable errors).
+
+    Example:
+        >>> as_spec({"name": "lt", "rules": [{"components": ["mlp"], "positions": [{"last": True}]}]}).name
+        'lt'
+    """
+    if isinstance(spec, GraftSpec):
+        return spec
+    if isinstance(spec, Mapping):
+        try:
+            return GraftSpec.model_validate(spec)
+        except ValidationError as error:
+            raise SpecError(format_validation_error(error, "<dict>")) from None
+    return GraftSpec.load(spec)
 
 
 # Short names for the common cases.

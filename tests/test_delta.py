@@ -17,7 +17,6 @@ import torch
 from nngraft import GraftRule, GraftSpec, Grafter, Last, Span
 from nngraft.delta import DeltaDonor, DenseDonor, LoraDonor, RemoteDonorError, from_map, layout_of, to_map
 from nngraft.errors import DonorMismatchError
-from nngraft.backends.ndif import RemoteGrafter
 from nngraft.testing import perturbed_copy, tiny_pair
 
 ATOL, RTOL = 2e-5, 1e-4
@@ -29,7 +28,7 @@ SPEC = GraftSpec(name="everything", rules=[
 
 def run(P, donor, tok, *, remote=False):
     if remote:
-        return RemoteGrafter(P, donor, tok, execution="local", verbose=False).run(SPEC, PROMPTS, SPANS).logits
+        return Grafter.remote(P, donor, tok, execution="local", verbose=False).run(SPEC, PROMPTS, SPANS).logits
     return Grafter(P, donor, tok).run(SPEC, PROMPTS, SPANS).logits
 
 
@@ -131,12 +130,12 @@ def test_a_rank_that_saves_nothing_is_sent_dense():
 def test_unchanged_modules_are_skipped():
     P, _, tok = tiny_pair("llama")
     F = perturbed_copy(P, only=("mlp",))  # a finetune that only touched the MLPs
-    g = RemoteGrafter(P, DeltaDonor(F, P), tok, execution="local", verbose=False)
+    g = Grafter.remote(P, DeltaDonor(F, P), tok, execution="local", verbose=False)
     out = g.run(SPEC, PROMPTS, SPANS).logits
     close(out, Grafter(P, F, tok).run(SPEC, PROMPTS, SPANS).logits)
-    sent = {i.path for i in g.last_report.items if i.mode != "skip"}
+    sent = {i.path for i in g.backend.last_report.items if i.mode != "skip"}
     assert sent and all(".mlp." in p for p in sent)
-    assert "model.layers.0.self_attn.q_proj" in g.last_report.skipped
+    assert "model.layers.0.self_attn.q_proj" in g.backend.last_report.skipped
 
 
 @pytest.mark.parametrize("make", ["dense", "delta", "rank4"])

@@ -232,16 +232,14 @@ LT_MLP = spec(GraftRule(components=["mlp"], positions=[Last()]), name="lt_mlp")
 
 def _ndif_run(folder: str, **kwargs) -> None:
     from nngraft.delta import DenseDonor
-    from nngraft.backends.ndif import RemoteGrafter
 
-    RemoteGrafter(folder, DenseDonor(pair()[1]), host=NDIF_HOST, verbose=False, **kwargs).run(LT_MLP, ["Ada stars in"])
+    Grafter.remote(folder, DenseDonor(pair()[1]), host=NDIF_HOST, verbose=False, **kwargs).run(LT_MLP, ["Ada stars in"])
 
 
 def _ndif_no_key():
     from nngraft.delta import DenseDonor
-    from nngraft.backends.ndif import RemoteGrafter
 
-    _ndif(lambda folder: RemoteGrafter(folder, DenseDonor(pair()[1]), host=NDIF_HOST), key=None)
+    _ndif(lambda folder: Grafter.remote(folder, DenseDonor(pair()[1]), host=NDIF_HOST), key=None)
 
 
 def _ndif_wrong_key():
@@ -250,9 +248,8 @@ def _ndif_wrong_key():
 
 def _ndif_not_hosted():
     from nngraft.delta import DenseDonor
-    from nngraft.backends.ndif import RemoteGrafter
 
-    _ndif(lambda folder: RemoteGrafter("meta-llama/Nope", DenseDonor(pair()[1]), host=NDIF_HOST))
+    _ndif(lambda folder: Grafter.remote("meta-llama/Nope", DenseDonor(pair()[1]), host=NDIF_HOST))
 
 
 def _ndif_over_limit():
@@ -334,7 +331,7 @@ CASES = [
     Case(18, "NDIF API key refused", "HTTP 401 from NDIF", _ndif_wrong_key, RemoteAuthError,
          r"NDIF \(https://ndif.example\) refused the request \(HTTP 401\).*Check NDIF_API_KEY",
          handling="raised; the key is never echoed"),
-    Case(18, "model not hosted on NDIF", "`RemoteGrafter(\"meta-llama/Nope\", ...)`", _ndif_not_hosted,
+    Case(18, "model not hosted on NDIF", "`Grafter.remote(\"meta-llama/Nope\", ...)`", _ndif_not_hosted,
          ModelNotAvailableError, r"'meta-llama/Nope' is not running on NDIF \(https://ndif.example\). Running now: "
          r"nngraft-tests/tiny-llama",
          handling="raised before anything is sent (NDIF's /status is read first)"),

@@ -13,8 +13,6 @@ import subprocess
 import sys
 from pathlib import Path
 
-import pytest
-
 import nngraft
 
 PACKAGE = Path(nngraft.__file__).parent
@@ -98,7 +96,6 @@ def test_the_checks_see_a_cycle_and_a_private_import():
     assert ("nngraft.spec", "GraftSpec") in {(m, n) for m, n, _ in imports_of("nngraft.grafter")}
 
 
-@pytest.mark.xfail(strict=True, reason="grafter ↔ backends.ndif until RemoteGrafter becomes a backend (next step)")
 def test_no_import_cycle():
     cycle = find_cycle(import_graph())
     assert cycle is None, "import cycle: " + " → ".join(cycle or [])

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from nngraft import GraftRule, GraftSpec, Grafter, Index, Last, Not, Other, Span
-from nngraft.schedule import Row, schedule_rows
+from nngraft.schedule import Row, forward_on_prefix, schedule_rows, shareable_prefixes
 from nngraft.testing import TINY_MODEL_TYPES, perturbed_copy, tiny_config, tiny_pair, tiny_tokenizer
 
 from .test_exactness import assert_close, reference, setup, span_tokens, swaps
@@ -135,12 +135,13 @@ def test_sdpa_attention_with_a_gap_in_the_mask(monkeypatch):
     names = ["lt_mlp", "kv_at_2", "p", "fe_lt_mlp", "fe_lt_o", "lt_top"]
     specs = [by_name[n] for n in names] * 2
     prompts = g.tokenize([PROMPTS[0]] * 6 + [PROMPTS[2]] * 6, [SPANS[0]] * 6 + [SPANS[2]] * 6)
-    shares = g._shareable_prefixes(specs, prompts, all_logits=False)
+    shares = shareable_prefixes(specs, prompts)
     assert [s.length for s in shares[:6]] == [len(prompts[0]) - 1, 2, len(prompts[0]) - 1,
                                              len(prompts[0]) - 1, len(prompts[0]) - 1, len(prompts[0]) - 1]
     assert shares[3].spec is not None and shares[3].key == shares[4].key != shares[0].key  # a grafted prefix
     plan = compile_plan(specs, g.adapter, P.config, prompts)
-    logits = g._forward_on_prefix(plan, prompts, shares)
+    logits = forward_on_prefix(g.forward, plan, prompts, shares, adapter=g.adapter, config=P.config,
+                               device=g.device, pad_id=g.pad_id)
     assert counter.gaps == 1 and counter.grafted_prefixes == 1
     expected = plain.run(specs, [p.text for p in prompts], [SPANS[0]] * 6 + [SPANS[2]] * 6).logits
     assert_close(logits[:, -1], expected)

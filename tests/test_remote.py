@@ -32,11 +32,10 @@ from nngraft.backends.ndif import (
     RemoteAuthError,
     RemoteConnectionError,
     RemoteExecutionError,
-    RemoteGrafter,
     RemoteUnsupportedError,
     ServerEnvironmentError,
     UnsupportedModuleError,
-    _backend_class,
+    transport_class,
     check_model_available,
     estimate_payload,
     leaf_plan,
@@ -142,7 +141,7 @@ class Worker:
         return reply, result
 
     def server(self, model: str):
-        """A ``server(metadata, blob) -> bytes`` for RemoteGrafter(execution=...)."""
+        """A ``server(metadata, blob) -> bytes`` for Grafter.remote(execution=...)."""
         def serve(metadata: str, blob: bytes) -> bytes:
             reply, result = self.run(model, metadata, blob)
             if not reply["ok"]:
@@ -188,7 +187,7 @@ def test_request_run_by_fresh_server_equals_local_graft(worker, arch, kind):
     local = local_run(arch, kind)
     expected, plain = local.logits, local_run(arch, "plain").logits
 
-    g = RemoteGrafter(P, donor, tok, execution=worker.server(arch), verbose=False)
+    g = Grafter.remote(P, donor, tok, execution=worker.server(arch), verbose=False)
     out = g.run(SPEC, PROMPTS, SPANS)
 
     assert worker.calls[-1]["ok"] and worker.calls[-1]["foreign_modules"] == []
@@ -207,14 +206,14 @@ def test_run_grid_remote_equals_local(worker):
     # locally the rows of each prompt share its prefix (call_cost=0 forces it on a tiny model);
     # remotely there is no KV cache between requests, so every row runs its whole prompt
     expected = Grafter(P, F, tok, call_cost=0).run_grid(specs, PROMPTS, SPANS)
-    g = RemoteGrafter(P, DeltaDonor(F, P, dtype=torch.float32), tok, execution=worker.server("llama"),
+    g = Grafter.remote(P, DeltaDonor(F, P, dtype=torch.float32), tok, execution=worker.server("llama"),
                       verbose=False)
     assert g.share_prefix is False
     got = g.run_grid(specs, PROMPTS, SPANS)
     assert list(got) == list(expected)
     for name in expected:
         torch.testing.assert_close(got[name].logits, expected[name].logits, atol=ATOL, rtol=RTOL)
-    assert len(g.requests) == 1  # four rows, one request
+    assert len(g.backend.requests) == 1  # four rows, one request
 
 
 def test_named_donors_per_rule_remote_equals_local(worker):
@@ -227,12 +226,12 @@ def test_named_donors_per_rule_remote_equals_local(worker):
         GraftRule(components=["attn"], positions=[Span(span="first_actor")], donor="h"),
         GraftRule(components=["mlp", "q"], positions=[Last()])])
     expected = Grafter(P, F, tok, donors={"h": H}).run(spec, PROMPTS, SPANS).logits
-    g = RemoteGrafter(P, DenseDonor(F, dtype=torch.float32), tok, donors={"h": DeltaDonor(H, P, dtype=torch.float32)},
+    g = Grafter.remote(P, DenseDonor(F, dtype=torch.float32), tok, donors={"h": DeltaDonor(H, P, dtype=torch.float32)},
                       execution=worker.server("gpt2"), verbose=False)
     torch.testing.assert_close(g.run(spec, PROMPTS, SPANS).logits, expected, atol=ATOL, rtol=RTOL)
-    assert any(i.path.endswith("c_attn (h)") for i in g.last_report.items)
+    assert any(i.path.endswith("c_attn (h)") for i in g.backend.last_report.items)
     with pytest.raises(Exception, match="'h'"):
-        RemoteGrafter(P, DenseDonor(F), tok, execution=worker.server("gpt2"), verbose=False).run(spec, PROMPTS, SPANS)
+        Grafter.remote(P, DenseDonor(F), tok, execution=worker.server("gpt2"), verbose=False).run(spec, PROMPTS, SPANS)
 
 
 def test_parameter_level_grafts_remote_equal_local(worker):
@@ -247,17 +246,17 @@ def test_parameter_level_grafts_remote_equal_local(worker):
          "weights": {"top_percent": 10, "per": "layer"}}]})
     expected = Grafter(P, F, tok).run(spec, PROMPTS, SPANS).logits
     plain = local_run("llama", "plain").logits
-    g = RemoteGrafter(P, DeltaDonor(F, P, dtype=torch.float32), tok, execution=worker.server("llama"),
+    g = Grafter.remote(P, DeltaDonor(F, P, dtype=torch.float32), tok, execution=worker.server("llama"),
                       verbose=False)
     got = g.run(spec, PROMPTS, SPANS).logits
     torch.testing.assert_close(got, expected, atol=ATOL, rtol=RTOL)
     assert (got - plain).abs().max() > 1e-3
-    rank_part = [i for i in g.last_report.items if i.path.startswith("model.layers.1.mlp.down_proj")]
+    rank_part = [i for i in g.backend.last_report.items if i.path.startswith("model.layers.1.mlp.down_proj")]
     assert rank_part and rank_part[0].bytes == 2 * (32 + 64) * 4  # two factors, not the dense ΔW
-    estimate = g.estimate(spec)
-    assert estimate.total_bytes >= g.last_report.total_bytes
+    estimate = g.backend.estimate(spec)
+    assert estimate.total_bytes >= g.backend.last_report.total_bytes
     with pytest.raises(RemoteDonorError, match="DeltaDonor"):
-        RemoteGrafter(P, DenseDonor(F), tok, execution="local", verbose=False).run(spec, PROMPTS, SPANS)
+        Grafter.remote(P, DenseDonor(F), tok, execution="local", verbose=False).run(spec, PROMPTS, SPANS)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -286,7 +285,7 @@ def test_envoy_reference_is_a_silent_noop_on_the_server_and_is_refused(worker):
         grafted_here = _graft_with_envoy(P_nn, F_nn, ids, None)  # locally F's envoy is F's module
     assert (grafted_here - plain).abs().max() > 1e-2
 
-    Backend = _backend_class()
+    Backend = transport_class()
     known = P_nn._remoteable_persistent_objects()
     unchecked = Backend("local:llama", known=known, limit_bytes=None, server=worker.server("llama"),
                         host="http://localhost", api_key="", check=False)
@@ -310,7 +309,7 @@ def test_envoy_as_donor_is_refused():
     P, F, tok, _, _ = models("llama")
     for envoy in (nnsight.NNsight(F), TransformersModel(F, tokenizer=tok, task="text-generation")):
         with pytest.raises(RemoteDonorError, match="silently do nothing"):
-            RemoteGrafter(P, envoy, tok, execution="local")
+            Grafter.remote(P, envoy, tok, execution="local")
         with pytest.raises(RemoteDonorError, match="silently do nothing"):
             DeltaDonor(envoy, P)
 
@@ -321,7 +320,7 @@ def test_raw_module_in_a_request_is_refused():
     P, _, tok, _, _ = models("llama")
     F = tiny_pair("llama")[1]  # a fresh F: never wrapped in an envoy, so its modules carry no path tag
     P_nn = TransformersModel(P, tokenizer=tok, task="text-generation")
-    backend = _backend_class()("local:llama", known=P_nn._remoteable_persistent_objects(), limit_bytes=None,
+    backend = transport_class()("local:llama", known=P_nn._remoteable_persistent_objects(), limit_bytes=None,
                                server=lambda m, b: b"", host="http://localhost", api_key="")
     with pytest.raises(ForeignModuleError, match="whole LlamaForCausalLM module"):
         _graft_with_envoy(P_nn, F, torch.tensor([[5, 6, 7]]), backend)
@@ -340,7 +339,7 @@ def test_objects_the_server_cannot_import_are_refused():
     P, F, tok, _, _ = models("llama")
     P_nn = TransformersModel(P, tokenizer=tok, task="text-generation")
     plan = Grafter(P, F, tok).plan(SPEC, PROMPTS[:1], SPANS[:1])  # an nngraft object
-    backend = _backend_class()("local:llama", known=P_nn._remoteable_persistent_objects(), limit_bytes=None,
+    backend = transport_class()("local:llama", known=P_nn._remoteable_persistent_objects(), limit_bytes=None,
                                server=lambda m, b: b"", host="http://localhost", api_key="")
     with pytest.raises(ServerEnvironmentError, match="'nngraft'"):
         _trace_with_object(P_nn, plan, backend)
@@ -356,25 +355,25 @@ def test_estimate_equals_what_is_sent(kind):
     P, F, tok, lora_dir, _ = models("llama")
     donor = {"dense": DenseDonor(F), "delta": DeltaDonor(F, P), "rank2": DeltaDonor(F, P, rank=2),
              "lora": LoraDonor(lora_dir)}[kind]
-    g = RemoteGrafter(P, donor, tok, execution="local", dtype=torch.bfloat16, verbose=False)
-    estimate = g.estimate(SPEC)
+    g = Grafter.remote(P, donor, tok, execution="local", dtype=torch.bfloat16, verbose=False)
+    estimate = g.backend.estimate(SPEC)
     g.run(SPEC, PROMPTS, SPANS)
-    sent = g.last_report
+    sent = g.backend.last_report
     assert estimate.total_bytes == sent.total_bytes > 0
     assert sent.dtype == "bfloat16"
     assert {i.path for i in estimate.items if i.mode == "skip"} == set(sent.skipped)
-    request = g.requests[-1]["request_bytes"]
+    request = g.backend.requests[-1]["request_bytes"]
     assert sent.total_bytes < request < sent.total_bytes + 200_000  # tensors + envoy tree + inputs
 
 
 def test_request_overhead_is_small_and_tensors_dominate():
     """The serialized request = donor tensors + a fixed overhead (envoy tree, code, inputs)."""
     P, F, tok, _, _ = models("llama")
-    g = RemoteGrafter(P, DenseDonor(F), tok, execution="local", verbose=False)
+    g = Grafter.remote(P, DenseDonor(F), tok, execution="local", verbose=False)
     g.run(GraftSpec(), PROMPTS, SPANS)
-    empty = g.requests[-1]["request_bytes"]
+    empty = g.backend.requests[-1]["request_bytes"]
     g.run(SPEC, PROMPTS, SPANS)
-    full = g.requests[-1]
+    full = g.backend.requests[-1]
     extra = full["request_bytes"] - empty
     assert full["donor_bytes"] <= extra <= full["donor_bytes"] * 1.25
 
@@ -382,7 +381,7 @@ def test_request_overhead_is_small_and_tensors_dominate():
 def test_all_logits_remote_equals_local():
     P, F, tok, _, _ = models("llama")
     expected = Grafter(P, F, tok).run(SPEC, PROMPTS, SPANS, all_logits=True)
-    got = RemoteGrafter(P, DenseDonor(F), tok, execution="local", verbose=False).run(SPEC, PROMPTS, SPANS,
+    got = Grafter.remote(P, DenseDonor(F), tok, execution="local", verbose=False).run(SPEC, PROMPTS, SPANS,
                                                                                      all_logits=True)
     assert len(got.all_logits) == len(expected.all_logits) == 2
     for a, b in zip(got.all_logits, expected.all_logits):
@@ -400,7 +399,7 @@ def test_fused_qkv_parts_at_different_positions(arch):
         GraftRule(components=["k"], positions=[Last(), Index(index=[1])]),
         GraftRule(components=["v"], layers=[0], positions=[Index(index=[1])])])
     expected = Grafter(P, F, tok).run(spec, PROMPTS, SPANS).logits
-    g = RemoteGrafter(P, DeltaDonor(F, P), tok, execution="local", verbose=False)
+    g = Grafter.remote(P, DeltaDonor(F, P), tok, execution="local", verbose=False)
     torch.testing.assert_close(g.run(spec, PROMPTS, SPANS).logits, expected, atol=ATOL, rtol=RTOL)
     assert (expected - local_plain(arch)).abs().max() > 1e-3
 
@@ -414,7 +413,7 @@ def local_plain(arch: str) -> torch.Tensor:
 def test_payload_limit_refuses_before_sending():
     P, F, tok, _, _ = models("llama")
     calls = []
-    g = RemoteGrafter(P, DenseDonor(F), tok, execution=lambda m, b: calls.append(b), max_payload_mb=0.01,
+    g = Grafter.remote(P, DenseDonor(F), tok, execution=lambda m, b: calls.append(b), max_payload_mb=0.01,
                       verbose=False)
     with pytest.raises(PayloadTooLargeError, match=r"over the limit of 10\.0 kB.*DeltaDonor"):
         g.run(SPEC, PROMPTS, SPANS)
@@ -425,11 +424,11 @@ def test_spec_is_validated_against_the_model():
     from nngraft.errors import ComponentNotFoundError, LayerRangeError
 
     P, F, tok, _, _ = models("gpt2")
-    g = RemoteGrafter(P, DenseDonor(F), tok, execution="local", verbose=False)
+    g = Grafter.remote(P, DenseDonor(F), tok, execution="local", verbose=False)
     with pytest.raises(ComponentNotFoundError, match="gate"):
-        g.estimate(GraftSpec(rules=[GraftRule(components=["gate"], positions=[Last()])]))
+        g.backend.estimate(GraftSpec(rules=[GraftRule(components=["gate"], positions=[Last()])]))
     with pytest.raises(LayerRangeError):
-        g.estimate(GraftSpec(rules=[GraftRule(components=["mlp"], layers=[7], positions=[Last()])]))
+        g.backend.estimate(GraftSpec(rules=[GraftRule(components=["mlp"], layers=[7], positions=[Last()])]))
 
 
 def test_donor_of_another_size_is_refused():
@@ -438,17 +437,17 @@ def test_donor_of_another_size_is_refused():
     P, _, tok, _, _ = models("llama")
     _, F3, _ = tiny_pair("llama", n_layers=3)
     F_wide = tiny_pair("qwen2")[1]
-    g = RemoteGrafter(P, DenseDonor(F_wide), tok, execution="local", verbose=False)
+    g = Grafter.remote(P, DenseDonor(F_wide), tok, execution="local", verbose=False)
     with pytest.raises(DonorMismatchError, match="shape"):
         g.run(SPEC, PROMPTS, SPANS)
     lora = models("gpt2")[3]
     with pytest.raises(DonorMismatchError, match="does not have"):
-        RemoteGrafter(P, LoraDonor(lora), tok, execution="local", verbose=False)
+        Grafter.remote(P, LoraDonor(lora), tok, execution="local", verbose=False)
 
 
 def test_generation_is_refused_remotely():
     P, F, tok, _, _ = models("llama")
-    g = RemoteGrafter(P, DenseDonor(F), tok, execution="local", verbose=False)
+    g = Grafter.remote(P, DenseDonor(F), tok, execution="local", verbose=False)
     with pytest.raises(RemoteUnsupportedError, match="generation"):
         g.generate(SPEC, PROMPTS[:1], SPANS[:1])
 
@@ -519,7 +518,7 @@ def test_in_process_round_trip_equals_local_graft_on_other_architectures(arch):
     """The serialize → deserialize → execute round trip, in process, on the other 9 architectures."""
     P, F, tok = tiny_pair(arch)
     expected = Grafter(P, F, tok).run(SPEC, PROMPTS, SPANS).logits
-    got = RemoteGrafter(P, DeltaDonor(F, P), tok, execution="local", verbose=False).run(SPEC, PROMPTS, SPANS)
+    got = Grafter.remote(P, DeltaDonor(F, P), tok, execution="local", verbose=False).run(SPEC, PROMPTS, SPANS)
     torch.testing.assert_close(got.logits, expected, atol=ATOL, rtol=RTOL)
 
 
@@ -631,7 +630,7 @@ def fake_ndif(worker, monkeypatch):
 def test_ndif_path_end_to_end_with_mocked_network(fake_ndif):
     P, F, tok, lora_dir, merged = models("llama")
     expected = Grafter(P, merged, tok).run(SPEC, PROMPTS, SPANS).logits
-    g = RemoteGrafter(fake_ndif.folder, LoraDonor(lora_dir), dtype=torch.float32, verbose=False)
+    g = Grafter.remote(fake_ndif.folder, LoraDonor(lora_dir), dtype=torch.float32, verbose=False)
     out = g.run(SPEC, PROMPTS, SPANS)
     torch.testing.assert_close(out.logits, expected, atol=ATOL, rtol=RTOL)
     posted = fake_ndif.posted[-1]
@@ -644,7 +643,7 @@ def test_ndif_path_end_to_end_with_mocked_network(fake_ndif):
 def test_ndif_bad_key_is_a_clear_error(fake_ndif, monkeypatch):
     monkeypatch.setenv("NDIF_API_KEY", "wrong-key-456")
     P, F, tok, _, _ = models("llama")
-    g = RemoteGrafter(fake_ndif.folder, DenseDonor(F), verbose=False)
+    g = Grafter.remote(fake_ndif.folder, DenseDonor(F), verbose=False)
     with pytest.raises(RemoteAuthError, match="HTTP 401.*NDIF_API_KEY") as error:
         g.run(SPEC, PROMPTS[:1], SPANS[:1])
     assert "wrong-key-456" not in str(error.value)
@@ -657,7 +656,7 @@ def test_ndif_refusing_the_websocket_is_an_auth_error(fake_ndif, monkeypatch):
         raise websocket.WebSocketBadStatusException("Handshake status %d %s", 401, "Unauthorized")
 
     monkeypatch.setattr(websocket, "create_connection", refuse)
-    g = RemoteGrafter(fake_ndif.folder, DenseDonor(models("llama")[1]), verbose=False)
+    g = Grafter.remote(fake_ndif.folder, DenseDonor(models("llama")[1]), verbose=False)
     with pytest.raises(RemoteAuthError, match="refused the connection \\(HTTP 401\\)"):
         g.run(SPEC, PROMPTS[:1], SPANS[:1])
 
@@ -675,13 +674,13 @@ def test_ndif_missing_key_is_refused_before_anything_is_sent(fake_ndif, monkeypa
     monkeypatch.delenv("NDIF_API_KEY")
     monkeypatch.setattr(CONFIG.API, "APIKEY", None)
     with pytest.raises(RemoteAuthError, match="NDIF_API_KEY"):
-        RemoteGrafter(fake_ndif.folder, DenseDonor(models("llama")[1]))
+        Grafter.remote(fake_ndif.folder, DenseDonor(models("llama")[1]))
     assert fake_ndif.posted == []
 
 
 def test_ndif_server_error_carries_the_servers_message(fake_ndif):
     fake_ndif.fail_with = "Traceback ...\nCUDA out of memory"
-    g = RemoteGrafter(fake_ndif.folder, DenseDonor(models("llama")[1]), verbose=False)
+    g = Grafter.remote(fake_ndif.folder, DenseDonor(models("llama")[1]), verbose=False)
     with pytest.raises(RemoteExecutionError, match="CUDA out of memory"):
         g.run(SPEC, PROMPTS[:1], SPANS[:1])
 
@@ -691,7 +690,7 @@ def test_ndif_413_is_payload_too_large_with_the_size_and_what_to_do(fake_ndif):
 
     # what a proxy in front of NDIF answers: plain text, not FastAPI's JSON
     fake_ndif.reject_with = httpx.Response(413, text="413 Request Entity Too Large")
-    g = RemoteGrafter(fake_ndif.folder, DenseDonor(models("llama")[1]), verbose=False)
+    g = Grafter.remote(fake_ndif.folder, DenseDonor(models("llama")[1]), verbose=False)
     with pytest.raises(PayloadTooLargeError) as error:
         g.run(SPEC, PROMPTS[:1], SPANS[:1])
     message = str(error.value)
@@ -737,7 +736,7 @@ def test_model_not_running_on_ndif(fake_ndif, monkeypatch):
 
     monkeypatch.setitem(huggingface._ID_CACHE, "meta-llama/Nope", "meta-llama/Nope")
     with pytest.raises(ModelNotAvailableError, match=r"'meta-llama/Nope' is not running.*openai-community/gpt2"):
-        RemoteGrafter("meta-llama/Nope", DenseDonor(models("llama")[1]))
+        Grafter.remote("meta-llama/Nope", DenseDonor(models("llama")[1]))
     with pytest.raises(RemoteConnectionError, match="could not read"):
         check_model_available("x/y", "http://ndif.invalid", get=_unreachable)
 
@@ -757,7 +756,7 @@ def test_lora_trained_on_another_base_is_refused(fake_ndif, tmp_path):
     config["base_model_name_or_path"] = "meta-llama/Meta-Llama-3.1-8B-Instruct"
     (lora / "adapter_config.json").write_text(json.dumps(config))
     with pytest.raises(RemoteDonorMismatch, match="trained on 'meta-llama/Meta-Llama-3.1-8B-Instruct'"):
-        RemoteGrafter(fake_ndif.folder, LoraDonor(lora))
+        Grafter.remote(fake_ndif.folder, LoraDonor(lora))
 
 
 def test_estimate_payload_from_shapes_on_meta_model():

@@ -275,7 +275,7 @@ def test_api_key_never_appears_in_output_logs_results_or_files(tmp_path, monkeyp
 
     from nngraft.cli import main
     from nngraft.delta import DenseDonor
-    from nngraft.backends.ndif import RemoteExecutionError, RemoteGrafter
+    from nngraft.backends.ndif import RemoteExecutionError
     from nngraft.study.results import load_manifest, load_results
     from tests.test_remote import FakeNDIF
 
@@ -297,12 +297,12 @@ def test_api_key_never_appears_in_output_logs_results_or_files(tmp_path, monkeyp
     prompts = ["Ada Lovelace stars in a movie alongside", "Grace Hopper stars in"]
 
     # 1. a remote run on "NDIF" (verbose: it prints a line per request), equal to the local graft
-    g = RemoteGrafter(str(hosted), DenseDonor(F), dtype=torch.float32, verbose=True)
+    g = Grafter.remote(str(hosted), DenseDonor(F), dtype=torch.float32, verbose=True)
     remote = g.run(spec, prompts)
     torch.testing.assert_close(remote.logits, Grafter(P, F, tok).run(spec, prompts).logits, rtol=0, atol=0)
     assert fake.posted and all(p["headers"]["ndif-api-key"] == SENTINEL for p in fake.posted)  # it was used
     sent = [p["metadata"] for p in fake.posted] + [p["blob"] for p in fake.posted]
-    texts = [repr(g), str(g.requests), str(g.last_report), g.estimate(spec).summary()]
+    texts = [repr(g), str(g.backend.requests), str(g.backend.last_report), g.backend.estimate(spec).summary()]
     # 2. a failing request: the server's error comes back, the key does not
     fake.fail_with = "Traceback ...\nCUDA out of memory"
     with pytest.raises(RemoteExecutionError) as failed:
@@ -312,7 +312,7 @@ def test_api_key_never_appears_in_output_logs_results_or_files(tmp_path, monkeyp
     monkeypatch.delenv("NDIF_API_KEY")
     monkeypatch.setattr(CONFIG.API, "APIKEY", SAVED_SENTINEL)
     fake.key, fake.fail_with = SAVED_SENTINEL, None
-    RemoteGrafter(str(hosted), DenseDonor(F), dtype=torch.float32).run(spec, prompts[:1])
+    Grafter.remote(str(hosted), DenseDonor(F), dtype=torch.float32).run(spec, prompts[:1])
     assert fake.posted[-1]["headers"]["ndif-api-key"] == SAVED_SENTINEL
     monkeypatch.setenv("NDIF_API_KEY", SENTINEL)
     # 4. the CLI: payload estimate, and a tiny sweep with results, manifest and plots

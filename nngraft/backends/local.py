@@ -1,4 +1,8 @@
-"""Run a :class:`~nngraft.plan.GraftPlan` in one nnsight trace of the recipient.
+"""The local backend: run a :class:`~nngraft.plan.GraftPlan` in one nnsight trace of the recipient.
+
+:class:`LocalBackend` loads P and the donors in this process and runs each forward pass as a
+plain call (empty plan) or one nnsight trace in which :func:`apply_plan` — the one place where a
+graft is applied to P's modules — replaces module outputs at the grafted cells.
 
 For each grafted module, in forward order::
 
@@ -20,14 +24,94 @@ q/k/v/o *projections*, so P's KV cache is never touched by the donor.
 
 from __future__ import annotations
 
+import inspect
+import threading
 from contextlib import contextmanager
+from pathlib import Path
 from typing import Any, Iterator, Mapping
 
 import torch
 
-from ..donor import Donor
-from ..errors import DonorMismatchError
+from ..arch import Adapter, adapter_for
+from ..donor import Donor, ModelDonor, as_donor, pick_donor
+from ..partial import derived_donors
 from ..plan import GraftPlan, ModuleGraft
+from ..tokens import PaddedBatch
+from .base import Backend
+
+
+def load_pretrained(name_or_path: str, dtype: Any = None, device: Any = None) -> torch.nn.Module:
+    """A causal LM from a local folder or Hub id, in eval mode (``dtype``: default ``"auto"``)."""
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(name_or_path, dtype=dtype or "auto")
+    return model.to(device).eval() if device else model.eval()
+
+
+class LocalBackend(Backend):
+    """P, the donors and every forward pass in this process (the default backend).
+
+    An empty plan is a plain call of P; otherwise one nnsight trace applies the plan
+    (:func:`apply_plan`). Keeps a KV cache when asked (prefix sharing, generation). Traces are
+    serialized with a lock, so one Grafter may be used from several threads. P's weights are never
+    modified: donor parameters are swapped in only for the duration of each donor call.
+    """
+
+    supports_cache = True
+
+    def attach(self, recipient: Any, donor: Any, tokenizer: Any, *, adapter: Adapter | None = None,
+               donors: Mapping[str, Any] | None = None, dtype: Any = None, device: Any = None) -> None:
+        import nnsight
+
+        if isinstance(recipient, str):
+            if tokenizer is None:
+                from transformers import AutoTokenizer
+
+                tokenizer = AutoTokenizer.from_pretrained(recipient)
+            recipient = load_pretrained(recipient, dtype, device)
+        if tokenizer is None:
+            raise ValueError("pass the recipient's tokenizer (Grafter(P, F, tokenizer))")
+        self.model, self.tokenizer = recipient, tokenizer
+        self.adapter = adapter or adapter_for(recipient)
+        self.donors: dict[str, Donor] = {}
+        for name, value in {"default": donor, **dict(donors or {})}.items():
+            if isinstance(value, str) and not Path(value).exists():
+                value = load_pretrained(value, dtype, device)  # a hub id; a local folder is read lazily
+            self.donors[name] = as_donor(value)
+            if isinstance(self.donors[name], ModelDonor):
+                self.donors[name].check_against(recipient)
+        self.derived: dict[str, Any] = {}  # parameter-level donors derived from these, by name
+        self.nn = nnsight.NNsight(recipient)
+        self.lock = threading.Lock()
+        params = inspect.signature(recipient.forward).parameters
+        self.keeps_last = "logits_to_keep" in params
+        self.cache_keyword = "cache" if "cache" in params else "past_key_values"
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    def forward(self, plan: GraftPlan, batch: PaddedBatch, *, keep_all: bool = False,
+                cache: Any = None, use_cache: bool = False) -> tuple[torch.Tensor, Any]:
+        """One forward pass of P with ``plan`` applied. Returns (logits, KV cache or None)."""
+        kwargs: dict[str, Any] = dict(batch.model_inputs(), use_cache=use_cache or cache is not None)
+        if cache is not None:
+            kwargs[self.cache_keyword] = cache
+        if self.keeps_last and not keep_all:
+            kwargs["logits_to_keep"] = 1
+            plan = plan.lm_head_on_last_column(self.adapter.lm_head)
+        with torch.no_grad(), self.lock:
+            if plan.is_empty:
+                out = self.model(**kwargs)
+            else:
+                donors = derived_donors(plan, self.donors, self.model, self.adapter, self.derived)
+                with self.nn.trace(**kwargs):
+                    apply_plan(self.nn, plan, donors)
+                    out = self.nn.output.save()
+        if not kwargs["use_cache"]:
+            return out.logits, None
+        cache = out["cache"] if "cache" in out else out.get("past_key_values")  # transformers 5 renamed it
+        return out.logits, cache
 
 
 @contextmanager
@@ -81,7 +165,7 @@ def apply_plan(root: Any, plan: GraftPlan, donors: Donor | Mapping[str, Donor]) 
             view = out
         # The module's output is a fresh tensor that nothing has read yet: write into it in place.
         for name, mine in _by_donor(grafts):
-            params = _donor(donors, name).params(path, module)
+            params = pick_donor(donors, name).params(path, module)
             if len(mine) == 1:
                 rows, cols = mine[0].rows, mine[0].cols
             else:  # fused q/k/v at different positions: one donor call on the union
@@ -119,16 +203,6 @@ def _by_donor(grafts: list[ModuleGraft]) -> list[tuple[str, list[ModuleGraft]]]:
     for graft in grafts:
         groups.setdefault(graft.donor, []).append(graft)
     return list(groups.items())
-
-
-def _donor(donors: Mapping[str, Donor], name: str) -> Donor:
-    try:
-        return donors[name]
-    except KeyError:
-        raise DonorMismatchError(
-            f"a rule grafts from donor {name!r}, but this run has donors {sorted(donors)}; pass it "
-            f"with Grafter(P, F, tokenizer, donors={{{name!r}: ...}})"
-        ) from None
 
 
 def _positions_in(rows, cols, sub_rows, sub_cols, width) -> torch.Tensor:

@@ -24,7 +24,7 @@ the server cannot load (nngraft itself is not installed there).
 
 Modules: :mod:`nngraft.delta` (donors as data), :mod:`nngraft.backends.payload` (plans → programs, module
 kinds, payload sizes), :mod:`nngraft.backends.functional` (the code that runs on the server), and this one
-(request checks, transport, :class:`RemoteGrafter`).
+(request checks, transport, :class:`NdifBackend`).
 
 ``execution=`` chooses where the request runs: ``"ndif"`` (default), ``"local"`` (this process,
 on a local copy of P, through the exact serialize → deserialize → execute round trip a server
@@ -34,9 +34,11 @@ result_bytes``.
 
 from __future__ import annotations
 
+import inspect
 import io
 import os
 import sys
+import threading
 import types
 from typing import Any, Callable, Mapping, Sequence
 
@@ -59,7 +61,6 @@ from ..errors import (  # noqa: F401 - re-exported: remote errors live in nngraf
     UnsupportedModuleError,
 )
 from .functional import run_program
-from ..grafter import Grafter, SpecLike
 from .payload import (  # noqa: F401 - re-exported for users of nngraft.backends.ndif
     PayloadItem,
     PayloadReport,
@@ -67,7 +68,6 @@ from .payload import (  # noqa: F401 - re-exported for users of nngraft.backends
     ShapeDonor,
     donor_name_of,
     dtype_name,
-    pick_donor,
     build_program,
     estimate_payload,
     format_bytes,
@@ -75,7 +75,10 @@ from .payload import (  # noqa: F401 - re-exported for users of nngraft.backends
     module_kind,
     spec_modules,
 )
+from ..donor import pick_donor
 from ..plan import GraftPlan
+from ..spec import SpecLike, as_spec
+from .base import Backend
 
 DEFAULT_MAX_PAYLOAD_MB = 256.0
 """Default refusal threshold for one request (``NNGRAFT_MAX_PAYLOAD_MB`` overrides it). NDIF does
@@ -197,11 +200,11 @@ Server = Callable[[str, bytes], bytes]
 """``server(metadata_json, blob) -> result_bytes``: anything that runs a serialized request."""
 
 
-def _backend_class():
+def transport_class():
     from nnsight.intervention.backends.remote import RemoteBackend, RemoteError
 
     class NngraftBackend(RemoteBackend):
-        """nnsight's RemoteBackend with nngraft's request checks, size limit and error messages;
+        """nnsight's RemoteBackend (one request's transport) with nngraft's request checks, size limit and error messages;
         ``server`` replaces the network (HTTP + websocket) with a callable."""
 
         def __init__(self, model_key: str, *, known: Mapping[str, Any], limit_bytes: int | None,
@@ -397,7 +400,7 @@ def _remote_trace(wrapper: Any, inputs: dict, program: dict, backend: Any) -> An
 
 
 # ---------------------------------------------------------------------------------------------
-# RemoteGrafter
+# The backend
 # ---------------------------------------------------------------------------------------------
 
 
@@ -409,50 +412,66 @@ def _registered() -> None:
     nnsight.register(functional)
 
 
-class RemoteGrafter(Grafter):
-    """A :class:`~nngraft.grafter.Grafter` whose forward passes run on NDIF (or a stand-in).
+class NdifBackend(Backend):
+    """Forward passes on NDIF (or a stand-in server): P runs there, the donor travels as tensors.
+
+    Use it through ``Grafter.remote(P, donor, tokenizer, **options)``, or
+    ``Grafter(P, donor, tokenizer, backend=NdifBackend(**options))``.
+
+    The Grafter's recipient: a Hub id NDIF hosts; or, for ``execution="local"`` / a custom
+    server, a loaded ``transformers`` model or an nnsight ``TransformersModel``. Its donor:
+    :class:`~nngraft.delta.DenseDonor`, :class:`~nngraft.delta.DeltaDonor`,
+    :class:`~nngraft.delta.LoraDonor`; a loaded F, checkpoint path or tensor dict is sent as a
+    DenseDonor. nnsight models/envoys of F are refused (the silent no-op trap).
 
     Args:
-        recipient: P — a Hub id NDIF hosts; or, for ``execution="local"`` / a custom server, a
-            loaded ``transformers`` model or an nnsight ``TransformersModel``.
-        donor: :class:`~nngraft.delta.DenseDonor`, :class:`~nngraft.delta.DeltaDonor`,
-            :class:`~nngraft.delta.LoraDonor`; a loaded F, checkpoint path or tensor dict is sent
-            as a DenseDonor. nnsight models/envoys of F are refused (the silent no-op trap).
-        tokenizer: P's tokenizer (default: the one the Hub id brings).
         execution: ``"ndif"`` (default), ``"local"``, or a ``server(metadata, blob) -> bytes``.
         dtype: dtype donor tensors travel in (default ``bfloat16`` on NDIF, whose models run in
             bfloat16; the local model's dtype otherwise). A donor's own ``dtype=`` wins.
         max_payload_mb: refuse requests above this (default 256, or ``NNGRAFT_MAX_PAYLOAD_MB``).
         api_key: NDIF API key (default: ``NDIF_API_KEY``, then nnsight's saved key). Never logged.
         host: NDIF host (default: nnsight's, ``NDIF_HOST``).
+        revision: the Hub revision of a recipient given by id.
         check_model: check that NDIF runs the model before the first request.
         verbose: print one line per request (modules, bytes) and, for rank-truncated deltas, the
             worst reconstruction error.
-        donors: more donors by name, for spec rules that say ``"donor": NAME`` (as locally).
 
-    ``run`` and ``run_grid`` work as locally and return the same :class:`GraftResult`; rows are
-    packed ``batch_size`` to a request, and each request carries the donor tensors of the modules
-    its plan grafts. ``generate`` is not supported remotely.
+    Each forward pass is one request carrying the donor tensors of the modules its plan grafts.
+    No KV cache is kept between requests: no prefix sharing, no generation.
+    ``requests`` lists every request sent (sizes, module count); ``last_report`` is the payload
+    report of the latest one; :meth:`estimate` gives a request's donor bytes from shapes only.
     """
 
-    def __init__(self, recipient: Any, donor: Any, tokenizer: Any = None, *,
-                 execution: str | Server = "ndif", dtype: torch.dtype | None = None,
+    supports_cache = False
+    default_batch_size = 64
+
+    def __init__(self, *, execution: str | Server = "ndif", dtype: torch.dtype | None = None,
                  max_payload_mb: float | None = None, api_key: str | None = None, host: str | None = None,
-                 revision: str | None = None, check_model: bool = True, batch_size: int = 64,
-                 adapter: Adapter | None = None, verbose: bool = True,
-                 donors: Mapping[str, Any] | None = None) -> None:
-        import threading
-
-        from nnsight.intervention.envoy import Envoy
-        from nnsight.modeling.transformers import TransformersModel
-
+                 revision: str | None = None, check_model: bool = True, verbose: bool = True) -> None:
         if execution not in ("ndif", "local") and not callable(execution):
             raise ValueError(f"execution must be 'ndif', 'local' or a callable server, not {execution!r}")
         self.execution = execution
-        self.donors = {name: as_remote_donor(value) for name, value in {"default": donor, **dict(donors or {})}.items()}
-        self.donor = self.donors["default"]
-        self._api_key: str | None = None
         self.host = host
+        self.revision = revision
+        self.check_model = check_model
+        self.verbose = verbose
+        self._requested_dtype = dtype
+        self._given_api_key = api_key
+        self._api_key: str | None = None
+        limit = max_payload_mb if max_payload_mb is not None else float(
+            os.environ.get("NNGRAFT_MAX_PAYLOAD_MB", DEFAULT_MAX_PAYLOAD_MB))
+        self.limit_bytes = int(limit * 1e6)
+        self.last_report: PayloadReport | None = None
+        self.requests: list[dict[str, Any]] = []  # one entry per request sent: sizes and module count
+        self._lock = threading.Lock()
+
+    def attach(self, recipient: Any, donor: Any, tokenizer: Any, *, adapter: Adapter | None = None,
+               donors: Mapping[str, Any] | None = None, dtype: Any = None, device: Any = None) -> None:
+        from nnsight.intervention.envoy import Envoy
+        from nnsight.modeling.transformers import TransformersModel
+
+        execution = self.execution
+        self.donors = {name: as_remote_donor(value) for name, value in {"default": donor, **dict(donors or {})}.items()}
         if execution == "ndif":
             if not isinstance(recipient, str):
                 raise RemoteGraftError(
@@ -460,46 +479,33 @@ class RemoteGrafter(Grafter):
                     "'meta-llama/Meta-Llama-3.1-8B'), not a local model object; to check a study on a "
                     "local model, pass execution='local'"
                 )
-            self._api_key = self._find_api_key(api_key)
-            if check_model:
-                check_model_available(_canonical_id(recipient), host)
+            self._api_key = self._find_api_key(self._given_api_key)
+            if self.check_model:
+                check_model_available(_canonical_id(recipient), self.host)
         if isinstance(recipient, str):
             if tokenizer is None:
                 from transformers import AutoTokenizer
 
-                tokenizer = AutoTokenizer.from_pretrained(recipient, revision=revision)
+                tokenizer = AutoTokenizer.from_pretrained(recipient, revision=self.revision)
             load = dict(dispatch=True) if execution == "local" else {}
-            wrapper = TransformersModel(recipient, revision=revision, task="text-generation",
+            wrapper = TransformersModel(recipient, revision=self.revision, task="text-generation",
                                         tokenizer=tokenizer, **load)
         elif isinstance(recipient, TransformersModel):
             wrapper = recipient
         else:
             module = recipient._module if isinstance(recipient, Envoy) else recipient
             if tokenizer is None:
-                raise ValueError("pass the recipient's tokenizer (RemoteGrafter(P, donor, tokenizer))")
+                raise ValueError("pass the recipient's tokenizer (Grafter.remote(P, donor, tokenizer))")
             meta = dict(device="meta") if any(p.is_meta for p in module.parameters()) else {}
             wrapper = TransformersModel(module, tokenizer=tokenizer, task="text-generation", **meta)
         self.nn = wrapper
         self.model = wrapper._module
         self.tokenizer = tokenizer if tokenizer is not None else wrapper.tokenizer
         self.adapter = adapter or adapter_for(self.model)
-        self.batch_size = batch_size
-        self.share_prefix = False  # a shared prefix needs a KV cache kept between requests
-        self._lock = threading.Lock()
-        import inspect
-
-        params = inspect.signature(self.model.forward).parameters
-        self._keep_last = "logits_to_keep" in params
-        self._cache_kw = "cache" if "cache" in params else "past_key_values"
+        self.keeps_last = "logits_to_keep" in inspect.signature(self.model.forward).parameters
         local_dtype = next(self.model.parameters()).dtype
-        self.dtype = dtype or (torch.bfloat16 if execution == "ndif" else local_dtype)
-        limit = max_payload_mb if max_payload_mb is not None else float(
-            os.environ.get("NNGRAFT_MAX_PAYLOAD_MB", DEFAULT_MAX_PAYLOAD_MB))
-        self.limit_bytes = int(limit * 1e6)
-        self.verbose = verbose
-        self.last_report: PayloadReport | None = None
-        self.requests: list[dict[str, Any]] = []  # one entry per request sent: sizes and module count
-        self._partial: dict[str, Any] = {}  # parameter-level donors (rule "weights"), by derived name
+        self.dtype = self._requested_dtype or dtype or (torch.bfloat16 if execution == "ndif" else local_dtype)
+        self.derived: dict[str, Any] = {}  # parameter-level donors (rule "weights"), by derived name
         for value in self.donors.values():
             if hasattr(value, "check_against"):
                 value.check_against(self.model)
@@ -519,21 +525,16 @@ class RemoteGrafter(Grafter):
             )
         return key
 
-    def __repr__(self) -> str:  # never shows the API key
-        return (f"RemoteGrafter({self.model.config.model_type!r}, donor={self.donor.describe()!r}, "
-                f"execution={self.execution if isinstance(self.execution, str) else 'custom'!r})")
+    def describe(self) -> str:  # never shows the API key
+        return f"NdifBackend(execution={self.execution if isinstance(self.execution, str) else 'custom'!r})"
 
-    @property
-    def device(self) -> torch.device:
-        return torch.device("cpu")  # inputs are built here; the server moves them
+    __repr__ = describe
 
     # -- pre-flight -----------------------------------------------------------------------
 
     def estimate(self, specs: SpecLike | Sequence[SpecLike]) -> PayloadReport:
         """Donor bytes one request for ``specs`` carries, from shapes only (nothing is computed or
         sent). Validates the specs against the model's config on the way."""
-        from ..grafter import as_spec
-
         items = [specs] if isinstance(specs, (str, Mapping)) or not isinstance(specs, Sequence) else specs
         return estimate_payload([as_spec(s) for s in items], self.model, self.donors, self.dtype,
                                 adapter=self.adapter, limit_bytes=self.limit_bytes)
@@ -543,10 +544,10 @@ class RemoteGrafter(Grafter):
         derived = getattr(plan, "derived", None) or {}
         out = dict(self.donors)
         for name, spec in derived.items():
-            if name not in self._partial:
-                self._partial[name] = RemotePartialDonor(pick_donor(self.donors, spec.base), spec,
-                                                              self.model, self.adapter)
-            out[name] = self._partial[name]
+            if name not in self.derived:
+                self.derived[name] = RemotePartialDonor(pick_donor(self.donors, spec.base), spec,
+                                                        self.model, self.adapter)
+            out[name] = self.derived[name]
         return out
 
     def program(self, plan: GraftPlan) -> tuple[dict, PayloadReport]:
@@ -567,9 +568,10 @@ class RemoteGrafter(Grafter):
 
     # -- running --------------------------------------------------------------------------
 
-    def _backend(self) -> Any:
+    def transport(self) -> Any:
+        """nnsight's request backend for one request: to NDIF, or to the stand-in server."""
         known = self.nn._remoteable_persistent_objects()
-        cls = _backend_class()
+        cls = transport_class()
         if self.execution == "ndif":
             return cls(self.nn.to_model_key(), known=known, limit_bytes=self.limit_bytes,
                        host=self.host, api_key=self._api_key, env=self.nn._remoteable_get_env())
@@ -588,38 +590,32 @@ class RemoteGrafter(Grafter):
             )
         inputs: dict[str, Any] = {k: v.cpu() for k, v in batch.model_inputs().items()}
         inputs["use_cache"] = False
-        if self._keep_last and not keep_all:
+        if self.keeps_last and not keep_all:
             inputs["logits_to_keep"] = 1
             plan = plan.lm_head_on_last_column(self.adapter.lm_head)
         program, report = self.program(plan)
         self.last_report = report
-        backend = self._backend()
+        transport = self.transport()
         with self._lock:
-            logits = _remote_trace(self.nn, inputs, program, backend)
+            logits = _remote_trace(self.nn, inputs, program, transport)
         report.exact = True
         self.requests.append({"modules": len(program["ops"]), "donor_bytes": report.total_bytes,
-                              "request_bytes": backend.raw_bytes, "sent_bytes": backend.sent_bytes})
+                              "request_bytes": transport.raw_bytes, "sent_bytes": transport.sent_bytes})
         if self.verbose:
-            self._say(report, backend)
+            self._say(report, transport)
         return logits, None
 
-    def _say(self, report: PayloadReport, backend: Any) -> None:
+    def _say(self, report: PayloadReport, transport: Any) -> None:
         from rich.console import Console
 
         where = "NDIF" if self.execution == "ndif" else ("local server" if self.execution == "local" else "server")
-        line = f"[dim]nngraft → {where}: {report.summary()}; request {format_bytes(backend.sent_bytes or 0)}[/dim]"
+        line = f"[dim]nngraft → {where}: {report.summary()}; request {format_bytes(transport.sent_bytes or 0)}[/dim]"
         for name, donor in self.donors.items():
             if isinstance(donor, DeltaDonor) and donor.rank is not None and donor.report():
                 worst = max(donor.report(), key=lambda r: r["rel_error"])
                 line += (f"\n[dim]  {name}: rank-{donor.rank} delta, worst relative reconstruction error "
                          f"{worst['rel_error']:.2e} ({worst['name']}); see donor.report()[/dim]")
         Console(stderr=True).print(line)
-
-    def generate(self, *args: Any, **kwargs: Any) -> Any:
-        raise RemoteUnsupportedError(
-            "generation is not supported remotely (each request is one forward pass without a KV "
-            "cache); use run() / run_grid(), or generate locally with Grafter"
-        )
 
 
 def _check_lora_base(donor: LoraDonor, repo_id: str) -> None:
@@ -639,7 +635,7 @@ def _check_lora_base(donor: LoraDonor, repo_id: str) -> None:
 __all__ = [
     "DEFAULT_MAX_PAYLOAD_MB", "ForeignModuleError", "InProcessServer", "ModelNotAvailableError",
     "PayloadItem", "PayloadReport", "PayloadTooLargeError", "RemoteAuthError", "RemoteConnectionError",
-    "RemoteDonorError", "RemoteDonorMismatch", "RemoteExecutionError", "RemoteGraftError", "RemoteGrafter",
+    "NdifBackend", "RemoteDonorError", "RemoteDonorMismatch", "RemoteExecutionError", "RemoteGraftError",
     "RemotePartialDonor", "RemoteUnsupportedError", "ServerEnvironmentError", "ShapeDonor",
     "UnsupportedModuleError", "build_program", "check_model_available", "check_request", "estimate_payload",
     "format_bytes", "leaf_plan", "module_kind", "spec_modules",

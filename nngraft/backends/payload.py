@@ -31,6 +31,7 @@ from ..arch import Adapter, adapter_for, get_module
 from ..delta import RemoteDonor, Shipment, detached_copy, layout_of, to_map
 from ..errors import PayloadTooLargeError, RemoteGraftError, UnsupportedModuleError
 from .functional import PROGRAM_VERSION, forward as functional_forward
+from ..donor import pick_donor
 from ..partial import PartialDonor
 from ..plan import GraftPlan, rule_targets
 
@@ -230,16 +231,6 @@ def _cells(grafts: Sequence[Any], width: int) -> tuple[torch.Tensor, torch.Tenso
 
 def donor_name_of(graft: Any) -> str:
     return getattr(graft, "donor", None) or "default"
-
-
-def pick_donor(donors: Mapping[str, RemoteDonor], name: str) -> RemoteDonor:
-    try:
-        return donors[name]
-    except KeyError:
-        raise RemoteGraftError(
-            f"a spec rule names donor {name!r}, but this run has donors {sorted(donors)}; pass "
-            f"donors={{{name!r}: ...}}"
-        ) from None
 
 
 def build_program(plan: GraftPlan, model: torch.nn.Module, adapter: Adapter,

@@ -1,11 +1,11 @@
 """Whole-answer log-probability under a graft, by teacher forcing (an option of sweeps).
 
 The paper scores only the answer's first token, which lets actors who share a first name (or a
-common first sub-word) inflate accuracy (spec.md §7.5). ``answer_logprob`` is
+common first sub-word) inflate accuracy. ``answer_logprob`` is
 ``log P(answer tokens | prompt)``: the sum over the answer's tokens, each given the prompt and
 the answer tokens before it.
 
-Grafting semantics are those of :meth:`nngraft.Grafter.generate`: the prompt is processed once
+It runs :meth:`nngraft.Grafter.decode` with the answer as forced tokens: the prompt is processed once
 with the spec's grafts; then each answer token is fed as a new token, grafted where the spec's
 selectors name it in the grown sequence (``last`` names every new token, spans name only prompt
 tokens, ``all`` / ``not`` / ``other`` include new tokens), reusing the KV cache. For the empty spec
@@ -30,9 +30,8 @@ from typing import Any, Sequence
 import torch
 
 from ..grafter import Grafter
-from ..plan import compile_plan
 from ..spec import GraftSpec
-from ..tokens import PaddedBatch, TokenizedPrompt, pad_left
+from ..tokens import TokenizedPrompt
 
 
 def answer_token_ids(tokenizer: Any, prompt: str, answer: str) -> list[int]:
@@ -69,30 +68,12 @@ def answer_logprobs(grafter: Grafter, specs: Sequence[GraftSpec], prompts: Seque
     if not (len(specs) == len(prompts) == len(answers)):
         raise ValueError(f"got {len(specs)} specs, {len(prompts)} prompts and {len(answers)} answers")
     specs, prompts = list(specs), list(prompts)
-    config, adapter = grafter.model.config, grafter.adapter
-    lengths = [len(p) for p in prompts]
-    batch = pad_left([p.ids for p in prompts], grafter.pad_id, grafter.device)
-    plan = compile_plan(specs, adapter, config, prompts)
-    logits, cache = grafter.forward(plan, batch, use_cache=True)
     steps = max(len(a) for a in answers)
+    decoded = grafter.decode(specs, prompts, steps, forced=answers)
     out: list[list[float]] = [[] for _ in prompts]
-
-    def collect(step_logits: torch.Tensor, j: int) -> None:
+    for j, step_logits in enumerate(decoded.step_logits):
         logp = torch.log_softmax(step_logits.float(), dim=-1)
         for i, answer in enumerate(answers):
             if j < len(answer):
                 out[i].append(float(logp[i, answer[j]]))
-
-    collect(logits[:, -1], 0)
-    mask, positions = batch.attention_mask, batch.position_ids
-    pad = grafter.pad_id
-    for j in range(1, steps):
-        lengths = [n + 1 for n in lengths]
-        fed = torch.tensor([[a[j - 1] if j - 1 < len(a) else pad] for a in answers], device=grafter.device)
-        mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
-        positions = positions[:, -1:] + 1
-        grown = compile_plan(specs, adapter, config, prompts, lengths=lengths)
-        logits, cache = grafter.forward(grown.last_columns(1), PaddedBatch(fed, mask, positions, batch.pad),
-                                        cache=cache)
-        collect(logits[:, -1], j)
     return out
