@@ -122,7 +122,7 @@ def test_sdpa_attention_with_a_gap_in_the_mask(monkeypatch):
     pass (the pass is built by hand here; the scheduler forms such passes when they are cheaper)."""
     from transformers import AutoModelForCausalLM
 
-    from nngraft.grafter import SharedPrefix
+    from nngraft.schedule import SharedPrefix
     from nngraft.plan import compile_plan
 
     torch.manual_seed(0)
