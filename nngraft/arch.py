@@ -10,6 +10,11 @@ All architecture knowledge of nngraft is in the :data:`ADAPTERS` table below. An
   belong to ``q``, ``k`` and ``v``;
 - for modules that see tokens on another axis than 1, which axis (``token_axes``).
 
+Facts about module *classes* that hold across architectures live here too:
+:func:`stores_weight_in_out` (GPT-2's ``Conv1D`` keeps its weight as (in, out), transposed from
+``nn.Linear``), and the names under which checkpoints store weights
+(:func:`checkpoint_prefixes`, :func:`tied_alternatives`).
+
 A component may live in several modules (Gemma-2 has a norm before *and* after attention; both
 are ``ln_attn``). Norms without weights (OLMo-1) are simply absent: there is nothing to graft.
 
@@ -109,6 +114,10 @@ class Adapter:
     def n_layers(self, config: Any) -> int:
         return int(config.num_hidden_layers)
 
+    def head_dim(self, config: Any) -> int:
+        """Features per attention head of q, k, v (and of o's input)."""
+        return int(getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads)
+
     # -- where components live --------------------------------------------------------------
 
     def sites(self, component: str, layer: int | None, config: Any) -> list[Site]:
@@ -202,6 +211,40 @@ def fused_features(layout: FusedLayout, component: str, config: Any) -> tuple[in
     heads = int(config.num_attention_heads)
     head_dim = hidden // heads
     return tuple(h * 3 * head_dim + which * head_dim + i for h in range(heads) for i in range(head_dim))
+
+
+def stores_weight_in_out(module: torch.nn.Module) -> bool:
+    """Whether ``module`` keeps its 2-D weight as (in, out) — GPT-2's ``Conv1D``, computing
+    ``x @ W + b`` — rather than ``nn.Linear``'s (out, in).
+
+    Example:
+        >>> from transformers.pytorch_utils import Conv1D
+        >>> stores_weight_in_out(Conv1D(6, 4)), stores_weight_in_out(torch.nn.Linear(4, 6))
+        (True, False)
+    """
+    from transformers.pytorch_utils import Conv1D
+
+    return isinstance(module, Conv1D)
+
+
+def output_axis(module: torch.nn.Module, name: str, param: torch.Tensor) -> int:
+    """The axis of ``module``'s parameter ``name`` that indexes its output features."""
+    return 1 if name.rpartition(".")[2] == "weight" and param.ndim == 2 and stores_weight_in_out(module) else 0
+
+
+def checkpoint_prefixes() -> tuple[str, ...]:
+    """The top-level module names (``model.``, ``transformer.``, ``gpt_neox.``) a checkpoint may
+    leave off its tensor names, from every registered adapter."""
+    heads = [a.layers_path.split(".")[0] + "." for a in ADAPTERS.values()]
+    return tuple(dict.fromkeys(h for h in heads if h.count(".") == 1))
+
+
+def tied_alternatives(name: str) -> tuple[str, ...]:
+    """Where a checkpoint with tied embeddings keeps the LM head's weight ``name`` (only the input
+    embedding is stored): every registered adapter's ``embed`` weight, for an ``lm_head`` weight."""
+    if not any(a.lm_head and name == f"{a.lm_head}.weight" for a in ADAPTERS.values()):
+        return ()
+    return tuple(dict.fromkeys(f"{a.embed}.weight" for a in ADAPTERS.values() if a.embed))
 
 
 def get_module(model: torch.nn.Module, path: str) -> torch.nn.Module:

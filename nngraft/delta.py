@@ -38,6 +38,7 @@ from typing import Any, Literal, Mapping
 
 import torch
 
+from .arch import stores_weight_in_out
 from .donor import PICKLE_SUFFIXES, ModelDonor, SafetensorsDonor, TensorDonor
 from .errors import DonorMismatchError, RemoteDonorError
 
@@ -83,7 +84,7 @@ def layout_of(module: torch.nn.Module, name: str = "weight") -> Layout:
         return "vector"
     if isinstance(module, torch.nn.Embedding):
         return "embedding"
-    if type(module).__name__ == "Conv1D":
+    if stores_weight_in_out(module):
         return "conv1d"
     if isinstance(module, torch.nn.Linear):
         return "linear"

@@ -27,14 +27,13 @@ from typing import Any, Mapping, Protocol
 
 import torch
 
-from .arch import get_module
+from .arch import checkpoint_prefixes, get_module, tied_alternatives
 from .errors import DonorMismatchError
 
 
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle")
 """Checkpoint formats that are pickles: refused, never loaded."""
 
-_TIED_INPUT_EMBEDDINGS = ("model.embed_tokens.weight", "transformer.wte.weight", "gpt_neox.embed_in.weight")
 
 
 class Donor(Protocol):
@@ -77,10 +76,11 @@ class _CachingDonor:
         try:
             return self._tensor(name)
         except DonorMismatchError:
-            if name != "lm_head.weight":
+            alternatives = tied_alternatives(name)
+            if not alternatives:
                 raise
             # Tied embeddings: checkpoints and named_parameters() keep only the input side.
-            for alt in _TIED_INPUT_EMBEDDINGS:
+            for alt in alternatives:
                 try:
                     return self._tensor(alt)
                 except DonorMismatchError:
@@ -157,8 +157,7 @@ class SafetensorsDonor(_CachingDonor):
     Loading never unpickles anything.
     """
 
-    def __init__(self, path: str | Path, *, prefixes: tuple[str, ...] = ("transformer.", "model.",
-                                                                          "gpt_neox.")) -> None:
+    def __init__(self, path: str | Path, *, prefixes: tuple[str, ...] | None = None) -> None:
         super().__init__()
         from safetensors import safe_open
 
@@ -187,7 +186,7 @@ class SafetensorsDonor(_CachingDonor):
                         self._index[key] = file
             except Exception as error:  # noqa: BLE001 - safetensors' own error type is not public
                 raise DonorMismatchError(f"{file} is not a readable .safetensors file ({error})") from None
-        self._prefixes = prefixes
+        self._prefixes = checkpoint_prefixes() if prefixes is None else prefixes
         self._renames = {"lm_head.weight": ("embed_out.weight",)}
 
     def _key(self, name: str) -> str | None:

@@ -27,7 +27,7 @@ from typing import Any
 
 import torch
 
-from .arch import Adapter, get_module
+from .arch import Adapter, get_module, stores_weight_in_out
 from .donor import Donor
 from .errors import SpecError
 from .plan import DerivedDonor
@@ -67,6 +67,7 @@ class PartialDonor:
         self.derived = derived
         self.selection = WeightSelection.model_validate(derived.selection)
         self.recipient = recipient
+        self.adapter = adapter
         self.errors: dict[str, float] = {}  # rank truncation: relative error per tensor
         self._cache: dict[str, dict[str, torch.Tensor]] = {}
         # module path -> (component, layer) for every module the rule's components live in
@@ -123,7 +124,7 @@ class PartialDonor:
         """A 0/1 mask selecting rows / columns / heads / neurons of one parameter."""
         sel, component = self.selection, self._where[path][0]
         module = get_module(self.recipient, path)
-        transposed = type(module).__name__ == "Conv1D"  # weight stored (in, out)
+        transposed = stores_weight_in_out(module)
         kind, index = sel.kind, getattr(sel, sel.kind)
         if kind in ("heads", "neurons"):
             kind, index = self._heads_or_neurons(path, component, kind, index)
@@ -145,10 +146,9 @@ class PartialDonor:
             return ("columns" if component == "down" else "rows"), index
         if component not in ("q", "k", "v", "o"):
             raise SpecError(f"weights.heads selects attention heads; {component!r} ({path}) is not q, k, v or o")
-        config = self.recipient.config
-        if getattr(config, "model_type", "") in ("gpt2", "gpt_neox"):
+        if self.adapter.fused_qkv and component in ("q", "k", "v"):
             raise SpecError(f"weights.heads is not supported on fused QKV projections ({path}); use rows")
-        head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+        head_dim = self.adapter.head_dim(self.recipient.config)
         features = [h * head_dim + i for h in index for i in range(head_dim)]
         return ("columns" if component == "o" else "rows"), features
 

@@ -1,4 +1,4 @@
-"""A stand-in NDIF model server, run as a FRESH subprocess by tests/test_remote.py.
+"""A stand-in NDIF model server, run as a FRESH subprocess by tests/test_backends_ndif.py.
 
 It has only the pretrained models P (loaded from checkpoint folders, like a server loads its
 deployment) and none of the test's objects: it is started with ``python -I`` (no script folder,

@@ -149,7 +149,7 @@ def test_options_quick_defaults_and_errors(tmp_path):
 
 
 def test_device_errors_are_clear():
-    from nngraft.study.demo import _device
+    from nngraft.study.models import resolve_device as _device
 
     assert _device("cpu") == torch.device("cpu")
     assert _device("auto").type == ("cuda" if torch.cuda.is_available() else "cpu")

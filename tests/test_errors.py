@@ -177,7 +177,7 @@ def _resume_damaged() -> None:
     _resume(json.dumps(ROW) + "\nnot json\n" + json.dumps(dict(ROW, spec="f")) + "\n")
 
 
-# -- 18: NDIF, mocked at the HTTP / websocket layer (tests/test_remote.py's FakeNDIF) --------
+# -- 18: NDIF, mocked at the HTTP / websocket layer (tests/test_backends_ndif.py's FakeNDIF) --------
 
 NDIF_HOST = "https://ndif.example"
 NDIF_REPO = "nngraft-tests/tiny-llama"
@@ -202,7 +202,7 @@ def _ndif(run: Callable[[str], object], *, key: str | None = NDIF_KEY, sent: int
     from nnsight.modeling import huggingface
     from nnsight.schema.config import CONFIG
 
-    from tests.test_remote import FakeNDIF
+    from tests.test_backends_ndif import FakeNDIF
 
     fake = FakeNDIF(None, NDIF_REPO, "llama", key=NDIF_KEY)  # never reaches its worker: all fail first
     if too_large:

@@ -228,13 +228,6 @@ def test_fused_qkv_slices_are_semantically_q_k_v(model_type):
     assert not torch.allclose(at0["v"][0], plain[0], atol=1e-4)
 
 
-def test_grafting_never_modifies_weights():
-    P, F, _, g, _ = setup("llama")
-    before = {n: p.clone() for n, p in P.named_parameters()}
-    g.run(GraftSpec(rules=[GraftRule(components=["everything"], positions=[All()])]), [PROMPT], [SPANS])
-    assert all(torch.equal(before[n], p) for n, p in P.named_parameters())
-
-
 @pytest.mark.parametrize("model_type", ["gpt2", "llama"])
 def test_rules_from_two_donors(model_type):
     """The paper's hybrid set-up: one donor at the entity, another at the last token."""
@@ -259,23 +252,3 @@ def test_rules_from_two_donors(model_type):
     from nngraft import DonorMismatchError
     with pytest.raises(DonorMismatchError, match=r"donor 'hybrid', but this run has donors \['default'\]"):
         setup(model_type)[3].run(spec, [PROMPT], [SPANS])
-
-
-def test_run_grid_equals_separate_runs_and_reports_progress():
-    """Many specs packed as rows of shared forward passes give each spec's own numbers."""
-    _, _, _, g, _ = setup("llama")
-    prompts = [PROMPT, "Marie Curie stars in", "Q: Who stars in a movie with Grace Hopper? A: An actor named"]
-    spans = [SPANS, {"first_actor": "Marie Curie"}, {"first_actor": "Grace Hopper"}]
-    specs = [GraftSpec(name="p"),
-             GraftSpec(name="fe", rules=[GraftRule(components=["all"], positions=[Span(span="first_actor")])]),
-             GraftSpec(name="lt_mlp", rules=[GraftRule(components=["mlp"], layers="last:1", positions=[Last()])])]
-    seen = []
-    grid = g.run_grid(specs, prompts, spans, batch_size=4, progress=seen.append)
-    assert list(grid) == ["p", "fe", "lt_mlp"] and sum(seen) == 9
-    for spec in specs:
-        alone = g.run(spec, prompts, spans)
-        assert_close(grid[spec.name].logits, alone.logits)
-    with pytest.raises(ValueError, match="unique"):
-        g.run_grid([specs[0], specs[0]], prompts, spans)
-    grid = g.run_grid(specs, prompts, spans, progress=True)  # the rich bar path
-    assert_close(grid["fe"].logits, g.run(specs[1], prompts, spans).logits)

@@ -106,7 +106,7 @@ def test_saves_manifest_and_loads_back(tmp_path):
     assert manifest["texts_sha256"] == texts_hash(TEXTS)
     assert manifest["n_texts"] == 10 and manifest["n_train"] == 8 and manifest["n_val"] == 2
     assert manifest["config"] == FAST.to_dict() and manifest["seed"] == 0
-    assert manifest["base_model"]["weights_sha256"] == base_print
+    assert manifest["base_model"]["weights_fingerprint"] == base_print
     assert manifest["base_model"]["model_type"] == "llama"
     assert manifest["dataset"] == "unit-test"
     assert manifest["epochs_run"] == 4 and len(manifest["history"]) == 4

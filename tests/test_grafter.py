@@ -132,3 +132,23 @@ def test_forced_decoding_equals_the_per_token_reference_on_the_forced_sequence(m
     assert greedy.tokens[0].tolist() == [int(s[0].argmax()) for s in greedy.step_logits]
     with pytest.raises(ValueError, match="got 1 forced continuations for 2 prompts"):
         g.decode([spec, spec], g.tokenize(PROMPTS), 2, forced=[forced])
+
+
+def test_run_grid_equals_separate_runs_and_reports_progress():
+    """Many specs packed as rows of shared forward passes give each spec's own numbers."""
+    g = Grafter(*pair("llama"))
+    prompts = [PROMPTS[0], "Marie Curie stars in", "Q: Who stars in a movie with Grace Hopper? A: An actor named"]
+    spans = [SPANS[0], {"first_actor": "Marie Curie"}, {"first_actor": "Grace Hopper"}]
+    specs = [GraftSpec(name="p"),
+             GraftSpec(name="fe", rules=[GraftRule(components=["all"], positions=[Span(span="first_actor")])]),
+             GraftSpec(name="lt_mlp", rules=[GraftRule(components=["mlp"], layers="last:1", positions=[Last()])])]
+    seen = []
+    grid = g.run_grid(specs, prompts, spans, batch_size=4, progress=seen.append)
+    assert list(grid) == ["p", "fe", "lt_mlp"] and sum(seen) == 9
+    for spec in specs:
+        alone = g.run(spec, prompts, spans)
+        torch.testing.assert_close(grid[spec.name].logits, alone.logits)
+    with pytest.raises(ValueError, match="unique"):
+        g.run_grid([specs[0], specs[0]], prompts, spans)
+    grid = g.run_grid(specs, prompts, spans, progress=True)  # the rich bar path
+    torch.testing.assert_close(grid["fe"].logits, g.run(specs[1], prompts, spans).logits)

@@ -176,7 +176,7 @@ def test_manifest_records_versions_spec_hashes_model_identities_seeds_and_dtype(
     for side, model in (("recipient", P), ("donor", F)):
         ident = tiny[side]
         assert ident["config_hash"] == config_hash
-        assert ident["source"].startswith("nngraft.testing.tiny_pair('llama', n_layers=2)")
+        assert ident["source"].startswith("nngraft.tiny.tiny_pair('llama', n_layers=2)")
         assert ident["revision"] is None and ident["dtype"] == "float32"
         assert ident["n_params"] == sum(p.numel() for p in model.parameters())
     assert tiny["recipient"]["weights_fingerprint"] != tiny["donor"]["weights_fingerprint"]
@@ -190,7 +190,7 @@ def test_manifest_model_identity_records_the_hub_revision(tmp_path, monkeypatch)
     """A model from the Hub cache is identified by its commit (read off the cache path, offline)."""
     import huggingface_hub.constants
 
-    from nngraft.study.sweep import hub_revision, model_identity
+    from nngraft.study.models import hub_revision, model_identity
     from nngraft.testing import tiny_pair
 
     commit = "0123456789abcdef" * 2 + "01234567"

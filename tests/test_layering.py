@@ -121,6 +121,13 @@ def test_the_core_does_not_import_the_study():
     assert bad == []
 
 
+def test_only_tests_use_the_test_helpers():
+    """``nngraft.testing`` is for the test suite and examples; code uses :mod:`nngraft.tiny`."""
+    bad = [f"{name}:{line}" for name in MODULES if name != "nngraft.testing"
+           for module, _, line in imports_of(name) if module == "nngraft.testing"]
+    assert bad == []
+
+
 BLOCKED_RUN = r"""
 import importlib, sys
 

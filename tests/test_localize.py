@@ -432,7 +432,7 @@ def test_cli_localize_writes_spec_result_and_plot(tmp_path, capsys):
     assert f"spec: {out / 'spec.json'}" in printed.out and "forward passes" in printed.err
     data = json.loads((out / "localize.json").read_text())
     spec = GraftSpec.load(out / "spec.json")
-    assert spec.recipient.name.startswith("nngraft.testing.tiny_pair('llama'")
+    assert spec.recipient.name.startswith("nngraft.tiny.tiny_pair('llama'")
     assert data["settings"]["metric"] == "logprob" and data["settings"]["target"] == 0.8
     assert data["recovery"]["mean"] >= 0.8 and (out / "localize.png").exists()
     # the log-prob baselines, recomputed from plain forwards of the same tiny pair

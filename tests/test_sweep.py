@@ -296,7 +296,7 @@ def test_weights_fingerprint_sees_every_value():
     import hashlib
 
     from nngraft.study.models import weights_fingerprint
-    from nngraft.study.sweep import FINGERPRINT_VERSION, model_identity
+    from nngraft.study.models import FINGERPRINT_VERSION, model_identity
 
     P, F, _ = tiny_pair("llama")
     Q = _last_element_changed(F)

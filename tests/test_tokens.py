@@ -9,8 +9,6 @@ import pytest
 import torch
 
 from nngraft import GraftRule, GraftSpec, Grafter, Index, PositionError, Span, SpanAlignmentWarning, SpanNotFoundError
-from nngraft.plan import select_positions
-from nngraft.spec import All, Last, Not, Other
 from nngraft.testing import tiny_pair, tiny_tokenizer
 from nngraft.tokens import pad_left, tokenize_prompt, tokenize_prompts
 
@@ -75,20 +73,6 @@ def test_index_out_of_range_for_short_prompt():
     spec = GraftSpec(rules=[GraftRule(components=["mlp"], positions=[Index(index=[40])])])
     with pytest.raises(PositionError, match=r"position index 40 is out of range for a prompt of \d+ tokens"):
         g.run(spec, ["Ada stars in"])
-
-
-def test_selectors_on_a_prompt():
-    tok = tiny_tokenizer("llama")
-    p = tokenize_prompt(tok, "Ada Lovelace stars in", {"a": "Ada Lovelace"})
-    n = len(p)
-    assert select_positions(Last(), p) == {n - 1}
-    assert select_positions(All(), p) == set(range(n))
-    assert select_positions(Index(index=[0, -1]), p) == {0, n - 1}
-    assert select_positions(Not(**{"not": [Span(span="a"), Last()]}), p) == set(range(n)) - set(p.spans["a"]) - {n - 1}
-    assert select_positions(Other(), p, other=frozenset({2})) == {2}
-    # generation: the sequence grew by one token, and 'last' / -1 name the new one
-    assert select_positions(Last(), p, length=n + 1) == {n}
-    assert select_positions(Index(index=[-1]), p, length=n + 1) == {n}
 
 
 def test_pad_left_keeps_positions():

@@ -32,7 +32,7 @@ from typing import Any, Iterator, Mapping
 
 import torch
 
-from ..arch import Adapter, adapter_for
+from ..arch import Adapter, adapter_for, stores_weight_in_out
 from ..donor import Donor, ModelDonor, as_donor, pick_donor
 from ..partial import derived_donors
 from ..plan import GraftPlan, ModuleGraft
@@ -192,7 +192,7 @@ def donor_forward(envoy: Any, module: torch.nn.Module, params: dict[str, torch.T
     kind = type(module)
     if kind is torch.nn.Linear:
         return torch.nn.functional.linear(x, params["weight"], params.get("bias"))
-    if kind.__name__ == "Conv1D" and set(params) == {"weight", "bias"}:  # GPT-2: weight is (in, out)
+    if stores_weight_in_out(module) and set(params) == {"weight", "bias"}:  # GPT-2: x @ W + b
         return torch.addmm(params["bias"], x.reshape(-1, x.shape[-1]), params["weight"]).view(*x.shape[:-1], -1)
     with swapped_parameters(module, params):
         return envoy(x)

@@ -27,7 +27,7 @@ from typing import Any, Callable, Mapping, Sequence
 
 import torch
 
-from ..arch import Adapter, adapter_for, get_module
+from ..arch import Adapter, adapter_for, get_module, stores_weight_in_out
 from ..delta import RemoteDonor, Shipment, detached_copy, layout_of, to_map
 from ..errors import PayloadTooLargeError, RemoteGraftError, UnsupportedModuleError
 from .functional import PROGRAM_VERSION, forward as functional_forward
@@ -85,10 +85,10 @@ def module_kind(module: torch.nn.Module, path: str = "") -> tuple[str, dict[str,
     cls = type(module)
     if isinstance(module, torch.nn.Linear) and cls.forward is torch.nn.Linear.forward:
         return "linear", {}
-    if cls.__name__ == "Conv1D":
+    if stores_weight_in_out(module):
         from transformers.pytorch_utils import Conv1D
 
-        if isinstance(module, Conv1D) and cls.forward is Conv1D.forward:
+        if cls.forward is Conv1D.forward:
             return "conv1d", {}
     if isinstance(module, torch.nn.Embedding):
         if cls.forward is torch.nn.Embedding.forward and module.max_norm is None:

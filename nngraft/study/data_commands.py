@@ -133,7 +133,7 @@ def _load_tokenizer(spec: str) -> Any:
     from ..errors import DataError
 
     if spec in ("tiny-gpt2", "tiny-llama"):
-        from ..testing import tiny_tokenizer
+        from ..tiny import tiny_tokenizer
 
         return tiny_tokenizer(spec.split("-")[1])
     from transformers import AutoTokenizer

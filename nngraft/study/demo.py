@@ -211,22 +211,6 @@ def next_token_top1(model: Any, tokenizer: Any, examples: Sequence[Any], batch_s
     return probs, hits
 
 
-def _device(name: str) -> torch.device:
-    """``auto`` → cuda when available, else cpu; a CUDA device without CUDA is a clear error."""
-    from ..errors import GraftError
-
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        device = torch.device(name)
-    except RuntimeError:
-        raise GraftError(f"unknown device {name!r}; use cpu, cuda, cuda:1 … or auto") from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise GraftError(f"--device {name}: this torch build has no usable CUDA GPU "
-                         f"(torch {torch.__version__}); use --device cpu or auto")
-    return device
-
-
 def prepare_out_folder(out: Path) -> None:
     """The demo owns its output folder: it replaces its own earlier files there, and refuses a
     folder holding anything else's results."""
@@ -268,19 +252,18 @@ def _run_demo(options: DemoOptions, console: Any) -> DemoOutcome:
     from rich.console import Console
 
     from ..grafter import Grafter
-    from .models import load_model, model_identity
+    from .models import environment_versions, load_model, model_identity, resolve_device
     from .data import facts_hash, make_facts, make_test_examples, save_facts, training_texts
     from .finetune import cached_finetune
     from .results import FORMAT_VERSION, ResultsWriter, write_manifest
     from .sweep import LoadedPair, check_baselines, evaluate, examples_hash, spec_role
-    from .sweep import model_identity as sweep_identity
 
     console = console or Console(stderr=True)
     if not console.is_terminal:  # logs and pipes: wide enough for the tables
         console = Console(width=max(console.width, 140), file=console.file, force_terminal=False)
     seconds: dict[str, float] = {}
     started = time.perf_counter()
-    device = _device(options.device)
+    device = resolve_device(options.device)
     out = options.out
     prepare_out_folder(out)
 
@@ -388,7 +371,7 @@ def _run_demo(options: DemoOptions, console: Any) -> DemoOutcome:
 
     summary = atomic_write_text(out / "summary.txt", recorder.export_text())
 
-    identities = {"recipient": sweep_identity(P, options.model), "donor": sweep_identity(F, str(ft_dir)),
+    identities = {"recipient": model_identity(P, options.model), "donor": model_identity(F, str(ft_dir)),
                   "device": str(device)}
     pair = LoadedPair(label, P, F, tokenizer, identities)
     baseline = check_baselines(pair, specs, examples[:8], {(r["model"], r["spec"], r["example"]): r for r in rows})
@@ -396,9 +379,8 @@ def _run_demo(options: DemoOptions, console: Any) -> DemoOutcome:
         "format": "nngraft.results",
         "format_version": FORMAT_VERSION,
         "demo": {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(options).items()},
-        "versions": _versions(),
+        "versions": environment_versions(),
         "models": {label: identities},
-        "recipient": model_identity(P),
         "finetune": {"folder": str(ft_dir), "cached": cached, **ft_manifest},
         "specs": {s.name: {"hash": s.content_hash(), "role": spec_role(s), "spec": json.loads(s.to_json())}
                   for s in specs},
@@ -533,18 +515,6 @@ def with_fe_heatmap(table_rows: Sequence[dict[str, Any]], model: str, template: 
                    formats=("png",))
 
 
-def _versions() -> dict[str, str]:
-    import platform
-
-    import transformers
-
-    from .. import __version__
-
-    return {"nngraft": __version__, "torch": torch.__version__, "transformers": transformers.__version__,
-            "python": platform.python_version(), "threads": str(torch.get_num_threads()),
-            "OMP_WAIT_POLICY": os.environ.get("OMP_WAIT_POLICY", "(unset)")}
-
-
 # ---------------------------------------------------------------------------------------------
 # CLI
 # ---------------------------------------------------------------------------------------------
@@ -674,11 +644,11 @@ def _cmd_finetune(args: argparse.Namespace) -> int:
 def _finetune_command(args: argparse.Namespace, facts: Any, texts: list[str], config: Any, source: dict[str, Any],
                       templates: str, out_dir: Path) -> int:
     from ..cli import console, out
-    from .models import load_model
+    from .models import load_model, resolve_device
     from . import data as datasets
     from .finetune import finetune
 
-    model, tokenizer = load_model(args.model, device=_device(args.device), console=console)
+    model, tokenizer = load_model(args.model, device=resolve_device(args.device), console=console)
     console.print(f"finetuning {args.model} on {len(texts)} texts from {len(facts)} facts "
                   f"({', '.join(args.families)}; {', '.join(args.directions)}) with {config}")
     result = finetune(model, tokenizer, texts, config=config, out_dir=out_dir, overwrite=args.overwrite,

@@ -286,7 +286,7 @@ def finetune(model: Any, tokenizer: Any, texts: Sequence[str], *, config: Finetu
     Returns a :class:`FinetuneResult` whose ``model`` holds the selected epoch's weights, in eval
     mode (for LoRA, the ``peft`` model; :func:`load_finetuned` gives a merged one from disk).
     """
-    from .models import model_identity
+    from .models import environment_versions, model_identity, weights_fingerprint
 
     texts = list(texts)
     if not texts:
@@ -399,11 +399,11 @@ def finetune(model: Any, tokenizer: Any, texts: Sequence[str], *, config: Finetu
         "selected_val_loss": selected.val_loss,
         "history": [dataclasses.asdict(h) for h in history],
         "seconds": round(time.time() - started, 3),
-        "versions": _versions(),
+        "versions": environment_versions(),
         **(extra_manifest or {}),
     }
     if config.lora is None:
-        manifest["weights_sha256"] = model_identity(model)["weights_sha256"]
+        manifest["weights_sha256"] = weights_fingerprint(model)
     result = FinetuneResult(model, history, best_epoch, manifest, None, stopped)
     if out is not None:
         result.out_dir = save_finetuned(model, tokenizer, manifest, out, overwrite=overwrite)
@@ -433,14 +433,6 @@ def _progress(progress: bool | Any) -> Any:
     return Progress(TextColumn("[bold]{task.description}[/bold] epoch {task.fields[epoch]}"), BarColumn(),
                     MofNCompleteColumn(), TextColumn("loss {task.fields[loss]:.3f}"), TimeElapsedColumn(),
                     TextColumn("left"), TimeRemainingColumn(), console=console, transient=False)
-
-
-def _versions() -> dict[str, str]:
-    import transformers
-
-    from .. import __version__
-
-    return {"nngraft": __version__, "torch": torch.__version__, "transformers": transformers.__version__}
 
 
 def save_finetuned(model: Any, tokenizer: Any, manifest: dict[str, Any], out_dir: str | Path, *,

@@ -59,7 +59,7 @@ from typing import Any, Sequence
 
 import torch
 
-from ..arch import adapter_for, get_module
+from ..arch import adapter_for, get_module, output_axis
 from ..errors import DataError, GraftError, SpecError
 from ..spec import GraftRule, GraftSpec, Last, LayerSelection, Span, resolve_layers
 from .examples import Fact
@@ -190,22 +190,13 @@ def hybrid_parameters(model: torch.nn.Module, layers: LayerSelection = DEFAULT_L
         module = get_module(model, path)
         for name, param in module.named_parameters():
             full = f"{path}.{name}"
-            out_axis = _output_axis(module, name, param)
+            out_axis = output_axis(module, name, param)
             if features is None or len(features) == param.shape[out_axis]:
                 out[full] = ()
             else:
                 feats = torch.tensor(sorted(features))
                 out[full] = (slice(None), feats) if out_axis == 1 else (feats,)
     return out
-
-
-def _output_axis(module: torch.nn.Module, name: str, param: torch.Tensor) -> int:
-    """The axis of ``param`` that indexes the module's output features."""
-    from transformers.pytorch_utils import Conv1D
-
-    if name == "weight" and param.ndim == 2 and isinstance(module, Conv1D):
-        return 1  # GPT-2 stores (in, out)
-    return 0
 
 
 def build_hybrid(task_model: torch.nn.Module, relation_model: torch.nn.Module,

@@ -84,7 +84,7 @@ def add_model_data_args(p: argparse.ArgumentParser, *, named_donors: bool = Fals
                               "for the donors that spec rules name with \"donor\": NAME")
     else:
         who.add_argument("--donor", help="donor F: local path or hub id")
-    who.add_argument("--tiny", metavar="MODEL_TYPE", help="use nngraft.testing.tiny_pair(MODEL_TYPE) (CPU checks)")
+    who.add_argument("--tiny", metavar="MODEL_TYPE", help="use nngraft.tiny.tiny_pair(MODEL_TYPE) (CPU checks)")
     who.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16", "auto"])
     who.add_argument("--device", default="auto", help="cpu, cuda, cuda:1 … (default: cuda if available)")
     data = p.add_argument_group("data (give --data, or --facts/--dataset with --template)")

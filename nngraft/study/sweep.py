@@ -40,7 +40,6 @@ from __future__ import annotations
 import datetime as _dt
 import hashlib
 import json
-import platform
 import re
 import time
 import warnings
@@ -58,6 +57,7 @@ from ..spec import GraftSpec, format_validation_error
 from .examples import TestExample
 from .grids import LmHeadMode, grid_specs, paper_specs, with_lm_head
 from .metrics import DEFAULT_KS, score_logits
+from .models import FINGERPRINT_VERSION, environment_versions, model_identity, resolve_device
 from .results import (FORMAT_VERSION, ResultsError, ResultsWriter, load_manifest, manifest_path,
                       results_path, write_manifest)
 
@@ -77,7 +77,7 @@ class _Strict(BaseModel):
 
 class ModelPair(_Strict):
     """A recipient P and donor F. ``recipient``/``donor``: local paths or hub ids. ``tiny``: use
-    :func:`nngraft.testing.tiny_pair` of that model type instead (tests, ``--tiny`` recipes).
+    :func:`nngraft.tiny.tiny_pair` of that model type instead (tests, ``--tiny`` recipes).
     ``donors``: extra named donors (paths or hub ids) for spec rules with ``"donor": NAME``, e.g.
     ``{"hybrid": "runs/hybrid/hybrid-…", "relation": "runs/sft/relation"}``."""
 
@@ -331,52 +331,7 @@ def examples_hash(examples: Sequence[TestExample]) -> str:
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
-FINGERPRINT_VERSION = 2
-"""How ``weights_fingerprint`` is computed: 2 = sha256 over every byte of every state-dict tensor
-(:func:`nngraft.study.models.weights_fingerprint`); 1 (manifests without ``fingerprint_version``) hashed
-only each parameter's first 64 values, so two finetunes differing later in a tensor looked alike."""
 
-
-def hub_revision(source: str) -> str | None:
-    """The Hub commit a model was loaded from, read off its cache path (``…/snapshots/<commit>/``)
-    without any network access; ``None`` for folders outside the Hub cache and for tiny models."""
-    from huggingface_hub import try_to_load_from_cache
-    from transformers.utils.hub import extract_commit_hash
-
-    local = Path(source)
-    if local.exists():
-        found: Any = str(local.absolute() / "config.json" if local.is_dir() else local.absolute())
-    else:
-        try:
-            found = try_to_load_from_cache(source, "config.json")
-        except Exception:  # noqa: BLE001 - not a valid repo id (e.g. a tiny test model's description)
-            return None
-    return extract_commit_hash(found, None) if isinstance(found, str) else None
-
-
-def model_identity(model: torch.nn.Module, source: str) -> dict[str, Any]:
-    """What identifies a loaded model: its source, the Hub revision (commit) it was loaded from
-    (``None`` outside the Hub cache, e.g. tiny models), type, depth, a hash of its config, and a
-    fingerprint of its weights: :func:`nngraft.study.models.weights_fingerprint`, sha256 over every
-    state-dict tensor's name, dtype, shape and bytes (``fingerprint_version`` 2). Computed once
-    per model per sweep, when it is loaded: 0.3 s for SmolLM2-135M (651 MB in float32) on CPU."""
-    from .models import weights_fingerprint
-
-    config = model.config
-    config_json = json.dumps(config.to_dict(), sort_keys=True, default=str)
-    n_params = sum(param.numel() for param in model.parameters())
-    dtype = next(model.parameters()).dtype
-    return {
-        "source": source,
-        "revision": hub_revision(source),
-        "model_type": getattr(config, "model_type", None),
-        "n_layers": getattr(config, "num_hidden_layers", None) or getattr(config, "n_layer", None),
-        "config_hash": hashlib.sha256(config_json.encode()).hexdigest()[:16],
-        "weights_fingerprint": weights_fingerprint(model),
-        "fingerprint_version": FINGERPRINT_VERSION,
-        "n_params": n_params,
-        "dtype": str(dtype).replace("torch.", ""),
-    }
 
 
 @dataclass
@@ -389,21 +344,15 @@ class LoadedPair:
     donors: dict[str, torch.nn.Module] = field(default_factory=dict)
 
 
-def _device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
-
-
 def load_pair(pair: ModelPair, config: SweepConfig | None = None) -> LoadedPair:
     """Load P, F and the tokenizer of a :class:`ModelPair` (on its device and dtype)."""
-    device = _device(pair.device)
+    device = resolve_device(pair.device)
     if pair.tiny:
-        from ..testing import tiny_pair
+        from ..tiny import tiny_pair
 
         P, F, tok = tiny_pair(pair.tiny, n_layers=pair.tiny_layers)
-        src_p = f"nngraft.testing.tiny_pair({pair.tiny!r}, n_layers={pair.tiny_layers}) P"
-        src_f = f"nngraft.testing.tiny_pair({pair.tiny!r}, n_layers={pair.tiny_layers}) F"
+        src_p = f"nngraft.tiny.tiny_pair({pair.tiny!r}, n_layers={pair.tiny_layers}) P"
+        src_f = f"nngraft.tiny.tiny_pair({pair.tiny!r}, n_layers={pair.tiny_layers}) F"
         if pair.dtype in _DTYPES:
             P, F = P.to(_DTYPES[pair.dtype]), F.to(_DTYPES[pair.dtype])
     else:
@@ -614,18 +563,6 @@ def check_baselines(pair: LoadedPair, specs: Sequence[GraftSpec], examples: Sequ
     return report
 
 
-def _versions() -> dict[str, str]:
-    import importlib.metadata as md
-
-    out = {"python": platform.python_version(), "platform": platform.platform()}
-    for name in ("nngraft", "torch", "transformers", "nnsight", "pydantic"):
-        try:
-            out[name] = md.version(name)
-        except md.PackageNotFoundError:
-            out[name] = "not installed"
-    return out
-
-
 def _now() -> str:
     return _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
 
@@ -722,7 +659,7 @@ def run_sweep(config: SweepConfig, *, output: str | Path | None = None, show_pro
         manifest.setdefault("format", "nngraft.results")
         manifest["format_version"] = FORMAT_VERSION
         manifest.setdefault("created", _now())
-        manifest["versions"] = _versions()
+        manifest["versions"] = environment_versions()
         manifest["sweep"] = config.model_dump(mode="json")
         manifest.setdefault("specs", {})
         for s in specs:
