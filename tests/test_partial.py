@@ -66,6 +66,21 @@ def expected_rank(P, F, names, r):
     return out
 
 
+def masked_delta(fill_mask):
+    """``params_for`` for :func:`check`: P + (F - P) * mask, where ``fill_mask(name, mask)`` sets
+    the entries of each parameter's zero mask to keep."""
+    def params_for(P, F, names):
+        pp, fp = dict(P.named_parameters()), dict(F.named_parameters())
+        out = {}
+        for n in names:
+            d = (fp[n] - pp[n]).detach()
+            mask = torch.zeros_like(d)
+            fill_mask(n, mask)
+            out[n] = pp[n].detach() + d * mask
+        return out
+    return params_for
+
+
 def check(model_type, rule: GraftRule, params_for, positions):
     P, F, tok, g, adapter = setup(model_type)
     comps = adapter.expand(list(rule.components))[0]
@@ -103,18 +118,7 @@ def test_rank(model_type):
 
 def test_neurons_heads_rows_columns():
     P, F, tok, g, adapter = setup("llama")
-    pp, fp = dict(P.named_parameters()), dict(F.named_parameters())
-
-    def sliced(fn):
-        def params_for(P_, F_, names):
-            out = {}
-            for n in names:
-                d = (fp[n] - pp[n]).detach()
-                mask = torch.zeros_like(d)
-                fn(n, mask)
-                out[n] = pp[n].detach() + d * mask
-            return out
-        return params_for
+    sliced = masked_delta
 
     def neurons(n, m):  # rows of gate/up, columns of down
         if "down_proj" in n:
@@ -143,22 +147,26 @@ def test_neurons_heads_rows_columns():
 
 def test_gpt2_rows_follow_linear_orientation():
     """GPT-2's Conv1D stores (in, out): 'rows' (output features) are its columns, and the bias."""
-    P, F, tok, g, adapter = setup("gpt2")
-    pp, fp = dict(P.named_parameters()), dict(F.named_parameters())
-
-    def params_for(P_, F_, names):
-        out = {}
-        for n in names:
-            d = (fp[n] - pp[n]).detach()
-            mask = torch.zeros_like(d)
-            if d.ndim == 2:
-                mask[:, [1, 4]] = 1
-            else:
-                mask[[1, 4]] = 1
-            out[n] = pp[n].detach() + d * mask
-        return out
+    def rows(n, mask):
+        if mask.ndim == 2:
+            mask[:, [1, 4]] = 1
+        else:
+            mask[[1, 4]] = 1
     check("gpt2", GraftRule(components=["up"], positions=[Last()], weights=WeightSelection(rows=[1, 4])),
-          params_for, lambda L: {L - 1})
+          masked_delta(rows), lambda L: {L - 1})
+
+
+def test_gpt2_heads_of_o_are_input_rows_of_its_conv1d():
+    """Heads of GPT-2's o (c_proj, not fused): its input features, which Conv1D stores as rows;
+    the adapter (not a model_type check) says only q/k/v are fused."""
+    P, _, _, _, adapter = setup("gpt2")
+    head_dim = adapter.head_dim(P.config)
+
+    def head_1(n, mask):
+        if mask.ndim == 2:
+            mask[head_dim:2 * head_dim] = 1
+    check("gpt2", GraftRule(components=["o"], positions=[Last()], weights=WeightSelection(heads=[1])),
+          masked_delta(head_1), lambda L: {L - 1})
 
 
 def test_selection_errors():
