@@ -149,15 +149,15 @@ def test_options_quick_defaults_and_errors(tmp_path):
 
 
 def test_device_errors_are_clear():
-    from nngraft.study.models import resolve_device as _device
+    from nngraft.study.models import resolve_device
 
-    assert _device("cpu") == torch.device("cpu")
-    assert _device("auto").type == ("cuda" if torch.cuda.is_available() else "cpu")
+    assert resolve_device("cpu") == torch.device("cpu")
+    assert resolve_device("auto").type == ("cuda" if torch.cuda.is_available() else "cpu")
     with pytest.raises(GraftError, match="unknown device 'gpu0'"):
-        _device("gpu0")
+        resolve_device("gpu0")
     if not torch.cuda.is_available():
         with pytest.raises(GraftError, match="--device cuda: this torch build has no usable CUDA GPU"):
-            _device("cuda")
+            resolve_device("cuda")
 
 
 def test_demo_refuses_an_output_folder_with_other_results(tmp_path):
