@@ -168,3 +168,30 @@ def test_the_blocker_blocks():
     done = subprocess.run([sys.executable, "-c", BLOCKED_RUN, "nngraft.study.sweep"], capture_output=True,
                           text=True, cwd=ROOT, timeout=600)
     assert done.returncode != 0 and "blocked: nngraft.study" in done.stderr
+
+
+LAYERS = [
+    ("errors, io, tiny: no nngraft imports", {"nngraft.errors", "nngraft.io", "nngraft.tiny"}),
+    ("spec", {"nngraft.spec", "nngraft.testing"}),
+    ("arch, tokens", {"nngraft.arch", "nngraft.tokens"}),
+    ("plan", {"nngraft.plan"}),
+    ("donors, schedule", {"nngraft.donor", "nngraft.delta", "nngraft.partial", "nngraft.schedule"}),
+    ("backends, result", {"nngraft.backends", "nngraft.backends.base", "nngraft.backends.functional",
+                          "nngraft.backends.payload", "nngraft.backends.local", "nngraft.backends.ndif",
+                          "nngraft.result"}),
+    ("grafter", {"nngraft.grafter"}),
+    ("package, cli", {"nngraft", "nngraft.cli"}),
+    ("study, CLI verbs", {m for m in MODULES if m.startswith("nngraft.study")} | {"nngraft.remote_commands"}),
+]
+
+
+def test_the_tree_reads_spec_plan_backends_grafter_study_cli():
+    """Every module sits in one layer, and imports only from its own layer or those below:
+    spec → arch/tokens → plan → donors/schedule → backends → grafter → package/cli → study (whose
+    *_commands modules register CLI verbs with nngraft.cli)."""
+    rank = {m: i for i, (_, members) in enumerate(LAYERS) for m in members}
+    assert set(rank) == set(MODULES), f"modules without a layer: {sorted(set(MODULES) - set(rank))}"
+    upward = [f"{name} ({LAYERS[rank[name]][0]}) imports {module} ({LAYERS[rank[module]][0]})"
+              for name in MODULES for module, _, _ in imports_of(name)
+              if module in rank and rank[module] > rank[name]]
+    assert upward == []
