@@ -13,7 +13,7 @@ All architecture knowledge of nngraft is in the :data:`ADAPTERS` table below. An
 Facts about module *classes* that hold across architectures live here too:
 :func:`stores_weight_in_out` (GPT-2's ``Conv1D`` keeps its weight as (in, out), transposed from
 ``nn.Linear``), and the names under which checkpoints store weights
-(:func:`checkpoint_prefixes`, :func:`tied_alternatives`).
+(:func:`checkpoint_prefixes`, :data:`CHECKPOINT_RENAMES`, :func:`tied_alternatives`).
 
 A component may live in several modules (Gemma-2 has a norm before *and* after attention; both
 are ``ln_attn``). Norms without weights (OLMo-1) are simply absent: there is nothing to graft.
@@ -237,6 +237,11 @@ def checkpoint_prefixes() -> tuple[str, ...]:
     leave off its tensor names, from every registered adapter."""
     heads = [a.layers_path.split(".")[0] + "." for a in ADAPTERS.values()]
     return tuple(dict.fromkeys(h for h in heads if h.count(".") == 1))
+
+
+CHECKPOINT_RENAMES: dict[str, tuple[str, ...]] = {"lm_head.weight": ("embed_out.weight",)}
+"""Other names a checkpoint may store a parameter under (GPT-NeoX / Pythia checkpoints keep the
+LM head as ``embed_out``)."""
 
 
 def tied_alternatives(name: str) -> tuple[str, ...]:

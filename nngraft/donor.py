@@ -27,7 +27,7 @@ from typing import Any, Mapping, Protocol
 
 import torch
 
-from .arch import checkpoint_prefixes, get_module, tied_alternatives
+from .arch import CHECKPOINT_RENAMES, checkpoint_prefixes, get_module, tied_alternatives
 from .errors import DonorMismatchError
 
 
@@ -187,11 +187,10 @@ class SafetensorsDonor(_CachingDonor):
             except Exception as error:  # noqa: BLE001 - safetensors' own error type is not public
                 raise DonorMismatchError(f"{file} is not a readable .safetensors file ({error})") from None
         self._prefixes = checkpoint_prefixes() if prefixes is None else prefixes
-        self._renames = {"lm_head.weight": ("embed_out.weight",)}
 
     def _key(self, name: str) -> str | None:
         candidates = [name] + [name[len(p):] for p in self._prefixes if name.startswith(p)]
-        candidates += list(self._renames.get(name, ()))
+        candidates += list(CHECKPOINT_RENAMES.get(name, ()))
         return next((k for k in candidates if k in self._index), None)
 
     def _tensor(self, name: str) -> torch.Tensor:

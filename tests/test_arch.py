@@ -115,3 +115,22 @@ def test_docs_table_is_current():
     doc = (Path(__file__).parents[1] / "docs" / "architectures.md").read_text()
     table = doc.split("<!-- adapters:start -->\n")[1].split("<!-- adapters:end -->")[0].strip()
     assert table == adapters_markdown(), "regenerate with nngraft.arch.adapters_markdown()"
+
+
+def test_module_class_and_checkpoint_facts_come_from_the_table():
+    from transformers.pytorch_utils import Conv1D
+
+    from nngraft.arch import (CHECKPOINT_RENAMES, checkpoint_prefixes, output_axis, stores_weight_in_out,
+                              tied_alternatives)
+
+    conv, linear = Conv1D(6, 4), torch.nn.Linear(4, 6)
+    assert stores_weight_in_out(conv) and not stores_weight_in_out(linear)
+    assert output_axis(conv, "weight", conv.weight) == 1 and output_axis(conv, "bias", conv.bias) == 0
+    assert output_axis(linear, "weight", linear.weight) == 0
+    assert set(checkpoint_prefixes()) == {"model.", "transformer.", "gpt_neox."}
+    assert set(tied_alternatives("lm_head.weight")) == {"model.embed_tokens.weight", "transformer.wte.weight",
+                                                         "gpt_neox.embed_in.weight"}
+    assert tied_alternatives("model.layers.0.mlp.up_proj.weight") == ()
+    assert CHECKPOINT_RENAMES["lm_head.weight"] == ("embed_out.weight",)
+    P, _, _ = tiny_pair("llama")
+    assert adapter_for(P).head_dim(P.config) == P.config.head_dim
