@@ -3,7 +3,7 @@
 Run a pretrained model P with a finetuned model F's weights grafted in for chosen components, at
 chosen layers, at chosen token positions (Nief et al., "Dynamic Weight Grafting", ICLR 2026).
 
-    spec (GraftSpec, JSON)  →  compile (GraftPlan)  →  execute (one nnsight trace of P)
+    spec (GraftSpec, JSON)  →  plan (GraftPlan)  →  backend (one pass of P: here, or on NDIF)  →  results
 
 Example:
     >>> from nngraft import GraftSpec
