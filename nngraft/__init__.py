@@ -16,11 +16,13 @@ from .arch import ADAPTERS, Adapter, adapter_for, register_adapter
 from .donor import Donor, ModelDonor, SafetensorsDonor, TensorDonor
 from .delta import DeltaDonor, DenseDonor, LoraDonor
 from .errors import (
+    ArgumentError,
     ComponentNotFoundError,
     DonorMismatchError,
     GraftError,
     LayerRangeError,
     PositionError,
+    PromptError,
     SpanNotFoundError,
     SpecError,
     UnsupportedArchitectureError,
@@ -52,11 +54,11 @@ PositionSelector = Span | Last | Index | Other | All | Not
 """Where in the prompt a rule grafts (see :mod:`nngraft.spec`)."""
 
 __all__ = [
-    "ADAPTERS", "Adapter", "All", "ComponentNotFoundError", "DeltaDonor", "DenseDonor", "Donor",
+    "ADAPTERS", "Adapter", "All", "ArgumentError", "ComponentNotFoundError", "DeltaDonor", "DenseDonor", "Donor",
     "DonorMismatchError", "LoraDonor",
     "GenerationResult", "GraftError", "GraftPlan", "GraftResult", "GraftRule", "GraftSpec", "Grafter",
     "Index", "Last", "LayerRange", "LayerRangeError", "ModelDonor", "Not", "Other", "PositionError",
-    "PositionSelector", "SCHEMA_VERSION", "SafetensorsDonor", "Span", "SpanAlignmentWarning",
+    "PositionSelector", "PromptError", "SCHEMA_VERSION", "SafetensorsDonor", "Span", "SpanAlignmentWarning",
     "SpanNotFoundError", "SpecError", "TensorDonor", "UnsupportedArchitectureError", "WeightSelection", "adapter_for",
     "compile_plan", "everywhere_except", "register_adapter", "resolve_layers", "spec_json_schema",
 ]

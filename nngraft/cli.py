@@ -1,7 +1,10 @@
 """The ``nngraft`` command line. Thin: parse, call the library, print with rich.
 
 Each subcommand is a ``_cmd_*`` function registered in :func:`build_parser`. Exit codes: 0 ok,
-1 a graft/spec/data error (message printed, no traceback), 2 bad command-line usage.
+1 a check that failed (a baseline check), 2 a user error — bad usage, a bad file or value, a
+model that cannot be loaded, a full disk, no permission — with one message and no traceback
+(:mod:`nngraft.boundary`; ``--debug`` shows it), 130 interrupted. Any other exception is a bug
+and shows its traceback.
 """
 
 from __future__ import annotations
@@ -15,8 +18,12 @@ from typing import Callable, Sequence
 
 from rich.console import Console
 
-console = Console(stderr=True, soft_wrap=True)
-out = Console(soft_wrap=True)
+from .checks import positive_int_arg
+
+# No automatic highlighting: it colours numbers and quotes in user text, and its regexes take
+# minutes on a message that quotes a very long value from a bad file.
+console = Console(stderr=True, soft_wrap=True, highlight=False)
+out = Console(soft_wrap=True, highlight=False)
 
 
 def _cmd_schema(args: argparse.Namespace) -> int:
@@ -50,11 +57,13 @@ def _cmd_validate(args: argparse.Namespace) -> int:
                 rule_targets(spec, adapter_for_model_type(args.model_type), args.layers)
         except GraftError as error:
             failed += 1
-            console.print(f"[red]✗[/red] {path}\n{error}")
+            from rich.markup import escape
+
+            console.print(f"[red]✗[/red] {escape(str(path))}\n{escape(str(error))}")
             continue
         out.print(f"[green]✓[/green] {path}: {spec.name!r}, {len(spec.rules)} rule(s), "
                   f"schema v{spec.schema_version}")
-    return 1 if failed else 0
+    return 2 if failed else 0
 
 
 COMMANDS: dict[str, tuple[Callable[[argparse.Namespace], int], Callable[[argparse.ArgumentParser], None]]] = {}
@@ -77,7 +86,7 @@ def _schema_args(p: argparse.ArgumentParser) -> None:
 def _validate_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("specs", nargs="+", help="spec JSON files")
     p.add_argument("--model-type", help="also check components exist for this HF model_type (e.g. gpt2)")
-    p.add_argument("--layers", type=int, default=32, help="layer count to check layer groups against")
+    p.add_argument("--layers", type=positive_int_arg, default=32, help="layer count to check layer groups against")
 
 
 command("schema", _schema_args)(_cmd_schema)
@@ -91,6 +100,8 @@ def build_parser() -> argparse.ArgumentParser:
         description="Dynamic weight grafting: run a pretrained model with a finetuned model's weights "
         "at chosen components, layers and token positions.",
     )
+    parser.add_argument("--debug", action="store_true",
+                        help="show the full traceback of every error (user errors show one message)")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for name, (fn, configure) in COMMANDS.items():
         p = sub.add_parser(name, help=(fn.__doc__ or "").strip().splitlines()[0], description=fn.__doc__)
@@ -112,19 +123,27 @@ def _load_plugins() -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    from .errors import GraftError
+    """Run the ``nngraft`` command line; returns the exit code (see the module docstring)."""
+    from .boundary import user_error_message
 
     argv = list(sys.argv[1:] if argv is None else argv)
     args = build_parser().parse_args(argv)
     args.command_line = "nngraft " + shlex.join(argv)  # what to rerun (e.g. to resume after Ctrl-C)
     try:
         return int(args.func(args) or 0)
-    except GraftError as error:
-        console.print(f"[red]error:[/red] {error}")
-        return 1
     except KeyboardInterrupt:
         console.print("[yellow]interrupted[/yellow]")
         return 130
+    except Exception as error:  # noqa: BLE001 - the boundary: user errors get a message, bugs a traceback
+        message = user_error_message(error)
+        if message is None:
+            raise
+        if args.debug:
+            console.print_exception()
+        from rich.markup import escape
+
+        console.print(f"[red]error:[/red] {escape(message)}", highlight=False)
+        return 2
 
 
 if __name__ == "__main__":  # pragma: no cover

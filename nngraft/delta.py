@@ -117,6 +117,23 @@ def _check_shape(name: str, tensor: torch.Tensor, like: torch.Tensor, what: str 
         )
 
 
+def _check_dtype(where: str, dtype: Any) -> None:
+    if dtype is not None and not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
+        from .checks import fail
+
+        raise fail(where, "dtype", "a floating torch dtype (torch.float32, torch.bfloat16 …) or None", dtype)
+
+
+def _fingerprint(tensor: torch.Tensor) -> str:
+    """sha256 (first 12 hex digits) of a tensor's shape and float32 values."""
+    import hashlib
+
+    values = tensor.detach().to("cpu", torch.float32).contiguous()
+    digest = hashlib.sha256(str(tuple(values.shape)).encode())
+    digest.update(values.reshape(-1).view(torch.uint8).numpy().data)
+    return digest.hexdigest()[:12]
+
+
 def _bytes(dtype: torch.dtype) -> int:
     return torch.empty((), dtype=dtype).element_size()
 
@@ -178,6 +195,7 @@ class DenseDonor:
     kind = "dense"
 
     def __init__(self, finetuned: Any, *, dtype: torch.dtype | None = None) -> None:
+        _check_dtype("DenseDonor", dtype)
         self._f = _Tensors(finetuned, "finetuned")
         self.dtype = dtype
 
@@ -239,8 +257,10 @@ class DeltaDonor:
                  dtype: torch.dtype | None = None) -> None:
         if deltas is None and (finetuned is None or pretrained is None):
             raise RemoteDonorError("DeltaDonor needs finetuned= and pretrained= (or deltas=)")
-        if rank is not None and rank < 1:
-            raise ValueError(f"rank must be a positive integer or None, got {rank}")
+        from . import checks
+
+        rank = checks.positive_int("DeltaDonor", "rank", rank, optional=True)
+        _check_dtype("DeltaDonor", dtype)
         self._f = _Tensors(finetuned, "finetuned") if finetuned is not None else None
         self._p = _Tensors(pretrained, "pretrained") if pretrained is not None else None
         self._given = dict(deltas) if deltas is not None else None
@@ -250,6 +270,42 @@ class DeltaDonor:
         self._shapes: dict[str, tuple[int, ...]] = {}
         self._report: dict[str, dict[str, Any]] = {}
         self._local: dict[str, dict[str, torch.Tensor]] = {}
+        self.pretrained_fingerprints: dict[str, str] = {}
+        """Per tensor checked so far: a sha256 (12 hex) of the pretrained model's tensor the delta
+        was made from; a recipient whose tensor differs is refused."""
+
+    # -- which P ----------------------------------------------------------------------------
+
+    def check_against(self, recipient: torch.nn.Module) -> None:
+        """Refuse a recipient other than the pretrained model ``P`` this delta was made from (every
+        parameter is compared; ``W_P + ΔW`` is F only on that P). Skipped for ``deltas=`` (no P
+        given) and for a recipient without weights (a remote model's skeleton)."""
+        if self._p is None:
+            return
+        for name, param in recipient.named_parameters():
+            if param.is_meta:
+                return
+            self._check_pretrained(name, param)
+
+    def _check_pretrained(self, name: str, recipient: torch.Tensor) -> None:
+        if self._p is None or recipient.is_meta or name in self.pretrained_fingerprints:
+            return
+        try:
+            mine = self._p.get(name).detach()
+        except DonorMismatchError:
+            raise DonorMismatchError(
+                f"the pretrained model this DeltaDonor was made from has no tensor {name!r}, which the "
+                "recipient has; pass the run's recipient P as pretrained="
+            ) from None
+        same = tuple(mine.shape) == tuple(recipient.shape) and torch.equal(
+            mine.to(device=recipient.device, dtype=recipient.dtype), recipient.detach())
+        if not same:
+            raise DonorMismatchError(
+                f"this DeltaDonor was made from another pretrained model than the recipient: tensor {name!r} "
+                f"differs (pretrained fingerprint {_fingerprint(mine)}, recipient's {_fingerprint(recipient)}). "
+                "ΔW = W_F − W_P gives F only when added to that same P: pass the run's recipient as pretrained="
+            )
+        self.pretrained_fingerprints[name] = _fingerprint(mine)
 
     # -- computing ------------------------------------------------------------------------
 
@@ -319,6 +375,7 @@ class DeltaDonor:
             found = {}
             for name, p in module.named_parameters():
                 full = f"{path}.{name}"
+                self._check_pretrained(full, p)
                 layout = layout_of(module, name)
                 factors = self._prepare(full, layout)
                 _check_shape(full, torch.empty(self._shapes[full], device="meta"), p, "delta")
@@ -359,6 +416,7 @@ class DeltaDonor:
         which select part of it), float32, in the module's storage layout."""
         out = {}
         for name, like in module.named_parameters():
+            self._check_pretrained(f"{path}.{name}", like)
             value = self.delta(f"{path}.{name}")
             _check_shape(f"{path}.{name}", value, like, "delta")
             out[name] = value
@@ -451,6 +509,11 @@ class LoraDonor:
     kind = "lora"
 
     def __init__(self, path: str | Path, *, dtype: torch.dtype | None = None) -> None:
+        _check_dtype("LoraDonor", dtype)
+        if not isinstance(path, (str, Path)):
+            from .checks import fail
+
+            raise fail("LoraDonor", "path", "the adapter folder or its .safetensors file (a path)", path)
         self.path = Path(path)
         folder, weights = _adapter_files(self.path)
         config_file = folder / "adapter_config.json"

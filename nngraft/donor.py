@@ -36,6 +36,12 @@ PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle")
 
 
 
+_SIZE_KEYS = (("depth", "num_hidden_layers"), ("width", "hidden_size"), ("MLP width", "intermediate_size"),
+              ("heads", "num_attention_heads"), ("key/value heads", "num_key_value_heads"),
+              ("head size", "head_dim"), ("vocabulary", "vocab_size"))
+"""Config entries P and F must share (transformers maps GPT-2's n_layer etc. onto these names)."""
+
+
 class Donor(Protocol):
     """Anything that returns F's parameters for the recipient module at ``path``."""
 
@@ -44,6 +50,9 @@ class Donor(Protocol):
 
 
 def _fit(name: str, tensor: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    if tensor.is_meta:
+        raise DonorMismatchError(f"donor tensor {name!r} is on the meta device (no weights loaded); load F "
+                                 "with its weights")
     if tuple(tensor.shape) != tuple(like.shape):
         raise DonorMismatchError(
             f"donor tensor {name!r} has shape {tuple(tensor.shape)} but the recipient's has "
@@ -53,6 +62,11 @@ def _fit(name: str, tensor: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
         if not tensor.dtype.is_floating_point:
             raise DonorMismatchError(f"donor tensor {name!r} has non-float dtype {tensor.dtype}")
         tensor = tensor.to(device=like.device, dtype=like.dtype)
+    if not bool(torch.isfinite(tensor).all()):
+        bad = int((~torch.isfinite(tensor)).sum())
+        raise DonorMismatchError(f"donor tensor {name!r} holds {bad} NaN or infinite value(s) (in the "
+                                 f"recipient's dtype {str(like.dtype).removeprefix('torch.')}); the finetuned "
+                                 "model is broken (a diverged finetune?) or does not fit that dtype")
     return tensor
 
 
@@ -120,14 +134,36 @@ class ModelDonor(_CachingDonor):
                 f"recipient is a {rc.model_type!r} model but the donor is {dc.model_type!r}; "
                 "grafting needs F to be a finetuned copy of P"
             )
+        if rc is not None and dc is not None:
+            for label, key in _SIZE_KEYS:
+                mine, theirs_value = getattr(rc, key, None), getattr(dc, key, None)
+                if mine is not None and theirs_value is not None and mine != theirs_value:
+                    raise DonorMismatchError(
+                        f"the recipient has {label} {key}={mine!r} but the donor has {key}={theirs_value!r}; "
+                        "grafting needs F to be a finetuned copy of P (same architecture and size)"
+                    )
         theirs = dict(self.model.named_parameters())
-        for name, p in recipient.named_parameters():
+        mine_params = dict(recipient.named_parameters())
+        for name, p in mine_params.items():
             if name not in theirs:
-                raise DonorMismatchError(f"the donor has no parameter {name!r}")
+                raise DonorMismatchError(f"the donor has no parameter {name!r}; F must be a finetuned copy of P")
             if theirs[name].shape != p.shape:
                 raise DonorMismatchError(
                     f"parameter {name!r}: recipient shape {tuple(p.shape)}, donor shape "
                     f"{tuple(theirs[name].shape)}; F must be a finetuned copy of P"
+                )
+        extra = [name for name in theirs if name not in mine_params]
+        if extra:
+            more = f" and {len(extra) - 1} more" if len(extra) > 1 else ""
+            raise DonorMismatchError(
+                f"the donor has parameter {extra[0]!r}{more}, which the recipient lacks (is F larger or "
+                "deeper than P?); F must be a finetuned copy of P"
+            )
+        for name, p in theirs.items():
+            if p.is_meta:
+                raise DonorMismatchError(
+                    f"the donor's parameter {name!r} is on the meta device (no weights loaded); load F with "
+                    "its weights (e.g. from_pretrained without device_map='meta' / init_empty_weights)"
                 )
 
 
@@ -136,6 +172,13 @@ class TensorDonor(_CachingDonor):
 
     def __init__(self, tensors: Mapping[str, torch.Tensor], *, source: str = "tensor dict") -> None:
         super().__init__()
+        from .checks import fail
+
+        if not isinstance(tensors, Mapping):
+            raise fail("TensorDonor", "tensors", "a dict of parameter name → tensor", tensors)
+        for name, value in tensors.items():
+            if not isinstance(name, str) or not isinstance(value, torch.Tensor):
+                raise fail("TensorDonor", f"tensors[{name!r}]", "a tensor under a parameter name (str)", value)
         self.tensors = dict(tensors)
         self.source = source
 

@@ -45,6 +45,22 @@ class SpanNotFoundError(PositionError):
     """A named span's text does not occur in the prompt."""
 
 
+class ArgumentError(GraftError, ValueError):
+    """A public function got an argument of the wrong type or out of range (the message names the
+    function, the argument and the value received)."""
+
+
+class PromptError(GraftError, ValueError):
+    """A prompt does not fit the model: a token id beyond its vocabulary, or more tokens than its
+    context holds."""
+
+
+class ModelLoadError(GraftError, RuntimeError):
+    """A model, tokenizer or config cannot be found or loaded: no such folder, a folder that holds
+    no model, or a hub id that is not in the local cache (nngraft never downloads at run time).
+    The message says what to give, install or fix."""
+
+
 class DonorMismatchError(GraftError, ValueError):
     """The donor's weights do not fit the recipient (architecture, shape, or a missing tensor)."""
 

@@ -27,6 +27,7 @@ from typing import Any, Mapping, Sequence
 import torch
 
 from .arch import Adapter
+from .errors import ArgumentError, PromptError
 from .backends.base import Backend
 from .backends.local import LocalBackend
 from .plan import GraftPlan, compile_plan
@@ -76,6 +77,22 @@ class Grafter:
                  adapter: Adapter | None = None, donors: Mapping[str, Any] | None = None,
                  batch_size: int | None = None, dtype: Any = None, device: Any = None, share_prefix: bool = True,
                  call_cost: float | None = None) -> None:
+        from . import checks
+
+        where = "Grafter"
+        if isinstance(recipient, Path):
+            recipient = str(recipient)
+        if not isinstance(recipient, (str, torch.nn.Module)):
+            raise checks.fail(where, "recipient", "a loaded transformers model, or a local path / hub id", recipient)
+        checks.positive_int(where, "batch_size", batch_size, optional=True)
+        checks.flag(where, "share_prefix", share_prefix)
+        checks.number(where, "call_cost", call_cost, optional=True)
+        if donors is not None and not isinstance(donors, Mapping):
+            raise checks.fail(where, "donors", "a dict of donor name → donor, or None", donors)
+        for key in donors or {}:
+            if not isinstance(key, str) or not key or key == "default":
+                raise checks.fail(where, "donors key", "a donor name such as 'hybrid' ('default' is the main "
+                                  "donor)", key)
         self.backend = backend if backend is not None else LocalBackend()
         self.backend.attach(recipient, donor, tokenizer, adapter=adapter, donors=donors, dtype=dtype, device=device)
         self.model = self.backend.model
@@ -134,14 +151,28 @@ class Grafter:
 
     # -- compiling ------------------------------------------------------------------------------
 
-    def tokenize(self, prompts: Sequence[str] | str,
-                 spans: Sequence[Mapping[str, SpanValue]] | None = None) -> list[TokenizedPrompt]:
-        return tokenize_prompts(self.tokenizer, prompts, spans)
+    def tokenize(self, prompts: Sequence[str] | str, spans: Sequence[Mapping[str, SpanValue]] | None = None,
+                 *, where: str = "Grafter.tokenize", extra_tokens: int = 0) -> list[TokenizedPrompt]:
+        """Tokenize prompts and locate their spans; refuse token ids beyond the model's vocabulary
+        and prompts (plus ``extra_tokens`` to generate) longer than its context."""
+        tokenized = tokenize_prompts(self.tokenizer, prompts, spans, where=where)
+        vocab = self.model.get_input_embeddings().weight.shape[0]
+        context = getattr(self.model.config, "max_position_embeddings", None)
+        for i, prompt in enumerate(tokenized):
+            if max(prompt.ids) >= vocab or min(prompt.ids) < 0:
+                bad = max(prompt.ids) if max(prompt.ids) >= vocab else min(prompt.ids)
+                raise PromptError(f"prompt {i}: token id {bad} is outside the model's vocabulary of {vocab} "
+                                  f"tokens ({prompt.text[:60]!r}); is the tokenizer the recipient's own?")
+            if isinstance(context, int) and len(prompt) + extra_tokens > context:
+                more = f" + {extra_tokens} new tokens" if extra_tokens else ""
+                raise PromptError(f"prompt {i} has {len(prompt)} tokens{more}, more than the model's context of "
+                                  f"{context} (max_position_embeddings); shorten it")
+        return tokenized
 
     def plan(self, spec: SpecLike | Sequence[SpecLike], prompts: Sequence[str] | str,
              spans: Sequence[Mapping[str, SpanValue]] | None = None) -> GraftPlan:
         """Compile without running (to inspect with ``plan.summary()`` or check a spec fits)."""
-        tokenized = self.tokenize(prompts, spans)
+        tokenized = self.tokenize(prompts, spans, where="Grafter.plan")
         return compile_plan(per_row(spec, len(tokenized)), self.adapter, self.model.config, tokenized)
 
     # -- running --------------------------------------------------------------------------------
@@ -152,7 +183,11 @@ class Grafter:
         """Next-token logits of every prompt under ``spec`` (one spec, or one per prompt).
 
         Each prompt's ``spans`` dict gives the text of the spans the spec names."""
-        tokenized = self.tokenize(prompts, spans)
+        from . import checks
+
+        checks.flag("Grafter.run", "all_logits", all_logits)
+        checks.positive_int("Grafter.run", "batch_size", batch_size, optional=True)
+        tokenized = self.tokenize(prompts, spans, where="Grafter.run")
         specs = per_row(spec, len(tokenized))
         return self.run_rows(specs, tokenized, all_logits=all_logits, batch_size=batch_size)
 
@@ -164,14 +199,21 @@ class Grafter:
 
         ``progress``: ``True`` for a rich progress bar, or a callable taking the number of rows
         just finished."""
+        from . import checks
+
+        checks.positive_int("Grafter.run_grid", "batch_size", batch_size, optional=True)
+        if progress is not None and not isinstance(progress, bool) and not callable(progress):
+            raise checks.fail("Grafter.run_grid", "progress", "True, False, None or a callable", progress)
+        if isinstance(specs, (GraftSpec, str, Path)) or not isinstance(specs, (Sequence, Mapping)):
+            raise checks.fail("Grafter.run_grid", "specs", "a list of specs or a dict of name → spec", specs)
         if isinstance(specs, Mapping):
             named = [(name, as_spec(s)) for name, s in specs.items()]
         else:
             named = [(s.name, s) for s in (as_spec(x) for x in specs)]
         names = [n for n, _ in named]
         if len(set(names)) != len(names):
-            raise ValueError(f"spec names must be unique in a grid; got {names}")
-        tokenized = self.tokenize(prompts, spans)
+            raise ArgumentError(f"Grafter.run_grid: specs: spec names must be unique in a grid; got {names}")
+        tokenized = self.tokenize(prompts, spans, where="Grafter.run_grid")
         rows = [(spec, p) for _, spec in named for p in tokenized]
         result = self.run_rows([s for s, _ in rows], [p for _, p in rows], batch_size=batch_size,
                                progress=progress)
@@ -187,6 +229,8 @@ class Grafter:
         """Rows of (spec, tokenized prompt), scheduled into passes (:mod:`nngraft.schedule`):
         the engine under :meth:`run` and :meth:`run_grid`, for callers that tokenize themselves."""
         size = batch_size or self.batch_size
+        if progress is False:
+            progress = None
         if progress is True:
             with _progress_bar(len(prompts)) as advance:
                 return self.run_rows(specs, prompts, all_logits=all_logits, batch_size=size, progress=advance)
@@ -236,8 +280,15 @@ class Grafter:
         ``forced``: per prompt, token ids to feed instead of the greedy choice (teacher forcing:
         read ``step_logits`` to score a given continuation); decodes ``max(len(f) for f in
         forced)`` steps then, and ``max_new_tokens`` is ignored."""
-        tokenized = self.tokenize(prompts, spans)
+        from . import checks
+
+        if forced is None:
+            checks.positive_int("Grafter.generate", "max_new_tokens", max_new_tokens)
+        elif not isinstance(forced, Sequence) or not forced or not all(
+                isinstance(f, Sequence) and all(checks.is_int(t) for t in f) for f in forced):
+            raise checks.fail("Grafter.generate", "forced", "a list of token id lists, one per prompt", forced)
         steps = max_new_tokens if forced is None else max(len(f) for f in forced)
+        tokenized = self.tokenize(prompts, spans, where="Grafter.generate", extra_tokens=max(steps, 1) - 1)
         return self.decode(per_row(spec, len(tokenized)), tokenized, steps, forced=forced)
 
     def decode(self, specs: Sequence[GraftSpec], prompts: Sequence[TokenizedPrompt], steps: int, *,
@@ -251,7 +302,7 @@ class Grafter:
         pad id once a row's forced tokens run out)."""
         specs, prompts = list(specs), list(prompts)
         if forced is not None and len(forced) != len(prompts):
-            raise ValueError(f"got {len(forced)} forced continuations for {len(prompts)} prompts")
+            raise ArgumentError(f"forced: got {len(forced)} forced continuations for {len(prompts)} prompts")
         lengths = [len(p) for p in prompts]
         batch = pad_left([p.ids for p in prompts], self.pad_id, self.device)
         plan = compile_plan(specs, self.adapter, self.model.config, prompts)
@@ -294,11 +345,14 @@ class RemoteGrafter(Grafter):
 
 def per_row(spec: SpecLike | Sequence[SpecLike], n: int) -> list[GraftSpec]:
     """One spec for each of ``n`` rows: one spec for all, or a sequence of exactly ``n``."""
-    if isinstance(spec, (GraftSpec, str, Mapping)):
+    if isinstance(spec, (GraftSpec, str, Path, Mapping)):
         return [as_spec(spec)] * n
+    if not isinstance(spec, Sequence):
+        raise ArgumentError(f"spec: Input should be a GraftSpec, a spec file path, a dict, or a list of them, got "
+                            f"{spec!r} ({type(spec).__name__})")
     specs = [as_spec(s) for s in spec]
     if len(specs) != n:
-        raise ValueError(f"got {len(specs)} specs for {n} prompts; give one spec, or one per prompt")
+        raise ArgumentError(f"spec: got {len(specs)} specs for {n} prompts; give one spec, or one per prompt")
     return specs
 
 

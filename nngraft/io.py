@@ -2,22 +2,48 @@
 
 from __future__ import annotations
 
+import errno
 import os
+import stat
 import tempfile
+import threading
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Iterator
+
+
+_UMASK_LOCK = threading.Lock()
+
+
+def _mode_for(path: Path) -> int:
+    """The permission bits a rewritten ``path`` gets: its current ones if it exists, else what a
+    new file gets under the process's umask (``mkstemp`` alone would give 0600)."""
+    try:
+        return stat.S_IMODE(os.stat(path).st_mode)
+    except FileNotFoundError:
+        return 0o666 & ~current_umask()
+
+
+def current_umask() -> int:
+    """The process's umask (reading it means setting it, so other threads are kept out meanwhile)."""
+    with _UMASK_LOCK:
+        umask = os.umask(0o022)
+        os.umask(umask)
+    return umask
 
 
 @contextmanager
 def _replacing(path: Path) -> Iterator[str]:
     """A temp file name beside ``path``; renamed onto ``path`` when the block ends normally,
     deleted when it raises (even on Ctrl-C)."""
+    if path.is_dir():
+        raise IsADirectoryError(errno.EISDIR, "Is a directory (give a file path)", str(path))
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     os.close(fd)
     try:
         yield tmp
+        os.chmod(tmp, _mode_for(path))
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)

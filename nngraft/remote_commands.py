@@ -22,8 +22,11 @@ def _meta_model(name: str) -> Any:
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM
 
+    from .inputs import loading_model
+
     path = Path(name)
-    config = AutoConfig.from_pretrained(str(path.parent if path.name == "config.json" else path))
+    with loading_model("the recipient's config", name):
+        config = AutoConfig.from_pretrained(str(path.parent if path.name == "config.json" else path))
     with torch.device("meta"):
         return AutoModelForCausalLM.from_config(config)
 

@@ -400,6 +400,11 @@ class GraftSpec(_Strict):
     @classmethod
     def from_json(cls, text: str | bytes, *, source: str = "<string>") -> "GraftSpec":
         """Parse and validate a JSON spec; raise :class:`SpecError` naming ``source`` and each bad field."""
+        from .inputs import check_no_duplicate_keys, decode_utf8
+
+        if isinstance(text, bytes):
+            text = decode_utf8(text, f"graft spec {source}", SpecError)
+        check_no_duplicate_keys(text, f"invalid graft spec {source}", SpecError)
         try:
             return cls.model_validate_json(text)
         except ValidationError as error:
@@ -408,12 +413,10 @@ class GraftSpec(_Strict):
     @classmethod
     def load(cls, path: str | Path) -> "GraftSpec":
         """Read a spec file. ``GraftSpec.load("specs/fe_lt.json")``."""
+        from .inputs import read_text
+
         path = Path(path)
-        try:
-            text = path.read_text()
-        except OSError as error:
-            raise SpecError(f"cannot read spec file {path}: {error.strerror}") from None
-        return cls.from_json(text, source=str(path))
+        return cls.from_json(read_text(path, "spec file", SpecError), source=str(path))
 
     def save(self, path: str | Path) -> Path:
         """Write the spec as pretty JSON (atomically: a temp file, then rename)."""
@@ -491,6 +494,11 @@ def as_spec(spec: SpecLike) -> GraftSpec:
             return GraftSpec.model_validate(spec)
         except ValidationError as error:
             raise SpecError(format_validation_error(error, "<dict>")) from None
+    if not isinstance(spec, (str, Path)):
+        from .errors import ArgumentError
+
+        raise ArgumentError(f"spec: Input should be a GraftSpec, a spec file path or a dict, got {spec!r} "
+                            f"({type(spec).__name__})")
     return GraftSpec.load(spec)
 
 

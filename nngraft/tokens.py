@@ -126,14 +126,22 @@ def tokenize_prompts(
     tokenizer: Any,
     prompts: Sequence[str],
     spans: Sequence[Mapping[str, SpanValue]] | None = None,
+    *,
+    where: str = "tokenize_prompts",
 ) -> list[TokenizedPrompt]:
-    """Tokenize many prompts; ``spans[i]`` names the spans of ``prompts[i]``."""
+    """Tokenize many prompts; ``spans[i]`` names the spans of ``prompts[i]``. ``where`` names the
+    public function in error messages (e.g. ``Grafter.run``)."""
+    from . import checks
+
     if isinstance(prompts, str):
         prompts = [prompts]
-    if not prompts:
+    if isinstance(prompts, Sequence) and not isinstance(prompts, (bytes, bytearray)) and not prompts:
         raise PositionError("no prompts given (the prompt list is empty)")
-    if spans is not None and len(spans) != len(prompts):
-        raise PositionError(f"got {len(prompts)} prompts but {len(spans)} span dicts; give one per prompt")
+    prompts = checks.prompts(where, prompts)
+    if isinstance(spans, Sequence) and not isinstance(spans, (str, bytes)) and len(spans) != len(prompts):
+        raise PositionError(f"{where}: spans: got {len(prompts)} prompts but {len(spans)} span dicts; give one "
+                            "per prompt")
+    spans = checks.spans(where, spans, len(prompts))
     return [
         tokenize_prompt(tokenizer, text, spans[i] if spans is not None else None, index=i)
         for i, text in enumerate(prompts)

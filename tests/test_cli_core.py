@@ -27,15 +27,15 @@ def test_validate_good_and_bad_specs(tmp_path):
     run = nngraft("validate", str(good))
     assert run.returncode == 0 and "'lt', 1 rule(s)" in run.stdout
     run = nngraft("validate", str(good), str(bad))
-    assert run.returncode == 1
+    assert run.returncode == 2
     assert "rules[0].layers" in run.stderr and "fifth_quarter" in run.stderr
     gates = tmp_path / "gates.json"
     gates.write_text('{"rules": [{"components": ["gate"], "positions": [{"last": true}]}]}')
     assert nngraft("validate", str(gates), "--model-type", "llama").returncode == 0
     run = nngraft("validate", str(gates), "--model-type", "gpt2")
-    assert run.returncode == 1 and "component 'gate' does not exist in 'gpt2'" in run.stderr
+    assert run.returncode == 2 and "component 'gate' does not exist in 'gpt2'" in run.stderr
     run = nngraft("validate", str(good), "--model-type", "gpt2", "--layers", "1")
-    assert run.returncode == 1 and "last:2" in run.stderr
+    assert run.returncode == 2 and "last:2" in run.stderr
 
 
 def test_usage_error_exit_code():

@@ -469,7 +469,7 @@ def test_cli_make_show_texts(tmp_path, capsys):
     lines = [json.loads(l)["text"] for l in texts_file.read_text().splitlines()]
     assert lines == training_texts(make_facts(FMFA, 12, seed=4))
     facts_file.write_text(facts_file.read_text().replace("fmfa-0003", "fmfa-9999"))
-    assert cli_main(["data", "show", str(facts_file)]) == 1
+    assert cli_main(["data", "show", str(facts_file)]) == 2
     assert "does not match its manifest" in capsys.readouterr().err
     assert cli_main(["data", "templates"]) == 0
     assert "sentence_3_paper" in capsys.readouterr().out

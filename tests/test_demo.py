@@ -222,7 +222,7 @@ def test_finetune_command_writes_model_facts_and_manifest(tmp_path):
     assert load_facts(out / "facts.jsonl") == make_facts("fake_movies_fake_actors", 3, seed=0)
     AutoModelForCausalLM.from_pretrained(out)  # loads back
     assert main(["finetune", "--model", str(tmp_path / "base"), "--out", str(out), "--dataset",
-                 "fake_movies_fake_actors", "--n", "3"]) == 1  # exists: refused, not overwritten
+                 "fake_movies_fake_actors", "--n", "3"]) == 2  # exists: refused, not overwritten
     assert read_finetune_manifest(out) == manifest
 
 

@@ -59,7 +59,8 @@ def test_architecture_and_shape_mismatch():
     with pytest.raises(DonorMismatchError, match="recipient is a 'llama' model but the donor is 'gpt2'"):
         Grafter(P, tiny_model("gpt2", vocab_size=len(tok)), tok)
     bigger = tiny_model("llama", n_layers=3, vocab_size=len(tok))
-    with pytest.raises(DonorMismatchError, match="no parameter 'model.layers.2"):
+    with pytest.raises(DonorMismatchError, match="the recipient has depth num_hidden_layers=3 but the donor has "
+                                                 "num_hidden_layers=2"):
         Grafter(bigger, P, tok)
     wrong = {"model.layers.1.mlp.up_proj.weight": torch.zeros(3, 3)}
     g = Grafter(P, TensorDonor(wrong, source="my dict"), tok)

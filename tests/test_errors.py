@@ -38,8 +38,10 @@ from nngraft import (
     TensorDonor,
     UnsupportedArchitectureError,
 )
-from nngraft.errors import GraftError, ModelNotAvailableError, PayloadTooLargeError, RemoteAuthError
-from nngraft.study.results import ResultsError, TruncatedResultsWarning
+from nngraft.errors import (ArgumentError, DataError, GraftError, ModelLoadError, ModelNotAvailableError,
+                            PayloadTooLargeError, PromptError, RemoteAuthError)
+from nngraft.study.results import OutputInUseError, ResultsError, TruncatedResultsWarning
+from nngraft.study.sweep import SweepConfigError
 from nngraft.testing import tiny_model, tiny_pair
 
 DOC = Path(__file__).parents[1] / "docs" / "errors.md"
@@ -73,6 +75,7 @@ class Case:
     match: str
     handling: str = "raised"
     shown: Callable[[str], str] | None = None  # the message as docs/errors.md shows it (if it varies by run)
+    cli: bool = False  # the row shows what the command line prints for this error (exit code 2)
 
 
 def _gpt2_gate():
@@ -260,6 +263,113 @@ def _ndif_413():
     _ndif(_ndif_run, sent=1, too_large=True)
 
 
+# -- 19 and on: bad files, values and outputs (each once gave a wrong result or a traceback) ---------
+
+
+def _in_scratch(write: Callable[[Path], None], then: Callable[[], object]) -> Callable[[], object]:
+    """Run ``then()`` in a fresh working folder after ``write(folder)`` (short, stable paths)."""
+    def run():
+        with _scratch_folder() as folder:
+            write(folder)
+            return then()
+    return run
+
+
+def _write(name: str, data: str | bytes) -> Callable[[Path], None]:
+    def write(folder: Path) -> None:
+        (folder / name).write_bytes(data.encode() if isinstance(data, str) else data)
+    return write
+
+
+def _load_facts(name: str = "facts.jsonl"):
+    from nngraft.study.data import load_facts
+
+    return lambda: load_facts(name)
+
+
+def _deeper_donor():
+    from nngraft.testing import perturbed_copy
+
+    P, _, tok = pair()
+    Grafter(P, perturbed_copy(tiny_model("llama", n_layers=3, vocab_size=len(tok))), tok)
+
+
+def _nan_donor():
+    P, F, tok = pair()
+    broken = {k: v.clone() for k, v in F.named_parameters()}
+    broken["model.layers.1.mlp.down_proj.weight"][0, :3] = float("nan")
+    Grafter(P, TensorDonor(broken), tok).run(spec(MLP_LT), ["Ada stars in"])
+
+
+def _meta_donor():
+    P, _, tok = pair()
+    with torch.device("meta"):
+        F = tiny_model("llama", vocab_size=len(tok))
+    Grafter(P, F, tok)
+
+
+def _other_pretrained():
+    from nngraft.delta import DeltaDonor
+    from nngraft.testing import perturbed_copy
+
+    P, F, tok = pair()
+    Grafter(P, DeltaDonor(F, perturbed_copy(P, seed=7)), tok)
+
+
+def _sweep_config(**model) -> str:
+    return json.dumps({"models": [{"name": "tiny", "tiny": "llama", **model}], "data": {"examples": "e.jsonl"},
+                       "grid": "main"})
+
+
+def _run_sweep(output: str | None = None):
+    from nngraft.study.examples import TestExample
+    from nngraft.study.sweep import load_sweep_config, run_sweep, save_examples_jsonl
+
+    save_examples_jsonl([TestExample("f1", "s3", "Ada Lovelace stars in", {"first_actor": "Ada Lovelace"},
+                                     "Alan")], "e.jsonl")
+    return run_sweep(load_sweep_config("sweep.json"), output=output, show_progress=False)
+
+
+def _locked_output():
+    from nngraft.study.results import output_lock
+
+    with output_lock("runs/t"):
+        _run_sweep("runs/t")
+
+
+def _full_disk():
+    import errno
+
+    real = os.fsync
+    calls = []
+
+    def fsync(fd):
+        calls.append(fd)
+        if len(calls) > 2:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        real(fd)
+
+    with mock.patch.object(os, "fsync", fsync):
+        _run_sweep("runs/t")
+
+
+def _offline_hub_id():
+    with _scratch_folder() as folder:
+        (folder / "empty-model").mkdir()
+        Grafter("empty-model", "empty-model")
+
+
+def _long_prompt():
+    grafter().run(spec(MLP_LT), [" ".join(["Ada"] * 200)])
+
+
+def _foreign_token():
+    from nngraft.testing import perturbed_copy, tiny_tokenizer
+
+    P = tiny_model("gpt2", vocab_size=256)  # its tokenizer has 384 tokens
+    Grafter(P, perturbed_copy(P), tiny_tokenizer("gpt2")).run(spec(MLP_LT), ["Ada Lovelace stars in a movie alongside"])
+
+
 CASES = [
     Case(1, "malformed JSON spec", '`{"rules": [`',
          lambda: GraftSpec.from_json('{"rules": [', source="fe.json"), SpecError, r"invalid graft spec fe.json:\n  \(JSON\): Invalid JSON"),
@@ -347,6 +457,86 @@ CASES = [
                   "vary slightly from run to run, as torch writes storage addresses and temp paths into it)",
          shown=lambda text: re.sub(r"was [\d.]+ [kMG]?B as sent \([\d.]+ [kMG]?B before",
                                    "was SENT as sent (RAW before", text)),
+    Case(19, "a key given twice in a JSON object", '`{"rules": [...], "rules": []}`',
+         lambda: GraftSpec.from_json('{"rules": [{"components": ["mlp"], "positions": [{"last": true}]}],\n'
+                                     ' "rules": []}', source="fe.json"), SpecError,
+         r"invalid graft spec fe.json: the key 'rules' occurs twice in one JSON object \(line 2\)",
+         handling="raised for specs, sweep configs, facts and examples files (plain JSON would keep the last "
+                  "value silently)"),
+    Case(20, "file that is not UTF-8", "a spec saved as latin-1",
+         _in_scratch(_write("fe.json", '{"name": "café", "rules": []}'.encode("latin-1")),
+                     lambda: GraftSpec.load("fe.json")), SpecError,
+         r"spec file fe.json is not UTF-8 text \(byte 0xe9 on line 1", handling="raised (any file nngraft reads)"),
+    Case(20, "file in UTF-16", "a facts file saved as UTF-16",
+         _in_scratch(_write("facts.jsonl", '{"first_actor": "Ada"}\n'.encode("utf-16")), _load_facts()),
+         DataError, "facts file facts.jsonl is encoded as UTF-16; nngraft reads UTF-8 text"),
+    Case(20, "a directory where a file is expected", "`--spec runs/`",
+         _in_scratch(lambda folder: (folder / "runs").mkdir(), lambda: GraftSpec.load("runs")), SpecError,
+         "cannot read spec file runs: it is a directory; give the path of a file"),
+    Case(21, "fact field that is not text", '`"second_actor": null` or a list',
+         _in_scratch(_write("facts.jsonl", '{"first_actor": "Marie Curie", "second_actor": ["Pierre", "Irène"]}\n'),
+                     _load_facts()), DataError,
+         r"facts.jsonl, line 1: field 'second_actor' is a list .* must be a string or a number",
+         handling="raised before any model is loaded (it would be scored as the text \"['Pierre', 'Irène']\")"),
+    Case(22, "donor deeper than the recipient", "P with 2 layers, F with 3", _deeper_donor, DonorMismatchError,
+         "the recipient has depth num_hidden_layers=2 but the donor has num_hidden_layers=3",
+         handling="raised; P's and F's configs (depth, widths, heads, vocabulary, type) and parameters are "
+                  "compared in both directions"),
+    Case(22, "donor weights that are NaN", "a diverged finetune", _nan_donor, DonorMismatchError,
+         r"donor tensor 'model.layers.1.mlp.down_proj.weight' holds 3 NaN or infinite value\(s\)",
+         handling="raised when the tensor is first grafted"),
+    Case(22, "donor on the meta device", "F built under `torch.device('meta')`", _meta_donor, DonorMismatchError,
+         r"the donor's parameter 'model.embed_tokens.weight' is on the meta device \(no weights loaded\)"),
+    Case(23, "delta donor made from another P", "`DeltaDonor(F, pretrained=X)`, X not the run's P",
+         _other_pretrained, DonorMismatchError,
+         r"this DeltaDonor was made from another pretrained model than the recipient: tensor "
+         r"'model.embed_tokens.weight' differs \(pretrained fingerprint [0-9a-f]{12}",
+         handling="raised: every tensor of P is compared with the recipient's (and its fingerprint kept in "
+                  "`donor.pretrained_fingerprints`)"),
+    Case(24, "bad argument value", "`g.generate(spec, prompts, max_new_tokens=0)`",
+         lambda: grafter().generate(spec(MLP_LT), ["Ada stars in"], max_new_tokens=0), ArgumentError,
+         r"Grafter.generate: max_new_tokens: Input should be an integer >= 1, got 0 \(int\)",
+         handling="raised for every argument of Grafter, run, run_grid, generate and the donors: the message "
+                  "names the argument and the value received"),
+    Case(24, "spans of the wrong shape", "`spans={'first_actor': 'Ada'}` for two prompts",
+         lambda: grafter().run(spec(MLP_LT), ["Ada stars in", "Bob stars in"], spans={"first_actor": "Ada"}),
+         ArgumentError, r"Grafter.run: spans: Input should be a list with one \{span name: text\} dict per prompt"),
+    Case(24, "span text of the wrong type", "`spans=[{'first_actor': 3}]`",
+         lambda: grafter().run(spec(MLP_LT), ["Ada stars in"], spans=[{"first_actor": 3}]), ArgumentError,
+         r"Grafter.run: spans\[0\]\['first_actor'\]: Input should be the span's text"),
+    Case(25, "prompt longer than the context", "a 200-token prompt, a 128-token model", _long_prompt, PromptError,
+         r"prompt 0 has \d+ tokens, more than the model's context of 128 \(max_position_embeddings\)"),
+    Case(25, "token id beyond the vocabulary", "another model's tokenizer", _foreign_token, PromptError,
+         r"prompt 0: token id \d+ is outside the model's vocabulary of 256 tokens"),
+    Case(26, "model that cannot be loaded", "an empty folder, or a hub id not in the cache while offline",
+         _offline_hub_id, ModelLoadError, r"cannot load the recipient's tokenizer from 'empty-model' .* Give a local "
+         r"model folder \(with config.json\), or a hub id that is already in the Hugging Face cache",
+         handling="raised (nngraft never downloads at run time; also in `nngraft payload`)",
+         shown=lambda text: re.sub(r" \((OSError|ValueError): .*\)\. Give", " (…). Give", text)),
+    Case(27, "bad value in a sweep config", '`"tiny": "mamba"`',
+         _in_scratch(_write("sweep.json", _sweep_config(tiny="mamba")), lambda: _run_sweep()), SweepConfigError,
+         r"models\[0\].tiny: Value error, no tiny model of type 'mamba'",
+         handling="raised before anything runs; likewise `tiny_layers` out of 1…64, an unknown `device`, and "
+                  "`batch_size` 0, negative or fractional"),
+    Case(27, "GPU device without a GPU", '`"device": "cuda"` on a CPU machine',
+         _in_scratch(_write("sweep.json", _sweep_config(device="cuda:7")), lambda: _run_sweep()), SweepConfigError,
+         r"device 'cuda:7': this machine has (no CUDA GPU|\d+ CUDA device\(s\)); use \"device\": \"cpu\"",
+         shown=lambda text: re.sub(r"has \d+ CUDA device\(s\)", "has no CUDA GPU", text)),
+    Case(28, "output that is someone else's file", "`nngraft run ... -o notes.txt`",
+         _in_scratch(lambda folder: (_write("notes.txt", "my notes\n")(folder), _write("sweep.json", _sweep_config())(folder)),
+                     lambda: _run_sweep("notes.txt")), ResultsError,
+         "refusing to write results into notes.txt: it is not an nngraft results file",
+         handling="raised before anything is written: the file is left as it was and no manifest is written "
+                  "beside it (likewise for a sweep's `output`, and a `manifest.json` that is not nngraft's)"),
+    Case(29, "two runs on one output folder", "a second `nngraft sweep` while the first runs",
+         _in_scratch(_write("sweep.json", _sweep_config()), _locked_output), OutputInUseError,
+         r"runs/t is in use by another nngraft run \(pid \d+ on .*, started .*\)\. Two runs writing one results file",
+         handling="raised: the output folder is locked (an OS file lock, released even when a run crashes)",
+         shown=lambda text: re.sub(r"\(pid .*?\)\. Two", "(pid PID on HOST, started TIME: COMMAND). Two", text)),
+    Case(30, "full disk", "ENOSPC while appending results", _in_scratch(_write("sweep.json", _sweep_config()), _full_disk),
+         OSError, "No space left on device", cli=True,
+         handling="the command line exits with code 2 and this message (no traceback; `--debug` shows it); "
+                  "likewise for permissions"),
 ]
 
 
@@ -404,12 +594,14 @@ def test_refused_resume_leaves_the_results_file_as_it_was(damage):
 
 
 def message(case: Case) -> str:
+    from nngraft.boundary import user_error_message
+
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error")
             case.run()
     except case.error as error:
-        return str(error)
+        return user_error_message(error) if case.cli else str(error)
     raise AssertionError(f"case {case.title} raised nothing")
 
 
@@ -421,7 +613,9 @@ def render() -> str:
         "All errors derive from `nngraft.GraftError` (spec problems from `SpecError`, which is also a",
         "`ValueError`). No error leaves a half-written file or a model with modified weights behind:",
         "files are written to a temp file and renamed, and donor weights are only swapped in for the",
-        "duration of each donor call. Generated from `tests/test_errors.py`, which checks each row.",
+        "duration of each donor call. On the command line, every error here ends `nngraft` with exit",
+        "code 2 and its message, without a traceback (`nngraft --debug ...` shows it); only a bug in",
+        "nngraft shows a traceback. Generated from `tests/test_errors.py`, which checks each row.",
         "",
         "| # | input | example | error | handling | message |",
         "| --- | --- | --- | --- | --- | --- |",

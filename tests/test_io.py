@@ -52,3 +52,36 @@ def test_atomic_save_figure_keeps_the_old_image_when_saving_fails(tmp_path):
     assert png.read_bytes() == before
     assert sorted(p.name for p in tmp_path.iterdir()) == ["plot.png", "plot.svg"]
     plt.close(fig)
+
+
+@pytest.mark.parametrize("umask, mode", [(0o022, 0o644), (0o077, 0o600), (0o002, 0o664)])
+def test_new_files_get_the_mode_the_umask_gives(tmp_path, umask, mode):
+    """A temp file is created 0600; the renamed result must be what a plain open() would give."""
+    import os
+    import stat
+
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    previous = os.umask(umask)
+    try:
+        text = atomic_write_text(tmp_path / "a.json", "{}")
+        figure = atomic_save_figure(plt.figure(), tmp_path / "plot.png")
+    finally:
+        os.umask(previous)
+    plt.close("all")
+    assert stat.S_IMODE(text.stat().st_mode) == mode
+    assert stat.S_IMODE(figure.stat().st_mode) == mode
+
+
+def test_a_rewritten_file_keeps_its_mode(tmp_path):
+    import os
+    import stat
+
+    path = tmp_path / "manifest.json"
+    path.write_text("old")
+    for mode in (0o640, 0o604, 0o755):
+        os.chmod(path, mode)
+        atomic_write_text(path, "new")
+        assert stat.S_IMODE(path.stat().st_mode) == mode and path.read_text() == "new"

@@ -1,5 +1,5 @@
 """`nngraft run`, `nngraft sweep`, `nngraft plot`: via subprocess (as a user runs them) and, for the
-error paths, in-process (exit codes 0 ok / 1 error with message / 2 usage)."""
+error paths, in-process (exit codes 0 ok / 2 a user error with one message, or bad usage)."""
 
 from __future__ import annotations
 
@@ -72,9 +72,9 @@ def test_sweep_config_with_plots_and_resume(tmp_path, examples):
     assert again.returncode == 0 and "0 rows written, 16 already done" in again.stderr
 
 
-def test_errors_exit_1_with_a_message(tmp_path, examples):
+def test_errors_exit_2_with_a_message(tmp_path, examples):
     result = nngraft("run", "--tiny", "llama", "--spec", "missing.json", "--data", str(examples), cwd=tmp_path)
-    assert result.returncode == 1
+    assert result.returncode == 2
     assert "error:" in result.stderr and "no spec file" in result.stderr and "Traceback" not in result.stderr
 
 
@@ -92,13 +92,13 @@ def test_usage_errors_exit_2(tmp_path, examples, capsys):
     assert exit_.value.code == 2
 
 
-def test_bad_config_and_missing_results_exit_1(tmp_path, capsys):
+def test_bad_config_and_missing_results_exit_2(tmp_path, capsys):
     bad = tmp_path / "bad.json"
     bad.write_text(json.dumps({"models": [], "data": {"examples": "e.jsonl"}, "grid": "main"}))
-    assert main(["sweep", str(bad)]) == 1
+    assert main(["sweep", str(bad)]) == 2
     err = capsys.readouterr().err
     assert "invalid sweep config" in err and "models" in err
-    assert main(["plot", str(tmp_path / "nothing")]) == 1
+    assert main(["plot", str(tmp_path / "nothing")]) == 2
     assert "no results file" in capsys.readouterr().err
 
 
@@ -191,13 +191,13 @@ def test_run_named_donor_errors(three_models, examples, capsys, tmp_path):
             main(base + list(donors))
         assert exit_.value.code == 2
         assert message in " ".join(capsys.readouterr().err.split())
-    # a spec naming a donor that was not given: exit 1, before any model is loaded
+    # a spec naming a donor that was not given: exit 2, before any model is loaded
     out = tmp_path / "never"
-    assert main(base + ["--donor", str(root / "F"), "-o", str(out)]) == 1
+    assert main(base + ["--donor", str(root / "F"), "-o", str(out)]) == 2
     err = " ".join(capsys.readouterr().err.split())
     assert ("spec 'f_mlp_hybrid_o_lt' grafts from donor(s) 'hybrid', which this command was not given (given: F "
             "(--donor PATH)); add --donor hybrid=PATH (a finetuned copy of P: local folder or hub id)") in err
     assert not out.exists()
-    assert main(base + ["--donor", str(root / "F"), "--donor", f"relation={root / 'H'}", "-o", str(out)]) == 1
+    assert main(base + ["--donor", str(root / "F"), "--donor", f"relation={root / 'H'}", "-o", str(out)]) == 2
     assert f"(given: F (--donor PATH), relation={root / 'H'}); add --donor hybrid=PATH" in " ".join(
         capsys.readouterr().err.split())

@@ -33,7 +33,9 @@ from typing import Any, Iterator, Mapping
 import torch
 
 from ..arch import Adapter, adapter_for, stores_weight_in_out
-from ..donor import Donor, ModelDonor, as_donor, pick_donor
+from ..checks import fail
+from ..donor import Donor, as_donor, pick_donor
+from ..errors import ArgumentError, DonorMismatchError
 from ..partial import derived_donors
 from ..plan import GraftPlan, ModuleGraft
 from ..tokens import PaddedBatch
@@ -44,7 +46,10 @@ def load_pretrained(name_or_path: str, dtype: Any = None, device: Any = None) ->
     """A causal LM from a local folder or Hub id, in eval mode (``dtype``: default ``"auto"``)."""
     from transformers import AutoModelForCausalLM
 
-    model = AutoModelForCausalLM.from_pretrained(name_or_path, dtype=dtype or "auto")
+    from ..inputs import loading_model
+
+    with loading_model("a model", name_or_path):
+        model = AutoModelForCausalLM.from_pretrained(name_or_path, dtype=dtype or "auto")
     return model.to(device).eval() if device else model.eval()
 
 
@@ -67,10 +72,20 @@ class LocalBackend(Backend):
             if tokenizer is None:
                 from transformers import AutoTokenizer
 
-                tokenizer = AutoTokenizer.from_pretrained(recipient)
+                from ..inputs import loading_model
+
+                with loading_model("the recipient's tokenizer", recipient):
+                    tokenizer = AutoTokenizer.from_pretrained(recipient)
             recipient = load_pretrained(recipient, dtype, device)
         if tokenizer is None:
-            raise ValueError("pass the recipient's tokenizer (Grafter(P, F, tokenizer))")
+            raise ArgumentError("Grafter: tokenizer: Input should be the recipient's tokenizer (Grafter(P, F, "
+                                "tokenizer)), got None")
+        if not callable(tokenizer):
+            raise fail("Grafter", "tokenizer", "a tokenizer (callable on text, e.g. AutoTokenizer)", tokenizer)
+        meta = next((n for n, p in recipient.named_parameters() if p.is_meta), None)
+        if meta is not None:
+            raise DonorMismatchError(f"the recipient's parameter {meta!r} is on the meta device (no weights "
+                                     "loaded); load P with its weights")
         self.model, self.tokenizer = recipient, tokenizer
         self.adapter = adapter or adapter_for(recipient)
         self.donors: dict[str, Donor] = {}
@@ -78,7 +93,7 @@ class LocalBackend(Backend):
             if isinstance(value, str) and not Path(value).exists():
                 value = load_pretrained(value, dtype, device)  # a hub id; a local folder is read lazily
             self.donors[name] = as_donor(value)
-            if isinstance(self.donors[name], ModelDonor):
+            if hasattr(self.donors[name], "check_against"):  # a model, a DeltaDonor's P, a LoRA's modules
                 self.donors[name].check_against(recipient)
         self.derived: dict[str, Any] = {}  # parameter-level donors derived from these, by name
         self.nn = nnsight.NNsight(recipient)

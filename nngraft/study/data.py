@@ -38,6 +38,7 @@ from pathlib import Path
 from typing import Any, Iterable, Sequence
 
 from ..errors import DataError, DataIntegrityError
+from ..inputs import loads_json, read_text
 from ..io import atomic_write_text
 from .examples import Fact, TestExample
 from .spancheck import SpanProblem, SpanReport, TokenizedExamples, tokenize_examples
@@ -347,10 +348,8 @@ def read_manifest(path: str | Path) -> dict[str, Any] | None:
     mpath = manifest_path(path)
     if not mpath.exists():
         return None
-    try:
-        manifest = json.loads(mpath.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as error:
-        raise DataIntegrityError(f"{mpath}: the manifest is not valid JSON ({error})") from None
+    manifest = loads_json(read_text(mpath, "facts manifest", DataIntegrityError), f"facts manifest {mpath}",
+                          DataIntegrityError)
     if not isinstance(manifest, dict) or manifest.get("format") != MANIFEST_FORMAT:
         raise DataIntegrityError(f"{mpath} is not an nngraft facts manifest")
     if manifest.get("version") != MANIFEST_VERSION:
@@ -377,7 +376,7 @@ def load_facts(path: str | Path, *, require_manifest: bool = False) -> list[Fact
     path = Path(path)
     if not path.exists():
         raise DataError(f"no facts file at {path}")
-    facts = _parse_jsonl(path.read_text(encoding="utf-8"), str(path))
+    facts = _parse_jsonl(read_text(path, "facts file", DataError), str(path))
     manifest = read_manifest(path)
     if manifest is None:
         if require_manifest:
@@ -394,17 +393,32 @@ def load_facts(path: str | Path, *, require_manifest: bool = False) -> list[Fact
     return facts
 
 
+def _check_field(source: str, lineno: int, key: str, value: Any) -> None:
+    """A fact's field must be text or a number (templates render it into prompts and answers);
+    ``null``, lists, objects and booleans would be scored as the text "None", "['a', 'b']" …"""
+    if isinstance(value, str) or (isinstance(value, (int, float)) and not isinstance(value, bool)):
+        if isinstance(value, float) and value != value:
+            raise DataError(f"{source}, line {lineno}: field {key!r} is NaN; give a number or a string")
+        return
+    shown = "null" if value is None else json.dumps(value, ensure_ascii=False)
+    if len(shown) > 60:
+        shown = shown[:57] + "..."
+    kind = {type(None): "null", bool: "a boolean", list: "a list", dict: "an object"}.get(type(value), type(value).__name__)
+    raise DataError(f"{source}, line {lineno}: field {key!r} is {kind} ({shown}); every field of a fact "
+                    "must be a string or a number (it is written into prompts and answers as text). "
+                    "Give one value per field, e.g. \"second_actor\": \"Pierre Curie\"")
+
+
 def _parse_jsonl(text: str, source: str) -> list[Fact]:
     rows: list[tuple[int, dict[str, Any]]] = []
     for lineno, line in enumerate(text.splitlines(), 1):
         if not line.strip():
             continue
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as error:
-            raise DataError(f"{source}, line {lineno}: not valid JSON ({error.msg})") from None
+        row = loads_json(line, f"{source}, line {lineno}", DataError)
         if not isinstance(row, dict):
             raise DataError(f"{source}, line {lineno}: expected a JSON object, got {type(row).__name__}")
+        for key, value in row.items():
+            _check_field(source, lineno, key, value)
         rows.append((lineno, row))
     if not rows:
         raise DataError(f"{source} holds no facts")

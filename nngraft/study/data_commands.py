@@ -16,6 +16,7 @@ from typing import Any
 from rich.table import Table
 
 from ..cli import command, console, out
+from ..checks import positive_int_arg
 
 
 def _configure(p: argparse.ArgumentParser) -> None:
@@ -34,7 +35,7 @@ def _configure(p: argparse.ArgumentParser) -> None:
     show.add_argument("--answer-field", default="second_actor")
     show.add_argument("--allow-ambiguous", action="store_true",
                       help="accept prompts that several facts answer differently")
-    show.add_argument("--limit", type=int, default=3, help="facts / prompts to preview")
+    show.add_argument("--limit", type=positive_int_arg, default=3, help="facts / prompts to preview")
     show.add_argument("--tokenizer", help="also locate every span on this tokenizer: tiny-gpt2, "
                       "tiny-llama, smollm2, a local tokenizer folder or a .gguf file")
 

@@ -63,6 +63,7 @@ from ..arch import adapter_for, get_module, output_axis
 from ..errors import DataError, GraftError, SpecError
 from ..spec import GraftRule, GraftSpec, Last, LayerSelection, Span, resolve_layers
 from .examples import Fact
+from .models import default_permissions
 
 HYBRID = "hybrid"
 """Donor name of the hybrid model H in the specs' rules."""
@@ -291,6 +292,7 @@ def save_hybrid(hybrid: torch.nn.Module, tokenizer: Any, record: dict[str, Any],
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
     try:
+        default_permissions(tmp)  # mkdtemp's 0700 → what the umask gives
         hybrid.save_pretrained(tmp)
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)

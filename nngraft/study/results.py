@@ -43,6 +43,8 @@ from ..errors import GraftError
 
 RESULTS_FILE = "results.jsonl"
 MANIFEST_FILE = "manifest.json"
+LOCK_FILE = ".nngraft-lock"
+MANIFEST_FORMAT = "nngraft.results"
 FORMAT_VERSION = 1
 
 UnitKey = tuple[str, str, str]
@@ -51,6 +53,10 @@ UnitKey = tuple[str, str, str]
 
 class ResultsError(GraftError, ValueError):
     """A results file or manifest is unreadable, or does not match the run that wants to extend it."""
+
+
+class OutputInUseError(ResultsError):
+    """Another nngraft run is writing to the same output folder right now."""
 
 
 class TruncatedResultsWarning(UserWarning):
@@ -231,3 +237,128 @@ def write_manifest(results: str | Path, manifest: Mapping[str, Any]) -> Path:
 
     return atomic_write_text(manifest_path(results), json.dumps(manifest, indent=2, ensure_ascii=False,
                                                                default=str) + "\n")
+
+
+_ROW_KEYS = ("model", "spec", "example")
+
+
+def check_output(results: str | Path) -> Path:
+    """Refuse to write results where they would clobber or sit beside someone else's file: an
+    existing ``results`` file must be an nngraft results file (every complete line a row with
+    ``model``, ``spec`` and ``example``), and an existing manifest beside it an nngraft results
+    manifest. Returns the results file's path. Nothing is written."""
+    path = results_path(results)
+    if path.exists() and not path.is_file():
+        raise ResultsError(f"cannot write results to {path}: it exists and is not a file")
+    if path.is_file() and path.stat().st_size:
+        what = "" if path.suffix == ".jsonl" else " (and its name does not end in .jsonl)"
+        try:
+            rows, _, tail = _read_lines(path)
+        except ResultsError:  # damaged in the middle: say so if it is a results file, else refuse it
+            if path.suffix == ".jsonl" and _is_row(path.read_bytes().split(b"\n", 1)[0]):
+                raise
+            rows, tail = [], (1, "")
+        foreign = [r for r in rows if not all(k in r for k in _ROW_KEYS)]
+        if (not rows and tail is not None) or foreign or path.suffix != ".jsonl":
+            raise ResultsError(
+                f"refusing to write results into {path}: it is not an nngraft results file{what}, and "
+                "nngraft never overwrites or appends to other files. Give a new or an nngraft results "
+                "directory with -o (or 'output' in a sweep config)")
+    manifest = manifest_path(path)
+    if manifest.exists():
+        try:
+            record = json.loads(manifest.read_text(encoding="utf-8"))
+        except (ValueError, UnicodeDecodeError, OSError):
+            record = None
+        if not isinstance(record, dict) or record.get("format") != MANIFEST_FORMAT:
+            raise ResultsError(
+                f"refusing to write results to {path}: {manifest} exists and is not an nngraft results "
+                "manifest (nngraft would overwrite it). Give a new directory with -o (or 'output' in a "
+                "sweep config)")
+    return path
+
+
+def _is_row(line: bytes) -> bool:
+    try:
+        row = json.loads(line)
+    except ValueError:
+        return False
+    return isinstance(row, dict) and all(k in row for k in _ROW_KEYS)
+
+
+def _holder(fd: int) -> str:
+    """Who holds an output lock, as its lock file records it."""
+    try:
+        os.lseek(fd, 0, os.SEEK_SET)
+        record = json.loads(os.read(fd, 4096).decode("utf-8"))
+        return (f"pid {record.get('pid')} on {record.get('host')}, started {record.get('started')}: "
+                f"{record.get('command')}")
+    except (ValueError, OSError, AttributeError):
+        return "its lock file gives no details"
+
+
+@contextlib.contextmanager
+def output_lock(folder: str | Path) -> Iterator[Path]:
+    """Hold an exclusive OS lock (``flock``) on an output folder while a run writes there; a
+    second run on the same folder gets :class:`OutputInUseError` naming the first (pid, host,
+    start time, command). The OS releases the lock when the process ends, even on a crash, so a
+    killed run never blocks the next one.
+
+    Example:
+        >>> import tempfile, pathlib
+        >>> folder = pathlib.Path(tempfile.mkdtemp())
+        >>> with output_lock(folder):
+        ...     with output_lock(folder):  # doctest: +ELLIPSIS
+        ...         pass
+        Traceback (most recent call last):
+        ...
+        nngraft.study.results.OutputInUseError: ... is in use by another nngraft run (pid ...
+    """
+    import datetime
+    import socket
+    import sys
+
+    try:
+        import fcntl
+    except ImportError:  # pragma: no cover - not a POSIX system: no lock
+        yield Path(folder)
+        return
+    folder = Path(folder)
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except FileExistsError:
+        raise ResultsError(f"cannot use {folder} as the output directory: a file of that name exists") from None
+    path = folder / LOCK_FILE
+    while True:
+        try:
+            fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
+        except PermissionError:
+            raise ResultsError(f"cannot write to the output directory {folder}: permission denied; give "
+                               "a directory you may write to") from None
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            holder = _holder(fd)
+            os.close(fd)
+            raise OutputInUseError(
+                f"{folder} is in use by another nngraft run ({holder}). Two runs writing one results "
+                "file would each write every row; wait for that run to finish (or stop it), or give "
+                "another output directory") from None
+        try:  # the file we locked must still be the one at `path` (a finishing run unlinks it)
+            current = os.stat(path).st_ino == os.fstat(fd).st_ino
+        except FileNotFoundError:
+            current = False
+        if current:
+            break
+        os.close(fd)
+    try:
+        record = {"pid": os.getpid(), "host": socket.gethostname(),
+                  "started": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+                  "command": " ".join(["nngraft", *sys.argv[1:]]) if sys.argv else "?"}
+        os.ftruncate(fd, 0)
+        os.write(fd, json.dumps(record).encode("utf-8"))
+        yield path
+    finally:
+        with contextlib.suppress(OSError):
+            path.unlink()  # while still holding the lock
+        os.close(fd)

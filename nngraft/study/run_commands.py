@@ -1,7 +1,8 @@
 """The study's evaluation subcommands: ``nngraft run``, ``nngraft sweep`` and ``nngraft plot``.
 
 Registered with :func:`nngraft.cli.command` when :mod:`nngraft.study.commands` imports this
-module. Exit codes: 0 ok, 1 an error (message, no traceback), 2 bad usage.
+module. Exit codes (see :mod:`nngraft.cli`): 0 ok, 1 a failed baseline check, 2 a user error or bad
+usage (one message, no traceback), 130 interrupted.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from ..cli import command, console, out
+from ..checks import positive_int_arg
 
 
 def summary_table(rows: Sequence[dict[str, Any]], *, k: int, title: str, p_spec: str = "p",
@@ -63,7 +65,7 @@ def wide_console(console: Any) -> Any:
 
     if console.is_terminal:
         return console
-    return Console(width=max(console.width, 130), file=console.file)
+    return Console(width=max(console.width, 130), file=console.file, highlight=False)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -116,7 +118,7 @@ The P and F baselines (specs p and f) are always run too, for reference and reco
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--answer-logprob", action="store_true",
                    help="also score the whole answer by teacher forcing (answer_logprob column)")
-    p.add_argument("--k", type=int, default=100, help="top-k shown in the table (default 100)")
+    p.add_argument("--k", type=positive_int_arg, default=100, help="top-k shown in the table (default 100)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
@@ -194,10 +196,10 @@ def pair_and_data(args: argparse.Namespace) -> tuple[dict[str, Any], dict[str, A
         if args.facts:
             data["facts"] = str(Path(args.facts).resolve())
         else:
-            if not args.n:
+            if args.n is None:
                 raise SystemExit(_usage("--dataset needs --n"))
             data.update(dataset=args.dataset, n=args.n, seed=args.seed)
-    if args.limit:
+    if args.limit is not None:
         data["limit"] = args.limit
     return pair, data
 
@@ -300,7 +302,7 @@ Rerunning the same command resumes: rows already in the results file are skipped
     p.add_argument("config", metavar="CONFIG.json", help="sweep config file")
     p.add_argument("-o", "--output", help="results directory (overrides the config's 'output')")
     p.add_argument("--plot", action="store_true", help="render the plots when the sweep is done")
-    p.add_argument("--k", type=int, default=100, help="top-k shown in the table and plots (default 100)")
+    p.add_argument("--k", type=positive_int_arg, default=100, help="top-k shown in the table and plots (default 100)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
@@ -345,7 +347,7 @@ def cmd_sweep(args: argparse.Namespace) -> int:
 def _plot_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("results", metavar="RESULTS", help="results.jsonl, or the directory holding it")
     p.add_argument("-o", "--output", help="directory for the figures (default: plots/ beside the results)")
-    p.add_argument("--k", type=int, default=100, help="top-k accuracy panel (default 100, the paper's k)")
+    p.add_argument("--k", type=positive_int_arg, default=100, help="top-k accuracy panel (default 100, the paper's k)")
     p.add_argument("--format", action="append", choices=["png", "svg", "pdf"],
                    help="figure format (repeat; default png and svg)")
     p.add_argument("--ci", choices=["bootstrap", "t"], default="bootstrap",

@@ -48,7 +48,7 @@ from pathlib import Path
 from typing import Any, Callable, Literal, Sequence
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from ..errors import GraftError
 from ..grafter import Grafter
@@ -57,9 +57,10 @@ from ..spec import GraftSpec, format_validation_error
 from .examples import TestExample
 from .grids import LmHeadMode, grid_specs, paper_specs, with_lm_head
 from .metrics import DEFAULT_KS, score_logits
+from ..inputs import loading_model
 from .models import FINGERPRINT_VERSION, environment_versions, model_identity, resolve_device
-from .results import (FORMAT_VERSION, ResultsError, ResultsWriter, load_manifest, manifest_path,
-                      results_path, write_manifest)
+from .results import (FORMAT_VERSION, ResultsError, ResultsWriter, check_output, load_manifest, manifest_path,
+                      output_lock, results_path, write_manifest)
 
 
 class SweepConfigError(GraftError, ValueError):
@@ -86,9 +87,28 @@ class ModelPair(_Strict):
     donor: str | None = None
     donors: dict[str, str] = Field(default_factory=dict)
     tiny: str | None = None
-    tiny_layers: int = 2
+    tiny_layers: int = Field(default=2, ge=1, le=64)
     dtype: Literal["float32", "bfloat16", "float16", "auto"] = "float32"
     device: str = "auto"
+
+    @field_validator("tiny")
+    @classmethod
+    def _known_tiny(cls, value: str | None) -> str | None:
+        from ..tiny import TINY_CONFIGS
+
+        if value is not None and value not in TINY_CONFIGS:
+            raise ValueError(f"no tiny model of type {value[:40]!r}; known: {', '.join(sorted(TINY_CONFIGS))}")
+        return value
+
+    @field_validator("device")
+    @classmethod
+    def _known_device(cls, value: str) -> str:
+        if value != "auto":
+            try:
+                torch.device(value)
+            except (RuntimeError, ValueError):
+                raise ValueError(f"{value[:40]!r} is not a device; use auto, cpu, cuda, cuda:1, mps …") from None
+        return value
 
     @model_validator(mode="after")
     def _one_source(self) -> "ModelPair":
@@ -175,15 +195,10 @@ class SweepConfig(_Strict):
 
 def load_sweep_config(path: str | Path) -> SweepConfig:
     """Read and validate a sweep config file; relative paths resolve against its folder."""
+    from ..inputs import loads_json, read_text
+
     path = Path(path)
-    try:
-        text = path.read_text()
-    except OSError as error:
-        raise SweepConfigError(f"cannot read sweep config {path}: {error.strerror}") from None
-    try:
-        raw = json.loads(text)
-    except ValueError as error:
-        raise SweepConfigError(f"sweep config {path} is not valid JSON: {error}") from None
+    raw = loads_json(read_text(path, "sweep config", SweepConfigError), f"sweep config {path}", SweepConfigError)
     if not isinstance(raw, dict):
         raise SweepConfigError(f"sweep config {path} must be a JSON object")
     raw["base_dir"] = str(path.parent)
@@ -242,26 +257,46 @@ def resolve_specs(config: SweepConfig) -> list[GraftSpec]:
 # ---------------------------------------------------------------------------------------------
 
 
+def _example_from_row(row: Any, where: str) -> TestExample:
+    """One line of an examples file as a :class:`TestExample`; :class:`DataError` naming the line
+    and the field for anything else (a missing field, ``null``, a list, a number as the prompt …)."""
+    from ..errors import DataError
+
+    needs = "each line needs fact_id, template, prompt, spans, answer"
+    if not isinstance(row, dict):
+        raise DataError(f"{where}: not a test example (a JSON {type(row).__name__}, not an object); {needs}")
+    missing = [k for k in ("fact_id", "template", "prompt", "answer") if k not in row]
+    if missing:
+        raise DataError(f"{where}: not a test example (no {', '.join(missing)}); {needs}")
+    for key in ("fact_id", "template"):
+        value = row[key]
+        if not (isinstance(value, str) and value) and not (isinstance(value, int) and not isinstance(value, bool)):
+            raise DataError(f"{where}: {key} should be a non-empty string, got {value!r}; {needs}")
+    for key in ("prompt", "answer"):
+        if not isinstance(row[key], str) or not row[key].strip():
+            raise DataError(f"{where}: {key} should be a non-empty string, got {row[key]!r}; {needs}")
+    spans = row.get("spans") or {}
+    if not isinstance(spans, dict) or not all(isinstance(v, str) and v for v in spans.values()):
+        raise DataError(f"{where}: spans should be an object of span name → non-empty text (e.g. "
+                        f"{{\"first_actor\": \"Ada Lovelace\"}}), got {spans!r}")
+    return TestExample(fact_id=str(row["fact_id"]), template=str(row["template"]), prompt=row["prompt"],
+                       spans=dict(spans), answer=row["answer"])
+
+
 def load_examples_jsonl(path: str | Path) -> list[TestExample]:
     """Test examples from a JSONL file: one ``{"fact_id", "template", "prompt", "spans", "answer"}``
     object per line (what :meth:`TestExample.to_dict` writes)."""
     from ..errors import DataError
 
+    from ..inputs import loads_json, read_text
+
     path = Path(path)
-    if not path.exists():
-        raise DataError(f"no examples file at {path}")
     examples = []
-    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+    for number, line in enumerate(read_text(path, "examples file", DataError).splitlines(), 1):
         if not line.strip():
             continue
-        try:
-            row = json.loads(line)
-            examples.append(TestExample(fact_id=str(row["fact_id"]), template=str(row["template"]),
-                                        prompt=row["prompt"], spans=dict(row.get("spans") or {}),
-                                        answer=row["answer"]))
-        except (ValueError, KeyError, TypeError) as error:
-            raise DataError(f"{path}:{number}: not a test example ({type(error).__name__}: {error}); each "
-                            "line needs fact_id, template, prompt, spans, answer") from None
+        row = loads_json(line, f"{path}:{number}", DataError)
+        examples.append(_example_from_row(row, f"{path}:{number}"))
     if not examples:
         raise DataError(f"{path} holds no test examples")
     keys = [e.key for e in examples]
@@ -364,12 +399,11 @@ def load_pair(pair: ModelPair, config: SweepConfig | None = None) -> LoadedPair:
 
         src_p, src_f = resolve(pair.recipient), resolve(pair.donor)
         dtype = _DTYPES.get(pair.dtype, "auto")
-        try:
+        with loading_model(f"model {pair.name!r}: the recipient", src_p):
             tok = AutoTokenizer.from_pretrained(src_p)
             P = AutoModelForCausalLM.from_pretrained(src_p, dtype=dtype)
+        with loading_model(f"model {pair.name!r}: the donor", src_f):
             F = AutoModelForCausalLM.from_pretrained(src_f, dtype=dtype)
-        except OSError as error:
-            raise SweepConfigError(f"model {pair.name!r}: cannot load {error}") from None
     P, F = P.to(device).eval(), F.to(device).eval()
     identity = {"recipient": model_identity(P, src_p), "donor": model_identity(F, src_f),
                 "device": str(device)}
@@ -379,10 +413,8 @@ def load_pair(pair: ModelPair, config: SweepConfig | None = None) -> LoadedPair:
 
         local = config.path(value) if config is not None else Path(value)
         src = str(local) if local.exists() else value
-        try:
+        with loading_model(f"model {pair.name!r}: donor {key!r}", src):
             donors[key] = AutoModelForCausalLM.from_pretrained(src, dtype=_DTYPES.get(pair.dtype, "auto"))
-        except OSError as error:
-            raise SweepConfigError(f"model {pair.name!r}: cannot load donor {key!r}: {error}") from None
         donors[key] = donors[key].to(device).eval()
         identity.setdefault("donors", {})[key] = model_identity(donors[key], src)
     return LoadedPair(pair.name, P, F, tok, identity, donors)
@@ -651,73 +683,77 @@ def run_sweep(config: SweepConfig, *, output: str | Path | None = None, show_pro
     examples, source = load_data(config)
     check_spans(specs, examples)
     check_donors(specs, config.models)
-    results = results_path(out_dir)
-    writer = ResultsWriter(results)
-    manifest = load_manifest(results)
-    run_record = {"started": _now(), "rows_before": len(writer.existing)}
-    try:
-        manifest.setdefault("format", "nngraft.results")
-        manifest["format_version"] = FORMAT_VERSION
-        manifest.setdefault("created", _now())
-        manifest["versions"] = environment_versions()
-        manifest["sweep"] = config.model_dump(mode="json")
-        manifest.setdefault("specs", {})
-        for s in specs:
-            manifest["specs"][s.name] = {"hash": s.content_hash(), "role": spec_role(s),
-                                         "spec": json.loads(s.to_json())}
-        manifest["dataset"] = {**source, "hash": examples_hash(examples), "n_examples": len(examples),
-                               "n_facts": len({e.fact_id for e in examples}),
-                               "templates": sorted({e.template for e in examples})}
-        manifest["ks"] = list(config.ks)
-        manifest["seeds"] = {"data": config.data.seed if not config.data.examples else None,
-                             "bootstrap": 0, "tiny_models": 0 if any(m.tiny for m in config.models) else None}
-        manifest["dtypes"] = {m.name: m.dtype for m in config.models}
-        manifest["metrics"] = ("prob/logprob: softmax of the last-token logits in float32; rank: "
-                               "number of tokens with strictly higher log-prob (0-based); top_k: rank < k")
-        manifest.setdefault("models", {})
-        manifest.setdefault("baseline_check", {})
-        manifest.setdefault("runs", [])
-        stats: dict[str, EvalStats] = {}
+    results = check_output(results_path(out_dir))
+    with output_lock(results.parent):
+        writer = ResultsWriter(results)
+        manifest = load_manifest(results)
+        run_record = {"started": _now(), "rows_before": len(writer.existing)}
+        recorded = False  # whether this run has written the manifest; a run refused before that leaves it as it was
+        try:
+            manifest.setdefault("format", "nngraft.results")
+            manifest["format_version"] = FORMAT_VERSION
+            manifest.setdefault("created", _now())
+            manifest["versions"] = environment_versions()
+            manifest["sweep"] = config.model_dump(mode="json")
+            manifest.setdefault("specs", {})
+            for s in specs:
+                manifest["specs"][s.name] = {"hash": s.content_hash(), "role": spec_role(s),
+                                             "spec": json.loads(s.to_json())}
+            manifest["dataset"] = {**source, "hash": examples_hash(examples), "n_examples": len(examples),
+                                   "n_facts": len({e.fact_id for e in examples}),
+                                   "templates": sorted({e.template for e in examples})}
+            manifest["ks"] = list(config.ks)
+            manifest["seeds"] = {"data": config.data.seed if not config.data.examples else None,
+                                 "bootstrap": 0, "tiny_models": 0 if any(m.tiny for m in config.models) else None}
+            manifest["dtypes"] = {m.name: m.dtype for m in config.models}
+            manifest["metrics"] = ("prob/logprob: softmax of the last-token logits in float32; rank: "
+                                   "number of tokens with strictly higher log-prob (0-based); top_k: rank < k")
+            manifest.setdefault("models", {})
+            manifest.setdefault("baseline_check", {})
+            manifest.setdefault("runs", [])
+            stats: dict[str, EvalStats] = {}
 
-        class Rate(ProgressColumn):
-            def render(self, task: Any) -> Text:
-                speed = task.finished_speed or task.speed
-                return Text(f"{speed:,.0f} ex/s" if speed else "– ex/s", style="cyan")
+            class Rate(ProgressColumn):
+                def render(self, task: Any) -> Text:
+                    speed = task.finished_speed or task.speed
+                    return Text(f"{speed:,.0f} ex/s" if speed else "– ex/s", style="cyan")
 
-        for pair_cfg in config.models:
-            console.print(f"[bold]{pair_cfg.name}[/bold]: loading models …")
-            pair = load_pair(pair_cfg, config)
-            _check_resume(manifest, writer, specs, examples, {pair.name: pair.identity}, config.answer_logprob)
-            manifest["models"][pair.name] = pair.identity
-            write_manifest(results, manifest)
-            grafter = Grafter(pair.recipient, pair.donor, pair.tokenizer, donors=pair.donors,
-                              batch_size=config.batch_size)
-            total = len(specs) * len(examples)
-            label = f"{pair.name}: {len(specs)} specs × {len(examples)} examples"
-            with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), Rate(),
-                          TimeElapsedColumn(), TimeRemainingColumn(),
-                          console=console, disable=not show_progress, transient=False) as bar:
-                already = sum(1 for k in writer.done if k[0] == pair.name)
-                if already:
-                    bar.console.print(f"resuming: {already} of {total} rows already in {results}")
-                task = bar.add_task(label, total=total, completed=min(already, total))
-                stats[pair.name] = evaluate(
-                    grafter, specs, examples, model=pair.name, writer=writer,
-                    batch_size=config.batch_size, ks=config.ks, n_top=config.n_top,
-                    answer_logprob=config.answer_logprob,
-                    progress=lambda n: bar.advance(task, n))
-            if config.check_baselines:
-                report = check_baselines(pair, specs, examples[: config.check_baselines], writer.done)
-                manifest["baseline_check"][pair.name] = report
-                if not report["ok"]:
-                    console.print(f"[red]baseline check failed for {pair.name}[/red]: {report}")
-            del grafter, pair
-        run_record.update(finished=_now(), rows_written=sum(s.written for s in stats.values()),
-                          rows_skipped=sum(s.skipped for s in stats.values()))
-        return SweepOutcome(out_dir, results, manifest_path(results), stats, manifest["baseline_check"])
-    finally:
-        writer.close()
-        if "finished" not in run_record:
-            run_record.update(interrupted=_now(), rows_written=writer.written)
-        manifest.setdefault("runs", []).append(run_record)
-        write_manifest(results, manifest)
+            for pair_cfg in config.models:
+                console.print(f"[bold]{pair_cfg.name}[/bold]: loading models …")
+                pair = load_pair(pair_cfg, config)
+                _check_resume(manifest, writer, specs, examples, {pair.name: pair.identity}, config.answer_logprob)
+                manifest["models"][pair.name] = pair.identity
+                write_manifest(results, manifest)
+                recorded = True
+                grafter = Grafter(pair.recipient, pair.donor, pair.tokenizer, donors=pair.donors,
+                                  batch_size=config.batch_size)
+                total = len(specs) * len(examples)
+                label = f"{pair.name}: {len(specs)} specs × {len(examples)} examples"
+                with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), Rate(),
+                              TimeElapsedColumn(), TimeRemainingColumn(),
+                              console=console, disable=not show_progress, transient=False) as bar:
+                    already = sum(1 for k in writer.done if k[0] == pair.name)
+                    if already:
+                        bar.console.print(f"resuming: {already} of {total} rows already in {results}")
+                    task = bar.add_task(label, total=total, completed=min(already, total))
+                    stats[pair.name] = evaluate(
+                        grafter, specs, examples, model=pair.name, writer=writer,
+                        batch_size=config.batch_size, ks=config.ks, n_top=config.n_top,
+                        answer_logprob=config.answer_logprob,
+                        progress=lambda n: bar.advance(task, n))
+                if config.check_baselines:
+                    report = check_baselines(pair, specs, examples[: config.check_baselines], writer.done)
+                    manifest["baseline_check"][pair.name] = report
+                    if not report["ok"]:
+                        console.print(f"[red]baseline check failed for {pair.name}[/red]: {report}")
+                del grafter, pair
+            run_record.update(finished=_now(), rows_written=sum(s.written for s in stats.values()),
+                              rows_skipped=sum(s.skipped for s in stats.values()))
+            return SweepOutcome(out_dir, results, manifest_path(results), stats, manifest["baseline_check"])
+        finally:
+            writer.close()
+            if "finished" not in run_record:
+                run_record.update(interrupted=_now(), rows_written=writer.written)
+            if recorded:
+                manifest.setdefault("runs", []).append(run_record)
+                write_manifest(results, manifest)

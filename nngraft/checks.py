@@ -1,0 +1,120 @@
+"""Argument checks at the public API's edge, with pydantic-style messages.
+
+Each check raises :class:`~nngraft.errors.ArgumentError` naming the function, the argument, what
+it should be and the value received, so a wrong call fails before any model runs:
+
+    >>> positive_int("Grafter.generate", "max_new_tokens", 0)
+    Traceback (most recent call last):
+    ...
+    nngraft.errors.ArgumentError: Grafter.generate: max_new_tokens: Input should be an integer >= 1, got 0 (int)
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+from .errors import ArgumentError
+
+
+def _shown(value: Any) -> str:
+    text = repr(value)
+    if len(text) > 80:
+        text = text[:77] + "..."
+    return f"{text} ({type(value).__name__})"
+
+
+def fail(where: str, name: str, should: str, value: Any) -> ArgumentError:
+    """The error for argument ``name`` of ``where``: ``Input should be {should}, got {value}``."""
+    return ArgumentError(f"{where}: {name}: Input should be {should}, got {_shown(value)}")
+
+
+def is_int(value: Any) -> bool:
+    """An integer that is not a bool (``True`` is an int in Python, never a count here)."""
+    import numbers
+
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+
+
+def positive_int(where: str, name: str, value: Any, *, minimum: int = 1, optional: bool = False) -> Any:
+    """``value`` if it is an integer >= ``minimum`` (or ``None`` when ``optional``)."""
+    if value is None and optional:
+        return None
+    if not is_int(value) or value < minimum:
+        raise fail(where, name, f"an integer >= {minimum}" + (" or None" if optional else ""), value)
+    return int(value)
+
+
+def number(where: str, name: str, value: Any, *, minimum: float = 0.0, optional: bool = False) -> Any:
+    """``value`` if it is a finite real number >= ``minimum`` (or ``None`` when ``optional``)."""
+    if value is None and optional:
+        return None
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value < minimum:
+        raise fail(where, name, f"a finite number >= {minimum:g}" + (" or None" if optional else ""), value)
+    return value
+
+
+def positive_int_arg(text: str) -> int:
+    """An ``argparse`` type: an integer >= 1 (``--k 0`` is a usage error, not an empty column)."""
+    import argparse
+
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"should be an integer >= 1, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"should be an integer >= 1, got {value}")
+    return value
+
+
+def flag(where: str, name: str, value: Any) -> bool:
+    """``value`` if it is ``True`` or ``False``."""
+    if not isinstance(value, bool):
+        raise fail(where, name, "True or False", value)
+    return value
+
+
+def prompts(where: str, value: Any) -> list[str]:
+    """A list of prompt strings (one string is one prompt); each non-empty."""
+    items = [value] if isinstance(value, str) else value
+    if not isinstance(items, Sequence) or isinstance(items, (bytes, bytearray)):
+        raise fail(where, "prompts", "a string or a list of strings", value)
+    items = list(items)
+    for i, item in enumerate(items):
+        if not isinstance(item, str):
+            raise fail(where, f"prompts[{i}]", "a string", item)
+        if not item:
+            raise fail(where, f"prompts[{i}]", "a non-empty string", item)
+    return items
+
+
+def spans(where: str, value: Any, n_prompts: int) -> Any:
+    """``None``, or one mapping of span name → text (or ``(start, end)`` characters) per prompt."""
+    if value is None:
+        return None
+    if isinstance(value, Mapping) and n_prompts == 1:
+        value = [value]
+    if not isinstance(value, Sequence) or isinstance(value, (str, bytes, bytearray)):
+        raise fail(where, "spans", "a list with one {span name: text} dict per prompt", value)
+    if len(value) != n_prompts:
+        raise ArgumentError(f"{where}: spans: Input should have one dict per prompt ({n_prompts}), "
+                            f"got {len(value)}")
+    for i, item in enumerate(value):
+        if item is None:
+            continue
+        if not isinstance(item, Mapping):
+            raise fail(where, f"spans[{i}]", "a dict of span name → text", item)
+        for key, text in item.items():
+            if not isinstance(key, str) or not key:
+                raise fail(where, f"spans[{i}] key", "a non-empty string (the span's name)", key)
+            if isinstance(text, str):
+                if not text:
+                    raise fail(where, f"spans[{i}][{key!r}]", "a non-empty text", text)
+                continue
+            if isinstance(text, Sequence) and not isinstance(text, (bytes, bytearray)) and len(text) == 2 and all(
+                    is_int(t) for t in text):
+                continue
+            raise fail(where, f"spans[{i}][{key!r}]", "the span's text (a non-empty string) or a (start, end) "
+                       "character range", text)
+    return value
