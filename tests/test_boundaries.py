@@ -361,7 +361,7 @@ def test_bad_sweep_config_values_exit_2(tmp_path, examples, capsys, change, mess
 @pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without a GPU")
 def test_a_gpu_device_without_a_gpu_exits_2(tmp_path, examples, capsys):
     code, err = _cli(capsys, "sweep", str(_sweep(tmp_path, device="cuda")), "--no-progress")
-    assert code == 2 and "device 'cuda': this machine has no CUDA GPU; use \"device\": \"cpu\"" in err
+    assert code == 2 and "--device cuda: this torch build has no usable CUDA GPU" in err
 
 
 @pytest.mark.parametrize("value", ["0", "-2"])

@@ -518,10 +518,14 @@ CASES = [
          r"models\[0\].tiny: Value error, no tiny model of type 'mamba'",
          handling="raised before anything runs; likewise `tiny_layers` out of 1…64, an unknown `device`, and "
                   "`batch_size` 0, negative or fractional"),
-    Case(27, "GPU device without a GPU", '`"device": "cuda"` on a CPU machine',
-         _in_scratch(_write("sweep.json", _sweep_config(device="cuda:7")), lambda: _run_sweep()), SweepConfigError,
-         r"device 'cuda:7': this machine has (no CUDA GPU|\d+ CUDA device\(s\)); use \"device\": \"cpu\"",
-         shown=lambda text: re.sub(r"has \d+ CUDA device\(s\)", "has no CUDA GPU", text)),
+    Case(27, "GPU device without a GPU", '`"device": "cuda:7"` on a CPU machine',
+         _in_scratch(_write("sweep.json", _sweep_config(device="cuda:7")), lambda: _run_sweep()), GraftError,
+         r"--device cuda:7: this (torch build has no usable CUDA GPU|machine has \d+ CUDA device\(s\)).*; use "
+         r"--device cpu or auto",
+         shown=lambda text: re.sub(r"this (torch build has no usable CUDA GPU \(torch [^)]*\)|machine has .*?\)); "
+                                   r"use --device cpu or auto.*",
+                                   "this torch build has no usable CUDA GPU (torch VERSION); use --device cpu or auto",
+                                   text)),
     Case(28, "output that is someone else's file", "`nngraft run ... -o notes.txt`",
          _in_scratch(lambda folder: (_write("notes.txt", "my notes\n")(folder), _write("sweep.json", _sweep_config())(folder)),
                      lambda: _run_sweep("notes.txt")), ResultsError,

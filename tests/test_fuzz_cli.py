@@ -178,7 +178,7 @@ def argv(command: str, folder: Path) -> list[str]:
 
 @lru_cache(maxsize=None)
 def _config_folder() -> Path:
-    from nngraft.testing import tiny_config
+    from nngraft.tiny import tiny_config
 
     folder = Path(tempfile.mkdtemp(prefix="nngraft-fuzz-config-"))
     tiny_config("llama").save_pretrained(folder)
@@ -188,9 +188,9 @@ def _config_folder() -> Path:
 @pytest.fixture(scope="module")
 def cheap_models():
     """tiny_pair built once per (type, depth) and deep-copied per run (a run may cast it in place)."""
-    from nngraft import testing
+    from nngraft import tiny
 
-    real = testing.tiny_pair
+    real = tiny.tiny_pair
     built: dict[tuple, tuple] = {}
 
     def tiny_pair(model_type: str = "llama", *, n_layers: int = 2, seed: int = 0):
@@ -201,7 +201,7 @@ def cheap_models():
         return copy.deepcopy(P), copy.deepcopy(F), tok
 
     with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(testing, "tiny_pair", tiny_pair)
+        patch.setattr(tiny, "tiny_pair", tiny_pair)
         yield
 
 

