@@ -455,10 +455,10 @@ SPEC_OBJ = GraftSpec(rules=[GraftRule(components=["mlp"], positions=[Last()])])
 
 
 @pytest.mark.parametrize("call, message", [
-    (lambda: _grafter(batch_size=0), r"Grafter: batch_size: Input should be an integer >= 1, got 0 \(int\)"),
-    (lambda: _grafter(batch_size=-4), r"Grafter: batch_size: Input should be an integer >= 1, got -4 \(int\)"),
-    (lambda: _grafter(batch_size=2.5), r"Grafter: batch_size: Input should be an integer >= 1, got 2.5 \(float\)"),
-    (lambda: _grafter(batch_size=True), r"Grafter: batch_size: Input should be an integer >= 1, got True \(bool\)"),
+    (lambda: _grafter(batch_size=0), r"Grafter: batch_size: Input should be an integer >= 1 or None, got 0 \(int\)"),
+    (lambda: _grafter(batch_size=-4), r"Grafter: batch_size: Input should be an integer >= 1 or None, got -4 \(int\)"),
+    (lambda: _grafter(batch_size=2.5), r"Grafter: batch_size: Input should be an integer >= 1 or None, got 2.5 \(float\)"),
+    (lambda: _grafter(batch_size=True), r"Grafter: batch_size: Input should be an integer >= 1 or None, got True \(bool\)"),
     (lambda: _grafter(share_prefix="yes"), r"Grafter: share_prefix: Input should be True or False, got 'yes' \(str\)"),
     (lambda: _grafter(call_cost=-1.0), r"Grafter: call_cost: Input should be a finite number >= 0 or None, got -1.0"),
     (lambda: _grafter(call_cost=float("nan")), r"Grafter: call_cost: Input should be a finite number >= 0 or None"),
