@@ -39,7 +39,7 @@ def test_attach_wraps_the_model_and_makes_donors():
     backend = attached("llama")
     assert backend.model is P and backend.tokenizer is tok and backend.adapter is adapter_for(P)
     assert isinstance(backend.donors["default"], ModelDonor) and backend.device == torch.device("cpu")
-    with pytest.raises(ValueError, match=r"pass the recipient's tokenizer \(Grafter\(P, F, tokenizer\)\)"):
+    with pytest.raises(ValueError, match=r"Grafter: tokenizer: Input should be the recipient's tokenizer \(Grafter\(P, F, tokenizer\)\), got None"):
         LocalBackend().attach(P, F, None)
 
 
