@@ -171,7 +171,8 @@ def test_the_blocker_blocks():
 
 
 LAYERS = [
-    ("errors, io, tiny: no nngraft imports", {"nngraft.errors", "nngraft.io", "nngraft.tiny"}),
+    ("errors, io, tiny, and the input / argument / CLI-error checks on errors alone",
+     {"nngraft.errors", "nngraft.io", "nngraft.tiny", "nngraft.inputs", "nngraft.checks", "nngraft.boundary"}),
     ("spec", {"nngraft.spec", "nngraft.testing"}),
     ("arch, tokens", {"nngraft.arch", "nngraft.tokens"}),
     ("plan", {"nngraft.plan"}),
