@@ -12,11 +12,13 @@ a ``first_actor`` span), timed side by side in interleaved repetitions:
   final-layer MLPs (last 4 layers) at the last token; all MLPs at all positions; q, k, v, o in all
   layers at the entity (``first_actor``) tokens.
 
-Target: grafted / plain ≤ 1.15 × (1 + FLOP fraction), where the FLOP fraction is the matmul FLOPs
-of the grafted modules on the grafted positions over the matmul FLOPs of the plain forward
-(counted with ``torch.utils.flop_counter``; the executor re-runs exactly those modules on exactly
-those positions with F's weights). Exactness: each graft's last-token logits on two prompts equal
-the per-token in-place reference's (one prompt with ``--smoke``).
+A graft replaces computation instead of adding it (P's module runs only on the cells that are
+not grafted), so the physical limit is 1.0× a plain forward. Targets: grafted ÷ plain ≤ 1.05 on
+SmolLM2; on the tiny model, where nnsight's fixed per-call cost dominates, grafted ÷ empty trace
+≤ 1.05. The FLOP fraction column says how much of the forward's matmul work ran with F's
+weights (counted with ``torch.utils.flop_counter``); the grafted forwards' total matmul FLOPs
+are checked equal to the plain forward's. Exactness: each graft's last-token logits on two
+prompts equal the per-token in-place reference's (one prompt with ``--smoke``).
 
     python -m benchmarks.bench_overhead --model smollm2 --out benchmarks/results/smollm2/bench_overhead.json
 """
@@ -34,7 +36,7 @@ from .baselines import empty_trace, graft_paths, model_kwargs, per_token_inplace
 from .common import (FLOAT_NOISE, Result, interleaved, load_models, log, max_abs_diff, median, paired_ratio,
                      parse, parser, prompts_of_length)
 
-SLACK = 1.15
+TARGET = 1.05
 
 
 def graft_specs() -> dict[str, tuple[GraftSpec, list[str], str]]:
@@ -67,8 +69,18 @@ def module_flops(model: torch.nn.Module, kwargs: dict[str, Any]) -> tuple[int, d
     return int(counter.get_total_flops()), per
 
 
+def matmul_flops(run: Any) -> int:
+    """Matmul FLOPs that ``run()`` performs."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    with torch.no_grad(), FlopCounterMode(display=False) as counter:
+        run()
+    return int(counter.get_total_flops())
+
+
 def flop_fraction(plan: Any, total: int, per_module: dict[str, int]) -> float:
-    """FLOPs the donor calls add (each grafted module on its grafted cells) / the plain forward's."""
+    """FLOPs computed with the donor's weights (each grafted module on its grafted cells) / the
+    plain forward's."""
     cells = plan.batch_size * plan.seq_len
     extra = 0.0
     for path, grafts in plan.by_path():
@@ -109,7 +121,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     for name, plan in plans.items():
         variants[name] = (lambda plan=plan: g.forward(plan, batch)[0])
     log(f"bench_overhead[{args.model}]: {len(variants)} variants × {reps} reps, batch {args.batch}×{args.length}")
-    times = interleaved(variants, reps, progress=lambda s: log(f"bench_overhead[{args.model}] {s}"))
+    cpu: dict[str, list[float]] = {}
+    times = interleaved(variants, reps, progress=lambda s: log(f"bench_overhead[{args.model}] {s}"), cpu=cpu)
     compile_times = interleaved({name: (lambda spec=spec: g.plan(spec, texts, spans))
                                  for name, (spec, _, _) in specs.items()}, reps)
 
@@ -131,46 +144,60 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
             worst = max(worst, max_abs_diff(logits[i], ref))
         checks[f"{name} vs per-token reference"] = worst
     checks["empty trace vs plain"] = max_abs_diff(empty_trace(g, batch), plain_logits)
+    # replacement, not addition: a grafted forward does the matmul FLOPs of a plain one
+    grafted_flops = {name: matmul_flops(lambda plan=plan: g.forward(plan, batch)) for name, plan in plans.items()}
 
     rows = []
     base = times["plain"]
+    # SmolLM2: against a plain forward; the tiny model: against an empty trace (nnsight's fixed cost)
+    judge_by = "× empty trace (median)" if args.model == "tiny" else "× plain (median)"
+    target_text = f"≤ {TARGET:g} × empty trace" if args.model == "tiny" else f"≤ {TARGET:g}"
     for name, ts in times.items():
         ratio = paired_ratio(ts, base)
         plan = plans.get(name)
-        frac = flop_fraction(plan, total_flops, per_module) if plan is not None else 0.0
-        target = SLACK * (1 + frac) if plan is not None else None
-        rows.append({
+        row = {
             "variant": name,
             "grafted cells": sum(len({(int(r), int(c)) for g_ in gs for r, c in zip(g_.rows, g_.cols)})
                                  for _, gs in plan.by_path()) if plan is not None else None,
-            "FLOP fraction": frac if plan is not None else None,
+            "FLOP fraction": flop_fraction(plan, total_flops, per_module) if plan is not None else None,
             "s (median)": median(ts),
             "× plain (median)": ratio["median"],
             "range": f"{ratio['min']:.3g}–{ratio['max']:.3g}",
             "× plain (best times)": ratio["best"],
+            "× empty trace (median)": paired_ratio(ts, times["empty trace"])["median"],
+            "× plain, CPU time (median)": paired_ratio(cpu[name], cpu["plain"])["median"],
             "compile s": median(compile_times[name]) if name in compile_times else None,
-            "target": f"≤ {target:.3g}" if target else "—",
-            "met": (ratio["median"] <= target) if target else None,
-        })
+            "target": target_text if plan is not None else "—",
+        }
+        row["met"] = (row[judge_by] <= TARGET) if plan is not None else None
+        rows.append(row)
     result = Result(
         benchmark="bench_overhead",
         title=f"2. Grafted forward / plain forward ({args.batch} prompts × {args.length} tokens)",
         model=m.info,
         columns=["variant", "grafted cells", "FLOP fraction", "s (median)", "× plain (median)", "range",
-                 "× plain (best times)", "compile s", "target"] + ["met"],
+                 "× plain (best times)", "× empty trace (median)", "× plain, CPU time (median)", "compile s",
+                 "target", "met"],
         rows=rows,
         checks=checks,
-        config={"length": args.length, "batch": args.batch, "reps": reps, "slack": SLACK,
-                "plain_matmul_flops": total_flops, "graft_effect_max_abs_logit_change": effects,
+        config={"length": args.length, "batch": args.batch, "reps": reps, "target": TARGET,
+                "judged_by": judge_by, "plain_matmul_flops": total_flops, "grafted_matmul_flops": grafted_flops, "graft_effect_max_abs_logit_change": effects,
                 "float_noise_threshold": FLOAT_NOISE,
                 "specs": {n: s.model_dump(mode="json", by_alias=True) for n, (s, _, _) in specs.items()}},
-        raw={"seconds": times, "compile_seconds": compile_times},
+        raw={"seconds": times, "cpu_seconds": cpu, "compile_seconds": compile_times},
     )
-    result.notes.append("grafted cells: (module, row, position) triples sent through a donor module "
-                        "(an MLP counts once; q, k, v, o count separately)")
-    result.notes.append("FLOP fraction counts matmuls only (torch.utils.flop_counter); on CPU the SDPA "
-                        "attention kernel is not counted, which makes the fraction (and the target) "
-                        "slightly larger than exact — by under 1% of the FLOPs at 20 tokens")
+    result.notes.append("grafted cells: (module, row, position) triples computed with the donor's weights "
+                        "instead of P's (an MLP counts once; q, k, v, o count separately)")
+    result.notes.append("FLOP fraction: the share of the plain forward's matmul FLOPs (torch.utils.flop_counter; "
+                        "the CPU SDPA kernel is not counted) that the graft computes with F's weights instead of P's")
+    same = all(f == total_flops for f in grafted_flops.values())
+    result.notes.append("matmul FLOPs of every grafted forward " + ("equal" if same else "DIFFER FROM")
+                        + f" the plain forward's ({total_flops:,}): a graft replaces computation, it adds none")
+    result.notes.append("CPU time: this process's CPU seconds (all threads) per call, paired per repetition like "
+                        "the wall times; other processes' load inflates it far less (information only)")
+    result.notes.append(f"verdict: {judge_by.removesuffix(' (median)')} ≤ {TARGET:g}"
+                        + (" (the tiny model: nnsight's fixed per-call cost dominates a plain forward of it)"
+                           if args.model == "tiny" else ""))
     return result.finish(args, argv)
 
 

@@ -217,8 +217,12 @@ def prompts_of_length(tokenizer: Any, n: int, length: int, *, seed: int = 0,
 
 
 def interleaved(variants: Mapping[str, Callable[[], Any]], reps: int, *, warmup: int = 1,
-                progress: Callable[[str], None] | None = None) -> dict[str, list[float]]:
-    """Seconds per call of each variant, ``reps`` times, in rotating order (see module docstring)."""
+                progress: Callable[[str], None] | None = None,
+                cpu: dict[str, list[float]] | None = None) -> dict[str, list[float]]:
+    """Seconds per call of each variant, ``reps`` times, in rotating order (see module docstring).
+
+    ``cpu``: if given, filled with each call's CPU seconds (this process, all threads), which
+    load from other processes inflates far less than wall time."""
     names = list(variants)
     for _ in range(warmup):
         for name in names:
@@ -227,9 +231,11 @@ def interleaved(variants: Mapping[str, Callable[[], Any]], reps: int, *, warmup:
     for rep in range(reps):
         for name in names[rep % len(names):] + names[:rep % len(names)]:
             gc.collect()
-            start = time.perf_counter()
+            start, start_cpu = time.perf_counter(), time.process_time()
             variants[name]()
             times[name].append(time.perf_counter() - start)
+            if cpu is not None:
+                cpu.setdefault(name, []).append(time.process_time() - start_cpu)
         if progress is not None:
             progress(f"rep {rep + 1}/{reps}")
     return times

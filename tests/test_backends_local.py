@@ -1,5 +1,6 @@
 """nngraft.backends.local: LocalBackend (loading, passes with and without a plan, KV cache,
-keeping only the last column's logits) and apply_plan / donor_forward, where grafts are applied."""
+keeping only the last column's logits) and apply_plan / module_forward, where grafts are applied —
+replacing P's computation at the grafted cells instead of adding to it."""
 
 from __future__ import annotations
 
@@ -7,12 +8,14 @@ from functools import lru_cache
 
 import pytest
 import torch
+from torch.utils.flop_counter import FlopCounterMode
 
-from nngraft import All, DonorMismatchError, GraftRule, GraftSpec, Grafter, Last
+from nngraft import All, DonorMismatchError, GraftRule, GraftSpec, Grafter, Last, Span
 from nngraft.arch import adapter_for
-from nngraft.backends.local import LocalBackend, donor_forward, swapped_parameters
+from nngraft.backends.local import LocalBackend, module_forward, swapped_parameters
 from nngraft.donor import ModelDonor, pick_donor
-from nngraft.plan import compile_plan
+from nngraft.errors import UnsupportedArchitectureError
+from nngraft.plan import GraftPlan, ModuleGraft, compile_plan
 from nngraft.testing import tiny_pair
 from nngraft.tokens import PaddedBatch, pad_left
 
@@ -95,9 +98,9 @@ def test_grafting_never_modifies_weights():
 
 
 @pytest.mark.parametrize("model_type", ["gpt2", "llama"])
-def test_donor_forward_equals_the_donor_module(model_type):
+def test_module_forward_equals_the_donor_module_and_p_own(model_type):
     """Linear and GPT-2 Conv1D are computed directly; other modules run with F's parameters
-    swapped in. Each equals F's own module on the same input."""
+    swapped in. Each equals F's own module on the same input, and P's own without parameters."""
     P, F, _, _ = setup(model_type)
     adapter = adapter_for(P)
     paths = [s.path for c in ("q", "down", "ln_attn") for s in adapter.sites(c, 0, P.config)]
@@ -106,8 +109,9 @@ def test_donor_forward_equals_the_donor_module(model_type):
         x = torch.randn(2, 3, next(mine.parameters()).shape[-1 if "ln" in path else 0 if model_type == "gpt2" else -1])
         params = dict(theirs.named_parameters())
         with torch.no_grad():
-            got = donor_forward(mine, mine, params, x)
+            got = module_forward(mine, mine, params, x)
             torch.testing.assert_close(got, theirs(x), atol=1e-6, rtol=1e-6)
+            torch.testing.assert_close(module_forward(mine, mine, None, x), mine(x), atol=1e-6, rtol=1e-6)
 
 
 def test_swapped_parameters_are_restored_even_on_error():
@@ -125,3 +129,70 @@ def test_a_missing_named_donor_is_named_with_the_way_to_add_it():
     with pytest.raises(DonorMismatchError, match=r"donor 'h', but this run has donors \['default'\]; pass it with "
                                                  r"donors=\{'h': \.\.\.\}"):
         pick_donor({"default": object()}, "h")
+
+
+# -- replacement, not addition: who computes which cell ----------------------------------------
+
+
+def rows_by_weights(linear: torch.nn.Linear, run) -> dict[str, int]:
+    """Rows (token positions) ``linear`` processed during ``run()``, split by whose weight it had:
+    P's own, or a donor's swapped in."""
+    own = linear.weight.data_ptr()
+    seen = {"P": 0, "donor": 0}
+
+    def count(module, args):
+        seen["P" if module.weight.data_ptr() == own else "donor"] += args[0].shape[:-1].numel()
+
+    handle = linear.register_forward_pre_hook(count)
+    try:
+        run()
+    finally:
+        handle.remove()
+    return seen
+
+
+def test_grafted_cells_are_not_computed_by_p():
+    P, _, _, g = setup("llama")
+    down = P.model.layers[1].mlp.down_proj
+    batch = pad_left([t.ids for t in g.tokenize(PROMPTS)], 0)
+    cells = int(batch.attention_mask.numel())
+    last = GraftSpec(rules=[GraftRule(components=["mlp"], layers=[1], positions=[Last()])])
+    seen = rows_by_weights(down, lambda: g.run(last, PROMPTS))
+    assert seen == {"P": cells - len(PROMPTS), "donor": len(PROMPTS)}
+    # every position of one prompt: P's MLP does not run at all
+    everywhere = GraftSpec(rules=[GraftRule(components=["mlp"], layers=[1], positions=[All()])])
+    n = len(g.tokenize(PROMPTS[:1])[0])
+    assert rows_by_weights(down, lambda: g.run(everywhere, PROMPTS[:1])) == {"P": 0, "donor": n}
+    # and without a graft, P computes every cell (the counter sees P's calls)
+    assert rows_by_weights(down, lambda: g.run(GraftSpec(), PROMPTS)) == {"P": cells, "donor": 0}
+
+
+def matmul_flops(run) -> int:
+    with FlopCounterMode(display=False) as counter:
+        run()
+    return int(counter.get_total_flops())
+
+
+@pytest.mark.parametrize("model_type, components", [
+    ("llama", ["mlp"]), ("llama", ["q", "k", "v", "o"]), ("llama", ["lm_head"]),
+    ("gpt2", ["q"]), ("gpt2", ["k", "v", "down"]), ("gpt_neox", ["v"]), ("gpt_neox", ["q", "k", "v", "up"]),
+])
+def test_a_graft_costs_the_matmul_flops_of_a_plain_forward(model_type, components):
+    _, _, _, g = setup(model_type)
+    spec = GraftSpec(rules=[GraftRule(components=components, positions=[Span(span="first_actor"), Last()])])
+    plain = matmul_flops(lambda: g.run(GraftSpec(), PROMPTS, SPANS))
+    grafted = matmul_flops(lambda: g.run(spec, PROMPTS, SPANS))
+    assert plain > 0
+    assert grafted == plain
+    # the graft did happen
+    assert not torch.allclose(g.run(spec, PROMPTS, SPANS).logits, g.run(GraftSpec(), PROMPTS, SPANS).logits)
+
+
+def test_feature_graft_of_a_module_that_is_not_a_projection_is_refused():
+    P, _, _, g = setup("llama")
+    batch = pad_left([t.ids for t in g.tokenize(PROMPTS[:1])], 0)
+    graft = ModuleGraft("model.layers.0.mlp", ("mlp",), 0, torch.tensor([0]), torch.tensor([1]),
+                        features=torch.tensor([0, 1]))
+    plan = GraftPlan([graft], 1, batch.input_ids.shape[1])
+    with pytest.raises(UnsupportedArchitectureError, match="cannot graft output features of a LlamaMLP module"):
+        g.forward(plan, batch)

@@ -103,6 +103,10 @@ def test_benchmark_specific_numbers(smoke_results):
     # + eager attention mixing + the LM head on the last position.
     cfg = r["bench_overhead"]["config"]
     assert cfg["plain_matmul_flops"] > 0
+    # a graft replaces P's computation at its cells: every grafted forward does a plain one's matmuls
+    assert set(cfg["grafted_matmul_flops"]) == {"MLPs of the last 4 layers @ last token", "all MLPs @ all positions",
+                                                "q, k, v, o (all layers) @ entity tokens"}
+    assert all(f == cfg["plain_matmul_flops"] for f in cfg["grafted_matmul_flops"].values())
     # 4: the lazy donor and a fully loaded F give identical logits
     assert r["bench_memory"]["checks"]["lazy donor vs F materialized"] == 0
     assert r["bench_memory"]["checks"]["lazy donor vs F from_pretrained"] == 0

@@ -2,17 +2,20 @@
 
 :class:`LocalBackend` loads P and the donors in this process and runs each forward pass as a
 plain call (empty plan) or one nnsight trace in which :func:`apply_plan` — the one place where a
-graft is applied to P's modules — replaces module outputs at the grafted cells.
+graft is applied to P's modules — replaces P's modules at the grafted cells.
 
 For each grafted module, in forward order::
 
-    x   = module.input                      # what P's module receives (the grafted run's own state)
-    y   = module(x[rows, cols]) with F's parameters swapped in
-    out = module.output.clone(); out[rows, cols(, features)] = y
-    module.output = out
+    x    = module.input                      # what P's module receives (the grafted run's own state)
+    y[g] = module(x[g]) with F's parameters  # g: the grafted cells (batch row, token)
+    y[r] = module(x[r]) with P's own         # r: every other cell
+    module.skip(y)                           # y replaces P's call: P's module does not run
 
-Only the grafted positions are sent through the donor (gather → donor → scatter), so a graft at
-the last token costs one token's worth of work per module.
+A graft *replaces* computation instead of adding it: P's module never processes a grafted cell
+(and is not called at all when every cell is grafted), so a grafted forward costs the matmul
+FLOPs of a plain one. A fused projection grafted on some output features (``q`` of GPT-2's
+``c_attn``) computes its grafted cells in one call whose weight rows are F's for those features
+and P's for the others.
 
 Why one pass is exact: every weighted operation in a transformer acts on each position separately,
 and the only cross-position operation, attention's mixing, has no weights. So the output of a
@@ -35,7 +38,7 @@ import torch
 from ..arch import Adapter, adapter_for, stores_weight_in_out
 from ..checks import fail
 from ..donor import Donor, as_donor, pick_donor
-from ..errors import ArgumentError, DonorMismatchError
+from ..errors import ArgumentError, DonorMismatchError, UnsupportedArchitectureError
 from ..partial import derived_donors
 from ..plan import GraftPlan, ModuleGraft
 from ..tokens import PaddedBatch
@@ -131,25 +134,20 @@ class LocalBackend(Backend):
 
 @contextmanager
 def swapped_parameters(module: torch.nn.Module, params: dict[str, torch.Tensor]) -> Iterator[None]:
-    """Temporarily run ``module`` with ``params`` in place of its own (restored on exit, always)."""
+    """Temporarily run ``module`` with ``params`` in place of its own (restored on exit, always).
+
+    The tensors are put straight into the owning modules' parameter tables (no copy, no
+    ``nn.Parameter`` wrapping): a module's forward reads ``self.weight`` from there."""
+    saved = []
     try:
-        from torch.nn.utils.stateless import _reparametrize_module
-    except ImportError:  # pragma: no cover - very old or very new torch
-        _reparametrize_module = None
-    if _reparametrize_module is not None:
-        with _reparametrize_module(module, params):
-            yield
-        return
-    saved = {}  # pragma: no cover - fallback path
-    try:  # pragma: no cover
         for name, value in params.items():
             owner_path, _, leaf = name.rpartition(".")
             owner = module.get_submodule(owner_path) if owner_path else module
-            saved[name] = (owner, leaf, owner._parameters[leaf])
-            owner._parameters[leaf] = torch.nn.Parameter(value, requires_grad=False)
+            saved.append((owner, leaf, owner._parameters[leaf]))
+            owner._parameters[leaf] = value
         yield
-    finally:  # pragma: no cover
-        for owner, leaf, value in saved.values():
+    finally:
+        for owner, leaf, value in reversed(saved):
             owner._parameters[leaf] = value
 
 
@@ -164,63 +162,150 @@ def envoy_at(root: Any, path: str) -> Any:
 def apply_plan(root: Any, plan: GraftPlan, donors: Donor | Mapping[str, Donor]) -> None:
     """Inside an open trace of ``root``: apply every module graft of ``plan``, in order.
 
+    Each grafted module is *replaced*, not run and overwritten: its input is split into the
+    grafted cells (computed with the donor's parameters) and the rest (computed with P's), and
+    the combined output is handed on with ``envoy.skip`` in place of P's own call — so P's
+    module never processes a grafted cell, and is not called at all when every cell is grafted.
+
     ``donors`` is one donor, or donors by name (``{"default": F, "hybrid": H}``) for plans whose
     rules name them."""
     if not isinstance(donors, Mapping):
         donors = {"default": donors}
+    layouts = _Layouts()
     for path, grafts in plan.by_path():
         envoy = envoy_at(root, path)
-        module = envoy._module
-        axis = grafts[0].token_axis
-        x = envoy.input
-        out = envoy.output
-        if axis != 1:
-            x, view = x.movedim(axis, 1), out.movedim(axis, 1)
+        params = [pick_donor(donors, g.donor).params(path, envoy._module) for g in grafts]
+        envoy.skip(replaced_output(envoy, envoy.input, grafts, params, layouts))
+
+
+def replaced_output(envoy: Any, x: torch.Tensor, grafts: list[ModuleGraft],
+                    params: list[dict[str, torch.Tensor]], layouts: "_Layouts | None" = None) -> torch.Tensor:
+    """The output of ``envoy``'s module on input ``x`` with ``grafts`` applied, each cell computed
+    once: a cell that a graft covers entirely by the donor (``params[i]`` for ``grafts[i]``), a
+    cell where some output features are grafted (a fused q/k/v slice) by one call with P's and the
+    donors' parameters combined feature by feature, every other cell by P's own parameters.
+
+    Cells are gathered along the first two dimensions (batch, tokens) after moving the graft's
+    token axis to dimension 1, computed, and scattered into one new output tensor."""
+    module = envoy._module
+    axis = grafts[0].token_axis
+    xt = x.movedim(axis, 1) if axis != 1 else x
+    batch, width = xt.shape[0], xt.shape[1]
+    flat = xt.reshape(batch * width, *xt.shape[2:])
+    layout = (layouts or _Layouts()).get(grafts, batch * width, width, flat.device)
+    values = []
+    for which in (group for _, group in layout):
+        if which is None:
+            values.append(None)  # P's own parameters
+        elif len(which) == 1 and grafts[which[0]].features is None:
+            values.append(params[which[0]])
         else:
-            view = out
-        # The module's output is a fresh tensor that nothing has read yet: write into it in place.
-        for name, mine in _by_donor(grafts):
-            params = pick_donor(donors, name).params(path, module)
-            if len(mine) == 1:
-                rows, cols = mine[0].rows, mine[0].cols
-            else:  # fused q/k/v at different positions: one donor call on the union
-                cells = torch.unique(torch.stack([torch.cat([g.rows for g in mine]),
-                                                  torch.cat([g.cols for g in mine])]), dim=1)
-                rows, cols = cells[0], cells[1]
-            y = donor_forward(envoy, module, params, x[rows, cols])
-            for graft in mine:
-                part = y if len(mine) == 1 else y[_positions_in(rows, cols, graft.rows, graft.cols, plan.seq_len)]
-                if graft.features is None:
-                    view[graft.rows, graft.cols] = part
-                else:
-                    block = view[graft.rows, graft.cols]
-                    block[..., graft.features] = part[..., graft.features]
-                    view[graft.rows, graft.cols] = block
+            values.append(_feature_mix(module, [(grafts[i].features, params[i]) for i in which]))
+    if len(layout) == 1:  # one computation covers every cell (a cell listed twice is harmless)
+        out = module_forward(envoy, module, values[0], flat)
+    else:
+        out = None
+        for (cells, _), value in zip(layout, values):
+            y = module_forward(envoy, module, value, flat.index_select(0, cells))
+            if out is None:
+                out = y.new_empty((batch * width, *y.shape[1:]))
+            out.index_copy_(0, cells, y)
+    out = out.view(batch, width, *out.shape[1:])
+    return out.movedim(1, axis).contiguous() if axis != 1 else out
 
 
-def donor_forward(envoy: Any, module: torch.nn.Module, params: dict[str, torch.Tensor], x: torch.Tensor) -> torch.Tensor:
-    """P's ``module`` applied to ``x`` with the donor's ``params``.
+class _Layouts:
+    """Which cells of a module's (batch × tokens) input each computation takes: per group of
+    cells, the indices of the grafts covering them (``None``: no graft, P's own parameters).
+
+    Consecutive modules usually graft the same cells (q, k, v, o of every layer at an entity), so
+    the last layout is reused when the cells are equal — a few tensor operations per module saved,
+    which is what a module graft costs on a small model."""
+
+    def __init__(self) -> None:
+        self._last: tuple[list[ModuleGraft], int, int, list] | None = None
+
+    def get(self, grafts: list[ModuleGraft], n_cells: int, width: int, device: Any) -> list:
+        last = self._last
+        if (last is not None and last[1] == n_cells and last[2] == width and len(last[0]) == len(grafts)
+                and all(_same_cells(a, b) for a, b in zip(last[0], grafts))):
+            return last[3]
+        layout = _layout(grafts, n_cells, width, device)
+        self._last = (grafts, n_cells, width, layout)
+        return layout
+
+
+def _same_cells(a: ModuleGraft, b: ModuleGraft) -> bool:
+    if a is b:
+        return True
+    if (a.features is None) != (b.features is None) or a.rows.shape != b.rows.shape:
+        return False
+    return (torch.equal(a.rows, b.rows) and torch.equal(a.cols, b.cols)
+            and (a.features is None or torch.equal(a.features, b.features)))
+
+
+def _layout(grafts: list[ModuleGraft], n_cells: int, width: int, device: Any) -> list:
+    keys = [(g.rows * width + g.cols).to(device) for g in grafts]
+    if len(grafts) == 1:
+        groups: list[tuple[torch.Tensor, tuple[int, ...] | None]] = [(keys[0], (0,))]
+    else:  # cells grouped by the set of grafts covering them
+        code = torch.zeros(n_cells, dtype=torch.long, device=device)
+        for i, k in enumerate(keys):
+            code[k] |= 1 << i
+        groups = []
+        for value in torch.unique(code).tolist():
+            if value:
+                which = tuple(i for i in range(len(grafts)) if value >> i & 1)
+                whole = [i for i in which if grafts[i].features is None]
+                groups.append(((code == value).nonzero().squeeze(1), (whole[0],) if whole else which))
+    untouched = torch.ones(n_cells, dtype=torch.bool, device=device)
+    for cells, _ in groups:
+        untouched[cells] = False
+    rest = untouched.nonzero().squeeze(1)
+    if rest.numel():
+        groups.append((rest, None))
+    return groups
+
+
+def _feature_mix(module, parts) -> dict[str, torch.Tensor]:
+    """P's parameters with the given output features replaced by each donor's (Linear weight is
+    (out, in); GPT-2's Conv1D stores (in, out); biases are (out,))."""
+    if stores_weight_in_out(module):
+        out_dim = {"weight": 1, "bias": 0}
+    elif isinstance(module, torch.nn.Linear):
+        out_dim = {"weight": 0, "bias": 0}
+    else:
+        raise UnsupportedArchitectureError(
+            f"cannot graft output features of a {type(module).__name__} module (the adapter's "
+            "fused_qkv site): feature grafts are defined for Linear and Conv1D projections only"
+        )
+    mixed = {}
+    for name, mine in module.named_parameters():
+        value = mine.detach().clone()
+        for features, donor in parts:
+            dim = out_dim[name]
+            value.index_copy_(dim, features.to(value.device), donor[name].index_select(dim, features.to(value.device)))
+        mixed[name] = value
+    return mixed
+
+
+def module_forward(envoy: Any, module: torch.nn.Module, params: dict[str, torch.Tensor] | None,
+                   x: torch.Tensor) -> torch.Tensor:
+    """P's ``module`` applied to ``x``, with ``params`` in place of its own (``None``: its own).
 
     Linear layers (``nn.Linear``, GPT-2's ``Conv1D``) are computed directly; any other module is
-    run as itself with the parameters swapped in (called through its envoy, which nnsight allows
+    run as itself, with the parameters swapped in (called through its envoy, which nnsight allows
     inside a trace without disturbing the forward pass being traced)."""
     kind = type(module)
+    if params is None:
+        if kind is torch.nn.Linear:
+            return torch.nn.functional.linear(x, module.weight, module.bias)
+        if not stores_weight_in_out(module):
+            return envoy(x)
+        params = {"weight": module.weight, "bias": module.bias}
     if kind is torch.nn.Linear:
         return torch.nn.functional.linear(x, params["weight"], params.get("bias"))
     if stores_weight_in_out(module) and set(params) == {"weight", "bias"}:  # GPT-2: x @ W + b
         return torch.addmm(params["bias"], x.reshape(-1, x.shape[-1]), params["weight"]).view(*x.shape[:-1], -1)
     with swapped_parameters(module, params):
         return envoy(x)
-
-
-def _by_donor(grafts: list[ModuleGraft]) -> list[tuple[str, list[ModuleGraft]]]:
-    groups: dict[str, list[ModuleGraft]] = {}
-    for graft in grafts:
-        groups.setdefault(graft.donor, []).append(graft)
-    return list(groups.items())
-
-
-def _positions_in(rows, cols, sub_rows, sub_cols, width) -> torch.Tensor:
-    """Indices of the cells (sub_rows, sub_cols) inside the sorted cells (rows, cols)."""
-    keys = rows * width + cols
-    return torch.searchsorted(keys, sub_rows * width + sub_cols)
