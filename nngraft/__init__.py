@@ -47,6 +47,7 @@ from .spec import (
     spec_json_schema,
 )
 from .tokens import SpanAlignmentWarning
+from .trace import CompiledGraft, graft
 
 __version__ = "0.1.0"
 
@@ -54,11 +55,11 @@ PositionSelector = Span | Last | Index | Other | All | Not
 """Where in the prompt a rule grafts (see :mod:`nngraft.spec`)."""
 
 __all__ = [
-    "ADAPTERS", "Adapter", "All", "ArgumentError", "ComponentNotFoundError", "DeltaDonor", "DenseDonor", "Donor",
+    "ADAPTERS", "Adapter", "All", "ArgumentError", "CompiledGraft", "ComponentNotFoundError", "DeltaDonor", "DenseDonor", "Donor",
     "DonorMismatchError", "LoraDonor",
     "GenerationResult", "GraftError", "GraftPlan", "GraftResult", "GraftRule", "GraftSpec", "Grafter",
     "Index", "Last", "LayerRange", "LayerRangeError", "ModelDonor", "Not", "Other", "PositionError",
     "PositionSelector", "PromptError", "SCHEMA_VERSION", "SafetensorsDonor", "Span", "SpanAlignmentWarning",
     "SpanNotFoundError", "SpecError", "TensorDonor", "UnsupportedArchitectureError", "WeightSelection", "adapter_for",
-    "compile_plan", "everywhere_except", "register_adapter", "resolve_layers", "spec_json_schema",
+    "compile_plan", "everywhere_except", "graft", "register_adapter", "resolve_layers", "spec_json_schema",
 ]

@@ -36,6 +36,7 @@ from .result import GraftResult
 from .schedule import Chunk, Row, default_call_cost, forward_on_prefix, schedule_rows, shareable_prefixes
 from .spec import GraftSpec, SpecLike, as_spec
 from .tokens import PaddedBatch, SpanValue, TokenizedPrompt, pad_left, pad_token_id, tokenize_prompts
+from .trace import CompiledGraft, edited_envoy
 
 
 @dataclass
@@ -175,6 +176,59 @@ class Grafter:
         """Compile without running (to inspect with ``plan.summary()`` or check a spec fits)."""
         tokenized = self.tokenize(prompts, spans, where="Grafter.plan")
         return compile_plan(per_row(spec, len(tokenized)), self.adapter, self.model.config, tokenized)
+
+    # -- inside nnsight traces (nngraft.trace) ----------------------------------------------------
+
+    @property
+    def model_envoy(self) -> Any:
+        """P's nnsight envoy: read and edit P's modules through it inside :meth:`trace`
+        (``g.model_envoy.model.layers[3].output``), as in any nnsight trace."""
+        return self.nn
+
+    def compile(self, spec: SpecLike | Sequence[SpecLike], prompts: Sequence[str] | str,
+                spans: Sequence[Mapping[str, SpanValue]] | None = None) -> CompiledGraft:
+        """Compile ``spec`` (one, or one per prompt) for ``prompts`` into a graft to apply inside
+        your own trace with :func:`nngraft.graft` (open it with ``model.trace(**compiled.inputs)``).
+        Every module the spec names is grafted at its own output (MLP projections one by one), so
+        every activation you read is the grafted one."""
+        tokenized = self.tokenize(prompts, spans)
+        specs = self._per_row(spec, len(tokenized))
+        plan = compile_plan(specs, self.adapter, self.model.config, tokenized, collapse_mlp=False)
+        batch = pad_left([p.ids for p in tokenized], self._pad_id(), self.device)
+        return self._compiled(plan, batch, tokenized, specs)
+
+    def _compiled(self, plan: GraftPlan, batch: PaddedBatch, tokenized: list[TokenizedPrompt],
+                  specs: list[GraftSpec]) -> CompiledGraft:
+        donors = derived_donors(plan, self.donors, self.model, self.adapter, self._partial)
+        return CompiledGraft(plan, batch.model_inputs(), tokenized, self.model.config.model_type, self.n_layers,
+                             donors=donors, spec_names=[s.name for s in specs])
+
+    def trace(self, prompts: Sequence[str] | str, spec: SpecLike | Sequence[SpecLike],
+              spans: Sequence[Mapping[str, SpanValue]] | None = None, **kwargs: Any) -> Any:
+        """An nnsight trace of P on ``prompts`` with ``spec`` grafted (one spec, or one per prompt).
+
+        Inside, read and edit any module through :attr:`model_envoy` and ``.save()`` what you
+        need, as in any nnsight trace; the graft runs first at every module (see
+        :mod:`nngraft.trace` for the order rule). ``kwargs`` go to the model's forward.
+
+        Example:
+            >>> from nngraft import Grafter, GraftSpec, GraftRule, Last
+            >>> from nngraft.testing import tiny_pair
+            >>> g = Grafter(*tiny_pair("llama"))
+            >>> lm = g.model_envoy
+            >>> spec = GraftSpec(rules=[GraftRule(components=["all"], positions=[Last()])])
+            >>> with g.trace(["Ada Lovelace stars in"], spec):
+            ...     hidden = lm.model.layers[1].output.save()
+            ...     logits = lm.lm_head.output.save()
+            >>> bool(torch.allclose(logits[0, -1], g.run(spec, ["Ada Lovelace stars in"]).logits[0], atol=1e-5))
+            True
+        """
+        return self.open_trace(self.compile(spec, prompts, spans), **kwargs)
+
+    def open_trace(self, compiled: CompiledGraft, **kwargs: Any) -> Any:
+        """The nnsight trace of P running ``compiled`` first (what :meth:`trace` returns)."""
+        kwargs.setdefault("use_cache", False)
+        return edited_envoy(self.nn, compiled).trace(**compiled.inputs, **kwargs)
 
     # -- running --------------------------------------------------------------------------------
 

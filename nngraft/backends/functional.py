@@ -183,8 +183,8 @@ def apply_op(root: Any, op: dict) -> None:
     envoy.output = new
 
 
-def run_program(root: Any, program: dict) -> Any:
-    """Inside a trace of ``root``: apply every op in order; return the saved logits."""
+def apply_ops(root: Any, program: dict) -> None:
+    """Inside a trace of ``root``: apply every op of ``program`` in order."""
     if program.get("version") != PROGRAM_VERSION:
         raise ValueError(
             f"nngraft program version {program.get('version')!r} is not {PROGRAM_VERSION}; "
@@ -192,4 +192,39 @@ def run_program(root: Any, program: dict) -> Any:
         )
     for op in program["ops"]:
         apply_op(root, op)
+
+
+def run_program(root: Any, program: dict) -> Any:
+    """Inside a trace of ``root``: apply every op in order; return the saved logits."""
+    apply_ops(root, program)
     return nnsight.save(root.output.logits)
+
+
+def check_input_ids(root: Any, expected: torch.Tensor) -> None:
+    """Inside a trace of ``root``: raise unless the traced batch's ``input_ids`` are ``expected``
+    (a graft's cells refer to one left-padded batch; on another they would land on wrong tokens)."""
+    args, kwargs = root.inputs
+    ids = kwargs.get("input_ids", args[0] if args else None)
+    if (not isinstance(ids, torch.Tensor) or tuple(ids.shape) != tuple(expected.shape)
+            or not torch.equal(ids.detach().cpu(), expected.cpu())):
+        got = "no input_ids" if not isinstance(ids, torch.Tensor) else f"input_ids of shape {tuple(ids.shape)}"
+        raise ValueError(
+            f"graft: the trace runs {got}, but the graft was compiled for other input_ids (shape "
+            f"{tuple(expected.shape)}, left-padded as nngraft tokenizes); open the trace with "
+            "model.trace(**compiled.inputs)"
+        )
+
+
+def run_graft(root: Any, program: dict, input_ids: torch.Tensor) -> None:
+    """Inside a trace of ``root``: check the batch, then apply ``program``'s ops."""
+    check_input_ids(root, input_ids)
+    apply_ops(root, program)
+
+
+def grafted(root: Any, program: dict, input_ids: torch.Tensor) -> Any:
+    """An nnsight edit of envoy ``root`` (a copy sharing its modules) whose every trace first runs
+    ``program`` as its own intervention block, ahead of the trace's own code. The edit travels
+    with a remote request (nnsight ships an envoy's edits)."""
+    with root.edit() as (_, edited):
+        run_graft(edited, program, input_ids)
+    return edited

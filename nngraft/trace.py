@@ -1,0 +1,146 @@
+"""Grafts inside nnsight traces: read any activation under a graft, add your own interventions.
+
+Two ways in, both ordinary nnsight:
+
+1. :meth:`Grafter.trace <nngraft.grafter.Grafter.trace>` opens a trace of P with the graft
+   already in it. Read and edit modules through ``g.model_envoy`` (P's nnsight envoy) as in any
+   trace::
+
+       lm = g.model_envoy
+       with g.trace(prompts, spec, spans=spans):
+           h = lm.model.layers[1].output.save()           # hidden states under the graft
+           lm.model.layers[1].mlp.output[:, -1] *= 0       # your own intervention
+           logits = lm.lm_head.output.save()
+
+2. :func:`graft` applies a compiled graft inside a trace you opened yourself on your own nnsight
+   wrapper of P (``NNsight``, ``TransformersModel`` / ``LanguageModel``), so grafting composes
+   with activation patching, steering and sessions::
+
+       compiled = g.compile(spec, prompts, spans=spans)
+       with model.trace(**compiled.inputs):
+           nngraft.graft(model, compiled)                  # first, before touching any module
+           ...
+
+**The order rule.** The graft runs as its own intervention block, placed *before* yours: at every
+module, the graft writes its output first, so whatever you read or write there is the grafted
+value, and your edits of a module's output reach everything downstream (grafted modules
+included: a graft reads its module's input when the model gets there). nnsight requires each block
+to touch modules in forward order; the graft's block and yours are separate, so only your own
+reads need to be in order. One exception: *assigning* a new input to a grafted module
+(``m.input = x``) is not seen by the graft, which read the input before your block did; edit the
+input in place (``m.input[:, -1] *= 0``) or edit the output of the module before it.
+
+Inputs are left-padded as in :meth:`Grafter.run`, with explicit position ids (padding never shifts
+positions); ``compiled.inputs`` carries them. Every module, not just the last token, is grafted
+per the spec, so every activation equals what the paper's per-token weight swap computes.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Mapping
+
+import torch
+
+from .plan import GraftPlan
+from .tokens import TokenizedPrompt
+
+
+@dataclass
+class CompiledGraft:
+    """A graft compiled for one batch of prompts: what :func:`graft` applies inside a trace.
+
+    ``inputs``: the model inputs the plan's cells refer to (pass them to your trace:
+    ``model.trace(**compiled.inputs)``); ``plan``: per module, the (row, column) cells grafted;
+    ``donors``: the donors by name (local), or ``program``: the same graft as plain tensors, for
+    a remote trace."""
+
+    plan: GraftPlan
+    inputs: dict[str, torch.Tensor]
+    prompts: list[TokenizedPrompt]
+    model_type: str
+    n_layers: int
+    donors: Mapping[str, Any] | None = None
+    program: dict | None = None
+    spec_names: list[str] = field(default_factory=list)
+
+    @property
+    def input_ids(self) -> torch.Tensor:
+        return self.inputs["input_ids"]
+
+
+def apply_compiled(root: Any, compiled: CompiledGraft) -> None:
+    """Inside an open trace of ``root``: check the batch is the compiled one, then apply every
+    module graft in forward order (in the *current* intervention block)."""
+    from .backends.functional import apply_ops, check_input_ids
+
+    check_input_ids(root, compiled.input_ids)
+    if compiled.program is not None:
+        apply_ops(root, compiled.program)
+    else:
+        from .backends.local import apply_plan
+
+        apply_plan(root, compiled.plan, compiled.donors)
+
+
+def graft(model: Any, compiled: CompiledGraft) -> None:
+    """Apply ``compiled`` inside a trace you opened on your own nnsight wrapper of P.
+
+    Call it first in the trace body, before reading or writing any module. The graft runs as its
+    own intervention block ahead of yours (see the order rule in :mod:`nngraft.trace`).
+
+    Example:
+        >>> import nnsight, nngraft
+        >>> from nngraft import Grafter, GraftSpec, GraftRule, Last
+        >>> from nngraft.testing import tiny_pair
+        >>> P, F, tok = tiny_pair("llama")
+        >>> g = Grafter(P, F, tok)
+        >>> spec = GraftSpec(rules=[GraftRule(components=["mlp"], positions=[Last()])])
+        >>> compiled = g.compile(spec, ["Ada Lovelace stars in"])
+        >>> model = nnsight.NNsight(P)
+        >>> with model.trace(**compiled.inputs):
+        ...     nngraft.graft(model, compiled)
+        ...     logits = model.lm_head.output.save()
+        >>> torch.allclose(logits[0, -1], g.run(spec, ["Ada Lovelace stars in"]).logits[0], atol=1e-5)
+        True
+    """
+    from nnsight.intervention.interleaver import Mediator
+
+    _check_model(model, compiled)
+    try:
+        current = Mediator.current("nngraft.graft")
+    except ValueError:
+        raise ValueError("nngraft.graft(model, compiled) must be called inside an open trace of the model "
+                         "(with model.trace(**compiled.inputs): ...)") from None
+    if current.pending is not None:
+        raise ValueError("nngraft.graft must be called first in the trace, before reading or modifying any "
+                         "module (the graft's block runs ahead of yours)")
+    code = compile("apply_compiled(root, compiled)", "<nngraft.graft>", "exec")
+    block = Mediator(code, {"apply_compiled": apply_compiled}, {"root": model, "compiled": compiled})
+    interleaver = current.interleaver
+    block.start(interleaver)  # runs up to its first module, like every block of the trace
+    interleaver.mediators.insert(0, block)
+    interleaver.reindex()
+
+
+def _check_model(model: Any, compiled: CompiledGraft) -> None:
+    module = getattr(model, "_module", None)
+    config = getattr(module, "config", None)
+    if module is None:
+        raise TypeError(f"nngraft.graft needs an nnsight envoy of P (NNsight / TransformersModel), "
+                        f"not {type(model).__name__}")
+    model_type = getattr(config, "model_type", None)
+    layers = getattr(config, "num_hidden_layers", None) or getattr(config, "n_layer", None)
+    if model_type != compiled.model_type or (layers is not None and layers != compiled.n_layers):
+        raise ValueError(
+            f"nngraft.graft: the graft was compiled for a {compiled.model_type!r} model with "
+            f"{compiled.n_layers} layers, but the traced model is {model_type!r} with {layers} layers"
+        )
+
+
+def edited_envoy(root: Any, compiled: CompiledGraft) -> Any:
+    """An nnsight edit of ``root`` (a copy sharing its modules) whose every trace runs the graft
+    first. Local grafts only (a remote one uses :func:`nngraft.backends.functional.grafted`)."""
+    with root.edit() as (_, edited):
+        apply_compiled(edited, compiled)
+    return edited
