@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import copy
 import inspect
-from typing import Callable, Iterable
+from typing import Callable, Iterable, Mapping, Sequence
 
 import torch
 
@@ -68,7 +68,6 @@ def _untied_copy(model: torch.nn.Module) -> torch.nn.Module:
     return clone
 
 
-@torch.no_grad()
 def per_token_reference(
     P: torch.nn.Module,
     F: torch.nn.Module,
@@ -83,31 +82,77 @@ def per_token_reference(
     processed (prompt tokens first, then generated ones). An entry may name another donor model
     as a third element: ``(name, index, G)`` takes G's values instead of F's.
     """
+    logits, tokens, _ = per_token_activations(P, F, ids, swaps_at, new_tokens=new_tokens)
+    return logits, tokens
+
+
+def _first(output):
+    return output[0] if isinstance(output, tuple) else output
+
+
+@torch.no_grad()
+def per_token_activations(
+    P: torch.nn.Module,
+    F: torch.nn.Module,
+    ids: Iterable[int],
+    swaps_at: Callable[[int], list[Swap]],
+    *,
+    new_tokens: int = 0,
+    record: Sequence[str] = (),
+    edits: Mapping[str, Callable[[torch.Tensor, int], torch.Tensor]] | None = None,
+) -> tuple[torch.Tensor, list[int], dict[str, torch.Tensor]]:
+    """:func:`per_token_reference`, also recording the output (first element of a tuple) of each
+    module in ``record`` at every position — ``{path: (L, ...)}`` — and applying ``edits``: for a
+    module path, ``fn(output, t)`` returns the output that module passes on at token ``t`` (the
+    user intervention a test composes with a graft; ``output`` is that token's ``(1, 1, ...)``
+    slice)."""
     R = _untied_copy(P).eval()
     r_params = dict(R.named_parameters(remove_duplicate=False))
     p_params = dict(P.named_parameters(remove_duplicate=False))
     f_params = dict(F.named_parameters(remove_duplicate=False))
     cache_kw = "cache" if "cache" in inspect.signature(R.forward).parameters else "past_key_values"
 
-    sequence = list(ids)
-    prompt_len = len(sequence)
-    cache = None
-    active: list[Swap] = []
-    logits: list[torch.Tensor] = []
-    t = 0
-    while t < prompt_len + new_tokens:
-        for name, index, *_ in active:  # restore P's weights
-            r_params[name].data[index] = p_params[name].data[index]
-        active = swaps_at(t)
-        for name, index, *donor in active:  # F's (or the named donor's) weights for this token
-            source = dict(donor[0].named_parameters(remove_duplicate=False)) if donor else f_params
-            r_params[name].data[index] = source[name].data[index]
-        kwargs = {cache_kw: cache} if cache is not None else {}
-        out = R(input_ids=torch.tensor([[sequence[t]]]), position_ids=torch.tensor([[t]]),
-                use_cache=True, **kwargs)
-        cache = out.past_key_values
-        logits.append(out.logits[0, -1])
-        if t == len(sequence) - 1 and len(sequence) < prompt_len + new_tokens:
-            sequence.append(int(out.logits[0, -1].argmax()))
-        t += 1
-    return torch.stack(logits), sequence[prompt_len:]
+    step = {"t": 0}
+    recorded: dict[str, list[torch.Tensor]] = {path: [] for path in record}
+    hooks = []
+
+    def hook_for(path: str):
+        def hook(module, args, output):
+            edit = (edits or {}).get(path)
+            if edit is not None:
+                new = edit(_first(output).clone(), step["t"])
+                output = (new, *output[1:]) if isinstance(output, tuple) else new
+            if path in recorded:
+                recorded[path].append(_first(output)[0, -1].clone())
+            return output
+        return hook
+
+    for path in dict.fromkeys([*record, *(edits or {})]):
+        hooks.append(get_module(R, path).register_forward_hook(hook_for(path)))
+    try:
+        sequence = list(ids)
+        prompt_len = len(sequence)
+        cache = None
+        active: list[Swap] = []
+        logits: list[torch.Tensor] = []
+        t = 0
+        while t < prompt_len + new_tokens:
+            for name, index, *_ in active:  # restore P's weights
+                r_params[name].data[index] = p_params[name].data[index]
+            active = swaps_at(t)
+            for name, index, *donor in active:  # F's (or the named donor's) weights for this token
+                source = dict(donor[0].named_parameters(remove_duplicate=False)) if donor else f_params
+                r_params[name].data[index] = source[name].data[index]
+            kwargs = {cache_kw: cache} if cache is not None else {}
+            step["t"] = t
+            out = R(input_ids=torch.tensor([[sequence[t]]]), position_ids=torch.tensor([[t]]),
+                    use_cache=True, **kwargs)
+            cache = out.past_key_values
+            logits.append(out.logits[0, -1])
+            if t == len(sequence) - 1 and len(sequence) < prompt_len + new_tokens:
+                sequence.append(int(out.logits[0, -1].argmax()))
+            t += 1
+    finally:
+        for handle in hooks:
+            handle.remove()
+    return torch.stack(logits), sequence[prompt_len:], {k: torch.stack(v) for k, v in recorded.items()}
