@@ -697,3 +697,54 @@ def test_lora_trained_on_another_base_is_refused(fake_ndif, tmp_path):
     (lora / "adapter_config.json").write_text(json.dumps(config))
     with pytest.raises(RemoteDonorMismatch, match="trained on 'meta-llama/Meta-Llama-3.1-8B-Instruct'"):
         Grafter.remote(fake_ndif.folder, LoraDonor(lora))
+
+
+# ---------------------------------------------------------------------------------------------
+# Grafts inside nnsight traces, remotely: the same `with g.trace(...)` block
+# ---------------------------------------------------------------------------------------------
+
+
+def _trace_block(g, arch: str):
+    """The block a user writes; the same code locally and remotely. Reads layer 0's (grafted) MLP
+    output at the last token, halves it, saves layer 1's hidden states and the logits."""
+    lm = g.model_envoy
+    layers = lm.model.layers if arch == "llama" else lm.transformer.h
+    with g.trace(PROMPTS, SPEC, spans=SPANS):
+        mlp0 = layers[0].mlp.output[:, -1].clone().save()
+        layers[0].mlp.output[:, -1] *= 0.5
+        hidden = layers[1].output[0].save() if arch == "gpt2" else layers[1].output.save()
+        logits = lm.output.logits.save()
+    return mlp0, hidden, logits
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_trace_block_runs_remotely_and_saves_come_back(worker, arch):
+    """g.trace on a remote Grafter: the block, with the graft as an nnsight edit, is serialized and
+    run by the fresh server; the user's saves equal the same block run locally, and the graft
+    really ran there (the saved MLP output differs from P's)."""
+    P, F, tok, _, _ = models(arch)
+    local = Grafter(P, F, tok)
+    expected = _trace_block(local, arch)
+    g = Grafter.remote(P, DeltaDonor(F, P, dtype=torch.float32), tok, execution=worker.server(arch), verbose=False)
+    got = _trace_block(g, arch)
+    assert worker.calls[-1]["ok"] and worker.calls[-1]["foreign_modules"] == []
+    for remote_value, local_value in zip(got, expected):
+        assert isinstance(remote_value, torch.Tensor) and remote_value.shape == local_value.shape
+        torch.testing.assert_close(remote_value, local_value.detach(), atol=ATOL, rtol=RTOL)
+    lm = local.model_envoy
+    layers = lm.model.layers if arch == "llama" else lm.transformer.h
+    with lm.trace(**local.compile(GraftSpec(), PROMPTS, SPANS).inputs):
+        p_mlp0 = layers[0].mlp.output[:, -1].save()
+    assert (got[0] - p_mlp0).abs().max() > 1e-3
+
+
+def test_remote_trace_refuses_the_grafter_inside_the_block(worker):
+    from nngraft.errors import RemoteGraftError
+
+    P, F, tok, _, _ = models("llama")
+    g = Grafter.remote(P, DenseDonor(F, dtype=torch.float32), tok, execution=worker.server("llama"), verbose=False)
+    with pytest.raises(ServerEnvironmentError, match=r"the trace refers to the Grafter 'g'.*lm = g.model_envoy"):
+        with g.trace(PROMPTS, SPEC, spans=SPANS):
+            hidden = g.model_envoy.model.layers[1].output.save()  # noqa: F841
+    with pytest.raises(RemoteGraftError, match=r"compiled by a local Grafter"):
+        g.backend.open_trace(Grafter(P, F, tok).compile(SPEC, PROMPTS, SPANS))

@@ -79,6 +79,7 @@ from ..donor import pick_donor
 from ..plan import GraftPlan
 from ..spec import SpecLike, as_spec
 from .base import Backend
+from ..trace import CompiledGraft
 
 DEFAULT_MAX_PAYLOAD_MB = 256.0
 """Default refusal threshold for one request (``NNGRAFT_MAX_PAYLOAD_MB`` overrides it). NDIF does
@@ -175,6 +176,13 @@ def check_request(tracer: Any, known: Mapping[str, Any]) -> int:
 
     variables = dict(tracer.info.frame.f_locals)
     interventions = reduce_block(tracer.node, tracer.info.frame.f_globals, variables)
+    for name, value in {**interventions[1], **interventions[2]}.items():
+        if isinstance(getattr(value, "backend", None), Backend):  # a Grafter
+            raise ServerEnvironmentError(
+                f"the trace refers to the Grafter {name!r}, which cannot travel to the server (nngraft is "
+                f"not installed there); refer to P's modules through an envoy variable set before the "
+                f"with block: lm = {name}.model_envoy, then lm.model.layers[0].output inside it"
+            )
     sink = _Count()
     pickler = _checking_pickler()(sink, known, protocol=DEFAULT_PROTOCOL)
     pickler.dump((tracer, interventions))
@@ -616,6 +624,33 @@ class NdifBackend(Backend):
                 line += (f"\n[dim]  {name}: rank-{donor.rank} delta, worst relative reconstruction error "
                          f"{worst['rel_error']:.2e} ({worst['name']}); see donor.report()[/dim]")
         Console(stderr=True).print(line)
+
+    # -- inside nnsight traces (nngraft.trace) ----------------------------------------------
+
+    @property
+    def envoy(self) -> Any:
+        return self.nn
+
+    def compile_graft(self, plan: GraftPlan, batch: Any, prompts: list, spec_names: list[str]) -> CompiledGraft:
+        """The graft as a program (plain tensors) for a trace that runs on the server."""
+        program, report = self.program(plan)
+        self.last_report = report
+        inputs = {k: v.cpu() for k, v in batch.model_inputs().items()}
+        return CompiledGraft(plan, inputs, prompts, self.model.config.model_type,
+                             self.adapter.n_layers(self.model.config), program=program, spec_names=spec_names)
+
+    def open_trace(self, compiled: CompiledGraft, **kwargs: Any) -> Any:
+        """An nnsight trace of P that runs on NDIF (or the stand-in server) with the graft
+        travelling in the request as an nnsight edit; the values you ``.save()`` come back.
+        Refer to P's modules through a variable (``lm = g.model_envoy``), not through ``g``."""
+        from .functional import grafted
+
+        if compiled.program is None:
+            raise RemoteGraftError("this graft was compiled by a local Grafter; compile it with the remote "
+                                   "one (g.compile(...)) so the donor travels as tensors")
+        kwargs.setdefault("use_cache", False)
+        edited = grafted(self.nn, compiled.program, compiled.input_ids)
+        return edited.trace(**compiled.inputs, backend=self.transport(), **kwargs)
 
 
 def _check_lora_base(donor: LoraDonor, repo_id: str) -> None:
