@@ -1,4 +1,5 @@
-"""What a graft run returns: next-token logits per prompt, with target-token helpers.
+"""What a graft run returns: next-token logits per prompt, with target-token helpers and the
+metrics a researcher reads next to probability: logit difference and KL divergence.
 
 Example:
     >>> import torch
@@ -34,6 +35,37 @@ def target_token_id(tokenizer: Any, prompt: str, target: str, *, space: bool = T
     if not alone:
         raise ValueError(f"target {target!r} tokenizes to nothing")
     return int(alone[0])
+
+
+def kl_divergence(logits_p: torch.Tensor, logits_q: torch.Tensor) -> torch.Tensor:
+    """KL(p ‖ q) per row, in nats, between the next-token distributions softmax(logits_p) and
+    softmax(logits_q) (both (batch, vocab); computed in float32 from log-softmax, so a token
+    with underflowing probability contributes exactly 0 · log 0 = 0).
+
+    Example:
+        >>> p = torch.log(torch.tensor([[0.5, 0.5]])); q = torch.log(torch.tensor([[0.25, 0.75]]))
+        >>> round(float(kl_divergence(p, q)[0]), 6)  # 0.5 ln 2 + 0.5 ln(2/3)
+        0.143841
+    """
+    if logits_p.shape != logits_q.shape:
+        raise ValueError(f"KL needs logits of one shape, got {tuple(logits_p.shape)} and {tuple(logits_q.shape)}")
+    logp = torch.log_softmax(logits_p.detach().float().cpu(), dim=-1)
+    logq = torch.log_softmax(logits_q.detach().float().cpu(), dim=-1)
+    return torch.nn.functional.kl_div(logq, logp, reduction="none", log_target=True).sum(-1)
+
+
+def top_other_token(logits: torch.Tensor, target_ids: torch.Tensor) -> torch.Tensor:
+    """Per row, the most likely token other than the target (the foil "P's top token": when P's
+    top token is the target itself, its runner-up)."""
+    masked = logits.detach().float().cpu().clone()
+    masked.scatter_(1, target_ids.reshape(-1, 1).cpu(), float("-inf"))
+    return masked.argmax(-1)
+
+
+def logit_difference(logits: torch.Tensor, target_ids: torch.Tensor, foil_ids: torch.Tensor) -> torch.Tensor:
+    """``logit[target] − logit[foil]`` per row (float32)."""
+    chosen = logits.detach().float().cpu()
+    return (chosen.gather(1, target_ids.reshape(-1, 1).cpu()) - chosen.gather(1, foil_ids.reshape(-1, 1).cpu()))[:, 0]
 
 
 @dataclass
@@ -81,3 +113,29 @@ class GraftResult:
         """The ``k`` most likely next tokens per prompt, decoded."""
         top = self.logits.topk(k, dim=-1).indices.tolist()
         return [[self.tokenizer.decode([i]) for i in row] for row in top]
+
+    def logit_diff(self, targets: str | Sequence[str], foils: str | Sequence[str] | None = None, *,
+                   baseline: "GraftResult | None" = None) -> torch.Tensor:
+        """Per prompt, the target's logit minus the foil's: a named ``foils`` answer (its first
+        token, as for targets), or — with ``baseline`` (P's run on the same prompts) — P's most
+        likely token other than the target.
+
+        Example: ``fe.logit_diff("Alan", baseline=p)`` or ``fe.logit_diff("Alan", "Grace")``."""
+        ids = self.target_ids(targets)
+        if foils is not None:
+            foil_ids = self.target_ids(foils)
+        elif baseline is not None:
+            if baseline.logits.shape != self.logits.shape:
+                raise ValueError(f"baseline has logits of shape {tuple(baseline.logits.shape)}, this result "
+                                 f"{tuple(self.logits.shape)}; run P on the same prompts")
+            foil_ids = top_other_token(baseline.logits, ids)
+        else:
+            raise ValueError("logit_diff needs foils= (answers to compare with) or baseline= (P's result on "
+                             "the same prompts, whose top other token is the foil)")
+        return logit_difference(self.logits, ids, foil_ids)
+
+    def kl_divergence(self, other: "GraftResult") -> torch.Tensor:
+        """KL(self ‖ other) per prompt over the next-token distribution, in nats. For the paper's
+        questions: ``f.kl_divergence(graft)`` is KL(F ‖ graft) (how far the graft is from F),
+        ``graft.kl_divergence(p)`` is KL(graft ‖ P) (how far it moved from P)."""
+        return kl_divergence(self.logits, other.logits)

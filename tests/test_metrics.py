@@ -153,3 +153,87 @@ def test_aggregate_without_baselines_has_no_recovery():
     rows = [_row("g", "a", "t", 0.1), _row("g", "b", "t", 0.3)]
     [agg] = aggregate(rows, metrics=["prob"])
     assert agg.recovery is None
+
+
+# ---------------------------------------------------------------------------------------------
+# logit difference and KL: GraftResult and the rows of a sweep, against direct computation
+# ---------------------------------------------------------------------------------------------
+
+PROMPTS = ["Ada Lovelace stars in The Engine alongside", "Grace Hopper stars in The Compiler alongside"]
+SPANS = [{"first_actor": "Ada Lovelace"}, {"first_actor": "Grace Hopper"}]
+ANSWERS = ["Alan Turing", "Marie Curie"]
+
+
+def _direct_logits(model, tok, prompt):
+    """Next-token logits of a plain forward of ``model`` on ``prompt`` alone (float64)."""
+    with torch.no_grad():
+        return model(torch.tensor([tok(prompt)["input_ids"]])).logits[0, -1].double()
+
+
+def _kl_by_hand(p_logits, q_logits):
+    p, q = torch.softmax(p_logits, -1), torch.softmax(q_logits, -1)
+    return float((p * (p.log() - q.log())).sum())
+
+
+def test_graft_result_logit_diff_and_kl_equal_direct_computation():
+    from nngraft import GraftRule, GraftSpec, Grafter, Last, Span
+    from nngraft.result import target_token_id
+    from nngraft.testing import tiny_pair
+
+    P, F, tok = tiny_pair("llama")
+    g = Grafter(P, F, tok)
+    fe_lt = GraftSpec(rules=[GraftRule(components=["all"], positions=[Span(span="first_actor"), Last()])])
+    graft, p = g.run(fe_lt, PROMPTS, SPANS), g.run(GraftSpec(), PROMPTS, SPANS)
+    f = g.run(GraftSpec(rules=[GraftRule(components=["everything"], positions=[{"all": True}])]), PROMPTS, SPANS)
+    kl_fg, kl_gp = f.kl_divergence(graft), graft.kl_divergence(p)
+    diff_named = graft.logit_diff(ANSWERS, ["Marie", "Alan"])
+    diff_top = graft.logit_diff(ANSWERS, baseline=p)
+    for i, prompt in enumerate(PROMPTS):
+        lp, lf = _direct_logits(P, tok, prompt), _direct_logits(F, tok, prompt)
+        lg = graft.logits[i].double()
+        assert math.isclose(float(kl_fg[i]), _kl_by_hand(lf, lg), rel_tol=1e-4, abs_tol=1e-6)
+        assert math.isclose(float(kl_gp[i]), _kl_by_hand(lg, lp), rel_tol=1e-4, abs_tol=1e-6)
+        target = target_token_id(tok, prompt, ANSWERS[i])
+        foil = target_token_id(tok, prompt, ["Marie", "Alan"][i])
+        assert math.isclose(float(diff_named[i]), float(lg[target] - lg[foil]), abs_tol=1e-5)
+        ranked = [int(t) for t in lp.argsort(descending=True) if int(t) != target]  # P's top other token
+        assert math.isclose(float(diff_top[i]), float(lg[target] - lg[ranked[0]]), abs_tol=1e-5)
+    assert float(p.kl_divergence(p).abs().max()) < 1e-6 and float(kl_gp.min()) > 1e-3
+    with pytest.raises(ValueError, match=r"logit_diff needs foils= .* or baseline="):
+        graft.logit_diff(ANSWERS)
+    with pytest.raises(ValueError, match=r"baseline has logits of shape \(1, \d+\), this result \(2, \d+\)"):
+        graft.logit_diff(ANSWERS, baseline=g.run(GraftSpec(), PROMPTS[:1], SPANS[:1]))
+
+
+@pytest.mark.parametrize("with_baselines", [True, False])
+def test_sweep_rows_carry_logit_diff_and_kl_equal_to_direct_computation(with_baselines):
+    """Every row's logit_diff / kl_f_graft / kl_graft_p equals direct computation with plain
+    forwards of P and F — whether the p / f rows run in earlier batches (batch_size 2 splits an
+    example's rows) or the sweep has no baselines and they are computed for the comparison."""
+    from nngraft import Grafter
+    from nngraft.result import target_token_id
+    from nngraft.study.examples import TestExample
+    from nngraft.study.grids import paper_specs
+    from nngraft.study.sweep import evaluate
+    from nngraft.testing import tiny_pair
+
+    P, F, tok = tiny_pair("gpt2")
+    specs = paper_specs()
+    chosen = [specs["p"], specs["f"], specs["fe"], specs["lt"]] if with_baselines else [specs["fe"], specs["lt"]]
+    examples = [TestExample(f"f{i}", "t", prompt, span, answer)
+                for i, (prompt, span, answer) in enumerate(zip(PROMPTS, SPANS, ANSWERS))]
+    rows = evaluate(Grafter(P, F, tok), chosen, examples, batch_size=3).rows
+    assert len(rows) == len(chosen) * len(examples)
+    g = Grafter(P, F, tok)
+    for row in rows:
+        i = int(row["fact_id"][1:])
+        prompt = PROMPTS[i]
+        lp, lf = _direct_logits(P, tok, prompt), _direct_logits(F, tok, prompt)
+        spec = next(s for s in chosen if s.name == row["spec"])
+        lg = g.run(spec, [prompt], [SPANS[i]]).logits[0].double()
+        target = target_token_id(tok, prompt, ANSWERS[i])
+        foil = int(torch.where(torch.arange(lp.numel()) == target, -math.inf, lp).argmax())
+        assert row["foil_id"] == foil and row["foil_token"] == tok.decode([foil])
+        assert math.isclose(row["logit_diff"], float(lg[target] - lg[foil]), abs_tol=1e-4)
+        assert math.isclose(row["kl_f_graft"], _kl_by_hand(lf, lg), rel_tol=1e-3, abs_tol=1e-5)
+        assert math.isclose(row["kl_graft_p"], _kl_by_hand(lg, lp), rel_tol=1e-3, abs_tol=1e-5)

@@ -48,8 +48,14 @@ def test_run_then_plot(tmp_path, examples):
     for spec in ("fe_lt", "lt", "p (P)", "f (F)"):
         assert spec in result.stdout
     assert "recovery" in result.stdout and "top-100" in result.stdout
+    for column in ("logit diff", "KL(F‖G)", "KL(G‖P)"):
+        assert column in result.stdout
     rows = load_results(tmp_path / "out")
     assert len(rows) == 4 * 2 and {r["spec"] for r in rows} == {"p", "f", "fe_lt", "lt"}
+    # P is P and F is F: each is at KL 0 from itself (the numbers themselves: tests/test_metrics.py)
+    assert all(abs(r["kl_graft_p"]) < 1e-5 for r in rows if r["spec"] == "p")
+    assert all(abs(r["kl_f_graft"]) < 1e-5 for r in rows if r["spec"] == "f")
+    assert all(r["kl_f_graft"] > 1e-3 for r in rows if r["spec"] == "p")
     assert load_manifest(tmp_path / "out")["baseline_check"]["tiny-llama"]["ok"] is True
 
     result = nngraft("plot", "out", "--k", "5", cwd=tmp_path)

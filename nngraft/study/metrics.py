@@ -12,6 +12,12 @@ Definitions (what every number nngraft prints means):
   higher than the target's (ties do not push the target down).
 - **top-k hit**: ``rank < k``, i.e. fewer than ``k`` tokens beat the target (the paper's
   "1-based rank ≤ k"). ``top_1`` is greedy accuracy except for exact ties.
+- **logit_diff**: the target's logit minus the foil's at the prompt's last token; the foil is P's
+  most likely token other than the target (``foil_token``), so a positive value means the model
+  prefers the answer to what P would have said.
+- **kl_f_graft** = KL(F ‖ G) and **kl_graft_p** = KL(G ‖ P), in nats, over the next-token
+  distributions (float32 log-softmax) of F, the grafted model G and P on the same prompt: how far
+  a graft is from the finetuned model's prediction, and how far it moved from P's.
 - **aggregate**: within a group (e.g. one model × template × spec), first the mean per fact
   (a fact seen through several templates counts once), then the mean over facts, with a 95 %
   confidence interval over facts: a **percentile bootstrap** (default; 2,000 resamples of the
@@ -360,7 +366,7 @@ def metric_columns(rows: Sequence[Mapping[str, Any]]) -> list[str]:
     first = rows[0]
     cols = [c for c in ("prob", "logprob", "rank") if c in first]
     tops = sorted((c for c in first if c.startswith("top_") and c[4:].isdigit()), key=lambda c: int(c[4:]))
-    extra = [c for c in ("answer_logprob",) if c in first]
+    extra = [c for c in ("logit_diff", "kl_f_graft", "kl_graft_p", "answer_logprob") if c in first]
     return cols + tops + extra
 
 

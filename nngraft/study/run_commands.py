@@ -38,7 +38,8 @@ def summary_table(rows: Sequence[dict[str, Any]], *, k: int, title: str, p_spec:
     for (model, template), members in sorted(groups.items(), key=lambda item: item[0]):
         table = Table(title=f"{title}: {model} — {template}", title_justify="left")
         table.add_column("spec", no_wrap=True)
-        for name in ("facts", "mean prob [95% CI]", "top-1", f"top-{k}", "mean rank", "recovery [95% CI]"):
+        for name in ("facts", "mean prob [95% CI]", "top-1", f"top-{k}", "mean rank", "logit diff", "KL(F‖G)",
+                     "KL(G‖P)", "recovery [95% CI]"):
             table.add_column(name, justify="right", no_wrap=True)
         for a in members:
             m = a.metrics
@@ -52,10 +53,12 @@ def summary_table(rows: Sequence[dict[str, Any]], *, k: int, title: str, p_spec:
             label = display_name(a.keys["spec"]).replace("$^c$", "ᶜ")
             spec = a.keys["spec"] if label == a.keys["spec"] else f"{a.keys['spec']} ({label})"
             table.add_row(spec, str(a.n_facts), prob_text, mean("top_1", ".2f"), mean(f"top_{k}", ".2f"),
-                          mean("rank", ".1f"), rec)
+                          mean("rank", ".1f"), mean("logit_diff", ".2f"), mean("kl_f_graft", ".3f"),
+                          mean("kl_graft_p", ".3f"), rec)
         tables.append(table)
     tables.append("[dim]means over facts; CI: percentile bootstrap over facts; recovery = (G − P) / (F − P) of "
-                  "mean prob. (n/a when |F − P| < 0.05); rank is 0-based; top-k: fewer than k tokens more likely[/dim]")
+                  "mean prob. (n/a when |F − P| < 0.05); rank is 0-based; top-k: fewer than k tokens more likely; "
+                  "logit diff: target − P's top other token; KL in nats over the next token[/dim]")
     return Group(*tables)
 
 

@@ -52,7 +52,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from ..errors import GraftError
 from ..grafter import Grafter
-from ..result import target_token_id
+from ..result import kl_divergence, logit_difference, target_token_id, top_other_token
 from ..spec import GraftSpec, format_validation_error
 from .examples import TestExample
 from .grids import LmHeadMode, grid_specs, paper_specs, with_lm_head
@@ -508,6 +508,8 @@ def evaluate(grafter: Grafter, specs: Sequence[GraftSpec], examples: Sequence[Te
 
         answer_ids = [answer_token_ids(tokenizer, e.prompt, e.answer) for e in examples]
     hashes = [s.content_hash() for s in specs]
+    roles = [spec_role(s) for s in specs]
+    baselines: dict[tuple[str, int], torch.Tensor] = {}  # (role, example) -> P's / F's next-token logits
     stats = EvalStats(units=len(specs) * len(examples))
     done = writer.done if writer is not None else {}
     for batch in plan_batches(specs, [len(t) for t in tokenized], batch_size):
@@ -518,6 +520,8 @@ def evaluate(grafter: Grafter, specs: Sequence[GraftSpec], examples: Sequence[Te
         result = grafter.run_rows([specs[s] for s, _ in batch], [tokenized[e] for _, e in batch],
                                    batch_size=len(batch))
         scores = score_logits(result.logits, [targets[e] for _, e in batch], ks=ks, n_top=n_top)
+        compare = _compare_with_baselines(grafter, result.logits, batch, roles, tokenized, targets, baselines,
+                                          [e for _, e in todo])
         if answer_logprob:
             per_token = answer_logprobs(grafter, [specs[s] for s, _ in batch], [tokenized[e] for _, e in batch],
                                         [answer_ids[e] for _, e in batch])
@@ -533,6 +537,9 @@ def evaluate(grafter: Grafter, specs: Sequence[GraftSpec], examples: Sequence[Te
                 "target_token": target_piece[e],
                 "prob": float(scores.prob[j]), "logprob": float(scores.logprob[j]),
                 "rank": int(scores.rank[j]),
+                "logit_diff": float(compare["logit_diff"][j]), "foil_id": int(compare["foil_id"][j]),
+                "foil_token": tokenizer.decode([int(compare["foil_id"][j])]),
+                "kl_f_graft": float(compare["kl_f_graft"][j]), "kl_graft_p": float(compare["kl_graft_p"][j]),
             }
             for k, hit in scores.hits.items():
                 row[f"top_{k}"] = bool(hit[j])
@@ -552,6 +559,37 @@ def evaluate(grafter: Grafter, specs: Sequence[GraftSpec], examples: Sequence[Te
             progress(len(rows))
     stats.seconds = time.perf_counter() - start
     return stats
+
+
+def _compare_with_baselines(grafter: Grafter, logits: torch.Tensor, batch: Sequence[tuple[int, int]],
+                            roles: Sequence[str], tokenized: Sequence[Any], targets: Sequence[int],
+                            baselines: dict[tuple[str, int], torch.Tensor], needed: Sequence[int]) -> dict[str, torch.Tensor]:
+    """Per row of a batch, against P's and F's next-token distributions on the same example:
+    ``logit_diff`` (target minus P's most likely other token, ``foil_id``), ``kl_f_graft`` =
+    KL(F ‖ row) and ``kl_graft_p`` = KL(row ‖ P). The p / f rows of an example come before its
+    other rows (units are sorted by example, then spec; baselines first), so their logits are
+    kept from the batch that computed them; any still missing (a resumed run) are computed."""
+    logits = logits.detach().float().cpu()
+    for j, (s, e) in enumerate(batch):
+        if roles[s] in ("p", "f"):
+            baselines[(roles[s], e)] = logits[j]
+    missing = sorted({e for e in needed if ("p", e) not in baselines or ("f", e) not in baselines})
+    if missing:
+        extra = grafter._run_rows([GraftSpec(name="p")] * len(missing) + [_F_SPEC] * len(missing),
+                                  [tokenized[e] for e in missing] * 2)
+        for i, e in enumerate(missing):
+            baselines[("p", e)] = extra.logits[i].float().cpu()
+            baselines[("f", e)] = extra.logits[len(missing) + i].float().cpu()
+    rows = [e for _, e in batch]
+    ids = torch.tensor([targets[e] for e in rows])
+    p = torch.stack([baselines.get(("p", e), logits[j]) for j, e in enumerate(rows)])
+    f = torch.stack([baselines.get(("f", e), logits[j]) for j, e in enumerate(rows)])
+    foil = top_other_token(p, ids)
+    out = {"logit_diff": logit_difference(logits, ids, foil), "foil_id": foil,
+           "kl_f_graft": kl_divergence(f, logits), "kl_graft_p": kl_divergence(logits, p)}
+    for key in [k for k in baselines if k[1] != rows[-1]]:  # later batches start at the last example
+        del baselines[key]
+    return out
 
 
 def direct_probs(model: torch.nn.Module, tokenizer: Any, examples: Sequence[TestExample]) -> list[float]:
@@ -642,6 +680,10 @@ def _check_resume(manifest: dict[str, Any], writer: ResultsWriter, specs: Sequen
         raise ResultsError(f"{writer.path} was written with answer_logprob="
                            f"{not answer_logprob}; this run asks for {answer_logprob}. Rows must agree: "
                            "use a new output directory")
+    if writer.existing and "kl_f_graft" not in writer.existing[0]:
+        raise ResultsError(f"{writer.path} was written by an older nngraft, without the logit_diff and KL "
+                           "columns this version writes to every row. Rows must agree: use a new output "
+                           "directory")
     spec_hash = {s.name: s.content_hash() for s in specs}
     prompts = {e.key: (e.prompt, e.answer) for e in examples}
     for row in writer.existing:
@@ -707,7 +749,9 @@ def run_sweep(config: SweepConfig, *, output: str | Path | None = None, show_pro
                                  "bootstrap": 0, "tiny_models": 0 if any(m.tiny for m in config.models) else None}
             manifest["dtypes"] = {m.name: m.dtype for m in config.models}
             manifest["metrics"] = ("prob/logprob: softmax of the last-token logits in float32; rank: "
-                                   "number of tokens with strictly higher log-prob (0-based); top_k: rank < k")
+                                   "number of tokens with strictly higher log-prob (0-based); top_k: rank < k; "
+                                   "logit_diff: target logit minus P's most likely other token's; "
+                                   "kl_f_graft / kl_graft_p: KL(F||G) / KL(G||P) in nats over the next token")
             manifest.setdefault("models", {})
             manifest.setdefault("baseline_check", {})
             manifest.setdefault("runs", [])
