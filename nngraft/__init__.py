@@ -25,6 +25,7 @@ from .errors import (
     PromptError,
     SpanNotFoundError,
     SpecError,
+    TraceError,
     UnsupportedArchitectureError,
 )
 from .grafter import GenerationResult, Grafter
@@ -60,6 +61,7 @@ __all__ = [
     "GenerationResult", "GraftError", "GraftPlan", "GraftResult", "GraftRule", "GraftSpec", "Grafter",
     "Index", "Last", "LayerRange", "LayerRangeError", "ModelDonor", "Not", "Other", "PositionError",
     "PositionSelector", "PromptError", "SCHEMA_VERSION", "SafetensorsDonor", "Span", "SpanAlignmentWarning",
-    "SpanNotFoundError", "SpecError", "TensorDonor", "UnsupportedArchitectureError", "WeightSelection", "adapter_for",
+    "SpanNotFoundError", "SpecError", "TensorDonor", "TraceError", "UnsupportedArchitectureError", "WeightSelection",
+    "adapter_for",
     "compile_plan", "everywhere_except", "graft", "register_adapter", "resolve_layers", "spec_json_schema",
 ]

@@ -84,6 +84,11 @@ class DataIntegrityError(DataError):
 # -- remote grafting (nngraft.backends.ndif, nngraft.delta, nngraft.backends.payload) -------------------------
 
 
+class TraceError(GraftError, ValueError):
+    """A compiled graft applied inside an nnsight trace the wrong way (outside a trace, after the
+    trace touched a module, on another model)."""
+
+
 class RemoteGraftError(GraftError):
     """A remote run could not be prepared, sent, or completed."""
 

@@ -42,6 +42,7 @@ from typing import Any, Mapping
 
 import torch
 
+from .errors import TraceError
 from .plan import GraftPlan
 from .tokens import TokenizedPrompt
 
@@ -110,10 +111,10 @@ def graft(model: Any, compiled: CompiledGraft) -> None:
     try:
         current = Mediator.current("nngraft.graft")
     except ValueError:
-        raise ValueError("nngraft.graft(model, compiled) must be called inside an open trace of the model "
+        raise TraceError("nngraft.graft(model, compiled) must be called inside an open trace of the model "
                          "(with model.trace(**compiled.inputs): ...)") from None
     if current.pending is not None:
-        raise ValueError("nngraft.graft must be called first in the trace, before reading or modifying any "
+        raise TraceError("nngraft.graft must be called first in the trace, before reading or modifying any "
                          "module (the graft's block runs ahead of yours)")
     code = compile("apply_compiled(root, compiled)", "<nngraft.graft>", "exec")
     block = Mediator(code, {"apply_compiled": apply_compiled}, {"root": model, "compiled": compiled})
@@ -127,12 +128,12 @@ def _check_model(model: Any, compiled: CompiledGraft) -> None:
     module = getattr(model, "_module", None)
     config = getattr(module, "config", None)
     if module is None:
-        raise TypeError(f"nngraft.graft needs an nnsight envoy of P (NNsight / TransformersModel), "
+        raise TraceError(f"nngraft.graft needs an nnsight envoy of P (NNsight / TransformersModel), "
                         f"not {type(model).__name__}")
     model_type = getattr(config, "model_type", None)
     layers = getattr(config, "num_hidden_layers", None) or getattr(config, "n_layer", None)
     if model_type != compiled.model_type or (layers is not None and layers != compiled.n_layers):
-        raise ValueError(
+        raise TraceError(
             f"nngraft.graft: the graft was compiled for a {compiled.model_type!r} model with "
             f"{compiled.n_layers} layers, but the traced model is {model_type!r} with {layers} layers"
         )

@@ -14,6 +14,7 @@ import torch
 import nngraft
 from nngraft import GraftRule, GraftSpec, Grafter, Last, Span
 from nngraft.arch import adapter_for
+from nngraft.errors import TraceError
 from nngraft.testing import tiny_pair
 
 from .reference import component_swaps, per_token_activations
@@ -184,9 +185,9 @@ def test_graft_errors_name_the_problem():
     P, _, _, g, _ = setup("llama")
     model = nnsight.NNsight(P)
     compiled = g.compile(FE_LT, PROMPTS, SPANS)
-    with pytest.raises(ValueError, match=r"must be called inside an open trace"):
+    with pytest.raises(TraceError, match=r"must be called inside an open trace"):
         nngraft.graft(model, compiled)
-    with pytest.raises(ValueError, match=r"must be called first in the trace, before reading"):
+    with pytest.raises(TraceError, match=r"must be called first in the trace, before reading"):
         with model.trace(**compiled.inputs):
             model.model.embed_tokens.output.save()
             nngraft.graft(model, compiled)
@@ -197,7 +198,7 @@ def test_graft_errors_name_the_problem():
             nngraft.graft(model, compiled)
             model.output.logits.save()
     gpt2 = nnsight.NNsight(tiny_pair("gpt2")[0])
-    with pytest.raises(ValueError, match=r"compiled for a 'llama' model with 2 layers, but the traced model is 'gpt2'"):
+    with pytest.raises(TraceError, match=r"compiled for a 'llama' model with 2 layers, but the traced model is 'gpt2'"):
         nngraft.graft(gpt2, compiled)
-    with pytest.raises(TypeError, match=r"needs an nnsight envoy of P .* not Tensor"):
+    with pytest.raises(TraceError, match=r"needs an nnsight envoy of P .* not Tensor"):
         nngraft.graft(torch.zeros(1), compiled)
