@@ -194,7 +194,7 @@ class Grafter:
         tokenized = self.tokenize(prompts, spans)
         specs = self._per_row(spec, len(tokenized))
         plan = compile_plan(specs, self.adapter, self.model.config, tokenized, collapse_mlp=False)
-        batch = pad_left([p.ids for p in tokenized], self._pad_id(), self.device)
+        batch = pad_left([p.ids for p in tokenized], self.pad_id, self.device)
         return self._compiled(plan, batch, tokenized, specs)
 
     def _compiled(self, plan: GraftPlan, batch: PaddedBatch, tokenized: list[TokenizedPrompt],

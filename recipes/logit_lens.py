@@ -78,13 +78,16 @@ def tiny_setup(args: argparse.Namespace) -> tuple[Any, Any, Any, list[Any], str]
 def demo_setup(args: argparse.Namespace) -> tuple[Any, Any, Any, list[Any], str]:
     """P, the demo's F (finetuned on the demo's facts exactly as `nngraft demo` does, so it shares
     the demo's cache entry), the tokenizer and the test examples."""
-    from nngraft import demo
-    from nngraft.models import load_model
+    import torch
+
+    from nngraft.study import demo
+    from nngraft.study.models import load_model
     from nngraft.study.data import facts_hash, make_facts, make_test_examples, training_texts
     from nngraft.study.finetune import cached_finetune
 
     options = demo.DemoOptions(facts=args.facts, seed=args.seed, device=args.device)
-    P, tok = load_model(options.model, device=demo._device(options.device) if hasattr(demo, "_device") else None)
+    device = ("cuda" if torch.cuda.is_available() else "cpu") if options.device == "auto" else options.device
+    P, tok = load_model(options.model, device=device)
     facts = make_facts(demo.DATASET, options.facts, seed=options.seed)
     texts = training_texts(facts, families=demo.TRAINING_FAMILIES, directions=demo.TRAINING_DIRECTIONS)
     probes = make_test_examples(facts, demo.PROBE_TEMPLATE)
