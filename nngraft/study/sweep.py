@@ -575,7 +575,7 @@ def _compare_with_baselines(grafter: Grafter, logits: torch.Tensor, batch: Seque
             baselines[(roles[s], e)] = logits[j]
     missing = sorted({e for e in needed if ("p", e) not in baselines or ("f", e) not in baselines})
     if missing:
-        extra = grafter._run_rows([GraftSpec(name="p")] * len(missing) + [_F_SPEC] * len(missing),
+        extra = grafter.run_rows([GraftSpec(name="p")] * len(missing) + [_F_SPEC] * len(missing),
                                   [tokenized[e] for e in missing] * 2)
         for i, e in enumerate(missing):
             baselines[("p", e)] = extra.logits[i].float().cpu()
