@@ -39,7 +39,8 @@ from nngraft import (
     UnsupportedArchitectureError,
 )
 from nngraft.errors import (ArgumentError, DataError, GraftError, ModelLoadError, ModelNotAvailableError,
-                            PayloadTooLargeError, PromptError, RemoteAuthError)
+                            PayloadTooLargeError, PromptError, RemoteAuthError,
+                            TraceError)
 from nngraft.study.results import OutputInUseError, ResultsError, TruncatedResultsWarning
 from nngraft.study.sweep import SweepConfigError
 from nngraft.testing import tiny_model, tiny_pair
@@ -127,6 +128,41 @@ def _no_offsets():
     from nngraft.tokens import tokenize_prompt
 
     tokenize_prompt(SlowTokenizer(), "Ada stars", {"first_actor": "Ada"})
+
+
+# -- 19: grafts inside nnsight traces ----------------------------------------------------------
+
+
+def _graft_outside_trace():
+    import nnsight
+
+    import nngraft
+
+    nngraft.graft(nnsight.NNsight(pair()[0]), grafter().compile(spec(MLP_LT), ["Ada stars in"]))
+
+
+def _graft_after_a_read():
+    import nnsight
+
+    import nngraft
+
+    model = nnsight.NNsight(pair()[0])
+    compiled = grafter().compile(spec(MLP_LT), ["Ada stars in"])
+    with model.trace(**compiled.inputs):
+        model.model.embed_tokens.output.save()
+        nngraft.graft(model, compiled)
+
+
+def _graft_on_other_inputs():
+    import nnsight
+
+    import nngraft
+
+    model = nnsight.NNsight(pair()[0])
+    compiled = grafter().compile(spec(MLP_LT), ["Ada stars in", "Grace Hopper stars in"])
+    with model.trace(**grafter().compile(spec(MLP_LT), ["Ada stars in"]).inputs):
+        nngraft.graft(model, compiled)
+        model.output.logits.save()
 
 
 # -- 17: results files on resume ------------------------------------------------------------
@@ -541,6 +577,19 @@ CASES = [
          OSError, "No space left on device", cli=True,
          handling="the command line exits with code 2 and this message (no traceback; `--debug` shows it); "
                   "likewise for permissions"),
+    Case(31, "graft outside a trace", "`nngraft.graft(model, compiled)` with no trace open", _graft_outside_trace,
+         TraceError, r"nngraft.graft\(model, compiled\) must be called inside an open trace of the model"),
+    Case(31, "graft after the trace touched a module", "`nngraft.graft` after reading `embed_tokens.output`",
+         _graft_after_a_read, TraceError, "nngraft.graft must be called first in the trace, before reading or "
+         "modifying any module"),
+    Case(31, "graft on other inputs", "compiled for 2 prompts, traced on 1", _graft_on_other_inputs, ValueError,
+         r"graft: the trace runs input_ids of shape \(1, 4\), but the graft was compiled for other input_ids "
+         r"\(shape \(2, 5\), left-padded as nngraft tokenizes\); open the trace with model.trace\(\*\*compiled.inputs\)",
+         handling="raised inside the trace, before any module is grafted (a ValueError: the check also runs on "
+                  "NDIF, where nngraft's error classes do not exist)"),
+    Case(31, "logit difference without a foil", "`result.logit_diff(\"Alan\")`",
+         lambda: grafter().run(spec(MLP_LT), ["Ada stars in"]).logit_diff("Alan"), ValueError,
+         r"logit_diff needs foils= \(answers to compare with\) or baseline= \(P's result on the same prompts"),
 ]
 
 
