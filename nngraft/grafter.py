@@ -36,7 +36,7 @@ from .result import GraftResult
 from .schedule import Chunk, Row, default_call_cost, forward_on_prefix, schedule_rows, shareable_prefixes
 from .spec import GraftSpec, SpecLike, as_spec
 from .tokens import PaddedBatch, SpanValue, TokenizedPrompt, pad_left, pad_token_id, tokenize_prompts
-from .trace import CompiledGraft, edited_envoy
+from .trace import CompiledGraft
 
 
 @dataclass
@@ -183,7 +183,7 @@ class Grafter:
     def model_envoy(self) -> Any:
         """P's nnsight envoy: read and edit P's modules through it inside :meth:`trace`
         (``g.model_envoy.model.layers[3].output``), as in any nnsight trace."""
-        return self.nn
+        return self.backend.envoy
 
     def compile(self, spec: SpecLike | Sequence[SpecLike], prompts: Sequence[str] | str,
                 spans: Sequence[Mapping[str, SpanValue]] | None = None) -> CompiledGraft:
@@ -192,16 +192,10 @@ class Grafter:
         Every module the spec names is grafted at its own output (MLP projections one by one), so
         every activation you read is the grafted one."""
         tokenized = self.tokenize(prompts, spans)
-        specs = self._per_row(spec, len(tokenized))
+        specs = per_row(spec, len(tokenized))
         plan = compile_plan(specs, self.adapter, self.model.config, tokenized, collapse_mlp=False)
         batch = pad_left([p.ids for p in tokenized], self.pad_id, self.device)
-        return self._compiled(plan, batch, tokenized, specs)
-
-    def _compiled(self, plan: GraftPlan, batch: PaddedBatch, tokenized: list[TokenizedPrompt],
-                  specs: list[GraftSpec]) -> CompiledGraft:
-        donors = derived_donors(plan, self.donors, self.model, self.adapter, self._partial)
-        return CompiledGraft(plan, batch.model_inputs(), tokenized, self.model.config.model_type, self.n_layers,
-                             donors=donors, spec_names=[s.name for s in specs])
+        return self.backend.compile_graft(plan, batch, tokenized, [s.name for s in specs])
 
     def trace(self, prompts: Sequence[str] | str, spec: SpecLike | Sequence[SpecLike],
               spans: Sequence[Mapping[str, SpanValue]] | None = None, **kwargs: Any) -> Any:
@@ -227,8 +221,7 @@ class Grafter:
 
     def open_trace(self, compiled: CompiledGraft, **kwargs: Any) -> Any:
         """The nnsight trace of P running ``compiled`` first (what :meth:`trace` returns)."""
-        kwargs.setdefault("use_cache", False)
-        return edited_envoy(self.nn, compiled).trace(**compiled.inputs, **kwargs)
+        return self.backend.open_trace(compiled, **kwargs)
 
     # -- running --------------------------------------------------------------------------------
 

@@ -38,7 +38,7 @@ per the spec, so every activation equals what the paper's per-token weight swap 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Mapping
+from typing import Any, Callable, Mapping
 
 import torch
 
@@ -54,7 +54,8 @@ class CompiledGraft:
     ``inputs``: the model inputs the plan's cells refer to (pass them to your trace:
     ``model.trace(**compiled.inputs)``); ``plan``: per module, the (row, column) cells grafted;
     ``donors``: the donors by name (local), or ``program``: the same graft as plain tensors, for
-    a remote trace."""
+    a remote trace. ``applier(root, compiled)`` applies it inside the current intervention block
+    (set by the backend that compiled it)."""
 
     plan: GraftPlan
     inputs: dict[str, torch.Tensor]
@@ -64,24 +65,19 @@ class CompiledGraft:
     donors: Mapping[str, Any] | None = None
     program: dict | None = None
     spec_names: list[str] = field(default_factory=list)
+    applier: Callable[[Any, "CompiledGraft"], None] | None = None
 
     @property
     def input_ids(self) -> torch.Tensor:
         return self.inputs["input_ids"]
 
-
-def apply_compiled(root: Any, compiled: CompiledGraft) -> None:
-    """Inside an open trace of ``root``: check the batch is the compiled one, then apply every
-    module graft in forward order (in the *current* intervention block)."""
-    from .backends.functional import apply_ops, check_input_ids
-
-    check_input_ids(root, compiled.input_ids)
-    if compiled.program is not None:
-        apply_ops(root, compiled.program)
-    else:
-        from .backends.local import apply_plan
-
-        apply_plan(root, compiled.plan, compiled.donors)
+    def apply(self, root: Any) -> None:
+        """Inside an open trace of ``root``: apply every module graft, in forward order, in the
+        current intervention block (:func:`graft` gives it a block of its own, ahead of yours)."""
+        if self.applier is None:
+            raise TraceError("this graft was compiled for a remote run and applies only in its own "
+                             "Grafter's trace (g.trace); compile it with a local Grafter to use nngraft.graft")
+        self.applier(root, self)
 
 
 def graft(model: Any, compiled: CompiledGraft) -> None:
@@ -116,8 +112,10 @@ def graft(model: Any, compiled: CompiledGraft) -> None:
     if current.pending is not None:
         raise TraceError("nngraft.graft must be called first in the trace, before reading or modifying any "
                          "module (the graft's block runs ahead of yours)")
-    code = compile("apply_compiled(root, compiled)", "<nngraft.graft>", "exec")
-    block = Mediator(code, {"apply_compiled": apply_compiled}, {"root": model, "compiled": compiled})
+    if compiled.applier is None:
+        compiled.apply(model)  # raises: a remote graft
+    code = compile("compiled.apply(root)", "<nngraft.graft>", "exec")
+    block = Mediator(code, {}, {"root": model, "compiled": compiled})
     interleaver = current.interleaver
     block.start(interleaver)  # runs up to its first module, like every block of the trace
     interleaver.mediators.insert(0, block)
@@ -137,11 +135,3 @@ def _check_model(model: Any, compiled: CompiledGraft) -> None:
             f"nngraft.graft: the graft was compiled for a {compiled.model_type!r} model with "
             f"{compiled.n_layers} layers, but the traced model is {model_type!r} with {layers} layers"
         )
-
-
-def edited_envoy(root: Any, compiled: CompiledGraft) -> Any:
-    """An nnsight edit of ``root`` (a copy sharing its modules) whose every trace runs the graft
-    first. Local grafts only (a remote one uses :func:`nngraft.backends.functional.grafted`)."""
-    with root.edit() as (_, edited):
-        apply_compiled(edited, compiled)
-    return edited

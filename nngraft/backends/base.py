@@ -21,13 +21,16 @@ Example:
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from typing import Any, ClassVar, Mapping
+from typing import TYPE_CHECKING, Any, ClassVar, Mapping
 
 import torch
 
 from ..arch import Adapter
 from ..plan import GraftPlan
-from ..tokens import PaddedBatch
+from ..tokens import PaddedBatch, TokenizedPrompt
+
+if TYPE_CHECKING:
+    from ..trace import CompiledGraft
 
 
 class Backend(ABC):
@@ -68,3 +71,20 @@ class Backend(ABC):
     def describe(self) -> str:
         """A short name for logs and reprs."""
         return type(self).__name__
+
+    # -- inside nnsight traces (nngraft.trace); optional for a backend ----------------------------
+
+    @property
+    def envoy(self) -> Any:
+        """P's nnsight envoy (what users read and edit inside :meth:`open_trace`)."""
+        raise NotImplementedError(f"{self.describe()} does not support nnsight traces")
+
+    def compile_graft(self, plan: GraftPlan, batch: PaddedBatch, prompts: list[TokenizedPrompt],
+                      spec_names: list[str]) -> "CompiledGraft":
+        """``plan`` on ``batch`` as a :class:`~nngraft.trace.CompiledGraft` this backend can run."""
+        raise NotImplementedError(f"{self.describe()} does not support nnsight traces")
+
+    def open_trace(self, compiled: "CompiledGraft", **kwargs: Any) -> Any:
+        """An nnsight trace of P on ``compiled.inputs`` whose first intervention block applies
+        ``compiled``; ``kwargs`` go to the model's forward."""
+        raise NotImplementedError(f"{self.describe()} does not support nnsight traces")

@@ -41,8 +41,10 @@ from ..donor import Donor, as_donor, pick_donor
 from ..errors import ArgumentError, DonorMismatchError, UnsupportedArchitectureError
 from ..partial import derived_donors
 from ..plan import GraftPlan, ModuleGraft
-from ..tokens import PaddedBatch
+from ..tokens import PaddedBatch, TokenizedPrompt
+from ..trace import CompiledGraft
 from .base import Backend
+from .functional import check_input_ids
 
 
 def load_pretrained(name_or_path: str, dtype: Any = None, device: Any = None) -> torch.nn.Module:
@@ -130,6 +132,34 @@ class LocalBackend(Backend):
             return out.logits, None
         cache = out["cache"] if "cache" in out else out.get("past_key_values")  # transformers 5 renamed it
         return out.logits, cache
+
+    # -- inside nnsight traces (nngraft.trace) ----------------------------------------------
+
+    @property
+    def envoy(self) -> Any:
+        return self.nn
+
+    def compile_graft(self, plan: GraftPlan, batch: PaddedBatch, prompts: list[TokenizedPrompt],
+                      spec_names: list[str]) -> CompiledGraft:
+        donors = derived_donors(plan, self.donors, self.model, self.adapter, self.derived)
+        return CompiledGraft(plan, batch.model_inputs(), prompts, self.model.config.model_type,
+                             self.adapter.n_layers(self.model.config), donors=donors, spec_names=spec_names,
+                             applier=apply_compiled)
+
+    def open_trace(self, compiled: CompiledGraft, **kwargs: Any) -> Any:
+        """A trace of P whose first intervention block is the graft: an nnsight edit of P's envoy
+        (a copy sharing its modules), so the graft runs ahead of the trace's own code."""
+        kwargs.setdefault("use_cache", False)
+        with self.nn.edit() as (_, edited):
+            compiled.apply(edited)
+        return edited.trace(**compiled.inputs, **kwargs)
+
+
+def apply_compiled(root: Any, compiled: CompiledGraft) -> None:
+    """Inside an open trace of ``root``: check the batch is the compiled one, then apply every
+    module graft (:func:`apply_plan`)."""
+    check_input_ids(root, compiled.input_ids)
+    apply_plan(root, compiled.plan, compiled.donors)
 
 
 @contextmanager
