@@ -214,6 +214,7 @@ def load_sweep_config(path: str | Path) -> SweepConfig:
 # ---------------------------------------------------------------------------------------------
 
 _F_SPEC = paper_specs()["f"]
+_P_SPEC = paper_specs()["p"]
 
 
 def spec_role(spec: GraftSpec) -> str:
@@ -509,7 +510,6 @@ def evaluate(grafter: Grafter, specs: Sequence[GraftSpec], examples: Sequence[Te
         answer_ids = [answer_token_ids(tokenizer, e.prompt, e.answer) for e in examples]
     hashes = [s.content_hash() for s in specs]
     roles = [spec_role(s) for s in specs]
-    baselines: dict[tuple[str, int], torch.Tensor] = {}  # (role, example) -> P's / F's next-token logits
     stats = EvalStats(units=len(specs) * len(examples))
     done = writer.done if writer is not None else {}
     for batch in plan_batches(specs, [len(t) for t in tokenized], batch_size):
@@ -517,11 +517,13 @@ def evaluate(grafter: Grafter, specs: Sequence[GraftSpec], examples: Sequence[Te
         stats.skipped += len(batch) - len(todo)
         if not todo:
             continue
-        result = grafter.run_rows([specs[s] for s, _ in batch], [tokenized[e] for _, e in batch],
-                                   batch_size=len(batch))
-        scores = score_logits(result.logits, [targets[e] for _, e in batch], ks=ks, n_top=n_top)
-        compare = _compare_with_baselines(grafter, result.logits, batch, roles, tokenized, targets, baselines,
-                                          [e for _, e in todo])
+        extra = baseline_rows(batch, roles)
+        result = grafter.run_rows([specs[s] for s, _ in batch] + [_P_SPEC if r == "p" else _F_SPEC for r, _ in extra],
+                                  [tokenized[e] for _, e in batch] + [tokenized[e] for _, e in extra],
+                                  batch_size=len(batch) + len(extra))
+        logits = result.logits[:len(batch)]
+        scores = score_logits(logits, [targets[e] for _, e in batch], ks=ks, n_top=n_top)
+        compare = compare_with_baselines(logits, result.logits[len(batch):], batch, extra, roles, targets)
         if answer_logprob:
             per_token = answer_logprobs(grafter, [specs[s] for s, _ in batch], [tokenized[e] for _, e in batch],
                                         [answer_ids[e] for _, e in batch])
@@ -561,35 +563,32 @@ def evaluate(grafter: Grafter, specs: Sequence[GraftSpec], examples: Sequence[Te
     return stats
 
 
-def _compare_with_baselines(grafter: Grafter, logits: torch.Tensor, batch: Sequence[tuple[int, int]],
-                            roles: Sequence[str], tokenized: Sequence[Any], targets: Sequence[int],
-                            baselines: dict[tuple[str, int], torch.Tensor], needed: Sequence[int]) -> dict[str, torch.Tensor]:
-    """Per row of a batch, against P's and F's next-token distributions on the same example:
-    ``logit_diff`` (target minus P's most likely other token, ``foil_id``), ``kl_f_graft`` =
-    KL(F ‖ row) and ``kl_graft_p`` = KL(row ‖ P). The p / f rows of an example come before its
-    other rows (units are sorted by example, then spec; baselines first), so their logits are
-    kept from the batch that computed them; any still missing (a resumed run) are computed."""
+def baseline_rows(batch: Sequence[tuple[int, int]], roles: Sequence[str]) -> list[tuple[str, int]]:
+    """The (role, example) baseline rows a batch adds to its own forward pass: P ("p") and F
+    ("f") for every example of the batch whose p / f unit is not in the batch itself. Depends only
+    on the batch, never on which units are already done, so a resumed run computes every number
+    exactly as an uninterrupted one."""
+    present = {(roles[s], e) for s, e in batch if roles[s] in ("p", "f")}
+    examples = dict.fromkeys(e for _, e in batch)
+    return [(role, e) for role in ("p", "f") for e in examples if (role, e) not in present]
+
+
+def compare_with_baselines(logits: torch.Tensor, extra_logits: torch.Tensor, batch: Sequence[tuple[int, int]],
+                           extra: Sequence[tuple[str, int]], roles: Sequence[str],
+                           targets: Sequence[int]) -> dict[str, torch.Tensor]:
+    """Per row of a batch, against P's and F's next-token distributions on the same example (from
+    the batch's own p / f units or its :func:`baseline_rows`): ``logit_diff`` (target minus P's
+    most likely other token, ``foil_id``), ``kl_f_graft`` = KL(F ‖ row), ``kl_graft_p`` = KL(row ‖ P)."""
     logits = logits.detach().float().cpu()
-    for j, (s, e) in enumerate(batch):
-        if roles[s] in ("p", "f"):
-            baselines[(roles[s], e)] = logits[j]
-    missing = sorted({e for e in needed if ("p", e) not in baselines or ("f", e) not in baselines})
-    if missing:
-        extra = grafter.run_rows([GraftSpec(name="p")] * len(missing) + [_F_SPEC] * len(missing),
-                                  [tokenized[e] for e in missing] * 2)
-        for i, e in enumerate(missing):
-            baselines[("p", e)] = extra.logits[i].float().cpu()
-            baselines[("f", e)] = extra.logits[len(missing) + i].float().cpu()
+    found = {(roles[s], e): logits[j] for j, (s, e) in enumerate(batch) if roles[s] in ("p", "f")}
+    found.update({key: extra_logits[i].detach().float().cpu() for i, key in enumerate(extra)})
     rows = [e for _, e in batch]
     ids = torch.tensor([targets[e] for e in rows])
-    p = torch.stack([baselines.get(("p", e), logits[j]) for j, e in enumerate(rows)])
-    f = torch.stack([baselines.get(("f", e), logits[j]) for j, e in enumerate(rows)])
+    p = torch.stack([found[("p", e)] for e in rows])
+    f = torch.stack([found[("f", e)] for e in rows])
     foil = top_other_token(p, ids)
-    out = {"logit_diff": logit_difference(logits, ids, foil), "foil_id": foil,
-           "kl_f_graft": kl_divergence(f, logits), "kl_graft_p": kl_divergence(logits, p)}
-    for key in [k for k in baselines if k[1] != rows[-1]]:  # later batches start at the last example
-        del baselines[key]
-    return out
+    return {"logit_diff": logit_difference(logits, ids, foil), "foil_id": foil,
+            "kl_f_graft": kl_divergence(f, logits), "kl_graft_p": kl_divergence(logits, p)}
 
 
 def direct_probs(model: torch.nn.Module, tokenizer: Any, examples: Sequence[TestExample]) -> list[float]:
