@@ -414,3 +414,28 @@ def replace_docs_section(path: Path, generated: str, begin: str, end: str, headi
     else:
         text = text.rstrip("\n") + "\n\n" + heading + "\n\n" + generated + "\n"
     atomic_write_text(path, text)
+
+
+def docs_script_args(description: str, *, docs: Path, results: Path | None = None) -> argparse.ArgumentParser:
+    """The arguments every results-to-docs script takes: ``--results`` (JSON, when it keeps one),
+    ``--docs`` (the markdown file its section lives in) and ``--no-docs``."""
+    p = argparse.ArgumentParser(description=description)
+    if results is not None:
+        p.add_argument("--results", type=Path, default=results)
+    p.add_argument("--docs", type=Path, default=docs)
+    p.add_argument("--no-docs", action="store_true")
+    return p
+
+
+def publish(args: argparse.Namespace, result: Any, text: str, begin: str, end: str, heading: str) -> None:
+    """Save ``result`` as JSON (``args.results``, atomically), print ``text`` and, unless
+    ``--no-docs``, put it into ``args.docs`` in place of its ``begin`` … ``end`` section."""
+    from nngraft.io import atomic_write_text
+
+    if getattr(args, "results", None) is not None:
+        args.results.parent.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(args.results, json.dumps(result, indent=1) + "\n")
+    print(text)
+    if not args.no_docs:
+        replace_docs_section(args.docs, text, begin, end, heading)
+        print(f"updated {args.docs}", file=sys.stderr)

@@ -19,10 +19,8 @@ payload sizes" section of docs/benchmarks.md:
 
 from __future__ import annotations
 
-import argparse
 import io
 import json
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -30,7 +28,7 @@ from typing import Any, Sequence
 
 import torch
 
-from .common import replace_docs_section
+from .common import docs_script_args, publish
 
 ROOT = Path(__file__).resolve().parent.parent
 BEGIN, END = "<!-- remote-payload:begin -->", "<!-- remote-payload:end -->"
@@ -189,26 +187,11 @@ def render(result: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def update_docs(path: Path, generated: str) -> None:
-    replace_docs_section(path, generated, BEGIN, END, HEADING)
-
-
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--results", type=Path, default=ROOT / "benchmarks" / "results" / "payload_sizes.json")
-    p.add_argument("--docs", type=Path, default=ROOT / "docs" / "benchmarks.md")
-    p.add_argument("--no-docs", action="store_true")
-    args = p.parse_args(argv)
-    from nngraft.io import atomic_write_text
-
+    args = docs_script_args(__doc__.splitlines()[0], docs=ROOT / "docs" / "benchmarks.md",
+                            results=ROOT / "benchmarks" / "results" / "payload_sizes.json").parse_args(argv)
     result = run()
-    args.results.parent.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(args.results, json.dumps(result, indent=1) + "\n")
-    text = render(result)
-    print(text)
-    if not args.no_docs:
-        update_docs(args.docs, text)
-        print(f"updated {args.docs}", file=sys.stderr)
+    publish(args, result, render(result), BEGIN, END, HEADING)
     return result
 
 

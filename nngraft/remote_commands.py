@@ -46,6 +46,9 @@ def _cmd_payload(args: argparse.Namespace) -> int:
     from rich.table import Table
 
     from .backends.ndif import DEFAULT_MAX_PAYLOAD_MB, estimate_payload, format_bytes
+    from .backends.payload import spec_modules
+    from .backends.traffic import estimate_traffic
+    from .arch import adapter_for
     from .spec import GraftSpec
 
     specs = [GraftSpec.load(p) for p in args.specs]
@@ -58,18 +61,26 @@ def _cmd_payload(args: argparse.Namespace) -> int:
     dtype = getattr(torch, args.dtype)
     limit = int((args.limit_mb if args.limit_mb is not None else DEFAULT_MAX_PAYLOAD_MB) * 1e6)
     table = Table(title=f"{args.model}: {', '.join(s.name for s in specs)} ({args.dtype})")
-    for column in ("donor", "modules sent", "skipped", "donor bytes", f"limit {format_bytes(limit)}"):
+    for column in ("donor", "modules sent", "skipped", "donor bytes", f"limit {format_bytes(limit)}",
+                   "activation reads", "sandbox round trips", "sandbox bytes"):
         table.add_column(column, justify="left" if column == "donor" else "right")
+    modules = spec_modules(specs, adapter_for(model), model.config)
     for donor in donors:
         report = estimate_payload(specs, model, donor, dtype, limit_bytes=limit)
         sent = [i for i in report.items if i.mode != "skip"]
+        paths = list(dict.fromkeys(path for (path, _, _), item in zip(modules, report.items) if item.mode != "skip"))
+        traffic = estimate_traffic(paths, model, args.rows, args.tokens, torch.bfloat16)
         table.add_row(report.donor, str(len(sent)), str(len(report.skipped)), format_bytes(report.total_bytes),
-                      "[green]fits[/green]" if report.total_bytes <= limit else "[red]over[/red]")
+                      "[green]fits[/green]" if report.total_bytes <= limit else "[red]over[/red]",
+                      str(traffic.reads), str(traffic.round_trips), format_bytes(traffic.bytes))
         if args.per_module:
             out.print(f"\n{report.donor}\n{report.table()}")
     out.print(table)
     out.print("Each request also carries the inputs and nnsight's description of the model (about 70 kB "
               "for Llama-3-8B; see docs/benchmarks.md), and is zstd-compressed on the way.")
+    out.print(f"Activation traffic is per request of {args.rows} rows × {args.tokens} tokens with bfloat16 "
+              "activations, on NDIF's sandboxed path (ordinary API keys), where every activation the "
+              "request reads crosses a socket twice (NDIF writes each read back); see docs/remote.md.")
     return 0
 
 
@@ -83,6 +94,8 @@ def _payload_args(p: argparse.ArgumentParser) -> None:
                    help="dtype the tensors travel in (default bfloat16)")
     p.add_argument("--limit-mb", type=float, default=None, help="payload limit to compare against")
     p.add_argument("--per-module", action="store_true", help="also print bytes per module")
+    p.add_argument("--rows", type=int, default=64, help="rows per request, for activation traffic (default 64)")
+    p.add_argument("--tokens", type=int, default=32, help="tokens per row, for activation traffic (default 32)")
 
 
 command("payload", _payload_args)(_cmd_payload)

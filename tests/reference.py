@@ -107,6 +107,7 @@ def per_token_activations(
     user intervention a test composes with a graft; ``output`` is that token's ``(1, 1, ...)``
     slice)."""
     R = _untied_copy(P).eval()
+    device = next(R.parameters()).device
     r_params = dict(R.named_parameters(remove_duplicate=False))
     p_params = dict(P.named_parameters(remove_duplicate=False))
     f_params = dict(F.named_parameters(remove_duplicate=False))

@@ -25,19 +25,19 @@ import struct
 import sys
 import traceback
 
-_BLOCKED = ("nngraft", "tests")
+BLOCKED = ("nngraft", "tests")
 
 
-class _Blocker:
+class Blocker:
     """A server does not have nngraft (or the test suite) installed."""
 
     def find_spec(self, name, path=None, target=None):
-        if name.split(".")[0] in _BLOCKED:
+        if name.split(".")[0] in BLOCKED:
             raise ModuleNotFoundError(f"No module named {name!r} (not installed on this server)", name=name)
         return None
 
 
-def _read(stream):
+def read_frame(stream):
     head = stream.read(4)
     if len(head) < 4:
         return None
@@ -45,7 +45,7 @@ def _read(stream):
     return stream.read(n)
 
 
-def _write(stream, data: bytes) -> None:
+def write_frame(stream, data: bytes) -> None:
     stream.write(struct.pack(">I", len(data)) + data)
     stream.flush()
 
@@ -59,26 +59,32 @@ def _load(folder):
     return TransformersModel(module, tokenizer=AutoTokenizer.from_pretrained(folder), task="text-generation")
 
 
+def run_block(tracer):
+    """Execute a deserialized block in a trace scope; return its save()-marked locals."""
+    from nnsight.tracing.tracer import _saves, dec, inc
+
+    inc()
+    try:
+        tracer.execute(tracer.info.code)
+        saves = _saves()
+        return {k: v for k, v in tracer.info.frame.f_locals.items() if id(v) in saves}
+    finally:
+        dec()
+
+
 def _execute(model, metadata: str, blob: bytes) -> bytes:
     import linecache
 
     import torch
     from nnsight.schema.request import RequestModel
     from nnsight.tracing.globals import BLOCKS, SOURCES
-    from nnsight.tracing.tracer import _saves, dec, inc
 
     request = RequestModel.model_validate_json(metadata)
     snapshots = (dict(linecache.cache), dict(SOURCES), dict(BLOCKS))
     try:
         model._remoteable_set_env(request.env)
         tracer = RequestModel.deserialize(blob, model._remoteable_persistent_objects(), compress=request.compress)
-        inc()
-        try:
-            tracer.execute(tracer.info.code)
-            saves = _saves()
-            saved = {k: v for k, v in tracer.info.frame.f_locals.items() if id(v) in saves}
-        finally:
-            dec()
+        saved = run_block(tracer)
     finally:
         for target, state in zip((linecache.cache, SOURCES, BLOCKS), snapshots):
             target.clear()
@@ -106,24 +112,24 @@ def main(argv):
         importable = True
     except ModuleNotFoundError:
         importable = False
-    _write(stdout, json.dumps({"ready": True, "models": sorted(models), "nngraft_importable": importable}).encode())
+    write_frame(stdout, json.dumps({"ready": True, "models": sorted(models), "nngraft_importable": importable}).encode())
     while True:
-        header = _read(stdin)
+        header = read_frame(stdin)
         if header is None:
             return 0
         message = json.loads(header)
-        blob = _read(stdin)
+        blob = read_frame(stdin)
         try:
             result = _execute(models[message["model"]], message["metadata"], blob)
             reply = {"ok": True, "error": ""}
         except BaseException as error:  # noqa: BLE001 - report everything to the client
             result = b""
             reply = {"ok": False, "error": f"{type(error).__name__}: {error}\n{traceback.format_exc()}"}
-        reply["foreign_modules"] = sorted(m for m in sys.modules if m.split(".")[0] in _BLOCKED)
-        _write(stdout, json.dumps(reply).encode())
-        _write(stdout, result)
+        reply["foreign_modules"] = sorted(m for m in sys.modules if m.split(".")[0] in BLOCKED)
+        write_frame(stdout, json.dumps(reply).encode())
+        write_frame(stdout, result)
 
 
 if __name__ == "__main__":  # only as a script: importing this file (pytest does) changes nothing
-    sys.meta_path.insert(0, _Blocker())
+    sys.meta_path.insert(0, Blocker())
     sys.exit(main(sys.argv[1:]))

@@ -100,12 +100,13 @@ def local_run(arch: str, kind: str):
 class Worker:
     """Client side of tests/remote_worker.py."""
 
-    def __init__(self, checkpoints: dict[str, Path]) -> None:
+    def __init__(self, checkpoints: dict[str, Path], *, argv: list[str] | None = None, cwd: Path | None = None) -> None:
+        """``argv``: another stand-in's script and arguments (tests/sandbox_server.py)."""
         script = Path(__file__).with_name("remote_worker.py")
+        argv = argv or [str(script), *[f"{k}={v}" for k, v in checkpoints.items()]]
         env = {k: v for k, v in os.environ.items() if not k.startswith("PYTHON")}
-        self.proc = subprocess.Popen(
-            [sys.executable, "-I", str(script), *[f"{k}={v}" for k, v in checkpoints.items()]],
-            stdin=subprocess.PIPE, stdout=subprocess.PIPE, cwd=_tmp(), env=env)
+        self.proc = subprocess.Popen([sys.executable, "-I", *argv], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                     cwd=cwd or _tmp(), env=env)
         self._hello: dict | None = None
         self.lock = threading.Lock()
         self.calls: list[dict] = []
@@ -748,3 +749,36 @@ def test_remote_trace_refuses_the_grafter_inside_the_block(worker):
             hidden = g.model_envoy.model.layers[1].output.save()  # noqa: F841
     with pytest.raises(RemoteGraftError, match=r"compiled by a local Grafter"):
         g.backend.open_trace(Grafter(P, F, tok).compile(SPEC, PROMPTS, SPANS))
+
+
+def test_request_check_runs_after_nnsight_prepared_the_environment(tmp_path, monkeypatch):
+    """nnsight registers local (not installed) modules to travel by value right before it
+    serializes; the check must judge that request, not the one before (which it would refuse)."""
+    import importlib
+
+    import nnsight.ndif
+    from cloudpickle.cloudpickle import _PICKLE_BY_VALUE_MODULES
+    from nnsight.modeling.transformers import TransformersModel
+
+    from nngraft.backends.ndif import InProcessServer
+
+    (tmp_path / "nngraft_test_local_helpers.py").write_text("def triple(x):\n    return x * 3\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    helpers = importlib.import_module("nngraft_test_local_helpers")
+    monkeypatch.setattr(nnsight.ndif, "_PULLED_ENV", False)
+    by_value = set(_PICKLE_BY_VALUE_MODULES)
+    try:
+        P, _, tok, _, _ = models("llama")
+        P_nn = TransformersModel(P, tokenizer=tok, task="text-generation")
+        backend = transport_class()("local:llama", known=P_nn._remoteable_persistent_objects(), limit_bytes=None,
+                                   server=InProcessServer(P_nn), host="http://localhost", api_key="")
+        ids = torch.tensor([[5, 6, 7]])
+        with P_nn.trace(input_ids=ids, backend=backend):
+            tripled = helpers.triple(P_nn.output.logits).save()
+        assert "nngraft_test_local_helpers" in _PICKLE_BY_VALUE_MODULES  # nnsight's doing, not ours
+        with torch.no_grad():
+            torch.testing.assert_close(tripled, 3 * P(ids).logits)
+        assert backend.raw_bytes > 0 and backend.sent_bytes > 0
+    finally:
+        _PICKLE_BY_VALUE_MODULES.clear()
+        _PICKLE_BY_VALUE_MODULES.update(by_value)

@@ -180,6 +180,7 @@ LAYERS = [
                                            "nngraft.trace"}),
     ("backends, result", {"nngraft.backends", "nngraft.backends.base", "nngraft.backends.functional",
                           "nngraft.backends.payload", "nngraft.backends.local", "nngraft.backends.ndif",
+                          "nngraft.backends.traffic",
                           "nngraft.result"}),
     ("grafter", {"nngraft.grafter"}),
     ("package, cli", {"nngraft", "nngraft.cli"}),

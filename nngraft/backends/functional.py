@@ -43,7 +43,9 @@ from typing import Any
 import nnsight
 import torch
 
-PROGRAM_VERSION = 2
+PROGRAM_VERSION = 3
+INPUT_IDS_SLOT = -1
+"""The slot of ``held`` (see :func:`apply_op`) holding the request's own ``input_ids``."""
 KINDS = ("linear", "conv1d", "embedding", "rms_llama", "rms_olmo2", "rms_gemma", "layer_norm")
 
 
@@ -153,23 +155,36 @@ def envoy_at(root: Any, path: str) -> Any:
     return node
 
 
-def apply_op(root: Any, op: dict) -> None:
+def apply_op(root: Any, op: dict, held: dict | None = None, slots: tuple = (None, None)) -> None:
     """Inside a trace: replace one module's output at each source's cells with that donor's output.
 
     ``op``: ``path``, ``kind``, ``const``, ``axis`` (the token dimension), and ``sources`` — one per
     donor grafting this module, each with ``mode``, ``tensors``, ``const``, the union ``rows`` /
     ``cols`` of its cells, and ``parts`` (``rows``, ``cols``, ``select`` into the union, and
-    ``features`` for part of a fused projection). Different sources never share a cell."""
+    ``features`` for part of a fused projection). Different sources never share a cell.
+
+    Activation accesses are the cost on NDIF's sandboxed path (each read crosses a socket twice),
+    so: ``input`` is the slot of ``held`` whose value IS this module's input (an earlier op's
+    input or edited output, or the request's ``input_ids``), or None to read it; with ``in_place``
+    the output is edited where it lies (the module returned a fresh tensor), else replaced by an
+    assignment; ``slots`` are where this op's input and output are held (op ``i``: ``2i``, ``2i+1``),
+    ``release`` the slots no later op needs."""
+    held = {} if held is None else held
     envoy = envoy_at(root, op["path"])
     axis = op["axis"]
-    x = envoy.input
+    source_name = op.get("input")
+    x = held[source_name] if source_name in held else envoy.input
+    held[slots[0]] = x
     if x.dim() > 1 and axis != 1:
         x = x.movedim(axis, 1)
-    new = envoy.output.clone()
+    new = envoy.output if op.get("in_place") else envoy.output.clone()
     view = new.movedim(axis, 1) if axis != 1 else new
+    ys = []  # every donor output is computed before any cell is written (x may be the output itself)
     for source in op["sources"]:
         rows, cols = source["rows"].to(view.device), source["cols"].to(view.device)
-        y = donor_output(op["kind"], source, op["const"], x[rows.to(x.device), cols.to(x.device)], view[rows, cols])
+        ys.append(donor_output(op["kind"], source, op["const"], x[rows.to(x.device), cols.to(x.device)],
+                               view[rows, cols]))
+    for source, y in zip(op["sources"], ys):
         for part in source["parts"]:
             piece = y if part["select"] is None else y[part["select"].to(y.device)]
             prow, pcol = part["rows"].to(view.device), part["cols"].to(view.device)
@@ -180,23 +195,29 @@ def apply_op(root: Any, op: dict) -> None:
                 block = view[prow, pcol]
                 block[..., features] = piece[..., features]
                 view[prow, pcol] = block
-    envoy.output = new
+    if not op.get("in_place"):
+        envoy.output = new
+    held[slots[1]] = new
+    for name in op.get("release", ()):
+        held.pop(name, None)
 
 
-def apply_ops(root: Any, program: dict) -> None:
-    """Inside a trace of ``root``: apply every op of ``program`` in order."""
+def apply_ops(root: Any, program: dict, input_ids: Any = None) -> None:
+    """Inside a trace of ``root``: apply every op of ``program`` in order (``input_ids``: the
+    request's token ids, the token embedding's input; read from the model when not given)."""
     if program.get("version") != PROGRAM_VERSION:
         raise ValueError(
             f"nngraft program version {program.get('version')!r} is not {PROGRAM_VERSION}; "
             "client and server code disagree"
         )
-    for op in program["ops"]:
-        apply_op(root, op)
+    held = {INPUT_IDS_SLOT: input_ids} if input_ids is not None else {}
+    for i, op in enumerate(program["ops"]):
+        apply_op(root, op, held, (2 * i, 2 * i + 1))
 
 
-def run_program(root: Any, program: dict) -> Any:
+def run_program(root: Any, program: dict, input_ids: Any = None) -> Any:
     """Inside a trace of ``root``: apply every op in order; return the saved logits."""
-    apply_ops(root, program)
+    apply_ops(root, program, input_ids)
     return nnsight.save(root.output.logits)
 
 

@@ -80,6 +80,7 @@ from ..plan import GraftPlan
 from ..spec import SpecLike, as_spec
 from .base import Backend
 from ..trace import CompiledGraft
+from .traffic import Traffic, dataflow, program_traffic
 
 DEFAULT_MAX_PAYLOAD_MB = 256.0
 """Default refusal threshold for one request (``NNGRAFT_MAX_PAYLOAD_MB`` overrides it). NDIF does
@@ -226,6 +227,12 @@ def transport_class():
             self.sent_bytes: int | None = None
 
         def _serialize(self, tracer: Any) -> bytes:
+            from nnsight.ndif import pull_env
+
+            # nnsight prepares its environment first (pull_env registers the local, non-installed
+            # modules to travel by value), then serializes: check after that, so the check sees
+            # what nnsight will send, not what it would have sent before.
+            pull_env()
             size = check_request(tracer, self.known) if self.check else 0
             if self.limit_bytes is not None and size > self.limit_bytes:
                 raise PayloadTooLargeError(
@@ -233,6 +240,12 @@ def transport_class():
                     f"{format_bytes(self.limit_bytes)} (raise max_payload_mb= if you are sure)"
                 )
             blob = super()._serialize(tracer)
+            raw = len(_decompressed(blob)) if self.compress else len(blob)
+            if self.check and raw != size:
+                raise RemoteGraftError(
+                    f"nnsight serialized a request of {raw} bytes, but the one nngraft checked was "
+                    f"{size} bytes: the check did not see what is sent; nothing was sent"
+                )
             self.raw_bytes, self.sent_bytes = size, len(blob)
             return blob
 
@@ -257,6 +270,12 @@ def transport_class():
                 raise RemoteConnectionError(f"could not reach NDIF at {self.host}: {error}") from None
 
     return NngraftBackend
+
+
+def _decompressed(blob: bytes) -> bytes:
+    import zstandard
+
+    return zstandard.ZstdDecompressor().decompress(blob)
 
 
 def translate_remote_error(error: Exception, host: str, sent_bytes: int | None = None,
@@ -403,7 +422,7 @@ def check_model_available(repo_id: str, host: str | None = None, *, get: Callabl
 
 def _remote_trace(wrapper: Any, inputs: dict, program: dict, backend: Any) -> Any:
     with wrapper.trace(**inputs, backend=backend):
-        logits = run_program(wrapper, program)
+        logits = run_program(wrapper, program, inputs["input_ids"])
     return logits
 
 
@@ -470,6 +489,7 @@ class NdifBackend(Backend):
             os.environ.get("NNGRAFT_MAX_PAYLOAD_MB", DEFAULT_MAX_PAYLOAD_MB))
         self.limit_bytes = int(limit * 1e6)
         self.last_report: PayloadReport | None = None
+        self.last_traffic: Traffic | None = None  # activation accesses of the last request (sandbox cost)
         self.requests: list[dict[str, Any]] = []  # one entry per request sent: sizes and module count
         self._lock = threading.Lock()
 
@@ -558,8 +578,9 @@ class NdifBackend(Backend):
             out[name] = self.derived[name]
         return out
 
-    def program(self, plan: GraftPlan) -> tuple[dict, PayloadReport]:
-        """The program one request runs for ``plan``, after the pre-flight checks."""
+    def program(self, plan: GraftPlan, *, keep_last: bool = True) -> tuple[dict, PayloadReport]:
+        """The program one request runs for ``plan``, after the pre-flight checks (``keep_last``:
+        the request asks for the last position's logits only)."""
         donors = self._donors_for(plan)
         rough = PayloadReport(donor=", ".join(d.describe() for d in self.donors.values()),
                               dtype=dtype_name(self.dtype), limit_bytes=self.limit_bytes)
@@ -569,7 +590,7 @@ class NdifBackend(Backend):
                 size = pick_donor(donors, name).estimate_bytes(path, module, self.dtype)
                 rough.items.append(PayloadItem(path, "send", "", size))
         rough.check()  # refuse before materialising anything (SVDs, reads)
-        program, report = build_program(plan, self.model, self.adapter, donors, self.dtype)
+        program, report = build_program(plan, self.model, self.adapter, donors, self.dtype, keep_last=keep_last)
         report.limit_bytes = self.limit_bytes
         report.check()
         return program, report
@@ -598,17 +619,30 @@ class NdifBackend(Backend):
             )
         inputs: dict[str, Any] = {k: v.cpu() for k, v in batch.model_inputs().items()}
         inputs["use_cache"] = False
-        if self.keeps_last and not keep_all:
+        keep_last = self.keeps_last and not keep_all
+        if keep_last:
             inputs["logits_to_keep"] = 1
             plan = plan.lm_head_on_last_column(self.adapter.lm_head)
-        program, report = self.program(plan)
+        program, report = self.program(plan, keep_last=keep_last)
+        rows, tokens = inputs["input_ids"].shape
+        try:
+            traffic = program_traffic(program, dataflow(self.model, keep_last=keep_last), rows, tokens,
+                                      next(self.model.parameters()).dtype)
+        except Exception:  # noqa: BLE001 - a model a weightless forward cannot run: traffic unknown
+            traffic = None
         self.last_report = report
+        self.last_traffic = traffic
         transport = self.transport()
         with self._lock:
             logits = _remote_trace(self.nn, inputs, program, transport)
         report.exact = True
         self.requests.append({"modules": len(program["ops"]), "donor_bytes": report.total_bytes,
-                              "request_bytes": transport.raw_bytes, "sent_bytes": transport.sent_bytes})
+                              "request_bytes": transport.raw_bytes, "sent_bytes": transport.sent_bytes,
+                              "rows": rows, "tokens": tokens,
+                              **({"activation_reads": traffic.reads, "activation_writes": traffic.assignments,
+                                  "sandbox_round_trips": traffic.round_trips, "sandbox_bytes": traffic.bytes}
+                                 if traffic is not None else {}),
+                              })
         if self.verbose:
             self._say(report, transport)
         return logits, None

@@ -30,10 +30,11 @@ import torch
 from ..arch import Adapter, adapter_for, get_module, stores_weight_in_out
 from ..delta import RemoteDonor, Shipment, detached_copy, layout_of, to_map
 from ..errors import PayloadTooLargeError, RemoteGraftError, UnsupportedModuleError
-from .functional import PROGRAM_VERSION, forward as functional_forward
+from .functional import INPUT_IDS_SLOT, PROGRAM_VERSION, forward as functional_forward
 from ..donor import pick_donor
 from ..partial import PartialDonor
 from ..plan import GraftPlan, rule_targets
+from .traffic import REQUEST_INPUT_IDS, Dataflow, dataflow, plan_ops
 
 # ---------------------------------------------------------------------------------------------
 # Module kinds: which functional formula reproduces a module's forward
@@ -235,10 +236,14 @@ def donor_name_of(graft: Any) -> str:
 
 def build_program(plan: GraftPlan, model: torch.nn.Module, adapter: Adapter,
                   donors: RemoteDonor | Mapping[str, RemoteDonor],
-                  dtype: torch.dtype | None) -> tuple[dict, PayloadReport]:
+                  dtype: torch.dtype | None, *, keep_last: bool = True) -> tuple[dict, PayloadReport]:
     """Turn a plan into a program (plain data + tensors) and report what it carries.
 
-    ``donors``: one donor, or donors by name for specs whose rules name them (``"donor": NAME``)."""
+    ``donors``: one donor, or donors by name for specs whose rules name them (``"donor": NAME``).
+    Each op also says where its module's input comes from (read, or a value an earlier op holds)
+    and whether its output is edited in place (:func:`nngraft.backends.traffic.plan_ops`); ``keep_last``:
+    whether the request asks for the last position's logits only. A program whose first op takes
+    the request's ``input_ids`` needs them set in ``program["input_ids"]`` before it runs."""
     if not isinstance(donors, Mapping):
         donors = {"default": donors}
     plan = leaf_plan(plan, adapter, model.config)
@@ -268,6 +273,17 @@ def build_program(plan: GraftPlan, model: torch.nn.Module, adapter: Adapter,
         if sources:
             ops.append({"path": path, "kind": kind, "const": const, "axis": int(grafts[0].token_axis),
                         "sources": sources})
+    if ops:  # held values travel as small ints: -1 the request's input_ids, 2i / 2i+1 op i's input / output
+        try:
+            flow = dataflow(model, keep_last=keep_last)
+        except Exception:  # noqa: BLE001 - a model a weightless forward cannot run: read every input
+            flow = Dataflow({}, {}, {})
+        slot = {REQUEST_INPUT_IDS: INPUT_IDS_SLOT}
+        for i, op in enumerate(ops):
+            slot[f"{op['path']}.input"], slot[f"{op['path']}.output"] = 2 * i, 2 * i + 1
+        for op, access in zip(ops, plan_ops([op["path"] for op in ops], flow)):
+            op.update(input=None if access["input"] is None else slot[access["input"]],
+                      in_place=access["in_place"], release=[slot[name] for name in access["release"]])
     return {"version": PROGRAM_VERSION, "ops": ops}, report
 
 
