@@ -146,7 +146,7 @@ def per_token_activations(
                 r_params[name].data[index] = source[name].data[index]
             kwargs = {cache_kw: cache} if cache is not None else {}
             step["t"] = t
-            out = R(input_ids=torch.tensor([[sequence[t]]]), position_ids=torch.tensor([[t]]),
+            out = R(input_ids=torch.tensor([[sequence[t]]], device=device), position_ids=torch.tensor([[t]], device=device),
                     use_cache=True, **kwargs)
             cache = out.past_key_values
             logits.append(out.logits[0, -1])
