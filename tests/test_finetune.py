@@ -176,8 +176,14 @@ def test_bad_inputs_raise_clear_errors():
         finetune(_model(), _tok(), [], progress=False)
     with pytest.raises(FinetuneError, match="lr must be > 0"):
         FinetuneConfig(lr=0)
-    with pytest.raises(FinetuneError, match="needs a validation split"):
-        FinetuneConfig(val_fraction=0.0)
+    with pytest.raises(FinetuneError, match=r"needs a validation split \(val_fraction > 0\) or validation prompts"):
+        finetune(_model(), _tok(), TEXTS, config=FinetuneConfig(val_fraction=0.0), progress=False)
+    with pytest.raises(FinetuneError, match="validation= is empty"):
+        finetune(_model(), _tok(), TEXTS, config=FAST, validation=[], progress=False)
+    with pytest.raises(FinetuneError, match=r"early_stopping_patience must be >= 1 or None \(got 0\)"):
+        FinetuneConfig(early_stopping_patience=0)
+    with pytest.raises(FinetuneError, match=r"warmup_ratio must be in \[0, 1\)"):
+        FinetuneConfig(warmup_ratio=1.5)
     with pytest.raises(FinetuneError, match="cannot be split"):
         finetune(_model(), _tok(), ["Ada Lovelace stars."], config=FAST, progress=False)
 

@@ -56,8 +56,9 @@ from .models import default_permissions
 MANIFEST_FILE = "finetune-manifest.json"
 MANIFEST_FORMAT = "nngraft.finetune"
 MANIFEST_VERSION = 1
-TRAINING_CODE_VERSION = 2
-"""Bumped whenever a change to the training loop changes the weights it produces (2: fused AdamW),
+TRAINING_CODE_VERSION = 3
+"""Bumped whenever a change to the training loop changes the weights it produces (2: fused AdamW;
+3: transformers' Trainer),
 so cached finetunes made by older code are not reused."""
 
 
@@ -91,6 +92,7 @@ class FinetuneConfig:
     epochs: int = 10
     schedule: Literal["linear", "constant"] = "linear"
     warmup_steps: int = 0
+    warmup_ratio: float = 0.0
     val_fraction: float = 0.2
     select: Literal["best_val", "last"] = "best_val"
     max_length: int | None = 512
@@ -98,6 +100,7 @@ class FinetuneConfig:
     grad_clip: float | None = 1.0
     seed: int = 0
     lora: LoraOptions | None = None
+    early_stopping_patience: int | None = None
 
     def __post_init__(self) -> None:
         problems = []
@@ -113,9 +116,11 @@ class FinetuneConfig:
             problems.append(f"schedule must be 'linear' or 'constant' (got {self.schedule!r})")
         if self.select not in ("best_val", "last"):
             problems.append(f"select must be 'best_val' or 'last' (got {self.select!r})")
-        if self.select == "best_val" and self.val_fraction == 0:
-            problems.append("select='best_val' needs a validation split (val_fraction > 0); "
-                            "use select='last'")
+        if not 0 <= self.warmup_ratio < 1 or self.warmup_steps < 0:
+            problems.append(f"warmup_ratio must be in [0, 1) and warmup_steps >= 0 (got {self.warmup_ratio}, "
+                            f"{self.warmup_steps})")
+        if self.early_stopping_patience is not None and self.early_stopping_patience < 1:
+            problems.append(f"early_stopping_patience must be >= 1 or None (got {self.early_stopping_patience})")
         if problems:
             raise FinetuneError("bad FinetuneConfig: " + "; ".join(problems))
 
@@ -147,6 +152,8 @@ class EpochStats:
     val_loss: float | None
     steps: int
     seconds: float
+    val_target_prob: float | None = None
+    val_top1: float | None = None
 
 
 @dataclass
@@ -203,50 +210,163 @@ def _encode(tokenizer: Any, texts: Sequence[str], max_length: int | None) -> lis
     return encoded
 
 
-def _batches(lengths: Sequence[int], batch_size: int, generator: torch.Generator) -> list[list[int]]:
-    """Shuffled batches of similar-length texts: shuffle, sort within windows of 16 batches by
-    length, cut into batches, shuffle the batch order."""
-    order = torch.randperm(len(lengths), generator=generator).tolist()
-    window = batch_size * 16
-    batches: list[list[int]] = []
-    for start in range(0, len(order), window):
-        chunk = sorted(order[start:start + window], key=lambda i: lengths[i])
-        batches += [chunk[i:i + batch_size] for i in range(0, len(chunk), batch_size)]
-    perm = torch.randperm(len(batches), generator=generator).tolist()
-    return [batches[i] for i in perm]
+class _Texts(torch.utils.data.Dataset):
+    """Token id lists as a map-style dataset of ``{"input_ids": ..., "labels": ...}`` items."""
+
+    def __init__(self, seqs: Sequence[Sequence[int]], labels: Sequence[Sequence[int]] | None = None):
+        self.seqs = [list(s) for s in seqs]
+        self.labels = [list(s) for s in labels] if labels is not None else self.seqs
+
+    def __len__(self) -> int:
+        return len(self.seqs)
+
+    def __getitem__(self, i: int) -> dict[str, list[int]]:
+        return {"input_ids": self.seqs[i], "labels": self.labels[i]}
 
 
-def _collate(seqs: Sequence[Sequence[int]], pad_id: int, device: torch.device) -> dict[str, torch.Tensor]:
-    width = max(len(s) for s in seqs)
-    ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(seqs), width), dtype=torch.long)
-    for i, s in enumerate(seqs):
-        ids[i, :len(s)] = torch.tensor(s)
-        mask[i, :len(s)] = 1
-    labels = ids.masked_fill(mask == 0, -100)
-    return {"input_ids": ids.to(device), "attention_mask": mask.to(device), "labels": labels.to(device)}
+class _Collator:
+    """Right-pads a batch to its longest text; pad positions get label -100 (no loss)."""
+
+    def __init__(self, pad_id: int):
+        self.pad_id = pad_id
+
+    def __call__(self, items: Sequence[dict[str, list[int]]]) -> dict[str, torch.Tensor]:
+        width = max(len(item["input_ids"]) for item in items)
+        ids = torch.full((len(items), width), self.pad_id, dtype=torch.long)
+        labels = torch.full((len(items), width), -100, dtype=torch.long)
+        mask = torch.zeros((len(items), width), dtype=torch.long)
+        for i, item in enumerate(items):
+            n = len(item["input_ids"])
+            ids[i, :n] = torch.tensor(item["input_ids"])
+            labels[i, :n] = torch.tensor(item["labels"])
+            mask[i, :n] = 1
+        return {"input_ids": ids, "attention_mask": mask, "labels": labels}
 
 
-def _token_loss(model: Any, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, int]:
-    """Summed next-token cross-entropy over non-pad targets, and the number of targets."""
-    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-    targets = batch["labels"][:, 1:]
-    loss = torch.nn.functional.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]).float(),
-                                             targets.reshape(-1), ignore_index=-100, reduction="sum")
-    return loss, int((targets != -100).sum())
+def _prompt_items(tokenizer: Any, prompts: Sequence[tuple[str, str]]) -> tuple[list[list[int]], list[list[int]]]:
+    """Validation prompts as texts whose only label is the answer's first token."""
+    from ..result import target_token_id
+
+    seqs, labels = [], []
+    for prompt, answer in prompts:
+        ids = list(tokenizer(prompt)["input_ids"])
+        target = target_token_id(tokenizer, prompt, answer)
+        seqs.append(ids + [target])
+        labels.append([-100] * len(ids) + [target])
+    return seqs, labels
 
 
-def _evaluate(model: Any, seqs: list[list[int]], pad_id: int, batch_size: int, device: torch.device) -> float:
-    model.eval()
-    total, count = 0.0, 0
-    with torch.no_grad():
-        order = sorted(range(len(seqs)), key=lambda i: len(seqs[i]))
-        for start in range(0, len(order), batch_size):
-            batch = _collate([seqs[i] for i in order[start:start + batch_size]], pad_id, device)
-            loss, n = _token_loss(model, batch)
-            total, count = total + float(loss), count + n
-    model.train()
-    return total / max(count, 1)
+def _answer_stats(logits: Any, labels: Any) -> torch.Tensor:
+    """Per validation prompt: probability of the answer token and whether it is the top-1 token
+    (``preprocess_logits_for_metrics``: keeps two numbers per prompt instead of all logits)."""
+    if isinstance(logits, tuple):
+        logits = logits[0]
+    rows = torch.arange(labels.shape[0])
+    position = (labels != -100).long().argmax(dim=1)
+    scores = logits[rows, position - 1].float()
+    target = labels[rows, position]
+    probs = torch.softmax(scores, dim=-1)[rows, target]
+    top1 = (scores > scores[rows, target][:, None]).sum(dim=-1) == 0
+    return torch.stack([probs, top1.float()], dim=1)
+
+
+def _answer_metrics(prediction: Any) -> dict[str, float]:
+    stats = torch.as_tensor(prediction.predictions)
+    return {"target_prob": float(stats[:, 0].mean()), "top1": float(stats[:, 1].mean())}
+
+
+def _training_arguments(config: FinetuneConfig, work_dir: str, device: torch.device, prompt_validation: bool,
+                        has_eval: bool) -> Any:
+    from transformers import TrainingArguments
+
+    best = config.select == "best_val"
+    if config.schedule == "linear":
+        scheduler = "linear"
+    else:
+        scheduler = "constant_with_warmup" if config.warmup_steps or config.warmup_ratio else "constant"
+    return TrainingArguments(
+        output_dir=work_dir, seed=config.seed, use_cpu=device.type == "cpu",
+        per_device_train_batch_size=config.batch_size, per_device_eval_batch_size=max(config.batch_size, 32),
+        num_train_epochs=config.epochs, learning_rate=config.lr, weight_decay=config.weight_decay,
+        lr_scheduler_type=scheduler, warmup_steps=config.warmup_steps or config.warmup_ratio,
+        max_grad_norm=config.grad_clip if config.grad_clip is not None else 0.0,
+        optim=_optimizer_name(device), train_sampling_strategy="group_by_length",
+        eval_strategy="epoch" if has_eval else "no", logging_strategy="epoch",
+        save_strategy="epoch" if best else "no", save_only_model=True, save_total_limit=1,
+        load_best_model_at_end=best,
+        metric_for_best_model=("target_prob" if prompt_validation else "loss") if best else None,
+        greater_is_better=prompt_validation if best else None,
+        prediction_loss_only=not prompt_validation, report_to="none", disable_tqdm=True,
+        dataloader_num_workers=0, remove_unused_columns=False)
+
+
+def _optimizer_name(device: torch.device) -> str:
+    """``adamw_torch_fused`` (one kernel for all parameters: ~7× faster steps on CPU for a 135M
+    model) where this torch has a fused AdamW for the device, else ``adamw_torch``."""
+    probe = torch.zeros(1, device=device, requires_grad=True)
+    try:
+        torch.optim.AdamW([probe], fused=True)
+    except (RuntimeError, ValueError):  # pragma: no cover - a device without a fused kernel
+        return "adamw_torch"
+    return "adamw_torch_fused"
+
+
+class _EpochLog:
+    """A ``TrainerCallback`` that records per-epoch losses and validation metrics, draws the rich
+    progress bar and asks ``stop_when`` after each epoch."""
+
+    def __init__(self, bar: Any, task: Any, epochs: int, stop_when: Callable[[Any, int], bool] | None):
+        self.bar, self.task, self.epochs, self.stop_when = bar, task, epochs, stop_when
+        self.train_loss: dict[int, float] = {}
+        self.eval: dict[int, dict[str, float]] = {}
+        self.seconds: dict[int, float] = {}
+        self.steps: dict[int, int] = {}
+        self.stopped = False
+        self._t0 = time.time()
+        self._step0 = 0
+
+    def _epoch(self, state: Any) -> int:
+        return max(1, round(state.epoch or 0))
+
+    def on_epoch_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        self._t0, self._step0 = time.time(), state.global_step
+
+    def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        loss = state.log_history[-1].get("loss", float("nan")) if state.log_history else float("nan")
+        self.bar.update(self.task, completed=state.global_step,
+                        epoch=f"{min(int(state.epoch or 0) + 1, self.epochs)}/{self.epochs}",
+                        loss=self.train_loss.get(len(self.train_loss), loss))
+
+    def on_epoch_end(self, args: Any, state: Any, control: Any, model: Any = None, **kwargs: Any) -> None:
+        epoch = self._epoch(state)
+        self.seconds[epoch] = time.time() - self._t0
+        self.steps[epoch] = state.global_step - self._step0
+        if self.stop_when is not None:
+            was_training = model.training
+            model.eval()
+            with torch.no_grad():
+                self.stopped = bool(self.stop_when(model, epoch))
+            model.train(was_training)
+            if self.stopped:
+                control.should_training_stop = True
+
+    def on_log(self, args: Any, state: Any, control: Any, logs: dict[str, float] | None = None,
+               **kwargs: Any) -> None:
+        if logs and "loss" in logs:
+            self.train_loss[self._epoch(state)] = float(logs["loss"])
+            self.bar.update(self.task, loss=float(logs["loss"]))
+
+    def on_evaluate(self, args: Any, state: Any, control: Any, metrics: dict[str, float] | None = None,
+                    **kwargs: Any) -> None:
+        if metrics:
+            self.eval[self._epoch(state)] = {k.removeprefix("eval_"): float(v) for k, v in metrics.items()
+                                             if k in ("eval_loss", "eval_target_prob", "eval_top1")}
+
+
+def _callback_class() -> type:
+    from transformers import TrainerCallback
+
+    return type("EpochLog", (_EpochLog, TrainerCallback), {})
 
 
 def _prepare(model: Any, config: FinetuneConfig) -> Any:
@@ -267,7 +387,7 @@ def _prepare(model: Any, config: FinetuneConfig) -> Any:
 def finetune(model: Any, tokenizer: Any, texts: Sequence[str], *, config: FinetuneConfig = PAPER,
              out_dir: str | Path | None = None, overwrite: bool = False, progress: bool | Any = True,
              stop_when: Callable[[Any, int], bool] | None = None, extra_manifest: dict[str, Any] | None = None,
-             ) -> FinetuneResult:
+             validation: Sequence[tuple[str, str]] | None = None) -> FinetuneResult:
     """Finetune ``model`` **in place** on ``texts`` (pass ``copy.deepcopy(P)`` to keep ``P``).
 
     Args:
@@ -282,6 +402,10 @@ def finetune(model: Any, tokenizer: Any, texts: Sequence[str], *, config: Finetu
         stop_when: ``stop_when(model, epoch)`` is called after each epoch (model in eval mode);
             returning True ends training after that epoch.
         extra_manifest: more entries for the manifest (e.g. the dataset's hash).
+        validation: held-out ``(prompt, answer)`` pairs; when given, each epoch is scored by the
+            mean probability (and top-1 accuracy) of each answer's first token after its prompt, and
+            ``select="best_val"`` keeps the epoch with the highest mean probability (instead of the
+            lowest loss on a split of the texts).
 
     Returns a :class:`FinetuneResult` whose ``model`` holds the selected epoch's weights, in eval
     mode (for LoRA, the ``peft`` model; :func:`load_finetuned` gives a merged one from disk).
@@ -300,98 +424,89 @@ def finetune(model: Any, tokenizer: Any, texts: Sequence[str], *, config: Finetu
     started = time.time()
     random.seed(config.seed)
     torch.manual_seed(config.seed)
-    generator = torch.Generator().manual_seed(config.seed)
     device = next(model.parameters()).device
     base_identity = model_identity(model)
+    prompts = list(validation) if validation is not None else []
+    if validation is not None and not prompts:
+        raise FinetuneError("validation= is empty; give (prompt, answer) pairs or None")
+    if config.select == "best_val" and config.val_fraction == 0 and not prompts:
+        raise FinetuneError("select='best_val' needs a validation split (val_fraction > 0) or validation "
+                            "prompts (validation=[(prompt, answer), ...]); or use select='last'")
     train_texts, val_texts = split_texts(texts, config.val_fraction, config.seed)
     train_seqs = _encode(tokenizer, train_texts, config.max_length)
-    val_seqs = _encode(tokenizer, val_texts, config.max_length)
+    if prompts:
+        eval_seqs, eval_labels = _prompt_items(tokenizer, prompts)
+    else:
+        eval_seqs = _encode(tokenizer, val_texts, config.max_length)
+        eval_labels = eval_seqs
     pad_id = pad_token_id(tokenizer)
-
     model = _prepare(model, config)
-    params = [p for p in model.parameters() if p.requires_grad]
-    decay = [p for p in params if p.ndim >= 2]
-    no_decay = [p for p in params if p.ndim < 2]
-    optimizer = _adamw([{"params": decay, "weight_decay": config.weight_decay},
-                        {"params": no_decay, "weight_decay": 0.0}], config.lr)
     steps_per_epoch = math.ceil(len(train_seqs) / config.batch_size)
     total_steps = steps_per_epoch * config.epochs
+    trainer_log = _callback_class()
 
-    def lr_factor(step: int) -> float:
-        if step < config.warmup_steps:
-            return (step + 1) / config.warmup_steps
-        if config.schedule == "constant":
-            return 1.0
-        return max(0.0, (total_steps - step) / max(1, total_steps - config.warmup_steps))
-
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_factor)
-    trainable = {name: p for name, p in model.named_parameters() if p.requires_grad}
-    history: list[EpochStats] = []
-    best_state: dict[str, torch.Tensor] | None = None
-    best_epoch, best_val, stopped = 0, math.inf, False
-    lengths = [len(s) for s in train_seqs]
+    from transformers import EarlyStoppingCallback, Trainer
+    from transformers.trainer_callback import PrinterCallback, ProgressCallback
 
     bar = _progress(progress)
-    with bar:
+    with bar, tempfile.TemporaryDirectory(prefix="nngraft-finetune-") as work_dir:
         task = bar.add_task("finetuning", total=total_steps, loss=float("nan"), epoch=f"1/{config.epochs}")
-        model.train()
-        step = 0
-        for epoch in range(1, config.epochs + 1):
-            t0 = time.time()
-            loss_sum, token_count = 0.0, 0
-            for batch_ids in _batches(lengths, config.batch_size, generator):
-                batch = _collate([train_seqs[i] for i in batch_ids], pad_id, device)
-                loss_total, n = _token_loss(model, batch)
-                (loss_total / n).backward()
-                if config.grad_clip is not None:
-                    torch.nn.utils.clip_grad_norm_(params, config.grad_clip)
-                optimizer.step()
-                scheduler.step()
-                optimizer.zero_grad(set_to_none=True)
-                loss_sum, token_count = loss_sum + float(loss_total.detach()), token_count + n
-                step += 1
-                bar.update(task, advance=1, loss=float(loss_total.detach()) / n, epoch=f"{epoch}/{config.epochs}")
-            val_loss = _evaluate(model, val_seqs, pad_id, config.batch_size, device) if val_seqs else None
-            history.append(EpochStats(epoch, loss_sum / token_count, val_loss, steps_per_epoch, time.time() - t0))
-            if config.select == "best_val":
-                assert val_loss is not None
-                if val_loss < best_val:
-                    best_val, best_epoch = val_loss, epoch
-                    best_state = {k: p.detach().clone() for k, p in trainable.items()}
-            else:
-                best_epoch = epoch
-            if stop_when is not None:
-                model.eval()
-                with torch.no_grad():
-                    stopped = bool(stop_when(model, epoch))
-                model.train()
-                if stopped:
-                    bar.update(task, total=step, completed=step)
-                    break
-    if best_state is not None and best_epoch != history[-1].epoch:
-        with torch.no_grad():
-            for name, p in trainable.items():
-                p.copy_(best_state[name])
-    del best_state
+        log = trainer_log(bar, task, config.epochs, stop_when)
+        args = _training_arguments(config, work_dir, device, bool(prompts), bool(eval_seqs))
+        callbacks = [log]
+        if config.early_stopping_patience is not None and config.select == "best_val":
+            callbacks.append(EarlyStoppingCallback(early_stopping_patience=config.early_stopping_patience))
+        trainer = Trainer(model=model, args=args, train_dataset=_Texts(train_seqs),
+                          eval_dataset=_Texts(eval_seqs, eval_labels) if eval_seqs else None,
+                          data_collator=_Collator(pad_id), callbacks=callbacks,
+                          compute_metrics=_answer_metrics if prompts else None,
+                          preprocess_logits_for_metrics=_answer_stats if prompts else None)
+        for quiet in (PrinterCallback, ProgressCallback):
+            trainer.remove_callback(quiet)
+        trainer.train()
+        steps_run = trainer.state.global_step
+        bar.update(task, total=steps_run, completed=steps_run)
+        model = trainer.model
+        optimizer_name = type(trainer.optimizer.optimizer if hasattr(trainer.optimizer, "optimizer")
+                              else trainer.optimizer).__name__
+        fused = bool(getattr(trainer.optimizer, "defaults", {}).get("fused"))
+        best_checkpoint = trainer.state.best_model_checkpoint
+        del trainer
     model.eval()
 
+    epochs_run = sorted(log.seconds)
+    history = [EpochStats(epoch=e, train_loss=log.train_loss.get(e, float("nan")),
+                          val_loss=log.eval.get(e, {}).get("loss"), steps=log.steps[e], seconds=log.seconds[e],
+                          val_target_prob=log.eval.get(e, {}).get("target_prob"),
+                          val_top1=log.eval.get(e, {}).get("top1"))
+               for e in epochs_run]
+    if config.select == "best_val":
+        best_step = int(Path(best_checkpoint).name.rsplit("-", 1)[1]) if best_checkpoint else steps_run
+        best_epoch = min(len(history), max(1, math.ceil(best_step / steps_per_epoch)))
+    else:
+        best_epoch = len(history)
+    stopped = len(history) < config.epochs
     selected = history[best_epoch - 1]
     manifest = {
         "format": MANIFEST_FORMAT,
         "version": MANIFEST_VERSION,
         "training_code_version": TRAINING_CODE_VERSION,
-        "optimizer": type(optimizer).__name__ + (" (fused)" if optimizer.defaults.get("fused") else ""),
+        "trainer": "transformers.Trainer",
+        "optimizer": optimizer_name + (" (fused)" if fused else ""),
         "kind": "lora" if config.lora is not None else "full",
         "base_model": base_identity,
         "texts_sha256": texts_hash(texts),
         "n_texts": len(texts),
         "n_train": len(train_texts),
-        "n_val": len(val_texts),
-        "n_train_tokens": sum(lengths),
+        "n_val": len(prompts) or len(val_texts),
+        "validation": ({"kind": "prompts", "sha256": texts_hash([f"{p}\t{a}" for p, a in prompts]),
+                        "best_by": "target_prob"} if prompts else
+                       {"kind": "split", "best_by": "loss"} if val_texts else None),
+        "n_train_tokens": sum(len(s) for s in train_seqs),
         "config": config.to_dict(),
         "seed": config.seed,
         "epochs_run": len(history),
-        "stopped_early": stopped,
+        "stopped_early": stopped or log.stopped,
         "best_epoch": best_epoch,
         "final_train_loss": history[-1].train_loss,
         "final_val_loss": history[-1].val_loss,
@@ -404,19 +519,10 @@ def finetune(model: Any, tokenizer: Any, texts: Sequence[str], *, config: Finetu
     }
     if config.lora is None:
         manifest["weights_sha256"] = weights_fingerprint(model)
-    result = FinetuneResult(model, history, best_epoch, manifest, None, stopped)
+    result = FinetuneResult(model, history, best_epoch, manifest, None, stopped or log.stopped)
     if out is not None:
         result.out_dir = save_finetuned(model, tokenizer, manifest, out, overwrite=overwrite)
     return result
-
-
-def _adamw(groups: list[dict[str, Any]], lr: float) -> torch.optim.Optimizer:
-    """AdamW, fused (one kernel for all parameters: ~7× faster steps on CPU for a 135M model) where
-    the device and dtype support it, else torch's default implementation."""
-    try:
-        return torch.optim.AdamW(groups, lr=lr, fused=True)
-    except (RuntimeError, ValueError):  # pragma: no cover - a device/dtype without a fused kernel
-        return torch.optim.AdamW(groups, lr=lr)
 
 
 def _progress(progress: bool | Any) -> Any:
@@ -464,9 +570,9 @@ def save_finetuned(model: Any, tokenizer: Any, manifest: dict[str, Any], out_dir
 
 
 def finetune_key(base_weights_sha256: str, texts: Sequence[str], config: FinetuneConfig,
-                 stop_key: str | None = None) -> str:
+                 stop_key: str | None = None, validation: Sequence[tuple[str, str]] | None = None) -> str:
     """The content hash naming a cached finetune: base weights, texts, hyperparameters, the stop
-    rule and this module's manifest version. Any change gives a new key.
+    rule, the validation prompts and this module's training-code version. Any change gives a new key.
 
     Example:
         >>> a = finetune_key("00", ["x"], PAPER)
@@ -474,7 +580,8 @@ def finetune_key(base_weights_sha256: str, texts: Sequence[str], config: Finetun
         (True, False)
     """
     blob = json.dumps({"base": base_weights_sha256, "texts": texts_hash(texts), "config": config.to_dict(),
-                       "stop": stop_key, "version": MANIFEST_VERSION, "code": TRAINING_CODE_VERSION},
+                       "stop": stop_key, "version": MANIFEST_VERSION, "code": TRAINING_CODE_VERSION,
+                       **({"validation": [list(v) for v in validation]} if validation is not None else {})},
                       sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()
 
@@ -482,12 +589,13 @@ def finetune_key(base_weights_sha256: str, texts: Sequence[str], config: Finetun
 def cached_finetune(model: Any, tokenizer: Any, texts: Sequence[str], *, config: FinetuneConfig = PAPER,
                     cache: str | Path | None = None, stop_when: Callable[[Any, int], bool] | None = None,
                     stop_key: str | None = None, extra_manifest: dict[str, Any] | None = None,
-                    progress: bool | Any = True, refresh: bool = False) -> tuple[Any, dict[str, Any], bool, Path]:
+                    progress: bool | Any = True, refresh: bool = False,
+                    validation: Sequence[tuple[str, str]] | None = None) -> tuple[Any, dict[str, Any], bool, Path]:
     """Finetune a **copy** of ``model`` (``model`` is untouched), or load the result of an identical
     earlier call from the cache. Returns ``(finetuned model, manifest, was_cached, folder)``.
 
     The folder is ``<cache>/finetuned/<key>`` with :func:`finetune_key` of the base model's
-    weights, the texts, ``config`` and ``stop_key`` — a string that must describe ``stop_when``
+    weights, the texts, ``config``, ``validation`` and ``stop_key`` — a string that must describe ``stop_when``
     (a function cannot be hashed), e.g. ``"probe=sentence_2;top1>=0.9"``. ``cache`` defaults to
     :func:`nngraft.study.models.cache_dir`. ``refresh=True`` trains again and replaces the entry.
     """
@@ -496,7 +604,7 @@ def cached_finetune(model: Any, tokenizer: Any, texts: Sequence[str], *, config:
     if stop_when is not None and stop_key is None:
         raise FinetuneError("cached_finetune with stop_when needs stop_key (a description of the stop rule) "
                             "so that runs with different rules are cached apart")
-    key = finetune_key(weights_fingerprint(model), texts, config, stop_key)
+    key = finetune_key(weights_fingerprint(model), texts, config, stop_key, validation)
     folder = Path(cache) if cache is not None else cache_dir()
     folder = folder / "finetuned" / key[:24]
     device = next(model.parameters()).device
@@ -507,7 +615,7 @@ def cached_finetune(model: Any, tokenizer: Any, texts: Sequence[str], *, config:
                                        dtype=next(model.parameters()).dtype, device=device)
             return finetuned, manifest, True, folder
     result = finetune(copy_model(model), tokenizer, texts, config=config, out_dir=folder, overwrite=True,
-                      progress=progress, stop_when=stop_when,
+                      progress=progress, stop_when=stop_when, validation=validation,
                       extra_manifest={**(extra_manifest or {}), "cache_key": key, "stop_rule": stop_key})
     finetuned = result.model
     if config.lora is not None:
