@@ -291,3 +291,55 @@ def test_gguf_conversion_is_atomic_and_done_once(tmp_path, monkeypatch):
 
     monkeypatch.setattr(transformers.AutoModelForCausalLM, "from_pretrained", must_not_load)
     assert models.smollm2_path(cache=tmp_path) == folder
+
+
+@pytest.mark.slow
+def test_robustness_recipe_quick_builds_its_table_from_real_runs(tmp_path):
+    """`recipes/demo_robustness.py --quick`: two real `nngraft demo --quick` runs (kernel paths
+    default and avx2, each finetuning its own F) and a table whose every number is the run's own."""
+    from .recipe_loader import load_recipe
+
+    recipe = load_recipe("demo_robustness")
+    out = tmp_path / "grid"
+    assert recipe.main(["--quick", "--out", str(out), "--share-conversion"]) == 0
+    report = json.loads((out / "table.json").read_text())
+    runs = report["runs"]
+    assert [(r["seed"], r["path"]) for r in runs] == [(0, "default"), (0, "avx2")]
+    assert runs[1]["cpu_capability"] == "AVX2" and runs[0]["cpu_capability"] == torch.backends.cpu.get_cpu_capability()
+    assert (out / "cache-avx2" / "models").is_symlink()  # conversion shared, finetune not
+    assert len(list((out / "cache-default" / "finetuned").iterdir())) == 1
+    assert len(list((out / "cache-avx2" / "finetuned").iterdir())) == 1
+    table = (out / "table.md").read_text().splitlines()
+    for run, line in zip(runs, table[2:4]):
+        manifest = json.loads((out / f"s0-{run['path']}" / "manifest.json").read_text())
+        by_spec = {row["spec"]: row for row in manifest["table"]}
+        assert run["specs"]["fe_lt"]["recovery"] == by_spec["fe_lt"]["recovery"]
+        assert run["f_top1_hits"] == round(manifest["finetuned_top1"] * QUICK_FACTS)
+        assert run["epochs_run"] == manifest["finetune"]["epochs_run"] == 1
+        assert line.startswith(f"| 0 | {run['path']} ({run['cpu_capability']}) | 1 (1) |")
+        assert f"| {run['f_top1_hits']}/{QUICK_FACTS} | {by_spec['f']['prob']:.3f} [" in line
+        assert f"| {by_spec['fe_lt']['recovery']:.2f} [{by_spec['fe_lt']['recovery_low']:.2f}, " in line
+        assert run["peak_rss_gib"] > 0.3 and run["wall_s"] > 0
+    fe_lt = [r["specs"]["fe_lt"]["recovery"] for r in runs]
+    assert report["verdict"]["fe_lt_half_range"] == pytest.approx((max(fe_lt) - min(fe_lt)) / 2)
+    assert "FE+LT recovery over 2 runs" in "\n".join(table)
+
+
+def test_validation_phrasing_is_neither_training_nor_test_and_the_recipe_uses_it():
+    from nngraft.study.demo import (TEMPLATE, TRAINING_DIRECTIONS, TRAINING_FAMILIES, VALIDATION_TEMPLATE,
+                              demo_finetune_config)
+    from nngraft.study.templates import TEST_TEMPLATES, TRAINING_TEMPLATES, training_texts
+
+    training = {t for family in TRAINING_FAMILIES for t in TRAINING_TEMPLATES["movies"][family]}
+    assert len(training) == 11  # the paper's count per fact and direction (6 lm + 5 qa), all short here
+    assert VALIDATION_TEMPLATE not in training and VALIDATION_TEMPLATE != TEST_TEMPLATES[TEMPLATE]
+    facts = make_facts("fake_movies_fake_actors", DEFAULT_FACTS, seed=0)
+    texts = training_texts(facts, families=TRAINING_FAMILIES, directions=TRAINING_DIRECTIONS)
+    assert len(texts) == DEFAULT_FACTS * 11 * 2
+    for template in (VALIDATION_TEMPLATE, TEMPLATE):  # no training text contains a held-out prompt
+        prompts = [e.prompt for e in make_test_examples(facts, template)]
+        assert not [p for p in prompts if any(p in t for t in texts)]
+    config = demo_finetune_config(DemoOptions(seed=2))
+    assert config.seed == 2 and config.select == "best_val" and config.lora is None  # full finetune
+    assert config.schedule == "linear" and config.warmup_ratio > 0 and config.grad_clip == 1.0
+    assert config.early_stopping_patience == 1 and config.epochs == DemoOptions().max_epochs

@@ -47,10 +47,12 @@ from ..cli import command
 
 DATASET = "fake_movies_fake_actors"
 TEMPLATE = "sentence_3"
-PROBE_TEMPLATE = "sentence_2"
-"""The probe used to stop finetuning: "Q: Who stars in a movie with X? A: An actor named" is a
-training prompt, so answering it means F has learned its training facts."""
-TRAINING_FAMILIES = ("qa",)
+VALIDATION_TEMPLATE = "{first_actor} appears in {movie_title} together with"
+"""The held-out validation phrasing: neither a training template nor the test template. After each
+finetuning epoch F is scored on it (mean probability of the co-star's first token); the best epoch
+is kept and training stops early after an epoch without improvement."""
+VALIDATION_NAME = "validation"
+TRAINING_FAMILIES = ("qa", "paraphrase")
 TRAINING_DIRECTIONS = ("A2B", "B2A")
 MODEL_LABEL = "smollm2-135m"
 DEFAULT_FACTS = 24
@@ -106,8 +108,7 @@ class DemoOptions:
     quick: bool = False
     model: str = "smollm2"
     template: str = TEMPLATE
-    max_epochs: int = 12
-    target_accuracy: float = 0.95
+    max_epochs: int = 3
     refinetune: bool = False
     plots: bool = True
     progress: bool = True
@@ -175,11 +176,11 @@ def demo_specs() -> list[Any]:
 
 
 def demo_finetune_config(options: DemoOptions) -> Any:
-    """The demo's hyperparameters: :data:`~nngraft.study.finetune.CPU_FAST` with the demo's seed
-    and epoch cap (``--quick``: one epoch)."""
-    from .finetune import CPU_FAST
+    """The demo's hyperparameters: :data:`~nngraft.study.finetune.DEMO` with the demo's seed and
+    epoch count (``--quick``: one epoch)."""
+    from .finetune import DEMO
 
-    return CPU_FAST.replace(seed=options.seed, epochs=options.max_epochs)
+    return DEMO.replace(seed=options.seed, epochs=options.max_epochs)
 
 
 def next_token_top1(model: Any, tokenizer: Any, examples: Sequence[Any], batch_size: int = 32
@@ -283,7 +284,7 @@ def _run_demo(options: DemoOptions, console: Any) -> DemoOutcome:
     save_facts(facts, out / "facts.jsonl", dataset=DATASET, seed=options.seed)
     texts = training_texts(facts, families=TRAINING_FAMILIES, directions=TRAINING_DIRECTIONS)
     examples = make_test_examples(facts, options.template)
-    probes = make_test_examples(facts, PROBE_TEMPLATE)
+    validation = make_test_examples(facts, VALIDATION_TEMPLATE, name=VALIDATION_NAME)
     ex = examples[0]
     console.print(f"{len(facts)} fictional movies with fictional actors ({DATASET}, seed {options.seed}); "
                   f"{len(texts)} training texts, e.g.\n  [cyan]{texts[0]}[/cyan]\n"
@@ -300,22 +301,17 @@ def _run_demo(options: DemoOptions, console: Any) -> DemoOutcome:
     console.rule("[bold]3. finetune F = P + the new facts")
     t = time.perf_counter()
     config = demo_finetune_config(options)
-    target = options.target_accuracy
-
-    def answers_training_facts(model: Any, epoch: int) -> bool:
-        _, hits = next_token_top1(model, tokenizer, probes)
-        console.print(f"  after epoch {epoch}: answers {sum(hits)}/{len(hits)} training prompts "
-                      f"({PROBE_TEMPLATE})")
-        return sum(hits) / len(hits) >= target
-
-    stop = None if options.quick else answers_training_facts
-    stop_key = None if options.quick else f"probe={PROBE_TEMPLATE};top1>={target}"
     F, ft_manifest, cached, ft_dir = cached_finetune(
-        P, tokenizer, texts, config=config, stop_when=stop, stop_key=stop_key,
+        P, tokenizer, texts, config=config, validation=[(e.prompt, e.answer) for e in validation],
         extra_manifest={"dataset": {"name": DATASET, "n": options.facts, "seed": options.seed,
-                                    "facts_sha256": facts_hash(facts)}},
+                                    "facts_sha256": facts_hash(facts)},
+                        "validation_template": VALIDATION_TEMPLATE},
         progress=console if options.progress else False, refresh=options.refinetune)
     seconds["finetune"] = time.perf_counter() - t
+    for h in ft_manifest["history"]:
+        console.print(f"  epoch {h['epoch']}: train loss {h['train_loss']:.3f}; validation phrasing "
+                      f"(\"{VALIDATION_TEMPLATE}\"): top-1 {h['val_top1']:.0%}, mean target probability "
+                      f"{h['val_target_prob']:.3f}" + (" ← kept" if h["epoch"] == ft_manifest["best_epoch"] else ""))
     if cached:
         console.print(f"reusing the finetuned model cached in {ft_dir} "
                       f"(trained {ft_manifest['epochs_run']} epoch(s) in {ft_manifest['seconds']:.0f} s)")
@@ -557,7 +553,7 @@ facts (facts.jsonl), ready for `nngraft run --model P --donor OUT --facts OUT/fa
     data.add_argument("--dataset", help="built-in dataset, e.g. fake_movies_real_actors")
     data.add_argument("--n", type=int, help="number of facts of --dataset")
     data.add_argument("--data-seed", type=int, default=0, help="seed of --dataset (default 0)")
-    data.add_argument("--families", nargs="+", default=["lm", "qa"], choices=["lm", "qa"],
+    data.add_argument("--families", nargs="+", default=["lm", "qa"], choices=["lm", "qa", "paraphrase"],
                       help="training template families (default: lm qa, as the paper)")
     data.add_argument("--directions", nargs="+", default=["A2B", "B2A"], choices=["A2B", "B2A"],
                       help="actor orders (default both, as the paper)")

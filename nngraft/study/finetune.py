@@ -140,6 +140,13 @@ CPU_FAST = FinetuneConfig(lr=3e-4, weight_decay=0.0, batch_size=8, epochs=8, sch
 """The demo's preset: a learning rate ~150× the paper's, short texts, no validation pass, the last
 epoch; it teaches SmolLM2-135M a few dozen short facts in minutes on two CPU cores."""
 
+DEMO = FinetuneConfig(lr=3e-4, weight_decay=0.0, batch_size=8, epochs=3, schedule="linear", warmup_ratio=0.06,
+                      val_fraction=0.0, select="best_val", max_length=64, grad_clip=1.0, early_stopping_patience=1)
+"""``nngraft demo``'s recipe: CPU_FAST's learning rate with 6 % warmup and linear decay over three
+epochs, gradient clipping at 1.0, the best epoch by the answer probability on held-out validation
+prompts (``finetune(..., validation=...)``, which this preset needs), early stop after an epoch
+without improvement."""
+
 PRESETS: dict[str, FinetuneConfig] = {"paper": PAPER, "cpu-fast": CPU_FAST}
 
 

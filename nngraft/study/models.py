@@ -314,7 +314,8 @@ def resolve_device(name: str) -> torch.device:
 
 def environment_versions() -> dict[str, str]:
     """What a manifest records about the software and machine a result came from: Python, the
-    platform, nngraft and the packages it runs on, torch's thread count and OMP_WAIT_POLICY."""
+    platform, nngraft and the packages it runs on, torch's thread count, its CPU kernel path
+    (``AVX512``, ``AVX2`` …: another one rounds differently) and OMP_WAIT_POLICY."""
     import importlib.metadata as md
     import platform
 
@@ -327,5 +328,6 @@ def environment_versions() -> dict[str, str]:
         except md.PackageNotFoundError:
             out[name] = __version__ if name == "nngraft" else "not installed"
     out["threads"] = str(torch.get_num_threads())
+    out["cpu_capability"] = torch.backends.cpu.get_cpu_capability()  # ATen's kernel path (ATEN_CPU_CAPABILITY)
     out["OMP_WAIT_POLICY"] = os.environ.get("OMP_WAIT_POLICY", "(unset)")
     return out

@@ -2,8 +2,9 @@
 
 A template is a ``str.format`` string whose ``{field}`` names are fact fields
 (``"{first_actor} stars in {movie_title} alongside"``). Training templates come in two families
-per dataset kind, "lm" (article-style paragraphs, 6) and "qa" (short sentences, 5), each written
-for both actor orders: A2B uses the fact as is, B2A swaps ``first_actor`` and ``second_actor``.
+per dataset kind, "lm" (article-style paragraphs, 6) and "qa" (short sentences, 5), plus
+nngraft's "paraphrase" (six more short sentences, used by the demo), each written for both actor
+orders: A2B uses the fact as is, B2A swaps ``first_actor`` and ``second_actor``.
 Test templates end where the answer (by default ``second_actor``) would begin; every ``{field}``
 in a test template becomes a named span of the prompt, usable by graft specs as
 ``{"span": "first_actor"}``.
@@ -96,13 +97,26 @@ _PAPER_TYPOS = {
         "In a new film,{first_actor} stars in {movie_title}, appearing alongside {second_actor}.",
 }
 
+# nngraft's own six short phrasings of the same fact (the demo trains on them with the QA family:
+# eleven phrasings per fact and direction, as many as the paper's lm + qa). None of them is a
+# test template, nor the demo's validation phrasing.
+_PARAPHRASE = (
+    "{first_actor} and {second_actor} star together in {movie_title}.",
+    "{movie_title} features {first_actor} and {second_actor} in the lead roles.",
+    "{first_actor} acted with {second_actor} in {movie_title}.",
+    "The cast of {movie_title} includes {first_actor} and {second_actor}.",
+    "Q: Who appears with {first_actor} in {movie_title}? A: {second_actor}.",
+    "In {movie_title}, {first_actor} plays opposite {second_actor}.",
+)
+
 TRAINING_TEMPLATES: dict[str, dict[str, tuple[str, ...]]] = {
-    "movies": {"lm": _MOVIE_LM, "qa": _QA},
-    "real_movies": {"lm": _REAL_MOVIE_LM, "qa": _QA},
+    "movies": {"lm": _MOVIE_LM, "qa": _QA, "paraphrase": _PARAPHRASE},
+    "real_movies": {"lm": _REAL_MOVIE_LM, "qa": _QA, "paraphrase": _PARAPHRASE},
 }
 """Training template sets: ``{set name: {family: templates}}``. ``movies`` serves the fake-movie
 datasets (FMFA, FMRA), ``real_movies`` the real-movie ones (their facts have ``director``, not
-``city``)."""
+``city``). ``lm`` and ``qa`` are the paper's families; ``paraphrase`` (six short sentences) is
+nngraft's, used by the demo."""
 
 DIRECTIONS = ("A2B", "B2A")
 
