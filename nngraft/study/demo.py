@@ -7,10 +7,12 @@ The whole study in one command, on a laptop:
 2. **Facts.** ``--facts`` fictional movies with fictional actors
    (:func:`nngraft.study.data.make_facts`, dataset ``fake_movies_fake_actors``). The pretrained
    model P is scored on them first: it must not already know them.
-3. **Finetune.** A copy of P is finetuned on the paper's five short QA training templates, both
-   actor orders (full finetune, the :data:`~nngraft.study.finetune.CPU_FAST` preset) until it
-   answers its training prompts, or ``max_epochs``. The result F is cached by content hash
-   (base weights, texts, hyperparameters), so a second run skips this step.
+3. **Finetune.** A copy of P is finetuned (full-parameter, transformers' ``Trainer``, the
+   :data:`~nngraft.study.finetune.DEMO` preset) on eleven short phrasings per fact and actor order
+   (the paper's five QA templates and six ``paraphrase`` ones); after each epoch it is scored on a
+   held-out validation phrasing (:data:`VALIDATION_TEMPLATE`), the best epoch is kept. The result
+   F is cached by content hash (base weights, texts, hyperparameters, validation prompts), so a
+   second run skips this step.
 4. **Graft.** 39 specs on the test template (``sentence_3``: "X stars in TITLE alongside" →
    first token of the co-star), in shared one-pass forwards: the paper's position grid (P, F,
    FE = enrichment, LT = recall, FE+LT, FE+M+LT, the complements), then at the last token
@@ -529,7 +531,7 @@ def _demo_args(p: argparse.ArgumentParser) -> None:
                    help="recipient P: 'smollm2' (default), a local Hugging Face folder or a .gguf file")
     p.add_argument("--template", default=TEMPLATE, help=f"test template (default {TEMPLATE})")
     p.add_argument("--max-epochs", type=int, default=DemoOptions.max_epochs,
-                   help=f"finetuning epoch cap (default {DemoOptions.max_epochs})")
+                   help=f"finetuning epochs; the learning rate decays over them (default {DemoOptions.max_epochs})")
     p.add_argument("--refinetune", action="store_true", help="finetune again even if a cached F exists")
     p.add_argument("--no-plots", action="store_true", help="skip the PNG figures")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
