@@ -12,48 +12,64 @@ Example:
     'lt'
 """
 
-from .arch import ADAPTERS, Adapter, adapter_for, register_adapter
-from .donor import Donor, ModelDonor, SafetensorsDonor, TensorDonor
-from .delta import DeltaDonor, DenseDonor, LoraDonor
-from .errors import (
-    ArgumentError,
-    ComponentNotFoundError,
-    DonorMismatchError,
-    GraftError,
-    LayerRangeError,
-    PositionError,
-    PromptError,
-    SpanNotFoundError,
-    SpecError,
-    TraceError,
-    UnsupportedArchitectureError,
-)
-from .grafter import GenerationResult, Grafter
-from .plan import GraftPlan, compile_plan
-from .result import GraftResult
-from .spec import (
-    SCHEMA_VERSION,
-    WeightSelection,
-    All,
-    GraftRule,
-    GraftSpec,
-    Index,
-    Last,
-    LayerRange,
-    Not,
-    Other,
-    Span,
-    everywhere_except,
-    resolve_layers,
-    spec_json_schema,
-)
-from .tokens import SpanAlignmentWarning
-from .trace import CompiledGraft, graft
+import importlib
+from typing import TYPE_CHECKING, Any
+
+_EXPORTS = {
+    "arch": ["ADAPTERS", "Adapter", "adapter_for", "register_adapter"],
+    "donor": ["Donor", "ModelDonor", "SafetensorsDonor", "TensorDonor"],
+    "delta": ["DeltaDonor", "DenseDonor", "LoraDonor"],
+    "errors": ["ArgumentError", "ComponentNotFoundError", "DonorMismatchError", "GraftError", "LayerRangeError",
+               "PositionError", "PromptError", "SpanNotFoundError", "SpecError", "TraceError",
+               "UnsupportedArchitectureError"],
+    "grafter": ["GenerationResult", "Grafter"],
+    "plan": ["GraftPlan", "compile_plan"],
+    "result": ["GraftResult"],
+    "spec": ["SCHEMA_VERSION", "WeightSelection", "All", "GraftRule", "GraftSpec", "Index", "Last", "LayerRange",
+             "Not", "Other", "Span", "everywhere_except", "resolve_layers", "spec_json_schema"],
+    "tokens": ["SpanAlignmentWarning"],
+    "trace": ["CompiledGraft", "graft"],
+}
+"""Public names and the module each lives in. They are imported on first use (PEP 562), so
+``import nngraft`` — and ``nngraft --help`` — does not load torch, transformers or nnsight."""
+_MODULE_OF = {name: module for module, names in _EXPORTS.items() for name in names}
+
+if TYPE_CHECKING:  # pragma: no cover - for type checkers and IDEs
+    from .arch import ADAPTERS, Adapter, adapter_for, register_adapter  # noqa: F401
+    from .delta import DeltaDonor, DenseDonor, LoraDonor  # noqa: F401
+    from .donor import Donor, ModelDonor, SafetensorsDonor, TensorDonor  # noqa: F401
+    from .errors import (ArgumentError, ComponentNotFoundError, DonorMismatchError, GraftError,  # noqa: F401
+                         LayerRangeError, PositionError, PromptError, SpanNotFoundError, SpecError,
+                         TraceError, UnsupportedArchitectureError)
+    from .grafter import GenerationResult, Grafter  # noqa: F401
+    from .plan import GraftPlan, compile_plan  # noqa: F401
+    from .result import GraftResult  # noqa: F401
+    from .spec import (SCHEMA_VERSION, All, GraftRule, GraftSpec, Index, Last, LayerRange, Not,  # noqa: F401
+                       Other, Span, WeightSelection, everywhere_except, resolve_layers, spec_json_schema)
+    from .tokens import SpanAlignmentWarning  # noqa: F401
+    from .trace import CompiledGraft, graft  # noqa: F401
+
+
+def __getattr__(name: str) -> Any:
+    if name == "PositionSelector":
+        spec = importlib.import_module(".spec", __name__)
+        value: Any = spec.Span | spec.Last | spec.Index | spec.Other | spec.All | spec.Not
+    elif name in _MODULE_OF:
+        value = getattr(importlib.import_module(f".{_MODULE_OF[name]}", __name__), name)
+    else:
+        raise AttributeError(f"module 'nngraft' has no attribute {name!r}")
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_MODULE_OF) | {"PositionSelector"})
+
 
 __version__ = "0.1.0"
 
-PositionSelector = Span | Last | Index | Other | All | Not
-"""Where in the prompt a rule grafts (see :mod:`nngraft.spec`)."""
+# PositionSelector = Span | Last | Index | Other | All | Not: where in the prompt a rule grafts
+# (see nngraft.spec); built on first use by __getattr__.
 
 __all__ = [
     "ADAPTERS", "Adapter", "All", "ArgumentError", "CompiledGraft", "ComponentNotFoundError", "DeltaDonor", "DenseDonor", "Donor",

@@ -26,6 +26,15 @@ console = Console(stderr=True, soft_wrap=True, highlight=False)
 out = Console(soft_wrap=True, highlight=False)
 
 
+def alert(message: str) -> None:
+    """Print ``message`` on stderr even under ``--quiet`` (errors, usage errors, how to resume)."""
+    quiet, console.quiet = console.quiet, False
+    try:
+        console.print(message, highlight=False)
+    finally:
+        console.quiet = quiet
+
+
 def _cmd_schema(args: argparse.Namespace) -> int:
     """Print the JSON Schema of graft specs."""
     from .spec import spec_json_schema
@@ -42,7 +51,7 @@ def _cmd_schema(args: argparse.Namespace) -> int:
 
 
 def _cmd_validate(args: argparse.Namespace) -> int:
-    """Validate spec files; with --model, also check they fit that architecture."""
+    """Validate spec files; with --model-type, also check they fit that architecture."""
     from .errors import GraftError
     from .spec import GraftSpec
 
@@ -59,11 +68,36 @@ def _cmd_validate(args: argparse.Namespace) -> int:
             failed += 1
             from rich.markup import escape
 
-            console.print(f"[red]✗[/red] {escape(str(path))}\n{escape(str(error))}")
+            alert(f"[red]✗[/red] {escape(str(path))}\n{escape(str(error))}")
             continue
         out.print(f"[green]✓[/green] {path}: {spec.name!r}, {len(spec.rules)} rule(s), "
                   f"schema v{spec.schema_version}")
     return 2 if failed else 0
+
+
+def _cmd_models(args: argparse.Namespace) -> int:
+    """List the models cached on this machine (conversions, finetunes, Hugging Face hub cache)."""
+    from .loading import cache_dir, cached_models
+
+    found = cached_models()
+    if args.json:
+        print(json.dumps([{"name": m.name, "kind": m.kind, "path": str(m.path), "size_bytes": m.size_bytes}
+                          for m in found], indent=2))
+        return 0
+    if not found:
+        console.print(f"no models cached yet (nngraft cache: {cache_dir()}; 'smollm2' is converted there on "
+                      "first use)")
+        return 0
+    from rich.table import Table
+
+    table = Table("name (give as --model/--donor)", "kind", "size", "path", title="cached models",
+                  title_justify="left")
+    for m in found:
+        table.add_row(m.name, m.kind, f"{m.size_bytes / 2**20:,.0f} MiB", str(m.path))
+    out.print(table)
+    console.print(f"[dim]nngraft cache: {cache_dir()} ($NNGRAFT_CACHE); hub ids are used from the Hugging Face "
+                  "cache without the network[/dim]")
+    return 0
 
 
 COMMANDS: dict[str, tuple[Callable[[argparse.Namespace], int], Callable[[argparse.ArgumentParser], None]]] = {}
@@ -89,8 +123,13 @@ def _validate_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--layers", type=positive_int_arg, default=32, help="layer count to check layer groups against")
 
 
+def _models_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--json", action="store_true", help="print a JSON list (name, kind, path, size_bytes)")
+
+
 command("schema", _schema_args)(_cmd_schema)
 command("validate", _validate_args)(_cmd_validate)
+command("models", _models_args)(_cmd_models)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -106,6 +145,9 @@ def build_parser() -> argparse.ArgumentParser:
     for name, (fn, configure) in COMMANDS.items():
         p = sub.add_parser(name, help=(fn.__doc__ or "").strip().splitlines()[0], description=fn.__doc__)
         configure(p)
+        if not any("--quiet" in a.option_strings for a in p._actions):
+            p.add_argument("-q", "--quiet", action="store_true",
+                           help="no logs or progress on stderr (results on stdout and errors still print)")
         p.set_defaults(func=fn)
     return parser
 
@@ -129,10 +171,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     args = build_parser().parse_args(argv)
     args.command_line = "nngraft " + shlex.join(argv)  # what to rerun (e.g. to resume after Ctrl-C)
+    quiet = console.quiet
+    console.quiet = bool(getattr(args, "quiet", False))
     try:
         return int(args.func(args) or 0)
     except KeyboardInterrupt:
-        console.print("[yellow]interrupted[/yellow]")
+        alert("[yellow]interrupted[/yellow]")
         return 130
     except Exception as error:  # noqa: BLE001 - the boundary: user errors get a message, bugs a traceback
         message = user_error_message(error)
@@ -142,8 +186,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             console.print_exception()
         from rich.markup import escape
 
-        console.print(f"[red]error:[/red] {escape(message)}", highlight=False)
+        alert(f"[red]error:[/red] {escape(message)}")
         return 2
+    finally:
+        console.quiet = quiet
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -410,13 +410,19 @@ def _describe(donor: Any) -> str:
 
 
 class _progress_bar:
-    """A rich progress bar over rows (spec × prompt), with rows/s and time left."""
+    """A rich progress bar over rows (spec × prompt), with rows/s and time left, on stderr. Drawn
+    live on a terminal or in a notebook; elsewhere (pipes, logs) one line when done."""
 
     def __init__(self, total: int) -> None:
+        from rich.console import Console
         from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
+        console = Console(stderr=True)
+        live = console.is_terminal or console.is_jupyter
         self.progress = Progress(TextColumn("grafting"), BarColumn(), MofNCompleteColumn(), TextColumn("rows"),
-                                 TimeElapsedColumn(), TextColumn("left"), TimeRemainingColumn(), transient=True)
+                                 TimeElapsedColumn(), TextColumn("left"), TimeRemainingColumn(), transient=live,
+                                 console=console, disable=not live)
+        self.console, self.live, self.total = console, live, total
         self.task = self.progress.add_task("grafting", total=total)
 
     def __enter__(self):
@@ -425,3 +431,7 @@ class _progress_bar:
 
     def __exit__(self, *exc: Any) -> None:
         self.progress.stop()
+        if not self.live and exc[0] is None:
+            elapsed = self.progress.tasks[0].elapsed or 0.0
+            self.console.print(f"grafted {self.total} rows in {elapsed:.1f} s", highlight=False)
+

@@ -23,10 +23,19 @@ def _meta_model(name: str) -> Any:
     from transformers import AutoConfig, AutoModelForCausalLM
 
     from .inputs import loading_model
+    from .loading import ModelLoadError, resolve_model
 
     path = Path(name)
+    if path.name == "config.json" and path.is_file():
+        location = str(path.parent)
+    else:  # any model name (hub ids from the local cache; offline: an error naming what is cached)
+        source = resolve_model(name)
+        if source.kind == "adapter":
+            raise ModelLoadError(f"{name} is a LoRA adapter; give its base model as --model and the "
+                                 f"adapter as --donor adapter:{name}")
+        location = source.location
     with loading_model("the recipient's config", name):
-        config = AutoConfig.from_pretrained(str(path.parent if path.name == "config.json" else path))
+        config = AutoConfig.from_pretrained(location)
     with torch.device("meta"):
         return AutoModelForCausalLM.from_config(config)
 
@@ -55,7 +64,9 @@ def _cmd_payload(args: argparse.Namespace) -> int:
     try:
         donors = [_donor(d) for d in (args.donor or ["dense", "delta:16", "lora:16"])]
     except ValueError as error:
-        console.print(f"[red]error:[/red] {error}")
+        from .cli import alert
+
+        alert(f"[red]usage error:[/red] {error}")
         return 2
     model = _meta_model(args.model)
     dtype = getattr(torch, args.dtype)
@@ -86,7 +97,8 @@ def _cmd_payload(args: argparse.Namespace) -> int:
 
 def _payload_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("specs", nargs="+", help="spec JSON files (one request grafts all of them)")
-    p.add_argument("--model", required=True, help="Hub id, checkpoint folder or config.json of the recipient P")
+    p.add_argument("--model", required=True, help="the recipient P: a hub id (read from the local Hugging Face "
+                   "cache; only its config), a model folder, a config.json, 'smollm2' or a .gguf file")
     p.add_argument("--donor", action="append", default=None,
                    help="dense | delta | delta:R | lora:R[:mod,mod] | adapter:PATH (repeatable; "
                    "default: dense, delta:16, lora:16)")

@@ -85,25 +85,46 @@ class GraftResult:
     def __len__(self) -> int:
         return int(self.logits.shape[0])
 
+    def __repr__(self) -> str:
+        """Short: the logits' shape, the specs run, the first prompts (never the tensors).
+
+        Example:
+            >>> GraftResult(logits=torch.zeros(2, 50), prompts=["Ada stars in", "Alan stars in"],
+            ...             spec_names=["fe_lt", "fe_lt"])
+            GraftResult(logits=(2, 50), specs=['fe_lt'], prompts=['Ada stars in', 'Alan stars in'])
+        """
+        specs = list(dict.fromkeys(self.spec_names))
+        prompts = [p if len(p) <= 40 else p[:37] + "..." for p in list(self.prompts)[:3]]
+        more = f" (+{len(self.prompts) - 3} more)" if len(self.prompts) > 3 else ""
+        extra = ", all_logits=yes" if self.all_logits is not None else ""
+        return (f"GraftResult(logits={tuple(self.logits.shape)}, specs={specs}, prompts={prompts}{more}"
+                f"{extra})")
+
     @property
     def probs(self) -> torch.Tensor:
         return torch.softmax(self.logits.float(), dim=-1)
 
-    def target_ids(self, targets: str | Sequence[str]) -> torch.Tensor:
-        """Target token ids, one per prompt (a single string applies to every prompt)."""
+    def target_ids(self, targets: str | Sequence[str] | Sequence[int] | torch.Tensor) -> torch.Tensor:
+        """Target token ids, one per prompt: from answer strings (a single string applies to every
+        prompt; needs the tokenizer) or given as token ids already (ints or a tensor)."""
+        if isinstance(targets, torch.Tensor):
+            targets = targets.reshape(-1).tolist()
         if isinstance(targets, str):
             targets = [targets] * len(self)
         if len(targets) != len(self):
             raise ValueError(f"{len(targets)} targets for {len(self)} prompts")
+        if all(isinstance(t, int) for t in targets):
+            return torch.tensor([int(t) for t in targets])
         if self.tokenizer is None:
-            raise ValueError("this result has no tokenizer; pass token ids to target_prob_ids")
+            raise ValueError("this result has no tokenizer to turn answer strings into token ids; pass token "
+                             "ids instead, e.g. result.target_prob([id_1, id_2, ...]) (one per prompt)")
         return torch.tensor([target_token_id(self.tokenizer, p, t) for p, t in zip(self.prompts, targets)])
 
-    def target_prob(self, targets: str | Sequence[str]) -> torch.Tensor:
-        """Probability of each prompt's target's first token."""
+    def target_prob(self, targets: str | Sequence[str] | Sequence[int] | torch.Tensor) -> torch.Tensor:
+        """Probability of each prompt's target's first token (answer strings or token ids)."""
         return self.probs.gather(1, self.target_ids(targets)[:, None].to(self.logits.device))[:, 0].cpu()
 
-    def target_rank(self, targets: str | Sequence[str]) -> torch.Tensor:
+    def target_rank(self, targets: str | Sequence[str] | Sequence[int] | torch.Tensor) -> torch.Tensor:
         """0-based rank of each target token (number of tokens with strictly higher logit)."""
         ids = self.target_ids(targets).to(self.logits.device)
         chosen = self.logits.gather(1, ids[:, None])

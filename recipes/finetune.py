@@ -1,6 +1,6 @@
 """Finetune P on a dataset's training texts with the paper's recipe: the F of every other recipe.
 
-The paper (spec.md §3): full-parameter finetuning, AdamW, lr 2e-6, weight decay 0.001, batch 4,
+The paper (docs/paper.md#experiment-grid): full-parameter finetuning, AdamW, lr 2e-6, weight decay 0.001, batch 4,
 10 epochs, linear decay, the best epoch by loss on a random 20 % of the texts; the texts are all
 six LM and five QA templates in both actor orders (1000 facts → 22,000 texts).
 
@@ -45,6 +45,7 @@ def parse(argv: list[str] | None = None) -> tuple[argparse.Namespace, list[str]]
 def main(argv: list[str] | None = None) -> int:
     from nngraft.cli import main as cli
     from nngraft.study import data as datasets
+    from nngraft.study.demo import training_choice
     from nngraft.study.finetune import PRESETS
 
     args, rest = parse(argv)
@@ -69,10 +70,11 @@ def main(argv: list[str] | None = None) -> int:
         ns = __import__("nngraft.cli", fromlist=["build_parser"]).build_parser().parse_args(command)
         facts = (datasets.load_facts(ns.facts) if ns.facts else
                  datasets.make_facts(args.dataset, args.n, ns.data_seed))
-        texts = datasets.training_texts(facts, families=ns.families, directions=ns.directions)
+        templates, families, directions = training_choice(ns)
+        texts = datasets.training_texts(facts, families=families, directions=directions, templates=templates)
         print(f"nngraft {' '.join(command)}")
-        print(f"{len(facts)} facts → {len(texts)} training texts ({', '.join(ns.families)}; "
-              f"{', '.join(ns.directions)}); e.g. {texts[0]!r}")
+        print(f"{len(facts)} facts → {len(texts)} training texts ({', '.join(families)}; "
+              f"{', '.join(directions)}); e.g. {texts[0]!r}")
         print(f"hyperparameters ({ns.preset} preset before overrides): {PRESETS[ns.preset]}")
         return 0
     return cli(command)  # errors are printed by the CLI (exit code 1)

@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""The hybrid experiment (spec.md §3): is recall at the last token task-specific attention plus
+"""The hybrid experiment (docs/paper.md#experiment-grid): is recall at the last token task-specific attention plus
 entity-specific late FFN/O extraction?
 
 The facts are split into halves A and B (seeded). The task model T is P finetuned on A, the

@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""Main grid (spec.md §5, the paper's headline bar charts): P, F, FE, LT, FE+LT, (FE+LT)ᶜ, FEᶜ,
+"""Main grid (the paper's headline bar charts; docs/paper.md#headline-numbers): P, F, FE, LT, FE+LT, (FE+LT)ᶜ, FEᶜ,
 LTᶜ — F's block weights at all layers, at the first-actor tokens and/or the last token — on the
 four movie test sentences.
 

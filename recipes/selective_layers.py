@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""Selective layers (spec.md §3): FE in all layers + LT in the second half; the earlier variant
+"""Selective layers (docs/paper.md#experiment-grid): FE in all layers + LT in the second half; the earlier variant
 (FE in the first three quarters); and the FE component override (o + FFN at FE, no q/k/v).
 
     python recipes/selective_layers.py --tiny

@@ -234,7 +234,10 @@ def test_cli_registers_demo_and_finetune():
     assert (args.command, args.quick, args.facts, args.out, args.seed, args.device) == ("demo", True, 3, "x", 2, "cpu")
     args = parser.parse_args(["finetune", "--model", "smollm2", "--out", "o", "--dataset", "fake_movies_fake_actors",
                               "--n", "8", "--preset", "cpu-fast", "--lora-r", "4"])
-    assert (args.command, args.preset, args.lora_r, args.families) == ("finetune", "cpu-fast", 4, ["lm", "qa"])
+    assert (args.command, args.preset, args.lora_r, args.families) == ("finetune", "cpu-fast", 4, None)
+    from nngraft.study.demo import training_choice  # no --families: the built-in set's lm and qa, both orders
+
+    assert training_choice(args) == ("movies", ["lm", "qa"], ["A2B", "B2A"])
 
 
 def test_cli_restarts_itself_with_passive_openmp_only_when_unset(monkeypatch):
@@ -263,7 +266,7 @@ def test_gguf_conversion_is_atomic_and_done_once(tmp_path, monkeypatch):
     GGUF → float32 load is replaced by a tiny model here; the quick demo test does the real one.)"""
     import transformers
 
-    from nngraft.study import models
+    from nngraft import loading as models
     from nngraft.testing import tiny_model, tiny_tokenizer
 
     tiny, tok = tiny_model("llama"), tiny_tokenizer("llama")

@@ -429,7 +429,8 @@ def test_cli_localize_writes_spec_result_and_plot(tmp_path, capsys):
                      "--target", "0.8", "--no-progress", "-o", str(out)])
     assert code == 0
     printed = capsys.readouterr()
-    assert f"spec: {out / 'spec.json'}" in printed.out and "forward passes" in printed.err
+    assert f"spec: {out / 'spec.json'}" in printed.out and "forward passes" in printed.out  # the finding: stdout
+    assert "nngraft localize" in printed.err  # the search's log: stderr
     data = json.loads((out / "localize.json").read_text())
     spec = GraftSpec.load(out / "spec.json")
     assert spec.recipient.name.startswith("nngraft.tiny.tiny_pair('llama'")

@@ -44,6 +44,9 @@ ALLOWED = {
     # (file, call): why it is safe
     ("cli.py", "importlib.import_module"):
         "imports nngraft's own plugin modules from a constant tuple; no name comes from input",
+    ("__init__.py", "importlib.import_module"):
+        "lazy public names: imports nngraft's own modules listed in the constant _EXPORTS table; any "
+        "other attribute is an AttributeError before anything is imported",
     ("backends/ndif.py", "RequestModel.deserialize"):
         "InProcessServer (the local stand-in for NDIF) unpickles the request blob this same process "
         "serialized a moment before; it never reads a file or anything from the network",

@@ -247,9 +247,10 @@ def test_resume_after_an_interrupt_between_batches(finished, tmp_path):
         evaluate(Grafter(P, F, tok), specs, EXAMPLES, model="tiny", writer=writer, batch_size=5,
                  progress=stop_after_two)
     writer.close()
-    assert len(load_results(config.output_dir())) == 10
+    saved = sum(calls)  # the two finished batches (P and F rows come first, in their own batches)
+    assert saved > 0 and len(load_results(config.output_dir())) == saved
     outcome = run_sweep(config, show_progress=False)
-    assert outcome.stats["tiny"].written == len(full_rows) - 10
+    assert outcome.stats["tiny"].written == len(full_rows) - saved
     assert _canonical(load_results(outcome.results)) == _canonical(full_rows)
 
 
@@ -572,7 +573,7 @@ def test_to_dataframe_without_pandas_says_how_to_install(tmp_path, monkeypatch):
         return real_import(name, *args, **kwargs)
 
     monkeypatch.setattr(builtins, "__import__", no_pandas)
-    with pytest.raises(ResultsError, match="pip install pandas"):
+    with pytest.raises(ResultsError, match=r'pip install "nngraft\[pandas\]"'):
         to_dataframe([{"a": 1}])
 
 

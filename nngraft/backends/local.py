@@ -39,23 +39,13 @@ from ..arch import Adapter, adapter_for, stores_weight_in_out
 from ..checks import fail
 from ..donor import Donor, as_donor, pick_donor
 from ..errors import ArgumentError, DonorMismatchError, UnsupportedArchitectureError
+from ..loading import donor_from_name
 from ..partial import derived_donors
 from ..plan import GraftPlan, ModuleGraft
 from ..tokens import PaddedBatch, TokenizedPrompt
 from ..trace import CompiledGraft
 from .base import Backend
 from .functional import check_input_ids
-
-
-def load_pretrained(name_or_path: str, dtype: Any = None, device: Any = None) -> torch.nn.Module:
-    """A causal LM from a local folder or Hub id, in eval mode (``dtype``: default ``"auto"``)."""
-    from transformers import AutoModelForCausalLM
-
-    from ..inputs import loading_model
-
-    with loading_model("a model", name_or_path):
-        model = AutoModelForCausalLM.from_pretrained(name_or_path, dtype=dtype or "auto")
-    return model.to(device).eval() if device else model.eval()
 
 
 class LocalBackend(Backend):
@@ -73,15 +63,11 @@ class LocalBackend(Backend):
                donors: Mapping[str, Any] | None = None, dtype: Any = None, device: Any = None) -> None:
         import nnsight
 
-        if isinstance(recipient, str):
-            if tokenizer is None:
-                from transformers import AutoTokenizer
+        if isinstance(recipient, (str, Path)):  # any model name (nngraft.loading)
+            from ..loading import load_model
 
-                from ..inputs import loading_model
-
-                with loading_model("the recipient's tokenizer", recipient):
-                    tokenizer = AutoTokenizer.from_pretrained(recipient)
-            recipient = load_pretrained(recipient, dtype, device)
+            recipient, own_tokenizer = load_model(recipient, dtype=dtype, device=device)
+            tokenizer = tokenizer if tokenizer is not None else own_tokenizer
         if tokenizer is None:
             raise ArgumentError("Grafter: tokenizer: Input should be the recipient's tokenizer (Grafter(P, F, "
                                 "tokenizer)), got None")
@@ -95,8 +81,8 @@ class LocalBackend(Backend):
         self.adapter = adapter or adapter_for(recipient)
         self.donors: dict[str, Donor] = {}
         for name, value in {"default": donor, **dict(donors or {})}.items():
-            if isinstance(value, str) and not Path(value).exists():
-                value = load_pretrained(value, dtype, device)  # a hub id; a local folder is read lazily
+            if isinstance(value, (str, Path)):  # a folder is read lazily; an adapter folder is a LoraDonor
+                value = donor_from_name(value, dtype=dtype, device=device)
             self.donors[name] = as_donor(value)
             if hasattr(self.donors[name], "check_against"):  # a model, a DeltaDonor's P, a LoRA's modules
                 self.donors[name].check_against(recipient)

@@ -1,7 +1,7 @@
 """Whole-answer log-probability under a graft, by teacher forcing (an option of sweeps).
 
 The paper scores only the answer's first token, which lets actors who share a first name (or a
-common first sub-word) inflate accuracy. ``answer_logprob`` is
+common first sub-word) inflate accuracy (docs/paper.md, quirk 5). ``answer_logprob`` is
 ``log P(answer tokens | prompt)``: the sum over the answer's tokens, each given the prompt and
 the answer tokens before it.
 

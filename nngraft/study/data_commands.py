@@ -32,7 +32,8 @@ def _configure(p: argparse.ArgumentParser) -> None:
     show.add_argument("facts", help="facts JSONL file")
     show.add_argument("--template", action="append", default=[],
                       help="test template name or '{first_actor} ...' string (repeatable)")
-    show.add_argument("--answer-field", default="second_actor")
+    show.add_argument("--answer-field", default="second_actor",
+                      help="fact field the prompts predict (default second_actor)")
     show.add_argument("--allow-ambiguous", action="store_true",
                       help="accept prompts that several facts answer differently")
     show.add_argument("--limit", type=positive_int_arg, default=3, help="facts / prompts to preview")
@@ -42,9 +43,14 @@ def _configure(p: argparse.ArgumentParser) -> None:
     texts = sub.add_parser("texts", help="write the finetuning texts of a facts file as JSONL")
     texts.add_argument("facts", help="facts JSONL file")
     texts.add_argument("-o", "--output", required=True, help="texts file to write (.jsonl, {\"text\": ...})")
-    texts.add_argument("--families", nargs="+", default=["lm", "qa"])
-    texts.add_argument("--directions", nargs="+", default=["A2B", "B2A"])
-    texts.add_argument("--templates", help="training template set (default: by dataset, else movies)")
+    texts.add_argument("--families", nargs="+",
+                       help="training template families (default: lm qa; every family of a --templates file)")
+    texts.add_argument("--directions", nargs="+", choices=["A2B", "B2A"],
+                       help="A2B: facts as they are; B2A: first_actor and second_actor swapped (default both; "
+                            "A2B for a --templates file)")
+    texts.add_argument("--templates", metavar="SET | FILE",
+                       help="training templates: a built-in set (default: by dataset, else movies) or a file of your "
+                            "own ({field} templates one per line, or .json {family: [templates]})")
     texts.add_argument("--paper-typos", action="store_true", help="keep the paper's missing space")
 
     sub.add_parser("templates", help="list the test and training templates")
@@ -98,7 +104,7 @@ def _show(args: argparse.Namespace) -> int:
 
 def _texts(args: argparse.Namespace) -> int:
     from ..io import atomic_write_text
-    from .data import DATASETS, load_facts, read_manifest, training_texts
+    from .data import DATASETS, TRAINING_TEMPLATES, load_facts, read_manifest, training_texts
 
     facts = load_facts(args.facts)
     templates = args.templates
@@ -106,11 +112,17 @@ def _texts(args: argparse.Namespace) -> int:
         manifest = read_manifest(args.facts) or {}
         info = DATASETS.get(manifest.get("dataset") or "")
         templates = info.training_templates if info else "movies"
-    texts = training_texts(facts, args.families, args.directions, templates=templates,
+    families, directions = args.families or ["lm", "qa"], args.directions or ["A2B", "B2A"]
+    if templates not in TRAINING_TEMPLATES and Path(templates).exists():
+        from .templates import read_training_templates
+
+        templates = read_training_templates(templates)
+        families, directions = args.families or list(templates), args.directions or ["A2B"]
+    texts = training_texts(facts, families, directions, templates=templates,
                            paper_typos=args.paper_typos)
     atomic_write_text(Path(args.output), "".join(json.dumps({"text": t}) + "\n" for t in texts))
-    out.print(f"wrote {len(texts)} texts ({len(facts)} facts × {len(args.directions)} directions, "
-              f"template set {templates!r}) to {args.output}")
+    out.print(f"wrote {len(texts)} texts ({len(facts)} facts × {len(directions)} directions, "
+              f"template set {templates if isinstance(templates, str) else args.templates!r}) to {args.output}")
     return 0
 
 

@@ -43,8 +43,6 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
 
-import torch
-
 from ..cli import command
 
 DATASET = "fake_movies_fake_actors"
@@ -189,6 +187,8 @@ def next_token_top1(model: Any, tokenizer: Any, examples: Sequence[Any], batch_s
                     ) -> tuple[list[float], list[bool]]:
     """Target probability and top-1 hit of each example's answer, by plain forwards of ``model``
     (right-padded batches; logits read at each prompt's last real token)."""
+    import torch
+
     from ..result import target_token_id
 
     device = next(model.parameters()).device
@@ -243,27 +243,31 @@ def _pct(x: float) -> str:
 # ---------------------------------------------------------------------------------------------
 
 
-def run_demo(options: DemoOptions, console: Any = None) -> DemoOutcome:
-    """Run the demo (see the module docstring) and return where it wrote and what it measured."""
-    from .models import quiet_transformers
+def run_demo(options: DemoOptions, console: Any = None, tables: Any = None) -> DemoOutcome:
+    """Run the demo (see the module docstring) and return where it wrote and what it measured.
+    Progress and logs go to ``console`` (default: stderr), the result tables to ``tables``
+    (default: ``console``; the CLI passes stdout)."""
+    from ..loading import quiet_transformers
 
     with quiet_transformers():  # no "Loading weights" bars or deprecation chatter in the demo
-        return _run_demo(options, console)
+        return _run_demo(options, console, tables)
 
 
-def _run_demo(options: DemoOptions, console: Any) -> DemoOutcome:
+def _run_demo(options: DemoOptions, console: Any, tables_console: Any = None) -> DemoOutcome:
     from rich.console import Console
 
     from ..grafter import Grafter
-    from .models import environment_versions, load_model, model_identity, resolve_device
+    from ..loading import load_model
+    from .models import environment_versions, model_identity, resolve_device
     from .data import facts_hash, make_facts, make_test_examples, save_facts, training_texts
     from .finetune import cached_finetune
     from .results import FORMAT_VERSION, ResultsWriter, write_manifest
     from .sweep import LoadedPair, check_baselines, evaluate, examples_hash, spec_role
 
-    console = console or Console(stderr=True)
-    if not console.is_terminal:  # logs and pipes: wide enough for the tables
-        console = Console(width=max(console.width, 140), file=console.file, force_terminal=False)
+    from .run_commands import wide_console
+
+    console = wide_console(console or Console(stderr=True), 140)
+    tables_out = wide_console(tables_console, 140) if tables_console is not None else console
     seconds: dict[str, float] = {}
     started = time.perf_counter()
     device = resolve_device(options.device)
@@ -363,7 +367,7 @@ def _run_demo(options: DemoOptions, console: Any) -> DemoOutcome:
 
     recorder = _Console(record=True, width=130, file=open(os.devnull, "w"))
     for item in tables:
-        console.print(item)
+        tables_out.print(item)
         recorder.print(item)
     from ..io import atomic_write_text
 
@@ -544,22 +548,35 @@ def _finetune_args(p: argparse.ArgumentParser) -> None:
                    --out runs/sft/llama-fmra                 # the paper's recipe (needs a GPU)
   nngraft finetune --model smollm2 --dataset fake_movies_fake_actors --n 24 --families qa \\
                    --preset cpu-fast --out runs/sft/smollm2-fmfa  # minutes on a CPU
-The output folder holds the model (safetensors + config + tokenizer), finetune-manifest.json and the
-facts (facts.jsonl), ready for `nngraft run --model P --donor OUT --facts OUT/facts.jsonl`."""
+  nngraft finetune --model smollm2 --facts inventors.jsonl --templates bio.txt --out runs/sft/inventors
+                   # your own facts (any fields) through your own templates ({field} per line)
+  nngraft finetune --model smollm2 --texts texts.jsonl --out runs/sft/mine   # ready-made texts
+The output folder holds the model (safetensors + config + tokenizer; with --lora-r the adapter),
+finetune-manifest.json and the facts (facts.jsonl). The last lines printed say how to run it, with
+P's folder (for 'smollm2' or a .gguf file: the cached conversion)."""
     p.add_argument("--model", required=True, help="base model P: 'smollm2', a local Hugging Face folder, a "
                    ".gguf file, or a hub id in the local cache")
     p.add_argument("--out", required=True, metavar="DIR", help="folder to write the finetuned model to")
     p.add_argument("--overwrite", action="store_true", help="replace DIR if it exists")
-    data = p.add_argument_group("data (give --facts, or --dataset with --n)")
-    data.add_argument("--facts", metavar="FACTS.jsonl", help="facts file (e.g. from `nngraft data make`)")
+    data = p.add_argument_group("data (give --facts, or --dataset with --n, or --texts)")
+    data.add_argument("--facts", metavar="FACTS.jsonl", help="facts file: one JSON object per line, any "
+                      "fields (e.g. from `nngraft data make`); rendered through --templates")
+    data.add_argument("--texts", metavar="FILE", help="finetune on these texts as they are: one text per line, "
+                      "or JSONL with a \"text\" field (e.g. `nngraft data texts` output); with --facts too, "
+                      "the facts are only saved beside the model for `nngraft run`")
     data.add_argument("--dataset", help="built-in dataset, e.g. fake_movies_real_actors")
     data.add_argument("--n", type=int, help="number of facts of --dataset")
     data.add_argument("--data-seed", type=int, default=0, help="seed of --dataset (default 0)")
-    data.add_argument("--families", nargs="+", default=["lm", "qa"], choices=["lm", "qa", "paraphrase"],
-                      help="training template families (default: lm qa, as the paper)")
-    data.add_argument("--directions", nargs="+", default=["A2B", "B2A"], choices=["A2B", "B2A"],
-                      help="actor orders (default both, as the paper)")
-    data.add_argument("--templates", help="training template set (default: the dataset's)")
+    data.add_argument("--families", nargs="+", metavar="FAMILY",
+                      help="training template families (default: lm qa for the built-in sets, as the paper; add "
+                           "paraphrase for the demo's extra phrasings; every family of a --templates file)")
+    data.add_argument("--directions", nargs="+", choices=["A2B", "B2A"],
+                      help="actor orders: B2A swaps first_actor and second_actor (default: both for the "
+                           "built-in sets, as the paper; A2B for a --templates file)")
+    data.add_argument("--templates", metavar="SET | FILE",
+                      help="training templates: a built-in set (movies, real_movies; default: the dataset's) or "
+                           "a file of your own over the facts' fields: one {field} template per line, or "
+                           ".json {family: [templates]}")
     hp = p.add_argument_group("hyperparameters (default: --preset's)")
     hp.add_argument("--preset", default="paper", choices=["paper", "cpu-fast"],
                     help="paper: lr 2e-6, wd 0.001, batch 4, 10 epochs, best of an 80/20 split; "
@@ -602,12 +619,14 @@ def _cmd_finetune(args: argparse.Namespace) -> int:
     if args.device in ("auto", "cpu"):
         passive_omp_reexec("finetune")
     from ..errors import DataError
-    from .models import quiet_transformers
+    from ..loading import quiet_transformers
     from . import data as datasets
     from .finetune import PRESETS, LoraOptions
 
-    if bool(args.facts) == bool(args.dataset):
-        raise DataError("give --facts FILE, or --dataset NAME with --n")
+    if args.texts and args.dataset:
+        raise DataError("give --texts FILE (optionally with --facts), or --facts/--dataset, not --dataset too")
+    if not args.texts and bool(args.facts) == bool(args.dataset):
+        raise DataError("give --facts FILE, or --dataset NAME with --n, or --texts FILE")
     if args.dataset and not args.n:
         raise DataError("--dataset needs --n (how many facts)")
     out_dir = Path(args.out)
@@ -615,17 +634,27 @@ def _cmd_finetune(args: argparse.Namespace) -> int:
         from .finetune import FinetuneError
 
         raise FinetuneError(f"{out_dir} already exists; pass --overwrite or choose another --out")
+    facts: Any = None
+    source: dict[str, Any] = {}
     if args.facts:
         facts = datasets.load_facts(args.facts)
-        source: dict[str, Any] = {"facts": str(Path(args.facts).resolve())}
-    else:
+        source = {"facts": str(Path(args.facts).resolve())}
+    elif args.dataset:
         facts = datasets.make_facts(args.dataset, args.n, args.data_seed)
         source = {"name": args.dataset, "n": args.n, "seed": args.data_seed}
-    templates = args.templates or ("real_movies" if args.dataset and args.dataset.startswith("real_movies")
-                                   else "movies")
-    texts = datasets.training_texts(facts, families=args.families, directions=args.directions,
-                                    templates=templates)
-    config = PRESETS[args.preset]
+    if args.texts:
+        if args.templates or args.families or args.directions:
+            raise DataError("--texts are used as they are; --templates, --families and --directions apply to "
+                            "--facts/--dataset")
+        texts = read_texts(args.texts)
+        source["texts"] = str(Path(args.texts).resolve())
+        templates: Any = None
+        families: list[str] = []
+        directions: list[str] = []
+    else:
+        templates, families, directions = training_choice(args)
+        texts = datasets.training_texts(facts, families=families, directions=directions, templates=templates)
+        config = PRESETS[args.preset]
     changes = {k: getattr(args, k) for k in ("lr", "weight_decay", "batch_size", "epochs", "val_fraction",
                                              "max_length", "seed", "select") if getattr(args, k) is not None}
     if args.freeze_embeddings:
@@ -636,31 +665,110 @@ def _cmd_finetune(args: argparse.Namespace) -> int:
         changes["select"] = "last"
     config = config.replace(**changes)
     with quiet_transformers():
-        return _finetune_command(args, facts, texts, config, source, templates, out_dir)
+        return _finetune_command(args, facts, texts, config, source, templates, out_dir, families, directions)
+
+
+def training_choice(args: argparse.Namespace) -> tuple[Any, list[str], list[str]]:
+    """(template set name or {family: templates}, families, directions) for ``nngraft finetune``."""
+    from .templates import TRAINING_TEMPLATES, read_training_templates
+
+    if args.templates and args.templates not in TRAINING_TEMPLATES:
+        if not Path(args.templates).exists():
+            from ..errors import TemplateError
+
+            raise TemplateError(f"--templates {args.templates!r} is neither a built-in set "
+                                f"({', '.join(sorted(TRAINING_TEMPLATES))}) nor a file")
+        table = read_training_templates(args.templates)
+        return table, list(args.families or table), list(args.directions or ["A2B"])
+    templates = args.templates or ("real_movies" if args.dataset and args.dataset.startswith("real_movies")
+                                   else "movies")
+    return templates, list(args.families or ["lm", "qa"]), list(args.directions or ["A2B", "B2A"])
+
+
+def read_texts(path: str | Path) -> list[str]:
+    """Training texts from a file: JSONL with a ``"text"`` field per line (as ``nngraft data texts``
+    writes), or plain text with one text per line. Blank lines are skipped.
+
+    Example:
+        >>> import tempfile, pathlib
+        >>> p = pathlib.Path(tempfile.mkdtemp()) / "t.txt"
+        >>> _ = p.write_text("Ada Quenby built the loom engine.\\n\\nIvo Pemberton built the tide clock.\\n")
+        >>> read_texts(p)
+        ['Ada Quenby built the loom engine.', 'Ivo Pemberton built the tide clock.']
+    """
+    from ..errors import DataError
+
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"no texts file at {path}")
+    lines = [(i, line) for i, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1) if line.strip()]
+    if not lines:
+        raise DataError(f"{path} holds no texts")
+    if not lines[0][1].lstrip().startswith("{"):
+        return [line for _, line in lines]
+    texts = []
+    for i, line in lines:
+        try:
+            row = json.loads(line)
+        except ValueError as error:
+            raise DataError(f"{path}, line {i}: not valid JSON ({error}); give JSONL with a \"text\" field "
+                            "on every line, or plain text with one text per line") from None
+        if not isinstance(row, dict) or not isinstance(row.get("text"), str):
+            raise DataError(f"{path}, line {i}: expected an object with a \"text\" string field")
+        texts.append(row["text"])
+    return texts
 
 
 def _finetune_command(args: argparse.Namespace, facts: Any, texts: list[str], config: Any, source: dict[str, Any],
-                      templates: str, out_dir: Path) -> int:
+                      templates: Any, out_dir: Path, families: list[str], directions: list[str]) -> int:
     from ..cli import console, out
-    from .models import load_model, resolve_device
+    from ..loading import load_model, resolve_model
+    from .models import resolve_device
     from . import data as datasets
     from .finetune import finetune
 
+    base = resolve_model(args.model, console=console)
     model, tokenizer = load_model(args.model, device=resolve_device(args.device), console=console)
-    console.print(f"finetuning {args.model} on {len(texts)} texts from {len(facts)} facts "
-                  f"({', '.join(args.families)}; {', '.join(args.directions)}) with {config}")
+    what = (f"{len(facts)} facts ({', '.join(families)}; {', '.join(directions)})" if not args.texts
+            else f"{args.texts}")
+    console.print(f"finetuning {args.model} on {len(texts)} texts from {what} with {config}")
+    training = ({"texts": source["texts"]} if args.texts else
+                {"families": families, "directions": directions,
+                 "templates": templates if isinstance(templates, str) else {"file": str(Path(args.templates).resolve()),
+                                                                            "families": templates}})
+    extra: dict[str, Any] = {"training_texts": training}
+    if facts is not None:
+        extra["dataset"] = {**source, "facts_sha256": datasets.facts_hash(facts)}
     result = finetune(model, tokenizer, texts, config=config, out_dir=out_dir, overwrite=args.overwrite,
-                      progress=False if args.no_progress else console,
-                      extra_manifest={"dataset": {**source, "facts_sha256": datasets.facts_hash(facts)},
-                                      "training_texts": {"families": args.families,
-                                                         "directions": args.directions,
-                                                         "templates": templates}})
-    datasets.save_facts(facts, out_dir / "facts.jsonl", dataset=args.dataset, seed=args.data_seed)
+                      progress=False if args.no_progress else console, extra_manifest=extra)
+    if facts is not None:
+        datasets.save_facts(facts, out_dir / "facts.jsonl", dataset=args.dataset, seed=args.data_seed)
     best = result.history[result.best_epoch - 1]
     val = f", validation loss {best.val_loss:.4f}" if best.val_loss is not None else ""
     out.print(f"[green]✓[/green] wrote {out_dir} (epoch {result.best_epoch} of {len(result.history)}: "
               f"train loss {best.train_loss:.4f}{val})")
+    hint = "sentence_3" if isinstance(templates, str) else "TEST_TEMPLATES.txt"
+    console.print(next_steps(base.location, out_dir, hint if facts is not None else None, lora=config.lora is not None))
     return 0
+
+
+def next_steps(recipient: str, out_dir: Path, template: str | None, *, lora: bool) -> str:
+    """What to run after ``nngraft finetune``: P's own folder (a cached conversion for 'smollm2'
+    and .gguf files) and the finetuned folder; a LoRA adapter folder is a donor as it is.
+    ``template``: the test template to suggest (None: no facts were saved, suggest --data)."""
+    import shlex
+
+    p, f = shlex.quote(str(recipient)), shlex.quote(str(out_dir))
+    data = (f"--facts {shlex.quote(str(out_dir / 'facts.jsonl'))} --template {template}" if template else
+            "--data EXAMPLES.jsonl")
+    kind = ("a LoRA adapter: give the folder as --donor, it is grafted as a LoraDonor (F = P + B·A, "
+            "exact; no merge needed)" if lora else "a full finetuned model")
+    note = ("\n  (TEST_TEMPLATES.txt: your test prompts, one {field} template per line, ending where the "
+            "answer begins; add --answer-field FIELD, the fact field they predict)"
+            if template == "TEST_TEMPLATES.txt" else "")
+    return (f"P (the recipient) is {p}\nF (the donor) is {f} — {kind}. Next:{note}\n"
+            f"  nngraft run --spec recipes/specs/fe_lt.json --model {p} --donor {f} {data}\n"
+            f"  nngraft localize --model {p} --donor {f} {data}")
 
 
 @command("demo", _demo_args)
@@ -668,11 +776,11 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     """Teach SmolLM2-135M new facts on CPU, then localize them by weight grafting."""
     if args.device in ("auto", "cpu"):
         passive_omp_reexec("demo")
-    from ..cli import console
+    from ..cli import console, out
 
     options = DemoOptions(facts=args.facts, seed=args.seed, out=Path(args.out), device=args.device,
                           quick=args.quick, model=args.model, template=args.template,
                           max_epochs=args.max_epochs, refinetune=args.refinetune, plots=not args.no_plots,
                           progress=not args.no_progress)
-    run_demo(options, console=console)
+    run_demo(options, console=console, tables=out)
     return 0

@@ -37,10 +37,7 @@ import dataclasses
 import hashlib
 import json
 import math
-import os
 import random
-import shutil
-import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -49,9 +46,8 @@ from typing import Any, Callable, Literal, Sequence
 import torch
 
 from ..errors import GraftError
-from ..io import atomic_write_text
+from ..loading import save_model_folder
 from ..tokens import pad_token_id
-from .models import default_permissions
 
 MANIFEST_FILE = "finetune-manifest.json"
 MANIFEST_FORMAT = "nngraft.finetune"
@@ -79,7 +75,7 @@ class LoraOptions:
 
 @dataclass(frozen=True)
 class FinetuneConfig:
-    """Finetuning hyperparameters. The defaults are the paper's (spec.md §3): AdamW, lr 2e-6,
+    """Finetuning hyperparameters. The defaults are the paper's (docs/paper.md#experiment-grid): AdamW, lr 2e-6,
     weight decay 0.001, batch 4, 10 epochs, linear decay, 80/20 split, best-validation-loss epoch.
 
     ``freeze_embeddings`` also freezes the LM head when the model ties them (SmolLM2, Llama-3.2,
@@ -553,27 +549,11 @@ def save_finetuned(model: Any, tokenizer: Any, manifest: dict[str, Any], out_dir
     """Save model (safetensors; a LoRA adapter for peft models), tokenizer and manifest to
     ``out_dir`` atomically: everything goes to a temporary sibling folder first, renamed into place
     when complete."""
-    out = Path(out_dir)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
     try:
-        default_permissions(tmp)
-        model.save_pretrained(tmp)
-        tokenizer.save_pretrained(tmp)
-        atomic_write_text(tmp / MANIFEST_FILE, json.dumps(manifest, indent=2) + "\n")
-        if out.exists():
-            if not overwrite:
-                raise FinetuneError(f"{out} already exists; pass overwrite=True or choose another out_dir")
-            old = out.with_name(f".{out.name}.old-{os.getpid()}")
-            os.replace(out, old)
-            os.replace(tmp, out)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return out
+        return save_model_folder(model, tokenizer, out_dir, {MANIFEST_FILE: json.dumps(manifest, indent=2) + "\n"},
+                                 overwrite=overwrite)
+    except FileExistsError:
+        raise FinetuneError(f"{out_dir} already exists; pass overwrite=True or choose another out_dir") from None
 
 
 def finetune_key(base_weights_sha256: str, texts: Sequence[str], config: FinetuneConfig,
@@ -606,7 +586,7 @@ def cached_finetune(model: Any, tokenizer: Any, texts: Sequence[str], *, config:
     (a function cannot be hashed), e.g. ``"probe=sentence_2;top1>=0.9"``. ``cache`` defaults to
     :func:`nngraft.study.models.cache_dir`. ``refresh=True`` trains again and replaces the entry.
     """
-    from .models import cache_dir, weights_fingerprint
+    from ..loading import cache_dir, weights_fingerprint
 
     if stop_when is not None and stop_key is None:
         raise FinetuneError("cached_finetune with stop_when needs stop_key (a description of the stop rule) "

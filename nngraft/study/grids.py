@@ -1,4 +1,4 @@
-"""The paper's graft specs and the named grids that group them (spec.md §3).
+"""The paper's graft specs and the named grids that group them (docs/paper.md#experiment-grid).
 
 Every spec here is plain data; :func:`write_paper_specs` writes them as the JSON files shipped in
 ``recipes/specs/`` (a test checks the files and this module agree). Conventions:
@@ -15,7 +15,7 @@ Every spec here is plain data; :func:`write_paper_specs` writes them as the JSON
 - Component buckets at LT use the paper's names: "attn" = q, k, v only; "o" = the attention
   output projection; "ffn" = the MLP (gate/up/down; up/down where there is no gate).
 - Layer groups use nngraft's even split (quarters nest in eighths; the paper's eighths were
-  broken, see spec.md §1), so the layer-group specs need a model with at least 8 layers.
+  broken, see docs/paper.md, quirk 7), so the layer-group specs need a model with at least 8 layers.
 
 Example:
     >>> specs = paper_specs()

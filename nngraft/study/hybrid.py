@@ -1,4 +1,4 @@
-"""The paper's hybrid experiment (spec.md §3, ``patch_direction = hybrid``): the fact split, the
+"""The paper's hybrid experiment (docs/paper.md#experiment-grid): the fact split, the
 hybrid model, and the graft specs.
 
 **Models.** The facts (e.g. FMRA) are split in two halves, A and B (:func:`split_facts`). The
@@ -246,7 +246,7 @@ def hybrid_record(task_model: torch.nn.Module, relation_model: torch.nn.Module, 
                   components: Sequence[str] = DEFAULT_COMPONENTS) -> dict[str, Any]:
     """What identifies a hybrid: both inputs (source and full weight sha256), the selection, the
     resolved layers and every replaced parameter. ``record["key"]`` hashes all of it."""
-    from .models import weights_fingerprint
+    from ..loading import weights_fingerprint
 
     rule = _normalized(layers, components)
     adapter = adapter_for(task_model)
@@ -331,7 +331,7 @@ def prepare_hybrid(task: str | Path, relation: str | Path, out_dir: str | Path, 
         say(f"hybrid: reusing {folder}")
         return folder, old, True
     H = build_hybrid(T, R, layers, components)
-    from .models import weights_fingerprint
+    from ..loading import weights_fingerprint
 
     record["weights_sha256"] = weights_fingerprint(H)
     save_hybrid(H, tok, record, folder)

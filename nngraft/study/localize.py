@@ -287,6 +287,8 @@ class LocalizeResult:
     seconds: float
     universe_units: int
     models: dict[str, Any] = field(default_factory=dict)
+    comparison: list[dict[str, Any]] = field(default_factory=list)
+    """P, F, FE+LT and the found set side by side (:func:`compare_with_fe_lt`), for the plot."""
 
     @property
     def reached(self) -> bool:
@@ -317,6 +319,7 @@ class LocalizeResult:
             "rows": self.rows,
             "steps": [asdict(s) for s in self.steps],
             "curve": [asdict(c) for c in self.curve],
+            "comparison": self.comparison,
             "timing": {"seconds": round(self.seconds, 3)},
         })
 
@@ -412,6 +415,56 @@ def split_facts(fact_ids: Sequence[str], holdout: float, seed: int) -> tuple[lis
     return [f for f in facts if f not in set(held)], held
 
 
+def per_fact_metric(logits: torch.Tensor, target_ids: Any, fact_ids: Sequence[str], metric: str) -> np.ndarray:
+    """Per-fact means (facts in sorted order) of ``metric`` (prob, logprob or top1) of each row's
+    target token."""
+    scores = score_logits(logits, torch.as_tensor(np.asarray(target_ids)), ks=(1,), n_top=1)
+    per_example = {"prob": scores.prob, "logprob": scores.logprob,
+                   "top1": scores.hits[1].float()}[metric].double().numpy()
+    names, inverse = np.unique(np.asarray(list(fact_ids), dtype=object).astype(str), return_inverse=True)
+    sums = np.bincount(inverse, weights=per_example, minlength=len(names))
+    counts = np.bincount(inverse, minlength=len(names))
+    return sums / counts
+
+
+def compare_with_fe_lt(grafter: Grafter, examples: Sequence[TestExample], result: "LocalizeResult") -> list[dict[str, Any]]:
+    """P, F, the paper's FE+LT (all block components at the first span and the last token) and
+    the found spec side by side on the search facts, in the search's metric and targets: each
+    with the metric's mean and its recovery (G − P) / (F − P). One ``run_grid`` call; stored as
+    ``result.comparison`` it becomes the third panel of ``localize.png``.
+
+    Example (after ``result = localize(grafter, examples)``)::
+
+        result.comparison = compare_with_fe_lt(grafter, examples, result)
+    """
+    from .grids import paper_specs
+
+    search = set(result.data["search_facts"])
+    idx = [i for i, e in enumerate(examples) if e.fact_id in search]
+    chosen = [examples[i] for i in idx]
+    targets = np.asarray(result.data["target_ids"])[idx]
+    spans = list(result.settings.get("spans") or [])
+    specs = [GraftSpec(name="p"), paper_specs()["f"]]
+    label = None
+    if spans:
+        label = "FE+LT" if spans[0] == "first_actor" else f"{spans[0]}+LT"
+        specs.append(GraftSpec(name="fe_lt", rules=[GraftRule(components=["all"],
+                                                              positions=[Span(span=spans[0]), Last()])]))
+    specs.append(result.spec.model_copy(update={"name": "found"}))
+    runs = grafter.run_grid(specs, [e.prompt for e in chosen], [e.spans for e in chosen])
+    metric = result.settings["metric"]
+    means = {name: float(per_fact_metric(r.logits, targets, [e.fact_id for e in chosen], metric).mean())
+             for name, r in runs.items()}
+    p, f = means["p"], means["f"]
+    out = [{"name": "P", "value": p, "recovery": 0.0}, {"name": "F", "value": f, "recovery": 1.0}]
+    if label:
+        out.append({"name": label, "value": means["fe_lt"], "recovery": (means["fe_lt"] - p) / (f - p),
+                    "spec": json.loads(specs[2].to_json())})
+    out.append({"name": "found", "value": means["found"], "recovery": (means["found"] - p) / (f - p),
+                "n_units": len(result.units)})
+    return out
+
+
 class _Search:
     def __init__(self, grafter: Grafter, examples: Sequence[TestExample], *, target: float, metric: str,
                  targets: Any, spans: list[str], include_globals: bool, search_idx: list[int],
@@ -456,14 +509,7 @@ class _Search:
 
     def _values(self, logits: torch.Tensor, idx: list[int]) -> np.ndarray:
         """Per-fact means of the metric for rows ``idx`` (facts in sorted order)."""
-        scores = score_logits(logits, torch.as_tensor(self.target_ids[idx]), ks=(1,), n_top=1)
-        per_example = {"prob": scores.prob, "logprob": scores.logprob,
-                       "top1": scores.hits[1].float()}[self.metric].double().numpy()
-        facts = [self.examples[i].fact_id for i in idx]
-        names, inverse = np.unique(np.asarray(facts, dtype=object).astype(str), return_inverse=True)
-        sums = np.bincount(inverse, weights=per_example, minlength=len(names))
-        counts = np.bincount(inverse, minlength=len(names))
-        return sums / counts
+        return per_fact_metric(logits, self.target_ids[idx], [self.examples[i].fact_id for i in idx], self.metric)
 
     def _ratio(self, values: np.ndarray, p: np.ndarray, f: np.ndarray) -> float:
         return float((values.mean() - p.mean()) / (f.mean() - p.mean()))
@@ -782,5 +828,4 @@ def localize(grafter: Grafter, examples: Sequence[TestExample], *, target: float
         steps=search.steps, curve=curve, forward_passes=search.forward_passes, grid_calls=search.grid_calls,
         candidates_evaluated=search.candidates, rows=search.rows, seconds=time.perf_counter() - start,
         universe_units=len(frozenset().union(*(b.units() for b in search._universe_blocks()))))
-    console.print(result.summary())
     return result

@@ -65,12 +65,13 @@ def run_localize(pair: dict[str, Any], data: dict[str, Any], *, output: str | Pa
     its files in ``output``. Returns (result, {"spec", "result", "plot"} paths)."""
     from ..grafter import Grafter
     from ..spec import ModelRef
-    from .localize import localize
+    from .localize import compare_with_fe_lt, localize
 
     loaded, examples, source = load_inputs(pair, data)
     batch_size = options.pop("batch_size", None) or 32
-    grafter = Grafter(loaded.recipient, loaded.donor, loaded.tokenizer, batch_size=batch_size)
+    grafter = Grafter(loaded.recipient, loaded.graft_donor or loaded.donor, loaded.tokenizer, batch_size=batch_size)
     result = localize(grafter, examples, console=console, show_progress=show_progress, **options)
+    result.comparison = compare_with_fe_lt(grafter, examples, result)
     ident = loaded.identity
     result.spec = result.spec.model_copy(update={
         "recipient": ModelRef(name=ident["recipient"]["source"]),
@@ -146,7 +147,8 @@ def cmd_localize(args: argparse.Namespace) -> int:
     result, paths = run_localize(pair, data, output=output, plot=not args.no_plot,
                                  show_progress=not args.no_progress, console=console,
                                  batch_size=args.batch_size, **search_options(args))
+    out.print(result.summary(), highlight=False)
     for kind, path in paths.items():
-        out.print(f"{kind}: {path}")
+        out.print(f"{kind}: {path}", highlight=False)
     return 0
 

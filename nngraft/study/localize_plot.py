@@ -37,6 +37,34 @@ def _num(value: Any) -> float:
     return math.nan if value is None else float(value)
 
 
+_BAR_COLORS = {"P": "#7f7f7f", "F": "#7f7f7f", "found": "#d62728"}
+
+
+def _comparison_panel(ax: Any, comparison: list[Mapping[str, Any]], settings: Mapping[str, Any],
+                      target: float) -> None:
+    """P, F, FE+LT and the found set as bars of recovery, each labelled with the metric's mean."""
+    names = [c["name"] for c in comparison]
+    recs = [_num(c["recovery"]) for c in comparison]
+    colors = [_BAR_COLORS.get(n, "#2ca02c") for n in names]
+    x = list(range(len(names)))
+    ax.bar(x, [0.0 if math.isnan(r) else r for r in recs], color=colors)
+    ax.axhline(target, color="#d62728", linestyle="--", linewidth=1)
+    ax.axhline(0.0, color="black", linewidth=0.6)
+    top = max([1.0] + [r for r in recs if not math.isnan(r)])
+    low = min([0.0] + [r for r in recs if not math.isnan(r)])
+    ax.set_ylim(low - 0.1, top + 0.25)
+    metric = _METRIC.get(settings["metric"], settings["metric"])
+    for xi, c, r in zip(x, comparison, recs):
+        label = f"{_num(c['value']):.3g}" + ("" if math.isnan(r) else f"\nrec {r:.2f}")
+        ax.text(xi, max(r, 0.0) + 0.02 if not math.isnan(r) else 0.02, label, ha="center", va="bottom", fontsize=7)
+    ax.set_xticks(x)
+    ax.set_xticklabels([f"found\n({c['n_units']} units)" if c["name"] == "found" else c["name"]
+                        for c in comparison], fontsize=8)
+    ax.set_ylabel(f"recovery of {metric} (0 = P, 1 = F)", fontsize=9)
+    ax.grid(axis="y", alpha=0.3)
+    ax.set_title(f"found set beside the paper's FE+LT\n(bar labels: {metric})", fontsize=9)
+
+
 def plot_localize(data: Mapping[str, Any], path: str | Path, *, dpi: int = 150) -> Path:
     """Draw the search and the recovery curve of a :meth:`LocalizeResult.to_dict` (or a loaded
     ``localize.json``) into ``path`` (PNG; written atomically)."""
@@ -51,8 +79,13 @@ def plot_localize(data: Mapping[str, Any], path: str | Path, *, dpi: int = 150) 
     curve = list(data["curve"])
     labelled = len(curve) <= _MAX_LABELLED
     width = min(18.0, max(11.0, 0.4 * len(steps) + (0.3 * len(curve) if labelled else 5.0) + 5))
-    fig, (ax, bx) = plt.subplots(1, 2, figsize=(width, 5.2), gridspec_kw={"width_ratios": [
-        min(max(len(steps), 4), 24), min(max(len(curve), 4), _MAX_LABELLED) if labelled else 16]})
+    comparison = list(data.get("comparison") or [])
+    ratios = [min(max(len(steps), 4), 24), min(max(len(curve), 4), _MAX_LABELLED) if labelled else 16]
+    if comparison:
+        ratios.append(max(4, len(comparison) + 1))
+        width += 3.0
+    fig, axes = plt.subplots(1, len(ratios), figsize=(width, 5.2), gridspec_kw={"width_ratios": ratios})
+    ax, bx = axes[0], axes[1]
 
     # -- left: the search ---------------------------------------------------------------------
     xs = [s["index"] for s in steps]
@@ -109,6 +142,8 @@ def plot_localize(data: Mapping[str, Any], path: str | Path, *, dpi: int = 150) 
     held_text = "" if not held_rec or held_rec.get("mean") is None else f"; held out {held_rec['mean']:.2f}"
     bx.set_title(f"found set: {data['n_units']} of {data['universe_units']} units, recovery "
                  f"{rec['mean']:.2f}{ci}{held_text}", fontsize=9)
+    if comparison:
+        _comparison_panel(axes[2], comparison, settings, target)
     fig.suptitle(f"nngraft localize — {data['spec']['name']}", fontsize=11)
     fig.tight_layout()
 

@@ -37,6 +37,10 @@ _ORDER = ["p", "f", "fe", "lt", "m", "r", "fe_lt", "m_lt", "fe_m", "fe_m_lt", "f
           *[f"lt_{b}" for b in BUCKETS]]
 _COLORS = {"baseline": "#7f7f7f", "single": "#1f77b4", "union": "#2ca02c", "complement": "#ff7f0e",
            "bucket": "#9467bd", "other": "#17becf"}
+_COLORS["found"] = "#d62728"
+_LEGEND = {"baseline": "baselines (P, F)", "single": "one position", "union": "positions together",
+           "complement": "complements", "bucket": "components at LT", "other": "other specs",
+           "found": "found by nngraft localize"}
 _FRACTION_GROUPS = {"quarter": QUARTERS, "eighth": EIGHTHS, "half": ["first_half", "second_half"]}
 
 
@@ -167,9 +171,22 @@ def _errors(aggs: Sequence[Aggregate], metric: str) -> tuple[list[float], list[l
     return means, [low, high]
 
 
+def _recovery_errors(aggs: Sequence[Aggregate]) -> tuple[list[float], list[list[float]]]:
+    means, low, high = [], [], []
+    for a in aggs:
+        r = a.recovery
+        mean = math.nan if r is None else r.mean
+        means.append(mean)
+        low.append(0.0 if r is None or math.isnan(r.low) or math.isnan(mean) else max(0.0, mean - r.low))
+        high.append(0.0 if r is None or math.isnan(r.high) or math.isnan(mean) else max(0.0, r.high - mean))
+    return means, [low, high]
+
+
 def bar_chart(aggs: Sequence[Aggregate], *, title: str, k: int, stem: Path,
-              formats: Sequence[str] = ("png", "svg")) -> list[Path]:
-    """Mean probability, top-1 and top-k accuracy bars (with CI error bars) for one group of specs."""
+              formats: Sequence[str] = ("png", "svg"), categories: Mapping[str, str] | None = None) -> list[Path]:
+    """Mean probability, top-1 and top-k accuracy bars (with CI error bars) for one group of specs,
+    and their recovery (G − P) / (F − P) when the P and F baselines are there; a legend names the
+    bar colours (``categories``: a spec's colour group, overriding :func:`category`)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -177,29 +194,49 @@ def bar_chart(aggs: Sequence[Aggregate], *, title: str, k: int, stem: Path,
 
     names = [a.keys["spec"] for a in aggs]
     labels = [display_name(n) for n in names]
-    colors = [_COLORS[category(n)] for n in names]
+    cats = [categories.get(n, category(n)) if categories else category(n) for n in names]
+    colors = [_COLORS[c] for c in cats]
     panels = [("prob", "mean target probability")]
     if "top_1" in aggs[0].metrics:
         panels.append(("top_1", "top-1 accuracy"))
     if f"top_{k}" in aggs[0].metrics and k != 1:
-        panels.append((f"top_{k}", f"top-{k} accuracy (target in the {k} most likely tokens)"))
+        panels.append((f"top_{k}", f"top-{k} accuracy\n(target in the {k} most likely)"))
+    if any(a.recovery is not None and not math.isnan(a.recovery.mean) for a in aggs):
+        panels.append(("recovery", "recovery (G − P) / (F − P)\nof mean target prob."))
     width = max(6.0, 0.55 * len(names) + 1.5)
-    fig, axes = plt.subplots(len(panels), 1, figsize=(width, 2.6 * len(panels) + 0.8), sharex=True)
+    fig, axes = plt.subplots(len(panels), 1, figsize=(width, 2.6 * len(panels) + 1.2), sharex=True)
     axes = list(axes) if len(panels) > 1 else [axes]
     x = list(range(len(names)))
     n_facts = max(a.n_facts for a in aggs)
     for ax, (metric, label) in zip(axes, panels):
-        means, err = _errors(aggs, metric)
-        ax.bar(x, means, color=colors, yerr=err, capsize=3, error_kw={"elinewidth": 1})
+        means, err = _recovery_errors(aggs) if metric == "recovery" else _errors(aggs, metric)
+        ax.bar(x, [0.0 if math.isnan(m) else m for m in means], color=colors, yerr=err, capsize=3,
+               error_kw={"elinewidth": 1})
         ax.set_ylabel(label, fontsize=9)
-        ax.set_ylim(0, 1.12)
+        if metric == "recovery":
+            finite = [m - lo for m, lo in zip(means, err[0]) if not math.isnan(m)] + [0.0]
+            tops = [m + up for m, up in zip(means, err[1]) if not math.isnan(m)] + [1.0]
+            ax.set_ylim(min(-0.1, min(finite) - 0.1), max(tops) + 0.15)
+            ax.axhline(0.0, color="black", linewidth=0.6)
+            ax.axhline(1.0, color="#7f7f7f", linewidth=0.8, linestyle="--")
+        else:
+            ax.set_ylim(0, 1.12)
         ax.grid(axis="y", alpha=0.3)
         for xi, m, up in zip(x, means, err[1]):
-            if not math.isnan(m):  # the value sits above its error bar, never on it
-                ax.text(xi, min(m + up, 1.0) + 0.015, f"{m:.2f}", ha="center", va="bottom", fontsize=7)
+            if math.isnan(m):
+                if metric == "recovery":
+                    ax.text(xi, 0.02, "n/a", ha="center", va="bottom", fontsize=7, color="#7f7f7f")
+                continue
+            top = m + up if metric == "recovery" else min(m + up, 1.0)  # above its error bar, never on it
+            ax.text(xi, max(top, 0.0) + 0.015, f"{m:.2f}", ha="center", va="bottom", fontsize=7)
     axes[-1].set_xticks(x)
     axes[-1].set_xticklabels(labels, rotation=45, ha="right", fontsize=9)
     axes[0].set_title(f"{title}\n(n = {n_facts} facts; error bars: 95% CI over facts)", fontsize=10)
+    from matplotlib.patches import Patch
+
+    present = list(dict.fromkeys(cats))
+    axes[0].legend(handles=[Patch(color=_COLORS[c], label=_LEGEND[c]) for c in present], fontsize=7,
+                   loc="upper left", bbox_to_anchor=(1.005, 1.0), borderaxespad=0.0, frameon=False)
     fig.tight_layout()
     paths = _save(fig, stem, formats)
     plt.close(fig)
@@ -276,13 +313,50 @@ def check_rows(rows: Sequence[dict[str, Any]], path: Path) -> None:
                                    "was edited or is not an nngraft results file")
 
 
+FOUND = "found"
+"""In ``plot_results(specs=...)``: every spec that ``nngraft localize`` found (its description says so)."""
+
+
+def chosen_specs(names: Sequence[str], available: Sequence[str], manifest_specs: Mapping[str, Any]) -> list[str]:
+    """The spec names to plot, in the order given; ``"found"`` stands for the specs ``nngraft
+    localize`` found (run with ``nngraft run --spec OUT/spec.json``). Unknown names are an error
+    that lists the results' specs.
+
+    Example:
+        >>> chosen_specs(["f", "found", "p"], ["p", "f", "localized"],
+        ...              {"localized": {"description": "found by nngraft localize: 3 units"}})
+        ['f', 'localized', 'p']
+    """
+    from .results import ResultsError
+
+    out: list[str] = []
+    for name in names:
+        if name == FOUND and name not in available:
+            found = [n for n in available if str((manifest_specs.get(n) or {}).get("description", ""))
+                     .startswith("found by nngraft localize")]
+            if not found:
+                raise ResultsError(f"--specs names 'found', but no spec in these results was found by nngraft "
+                                   f"localize; run it with: nngraft run --spec LOCALIZE_OUT/spec.json … "
+                                   f"(the results have {', '.join(available)})")
+            out += [n for n in found if n not in out]
+        elif name not in available:
+            raise ResultsError(f"--specs names {name!r}, which is not in these results; they have "
+                               f"{', '.join(available)}" + (" (and 'found' for localize's spec)"))
+        elif name not in out:
+            out.append(name)
+    return out
+
+
 def plot_results(results: str | Path, out_dir: str | Path | None = None, *, k: int = 100,
-                 formats: Sequence[str] = ("png", "svg"), method: str = "bootstrap") -> list[Path]:
+                 formats: Sequence[str] = ("png", "svg"), method: str = "bootstrap",
+                 specs: Sequence[str] | None = None) -> list[Path]:
     """Render every bar chart and heatmap for a results file (or directory) into ``out_dir``
     (default: ``plots/`` beside the results). Returns the written paths (figures + CSV).
 
     ``k`` picks the top-k accuracy panel (a ``top_k`` column must be in the results; the largest
-    stored k is used when it is not)."""
+    stored k is used when it is not). ``specs``: draw one bar chart per model × template with just
+    these specs, in this order (``bars_chosen_…``; see :func:`chosen_specs`), instead of the
+    standard charts and heatmaps."""
     path = results_path(results)
     rows = load_results(path)
     if not rows:
@@ -291,7 +365,7 @@ def plot_results(results: str | Path, out_dir: str | Path | None = None, *, k: i
         raise ResultsError(f"{path} has no rows to plot")
     check_rows(rows, path)
     manifest = load_manifest(path)
-    specs = {name: info.get("spec", {}) for name, info in manifest.get("specs", {}).items()}
+    spec_json = {name: info.get("spec", {}) for name, info in manifest.get("specs", {}).items()}
     roles = {name: info.get("role") for name, info in manifest.get("specs", {}).items()}
     p_name = next((n for n, r in roles.items() if r == "p"), "p")
     f_name = next((n for n, r in roles.items() if r == "f"), "f")
@@ -316,8 +390,20 @@ def plot_results(results: str | Path, out_dir: str | Path | None = None, *, k: i
     groups: dict[tuple[str, str], list[Aggregate]] = {}
     for a in all_aggs:
         groups.setdefault((a.keys["model"], a.keys["template"]), []).append(a)
+    if specs is not None:
+        available = list(dict.fromkeys(r["spec"] for r in rows))
+        order = chosen_specs(specs, available, spec_json)
+        found = {n for n in order if str(spec_json.get(n, {}).get("description", "")).startswith("found by")}
+        for (model, template), aggs in groups.items():
+            by_name = {a.keys["spec"]: a for a in aggs}
+            members = [by_name[n] for n in order if n in by_name]
+            if members:
+                written += bar_chart(members, title=f"{model} — {template}", k=k,
+                                     stem=out / f"bars_chosen_{_safe(model)}_{_safe(template)}", formats=formats,
+                                     categories={n: "found" for n in found})
+        return written
     for (model, template), aggs in groups.items():
-        bars = [a for a in aggs if layer_facets(specs.get(a.keys["spec"], {})) is None]
+        bars = [a for a in aggs if layer_facets(spec_json.get(a.keys["spec"], {})) is None]
         bars.sort(key=lambda a: _order_key(a.keys["spec"], first_seen))
         base = [a for a in bars if chart_of(a.keys["spec"]) == "baseline"]
         for chart in CHARTS:
@@ -334,7 +420,7 @@ def plot_results(results: str | Path, out_dir: str | Path | None = None, *, k: i
                                  stem=out / f"bars_{chart}_{_safe(model)}_{_safe(template)}", formats=formats)
         cells: dict[tuple[str, str, str], dict[tuple[str, str], Aggregate]] = {}
         for a in aggs:
-            facets = layer_facets(specs.get(a.keys["spec"], {}))
+            facets = layer_facets(spec_json.get(a.keys["spec"], {}))
             if facets:
                 cells.setdefault((facets["position"], facets["fraction"], ""), {})[
                     (facets["component"], facets["layers"])] = a

@@ -110,8 +110,17 @@ def _read_lines(path: Path) -> tuple[list[dict[str, Any]], int, tuple[int, str] 
     return rows, good, None
 
 
-def load_results(path: str | Path) -> list[dict[str, Any]]:
-    """All complete rows of a results file (or directory) as dicts; a cut-off last line is
+class ResultRows(list):
+    """The rows of a results file: a plain list of dicts, plus :meth:`to_dataframe`."""
+
+    def to_dataframe(self) -> Any:
+        """The rows as a ``pandas.DataFrame`` (``pip install "nngraft[pandas]"``)."""
+        return to_dataframe(self)
+
+
+def load_results(path: str | Path) -> ResultRows:
+    """All complete rows of a results file (or directory) as dicts (a list;
+    ``load_results(path).to_dataframe()`` gives a pandas DataFrame); a cut-off last line is
     dropped with a :class:`TruncatedResultsWarning`.
 
     The file is not modified (:class:`ResultsWriter` repairs it when a run resumes)."""
@@ -122,7 +131,7 @@ def load_results(path: str | Path) -> list[dict[str, Any]]:
     if tail is not None:
         warnings.warn(f"{path}: line {tail[0]}: dropped an incomplete last line ({len(tail[1])} characters; "
                       "the run was probably killed mid-write)", TruncatedResultsWarning, stacklevel=2)
-    return rows
+    return ResultRows(rows)
 
 
 def to_dataframe(rows_or_path: Sequence[Mapping[str, Any]] | str | Path) -> Any:
@@ -135,7 +144,7 @@ def to_dataframe(rows_or_path: Sequence[Mapping[str, Any]] | str | Path) -> Any:
     try:
         import pandas as pd
     except ModuleNotFoundError:
-        raise ResultsError("to_dataframe needs pandas; install it with `pip install pandas` "
+        raise ResultsError("to_dataframe needs pandas; install it with `pip install \"nngraft[pandas]\"` "
                            "(or use load_results, which returns plain dicts)") from None
     rows = load_results(rows_or_path) if isinstance(rows_or_path, (str, Path)) else list(rows_or_path)
     return pd.DataFrame(rows)

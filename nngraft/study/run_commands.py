@@ -13,7 +13,7 @@ import re
 from pathlib import Path
 from typing import Any, Sequence
 
-from ..cli import command, console, out
+from ..cli import alert, command, console, out
 from ..checks import positive_int_arg
 
 
@@ -34,12 +34,15 @@ def summary_table(rows: Sequence[dict[str, Any]], *, k: int, title: str, p_spec:
     groups: dict[tuple[str, str], list[Any]] = {}
     for a in aggs:
         groups.setdefault((str(a.keys["model"]), str(a.keys["template"])), []).append(a)
+    row_rec = row_recoveries(rows)
+    answer = any("answer_logprob" in r for r in rows)
     tables = []
     for (model, template), members in sorted(groups.items(), key=lambda item: item[0]):
         table = Table(title=f"{title}: {model} — {template}", title_justify="left")
         table.add_column("spec", no_wrap=True)
-        for name in ("facts", "mean prob [95% CI]", "top-1", f"top-{k}", "mean rank", "logit diff", "KL(F‖G)",
-                     "KL(G‖P)", "recovery [95% CI]"):
+        columns = ["facts", "mean prob [95% CI]", "top-1", f"top-{k}", "mean rank", "logit diff", "KL(F‖G)",
+                   "KL(G‖P)", "recovery [95% CI]", "median row recovery"] + (["answer logprob"] if answer else [])
+        for name in columns:
             table.add_column(name, justify="right", no_wrap=True)
         for a in members:
             m = a.metrics
@@ -52,23 +55,61 @@ def summary_table(rows: Sequence[dict[str, Any]], *, k: int, title: str, p_spec:
             mean = lambda name, fmt: f"{m[name].mean:{fmt}}" if name in m else "–"  # noqa: E731
             label = display_name(a.keys["spec"]).replace("$^c$", "ᶜ")
             spec = a.keys["spec"] if label == a.keys["spec"] else f"{a.keys['spec']} ({label})"
-            table.add_row(spec, str(a.n_facts), prob_text, mean("top_1", ".2f"), mean(f"top_{k}", ".2f"),
-                          mean("rank", ".1f"), mean("logit_diff", ".2f"), mean("kl_f_graft", ".3f"),
-                          mean("kl_graft_p", ".3f"), rec)
+            median = row_rec.get((model, template, a.keys["spec"]))
+            cells = [spec, str(a.n_facts), prob_text, mean("top_1", ".2f"), mean(f"top_{k}", ".2f"),
+                     mean("rank", ".1f"), mean("logit_diff", ".2f"), mean("kl_f_graft", ".3f"),
+                     mean("kl_graft_p", ".3f"), rec, "–" if median is None else f"{median:.2f}"]
+            if answer:
+                cells.append(mean("answer_logprob", ".2f"))
+            table.add_row(*cells)
         tables.append(table)
     tables.append("[dim]means over facts; CI: percentile bootstrap over facts; recovery = (G − P) / (F − P) of "
-                  "mean prob. (n/a when |F − P| < 0.05); rank is 0-based; top-k: fewer than k tokens more likely; "
-                  "logit diff: target − P's top other token; KL in nats over the next token[/dim]")
+                  "mean prob. (n/a when |F − P| < 0.05); median row recovery: the median over prompts of each "
+                  "row's (G − P) / (F − P) against its own P and F rows (rows with |F − P| < 0.05 left out; "
+                  "the results file's recovery column); rank is 0-based; top-k: fewer than k tokens more likely; "
+                  "logit diff: target − P's top other token; KL in nats over the next token"
+                  + ("; answer logprob: mean log P(whole answer | prompt)" if answer else "") + "[/dim]")
     return Group(*tables)
 
 
-def wide_console(console: Any) -> Any:
-    """The console itself on a terminal; else a 130-column one (tables stay readable in logs)."""
+def row_recoveries(rows: Sequence[dict[str, Any]]) -> dict[tuple[str, str, str], float]:
+    """Median of the rows' ``recovery`` column per (model, template, spec), over rows that have one."""
+    import statistics
+
+    values: dict[tuple[str, str, str], list[float]] = {}
+    for r in rows:
+        if r.get("recovery") is not None:
+            values.setdefault((str(r["model"]), str(r["template"]), r["spec"]), []).append(r["recovery"])
+    return {key: statistics.median(v) for key, v in values.items()}
+
+
+def summary_json(rows: Sequence[dict[str, Any]], *, k: int) -> list[dict[str, Any]]:
+    """What ``nngraft run --json`` prints: per model × template × spec, the table's numbers."""
+    from .metrics import aggregate
+
+    row_rec = row_recoveries(rows)
+    out = []
+    for a in aggregate(rows):
+        item = {**{key: a.keys[key] for key in ("model", "template", "spec")}, "facts": a.n_facts}
+        for name, est in a.metrics.items():
+            if name in ("prob", "rank", "top_1", f"top_{k}", "logprob", "answer_logprob"):
+                item[name] = {"mean": est.mean, "low": est.low, "high": est.high}
+        item["recovery"] = (None if a.recovery is None or math.isnan(a.recovery.mean) else
+                            {"mean": a.recovery.mean, "low": a.recovery.low, "high": a.recovery.high})
+        item["median_row_recovery"] = row_rec.get((str(a.keys["model"]), str(a.keys["template"]), a.keys["spec"]))
+        out.append(item)
+    return out
+
+
+def wide_console(console: Any, width: int = 130) -> Any:
+    """The console itself on a terminal; else one at least ``width`` columns wide (tables stay
+    readable in logs and pipes), as quiet as ``console``."""
     from rich.console import Console
 
     if console.is_terminal:
         return console
-    return Console(width=max(console.width, 130), file=console.file, highlight=False)
+    return Console(width=max(console.width, width), file=console.file, force_terminal=False, quiet=console.quiet,
+                   highlight=False)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -82,15 +123,19 @@ def add_model_data_args(p: argparse.ArgumentParser, *, named_donors: bool = Fals
     ``named_donors``: ``--donor`` may be repeated as ``NAME=PATH`` for spec rules with
     ``"donor": NAME`` (``nngraft run``)."""
     who = p.add_argument_group("models (give --model and --donor, or --tiny)")
-    who.add_argument("--model", help="recipient P: local path or hub id")
+    who.add_argument("--model", help="recipient P: 'smollm2', a .gguf file, a local folder, a cached conversion "
+                     "or a hub id (see nngraft models)")
     if named_donors:
         who.add_argument("--donor", action="append", default=[], metavar="F | NAME=PATH",
-                         help="donor F: local path or hub id; repeat as NAME=PATH (e.g. hybrid=runs/hybrid) "
+                         help="donor F: a local folder (a PEFT LoRA adapter folder is grafted as a LoraDonor), "
+                              "a .gguf file or a hub id; repeat as NAME=PATH (e.g. hybrid=runs/hybrid) "
                               "for the donors that spec rules name with \"donor\": NAME")
     else:
-        who.add_argument("--donor", help="donor F: local path or hub id")
+        who.add_argument("--donor", help="donor F: a local folder (a PEFT LoRA adapter folder is grafted as a "
+                         "LoraDonor), a .gguf file or a hub id")
     who.add_argument("--tiny", metavar="MODEL_TYPE", help="use nngraft.tiny.tiny_pair(MODEL_TYPE) (CPU checks)")
-    who.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16", "auto"])
+    who.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16", "auto"],
+                     help="dtype to load P and F in (default float32; auto: the checkpoint's own)")
     who.add_argument("--device", default="auto", help="cpu, cuda, cuda:1 … (default: cuda if available)")
     data = p.add_argument_group("data (give --data, or --facts/--dataset with --template)")
     data.add_argument("--data", metavar="EXAMPLES.jsonl", help="test examples: one {fact_id, template, "
@@ -99,9 +144,12 @@ def add_model_data_args(p: argparse.ArgumentParser, *, named_donors: bool = Fals
     data.add_argument("--dataset", help="a built-in dataset (e.g. fake_movies_real_actors), with --n")
     data.add_argument("--n", type=int, help="number of facts of --dataset")
     data.add_argument("--seed", type=int, default=0, help="seed of --dataset (default 0)")
-    data.add_argument("--template", action="append", default=[], help="test template name (sentence_1 … "
-                      "sentence_4, rmra) or a {field} string; repeat for several")
-    data.add_argument("--answer-field", default="second_actor", help="fact field that is the answer")
+    data.add_argument("--template", action="append", default=[], metavar="NAME | TEMPLATE | FILE",
+                      help="test template: a name (sentence_1 … sentence_4, rmra), your own {field} string "
+                      "ending where the answer begins (e.g. '{inventor} built the'), or a file of them (one per "
+                      "line, or .json {name: template}); repeat for several")
+    data.add_argument("--answer-field", default="second_actor",
+                      help="fact field the prompts predict (default second_actor; e.g. device)")
     data.add_argument("--limit", type=int, help="use only the first N facts")
 
 
@@ -118,9 +166,13 @@ The P and F baselines (specs p and f) are always run too, for reference and reco
                    help="graft spec file (repeat for several)")
     add_model_data_args(p, named_donors=True)
     p.add_argument("-o", "--output", help="write results.jsonl + manifest.json here (resumes if present)")
-    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--batch-size", type=int, default=32,
+                   help="rows (spec × prompt) per forward pass (default 32; lower it if memory runs out)")
     p.add_argument("--answer-logprob", action="store_true",
-                   help="also score the whole answer by teacher forcing (answer_logprob column)")
+                   help="also score the whole answer by teacher forcing: an answer_logprob column in the "
+                        "results and the table")
+    p.add_argument("--json", action="store_true",
+                   help="print the summary as JSON on stdout instead of tables (for scripts)")
     p.add_argument("--k", type=positive_int_arg, default=100, help="top-k shown in the table (default 100)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
 
@@ -195,7 +247,8 @@ def pair_and_data(args: argparse.Namespace) -> tuple[dict[str, Any], dict[str, A
             raise SystemExit(_usage("--template applies to --facts/--dataset; --data already has prompts"))
         data: dict[str, Any] = {"examples": str(Path(args.data).resolve())}
     else:
-        data = {"templates": args.template, "answer_field": args.answer_field}
+        templates = [str(Path(t).resolve()) if "{" not in t and Path(t).is_file() else t for t in args.template]
+        data = {"templates": templates, "answer_field": args.answer_field}
         if args.facts:
             data["facts"] = str(Path(args.facts).resolve())
         else:
@@ -221,7 +274,7 @@ def _validated(raw: dict[str, Any]) -> Any:
 
 
 def _usage(message: str) -> int:
-    console.print(f"[red]usage error:[/red] {message}")
+    alert(f"[red]usage error:[/red] {message}")
     return 2
 
 
@@ -241,11 +294,11 @@ def interrupted(results: Path, command_line: str) -> int:
     except ResultsError:
         saved = 0
     if saved:
-        console.print(f"[yellow]interrupted:[/yellow] {saved} rows are saved in {results} (manifest: "
+        alert(f"[yellow]interrupted:[/yellow] {saved} rows are saved in {results} (manifest: "
                       f"{manifest_path(results)}).\nTo resume, run the same command again; rows already "
                       f"saved are skipped:\n  {command_line}")
     else:
-        console.print(f"[yellow]interrupted[/yellow] before any row was saved; to start again, run:\n"
+        alert(f"[yellow]interrupted[/yellow] before any row was saved; to start again, run:\n"
                       f"  {command_line}")
     return 130
 
@@ -276,14 +329,22 @@ def cmd_run(args: argparse.Namespace) -> int:
             outcome = run_sweep(config, output=output, show_progress=not args.no_progress, console=console)
         except KeyboardInterrupt:
             if not args.output:
-                console.print("[yellow]interrupted[/yellow]; nothing was kept (without -o DIR, results "
+                alert("[yellow]interrupted[/yellow]; nothing was kept (without -o DIR, results "
                               "live in a temporary folder). Run with -o DIR to keep partial results.")
                 return 130
             from .results import results_path
 
             return interrupted(results_path(output), getattr(args, "command_line", "the same command"))
         rows = load_results(outcome.results)
-        wide_console(out).print(summary_table(rows, k=args.k, title="nngraft run"))
+        if args.json:
+            import json
+
+            print(json.dumps({"results": str(outcome.results) if args.output else None,
+                              "manifest": str(outcome.manifest) if args.output else None,
+                              "baseline_check": outcome.baseline_check,
+                              "summary": summary_json(rows, k=args.k)}, indent=2, default=str))
+        else:
+            wide_console(out).print(summary_table(rows, k=args.k, title="nngraft run"))
         if args.output:
             console.print(f"results: {outcome.results}\nmanifest: {outcome.manifest}")
     return 0 if all(r.get("ok", True) for r in outcome.baseline_check.values()) else 1
@@ -336,7 +397,7 @@ def cmd_sweep(args: argparse.Namespace) -> int:
         console.print(f"plots: {len(paths)} files in {paths[0].parent}")
     failed = [n for n, r in outcome.baseline_check.items() if not r.get("ok", True)]
     if failed:
-        console.print(f"[red]error:[/red] baseline check failed for {failed}: the p/f rows differ from "
+        alert(f"[red]error:[/red] baseline check failed for {failed}: the p/f rows differ from "
                       "plain P/F forwards by more than the tolerance (see manifest.json baseline_check)")
         return 1
     return 0
@@ -355,6 +416,9 @@ def _plot_args(p: argparse.ArgumentParser) -> None:
                    help="figure format (repeat; default png and svg)")
     p.add_argument("--ci", choices=["bootstrap", "t"], default="bootstrap",
                    help="confidence intervals: percentile bootstrap over facts (default) or Student-t")
+    p.add_argument("--specs", metavar="NAME,NAME,...",
+                   help="one bar chart with just these specs, in this order (e.g. p,f,fe,lt,fe_lt,found; "
+                        "'found': the spec nngraft localize found, run with nngraft run --spec OUT/spec.json)")
 
 
 @command("plot", _plot_args)
@@ -362,8 +426,9 @@ def cmd_plot(args: argparse.Namespace) -> int:
     """Render bar charts and layer heatmaps (PNG + SVG) and aggregates.csv from a results file."""
     from .plot import plot_results
 
+    chosen = [n.strip() for n in args.specs.split(",") if n.strip()] if args.specs else None
     paths = plot_results(args.results, args.output, k=args.k, formats=args.format or ("png", "svg"),
-                         method=args.ci)
+                         method=args.ci, specs=chosen)
     for path in paths:
         out.print(str(path))
     console.print(f"wrote {len(paths)} files")

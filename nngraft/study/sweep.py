@@ -56,7 +56,7 @@ from ..result import kl_divergence, logit_difference, target_token_id, top_other
 from ..spec import GraftSpec, format_validation_error
 from .examples import TestExample
 from .grids import LmHeadMode, grid_specs, paper_specs, with_lm_head
-from .metrics import DEFAULT_KS, score_logits
+from .metrics import DEFAULT_KS, MIN_GAP, score_logits
 from ..inputs import loading_model
 from .models import FINGERPRINT_VERSION, environment_versions, model_identity, resolve_device
 from .results import (FORMAT_VERSION, ResultsError, ResultsWriter, check_output, load_manifest, manifest_path,
@@ -116,6 +116,12 @@ class ModelPair(_Strict):
             raise ValueError("give both 'recipient' and 'donor' (paths or hub ids), or 'tiny': MODEL_TYPE")
         if self.tiny is not None and (self.recipient or self.donor):
             raise ValueError("'tiny' replaces 'recipient' and 'donor'; give one or the other")
+        if self.tiny is not None:
+            from ..tiny import TINY_CONFIGS
+
+            if self.tiny not in TINY_CONFIGS:
+                raise ValueError(f"no tiny model of type {self.tiny!r}; tiny models exist for "
+                                 f"{', '.join(sorted(TINY_CONFIGS))}")
         for key in self.donors:
             if key == "default" or not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_.-]*", key):
                 raise ValueError(f"donor name {key!r}: use a name such as 'hybrid' (letters, digits, _ . -; "
@@ -345,8 +351,17 @@ def load_data(config: SweepConfig) -> tuple[list[TestExample], dict[str, Any]]:
             else:
                 raise DataError("give 'templates' (names such as \"sentence_3\" or {field} strings) "
                                 "to turn the facts into test prompts")
+        expanded: list[str | TemplateConfig] = []
+        for t in templates:  # a template file (a path with no {field}) stands for its templates
+            if isinstance(t, str) and "{" not in t and t not in datasets.TEST_TEMPLATES:
+                from .templates import read_test_templates
+
+                expanded += [TemplateConfig(template=text, name=name)
+                             for name, text in read_test_templates(config.path(t))]
+            else:
+                expanded.append(t)
         examples = []
-        for t in templates:
+        for t in expanded:
             t = TemplateConfig(template=t) if isinstance(t, str) else t
             examples += datasets.make_test_examples(facts, t.template, data.answer_field, name=t.name,
                                                     values=t.values or None)
@@ -378,6 +393,9 @@ class LoadedPair:
     tokenizer: Any
     identity: dict[str, Any]
     donors: dict[str, torch.nn.Module] = field(default_factory=dict)
+    graft_donor: Any = None
+    """What to graft from when it is not ``donor`` itself (a LoRA adapter; ``donor`` is then P
+    with the adapter merged, for the plain-F baseline check)."""
 
 
 def load_pair(pair: ModelPair, config: SweepConfig | None = None) -> LoadedPair:
@@ -387,12 +405,13 @@ def load_pair(pair: ModelPair, config: SweepConfig | None = None) -> LoadedPair:
         from ..tiny import tiny_pair
 
         P, F, tok = tiny_pair(pair.tiny, n_layers=pair.tiny_layers)
+        graft_from = None
         src_p = f"nngraft.tiny.tiny_pair({pair.tiny!r}, n_layers={pair.tiny_layers}) P"
         src_f = f"nngraft.tiny.tiny_pair({pair.tiny!r}, n_layers={pair.tiny_layers}) F"
         if pair.dtype in _DTYPES:
             P, F = P.to(_DTYPES[pair.dtype]), F.to(_DTYPES[pair.dtype])
     else:
-        from transformers import AutoModelForCausalLM, AutoTokenizer
+        from ..loading import load_model
 
         def resolve(value: str) -> str:
             local = config.path(value) if config is not None else Path(value)
@@ -401,24 +420,67 @@ def load_pair(pair: ModelPair, config: SweepConfig | None = None) -> LoadedPair:
         src_p, src_f = resolve(pair.recipient), resolve(pair.donor)
         dtype = _DTYPES.get(pair.dtype, "auto")
         with loading_model(f"model {pair.name!r}: the recipient", src_p):
-            tok = AutoTokenizer.from_pretrained(src_p)
-            P = AutoModelForCausalLM.from_pretrained(src_p, dtype=dtype)
+            P, tok = load_model(src_p, dtype=dtype)
         with loading_model(f"model {pair.name!r}: the donor", src_f):
-            F = AutoModelForCausalLM.from_pretrained(src_f, dtype=dtype)
+            F, graft_from = load_donor(src_f, P, dtype=dtype)
     P, F = P.to(device).eval(), F.to(device).eval()
     identity = {"recipient": model_identity(P, src_p), "donor": model_identity(F, src_f),
                 "device": str(device)}
+    if graft_from is not None:
+        identity["donor"]["lora_adapter"] = graft_from.describe()
     donors = {}
     for key, value in pair.donors.items():  # extra named donors: always paths or hub ids
-        from transformers import AutoModelForCausalLM
-
         local = config.path(value) if config is not None else Path(value)
         src = str(local) if local.exists() else value
         with loading_model(f"model {pair.name!r}: donor {key!r}", src):
-            donors[key] = AutoModelForCausalLM.from_pretrained(src, dtype=_DTYPES.get(pair.dtype, "auto"))
+            donors[key], _ = load_donor(src, P, dtype=_DTYPES.get(pair.dtype, "auto"))
         donors[key] = donors[key].to(device).eval()
         identity.setdefault("donors", {})[key] = model_identity(donors[key], src)
-    return LoadedPair(pair.name, P, F, tok, identity, donors)
+    loaded = LoadedPair(pair.name, P, F, tok, identity, donors)
+    loaded.graft_donor = graft_from
+    return loaded
+
+
+def load_donor(name: str, recipient: torch.nn.Module, *, dtype: Any) -> tuple[torch.nn.Module, Any]:
+    """``(F as a whole model, LoraDonor or None)`` for a donor name (:mod:`nngraft.loading`). A PEFT
+    LoRA adapter folder is grafted as a :class:`~nngraft.delta.LoraDonor`; the whole model returned
+    beside it is P with the adapter merged (by PEFT when installed), used for the plain-F baseline
+    check, so every run compares the adapter's grafts against merged weights."""
+    from ..loading import load_model, resolve_model
+
+    source = resolve_model(name)
+    if source.kind != "adapter":
+        return load_model(name, dtype=dtype)[0], None
+    from ..delta import LoraDonor
+
+    lora = LoraDonor(source.path)
+    lora.check_against(recipient)
+    return merged_lora_model(recipient, source.path), lora
+
+
+def merged_lora_model(recipient: torch.nn.Module, adapter: str | Path) -> torch.nn.Module:
+    """A copy of ``recipient`` with the LoRA adapter merged into its weights: with PEFT's
+    ``merge_and_unload`` when PEFT is installed, else with :class:`~nngraft.delta.LoraDonor`'s
+    ``W + scale · B·A`` per adapted module."""
+    import copy
+
+    base = copy.deepcopy(recipient)
+    try:
+        from peft import PeftModel
+    except ImportError:
+        from ..arch import get_module
+        from ..delta import LoraDonor
+
+        lora = LoraDonor(adapter)
+        paths = set(lora.factors) | {n.rpartition(".")[0] for n in lora.full}
+        with torch.no_grad():
+            for path in paths:
+                module = get_module(base, path)
+                for name, value in lora.params(path, module).items():
+                    owner, _, leaf = name.rpartition(".")
+                    getattr(get_module(module, owner) if owner else module, leaf).copy_(value)
+        return base.eval()
+    return PeftModel.from_pretrained(base, str(adapter)).merge_and_unload().eval()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -512,7 +574,17 @@ def evaluate(grafter: Grafter, specs: Sequence[GraftSpec], examples: Sequence[Te
     roles = [spec_role(s) for s in specs]
     stats = EvalStats(units=len(specs) * len(examples))
     done = writer.done if writer is not None else {}
-    for batch in plan_batches(specs, [len(t) for t in tokenized], batch_size):
+    baseline: dict[tuple[str, str], float] = {}  # (role, example key) -> prob of this run's p / f row
+    for (m, name, key), row in done.items():
+        role = next((r for s, r in zip(specs, roles) if s.name == name), None)
+        if m == model and role in ("p", "f"):
+            baseline[(role, key)] = row["prob"]
+    lengths = [len(t) for t in tokenized]
+    phases = [[i for i, r in enumerate(roles) if r in ("p", "f")], [i for i, r in enumerate(roles) if r not in ("p", "f")]]
+    batches = [[(phase[s], e) for s, e in batch]  # P and F rows first: every other row's recovery needs them
+               for phase in phases if phase
+               for batch in plan_batches([specs[i] for i in phase], lengths, batch_size)]
+    for batch in batches:
         todo = [u for u in batch if (model, specs[u[0]].name, examples[u[1]].key) not in done]
         stats.skipped += len(batch) - len(todo)
         if not todo:
@@ -551,6 +623,12 @@ def evaluate(grafter: Grafter, specs: Sequence[GraftSpec], examples: Sequence[Te
                 row["answer_logprob"] = sum(per_token[j])
                 row["answer_tokens"] = len(per_token[j])
             rows.append(row)
+        for (s, e), row in zip([u for u in batch if u in todo], rows):
+            if roles[s] in ("p", "f"):
+                baseline[(roles[s], examples[e].key)] = row["prob"]
+        for (s, e), row in zip([u for u in batch if u in todo], rows):
+            key = examples[e].key
+            row.update(row_recovery(row["prob"], baseline.get(("p", key)), baseline.get(("f", key))))
         if writer is not None:
             writer.append(rows)
         else:
@@ -589,6 +667,23 @@ def compare_with_baselines(logits: torch.Tensor, extra_logits: torch.Tensor, bat
     foil = top_other_token(p, ids)
     return {"logit_diff": logit_difference(logits, ids, foil), "foil_id": foil,
             "kl_f_graft": kl_divergence(f, logits), "kl_graft_p": kl_divergence(logits, p)}
+
+
+def row_recovery(prob: float, p: float | None, f: float | None, *, min_gap: float = MIN_GAP) -> dict[str, Any]:
+    """One row's recovery of target probability against the same example's P and F rows of the
+    run: ``{"p_prob", "f_prob", "recovery"}`` with recovery = (G − P) / (F − P), ``None`` when
+    |F − P| < ``min_gap`` (then it would only amplify noise) or a baseline is not in the run.
+
+    Example:
+        >>> row_recovery(0.5, 0.1, 0.9)
+        {'p_prob': 0.1, 'f_prob': 0.9, 'recovery': 0.5}
+        >>> row_recovery(0.5, 0.1, 0.12)["recovery"] is None
+        True
+    """
+    if p is None or f is None:
+        return {"p_prob": p, "f_prob": f, "recovery": None}
+    value = (prob - p) / (f - p) if abs(f - p) >= min_gap else None
+    return {"p_prob": p, "f_prob": f, "recovery": value}
 
 
 def direct_probs(model: torch.nn.Module, tokenizer: Any, examples: Sequence[TestExample]) -> list[float]:
@@ -768,8 +863,8 @@ def run_sweep(config: SweepConfig, *, output: str | Path | None = None, show_pro
                 manifest["models"][pair.name] = pair.identity
                 write_manifest(results, manifest)
                 recorded = True
-                grafter = Grafter(pair.recipient, pair.donor, pair.tokenizer, donors=pair.donors,
-                                  batch_size=config.batch_size)
+                grafter = Grafter(pair.recipient, pair.graft_donor or pair.donor, pair.tokenizer,
+                                  donors=pair.donors, batch_size=config.batch_size)
                 total = len(specs) * len(examples)
                 label = f"{pair.name}: {len(specs)} specs × {len(examples)} examples"
                 with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), Rate(),
