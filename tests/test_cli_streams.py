@@ -63,7 +63,7 @@ def test_errors_still_print_under_quiet(capsys):
     code = main(["run", "--tiny", "mamba", "--spec", "recipes/specs/lt.json", "--dataset",
                  "fake_movies_fake_actors", "--n", "2", "--template", "sentence_1", "--quiet"])
     captured = capsys.readouterr()
-    assert code == 1 and "Traceback" not in captured.err
+    assert code == 2 and "Traceback" not in captured.err  # a user error: exit 2, one message
     assert "no tiny model of type 'mamba'; tiny models exist for gemma" in captured.err
 
 
@@ -73,7 +73,7 @@ def test_payload_with_an_uncached_hub_id_offline_is_a_clean_error(monkeypatch, t
     monkeypatch.setenv("NNGRAFT_CACHE", str(tmp_path / "cache"))
     code = main(["payload", "recipes/specs/lt.json", "--model", "meta-llama/Llama-3.2-1B"])
     captured = capsys.readouterr()
-    assert code == 1 and "Traceback" not in captured.err
+    assert code == 2 and "Traceback" not in captured.err
     assert "no model 'meta-llama/Llama-3.2-1B'" in captured.err and "does not download models" in captured.err
 
 

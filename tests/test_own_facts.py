@@ -135,9 +135,9 @@ def test_plot_specs_chooses_and_orders_bars_with_recovery_panel_and_legend(study
 
 def test_plot_specs_names_an_unknown_spec_and_a_missing_found_spec(study, capsys, tmp_path):
     root, _ = study
-    assert main(["plot", str(root / "out"), "--specs", "p,nope", "-o", str(tmp_path)]) == 1
+    assert main(["plot", str(root / "out"), "--specs", "p,nope", "-o", str(tmp_path)]) == 2
     assert "--specs names 'nope', which is not in these results; they have p, f, inventor_last" in capsys.readouterr().err
-    assert main(["plot", str(root / "out"), "--specs", "p,found", "-o", str(tmp_path)]) == 1
+    assert main(["plot", str(root / "out"), "--specs", "p,found", "-o", str(tmp_path)]) == 2
     assert "no spec in these results was found by nngraft localize" in capsys.readouterr().err
 
 
