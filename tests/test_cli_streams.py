@@ -64,7 +64,7 @@ def test_errors_still_print_under_quiet(capsys):
                  "fake_movies_fake_actors", "--n", "2", "--template", "sentence_1", "--quiet"])
     captured = capsys.readouterr()
     assert code == 2 and "Traceback" not in captured.err  # a user error: exit 2, one message
-    assert "no tiny model of type 'mamba'; tiny models exist for gemma" in captured.err
+    assert "no tiny model of type 'mamba'; known: gemma" in captured.err
 
 
 def test_payload_with_an_uncached_hub_id_offline_is_a_clean_error(monkeypatch, tmp_path, capsys):
