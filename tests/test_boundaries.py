@@ -391,7 +391,8 @@ def test_a_hub_id_that_cannot_be_loaded_offline_exits_2(tmp_path, spec_file, exa
                              cwd=tmp_path, timeout=300)
         err = " ".join(run.stderr.split())
         assert run.returncode == 2, run.stderr
-        assert "cannot load" in err and "'nobody/no-model'" in err and "Hugging Face cache" in err
+        assert "no model 'nobody/no-model'" in err and "Hugging Face cache" in err
+        assert "does not download models at run time" in err
         assert "Traceback" not in err
 
 

@@ -545,8 +545,8 @@ CASES = [
     Case(25, "token id beyond the vocabulary", "another model's tokenizer", _foreign_token, PromptError,
          r"prompt 0: token id \d+ is outside the model's vocabulary of 256 tokens"),
     Case(26, "model that cannot be loaded", "an empty folder, or a hub id not in the cache while offline",
-         _offline_hub_id, ModelLoadError, r"cannot load the recipient's tokenizer from 'empty-model' .* Give a local "
-         r"model folder \(with config.json\), or a hub id that is already in the Hugging Face cache",
+         _offline_hub_id, ModelLoadError, r"empty-model is a folder but not a Hugging Face model folder "
+         r"\(no config.json\) nor a PEFT adapter \(no adapter_config.json\)",
          handling="raised (nngraft never downloads at run time; also in `nngraft payload`)",
          shown=lambda text: re.sub(r" \((OSError|ValueError): .*\)\. Give", " (…). Give", text)),
     Case(27, "bad value in a sweep config", '`"tiny": "mamba"`',
