@@ -344,7 +344,7 @@ def cmd_run(args: argparse.Namespace) -> int:
                               "baseline_check": outcome.baseline_check,
                               "summary": summary_json(rows, k=args.k)}, indent=2, default=str))
         else:
-            wide_console(out).print(summary_table(rows, k=args.k, title="nngraft run"))
+            wide_console(out, 200).print(summary_table(rows, k=args.k, title="nngraft run"))
         if args.output:
             console.print(f"results: {outcome.results}\nmanifest: {outcome.manifest}")
     return 0 if all(r.get("ok", True) for r in outcome.baseline_check.values()) else 1
@@ -385,7 +385,7 @@ def cmd_sweep(args: argparse.Namespace) -> int:
         out_dir = Path(args.output) if args.output else config.output_dir()
         return interrupted(results_path(out_dir), getattr(args, "command_line", "the same command"))
     rows = load_results(outcome.results)
-    wide_console(out).print(summary_table(rows, k=args.k, title=f"nngraft sweep {config.name}"))
+    wide_console(out, 200).print(summary_table(rows, k=args.k, title=f"nngraft sweep {config.name}"))
     for name, s in outcome.stats.items():
         console.print(f"{name}: {s.written} rows written, {s.skipped} already done, "
                       f"{s.seconds:.1f} s ({s.rows_per_second:.1f} rows/s)")
