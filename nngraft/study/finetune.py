@@ -38,6 +38,7 @@ import hashlib
 import json
 import math
 import random
+import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
