@@ -55,6 +55,36 @@ def number(where: str, name: str, value: Any, *, minimum: float = 0.0, optional:
     return value
 
 
+def positive_number(where: str, name: str, value: Any, *, optional: bool = False) -> Any:
+    """``value`` if it is a finite real number > 0 (or ``None`` when ``optional``)."""
+    if value is None and optional:
+        return None
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
+        raise fail(where, name, "a finite number > 0" + (" or None" if optional else ""), value)
+    return value
+
+
+def text(where: str, name: str, value: Any, *, optional: bool = False, url: bool = False) -> Any:
+    """``value`` if it is a non-empty string without surrounding blanks (or ``None`` when
+    ``optional``); with ``url``, one that starts with ``http://`` or ``https://``."""
+    if value is None and optional:
+        return None
+    what = "an http:// or https:// URL" if url else "a non-empty string"
+    if not isinstance(value, str) or not value or value != value.strip() or (
+            url and not value.startswith(("http://", "https://"))):
+        raise fail(where, name, what + (" or None" if optional else ""), value)
+    return value
+
+
+def float_dtype(where: str, name: str, value: Any) -> Any:
+    """``value`` if it is a floating torch dtype, or ``None``."""
+    import torch
+
+    if value is not None and not (isinstance(value, torch.dtype) and value.is_floating_point):
+        raise fail(where, name, "a floating torch dtype (torch.float32, torch.bfloat16 …) or None", value)
+    return value
+
+
 def positive_int_arg(text: str) -> int:
     """An ``argparse`` type: an integer >= 1 (``--k 0`` is a usage error, not an empty column)."""
     import argparse
@@ -65,6 +95,19 @@ def positive_int_arg(text: str) -> int:
         raise argparse.ArgumentTypeError(f"should be an integer >= 1, got {text!r}") from None
     if value < 1:
         raise argparse.ArgumentTypeError(f"should be an integer >= 1, got {value}")
+    return value
+
+
+def positive_number_arg(text: str) -> float:
+    """An ``argparse`` type: a finite number > 0 (``--limit-mb -1`` is a usage error)."""
+    import argparse
+
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"should be a number > 0, got {text!r}") from None
+    if not (value > 0 and math.isfinite(value)):
+        raise argparse.ArgumentTypeError(f"should be a number > 0, got {text}")
     return value
 
 

@@ -118,10 +118,9 @@ def _check_shape(name: str, tensor: torch.Tensor, like: torch.Tensor, what: str 
 
 
 def _check_dtype(where: str, dtype: Any) -> None:
-    if dtype is not None and not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
-        from .checks import fail
+    from . import checks
 
-        raise fail(where, "dtype", "a floating torch dtype (torch.float32, torch.bfloat16 …) or None", dtype)
+    checks.float_dtype(where, "dtype", dtype)
 
 
 def _fingerprint(tensor: torch.Tensor) -> str:

@@ -15,6 +15,7 @@ import argparse
 from pathlib import Path
 from typing import Any
 
+from .checks import positive_number_arg
 from .cli import command, console, out
 
 
@@ -104,7 +105,7 @@ def _payload_args(p: argparse.ArgumentParser) -> None:
                    "default: dense, delta:16, lora:16)")
     p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"],
                    help="dtype the tensors travel in (default bfloat16)")
-    p.add_argument("--limit-mb", type=float, default=None, help="payload limit to compare against")
+    p.add_argument("--limit-mb", type=positive_number_arg, default=None, help="payload limit to compare against")
     p.add_argument("--per-module", action="store_true", help="also print bytes per module")
     p.add_argument("--rows", type=int, default=64, help="rows per request, for activation traffic (default 64)")
     p.add_argument("--tokens", type=int, default=32, help="tokens per row, for activation traffic (default 32)")

@@ -439,6 +439,23 @@ def _registered() -> None:
     nnsight.register(functional)
 
 
+def _payload_limit_from_environment() -> float:
+    """``NNGRAFT_MAX_PAYLOAD_MB`` as a number > 0 (default :data:`DEFAULT_MAX_PAYLOAD_MB`)."""
+    from ..errors import ArgumentError
+
+    given = os.environ.get("NNGRAFT_MAX_PAYLOAD_MB")
+    if given is None:
+        return DEFAULT_MAX_PAYLOAD_MB
+    try:
+        limit = float(given)
+    except ValueError:
+        limit = float("nan")
+    if not (limit > 0 and limit != float("inf")):
+        raise ArgumentError(f"NdifBackend: the environment variable NNGRAFT_MAX_PAYLOAD_MB should be a number of "
+                            f"megabytes > 0, got {given!r}; fix or unset it, or pass max_payload_mb=")
+    return limit
+
+
 class NdifBackend(Backend):
     """Forward passes on NDIF (or a stand-in server): P runs there, the donor travels as tensors.
 
@@ -475,8 +492,25 @@ class NdifBackend(Backend):
     def __init__(self, *, execution: str | Server = "ndif", dtype: torch.dtype | None = None,
                  max_payload_mb: float | None = None, api_key: str | None = None, host: str | None = None,
                  revision: str | None = None, check_model: bool = True, verbose: bool = True) -> None:
+        from .. import checks
+
+        where = "NdifBackend"
         if execution not in ("ndif", "local") and not callable(execution):
-            raise ValueError(f"execution must be 'ndif', 'local' or a callable server, not {execution!r}")
+            raise checks.fail(where, "execution", "'ndif', 'local' or a callable server(metadata, blob) -> bytes",
+                              execution)
+        checks.float_dtype(where, "dtype", dtype)
+        checks.positive_number(where, "max_payload_mb", max_payload_mb, optional=True)
+        if api_key is not None and (not isinstance(api_key, str) or not api_key.strip()):
+            from ..errors import ArgumentError
+
+            # the value is not shown: it may be most of a real key
+            raise ArgumentError(f"{where}: api_key: Input should be a non-empty string or None, got a "
+                                f"{type(api_key).__name__} of {len(api_key) if isinstance(api_key, str) else 'no'} "
+                                "characters (not shown: keys are never echoed)")
+        checks.text(where, "host", host, optional=True, url=True)
+        checks.text(where, "revision", revision, optional=True)
+        checks.flag(where, "check_model", check_model)
+        checks.flag(where, "verbose", verbose)
         self.execution = execution
         self.host = host
         self.revision = revision
@@ -485,8 +519,7 @@ class NdifBackend(Backend):
         self._requested_dtype = dtype
         self._given_api_key = api_key
         self._api_key: str | None = None
-        limit = max_payload_mb if max_payload_mb is not None else float(
-            os.environ.get("NNGRAFT_MAX_PAYLOAD_MB", DEFAULT_MAX_PAYLOAD_MB))
+        limit = max_payload_mb if max_payload_mb is not None else _payload_limit_from_environment()
         self.limit_bytes = int(limit * 1e6)
         self.last_report: PayloadReport | None = None
         self.last_traffic: Traffic | None = None  # activation accesses of the last request (sandbox cost)
