@@ -526,3 +526,63 @@ def test_plot_refuses_rows_that_are_not_results(tmp_path, capsys):
 def test_writing_a_file_onto_a_directory_names_it(tmp_path, capsys):
     code, err = _cli(capsys, "schema", "-o", str(tmp_path))
     assert code == 2 and f"Is a directory (give a file path): {tmp_path};" in err
+
+
+# -- the remote backend's own settings ------------------------------------------------------------
+
+@pytest.mark.parametrize("options, message", [
+    ({"max_payload_mb": 0}, r"NdifBackend: max_payload_mb: Input should be a finite number > 0 or None, got 0 \(int\)"),
+    ({"max_payload_mb": -5.0}, r"NdifBackend: max_payload_mb: Input should be a finite number > 0 or None, got -5.0"),
+    ({"max_payload_mb": float("nan")}, r"NdifBackend: max_payload_mb: Input should be a finite number > 0 or None, "
+                                       r"got nan \(float\)"),
+    ({"max_payload_mb": "10"}, r"NdifBackend: max_payload_mb: Input should be a finite number > 0 or None, "
+                               r"got '10' \(str\)"),
+    ({"host": "ndif.example"}, r"NdifBackend: host: Input should be an http:// or https:// URL or None, "
+                               r"got 'ndif.example' \(str\)"),
+    ({"host": 8001}, r"NdifBackend: host: Input should be an http:// or https:// URL or None, got 8001 \(int\)"),
+    ({"revision": ""}, r"NdifBackend: revision: Input should be a non-empty string or None, got '' \(str\)"),
+    ({"dtype": "bf16"}, r"NdifBackend: dtype: Input should be a floating torch dtype \(torch.float32, torch.bfloat16 "
+                        r"…\) or None, got 'bf16' \(str\)"),
+    ({"dtype": torch.int8}, r"NdifBackend: dtype: Input should be a floating torch dtype"),
+    ({"check_model": "yes"}, r"NdifBackend: check_model: Input should be True or False, got 'yes' \(str\)"),
+    ({"verbose": 1}, r"NdifBackend: verbose: Input should be True or False, got 1 \(int\)"),
+    ({"execution": "remote"}, r"NdifBackend: execution: Input should be 'ndif', 'local' or a callable server"
+                              r"\(metadata, blob\) -> bytes, got 'remote' \(str\)"),
+])
+def test_remote_settings_are_checked(options, message):
+    from nngraft.backends.ndif import NdifBackend
+
+    with pytest.raises(ArgumentError, match=message):
+        NdifBackend(**options)
+    with pytest.raises(ArgumentError, match=message):  # the same check through Grafter.remote, before any load
+        Grafter.remote("no/such-model", DeltaDonor(pair()[1], pair()[0]), **options)
+
+
+def test_a_bad_api_key_is_refused_without_echoing_it():
+    from nngraft.backends.ndif import NdifBackend
+
+    with pytest.raises(ArgumentError, match=r"NdifBackend: api_key: Input should be a non-empty string or None, got a "
+                                            r"str of 3 characters \(not shown: keys are never echoed\)") as caught:
+        NdifBackend(api_key="   ")
+    with pytest.raises(ArgumentError, match=r"got a bytes of no characters") as caught:
+        NdifBackend(api_key=b"secret-key")
+    assert "secret" not in str(caught.value)
+
+
+@pytest.mark.parametrize("value", ["lots", "0", "-1", "inf", "nan"])
+def test_a_bad_payload_limit_in_the_environment_is_refused(monkeypatch, value):
+    from nngraft.backends.ndif import NdifBackend
+
+    monkeypatch.setenv("NNGRAFT_MAX_PAYLOAD_MB", value)
+    with pytest.raises(ArgumentError, match=rf"NdifBackend: the environment variable NNGRAFT_MAX_PAYLOAD_MB should be "
+                                            rf"a number of megabytes > 0, got '{value}'; fix or unset it"):
+        NdifBackend()
+    assert NdifBackend(max_payload_mb=2).limit_bytes == 2_000_000  # an explicit limit does not read it
+    monkeypatch.setenv("NNGRAFT_MAX_PAYLOAD_MB", "3")
+    assert NdifBackend().limit_bytes == 3_000_000
+
+
+@pytest.mark.parametrize("value", ["0", "-2", "nan", "lots"])
+def test_payload_limit_on_the_command_line_is_checked(capsys, value):
+    code, err = _cli(capsys, "payload", "spec.json", "--model", "m", f"--limit-mb={value}")
+    assert code == 2 and "argument --limit-mb: should be a number > 0, got" in err and value in err

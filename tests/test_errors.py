@@ -540,6 +540,12 @@ CASES = [
     Case(24, "span text of the wrong type", "`spans=[{'first_actor': 3}]`",
          lambda: grafter().run(spec(MLP_LT), ["Ada stars in"], spans=[{"first_actor": 3}]), ArgumentError,
          r"Grafter.run: spans\[0\]\['first_actor'\]: Input should be the span's text"),
+    Case(24, "bad remote setting", "`Grafter.remote(..., max_payload_mb=0)`",
+         lambda: __import__("nngraft.backends.ndif", fromlist=["NdifBackend"]).NdifBackend(max_payload_mb=0),
+         ArgumentError, r"NdifBackend: max_payload_mb: Input should be a finite number > 0 or None, got 0 \(int\)",
+         handling="raised before anything loads or is sent, for every setting of `Grafter.remote` / `NdifBackend` "
+                  "(`execution`, `dtype`, `host`, `api_key` — whose value is never shown —, `revision`, "
+                  "`check_model`, `verbose`) and a bad `NNGRAFT_MAX_PAYLOAD_MB`"),
     Case(25, "prompt longer than the context", "a 200-token prompt, a 128-token model", _long_prompt, PromptError,
          r"prompt 0 has \d+ tokens, more than the model's context of 128 \(max_position_embeddings\)"),
     Case(25, "token id beyond the vocabulary", "another model's tokenizer", _foreign_token, PromptError,
