@@ -41,8 +41,11 @@ def _cmd_schema(args: argparse.Namespace) -> int:
 
     text = json.dumps(spec_json_schema(), indent=2)
     if args.output:
-        from .io import atomic_write_text
+        from .io import atomic_write_text, refuse_foreign_file
 
+        title = spec_json_schema().get("title")
+        refuse_foreign_file(args.output, lambda old: json.loads(old).get("title") == title, command="schema",
+                            flag="-o")
         atomic_write_text(Path(args.output), text + "\n")
         console.print(f"wrote {args.output}")
     else:

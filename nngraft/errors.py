@@ -81,6 +81,11 @@ class DataIntegrityError(DataError):
     """A saved dataset's content does not match the sha256 recorded in its manifest."""
 
 
+class OutputExistsError(GraftError):
+    """An output path holds a file or folder that the writing command did not write; nngraft
+    never overwrites it."""
+
+
 # -- remote grafting (nngraft.backends.ndif, nngraft.delta, nngraft.backends.payload) -------------------------
 
 

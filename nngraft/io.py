@@ -80,3 +80,36 @@ def atomic_save_figure(fig: Any, path: Path, **savefig_kwargs: Any) -> Path:
     with _replacing(path) as tmp:
         fig.savefig(tmp, **savefig_kwargs)
     return path
+
+
+def refuse_foreign_file(path: str | Path, ours: Any, *, command: str, flag: str) -> Path:
+    """Refuse to overwrite ``path`` unless it is absent or ``ours(text)`` says ``command`` wrote it
+    (a rerun replaces its own output). Raises :class:`~nngraft.errors.OutputExistsError` naming
+    the file, what nngraft would do, and the option (``flag``) to change.
+
+    Example:
+        >>> import tempfile, pathlib
+        >>> notes = pathlib.Path(tempfile.mkdtemp()) / "notes.txt"
+        >>> _ = notes.write_text("my notes")
+        >>> refuse_foreign_file(notes, lambda text: text.startswith("{"), command="schema", flag="-o")  # doctest: +ELLIPSIS
+        Traceback (most recent call last):
+        ...
+        nngraft.errors.OutputExistsError: refusing to overwrite .../notes.txt: ...
+    """
+    from .errors import OutputExistsError
+
+    path = Path(path)
+    if not path.exists() and not path.is_symlink():
+        return path
+    if path.is_dir():  # the writer's own error names it (IsADirectoryError)
+        return path
+    try:
+        text = path.read_bytes().decode("utf-8")
+        known = bool(ours(text))
+    except Exception:  # unreadable, not UTF-8, not what we write: not ours
+        known = False
+    if not known:
+        raise OutputExistsError(
+            f"refusing to overwrite {path}: it exists and is not a file `nngraft {command}` wrote, and nngraft "
+            f"never overwrites other files. Give a new path with {flag} (or move that file away)")
+    return path

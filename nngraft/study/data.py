@@ -39,7 +39,7 @@ from typing import Any, Iterable, Sequence
 
 from ..errors import DataError, DataIntegrityError
 from ..inputs import loads_json, read_text
-from ..io import atomic_write_text
+from ..io import atomic_write_text, refuse_foreign_file
 from .examples import Fact, TestExample
 from .spancheck import SpanProblem, SpanReport, TokenizedExamples, tokenize_examples
 from .templates import (DIRECTIONS, TEST_TEMPLATES, TRAINING_TEMPLATES, make_test_examples,
@@ -339,8 +339,22 @@ def save_facts(facts: Sequence[Fact], path: str | Path, *, dataset: str | None =
         "dataset": dataset,
         "seed": seed,
     }
+    refuse_foreign_file(path, lambda _: _is_facts_manifest(manifest_path(path), path.name),
+                        command="data make", flag="-o")
+    refuse_foreign_file(manifest_path(path), lambda _: _is_facts_manifest(manifest_path(path)),
+                        command="data make", flag="-o")
     atomic_write_text(path, text)
     return atomic_write_text(manifest_path(path), json.dumps(manifest, indent=2) + "\n")
+
+
+def _is_facts_manifest(mpath: Path, file: str | None = None) -> bool:
+    """Whether ``mpath`` is a facts manifest nngraft wrote (for facts file ``file``, if given)."""
+    try:
+        record = json.loads(mpath.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return False
+    return isinstance(record, dict) and record.get("format") == MANIFEST_FORMAT and (
+        file is None or record.get("file") == file)
 
 
 def read_manifest(path: str | Path) -> dict[str, Any] | None:

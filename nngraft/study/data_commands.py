@@ -102,8 +102,18 @@ def _show(args: argparse.Namespace) -> int:
     return 0
 
 
+def _is_texts_file(text: str) -> bool:
+    """Whether ``text`` is a texts file ``data texts`` wrote: JSON lines of {"text": ...} only."""
+    lines = [line for line in text.splitlines() if line.strip()]
+    for line in lines:
+        row = json.loads(line)
+        if not isinstance(row, dict) or set(row) != {"text"}:
+            return False
+    return bool(lines)
+
+
 def _texts(args: argparse.Namespace) -> int:
-    from ..io import atomic_write_text
+    from ..io import atomic_write_text, refuse_foreign_file
     from .data import DATASETS, TRAINING_TEMPLATES, load_facts, read_manifest, training_texts
 
     facts = load_facts(args.facts)
@@ -120,6 +130,7 @@ def _texts(args: argparse.Namespace) -> int:
         families, directions = args.families or list(templates), args.directions or ["A2B"]
     texts = training_texts(facts, families, directions, templates=templates,
                            paper_typos=args.paper_typos)
+    refuse_foreign_file(args.output, _is_texts_file, command="data texts", flag="-o")
     atomic_write_text(Path(args.output), "".join(json.dumps({"text": t}) + "\n" for t in texts))
     out.print(f"wrote {len(texts)} texts ({len(facts)} facts × {len(directions)} directions, "
               f"template set {templates if isinstance(templates, str) else args.templates!r}) to {args.output}")

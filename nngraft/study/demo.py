@@ -249,8 +249,17 @@ def run_demo(options: DemoOptions, console: Any = None, tables: Any = None) -> D
     (default: ``console``; the CLI passes stdout)."""
     from ..loading import quiet_transformers
 
-    with quiet_transformers():  # no "Loading weights" bars or deprecation chatter in the demo
-        return _run_demo(options, console, tables)
+    from .results import output_folder
+
+    with output_folder(options.out, "demo", flag="--out", ours=_written_by_demo), quiet_transformers():
+        return _run_demo(options, console, tables)  # no "Loading weights" bars or deprecation chatter
+
+
+def _written_by_demo(folder: Path) -> bool:
+    try:
+        return "demo" in json.loads((folder / "manifest.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError, TypeError):
+        return False
 
 
 def _run_demo(options: DemoOptions, console: Any, tables_console: Any = None) -> DemoOutcome:
@@ -630,10 +639,9 @@ def _cmd_finetune(args: argparse.Namespace) -> int:
     if args.dataset and not args.n:
         raise DataError("--dataset needs --n (how many facts)")
     out_dir = Path(args.out)
-    if out_dir.exists() and not args.overwrite:
-        from .finetune import FinetuneError
+    from .finetune import check_replaceable
 
-        raise FinetuneError(f"{out_dir} already exists; pass --overwrite or choose another --out")
+    check_replaceable(out_dir, overwrite=args.overwrite)
     facts: Any = None
     source: dict[str, Any] = {}
     if args.facts:

@@ -422,8 +422,8 @@ def finetune(model: Any, tokenizer: Any, texts: Sequence[str], *, config: Finetu
     if not all(isinstance(t, str) and t for t in texts):
         raise FinetuneError("every training text must be a non-empty string")
     out = Path(out_dir) if out_dir is not None else None
-    if out is not None and out.exists() and not overwrite:
-        raise FinetuneError(f"{out} already exists; pass overwrite=True or choose another out_dir")
+    if out is not None:
+        check_replaceable(out, overwrite=overwrite, flag="out_dir", force="overwrite=True")
 
     started = time.time()
     random.seed(config.seed)
@@ -545,12 +545,28 @@ def _progress(progress: bool | Any) -> Any:
                     TextColumn("left"), TimeRemainingColumn(), console=console, transient=False)
 
 
+def check_replaceable(out: Path, *, overwrite: bool, flag: str = "--out", force: str = "--overwrite") -> None:
+    """Refuse ``out`` as a finetuned model's folder unless it is new, or (with ``overwrite``) an
+    empty folder or one that finetune wrote (it holds finetune's manifest): overwriting replaces the
+    whole folder, so it must never be someone else's."""
+    if not out.exists() and not out.is_symlink():
+        return
+    if not out.is_dir() or out.is_symlink():
+        raise FinetuneError(f"{out} exists and is not a folder; give a new folder with {flag}")
+    if not overwrite:
+        raise FinetuneError(f"{out} already exists; pass {force} or choose another {flag}")
+    if any(out.iterdir()) and not (out / MANIFEST_FILE).is_file():
+        raise FinetuneError(f"refusing to overwrite {out}: it is not a folder nngraft finetune wrote (no "
+                            f"{MANIFEST_FILE}), and {force} would replace all of it. Give a new folder with {flag}")
+
+
 def save_finetuned(model: Any, tokenizer: Any, manifest: dict[str, Any], out_dir: str | Path, *,
                    overwrite: bool = False) -> Path:
     """Save model (safetensors; a LoRA adapter for peft models), tokenizer and manifest to
     ``out_dir`` atomically: everything goes to a temporary sibling folder first, renamed into place
     when complete."""
     try:
+        check_replaceable(Path(out_dir), overwrite=overwrite, flag="out_dir", force="overwrite=True")
         return save_model_folder(model, tokenizer, out_dir, {MANIFEST_FILE: json.dumps(manifest, indent=2) + "\n"},
                                  overwrite=overwrite)
     except FileExistsError:

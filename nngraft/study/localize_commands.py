@@ -62,7 +62,17 @@ def load_inputs(pair: dict[str, Any], data: dict[str, Any]) -> tuple[Any, list[A
 def run_localize(pair: dict[str, Any], data: dict[str, Any], *, output: str | Path, plot: bool = True,
                  show_progress: bool = True, console: Any = None, **options: Any) -> tuple[Any, dict[str, Path]]:
     """Load models and data, run :func:`~nngraft.study.localize.localize` with ``options`` and save
-    its files in ``output``. Returns (result, {"spec", "result", "plot"} paths)."""
+    its files in ``output`` (a new folder, or one localize wrote before: see
+    :func:`~nngraft.study.results.output_folder`). Returns (result, {"spec", "result", "plot"} paths)."""
+    from .results import output_folder
+
+    with output_folder(output, "localize", flag="-o", ours=lambda folder: (folder / "localize.json").is_file()):
+        return _run_localize(pair, data, output=Path(output), plot=plot, show_progress=show_progress,
+                             console=console, **options)
+
+
+def _run_localize(pair: dict[str, Any], data: dict[str, Any], *, output: Path, plot: bool, show_progress: bool,
+                  console: Any, **options: Any) -> tuple[Any, dict[str, Path]]:
     from ..grafter import Grafter
     from ..spec import ModelRef
     from .localize import compare_with_fe_lt, localize

@@ -28,7 +28,7 @@ from typing import Any, Mapping, Sequence
 from ..io import atomic_save_figure
 from .grids import BUCKETS, EIGHTHS, LAYER_COMPONENTS_FOR_GROUPS, QUARTERS
 from .metrics import Aggregate, aggregate
-from .results import load_manifest, load_results, results_path
+from .results import LOCK_FILE, OWNER_FILE, load_manifest, load_results, output_folder, results_path
 
 _POS = {"fe": "FE", "lt": "LT", "m": "M", "r": "R"}
 _ORDER = ["p", "f", "fe", "lt", "m", "r", "fe_lt", "m_lt", "fe_m", "fe_m_lt", "fe_r", "r_lt", "fe_r_lt",
@@ -373,7 +373,21 @@ def plot_results(results: str | Path, out_dir: str | Path | None = None, *, k: i
     if stored and k not in stored:
         k = stored[-1]
     out = Path(out_dir) if out_dir is not None else path.parent / "plots"
-    out.mkdir(parents=True, exist_ok=True)
+    with output_folder(out, "plot", flag="-o", ours=_plots_of_before) as out:
+        return _render(rows, specs, p_name, f_name, k, out, formats, method)
+
+
+_FIGURE_SUFFIXES = (".png", ".svg", ".pdf", ".csv")
+
+
+def _plots_of_before(folder: Path) -> bool:
+    """A folder ``plot`` wrote before folders were marked: aggregates.csv and figures only."""
+    names = [e for e in folder.iterdir() if e.name not in (LOCK_FILE, OWNER_FILE)]
+    return (folder / "aggregates.csv").is_file() and all(e.is_file() and e.suffix in _FIGURE_SUFFIXES for e in names)
+
+
+def _render(rows: list[dict[str, Any]], specs: dict[str, Any], p_name: str, f_name: str, k: int, out: Path,
+            formats: Sequence[str], method: str) -> list[Path]:
     written: list[Path] = []
 
     templates = list(dict.fromkeys(r["template"] for r in rows))

@@ -44,6 +44,7 @@ from ..errors import GraftError
 RESULTS_FILE = "results.jsonl"
 MANIFEST_FILE = "manifest.json"
 LOCK_FILE = ".nngraft-lock"
+OWNER_FILE = ".nngraft-output"  # which command writes into a folder (see output_folder)
 MANIFEST_FORMAT = "nngraft.results"
 FORMAT_VERSION = 1
 
@@ -371,3 +372,62 @@ def output_lock(folder: str | Path) -> Iterator[Path]:
         with contextlib.suppress(OSError):
             path.unlink()  # while still holding the lock
         os.close(fd)
+
+
+def _folder_owner(folder: Path) -> str | None:
+    try:
+        record = json.loads((folder / OWNER_FILE).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    return record.get("command") if isinstance(record, dict) else None
+
+
+def check_output_folder(folder: str | Path, command: str, *, flag: str, ours: Any = None) -> Path:
+    """Refuse to write ``command``'s files into ``folder`` when it holds anything that command did
+    not write: it must be new, empty, marked as ``command``'s (:data:`OWNER_FILE`), or recognised
+    by ``ours(folder)`` (a folder written before the mark existed). Raises
+    :class:`~nngraft.errors.OutputExistsError` naming the folder, a few of its files, and ``flag``."""
+    from ..errors import OutputExistsError
+
+    folder = Path(folder)
+    if folder.exists() and not folder.is_dir():
+        raise OutputExistsError(f"cannot write into {folder}: it exists and is not a directory; give a new "
+                                f"directory with {flag}")
+    if not folder.is_dir():
+        return folder
+    entries = sorted(e.name for e in folder.iterdir() if e.name not in (OWNER_FILE, LOCK_FILE))
+    owner = _folder_owner(folder)
+    if not entries or owner == command or (owner is None and ours is not None and ours(folder)):
+        return folder
+    shown = ", ".join(entries[:3]) + (f" and {len(entries) - 3} more" if len(entries) > 3 else "")
+    by = f" (it is `nngraft {owner}`'s output)" if owner else ""
+    raise OutputExistsError(
+        f"refusing to write into {folder}: it holds files that `nngraft {command}` did not write ({shown}){by}, "
+        f"and nngraft never overwrites other files. Give a new or empty directory with {flag}")
+
+
+@contextlib.contextmanager
+def output_folder(folder: str | Path, command: str, *, flag: str, ours: Any = None) -> Iterator[Path]:
+    """Write ``command``'s files into ``folder``: check it (:func:`check_output_folder`), hold its
+    OS lock (:func:`output_lock`) while writing, and mark it as ``command``'s so a rerun may
+    replace its own files.
+
+    Example:
+        >>> import tempfile, pathlib
+        >>> folder = pathlib.Path(tempfile.mkdtemp())
+        >>> with output_folder(folder, "plot", flag="-o") as out:
+        ...     _ = (out / "a.png").write_text("figure")
+        >>> with output_folder(folder, "localize", flag="-o"):  # doctest: +ELLIPSIS
+        ...     pass
+        Traceback (most recent call last):
+        ...
+        nngraft.errors.OutputExistsError: refusing to write into ...: it holds files that `nngraft localize` did not write (a.png) (it is `nngraft plot`'s output), ...
+    """
+    from ..io import atomic_write_text
+
+    folder = check_output_folder(folder, command, flag=flag, ours=ours)
+    with output_lock(folder):
+        check_output_folder(folder, command, flag=flag, ours=ours)  # again, now that no one else writes
+        if _folder_owner(folder) != command:
+            atomic_write_text(folder / OWNER_FILE, json.dumps({"command": command}) + "\n")
+        yield folder
