@@ -586,3 +586,158 @@ def test_a_bad_payload_limit_in_the_environment_is_refused(monkeypatch, value):
 def test_payload_limit_on_the_command_line_is_checked(capsys, value):
     code, err = _cli(capsys, "payload", "spec.json", "--model", "m", f"--limit-mb={value}")
     assert code == 2 and "argument --limit-mb: should be a number > 0, got" in err and value in err
+
+
+# -- no clobbered file for every writer -------------------------------------------------------------
+
+RESULT_ROW = {"model": "m", "spec": "p", "example": "f1/s3", "template": "s3", "fact_id": "f1", "prob": 0.25}
+
+
+def _results(folder: Path) -> Path:
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "results.jsonl").write_text(json.dumps(RESULT_ROW) + "\n")
+    return folder
+
+
+def _files(folder: Path) -> dict[str, bytes]:
+    return {p.name: p.read_bytes() for p in folder.iterdir()}
+
+
+def test_plot_refuses_a_folder_of_other_files_and_reruns_into_its_own(tmp_path, capsys):
+    runs = _results(tmp_path / "runs")
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "notes.txt").write_text("my notes\n")
+    code, err = _cli(capsys, "plot", str(runs), "-o", str(mine))
+    assert code == 2
+    assert (f"refusing to write into {mine}: it holds files that `nngraft plot` did not write (notes.txt), and "
+            "nngraft never overwrites other files. Give a new or empty directory with -o") in err
+    assert _files(mine) == {"notes.txt": b"my notes\n"}
+    figures = tmp_path / "figures"
+    assert _cli(capsys, "plot", str(runs), "-o", str(figures))[0] == 0
+    first = sorted(p.name for p in figures.iterdir())
+    assert "aggregates.csv" in first and ".nngraft-output" in first and ".nngraft-lock" not in first
+    assert _cli(capsys, "plot", str(runs), "-o", str(figures))[0] == 0  # a rerun replaces its own files
+    assert sorted(p.name for p in figures.iterdir()) == first
+    # a plots folder written before folders were marked (figures and aggregates.csv only) is plot's own
+    (figures / ".nngraft-output").unlink()
+    assert _cli(capsys, "plot", str(runs), "-o", str(figures))[0] == 0
+    # another command's folder is not plot's, and the message says whose it is
+    (figures / ".nngraft-output").write_text('{"command": "localize"}\n')
+    code, err = _cli(capsys, "plot", str(runs), "-o", str(figures))
+    assert code == 2 and "(it is `nngraft localize`'s output)" in err
+
+
+def test_plot_into_a_folder_another_writer_holds_is_refused(tmp_path, capsys):
+    runs = _results(tmp_path / "runs")
+    with output_lock(tmp_path / "figures"):
+        code, err = _cli(capsys, "plot", str(runs), "-o", str(tmp_path / "figures"))
+    assert code == 2 and f"figures is in use by another nngraft run (pid {os.getpid()} on " in err
+    assert not (tmp_path / "figures" / "aggregates.csv").exists()
+
+
+def test_plot_output_that_is_a_file_is_refused(tmp_path, capsys):
+    runs = _results(tmp_path / "runs")
+    (tmp_path / "notes.txt").write_text("my notes\n")
+    code, err = _cli(capsys, "plot", str(runs), "-o", str(tmp_path / "notes.txt"))
+    assert code == 2 and f"cannot write into {tmp_path / 'notes.txt'}: it exists and is not a directory" in err
+    assert (tmp_path / "notes.txt").read_text() == "my notes\n"
+
+
+@pytest.mark.parametrize("command, flag", [
+    (["localize", "--tiny", "llama", "--dataset", "fake_movies_fake_actors", "--n", "2", "--template", "sentence_1",
+      "--no-progress"], "-o"),
+    (["demo", "--quick", "--no-progress"], "--out"),
+])
+def test_folder_writers_refuse_a_folder_of_other_files(tmp_path, capsys, command, flag):
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "notes.txt").write_text("my notes\n")
+    code, err = _cli(capsys, *command, flag, str(mine))
+    assert code == 2
+    assert (f"refusing to write into {mine}: it holds files that `nngraft {command[0]}` did not write (notes.txt)"
+            f", and nngraft never overwrites other files. Give a new or empty directory with {flag}") in err
+    assert _files(mine) == {"notes.txt": b"my notes\n"}
+    with output_lock(tmp_path / "busy"):  # and a folder another writer holds
+        code, err = _cli(capsys, *command, flag, str(tmp_path / "busy"))
+    assert code == 2 and "busy is in use by another nngraft run" in err
+
+
+def test_localize_reruns_into_its_own_folder(tmp_path, capsys):
+    out = tmp_path / "loc"
+    args = ["localize", "--tiny", "llama", "--dataset", "fake_movies_fake_actors", "--n", "2", "--template",
+            "sentence_1", "--targets", "donor_top1", "--metric", "logprob", "--no-plot", "--no-progress", "-o", str(out)]
+    assert _cli(capsys, *args)[0] == 0
+    first = json.loads((out / "localize.json").read_text())
+    assert _cli(capsys, *args)[0] == 0
+    assert json.loads((out / "localize.json").read_text())["units"] == first["units"]
+    assert sorted(p.name for p in out.iterdir()) == [".nngraft-output", "localize.json", "spec.json"]
+
+
+@pytest.mark.parametrize("extra", [[], ["--overwrite"]])
+def test_finetune_never_replaces_a_folder_it_did_not_write(tmp_path, capsys, extra):
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "notes.txt").write_text("my notes\n")
+    code, err = _cli(capsys, "finetune", "--model", "not-loaded", "--dataset", "fake_movies_fake_actors", "--n", "2",
+                     "--out", str(mine), *extra)
+    assert code == 2
+    if extra:
+        assert (f"refusing to overwrite {mine}: it is not a folder nngraft finetune wrote (no "
+                "finetune-manifest.json), and --overwrite would replace all of it. Give a new folder with --out") in err
+    else:
+        assert f"{mine} already exists; pass --overwrite or choose another --out" in err
+    assert _files(mine) == {"notes.txt": b"my notes\n"}
+    (tmp_path / "notes.txt").write_text("my notes\n")  # a file is never replaced by a model folder
+    code, err = _cli(capsys, "finetune", "--model", "not-loaded", "--dataset", "fake_movies_fake_actors", "--n", "2",
+                     "--out", str(tmp_path / "notes.txt"), *extra)
+    assert code == 2 and f"{tmp_path / 'notes.txt'} exists and is not a folder; give a new folder with --out" in err
+    assert (tmp_path / "notes.txt").read_text() == "my notes\n"
+
+
+def test_save_finetuned_overwrite_replaces_only_its_own_folder(tmp_path):
+    from nngraft.study.finetune import FinetuneError, save_finetuned
+
+    P, _, tok = pair()
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "notes.txt").write_text("my notes\n")
+    with pytest.raises(FinetuneError, match="refusing to overwrite .*mine: it is not a folder nngraft finetune wrote"):
+        save_finetuned(P, tok, {"note": "test"}, mine, overwrite=True)
+    assert _files(mine) == {"notes.txt": b"my notes\n"}
+    out = save_finetuned(P, tok, {"note": "first"}, tmp_path / "model")
+    save_finetuned(P, tok, {"note": "second"}, out, overwrite=True)  # its own folder: replaced
+    assert json.loads((out / "finetune-manifest.json").read_text()) == {"note": "second"}
+
+
+@pytest.mark.parametrize("argv, command", [
+    (["data", "make", "fake_movies_fake_actors", "-n", "3"], "data make"),
+    (["data", "texts", "FACTS"], "data texts"),
+    (["schema"], "schema"),
+])
+def test_file_writers_refuse_to_overwrite_other_files_and_rerun_over_their_own(tmp_path, capsys, argv, command):
+    from nngraft.study.data import make_facts, save_facts
+
+    facts = tmp_path / "facts.jsonl"
+    save_facts(make_facts("fake_movies_fake_actors", 2), facts, dataset="fake_movies_fake_actors")
+    argv = [str(facts) if a == "FACTS" else a for a in argv]
+    notes = tmp_path / "notes.jsonl"
+    notes.write_text('{"my": "notes"}\n')
+    before = _files(tmp_path)
+    code, err = _cli(capsys, *argv, "-o", str(notes))
+    assert code == 2
+    assert (f"refusing to overwrite {notes}: it exists and is not a file `nngraft {command}` wrote, and nngraft "
+            "never overwrites other files. Give a new path with -o (or move that file away)") in err
+    assert _files(tmp_path) == before
+    new = tmp_path / "new.jsonl"
+    assert _cli(capsys, *argv, "-o", str(new))[0] == 0
+    assert _cli(capsys, *argv, "-o", str(new))[0] == 0  # a rerun replaces its own output
+    assert new.stat().st_size > 0
+
+
+def test_data_make_refuses_a_foreign_manifest_beside_its_output(tmp_path, capsys):
+    (tmp_path / "f.manifest.json").write_text('{"mine": true}\n')
+    code, err = _cli(capsys, "data", "make", "fake_movies_fake_actors", "-n", "3", "-o", str(tmp_path / "f.jsonl"))
+    assert code == 2 and f"refusing to overwrite {tmp_path / 'f.manifest.json'}: it exists and is not a file" in err
+    assert not (tmp_path / "f.jsonl").exists()
+    assert (tmp_path / "f.manifest.json").read_text() == '{"mine": true}\n'

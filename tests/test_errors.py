@@ -39,7 +39,7 @@ from nngraft import (
     UnsupportedArchitectureError,
 )
 from nngraft.errors import (ArgumentError, DataError, GraftError, ModelLoadError, ModelNotAvailableError,
-                            PayloadTooLargeError, PromptError, RemoteAuthError,
+                            OutputExistsError, PayloadTooLargeError, PromptError, RemoteAuthError,
                             TraceError)
 from nngraft.study.results import OutputInUseError, ResultsError, TruncatedResultsWarning
 from nngraft.study.sweep import SweepConfigError
@@ -574,10 +574,25 @@ CASES = [
          "refusing to write results into notes.txt: it is not an nngraft results file",
          handling="raised before anything is written: the file is left as it was and no manifest is written "
                   "beside it (likewise for a sweep's `output`, and a `manifest.json` that is not nngraft's)"),
+    Case(28, "output folder holding other files", "`nngraft plot runs/t -o mine/` where mine/ holds notes.txt",
+         _in_scratch(lambda folder: (_write("results.jsonl", json.dumps(dict(ROW, template="s3", fact_id="f1")) + "\n")(
+             folder), (folder / "mine").mkdir(), _write("mine/notes.txt", "my notes\n")(folder)),
+             lambda: __import__("nngraft.study.plot", fromlist=["plot_results"]).plot_results(".", "mine")),
+         OutputExistsError, r"refusing to write into mine: it holds files that `nngraft plot` did not write \(notes.txt\)",
+         handling="raised before anything is written, likewise by `localize -o` and `demo --out`; a new or empty folder, "
+                  "or one the same command wrote (marked by `.nngraft-output`), is fine, and a rerun replaces its "
+                  "own files. `finetune --out … --overwrite` replaces only a folder finetune wrote"),
+    Case(28, "output file that is someone else's", "`nngraft data make … -o notes.txt`",
+         _in_scratch(_write("notes.txt", "my notes\n"), lambda: __import__("nngraft.study.data", fromlist=["x"]).save_facts(
+             __import__("nngraft.study.data", fromlist=["x"]).make_facts("fake_movies_fake_actors", 2), "notes.txt")),
+         OutputExistsError, "refusing to overwrite notes.txt: it exists and is not a file `nngraft data make` wrote",
+         handling="raised before anything is written, likewise by `data texts -o` and `schema -o`; a rerun over "
+                  "the command's own output replaces it"),
     Case(29, "two runs on one output folder", "a second `nngraft sweep` while the first runs",
          _in_scratch(_write("sweep.json", _sweep_config()), _locked_output), OutputInUseError,
          r"runs/t is in use by another nngraft run \(pid \d+ on .*, started .*\)\. Two runs writing one results file",
-         handling="raised: the output folder is locked (an OS file lock, released even when a run crashes)",
+         handling="raised: the output folder is locked (an OS file lock, released even when a run crashes); "
+                  "`plot -o`, `localize -o` and `demo --out` take the same lock",
          shown=lambda text: re.sub(r"\(pid .*?\)\. Two", "(pid PID on HOST, started TIME: COMMAND). Two", text)),
     Case(30, "full disk", "ENOSPC while appending results", _in_scratch(_write("sweep.json", _sweep_config()), _full_disk),
          OSError, "No space left on device", cli=True,
