@@ -98,6 +98,21 @@ def positive_int_arg(text: str) -> int:
     return value
 
 
+def seed_arg(text: str) -> int:
+    """An ``argparse`` type: a seed, an integer >= 0 (Python's ``random`` seeds -5 like 5, so a
+    negative seed would silently repeat another seed's data)."""
+    import argparse
+
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"should be an integer >= 0, got {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"should be an integer >= 0, got {value} (a negative seed draws the same "
+                                         f"data as {-value})")
+    return value
+
+
 def positive_number_arg(text: str) -> float:
     """An ``argparse`` type: a finite number > 0 (``--limit-mb -1`` is a usage error)."""
     import argparse

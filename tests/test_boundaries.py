@@ -741,3 +741,45 @@ def test_data_make_refuses_a_foreign_manifest_beside_its_output(tmp_path, capsys
     assert code == 2 and f"refusing to overwrite {tmp_path / 'f.manifest.json'}: it exists and is not a file" in err
     assert not (tmp_path / "f.jsonl").exists()
     assert (tmp_path / "f.manifest.json").read_text() == '{"mine": true}\n'
+
+
+# -- seeds: a negative seed silently drew another seed's data -------------------------------------------
+
+
+def test_a_negative_seed_is_refused_it_would_repeat_another_seeds_facts():
+    import random
+
+    from nngraft.study.data import make_facts
+
+    assert random.Random(-5).random() == random.Random(5).random()  # why: Python seeds with |seed|
+    with pytest.raises(DataError, match=r"seed must be an integer >= 0, got -5 \(Python's random draws the same data "
+                                        r"for -5 as for 5"):
+        make_facts("fake_movies_fake_actors", 3, seed=-5)
+    with pytest.raises(DataError, match=r"seed must be an integer >= 0, got 1.5"):
+        make_facts("fake_movies_fake_actors", 3, seed=1.5)
+
+
+@pytest.mark.parametrize("argv, option", [
+    (["data", "make", "fake_movies_fake_actors", "-n", "3", "-o", "f.jsonl", "--seed", "-5"], "--seed"),
+    (["run", "--tiny", "llama", "--spec", "lt.json", "--dataset", "fake_movies_fake_actors", "--n", "2",
+      "--seed", "-5"], "--seed"),
+    (["finetune", "--model", "m", "--out", "o", "--dataset", "fake_movies_fake_actors", "--n", "2",
+      "--data-seed", "-5"], "--data-seed"),
+    (["finetune", "--model", "m", "--out", "o", "--dataset", "fake_movies_fake_actors", "--n", "2", "--seed", "-5"],
+     "--seed"),
+    (["demo", "--seed", "-5"], "--seed"),
+])
+def test_a_negative_seed_on_the_command_line_exits_2(tmp_path, capsys, monkeypatch, argv, option):
+    monkeypatch.chdir(tmp_path)
+    code, err = _cli(capsys, *argv)
+    assert code == 2 and f"argument {option}: should be an integer >= 0, got -5 (a negative seed draws the same data " \
+                          "as 5)" in err
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_a_negative_seed_in_a_sweep_config_is_refused(tmp_path):
+    config = tmp_path / "sweep.json"
+    config.write_text(json.dumps({"models": [{"name": "t", "tiny": "llama"}], "specs": ["lt.json"],
+                                  "data": {"dataset": "fake_movies_fake_actors", "n": 2, "seed": -1}}))
+    with pytest.raises(SweepConfigError, match=r"data.seed: Input should be greater than or equal to 0"):
+        load_sweep_config(config)

@@ -135,6 +135,9 @@ def make_facts(dataset: str, n: int, seed: int = 0) -> list[Fact]:
                         "(load your own JSONL with load_facts)")
     if not isinstance(n, int) or isinstance(n, bool) or n < 1:
         raise DataError(f"n must be a positive integer, got {n!r}")
+    if not isinstance(seed, int) or isinstance(seed, bool) or seed < 0:
+        raise DataError(f"seed must be an integer >= 0, got {seed!r} (Python's random draws the same data for "
+                        "-5 as for 5, so a negative seed would silently repeat another seed's facts)")
     rng = random.Random(seed)
     if dataset == "fake_movies_fake_actors":
         return _fake_movies(rng, n, real_actors=False)

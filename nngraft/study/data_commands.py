@@ -16,7 +16,7 @@ from typing import Any
 from rich.table import Table
 
 from ..cli import command, console, out
-from ..checks import positive_int_arg
+from ..checks import positive_int_arg, seed_arg
 
 
 def _configure(p: argparse.ArgumentParser) -> None:
@@ -25,7 +25,7 @@ def _configure(p: argparse.ArgumentParser) -> None:
     make.add_argument("dataset", help="fake_movies_fake_actors, fake_movies_real_actors, "
                       "real_movies_real_actors or real_movies_real_actors_shuffled")
     make.add_argument("-n", type=int, required=True, help="number of facts")
-    make.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
+    make.add_argument("--seed", type=seed_arg, default=0, help="random seed (default 0)")
     make.add_argument("-o", "--output", required=True, help="facts file to write (.jsonl)")
 
     show = sub.add_parser("show", help="verify a facts file and preview its facts and test prompts")

@@ -43,6 +43,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
 
+from ..checks import seed_arg
 from ..cli import command
 
 DATASET = "fake_movies_fake_actors"
@@ -536,7 +537,7 @@ def _demo_args(p: argparse.ArgumentParser) -> None:
                    help=f"number of new facts to teach (default {DEFAULT_FACTS}; {QUICK_FACTS} with --quick)")
     p.add_argument("--out", default=str(DemoOptions.out), metavar="DIR",
                    help=f"output folder (default ./{DemoOptions.out}); the demo replaces its own earlier files there")
-    p.add_argument("--seed", type=int, default=0, help="seed of the facts and the finetuning (default 0)")
+    p.add_argument("--seed", type=seed_arg, default=0, help="seed of the facts and the finetuning (default 0)")
     p.add_argument("--device", default="auto", help="cpu, cuda, cuda:1 … (default: cuda if available)")
     p.add_argument("--quick", action="store_true",
                    help="4 facts, one short finetuning epoch: checks the pipeline runs (numbers mean nothing)")
@@ -575,7 +576,7 @@ P's folder (for 'smollm2' or a .gguf file: the cached conversion)."""
                       "the facts are only saved beside the model for `nngraft run`")
     data.add_argument("--dataset", help="built-in dataset, e.g. fake_movies_real_actors")
     data.add_argument("--n", type=int, help="number of facts of --dataset")
-    data.add_argument("--data-seed", type=int, default=0, help="seed of --dataset (default 0)")
+    data.add_argument("--data-seed", type=seed_arg, default=0, help="seed of --dataset (default 0)")
     data.add_argument("--families", nargs="+", metavar="FAMILY",
                       help="training template families (default: lm qa for the built-in sets, as the paper; add "
                            "paraphrase for the demo's extra phrasings; every family of a --templates file)")
@@ -594,7 +595,7 @@ P's folder (for 'smollm2' or a .gguf file: the cached conversion)."""
                              ("batch-size", int, "texts per step"), ("epochs", int, "epochs"),
                              ("val-fraction", float, "validation share of the texts"),
                              ("max-length", int, "truncate texts to this many tokens"),
-                             ("seed", int, "training seed (split, shuffling)")):
+                             ("seed", seed_arg, "training seed (split, shuffling)")):
         hp.add_argument(f"--{name}", type=kind, help=what)
     hp.add_argument("--select", choices=["best_val", "last"], help="which epoch to keep")
     hp.add_argument("--freeze-embeddings", action="store_true",

@@ -425,6 +425,9 @@ def finetune(model: Any, tokenizer: Any, texts: Sequence[str], *, config: Finetu
     if out is not None:
         check_replaceable(out, overwrite=overwrite, flag="out_dir", force="overwrite=True")
 
+    if not isinstance(config.seed, int) or isinstance(config.seed, bool) or config.seed < 0:
+        raise FinetuneError(f"config.seed must be an integer >= 0, got {config.seed!r} (Python's random seeds -5 "
+                            "like 5)")
     started = time.time()
     random.seed(config.seed)
     torch.manual_seed(config.seed)

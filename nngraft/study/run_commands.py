@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from ..cli import alert, command, console, out
-from ..checks import positive_int_arg
+from ..checks import positive_int_arg, seed_arg
 
 
 def summary_table(rows: Sequence[dict[str, Any]], *, k: int, title: str, p_spec: str = "p",
@@ -143,7 +143,7 @@ def add_model_data_args(p: argparse.ArgumentParser, *, named_donors: bool = Fals
     data.add_argument("--facts", metavar="FACTS.jsonl", help="facts to render through --template")
     data.add_argument("--dataset", help="a built-in dataset (e.g. fake_movies_real_actors), with --n")
     data.add_argument("--n", type=int, help="number of facts of --dataset")
-    data.add_argument("--seed", type=int, default=0, help="seed of --dataset (default 0)")
+    data.add_argument("--seed", type=seed_arg, default=0, help="seed of --dataset (default 0)")
     data.add_argument("--template", action="append", default=[], metavar="NAME | TEMPLATE | FILE",
                       help="test template: a name (sentence_1 … sentence_4, rmra), your own {field} string "
                       "ending where the answer begins (e.g. '{inventor} built the'), or a file of them (one per "

@@ -141,7 +141,7 @@ class DataConfig(_Strict):
     facts: str | None = None
     dataset: str | None = None
     n: int | None = Field(default=None, ge=1)
-    seed: int = 0
+    seed: int = Field(default=0, ge=0)
     templates: list[str | TemplateConfig] = Field(default_factory=list)
     answer_field: str = "second_actor"
     limit: int | None = Field(default=None, ge=1, description="use only the first N facts")
