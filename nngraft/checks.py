@@ -85,32 +85,27 @@ def float_dtype(where: str, name: str, value: Any) -> Any:
     return value
 
 
-def positive_int_arg(text: str) -> int:
-    """An ``argparse`` type: an integer >= 1 (``--k 0`` is a usage error, not an empty column)."""
+def _int_arg(text: str, minimum: int, why: str = "") -> int:
     import argparse
 
     try:
         value = int(text)
     except ValueError:
-        raise argparse.ArgumentTypeError(f"should be an integer >= 1, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"should be an integer >= 1, got {value}")
+        raise argparse.ArgumentTypeError(f"should be an integer >= {minimum}, got {text!r}") from None
+    if value < minimum:
+        raise argparse.ArgumentTypeError(f"should be an integer >= {minimum}, got {value}{why.format(-value)}")
     return value
+
+
+def positive_int_arg(text: str) -> int:
+    """An ``argparse`` type: an integer >= 1 (``--k 0`` is a usage error, not an empty column)."""
+    return _int_arg(text, 1)
 
 
 def seed_arg(text: str) -> int:
     """An ``argparse`` type: a seed, an integer >= 0 (Python's ``random`` seeds -5 like 5, so a
     negative seed would silently repeat another seed's data)."""
-    import argparse
-
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"should be an integer >= 0, got {text!r}") from None
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"should be an integer >= 0, got {value} (a negative seed draws the same "
-                                         f"data as {-value})")
-    return value
+    return _int_arg(text, 0, " (a negative seed draws the same data as {})")
 
 
 def positive_number_arg(text: str) -> float:
