@@ -50,6 +50,9 @@ ALLOWED = {
     ("backends/ndif.py", "RequestModel.deserialize"):
         "InProcessServer (the local stand-in for NDIF) unpickles the request blob this same process "
         "serialized a moment before; it never reads a file or anything from the network",
+    ("trace.py", "compile"):
+        "compiles the constant source 'compiled.apply(root)' into the graft's nnsight intervention "
+        "block; no text from input is compiled",
     ("backends/ndif.py", "tracer.execute"):
         "InProcessServer runs that request's trace code, written by nngraft itself (as NDIF does)",
 }
