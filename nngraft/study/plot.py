@@ -374,7 +374,7 @@ def plot_results(results: str | Path, out_dir: str | Path | None = None, *, k: i
         k = stored[-1]
     out = Path(out_dir) if out_dir is not None else path.parent / "plots"
     with output_folder(out, "plot", flag="-o", ours=_plots_of_before) as out:
-        return _render(rows, specs, p_name, f_name, k, out, formats, method)
+        return _render(rows, spec_json, specs, p_name, f_name, k, out, formats, method)
 
 
 _FIGURE_SUFFIXES = (".png", ".svg", ".pdf", ".csv")
@@ -386,8 +386,8 @@ def _plots_of_before(folder: Path) -> bool:
     return (folder / "aggregates.csv").is_file() and all(e.is_file() and e.suffix in _FIGURE_SUFFIXES for e in names)
 
 
-def _render(rows: list[dict[str, Any]], specs: dict[str, Any], p_name: str, f_name: str, k: int, out: Path,
-            formats: Sequence[str], method: str) -> list[Path]:
+def _render(rows: list[dict[str, Any]], spec_json: dict[str, Any], specs: Sequence[str] | None, p_name: str,
+            f_name: str, k: int, out: Path, formats: Sequence[str], method: str) -> list[Path]:
     written: list[Path] = []
 
     templates = list(dict.fromkeys(r["template"] for r in rows))
