@@ -82,25 +82,13 @@ def demo_setup(args: argparse.Namespace) -> tuple[Any, Any, Any, list[Any], str]
 
     from nngraft.study import demo
     from nngraft.study.models import load_model
-    from nngraft.study.data import facts_hash, make_facts, make_test_examples, training_texts
-    from nngraft.study.finetune import cached_finetune
+    from nngraft.study.data import make_facts, make_test_examples
 
     options = demo.DemoOptions(facts=args.facts, seed=args.seed, device=args.device)
     device = ("cuda" if torch.cuda.is_available() else "cpu") if options.device == "auto" else options.device
     P, tok = load_model(options.model, device=device)
     facts = make_facts(demo.DATASET, options.facts, seed=options.seed)
-    texts = training_texts(facts, families=demo.TRAINING_FAMILIES, directions=demo.TRAINING_DIRECTIONS)
-    probes = make_test_examples(facts, demo.PROBE_TEMPLATE)
-
-    def answers_training_facts(model: Any, epoch: int) -> bool:
-        _, hits = demo.next_token_top1(model, tok, probes)
-        return sum(hits) / len(hits) >= options.target_accuracy
-
-    F, manifest, cached, folder = cached_finetune(
-        P, tok, texts, config=demo.demo_finetune_config(options), stop_when=answers_training_facts,
-        stop_key=f"probe={demo.PROBE_TEMPLATE};top1>={options.target_accuracy}",
-        extra_manifest={"dataset": {"name": demo.DATASET, "n": options.facts, "seed": options.seed,
-                                    "facts_sha256": facts_hash(facts)}})
+    F, _, cached, folder = demo.finetune_demo_model(P, tok, facts, options)
     print(f"F: {'reused' if cached else 'finetuned and cached'} in {folder}", file=sys.stderr)
     return P, F, tok, make_test_examples(facts, args.template), demo.MODEL_LABEL
 

@@ -263,6 +263,26 @@ def _written_by_demo(folder: Path) -> bool:
         return False
 
 
+def finetune_demo_model(P: Any, tokenizer: Any, facts: Any, options: DemoOptions, *,
+                        progress: Any = False) -> tuple[Any, dict[str, Any], bool, Path]:
+    """F for the demo's ``facts``, exactly as ``nngraft demo`` builds it: the same training texts,
+    hyperparameters and validation phrasing, so it shares the demo's cache entry (a recipe that
+    calls this reuses the demo's F instead of training another). Returns what
+    :func:`~nngraft.study.finetune.cached_finetune` returns: (F, manifest, cached, folder)."""
+    from .data import facts_hash, make_test_examples, training_texts
+    from .finetune import cached_finetune
+
+    texts = training_texts(facts, families=TRAINING_FAMILIES, directions=TRAINING_DIRECTIONS)
+    validation = make_test_examples(facts, VALIDATION_TEMPLATE, name=VALIDATION_NAME)
+    return cached_finetune(
+        P, tokenizer, texts, config=demo_finetune_config(options),
+        validation=[(e.prompt, e.answer) for e in validation],
+        extra_manifest={"dataset": {"name": DATASET, "n": options.facts, "seed": options.seed,
+                                    "facts_sha256": facts_hash(facts)},
+                        "validation_template": VALIDATION_TEMPLATE},
+        progress=progress, refresh=options.refinetune)
+
+
 def _run_demo(options: DemoOptions, console: Any, tables_console: Any = None) -> DemoOutcome:
     from rich.console import Console
 
@@ -270,7 +290,6 @@ def _run_demo(options: DemoOptions, console: Any, tables_console: Any = None) ->
     from ..loading import load_model
     from .models import environment_versions, model_identity, resolve_device
     from .data import facts_hash, make_facts, make_test_examples, save_facts, training_texts
-    from .finetune import cached_finetune
     from .results import FORMAT_VERSION, ResultsWriter, write_manifest
     from .sweep import LoadedPair, check_baselines, evaluate, examples_hash, spec_role
 
@@ -300,7 +319,6 @@ def _run_demo(options: DemoOptions, console: Any, tables_console: Any = None) ->
     save_facts(facts, out / "facts.jsonl", dataset=DATASET, seed=options.seed)
     texts = training_texts(facts, families=TRAINING_FAMILIES, directions=TRAINING_DIRECTIONS)
     examples = make_test_examples(facts, options.template)
-    validation = make_test_examples(facts, VALIDATION_TEMPLATE, name=VALIDATION_NAME)
     ex = examples[0]
     console.print(f"{len(facts)} fictional movies with fictional actors ({DATASET}, seed {options.seed}); "
                   f"{len(texts)} training texts, e.g.\n  [cyan]{texts[0]}[/cyan]\n"
@@ -316,13 +334,8 @@ def _run_demo(options: DemoOptions, console: Any, tables_console: Any = None) ->
     # 3. finetune ---------------------------------------------------------------------------
     console.rule("[bold]3. finetune F = P + the new facts")
     t = time.perf_counter()
-    config = demo_finetune_config(options)
-    F, ft_manifest, cached, ft_dir = cached_finetune(
-        P, tokenizer, texts, config=config, validation=[(e.prompt, e.answer) for e in validation],
-        extra_manifest={"dataset": {"name": DATASET, "n": options.facts, "seed": options.seed,
-                                    "facts_sha256": facts_hash(facts)},
-                        "validation_template": VALIDATION_TEMPLATE},
-        progress=console if options.progress else False, refresh=options.refinetune)
+    F, ft_manifest, cached, ft_dir = finetune_demo_model(P, tokenizer, facts, options,
+                                                         progress=console if options.progress else False)
     seconds["finetune"] = time.perf_counter() - t
     for h in ft_manifest["history"]:
         console.print(f"  epoch {h['epoch']}: train loss {h['train_loss']:.3f}; validation phrasing "
