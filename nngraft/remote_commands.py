@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from .checks import positive_number_arg
-from .cli import command, console, out
+from .commands import command, console, out
 
 
 def _meta_model(name: str) -> Any:
@@ -65,7 +65,7 @@ def _cmd_payload(args: argparse.Namespace) -> int:
     try:
         donors = [_donor(d) for d in (args.donor or ["dense", "delta:16", "lora:16"])]
     except ValueError as error:
-        from .cli import alert
+        from .commands import alert
 
         alert(f"[red]usage error:[/red] {error}")
         return 2

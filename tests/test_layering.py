@@ -2,8 +2,8 @@
 names, and the import graph has no cycle.
 
 The core is every module outside ``nngraft.study`` (spec, arch, tokens, plan, schedule, donors,
-backends, grafter, result, cli, …). The study (datasets, finetuning, sweeps, the demo, model
-conversion) builds on it and may import it freely.
+backends, grafter, result, the core's CLI verbs, …). The study (datasets, finetuning, sweeps, the
+demo, model conversion) builds on it and may import it freely; ``nngraft.cli`` sits on top of both.
 """
 
 from __future__ import annotations
@@ -171,8 +171,9 @@ def test_the_blocker_blocks():
 
 
 LAYERS = [
-    ("errors, io, tiny, and the input / argument / CLI-error checks on errors alone",
-     {"nngraft.errors", "nngraft.io", "nngraft.tiny", "nngraft.inputs", "nngraft.checks", "nngraft.boundary"}),
+    ("errors, io, tiny, the input / argument / CLI-error checks on errors alone, the CLI's command registry",
+     {"nngraft.errors", "nngraft.io", "nngraft.tiny", "nngraft.inputs", "nngraft.checks", "nngraft.boundary",
+      "nngraft.commands"}),
     ("spec", {"nngraft.spec", "nngraft.testing"}),
     ("arch, tokens", {"nngraft.arch", "nngraft.tokens"}),
     ("plan", {"nngraft.plan"}),
@@ -182,19 +183,32 @@ LAYERS = [
                           "nngraft.backends.payload", "nngraft.backends.local", "nngraft.backends.ndif",
                           "nngraft.backends.traffic",
                           "nngraft.result"}),
-    ("grafter", {"nngraft.grafter"}),
-    ("package, cli", {"nngraft", "nngraft.cli"}),
-    ("study, CLI verbs", {m for m in MODULES if m.startswith("nngraft.study")} | {"nngraft.remote_commands"}),
+    ("grafter, package", {"nngraft.grafter", "nngraft"}),
+    ("the core's CLI verbs", {"nngraft.core_commands", "nngraft.remote_commands"}),
+    ("study", {m for m in MODULES if m.startswith("nngraft.study")}),
+    ("cli", {"nngraft.cli"}),
 ]
 
 
 def test_the_tree_reads_spec_plan_backends_grafter_study_cli():
     """Every module sits in one layer, and imports only from its own layer or those below:
-    spec → arch/tokens → plan → donors/schedule → backends → grafter → package/cli → study (whose
-    *_commands modules register CLI verbs with nngraft.cli)."""
+    spec → arch/tokens → plan → donors/schedule → backends → grafter → the core's CLI verbs → study
+    → cli. Verb modules register with the registry at the bottom (nngraft.commands); nngraft.cli,
+    on top, imports them and dispatches."""
     rank = {m: i for i, (_, members) in enumerate(LAYERS) for m in members}
     assert set(rank) == set(MODULES), f"modules without a layer: {sorted(set(MODULES) - set(rank))}"
     upward = [f"{name} ({LAYERS[rank[name]][0]}) imports {module} ({LAYERS[rank[module]][0]})"
               for name in MODULES for module, _, _ in imports_of(name)
               if module in rank and rank[module] > rank[name]]
     assert upward == []
+
+
+def test_the_cli_is_the_top_layer():
+    """Nothing in the package imports nngraft.cli (the verbs register with nngraft.commands), and
+    nngraft.cli's --help lists the verbs of every layer."""
+    importers = [name for name in MODULES for module, _, _ in imports_of(name) if module == "nngraft.cli"]
+    assert importers == []
+    from nngraft.cli import build_parser
+
+    verbs = set(build_parser()._subparsers._group_actions[0].choices)
+    assert {"schema", "validate", "models", "payload", "run", "sweep", "data", "localize", "demo"} <= verbs

@@ -15,7 +15,7 @@ from typing import Any
 
 from rich.table import Table
 
-from ..cli import command, console, out
+from ..commands import command, console, out
 from ..checks import positive_int_arg, seed_arg
 
 

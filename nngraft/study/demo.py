@@ -44,7 +44,7 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from ..checks import seed_arg
-from ..cli import command
+from ..commands import command
 
 DATASET = "fake_movies_fake_actors"
 TEMPLATE = "sentence_3"
@@ -743,7 +743,7 @@ def read_texts(path: str | Path) -> list[str]:
 
 def _finetune_command(args: argparse.Namespace, facts: Any, texts: list[str], config: Any, source: dict[str, Any],
                       templates: Any, out_dir: Path, families: list[str], directions: list[str]) -> int:
-    from ..cli import console, out
+    from ..commands import console, out
     from ..loading import load_model, resolve_model
     from .models import resolve_device
     from . import data as datasets
@@ -798,7 +798,7 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     """Teach SmolLM2-135M new facts on CPU, then localize them by weight grafting."""
     if args.device in ("auto", "cpu"):
         passive_omp_reexec("demo")
-    from ..cli import console, out
+    from ..commands import console, out
 
     options = DemoOptions(facts=args.facts, seed=args.seed, out=Path(args.out), device=args.device,
                           quick=args.quick, model=args.model, template=args.template,

@@ -1,6 +1,6 @@
 """The study's evaluation subcommands: ``nngraft run``, ``nngraft sweep`` and ``nngraft plot``.
 
-Registered with :func:`nngraft.cli.command` when :mod:`nngraft.study.commands` imports this
+Registered with :func:`nngraft.commands.command` when :mod:`nngraft.study.commands` imports this
 module. Exit codes (see :mod:`nngraft.cli`): 0 ok, 1 a failed baseline check, 2 a user error or bad
 usage (one message, no traceback), 130 interrupted.
 """
@@ -13,7 +13,7 @@ import re
 from pathlib import Path
 from typing import Any, Sequence
 
-from ..cli import alert, command, console, out
+from ..commands import alert, command, console, out
 from ..checks import positive_int_arg, seed_arg
 
 
