@@ -243,7 +243,7 @@ def test_cli_registers_demo_and_finetune():
 def test_cli_restarts_itself_with_passive_openmp_only_when_unset(monkeypatch):
     import sys
 
-    from nngraft.study.demo import passive_omp_reexec
+    from nngraft.commands import passive_omp_reexec
 
     calls = []
     monkeypatch.setattr("os.execve", lambda path, argv, env: calls.append((path, argv, env)))
@@ -254,11 +254,51 @@ def test_cli_restarts_itself_with_passive_openmp_only_when_unset(monkeypatch):
     monkeypatch.delenv("OMP_WAIT_POLICY")
     passive_omp_reexec("finetune")
     assert calls == []  # not the command this process was started as
+    monkeypatch.setattr(sys, "argv", ["/venv/bin/pytest", "-k", "demo"])
+    passive_omp_reexec("demo")
+    assert calls == []  # not an nngraft process at all
+    monkeypatch.setattr(sys, "argv", ["/venv/bin/nngraft", "demo", "--quick"])
     passive_omp_reexec("demo")
     [(path, argv, env)] = calls
     assert path == sys.executable and argv[0] == sys.executable and argv[-2:] == ["demo", "--quick"]
     assert argv[1] == "-c" and "nngraft.cli import main" in argv[2]
     assert env["OMP_WAIT_POLICY"] == "PASSIVE"
+    monkeypatch.setattr(sys, "argv", ["/venv/bin/nngraft", "--debug", "demo"])
+    passive_omp_reexec("demo")
+    assert calls[-1][1][-2:] == ["--debug", "demo"]
+
+
+class _Restarted(BaseException):
+    """Stands in for os.execve: the process would be replaced here."""
+
+
+@pytest.mark.parametrize("argv", [
+    ["run", "--spec", "lt", "--tiny", "llama", "--data", "missing.jsonl"],
+    ["localize", "--tiny", "llama", "--data", "missing.jsonl"],
+    ["sweep", "missing.json"],
+    ["finetune", "--model", "smollm2", "--facts", "missing.jsonl", "--out", "x"],
+])
+def test_commands_that_run_models_restart_with_passive_openmp_before_anything_else(argv, monkeypatch, tmp_path):
+    """Spinning OpenMP threads made `nngraft localize` on five SmolLM2 facts take 318 s instead of
+    64 s on a busy 2-core box (docs/localize.md): every command that runs models restarts first."""
+    import sys
+
+    from nngraft.cli import main
+
+    def execve(path, args, env):
+        raise _Restarted(args, env)
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr("os.execve", execve)
+    monkeypatch.delenv("OMP_WAIT_POLICY", raising=False)
+    monkeypatch.setattr(sys, "argv", ["/venv/bin/nngraft", *argv])
+    with pytest.raises(_Restarted) as restarted:
+        main(argv)  # before the missing input is even looked at
+    args, env = restarted.value.args
+    assert args[-len(argv):] == argv and env["OMP_WAIT_POLICY"] == "PASSIVE"
+    monkeypatch.setattr(sys, "argv", ["/venv/bin/nngraft", *argv, "--device", "cuda"])
+    if argv[0] in ("run", "localize", "finetune"):  # a GPU run keeps the user's environment
+        assert main([*argv, "--device", "cuda"]) == 2
 
 
 def test_gguf_conversion_is_atomic_and_done_once(tmp_path, monkeypatch):

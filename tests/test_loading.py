@@ -176,7 +176,11 @@ def test_finetune_says_how_to_use_its_output_with_ps_folder():
     lora = next_steps("/cache/models/SmolLM2-135M-Instruct-98362432-v1", Path("runs/sft/x"), "sentence_3", lora=True)
     assert "P (the recipient) is /cache/models/SmolLM2-135M-Instruct-98362432-v1" in lora
     assert "a LoRA adapter: give the folder as --donor, it is grafted as a LoraDonor" in lora
-    assert ("nngraft run --spec recipes/specs/fe_lt.json --model /cache/models/SmolLM2-135M-Instruct-98362432-v1 "
-            "--donor runs/sft/x --facts runs/sft/x/facts.jsonl --template sentence_3") in lora
+    assert ("nngraft run --spec fe_lt --model /cache/models/SmolLM2-135M-Instruct-98362432-v1 "
+            "--donor runs/sft/x --facts runs/sft/x/facts.jsonl --template sentence_3\n") in lora
     full = next_steps("P", Path("F"), None, lora=False)
     assert "a full finetuned model" in full and "--data EXAMPLES.jsonl" in full
+    own = next_steps("P", Path("F"), "TEST_TEMPLATES.txt", lora=False)  # your own facts: no first_actor span
+    assert ("  nngraft run --spec lt --model P --donor F --facts F/facts.jsonl --template TEST_TEMPLATES.txt "
+            "--answer-field FIELD\n  nngraft localize --model P --donor F --facts F/facts.jsonl "
+            "--template TEST_TEMPLATES.txt --answer-field FIELD") in own

@@ -4,7 +4,10 @@ finetune → run → plot → localize on a tiny saved model (the path docs/stud
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
+import shlex
 
 import pytest
 import torch
@@ -42,10 +45,14 @@ def study(tmp_path_factory):
     (root / "tests.json").write_text(json.dumps(TESTS))
     (root / "spec.json").write_text(json.dumps(SPEC))
     P, F, out = str(root / "P"), str(root / "F"), root / "out"
-    codes = {
-        "finetune": main(["finetune", "--model", P, "--facts", str(root / "inventors.jsonl"), "--templates",
+    log = io.StringIO()
+    with contextlib.redirect_stderr(log):  # what finetune says to run next
+        finetuned = main(["finetune", "--model", P, "--facts", str(root / "inventors.jsonl"), "--templates",
                           str(root / "bio.txt"), "--out", F, "--preset", "cpu-fast", "--epochs", "30", "--lr", "1e-2",
-                          "--device", "cpu", "--no-progress"]),
+                          "--device", "cpu", "--no-progress"])
+    (root / "finetune.log").write_text(log.getvalue())
+    codes = {
+        "finetune": finetuned,
         "run": main(["run", "--spec", str(root / "spec.json"), "--model", P, "--donor", F, "--facts",
                      str(root / "F" / "facts.jsonl"), "--template", str(root / "tests.json"), "--answer-field",
                      "device", "-o", str(out), "--no-progress"]),
@@ -59,7 +66,6 @@ def study(tmp_path_factory):
                                "--model", P, "--donor", F, "--facts", str(root / "F" / "facts.jsonl"),
                                "--template", TESTS["built"], "--answer-field", "device", "-o", str(root / "out2"),
                                "--no-progress", "--quiet"])
-    return root, codes
     return root, codes
 
 
@@ -76,6 +82,21 @@ def test_finetune_used_the_users_templates_over_the_facts_own_fields(study):
     assert manifest["n_texts"] == 2 * len(FACTS)
     assert [f.fields for f in load_facts(root / "F" / "facts.jsonl")] == [
         {k: v for k, v in f.items() if k != "id"} for f in FACTS]
+
+
+def test_the_run_command_finetune_prints_next_works_from_any_folder(study, tmp_path, monkeypatch):
+    """Its spec is a built-in name that fits any facts (`lt`), not a repository file of movie spans;
+    the user fills in only their test templates and answer field."""
+    root, _ = study
+    log = (root / "finetune.log").read_text()
+    assert f"P (the recipient) is {root / 'P'}" in log
+    [line] = [x.strip() for x in log.splitlines() if x.strip().startswith("nngraft run ")]
+    assert "--spec lt " in line and "--template TEST_TEMPLATES.txt --answer-field FIELD" in line
+    argv = shlex.split(line.replace("TEST_TEMPLATES.txt", str(root / "tests.json")).replace("FIELD", "device"))
+    monkeypatch.chdir(tmp_path)  # no recipes/ here
+    assert main([*argv[1:], "-o", "next", "--no-progress", "--quiet"]) == 0
+    rows = load_results(tmp_path / "next")
+    assert {r["spec"] for r in rows} == {"p", "f", "lt"} and len(rows) == 3 * len(FACTS) * len(TESTS)
 
 
 def test_run_rows_are_plain_forwards_for_p_and_f_on_the_users_prompts(study):

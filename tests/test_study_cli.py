@@ -84,6 +84,25 @@ def test_errors_exit_2_with_a_message(tmp_path, examples):
     assert "error:" in result.stderr and "no spec file" in result.stderr and "Traceback" not in result.stderr
 
 
+def test_spec_by_built_in_name_runs_the_same_spec_as_its_file(tmp_path, examples, capsys, monkeypatch):
+    """`--spec fe_lt` works from any folder (what `nngraft finetune` suggests next)."""
+    monkeypatch.chdir(tmp_path)  # no recipes/ here
+    by_file = ["--spec", str(SPECS / "fe_lt.json"), "--spec", str(SPECS / "lt.json")]
+    for name, specs in (("files", by_file), ("names", ["--spec", "fe_lt", "--spec", "lt"])):
+        assert main(["run", "--tiny", "llama", *specs, "--data", str(examples), "-o", name, "--no-progress"]) == 0
+    files, names = load_results(tmp_path / "files"), load_results(tmp_path / "names")
+    assert [(r["spec"], r["spec_hash"], r["prob"]) for r in files] == [(r["spec"], r["spec_hash"], r["prob"]) for r in names]
+    assert {r["spec"] for r in names} == {"p", "f", "fe_lt", "lt"}
+    capsys.readouterr()
+    assert main(["run", "--tiny", "llama", "--spec", "fe_lt_typo", "--data", str(examples), "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert (f"--spec fe_lt_typo: no spec file at {tmp_path / 'fe_lt_typo'}, and no built-in spec has that name "
+            "(built-in: p, f, fe, lt, fe_lt, … — the names of the files in recipes/specs/") in err
+    (tmp_path / "lt").write_text(json.dumps({"schema_version": "1", "name": "mine", "rules": []}))
+    assert main(["run", "--tiny", "llama", "--spec", "lt", "--data", str(examples), "-o", "own", "--no-progress"]) == 0
+    assert {r["spec"] for r in load_results(tmp_path / "own")} == {"mine", "f"}  # a file of that name wins
+
+
 def test_usage_errors_exit_2(tmp_path, examples, capsys):
     with pytest.raises(SystemExit) as exit_:
         main(["run", "--data", str(examples)])  # no --spec

@@ -37,14 +37,13 @@ import json
 import math
 import os
 import shutil
-import sys
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
 
 from ..checks import seed_arg
-from ..commands import command
+from ..commands import command, passive_omp_reexec
 
 DATASET = "fake_movies_fake_actors"
 TEMPLATE = "sentence_3"
@@ -619,23 +618,6 @@ P's folder (for 'smollm2' or a .gguf file: the cached conversion)."""
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
-def passive_omp_reexec(command_name: str) -> None:
-    """Restart this ``nngraft COMMAND`` process with ``OMP_WAIT_POLICY=PASSIVE`` unless the variable
-    is already set (any value, e.g. ``ACTIVE``, opts out).
-
-    PyTorch's OpenMP threads spin while they wait for each other. When other processes compete for
-    the cores, every operator then waits for descheduled spinning threads: on a shared 2-core box a
-    SmolLM2 forward took 5–19 s instead of 0.3 s, and a training step 18 s instead of 1.5 s. The
-    variable is read when torch loads, so it cannot be set from inside this process. Only done when
-    the process was started as ``nngraft COMMAND …`` (not when called from Python).
-    """
-    if os.environ.get("OMP_WAIT_POLICY") is not None or sys.argv[1:2] != [command_name]:
-        return
-    env = dict(os.environ, OMP_WAIT_POLICY="PASSIVE")
-    code = "import sys; from nngraft.cli import main; sys.exit(main())"
-    os.execve(sys.executable, [sys.executable, "-c", code, *sys.argv[1:]], env)
-
-
 @command("finetune", _finetune_args)
 def _cmd_finetune(args: argparse.Namespace) -> int:
     """Finetune a causal LM on a dataset's training texts (the paper's recipe, or a fast CPU preset)."""
@@ -777,19 +759,30 @@ def _finetune_command(args: argparse.Namespace, facts: Any, texts: list[str], co
 def next_steps(recipient: str, out_dir: Path, template: str | None, *, lora: bool) -> str:
     """What to run after ``nngraft finetune``: P's own folder (a cached conversion for 'smollm2'
     and .gguf files) and the finetuned folder; a LoRA adapter folder is a donor as it is.
-    ``template``: the test template to suggest (None: no facts were saved, suggest --data)."""
+    ``template``: the test template to suggest (None: no facts were saved, suggest --data;
+    ``TEST_TEMPLATES.txt``: facts of your own, whose test templates and answer field only you know).
+    The commands work from any folder: specs are built-in names (``fe_lt``; ``lt`` for your own
+    facts, whose spans only your test templates name).
+
+    Example:
+        >>> print(next_steps("smollm2", Path("runs/sft"), "sentence_3", lora=False).splitlines()[2])
+          nngraft run --spec fe_lt --model smollm2 --donor runs/sft --facts runs/sft/facts.jsonl --template sentence_3
+    """
     import shlex
 
     p, f = shlex.quote(str(recipient)), shlex.quote(str(out_dir))
+    own = template == "TEST_TEMPLATES.txt"
     data = (f"--facts {shlex.quote(str(out_dir / 'facts.jsonl'))} --template {template}" if template else
-            "--data EXAMPLES.jsonl")
+            "--data EXAMPLES.jsonl") + (" --answer-field FIELD" if own else "")
     kind = ("a LoRA adapter: give the folder as --donor, it is grafted as a LoraDonor (F = P + B·A, "
             "exact; no merge needed)" if lora else "a full finetuned model")
     note = ("\n  (TEST_TEMPLATES.txt: your test prompts, one {field} template per line, ending where the "
-            "answer begins; add --answer-field FIELD, the fact field they predict)"
-            if template == "TEST_TEMPLATES.txt" else "")
+            "answer begins; FIELD: the fact field they predict. `--spec lt` grafts F's weights at the last "
+            "token; write specs at your templates' {fields} too: docs/specs.md)"
+            if own else "")
+    spec = "lt" if own else "fe_lt"
     return (f"P (the recipient) is {p}\nF (the donor) is {f} — {kind}. Next:{note}\n"
-            f"  nngraft run --spec recipes/specs/fe_lt.json --model {p} --donor {f} {data}\n"
+            f"  nngraft run --spec {spec} --model {p} --donor {f} {data}\n"
             f"  nngraft localize --model {p} --donor {f} {data}")
 
 

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
 
-from ..commands import command, console, out
+from ..commands import command, console, out, passive_omp_reexec
 
 
 @dataclass
@@ -150,6 +150,8 @@ forward passes) and OUTPUT/localize.png. See docs/localize.md."""
 @command("localize", _localize_args)
 def cmd_localize(args: argparse.Namespace) -> int:
     """Search (position group × component × layer) for a small graft set reaching a recovery target."""
+    if args.device in ("auto", "cpu"):
+        passive_omp_reexec("localize")
     from .run_commands import pair_and_data
 
     pair, data = pair_and_data(args)

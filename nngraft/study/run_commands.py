@@ -13,7 +13,7 @@ import re
 from pathlib import Path
 from typing import Any, Sequence
 
-from ..commands import alert, command, console, out
+from ..commands import alert, command, console, out, passive_omp_reexec
 from ..checks import positive_int_arg, seed_arg
 
 
@@ -163,7 +163,8 @@ def _run_args(p: argparse.ArgumentParser) -> None:
               (rules with "donor": "hybrid" graft from runs/hybrid, the others from runs/sft)
 The P and F baselines (specs p and f) are always run too, for reference and recovery."""
     p.add_argument("--spec", action="append", required=True, metavar="SPEC.json",
-                   help="graft spec file (repeat for several)")
+                   help="graft spec file, or the name of a built-in one (fe_lt, lt, fe, …: the files of "
+                        "recipes/specs/); repeat for several")
     add_model_data_args(p, named_donors=True)
     p.add_argument("-o", "--output", help="write results.jsonl + manifest.json here (resumes if present)")
     p.add_argument("--batch-size", type=int, default=32,
@@ -303,6 +304,35 @@ def interrupted(results: Path, command_line: str) -> int:
     return 130
 
 
+def spec_files(values: Sequence[str], folder: Path) -> list[str]:
+    """``--spec`` values as spec files: each a spec JSON file, or the name of a built-in spec
+    (``fe_lt``, ``lt``, …: the files of recipes/specs/, :func:`nngraft.study.grids.paper_specs`),
+    which is then written into ``folder``. A file that exists wins over a name.
+
+    Example:
+        >>> import tempfile
+        >>> with tempfile.TemporaryDirectory() as tmp:
+        ...     [Path(f).name for f in spec_files(["lt"], Path(tmp))]
+        ['lt.json']
+    """
+    from ..errors import SpecError
+    from .grids import paper_specs
+
+    builtin = paper_specs()
+    files = []
+    for value in values:
+        path = Path(value).expanduser()
+        if path.exists():
+            files.append(str(path.resolve()))
+        elif value in builtin:
+            files.append(str(builtin[value].save(folder / f"{value}.json")))
+        else:
+            raise SpecError(f"--spec {value}: no spec file at {path.resolve()}, and no built-in spec has that "
+                            f"name (built-in: {', '.join(list(builtin)[:5])}, … — the names of the files in "
+                            "recipes/specs/, see docs/study.md)")
+    return files
+
+
 @command("run", _run_args)
 def cmd_run(args: argparse.Namespace) -> int:
     """Run graft specs on test examples and print mean target probability, top-k and recovery."""
@@ -313,15 +343,12 @@ def cmd_run(args: argparse.Namespace) -> int:
 
     from ..spec import GraftSpec
 
+    if args.device in ("auto", "cpu"):
+        passive_omp_reexec("run")
     pair, data = pair_and_data(args)
-    specs = [str(Path(s).resolve()) for s in args.spec]
-    for s in specs:
-        if not Path(s).exists():
-            from ..errors import SpecError
-
-            raise SpecError(f"no spec file at {s}")
-    check_named_donors([GraftSpec.load(s) for s in specs], pair.get("donors", {}))
-    with tempfile.TemporaryDirectory() as scratch:
+    with tempfile.TemporaryDirectory() as scratch, tempfile.TemporaryDirectory() as builtin:
+        specs = spec_files(args.spec, Path(builtin))
+        check_named_donors([GraftSpec.load(s) for s in specs], pair.get("donors", {}))
         output = Path(args.output) if args.output else Path(scratch)
         config = _validated({"name": "run", "models": [pair], "data": data, "specs": specs,
                              "batch_size": args.batch_size, "answer_logprob": args.answer_logprob})
@@ -376,6 +403,7 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     from .results import load_results
     from .sweep import load_sweep_config, run_sweep
 
+    passive_omp_reexec("sweep")
     config = load_sweep_config(args.config)
     try:
         outcome = run_sweep(config, output=args.output, show_progress=not args.no_progress, console=console)
