@@ -71,6 +71,34 @@ def run_env(path: str, cache: Path, threads: int | None) -> dict[str, str]:
     return env
 
 
+REUSED_OPTIONS = ("facts", "seed", "quick", "model", "template", "max_epochs")
+"""The demo options a reused run must share with the run it stands in for."""
+
+
+def reuse_mismatch(manifest: dict[str, Any], seed: int, path: str, *, quick: bool) -> str | None:
+    """Why a finished demo folder cannot stand in for the run (``seed``, kernel ``path``, ``quick``)
+    with the demo's defaults, or ``None`` if it can: every option in :data:`REUSED_OPTIONS` must be
+    what that run would use, and a non-default path must have run on that kernel path."""
+    from dataclasses import asdict
+
+    from nngraft.study.demo import DemoOptions
+
+    wanted = asdict(DemoOptions(seed=seed, quick=quick))
+    done = manifest.get("demo", {})
+    for key in REUSED_OPTIONS:
+        if done.get(key) != wanted[key]:
+            return f"its {key} is {done.get(key)!r}, this run's is {wanted[key]!r}"
+    capability = str(manifest.get("versions", {}).get("cpu_capability"))
+    if path != "default" and capability.lower() != path.lower():
+        return f"it ran on kernel path {capability}, not {path}"
+    if path == "default" and "ATEN_CPU_CAPABILITY" not in os.environ:
+        import torch
+
+        if capability != torch.backends.cpu.get_cpu_capability():
+            return f"it ran on kernel path {capability}, not this machine's default"
+    return None
+
+
 def run_one(seed: int, path: str, out: Path, *, quick: bool, threads: int | None, nice: int) -> dict[str, Any]:
     """One ``nngraft demo`` run; returns what the table needs (from the run's own manifest) plus
     wall time, peak memory and the load average around it."""
@@ -179,11 +207,12 @@ def main(argv: Sequence[str] | None = None) -> int:
             folder = out / f"s{seed}-{path}"
             manifest = folder / "manifest.json"
             if args.reuse and manifest.is_file():
-                done = json.loads(manifest.read_text())["demo"]
-                if done["seed"] == seed and done["quick"] == args.quick:
+                mismatch = reuse_mismatch(json.loads(manifest.read_text()), seed, path, quick=args.quick)
+                if mismatch is None:
                     print(f"seed {seed}, kernel path {path}: reusing {folder}", flush=True)
                     rows.append(read_run(folder, seed, path))
                     continue
+                print(f"seed {seed}, kernel path {path}: not reusing {folder} ({mismatch})", flush=True)
             if args.share_conversion and path != args.paths[0]:
                 shared = (out / f"cache-{args.paths[0]}" / "models").resolve()
                 link = out / f"cache-{path}" / "models"

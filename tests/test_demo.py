@@ -10,6 +10,7 @@ table twice, and every promised file written.
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -386,3 +387,25 @@ def test_validation_phrasing_is_neither_training_nor_test_and_the_recipe_uses_it
     assert config.seed == 2 and config.select == "best_val" and config.lora is None  # full finetune
     assert config.schedule == "linear" and config.warmup_ratio > 0 and config.grad_clip == 1.0
     assert config.early_stopping_patience == 1 and config.epochs == DemoOptions().max_epochs
+
+
+def test_robustness_reuse_refuses_runs_with_other_options_or_kernel_paths():
+    """`--reuse` keeps a finished run only if it is the run the grid asks for: same seed, the demo's
+    default options (epochs, facts, template, model) and the same kernel path."""
+    from dataclasses import asdict
+
+    from .recipe_loader import load_recipe
+
+    recipe = load_recipe("demo_robustness")
+    options = {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(DemoOptions(seed=1)).items()}
+    own = torch.backends.cpu.get_cpu_capability()
+    manifest = {"demo": options, "versions": {"cpu_capability": "AVX2"}}
+    assert recipe.reuse_mismatch(manifest, 1, "avx2", quick=False) is None
+    assert recipe.reuse_mismatch(manifest, 2, "avx2", quick=False) == "its seed is 1, this run's is 2"
+    assert recipe.reuse_mismatch(manifest, 1, "default", quick=False) == (
+        None if own == "AVX2" else "it ran on kernel path AVX2, not this machine's default")
+    two_epochs = {**manifest, "demo": {**options, "max_epochs": 2}}
+    assert recipe.reuse_mismatch(two_epochs, 1, "avx2", quick=False) == "its max_epochs is 2, this run's is 3"
+    assert recipe.reuse_mismatch(manifest, 1, "avx2", quick=True) == "its facts is 24, this run's is 4"
+    assert recipe.reuse_mismatch({**manifest, "versions": {"cpu_capability": "DEFAULT"}}, 1, "avx2",
+                                 quick=False) == "it ran on kernel path DEFAULT, not avx2"
