@@ -305,9 +305,15 @@ def compile_plan(
     # Forward order (stable: one module grafted from two donors stays one group).
     sites.sort(key=lambda item: _forward_rank(item[0], adapter, n_layers))
     modules = []
+    cells_of: dict[tuple[tuple[int, int], ...], tuple[torch.Tensor, torch.Tensor]] = {}
     for site, where, components, donor in sites:
-        rows = torch.tensor([r for r, _ in where], dtype=torch.long)
-        cols = torch.tensor([c for _, c in where], dtype=torch.long)
+        # modules grafted at the same cells share one pair of index tensors (the backend reuses
+        # its layout of those cells from module to module)
+        key = tuple(where)
+        if key not in cells_of:
+            cells_of[key] = (torch.tensor([r for r, _ in where], dtype=torch.long),
+                             torch.tensor([c for _, c in where], dtype=torch.long))
+        rows, cols = cells_of[key]
         features = None if site.features is None else torch.tensor(site.features, dtype=torch.long)
         modules.append(ModuleGraft(site.path, components, site.layer, rows, cols, features,
                                    site.token_axis, donor))

@@ -30,6 +30,7 @@ from __future__ import annotations
 import inspect
 import threading
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator, Mapping
 
@@ -187,7 +188,7 @@ def apply_plan(root: Any, plan: GraftPlan, donors: Donor | Mapping[str, Donor]) 
     rules name them."""
     if not isinstance(donors, Mapping):
         donors = {"default": donors}
-    layouts = _Layouts()
+    layouts = Layouts()
     for path, grafts in plan.by_path():
         envoy = envoy_at(root, path)
         params = [pick_donor(donors, g.donor).params(path, envoy._module) for g in grafts]
@@ -195,66 +196,105 @@ def apply_plan(root: Any, plan: GraftPlan, donors: Donor | Mapping[str, Donor]) 
 
 
 def replaced_output(envoy: Any, x: torch.Tensor, grafts: list[ModuleGraft],
-                    params: list[dict[str, torch.Tensor]], layouts: "_Layouts | None" = None) -> torch.Tensor:
+                    params: list[dict[str, torch.Tensor]], layouts: "Layouts | None" = None) -> torch.Tensor:
     """The output of ``envoy``'s module on input ``x`` with ``grafts`` applied, each cell computed
     once: a cell that a graft covers entirely by the donor (``params[i]`` for ``grafts[i]``), a
     cell where some output features are grafted (a fused q/k/v slice) by one call with P's and the
     donors' parameters combined feature by feature, every other cell by P's own parameters.
 
-    Cells are gathered along the first two dimensions (batch, tokens) after moving the graft's
-    token axis to dimension 1, computed, and scattered into one new output tensor."""
+    Cells (batch, token — after moving the graft's token axis to dimension 1) are gathered once
+    into groups, each group is computed on a contiguous slice, and one gather puts the output
+    rows back in cell order (a projection computed without autograd writes its groups into one
+    scratch buffer, read back with one gather; any other module's groups are scattered into its
+    output)."""
     module = envoy._module
     axis = grafts[0].token_axis
     xt = x.movedim(axis, 1) if axis != 1 else x
     batch, width = xt.shape[0], xt.shape[1]
     flat = xt.reshape(batch * width, *xt.shape[2:])
-    layouts = layouts or _Layouts()
+    layouts = layouts or Layouts()
     layout = layouts.get(grafts, batch * width, width, flat.device)
     values = []
-    for which in (group for _, group in layout):
+    for which in layout.donors:
         if which is None:
             values.append(None)  # P's own parameters
         elif len(which) == 1 and grafts[which[0]].features is None:
             values.append(params[which[0]])
         else:
             values.append(_feature_mix(module, [(grafts[i].features, params[i]) for i in which]))
-    if len(layout) == 1:  # one computation covers every cell (a cell listed twice is harmless)
+    if len(values) == 1:  # one computation covers every cell
         out = module_forward(envoy, module, values[0], flat)
     else:
-        out = None
-        for (cells, _), value, inputs in zip(layout, values, layouts.gathered(x, flat, layout)):
-            y = module_forward(envoy, module, value, inputs)
-            if out is None:
-                out = y.new_empty((batch * width, *y.shape[1:]))
-            out.index_copy_(0, cells, y)
+        ordered = layouts.gathered(x, flat, layout)
+        parts = zip(layout.bounds, values)
+        features = projection_width(module)
+        if features is not None and not torch.is_grad_enabled():
+            grouped = layouts.buffer((ordered.shape[0], features), ordered)
+            for (start, stop), value in parts:
+                project_into(module, value, ordered[start:stop], grouped[start:stop])
+            out = grouped.index_select(0, layout.inverse)
+        else:
+            out = None
+            for (start, stop), value in parts:
+                y = module_forward(envoy, module, value, ordered[start:stop])
+                if out is None:
+                    out = y.new_empty((flat.shape[0], *y.shape[1:]))
+                out.index_copy_(0, layout.order[start:stop], y)
     out = out.view(batch, width, *out.shape[1:])
     return out.movedim(1, axis).contiguous() if axis != 1 else out
 
 
-class _Layouts:
-    """Which cells of a module's (batch × tokens) input each computation takes: per group of
-    cells, the indices of the grafts covering them (``None``: no graft, P's own parameters).
+@dataclass
+class Layout:
+    """How a module's (batch × tokens) cells are split among computations: ``order`` lists every
+    cell once, group by group; group ``i`` is ``order[bounds[i][0]:bounds[i][1]]`` and computed
+    with the grafts ``donors[i]`` (indices into the module's grafts; ``None``: no graft, P's own
+    parameters); ``inverse`` puts rows in ``order`` back in cell order."""
+
+    order: torch.Tensor
+    inverse: torch.Tensor
+    bounds: list[tuple[int, int]]
+    donors: list[tuple[int, ...] | None]
+
+
+class Layouts:
+    """The layouts and gathered inputs of one forward pass, shared by the modules that can share
+    them, and a scratch buffer for projections' grouped outputs.
 
     Consecutive modules usually graft the same cells (q, k, v, o of every layer at an entity), so
-    the last layout is reused when the cells are equal — a few tensor operations per module saved,
-    which is what a module graft costs on a small model. Likewise the gathered inputs are reused
-    by the next module that receives the very same input tensor with the same layout (q, k and v
-    of a layer all read the normed hidden states): one gather instead of three."""
+    the last layout is reused when the cells are equal (the same index tensors, as compiled plans
+    share them, or equal ones). Likewise the gathered input is reused by the next module that
+    receives the very same input tensor with the same layout (q, k and v of a layer all read the
+    normed hidden states): one gather instead of three."""
 
     def __init__(self) -> None:
-        self._last: tuple[list[ModuleGraft], int, int, list] | None = None
-        self._inputs: tuple[torch.Tensor, int, list, list[torch.Tensor]] | None = None
+        self._last: tuple[list[ModuleGraft], int, int, Layout] | None = None
+        self._inputs: tuple[torch.Tensor, int, Layout, torch.Tensor] | None = None
+        self._scratch: dict[tuple[Any, ...], torch.Tensor] = {}
 
-    def gathered(self, x: torch.Tensor, flat: torch.Tensor, layout: list) -> list[torch.Tensor]:
-        """``flat``'s rows at each group's cells (``flat`` is ``x`` flattened to cells)."""
+    def gathered(self, x: torch.Tensor, flat: torch.Tensor, layout: Layout) -> torch.Tensor:
+        """``flat``'s rows in ``layout.order`` (``flat`` is ``x`` flattened to cells)."""
         held = self._inputs
         if held is not None and held[0] is x and held[1] == x._version and held[2] is layout:
             return held[3]  # the same tensor, not modified in place since (its version counter)
-        pieces = [flat.index_select(0, cells) for cells, _ in layout]
-        self._inputs = (x, x._version, layout, pieces)  # holding x keeps its identity from being reused
-        return pieces
+        if torch.is_grad_enabled():
+            rows = flat.index_select(0, layout.order)
+        else:
+            rows = torch.index_select(flat, 0, layout.order, out=self.buffer(
+                (layout.order.numel(), *flat.shape[1:]), flat, role="input"))
+        self._inputs = (x, x._version, layout, rows)  # holding x keeps its identity from being reused
+        return rows
 
-    def get(self, grafts: list[ModuleGraft], n_cells: int, width: int, device: Any) -> list:
+    def buffer(self, shape: tuple[int, ...], like: torch.Tensor, role: str = "output") -> torch.Tensor:
+        """A scratch tensor of ``shape`` (``like``'s dtype and device), reused across modules:
+        its contents live only until the next module of this pass needs it."""
+        key = (role, shape, like.dtype, like.device)
+        found = self._scratch.get(key)
+        if found is None:
+            found = self._scratch[key] = like.new_empty(shape)
+        return found
+
+    def get(self, grafts: list[ModuleGraft], n_cells: int, width: int, device: Any) -> Layout:
         last = self._last
         if (last is not None and last[1] == n_cells and last[2] == width and len(last[0]) == len(grafts)
                 and all(_same_cells(a, b) for a, b in zip(last[0], grafts))):
@@ -265,7 +305,7 @@ class _Layouts:
 
 
 def _same_cells(a: ModuleGraft, b: ModuleGraft) -> bool:
-    if a is b:
+    if a is b or (a.rows is b.rows and a.cols is b.cols and a.features is b.features):
         return True
     if (a.features is None) != (b.features is None) or a.rows.shape != b.rows.shape:
         return False
@@ -273,10 +313,10 @@ def _same_cells(a: ModuleGraft, b: ModuleGraft) -> bool:
             and (a.features is None or torch.equal(a.features, b.features)))
 
 
-def _layout(grafts: list[ModuleGraft], n_cells: int, width: int, device: Any) -> list:
+def _layout(grafts: list[ModuleGraft], n_cells: int, width: int, device: Any) -> Layout:
     keys = [(g.rows * width + g.cols).to(device) for g in grafts]
     if len(grafts) == 1:
-        groups: list[tuple[torch.Tensor, tuple[int, ...] | None]] = [(keys[0], (0,))]
+        groups: list[tuple[torch.Tensor, tuple[int, ...] | None]] = [(torch.unique(keys[0]), (0,))]
     else:  # cells grouped by the set of grafts covering them
         code = torch.zeros(n_cells, dtype=torch.long, device=device)
         for i, k in enumerate(keys):
@@ -293,7 +333,12 @@ def _layout(grafts: list[ModuleGraft], n_cells: int, width: int, device: Any) ->
     rest = untouched.nonzero().squeeze(1)
     if rest.numel():
         groups.append((rest, None))
-    return groups
+    order = torch.cat([cells for cells, _ in groups]) if len(groups) > 1 else groups[0][0]
+    inverse = torch.empty_like(order)
+    inverse[order] = torch.arange(order.numel(), device=device)
+    sizes = [int(cells.numel()) for cells, _ in groups]
+    starts = [sum(sizes[:i]) for i in range(len(sizes))]
+    return Layout(order, inverse, [(a, a + n) for a, n in zip(starts, sizes)], [which for _, which in groups])
 
 
 def _feature_mix(module, parts) -> dict[str, torch.Tensor]:
@@ -316,6 +361,31 @@ def _feature_mix(module, parts) -> dict[str, torch.Tensor]:
             value.index_copy_(dim, features.to(value.device), donor[name].index_select(dim, features.to(value.device)))
         mixed[name] = value
     return mixed
+
+
+def projection_width(module: torch.nn.Module) -> int | None:
+    """Output features of a projection computed directly (``nn.Linear``, GPT-2's ``Conv1D``);
+    ``None`` for any other module (it runs as itself)."""
+    if type(module) is torch.nn.Linear:
+        return module.out_features
+    if stores_weight_in_out(module):
+        return int(module.weight.shape[1])
+    return None
+
+
+def project_into(module: torch.nn.Module, params: dict[str, torch.Tensor] | None, x: torch.Tensor,
+                 out: torch.Tensor) -> None:
+    """Write the projection ``module`` (see :func:`projection_width`) of 2-d ``x`` into ``out``,
+    with ``params`` in place of its own (``None``: its own). The same matmul as the module's call
+    (``F.linear`` is ``addmm(bias, x, W.T)``; GPT-2's ``Conv1D`` is ``addmm(bias, x, W)``)."""
+    weight = module.weight if params is None else params["weight"]
+    bias = module.bias if params is None else params.get("bias")
+    if type(module) is torch.nn.Linear:
+        weight = weight.t()
+    if bias is None:
+        torch.mm(x, weight, out=out)
+    else:
+        torch.addmm(bias, x, weight, out=out)
 
 
 def module_forward(envoy: Any, module: torch.nn.Module, params: dict[str, torch.Tensor] | None,
