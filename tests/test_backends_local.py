@@ -5,6 +5,7 @@ replacing P's computation at the grafted cells instead of adding to it."""
 from __future__ import annotations
 
 from functools import lru_cache
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -12,7 +13,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from nngraft import All, DonorMismatchError, GraftRule, GraftSpec, Grafter, Last, Span
 from nngraft.arch import adapter_for
-from nngraft.backends.local import LocalBackend, module_forward, swapped_parameters
+from nngraft.backends.local import Layouts, LocalBackend, module_forward, replaced_output, swapped_parameters
 from nngraft.donor import ModelDonor, pick_donor
 from nngraft.errors import UnsupportedArchitectureError
 from nngraft.plan import GraftPlan, ModuleGraft, compile_plan
@@ -186,6 +187,51 @@ def test_a_graft_costs_the_matmul_flops_of_a_plain_forward(model_type, component
     assert grafted == plain
     # the graft did happen
     assert not torch.allclose(g.run(spec, PROMPTS, SPANS).logits, g.run(GraftSpec(), PROMPTS, SPANS).logits)
+
+
+def projection_with_graft(module_p, module_f, x, rows, cols):
+    """What a graft of ``module_f`` at (rows, cols) must give: P's output with those cells F's."""
+    want = module_p(x).detach().clone()
+    want[rows, cols] = module_f(x).detach()[rows, cols]
+    return want
+
+
+@pytest.mark.parametrize("grad", [False, True])
+def test_each_cell_of_a_projection_is_computed_with_its_own_weights(grad):
+    """Grouped computation (with autograd off: into a scratch buffer; on: per group, and the
+    gradient reaches the input) equals P's projection with F's at the grafted cells."""
+    torch.manual_seed(0)
+    mine, theirs = torch.nn.Linear(6, 5), torch.nn.Linear(6, 5)
+    x = torch.randn(3, 4, 6, requires_grad=grad)
+    rows, cols = torch.tensor([0, 2, 2]), torch.tensor([1, 0, 3])
+    graft = ModuleGraft("q", ("q",), 0, rows, cols)
+    with torch.set_grad_enabled(grad):
+        got = replaced_output(SimpleNamespace(_module=mine), x, [graft], [dict(theirs.named_parameters())])
+    torch.testing.assert_close(got, projection_with_graft(mine, theirs, x, rows, cols))
+    if grad:
+        got.sum().backward()
+        assert x.grad is not None and x.grad.abs().sum() > 0
+
+
+def test_shared_gathers_and_scratch_buffers_never_serve_stale_rows():
+    """One pass's modules share gathered inputs (same tensor, same cells) and scratch buffers:
+    a second input of the same shape, and the same input changed in place, are gathered anew."""
+    torch.manual_seed(0)
+    mine = [torch.nn.Linear(6, 6) for _ in range(3)]
+    theirs = [torch.nn.Linear(6, 6) for _ in range(3)]
+    rows, cols = torch.tensor([0, 1, 1]), torch.tensor([2, 0, 3])
+    graft = ModuleGraft("q", ("q",), 0, rows, cols)
+    layouts = Layouts()
+    first, second = torch.randn(2, 4, 6), torch.randn(2, 4, 6)
+    with torch.no_grad():
+        for x in (first, first, second, first):
+            for m, f in zip(mine, theirs):
+                got = replaced_output(SimpleNamespace(_module=m), x, [graft], [dict(f.named_parameters())], layouts)
+                torch.testing.assert_close(got, projection_with_graft(m, f, x, rows, cols))
+        first.mul_(-2)  # in place: same tensor, new version
+        got = replaced_output(SimpleNamespace(_module=mine[0]), first, [graft], [dict(theirs[0].named_parameters())],
+                              layouts)
+        torch.testing.assert_close(got, projection_with_graft(mine[0], theirs[0], first, rows, cols))
 
 
 def test_feature_graft_of_a_module_that_is_not_a_projection_is_refused():
