@@ -384,9 +384,9 @@ def test_validation_phrasing_is_neither_training_nor_test_and_the_recipe_uses_it
         prompts = [e.prompt for e in make_test_examples(facts, template)]
         assert not [p for p in prompts if any(p in t for t in texts)]
     config = demo_finetune_config(DemoOptions(seed=2))
-    assert config.seed == 2 and config.select == "best_val" and config.lora is None  # full finetune
+    assert config.seed == 2 and config.select == "last" and config.lora is None  # full finetune
     assert config.schedule == "linear" and config.warmup_ratio > 0 and config.grad_clip == 1.0
-    assert config.early_stopping_patience == 1 and config.epochs == DemoOptions().max_epochs
+    assert config.early_stopping_patience is None and config.epochs == DemoOptions().max_epochs == 4
 
 
 def test_robustness_reuse_refuses_runs_with_other_options_or_kernel_paths():
@@ -405,7 +405,7 @@ def test_robustness_reuse_refuses_runs_with_other_options_or_kernel_paths():
     assert recipe.reuse_mismatch(manifest, 1, "default", quick=False) == (
         None if own == "AVX2" else "it ran on kernel path AVX2, not this machine's default")
     two_epochs = {**manifest, "demo": {**options, "max_epochs": 2}}
-    assert recipe.reuse_mismatch(two_epochs, 1, "avx2", quick=False) == "its max_epochs is 2, this run's is 3"
+    assert recipe.reuse_mismatch(two_epochs, 1, "avx2", quick=False) == "its max_epochs is 2, this run's is 4"
     assert recipe.reuse_mismatch(manifest, 1, "avx2", quick=True) == "its facts is 24, this run's is 4"
     assert recipe.reuse_mismatch({**manifest, "versions": {"cpu_capability": "DEFAULT"}}, 1, "avx2",
                                  quick=False) == "it ran on kernel path DEFAULT, not avx2"

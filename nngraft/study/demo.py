@@ -10,7 +10,7 @@ The whole study in one command, on a laptop:
 3. **Finetune.** A copy of P is finetuned (full-parameter, transformers' ``Trainer``, the
    :data:`~nngraft.study.finetune.DEMO` preset) on eleven short phrasings per fact and actor order
    (the paper's five QA templates and six ``paraphrase`` ones); after each epoch it is scored on a
-   held-out validation phrasing (:data:`VALIDATION_TEMPLATE`), the best epoch is kept. The result
+   held-out validation phrasing (:data:`VALIDATION_TEMPLATE`); the last of four epochs is kept. The result
    F is cached by content hash (base weights, texts, hyperparameters, validation prompts), so a
    second run skips this step.
 4. **Graft.** 39 specs on the test template (``sentence_3``: "X stars in TITLE alongside" →
@@ -49,8 +49,9 @@ DATASET = "fake_movies_fake_actors"
 TEMPLATE = "sentence_3"
 VALIDATION_TEMPLATE = "{first_actor} appears in {movie_title} together with"
 """The held-out validation phrasing: neither a training template nor the test template. After each
-finetuning epoch F is scored on it (mean probability of the co-star's first token); the best epoch
-is kept and training stops early after an epoch without improvement."""
+finetuning epoch F is scored on it (mean probability and top-1 of the co-star's first token); the
+scores are printed and kept in the finetune manifest, a check that F generalizes beyond its
+training phrasings."""
 VALIDATION_NAME = "validation"
 TRAINING_FAMILIES = ("qa", "paraphrase")
 TRAINING_DIRECTIONS = ("A2B", "B2A")
@@ -108,7 +109,7 @@ class DemoOptions:
     quick: bool = False
     model: str = "smollm2"
     template: str = TEMPLATE
-    max_epochs: int = 3
+    max_epochs: int = 4
     refinetune: bool = False
     plots: bool = True
     progress: bool = True
