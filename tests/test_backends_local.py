@@ -13,7 +13,8 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from nngraft import All, DonorMismatchError, GraftRule, GraftSpec, Grafter, Last, Span
 from nngraft.arch import adapter_for
-from nngraft.backends.local import Layouts, LocalBackend, module_forward, replaced_output, swapped_parameters
+from nngraft.backends.local import (Layouts, LocalBackend, Scratch, module_forward, replaced_output,
+                                    swapped_parameters)
 from nngraft.donor import ModelDonor, pick_donor
 from nngraft.errors import UnsupportedArchitectureError
 from nngraft.plan import GraftPlan, ModuleGraft, compile_plan
@@ -232,6 +233,22 @@ def test_shared_gathers_and_scratch_buffers_never_serve_stale_rows():
         got = replaced_output(SimpleNamespace(_module=mine[0]), first, [graft], [dict(theirs[0].named_parameters())],
                               layouts)
         torch.testing.assert_close(got, projection_with_graft(mine[0], theirs[0], first, rows, cols))
+
+
+def test_scratch_kept_from_pass_to_pass_serves_batches_of_any_size():
+    """A backend keeps one Scratch for all its passes: a smaller batch after a larger one uses
+    part of the grown buffers, a larger one grows them; every result stays exact."""
+    torch.manual_seed(0)
+    mine, theirs = torch.nn.Linear(6, 5), torch.nn.Linear(6, 5)
+    scratch = Scratch()
+    with torch.no_grad():
+        for batch in (3, 1, 5, 2):
+            x = torch.randn(batch, 4, 6)
+            rows, cols = torch.arange(batch), torch.full((batch,), 2)
+            graft = ModuleGraft("q", ("q",), 0, rows, cols)
+            got = replaced_output(SimpleNamespace(_module=mine), x, [graft], [dict(theirs.named_parameters())],
+                                  Layouts(scratch))
+            torch.testing.assert_close(got, projection_with_graft(mine, theirs, x, rows, cols))
 
 
 def test_feature_graft_of_a_module_that_is_not_a_projection_is_refused():

@@ -88,6 +88,7 @@ class LocalBackend(Backend):
             if hasattr(self.donors[name], "check_against"):  # a model, a DeltaDonor's P, a LoRA's modules
                 self.donors[name].check_against(recipient)
         self.derived: dict[str, Any] = {}  # parameter-level donors derived from these, by name
+        self.scratch = Scratch()  # grafts' scratch buffers, kept from pass to pass (see Scratch)
         self.nn = nnsight.NNsight(recipient)
         self.lock = threading.Lock()
         params = inspect.signature(recipient.forward).parameters
@@ -113,7 +114,7 @@ class LocalBackend(Backend):
             else:
                 donors = derived_donors(plan, self.donors, self.model, self.adapter, self.derived)
                 with self.nn.trace(**kwargs):
-                    apply_plan(self.nn, plan, donors)
+                    apply_plan(self.nn, plan, donors, self.scratch)
                     out = self.nn.output.save()
         if not kwargs["use_cache"]:
             return out.logits, None
@@ -176,7 +177,8 @@ def envoy_at(root: Any, path: str) -> Any:
     return node
 
 
-def apply_plan(root: Any, plan: GraftPlan, donors: Donor | Mapping[str, Donor]) -> None:
+def apply_plan(root: Any, plan: GraftPlan, donors: Donor | Mapping[str, Donor],
+               scratch: "Scratch | None" = None) -> None:
     """Inside an open trace of ``root``: apply every module graft of ``plan``, in order.
 
     Each grafted module is *replaced*, not run and overwritten: its input is split into the
@@ -185,10 +187,11 @@ def apply_plan(root: Any, plan: GraftPlan, donors: Donor | Mapping[str, Donor]) 
     module never processes a grafted cell, and is not called at all when every cell is grafted.
 
     ``donors`` is one donor, or donors by name (``{"default": F, "hybrid": H}``) for plans whose
-    rules name them."""
+    rules name them. ``scratch``: buffers to reuse (a backend keeps one :class:`Scratch` for all
+    its passes, made under its lock); a fresh one by default."""
     if not isinstance(donors, Mapping):
         donors = {"default": donors}
-    layouts = Layouts()
+    layouts = Layouts(scratch)
     for path, grafts in plan.by_path():
         envoy = envoy_at(root, path)
         params = [pick_donor(donors, g.donor).params(path, envoy._module) for g in grafts]
@@ -257,9 +260,30 @@ class Layout:
     donors: list[tuple[int, ...] | None]
 
 
+class Scratch:
+    """Scratch tensors for grafts (gathered inputs, projections' grouped outputs), one per role
+    and row width, grown to the most rows asked for and reused from module to module and from
+    pass to pass. A pass that allocated and freed them anew spent more in the allocator than in
+    the copies: on SmolLM2, freeing a few MB each pass let the C allocator hand memory back to the
+    system, and the page faults of getting it back cost several percent of a grafted forward.
+    Memory held: about one layer's activations of the largest batch grafted."""
+
+    def __init__(self) -> None:
+        self._buffers: dict[tuple[Any, ...], torch.Tensor] = {}
+
+    def get(self, shape: tuple[int, ...], like: torch.Tensor, role: str) -> torch.Tensor:
+        """A tensor of ``shape`` (``like``'s dtype and device) whose contents are garbage and
+        live until the next ``get`` of the same role and width."""
+        key = (role, tuple(shape[1:]), like.dtype, like.device)
+        held = self._buffers.get(key)
+        if held is None or held.shape[0] < shape[0]:
+            held = self._buffers[key] = like.new_empty(shape)
+        return held[:shape[0]]
+
+
 class Layouts:
     """The layouts and gathered inputs of one forward pass, shared by the modules that can share
-    them, and a scratch buffer for projections' grouped outputs.
+    them, and its scratch buffers (:class:`Scratch`).
 
     Consecutive modules usually graft the same cells (q, k, v, o of every layer at an entity), so
     the last layout is reused when the cells are equal (the same index tensors, as compiled plans
@@ -267,10 +291,10 @@ class Layouts:
     receives the very same input tensor with the same layout (q, k and v of a layer all read the
     normed hidden states): one gather instead of three."""
 
-    def __init__(self) -> None:
+    def __init__(self, scratch: Scratch | None = None) -> None:
         self._last: tuple[list[ModuleGraft], int, int, Layout] | None = None
         self._inputs: tuple[torch.Tensor, int, Layout, torch.Tensor] | None = None
-        self._scratch: dict[tuple[Any, ...], torch.Tensor] = {}
+        self._scratch = scratch if scratch is not None else Scratch()
 
     def gathered(self, x: torch.Tensor, flat: torch.Tensor, layout: Layout) -> torch.Tensor:
         """``flat``'s rows in ``layout.order`` (``flat`` is ``x`` flattened to cells)."""
@@ -286,13 +310,9 @@ class Layouts:
         return rows
 
     def buffer(self, shape: tuple[int, ...], like: torch.Tensor, role: str = "output") -> torch.Tensor:
-        """A scratch tensor of ``shape`` (``like``'s dtype and device), reused across modules:
-        its contents live only until the next module of this pass needs it."""
-        key = (role, shape, like.dtype, like.device)
-        found = self._scratch.get(key)
-        if found is None:
-            found = self._scratch[key] = like.new_empty(shape)
-        return found
+        """A scratch tensor of ``shape`` (``like``'s dtype and device): its contents live only
+        until the next module of this pass needs it."""
+        return self._scratch.get(shape, like, role)
 
     def get(self, grafts: list[ModuleGraft], n_cells: int, width: int, device: Any) -> Layout:
         last = self._last
