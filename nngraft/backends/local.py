@@ -31,6 +31,7 @@ import inspect
 import threading
 from contextlib import contextmanager
 from dataclasses import dataclass
+from itertools import accumulate
 from pathlib import Path
 from typing import Any, Iterator, Mapping
 
@@ -356,9 +357,8 @@ def _layout(grafts: list[ModuleGraft], n_cells: int, width: int, device: Any) ->
     order = torch.cat([cells for cells, _ in groups]) if len(groups) > 1 else groups[0][0]
     inverse = torch.empty_like(order)
     inverse[order] = torch.arange(order.numel(), device=device)
-    sizes = [int(cells.numel()) for cells, _ in groups]
-    starts = [sum(sizes[:i]) for i in range(len(sizes))]
-    return Layout(order, inverse, [(a, a + n) for a, n in zip(starts, sizes)], [which for _, which in groups])
+    stops = list(accumulate(int(cells.numel()) for cells, _ in groups))
+    return Layout(order, inverse, list(zip([0, *stops[:-1]], stops)), [which for _, which in groups])
 
 
 def _feature_mix(module, parts) -> dict[str, torch.Tensor]:
