@@ -147,6 +147,19 @@ def test_options_quick_defaults_and_errors(tmp_path):
     assert DemoOptions(quick=True, facts=6).facts == 6
     with pytest.raises(GraftError, match="at least 2 facts"):
         DemoOptions(facts=1)
+    with pytest.raises(GraftError, match=r"--max-epochs must be at least 1 \(got 0\)"):
+        DemoOptions(max_epochs=0)
+
+
+def test_demo_refuses_zero_epochs_before_writing_anything(tmp_path, capsys):
+    """A bad --max-epochs is one clear error and exit 2 before any model is loaded or folder made."""
+    from nngraft.cli import main
+
+    out = tmp_path / "demo"
+    assert main(["demo", "--max-epochs", "0", "--out", str(out), "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert "--max-epochs must be at least 1 (got 0)" in err and "Traceback" not in err
+    assert not out.exists()
 
 
 def test_device_errors_are_clear():

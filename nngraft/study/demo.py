@@ -120,10 +120,12 @@ class DemoOptions:
             self.facts = QUICK_FACTS if self.quick else DEFAULT_FACTS
         if self.quick:
             self.max_epochs = 1
-        if self.facts < 2:
-            from ..errors import DataError
+        from ..errors import DataError
 
+        if self.facts < 2:
             raise DataError(f"the demo needs at least 2 facts (got {self.facts})")
+        if self.max_epochs < 1:
+            raise DataError(f"--max-epochs must be at least 1 (got {self.max_epochs})")
 
 
 @dataclass
