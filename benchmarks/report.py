@@ -208,7 +208,11 @@ def render(results: dict[str, dict[str, dict[str, Any]]], run: dict[str, Any] | 
                 out += [f"- {note}"]
             plot = record.get("config", {}).get("plot")
             if plot:
-                rel = os.path.relpath(Path(plot).resolve(), Path(docs_dir).resolve())
+                # records hold the absolute path where the run wrote the figure; a figure that is
+                # in this checkout's docs folder is linked by its name, so the link holds in any clone
+                beside = Path(docs_dir) / Path(plot).name
+                rel = beside.name if beside.is_file() else os.path.relpath(Path(plot).resolve(),
+                                                                            Path(docs_dir).resolve())
                 out += ["", f"![time vs prompt length, {model}]({Path(rel).as_posix()})"]
             out += [""]
     out += ["### GPU", "",
