@@ -8,9 +8,10 @@ The whole study in one command, on a laptop:
    (:func:`nngraft.study.data.make_facts`, dataset ``fake_movies_fake_actors``). The pretrained
    model P is scored on them first: it must not already know them.
 3. **Finetune.** A copy of P is finetuned (full-parameter, transformers' ``Trainer``, the
-   :data:`~nngraft.study.finetune.DEMO` preset) on eleven short phrasings per fact and actor order
-   (the paper's five QA templates and six ``paraphrase`` ones); after each epoch it is scored on a
-   held-out validation phrasing (:data:`VALIDATION_TEMPLATE`); the last of four epochs is kept. The result
+   :data:`~nngraft.study.finetune.DEMO` preset) on eleven short phrasings per fact, in the order the
+   test asks (first actor → co-star; the paper's five QA templates and six ``paraphrase`` ones);
+   after each epoch it is scored on a held-out validation phrasing (:data:`VALIDATION_TEMPLATE`);
+   the last of five epochs is kept. The result
    F is cached by content hash (base weights, texts, hyperparameters, validation prompts), so a
    second run skips this step.
 4. **Graft.** 39 specs on the test template (``sentence_3``: "X stars in TITLE alongside" →
@@ -54,7 +55,11 @@ scores are printed and kept in the finetune manifest, a check that F generalizes
 training phrasings."""
 VALIDATION_NAME = "validation"
 TRAINING_FAMILIES = ("qa", "paraphrase")
-TRAINING_DIRECTIONS = ("A2B", "B2A")
+TRAINING_DIRECTIONS = ("A2B",)
+"""The demo trains on the facts in the order its test asks (first actor, then co-star). The
+reversed texts (``B2A``) teach a fact the test never queries; with them the finetune took twice as
+long, and on the worst of six seed × kernel-path runs FE+LT recovery was 0.77 instead of 0.96
+(docs/demo.md#robustness-seeds-and-cpu-kernel-paths)."""
 MODEL_LABEL = "smollm2-135m"
 DEFAULT_FACTS = 24
 QUICK_FACTS = 4
@@ -109,7 +114,7 @@ class DemoOptions:
     quick: bool = False
     model: str = "smollm2"
     template: str = TEMPLATE
-    max_epochs: int = 4
+    max_epochs: int = 5
     refinetune: bool = False
     plots: bool = True
     progress: bool = True

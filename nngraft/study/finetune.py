@@ -137,9 +137,9 @@ CPU_FAST = FinetuneConfig(lr=3e-4, weight_decay=0.0, batch_size=8, epochs=8, sch
 """The demo's preset: a learning rate ~150× the paper's, short texts, no validation pass, the last
 epoch; it teaches SmolLM2-135M a few dozen short facts in minutes on two CPU cores."""
 
-DEMO = FinetuneConfig(lr=3e-4, weight_decay=0.0, batch_size=8, epochs=4, schedule="linear", warmup_ratio=0.06,
+DEMO = FinetuneConfig(lr=3e-4, weight_decay=0.0, batch_size=8, epochs=5, schedule="linear", warmup_ratio=0.06,
                       val_fraction=0.0, select="last", max_length=64, grad_clip=1.0)
-"""``nngraft demo``'s recipe: CPU_FAST's learning rate with 6 % warmup and linear decay over four
+"""``nngraft demo``'s recipe: CPU_FAST's learning rate with 6 % warmup and linear decay over five
 epochs, gradient clipping at 1.0, the last epoch kept (the learning rate has decayed to zero there).
 Given held-out validation prompts (``finetune(..., validation=...)``) every epoch is scored on them
 and the scores go into the manifest. Keeping the best epoch by that score instead, with early
