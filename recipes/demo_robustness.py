@@ -1,13 +1,15 @@
 """Does the demo's finding hold on other machines? Run ``nngraft demo`` for several seeds on several
 CPU kernel paths and write one table of F, FE, LT, FE+LT, FE+M+LT and the complements per run.
 
-A CPU without AVX-512 is emulated with ``ATEN_CPU_CAPABILITY`` (``avx2``, ``default``); each kernel
+A CPU without AVX-512 is emulated with ``ATEN_CPU_CAPABILITY``: path ``avx2`` sets it to ``avx2``,
+path ``scalar`` to ``default`` (ATen's kernels without SIMD), path ``default`` leaves the machine's
+own; each kernel
 path gets its own model cache, so F is finetuned anew on every path (a shared cache would hand every
 path the same F). Each run is ``nngraft demo --seed S`` in a subprocess, its first run (empty
 finetune cache), with the demo's defaults.
 
     python recipes/demo_robustness.py                        # seeds 0 1 2 × default, avx2 (~6 runs × 5 min)
-    python recipes/demo_robustness.py --paths default avx2 default --seeds 0
+    python recipes/demo_robustness.py --paths default avx2 scalar --seeds 0
     python recipes/demo_robustness.py --quick                # seed 0 × 2 paths, `nngraft demo --quick`:
                                                              # checks the table is built (numbers mean nothing)
 
@@ -44,8 +46,8 @@ def parse(argv: Sequence[str] | None = None) -> argparse.Namespace:
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--seeds", type=int, nargs="+", default=None, help="demo seeds (default 0 1 2; --quick: 0)")
     p.add_argument("--paths", nargs="+", default=["default", "avx2"],
-                   help="CPU kernel paths: 'default' (this machine's best) or an ATEN_CPU_CAPABILITY value "
-                        "(avx2, default, avx512 …); default: default avx2")
+                   help="CPU kernel paths: 'default' (this machine's best), 'scalar' (ATEN_CPU_CAPABILITY=default: "
+                        "no SIMD) or another ATEN_CPU_CAPABILITY value (avx2, avx512 …); default: default avx2")
     p.add_argument("--out", default="runs/demo-robustness", help="output folder (default runs/demo-robustness)")
     p.add_argument("--quick", action="store_true", help="`nngraft demo --quick` runs (4 facts, one epoch)")
     p.add_argument("--reuse", action="store_true", help="keep finished runs already in --out")
@@ -57,12 +59,22 @@ def parse(argv: Sequence[str] | None = None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
+ATEN_VALUES = {"scalar": "default"}
+"""Kernel path names that differ from their ``ATEN_CPU_CAPABILITY`` value: ``scalar`` is ATen's
+``default`` capability (no SIMD), named apart from this recipe's ``default`` (the machine's own)."""
+
+
+def aten_value(path: str) -> str:
+    """The ``ATEN_CPU_CAPABILITY`` value of kernel ``path`` (not for ``default``)."""
+    return ATEN_VALUES.get(path, path)
+
+
 def run_env(path: str, cache: Path, threads: int | None) -> dict[str, str]:
     """The environment of one run: the kernel path (``default``: the machine's own, so the variable
     is removed), a cache of its own, passive OpenMP waiting (as ``nngraft demo`` sets itself)."""
     env = {k: v for k, v in os.environ.items() if k != "ATEN_CPU_CAPABILITY"}
     if path != "default":
-        env["ATEN_CPU_CAPABILITY"] = path
+        env["ATEN_CPU_CAPABILITY"] = aten_value(path)
     env["NNGRAFT_CACHE"] = str(cache)
     env.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     env["PYTHONPATH"] = os.pathsep.join([str(ROOT), *filter(None, [env.get("PYTHONPATH")])])
@@ -89,7 +101,7 @@ def reuse_mismatch(manifest: dict[str, Any], seed: int, path: str, *, quick: boo
         if done.get(key) != wanted[key]:
             return f"its {key} is {done.get(key)!r}, this run's is {wanted[key]!r}"
     capability = str(manifest.get("versions", {}).get("cpu_capability"))
-    if path != "default" and capability.lower() != path.lower():
+    if path != "default" and capability.lower() != aten_value(path).lower():
         return f"it ran on kernel path {capability}, not {path}"
     if path == "default" and "ATEN_CPU_CAPABILITY" not in os.environ:
         import torch

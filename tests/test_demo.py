@@ -392,14 +392,15 @@ def test_validation_phrasing_is_neither_training_nor_test_and_the_recipe_uses_it
     assert VALIDATION_TEMPLATE not in training and VALIDATION_TEMPLATE != TEST_TEMPLATES[TEMPLATE]
     facts = make_facts("fake_movies_fake_actors", DEFAULT_FACTS, seed=0)
     texts = training_texts(facts, families=TRAINING_FAMILIES, directions=TRAINING_DIRECTIONS)
-    assert len(texts) == DEFAULT_FACTS * 11 * 2
+    assert TRAINING_DIRECTIONS == ("A2B",)  # the order the test asks: first actor, then co-star
+    assert len(texts) == DEFAULT_FACTS * 11
     for template in (VALIDATION_TEMPLATE, TEMPLATE):  # no training text contains a held-out prompt
         prompts = [e.prompt for e in make_test_examples(facts, template)]
         assert not [p for p in prompts if any(p in t for t in texts)]
     config = demo_finetune_config(DemoOptions(seed=2))
     assert config.seed == 2 and config.select == "last" and config.lora is None  # full finetune
     assert config.schedule == "linear" and config.warmup_ratio > 0 and config.grad_clip == 1.0
-    assert config.early_stopping_patience is None and config.epochs == DemoOptions().max_epochs == 4
+    assert config.early_stopping_patience is None and config.epochs == DemoOptions().max_epochs == 5
 
 
 def test_robustness_reuse_refuses_runs_with_other_options_or_kernel_paths():
@@ -418,7 +419,23 @@ def test_robustness_reuse_refuses_runs_with_other_options_or_kernel_paths():
     assert recipe.reuse_mismatch(manifest, 1, "default", quick=False) == (
         None if own == "AVX2" else "it ran on kernel path AVX2, not this machine's default")
     two_epochs = {**manifest, "demo": {**options, "max_epochs": 2}}
-    assert recipe.reuse_mismatch(two_epochs, 1, "avx2", quick=False) == "its max_epochs is 2, this run's is 4"
+    assert recipe.reuse_mismatch(two_epochs, 1, "avx2", quick=False) == "its max_epochs is 2, this run's is 5"
     assert recipe.reuse_mismatch(manifest, 1, "avx2", quick=True) == "its facts is 24, this run's is 4"
     assert recipe.reuse_mismatch({**manifest, "versions": {"cpu_capability": "DEFAULT"}}, 1, "avx2",
                                  quick=False) == "it ran on kernel path DEFAULT, not avx2"
+    scalar = {**manifest, "versions": {"cpu_capability": "DEFAULT"}}  # ATEN_CPU_CAPABILITY=default
+    assert recipe.reuse_mismatch(scalar, 1, "scalar", quick=False) is None
+    assert recipe.reuse_mismatch(manifest, 1, "scalar", quick=False) == "it ran on kernel path AVX2, not scalar"
+
+
+def test_robustness_kernel_paths_set_aten_cpu_capability(tmp_path, monkeypatch):
+    """'default' leaves the machine's own kernels (the variable removed), 'scalar' is ATen's
+    no-SIMD 'default' capability, any other name is passed as it is."""
+    from .recipe_loader import load_recipe
+
+    recipe = load_recipe("demo_robustness")
+    monkeypatch.setenv("ATEN_CPU_CAPABILITY", "avx512")
+    assert "ATEN_CPU_CAPABILITY" not in recipe.run_env("default", tmp_path, None)
+    assert recipe.run_env("scalar", tmp_path, None)["ATEN_CPU_CAPABILITY"] == "default"
+    env = recipe.run_env("avx2", tmp_path, 2)
+    assert (env["ATEN_CPU_CAPABILITY"], env["OMP_NUM_THREADS"], env["NNGRAFT_CACHE"]) == ("avx2", "2", str(tmp_path))
