@@ -49,7 +49,7 @@ def parse(argv: Sequence[str] | None = None) -> argparse.Namespace:
                    help="CPU kernel paths: 'default' (this machine's best), 'scalar' (ATEN_CPU_CAPABILITY=default: "
                         "no SIMD) or another ATEN_CPU_CAPABILITY value (avx2, avx512 …); default: default avx2")
     p.add_argument("--out", default="runs/demo-robustness", help="output folder (default runs/demo-robustness)")
-    p.add_argument("--quick", action="store_true", help="`nngraft demo --quick` runs (4 facts, one epoch)")
+    p.add_argument("--quick", action="store_true", help="`nngraft demo --quick` runs (4 facts, two short epochs)")
     p.add_argument("--reuse", action="store_true", help="keep finished runs already in --out")
     p.add_argument("--threads", type=int, help="torch threads per run (default: torch's)")
     p.add_argument("--nice", type=int, default=0, help="run the demos at this niceness (a shared machine: 10)")

