@@ -264,10 +264,10 @@ def validation_note(val_top1: float | None, test_top1: float, next_tokens: Count
         return None
     token, count = next_tokens.most_common(1)[0]
     return (f"On the validation phrasing F puts the co-star first for only {val_top1:.0%} of the prompts; "
-            f"its most likely next token there is {token!r} ({count}/{n}): F continues that wording another "
-            f"way (as one of its training texts does) rather than forgetting the fact, which the test phrasing "
-            f"shows. The validation score checks one wording's first token; see docs/demo.md, \"The "
-            f"validation column, read with care\".")
+            f"its most likely next token there is {token!r} ({count}/{n}). F answers the test phrasing "
+            f"({test_top1:.0%}), so it continues that wording another way rather than lacking the facts: the "
+            f"validation score checks only the first token after one wording (docs/demo.md, \"The validation "
+            f"column, read with care\").")
 
 
 def prepare_out_folder(out: Path) -> None:
