@@ -39,9 +39,9 @@ import math
 import os
 import shutil
 import time
+from collections import Counter
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from collections import Counter
 from typing import Any, Iterator, Sequence
 
 from ..checks import seed_arg
