@@ -56,7 +56,29 @@ def parse(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--share-conversion", action="store_true",
                    help="convert SmolLM2 once, on the first path, and let the other paths reuse it (saves a "
                         "conversion per path; F is still finetuned on every path)")
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    for path in args.paths:
+        problem = path_problem(path)
+        if problem:
+            p.error(problem)
+    return args
+
+
+def path_problem(path: str) -> str | None:
+    """Why kernel ``path`` would not take effect on this machine, or ``None``: torch falls back to
+    the machine's own kernels, silently, for an unknown ``ATEN_CPU_CAPABILITY`` or one the CPU
+    lacks, so each path is tried in a subprocess before any run."""
+    if path == "default":
+        return None
+    env = {**os.environ, "ATEN_CPU_CAPABILITY": aten_value(path)}
+    probe = subprocess.run([sys.executable, "-c", "import torch; print(torch.backends.cpu.get_cpu_capability())"],
+                           env=env, capture_output=True, text=True)
+    got = probe.stdout.strip()
+    if probe.returncode != 0 or got.lower() != aten_value(path).lower():
+        return (f"kernel path {path!r}: ATEN_CPU_CAPABILITY={aten_value(path)} gives torch's "
+                f"{got or 'nothing'} kernels on this machine, not {aten_value(path)} (use 'default', 'scalar', "
+                f"or a capability this CPU has, e.g. avx2)")
+    return None
 
 
 ATEN_VALUES = {"scalar": "default"}

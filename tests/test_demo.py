@@ -462,6 +462,22 @@ def test_robustness_reuse_refuses_runs_with_other_options_or_kernel_paths():
     assert recipe.reuse_mismatch(manifest, 1, "scalar", quick=False) == "it ran on kernel path AVX2, not scalar"
 
 
+def test_robustness_refuses_a_kernel_path_torch_would_ignore(tmp_path, capsys):
+    """torch silently falls back to the machine's kernels for an unknown ATEN_CPU_CAPABILITY: the
+    recipe refuses such a path before any run (exit 2, one line, nothing written)."""
+    from .recipe_loader import load_recipe
+
+    recipe = load_recipe("demo_robustness")
+    out = tmp_path / "grid"
+    with pytest.raises(SystemExit) as exit_info:
+        recipe.main(["--paths", "default", "avx3", "--out", str(out)])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert "kernel path 'avx3': ATEN_CPU_CAPABILITY=avx3 gives torch's" in err and "Traceback" not in err
+    assert not out.exists()
+    assert recipe.path_problem("default") is None and recipe.path_problem("scalar") is None
+
+
 def test_robustness_kernel_paths_set_aten_cpu_capability(tmp_path, monkeypatch):
     """'default' leaves the machine's own kernels (the variable removed), 'scalar' is ATen's
     no-SIMD 'default' capability, any other name is passed as it is."""

@@ -318,17 +318,25 @@ def _written_by_demo(folder: Path) -> bool:
         return False
 
 
+def validation_examples(facts: Any) -> list[Any]:
+    """The held-out validation prompts of ``facts``: :data:`VALIDATION_TEMPLATE`, first answer token
+    the co-star's."""
+    from .data import make_test_examples
+
+    return make_test_examples(facts, VALIDATION_TEMPLATE, name=VALIDATION_NAME)
+
+
 def finetune_demo_model(P: Any, tokenizer: Any, facts: Any, options: DemoOptions, *,
                         progress: Any = False) -> tuple[Any, dict[str, Any], bool, Path]:
     """F for the demo's ``facts``, exactly as ``nngraft demo`` builds it: the same training texts,
     hyperparameters and validation phrasing, so it shares the demo's cache entry (a recipe that
     calls this reuses the demo's F instead of training another). Returns what
     :func:`~nngraft.study.finetune.cached_finetune` returns: (F, manifest, cached, folder)."""
-    from .data import facts_hash, make_test_examples, training_texts
+    from .data import facts_hash, training_texts
     from .finetune import cached_finetune
 
     texts = training_texts(facts, families=TRAINING_FAMILIES, directions=TRAINING_DIRECTIONS)
-    validation = make_test_examples(facts, VALIDATION_TEMPLATE, name=VALIDATION_NAME)
+    validation = validation_examples(facts)
     return cached_finetune(
         P, tokenizer, texts, config=demo_finetune_config(options),
         validation=[(e.prompt, e.answer) for e in validation],
@@ -417,7 +425,7 @@ def _run_demo(options: DemoOptions, console: Any, tables_console: Any = None) ->
     kept = ft_manifest["history"][ft_manifest["best_epoch"] - 1]
     note = None
     if not options.quick and validation_lags(kept.get("val_top1"), finetuned_top1):
-        validation = make_test_examples(facts, VALIDATION_TEMPLATE, name=VALIDATION_NAME)
+        validation = validation_examples(facts)
         note = validation_note(kept["val_top1"], finetuned_top1, most_likely_next_tokens(F, tokenizer, validation),
                                len(validation))
     if note:
