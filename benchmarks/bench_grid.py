@@ -5,7 +5,7 @@ K = 32 specs (the first 32 of the grid below) × N prompts (20 tokens, ``first_a
 - batched: ``Grafter.run_grid(specs, prompts, spans, batch_size=K*N)`` — one call; every (spec,
   prompt) pair is a row with its own graft cells, and rows of one prompt share its ungrafted
   prefix (one plain prefix pass per prompt, then the rows' suffixes on its KV cache; see
-  nngraft/schedule.py);
+  nngraft/compile/schedule.py);
 - one forward, no sharing: the same with ``share_prefix=False`` — all K×N rows in ONE forward pass
   of the full prompts (what packing alone gives);
 - separate: ``Grafter.run(spec, prompts, spans)`` once per spec — K traces of N rows.
@@ -56,7 +56,7 @@ def shared_prefix_bound(grafter: Any, specs: Sequence[Any], texts: list[str], sp
     prompt plus, per row, only the columns from its first grafted position on (with the prefix's
     KV cache) computes every result. Returns token-positions of one plain pass of all rows vs the
     lower bound with such sharing (an analysis of the plan; what ``run_grid`` achieves is this
-    minus padding, plus the scheduler's choices — see nngraft/schedule.py)."""
+    minus padding, plus the scheduler's choices — see nngraft/compile/schedule.py)."""
     now = shared = 0
     for text, span in zip(texts, spans):
         plan = grafter.plan(list(specs), [text] * len(specs), [span] * len(specs))

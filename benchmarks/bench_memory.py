@@ -82,7 +82,7 @@ def worker(variant: str, p_dir: str, f_dir: str, prompts_file: str, out: str, th
 
     from .bench_vs_paper import spec_last4_mlp
     from .baselines import plain_forward
-    from nngraft.tokens import pad_left
+    from nngraft.compile.tokens import pad_left
 
     prompts = json.loads(Path(prompts_file).read_text())
     baseline = _rss_bytes()

@@ -30,7 +30,7 @@ from typing import Any, Sequence
 import torch
 
 from nngraft import All, GraftRule, GraftSpec, Last, Span
-from nngraft.tokens import pad_left
+from nngraft.compile.tokens import pad_left
 
 from .baselines import empty_trace, graft_paths, model_kwargs, per_token_inplace, plain_forward
 from .common import (FLOAT_NOISE, Result, interleaved, load_models, log, max_abs_diff, median, paired_ratio,

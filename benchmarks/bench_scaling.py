@@ -24,7 +24,7 @@ import time
 from pathlib import Path
 from typing import Any, Sequence
 
-from nngraft.io import atomic_save_figure
+from nngraft.util.io import atomic_save_figure
 
 from .baselines import graft_paths, paper_method, per_token_inplace
 from .bench_vs_paper import spec_last4_mlp

@@ -57,7 +57,7 @@ def run() -> dict[str, Any]:
     import copy
 
     from nngraft import Grafter
-    from nngraft.delta import DeltaDonor, DenseDonor
+    from nngraft.donors.delta import DeltaDonor, DenseDonor
     from nngraft.study.models import load_model
     from nngraft.testing import perturbed_copy
 

@@ -357,7 +357,7 @@ class Result:
 
 
 def write_json(path: Path, record: Mapping[str, Any]) -> None:
-    from nngraft.io import atomic_write_text
+    from nngraft.util.io import atomic_write_text
 
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -401,7 +401,7 @@ def replace_docs_section(path: Path, generated: str, begin: str, end: str, headi
     """Write ``generated`` (which starts with ``begin`` and ends with ``end``) into the markdown
     file at ``path``: in place of the old ``begin`` … ``end`` block, else right under ``heading``,
     else as a new ``heading`` section at the end. Text outside the block is kept. Atomic."""
-    from nngraft.io import atomic_write_text
+    from nngraft.util.io import atomic_write_text
 
     path = Path(path)
     text = path.read_text() if path.exists() else "# Benchmarks\n"
@@ -430,7 +430,7 @@ def docs_script_args(description: str, *, docs: Path, results: Path | None = Non
 def publish(args: argparse.Namespace, result: Any, text: str, begin: str, end: str, heading: str) -> None:
     """Save ``result`` as JSON (``args.results``, atomically), print ``text`` and, unless
     ``--no-docs``, put it into ``args.docs`` in place of its ``begin`` … ``end`` section."""
-    from nngraft.io import atomic_write_text
+    from nngraft.util.io import atomic_write_text
 
     if getattr(args, "results", None) is not None:
         args.results.parent.mkdir(parents=True, exist_ok=True)

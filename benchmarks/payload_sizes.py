@@ -118,7 +118,7 @@ def measure(model: Any, donor: Any, the_spec: Any) -> dict[str, Any]:
 
 def run() -> dict[str, Any]:
     from nngraft import GraftSpec
-    from nngraft.delta import LoraDonor
+    from nngraft.donors.delta import LoraDonor
     from nngraft.backends.ndif import ShapeDonor, estimate_payload
 
     model = meta_llama3_8b()

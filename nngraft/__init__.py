@@ -15,20 +15,24 @@ Example:
 import importlib
 from typing import TYPE_CHECKING, Any
 
+from . import deprecated
+
+deprecated.install()  # old module paths (nngraft.plan, nngraft.donor, …) keep working for one release
+
 _EXPORTS = {
     "arch": ["ADAPTERS", "Adapter", "adapter_for", "register_adapter"],
-    "donor": ["Donor", "ModelDonor", "SafetensorsDonor", "TensorDonor"],
-    "delta": ["DeltaDonor", "DenseDonor", "LoraDonor"],
+    "donors.donor": ["Donor", "ModelDonor", "SafetensorsDonor", "TensorDonor"],
+    "donors.delta": ["DeltaDonor", "DenseDonor", "LoraDonor"],
     "errors": ["ArgumentError", "ComponentNotFoundError", "DonorMismatchError", "GraftError", "LayerRangeError",
                "PositionError", "PromptError", "SpanNotFoundError", "SpecError", "TraceError",
                "UnsupportedArchitectureError"],
     "grafter": ["GenerationResult", "Grafter"],
-    "plan": ["GraftPlan", "compile_plan"],
+    "compile.plan": ["GraftPlan", "compile_plan"],
     "result": ["GraftResult"],
     "spec": ["SCHEMA_VERSION", "WeightSelection", "All", "GraftRule", "GraftSpec", "Index", "Last", "LayerRange",
              "Not", "Other", "Span", "everywhere_except", "resolve_layers", "spec_json_schema"],
-    "tokens": ["SpanAlignmentWarning"],
-    "trace": ["CompiledGraft", "graft"],
+    "compile.tokens": ["SpanAlignmentWarning"],
+    "compile.trace": ["CompiledGraft", "graft"],
 }
 """Public names and the module each lives in. They are imported on first use (PEP 562), so
 ``import nngraft`` — and ``nngraft --help`` — does not load torch, transformers or nnsight."""
@@ -36,18 +40,18 @@ _MODULE_OF = {name: module for module, names in _EXPORTS.items() for name in nam
 
 if TYPE_CHECKING:  # pragma: no cover - for type checkers and IDEs
     from .arch import ADAPTERS, Adapter, adapter_for, register_adapter  # noqa: F401
-    from .delta import DeltaDonor, DenseDonor, LoraDonor  # noqa: F401
-    from .donor import Donor, ModelDonor, SafetensorsDonor, TensorDonor  # noqa: F401
+    from .donors.delta import DeltaDonor, DenseDonor, LoraDonor  # noqa: F401
+    from .donors.donor import Donor, ModelDonor, SafetensorsDonor, TensorDonor  # noqa: F401
     from .errors import (ArgumentError, ComponentNotFoundError, DonorMismatchError, GraftError,  # noqa: F401
                          LayerRangeError, PositionError, PromptError, SpanNotFoundError, SpecError,
                          TraceError, UnsupportedArchitectureError)
     from .grafter import GenerationResult, Grafter  # noqa: F401
-    from .plan import GraftPlan, compile_plan  # noqa: F401
+    from .compile.plan import GraftPlan, compile_plan  # noqa: F401
     from .result import GraftResult  # noqa: F401
     from .spec import (SCHEMA_VERSION, All, GraftRule, GraftSpec, Index, Last, LayerRange, Not,  # noqa: F401
                        Other, Span, WeightSelection, everywhere_except, resolve_layers, spec_json_schema)
-    from .tokens import SpanAlignmentWarning  # noqa: F401
-    from .trace import CompiledGraft, graft  # noqa: F401
+    from .compile.tokens import SpanAlignmentWarning  # noqa: F401
+    from .compile.trace import CompiledGraft, graft  # noqa: F401
 
 
 def __getattr__(name: str) -> Any:

@@ -86,7 +86,7 @@ class OutputExistsError(GraftError):
     never overwrites it."""
 
 
-# -- remote grafting (nngraft.backends.ndif, nngraft.delta, nngraft.backends.payload) -------------------------
+# -- remote grafting (nngraft.backends.ndif, nngraft.donors.delta, nngraft.backends.payload) -------------------------
 
 
 class TraceError(GraftError, ValueError):

@@ -1,8 +1,8 @@
 """The user-facing entry point: :class:`Grafter` runs specs on a recipient with a donor.
 
-The pipeline: specs (:mod:`nngraft.spec`) → tokenized prompts (:mod:`nngraft.tokens`) → a
-compiled plan per pass (:mod:`nngraft.plan`), rows packed into passes and prompt prefixes shared
-(:mod:`nngraft.schedule`) → the backend runs each pass (:mod:`nngraft.backends`: here, or on
+The pipeline: specs (:mod:`nngraft.spec`) → tokenized prompts (:mod:`nngraft.compile.tokens`) → a
+compiled plan per pass (:mod:`nngraft.compile.plan`), rows packed into passes and prompt prefixes shared
+(:mod:`nngraft.compile.schedule`) → the backend runs each pass (:mod:`nngraft.backends`: here, or on
 NDIF) → :class:`~nngraft.result.GraftResult`.
 
 Example:
@@ -31,12 +31,12 @@ from .arch import Adapter
 from .errors import ArgumentError, PromptError
 from .backends.base import Backend
 from .backends.local import LocalBackend
-from .plan import GraftPlan, compile_plan
+from .compile.plan import GraftPlan, compile_plan
 from .result import GraftResult
-from .schedule import Chunk, Row, default_call_cost, forward_on_prefix, schedule_rows, shareable_prefixes
+from .compile.schedule import Chunk, Row, default_call_cost, forward_on_prefix, schedule_rows, shareable_prefixes
 from .spec import GraftSpec, SpecLike, as_spec
-from .tokens import PaddedBatch, SpanValue, TokenizedPrompt, pad_left, pad_token_id, tokenize_prompts
-from .trace import CompiledGraft
+from .compile.tokens import PaddedBatch, SpanValue, TokenizedPrompt, pad_left, pad_token_id, tokenize_prompts
+from .compile.trace import CompiledGraft
 
 
 @dataclass
@@ -55,7 +55,7 @@ class Grafter:
     Args:
         recipient: the pretrained model P (a loaded ``transformers`` model, or a path / hub id).
         donor: the finetuned model F: a loaded model, a path / hub id, a safetensors file or
-            folder, a ``{name: tensor}`` dict, or any :class:`~nngraft.donor.Donor`.
+            folder, a ``{name: tensor}`` dict, or any :class:`~nngraft.donors.donor.Donor`.
         tokenizer: P's tokenizer (loaded from ``recipient`` when it is a path / hub id).
         backend: where passes run: a :class:`~nngraft.backends.base.Backend` (default
             :class:`~nngraft.backends.local.LocalBackend`, this process; :meth:`remote` for NDIF).
@@ -65,10 +65,10 @@ class Grafter:
         batch_size: rows per forward pass (at most; default: the backend's).
         share_prefix: when several rows share a prompt (many specs on one prompt), compute each
             prompt's ungrafted prefix once and run only the grafted suffixes on its KV cache
-            (:mod:`nngraft.schedule`; equal to the plain pass up to float rounding). Only on a
+            (:mod:`nngraft.compile.schedule`; equal to the plain pass up to float rounding). Only on a
             backend that keeps a KV cache.
         call_cost: the scheduler's price of one forward pass, in token positions (default: an
-            estimate from the model's size and device, :func:`nngraft.schedule.default_call_cost`;
+            estimate from the model's size and device, :func:`nngraft.compile.schedule.default_call_cost`;
             0 shares whenever any positions are saved).
 
     One Grafter may be used from several threads; traces are serialized with a lock.
@@ -79,7 +79,7 @@ class Grafter:
                  adapter: Adapter | None = None, donors: Mapping[str, Any] | None = None,
                  batch_size: int | None = None, dtype: Any = None, device: Any = None, share_prefix: bool = True,
                  call_cost: float | None = None) -> None:
-        from . import checks
+        from .util import checks
 
         where = "Grafter"
         if isinstance(recipient, Path):
@@ -148,7 +148,7 @@ class Grafter:
 
     @property
     def pad_id(self) -> int:
-        """The id rows are left-padded with (:func:`nngraft.tokens.pad_token_id`)."""
+        """The id rows are left-padded with (:func:`nngraft.compile.tokens.pad_token_id`)."""
         return pad_token_id(self.tokenizer)
 
     # -- compiling ------------------------------------------------------------------------------
@@ -177,7 +177,7 @@ class Grafter:
         tokenized = self.tokenize(prompts, spans, where="Grafter.plan")
         return compile_plan(per_row(spec, len(tokenized)), self.adapter, self.model.config, tokenized)
 
-    # -- inside nnsight traces (nngraft.trace) ----------------------------------------------------
+    # -- inside nnsight traces (nngraft.compile.trace) ----------------------------------------------------
 
     @property
     def model_envoy(self) -> Any:
@@ -203,7 +203,7 @@ class Grafter:
 
         Inside, read and edit any module through :attr:`model_envoy` and ``.save()`` what you
         need, as in any nnsight trace; the graft runs first at every module (see
-        :mod:`nngraft.trace` for the order rule). ``kwargs`` go to the model's forward.
+        :mod:`nngraft.compile.trace` for the order rule). ``kwargs`` go to the model's forward.
 
         Example:
             >>> from nngraft import Grafter, GraftSpec, GraftRule, Last
@@ -231,7 +231,7 @@ class Grafter:
         """Next-token logits of every prompt under ``spec`` (one spec, or one per prompt).
 
         Each prompt's ``spans`` dict gives the text of the spans the spec names."""
-        from . import checks
+        from .util import checks
 
         checks.flag("Grafter.run", "all_logits", all_logits)
         checks.positive_int("Grafter.run", "batch_size", batch_size, optional=True)
@@ -247,7 +247,7 @@ class Grafter:
 
         ``progress``: ``True`` for a rich progress bar, or a callable taking the number of rows
         just finished."""
-        from . import checks
+        from .util import checks
 
         checks.positive_int("Grafter.run_grid", "batch_size", batch_size, optional=True)
         if progress is not None and not isinstance(progress, bool) and not callable(progress):
@@ -274,7 +274,7 @@ class Grafter:
 
     def run_rows(self, specs: list[GraftSpec], prompts: list[TokenizedPrompt], *, all_logits: bool = False,
                  batch_size: int | None = None, progress: Any = None) -> GraftResult:
-        """Rows of (spec, tokenized prompt), scheduled into passes (:mod:`nngraft.schedule`):
+        """Rows of (spec, tokenized prompt), scheduled into passes (:mod:`nngraft.compile.schedule`):
         the engine under :meth:`run` and :meth:`run_grid`, for callers that tokenize themselves."""
         size = batch_size or self.batch_size
         if progress is False:
@@ -328,7 +328,7 @@ class Grafter:
         ``forced``: per prompt, token ids to feed instead of the greedy choice (teacher forcing:
         read ``step_logits`` to score a given continuation); decodes ``max(len(f) for f in
         forced)`` steps then, and ``max_new_tokens`` is ignored."""
-        from . import checks
+        from .util import checks
 
         if forced is None:
             checks.positive_int("Grafter.generate", "max_new_tokens", max_new_tokens)

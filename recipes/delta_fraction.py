@@ -15,7 +15,7 @@ from pathlib import Path
 
 from _common import build_config, parser
 
-from nngraft.io import atomic_save_figure
+from nngraft.util.io import atomic_save_figure
 
 PERCENTS = [1, 2, 5, 10, 25, 50, 100]
 RANKS = [1, 2, 4, 8, 16, 32]

@@ -229,7 +229,7 @@ def markdown(rows: Sequence[dict[str, Any]], verdict: dict[str, Any]) -> str:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    from nngraft.io import atomic_write_text
+    from nngraft.util.io import atomic_write_text
 
     args = parse(argv)
     seeds = args.seeds if args.seeds is not None else ([0] if args.quick else [0, 1, 2])

@@ -99,7 +99,7 @@ def plot(results: dict[str, dict[str, list[float]]], title: str, path: Path) -> 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from nngraft.io import atomic_save_figure
+    from nngraft.util.io import atomic_save_figure
 
     fig, (ax_p, ax_top) = plt.subplots(1, 2, figsize=(11, 4), constrained_layout=True)
     styles = {"p": ("0.45", "--"), "f": ("black", "-"), "fe": ("tab:blue", "-"), "lt": ("tab:orange", "-"),
@@ -132,7 +132,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = p.parse_args(argv)
 
     from nngraft import Grafter
-    from nngraft.io import atomic_write_text
+    from nngraft.util.io import atomic_write_text
     from nngraft.result import target_token_id
     from nngraft.study.grids import paper_specs
 

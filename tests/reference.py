@@ -14,7 +14,7 @@ Differences from the paper's code, none of which change what is computed:
 - fused projections (GPT-2 ``c_attn``, NeoX ``query_key_value``) swap only the weight rows (GPT-2
   Conv1D: columns) and bias entries of the grafted q/k/v features.
 
-This module deliberately shares nothing with ``nngraft.backends.local`` or ``nngraft.plan``: only the
+This module deliberately shares nothing with ``nngraft.backends.local`` or ``nngraft.compile.plan``: only the
 adapter's component → module map, which the architecture tests check separately.
 """
 

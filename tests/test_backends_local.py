@@ -15,11 +15,11 @@ from nngraft import All, DonorMismatchError, GraftRule, GraftSpec, Grafter, Last
 from nngraft.arch import adapter_for
 from nngraft.backends.local import (Layouts, LocalBackend, Scratch, module_forward, replaced_output,
                                     swapped_parameters)
-from nngraft.donor import ModelDonor, pick_donor
+from nngraft.donors.donor import ModelDonor, pick_donor
 from nngraft.errors import UnsupportedArchitectureError
-from nngraft.plan import GraftPlan, ModuleGraft, compile_plan
+from nngraft.compile.plan import GraftPlan, ModuleGraft, compile_plan
 from nngraft.testing import tiny_pair
-from nngraft.tokens import PaddedBatch, pad_left
+from nngraft.compile.tokens import PaddedBatch, pad_left
 
 PROMPTS = ["Ada Lovelace stars in a movie alongside", "Grace Hopper stars in"]
 SPANS = [{"first_actor": "Ada Lovelace"}, {"first_actor": "Grace Hopper"}]

@@ -24,7 +24,7 @@ import pytest
 import torch
 
 from nngraft import GraftRule, GraftSpec, Grafter, Last, Span
-from nngraft.delta import DeltaDonor, DenseDonor, LoraDonor, RemoteDonorError
+from nngraft.donors.delta import DeltaDonor, DenseDonor, LoraDonor, RemoteDonorError
 from nngraft.backends.ndif import (
     ForeignModuleError,
     ModelNotAvailableError,

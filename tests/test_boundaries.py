@@ -21,7 +21,7 @@ import torch
 
 from nngraft import ArgumentError, DonorMismatchError, GraftRule, GraftSpec, Grafter, Last, SpecError
 from nngraft.cli import main
-from nngraft.delta import DeltaDonor
+from nngraft.donors.delta import DeltaDonor
 from nngraft.errors import DataError
 from nngraft.study.data import load_facts
 from nngraft.study.examples import TestExample

@@ -22,7 +22,7 @@ from nngraft.study.data import (DATASETS, GENRES, TEST_TEMPLATES, TRAINING_TEMPL
 from nngraft.study.examples import Fact, TestExample
 from nngraft.study.templates import render, reverse_fact, template_fields
 from nngraft.testing import tiny_tokenizer
-from nngraft.tokens import SpanAlignmentWarning
+from nngraft.compile.tokens import SpanAlignmentWarning
 
 FMFA, FMRA = "fake_movies_fake_actors", "fake_movies_real_actors"
 RMRA, RMRAS = "real_movies_real_actors", "real_movies_real_actors_shuffled"
@@ -362,7 +362,7 @@ def test_unwritable_facts():
 # --- span location on tokenizers ----------------------------------------------------------------
 
 def _check_located(tok, result):
-    """Independently of nngraft.tokens: the selected tokens are exactly those whose characters
+    """Independently of nngraft.compile.tokens: the selected tokens are exactly those whose characters
     overlap the span, and a token counts as partial when it also holds non-space text outside it."""
     expected_partial = set()
     gaps = 0  # spans with an empty-offset token inside

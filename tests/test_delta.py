@@ -1,4 +1,4 @@
-"""Donors that travel as data (nngraft.delta): locally they give the numbers of the module-based
+"""Donors that travel as data (nngraft.donors.delta): locally they give the numbers of the module-based
 donor they stand for; remotely (here: the in-process server round trip) the same numbers again;
 and every rank-truncated tensor's reported error is the true one."""
 
@@ -15,7 +15,7 @@ import pytest
 import torch
 
 from nngraft import GraftRule, GraftSpec, Grafter, Last, Span
-from nngraft.delta import DeltaDonor, DenseDonor, LoraDonor, RemoteDonorError, from_map, layout_of, to_map
+from nngraft.donors.delta import DeltaDonor, DenseDonor, LoraDonor, RemoteDonorError, from_map, layout_of, to_map
 from nngraft.errors import DonorMismatchError
 from nngraft.testing import perturbed_copy, tiny_pair
 

@@ -291,7 +291,7 @@ def test_cli_registers_demo_and_finetune():
 def test_cli_restarts_itself_with_passive_openmp_only_when_unset(monkeypatch):
     import sys
 
-    from nngraft.commands import passive_omp_reexec
+    from nngraft.cli.registry import passive_omp_reexec
 
     calls = []
     monkeypatch.setattr("os.execve", lambda path, argv, env: calls.append((path, argv, env)))
@@ -354,7 +354,7 @@ def test_gguf_conversion_is_atomic_and_done_once(tmp_path, monkeypatch):
     GGUF → float32 load is replaced by a tiny model here; the quick demo test does the real one.)"""
     import transformers
 
-    from nngraft import loading as models
+    from nngraft.donors import loading as models
     from nngraft.testing import tiny_model, tiny_tokenizer
 
     tiny, tok = tiny_model("llama"), tiny_tokenizer("llama")

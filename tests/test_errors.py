@@ -125,7 +125,7 @@ def _no_offsets():
                 raise NotImplementedError
             return {"input_ids": [1, 2]}
 
-    from nngraft.tokens import tokenize_prompt
+    from nngraft.compile.tokens import tokenize_prompt
 
     tokenize_prompt(SlowTokenizer(), "Ada stars", {"first_actor": "Ada"})
 
@@ -270,13 +270,13 @@ LT_MLP = spec(GraftRule(components=["mlp"], positions=[Last()]), name="lt_mlp")
 
 
 def _ndif_run(folder: str, **kwargs) -> None:
-    from nngraft.delta import DenseDonor
+    from nngraft.donors.delta import DenseDonor
 
     Grafter.remote(folder, DenseDonor(pair()[1]), host=NDIF_HOST, verbose=False, **kwargs).run(LT_MLP, ["Ada stars in"])
 
 
 def _ndif_no_key():
-    from nngraft.delta import DenseDonor
+    from nngraft.donors.delta import DenseDonor
 
     _ndif(lambda folder: Grafter.remote(folder, DenseDonor(pair()[1]), host=NDIF_HOST), key=None)
 
@@ -286,7 +286,7 @@ def _ndif_wrong_key():
 
 
 def _ndif_not_hosted():
-    from nngraft.delta import DenseDonor
+    from nngraft.donors.delta import DenseDonor
 
     _ndif(lambda folder: Grafter.remote("meta-llama/Nope", DenseDonor(pair()[1]), host=NDIF_HOST))
 
@@ -345,7 +345,7 @@ def _meta_donor():
 
 
 def _other_pretrained():
-    from nngraft.delta import DeltaDonor
+    from nngraft.donors.delta import DeltaDonor
     from nngraft.testing import perturbed_copy
 
     P, F, tok = pair()
@@ -668,7 +668,7 @@ def test_refused_resume_leaves_the_results_file_as_it_was(damage):
 
 
 def message(case: Case) -> str:
-    from nngraft.boundary import user_error_message
+    from nngraft.cli.boundary import user_error_message
 
     try:
         with warnings.catch_warnings():

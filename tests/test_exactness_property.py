@@ -6,7 +6,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from nngraft import All, GraftRule, GraftSpec, Index, Last, Not, Other, Span
-from nngraft.plan import select_positions
+from nngraft.compile.plan import select_positions
 from nngraft.spec import resolve_layers
 
 from .reference import component_swaps

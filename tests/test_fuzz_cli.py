@@ -178,7 +178,7 @@ def argv(command: str, folder: Path) -> list[str]:
 
 @lru_cache(maxsize=None)
 def _config_folder() -> Path:
-    from nngraft.tiny import tiny_config
+    from nngraft.testing import tiny_config
 
     folder = Path(tempfile.mkdtemp(prefix="nngraft-fuzz-config-"))
     tiny_config("llama").save_pretrained(folder)
@@ -188,7 +188,7 @@ def _config_folder() -> Path:
 @pytest.fixture(scope="module")
 def cheap_models():
     """tiny_pair built once per (type, depth) and deep-copied per run (a run may cast it in place)."""
-    from nngraft import tiny
+    from nngraft import testing as tiny
 
     real = tiny.tiny_pair
     built: dict[tuple, tuple] = {}

@@ -176,7 +176,7 @@ def test_manifest_records_versions_spec_hashes_model_identities_seeds_and_dtype(
     for side, model in (("recipient", P), ("donor", F)):
         ident = tiny[side]
         assert ident["config_hash"] == config_hash
-        assert ident["source"].startswith("nngraft.tiny.tiny_pair('llama', n_layers=2)")
+        assert ident["source"].startswith("nngraft.testing.tiny_pair('llama', n_layers=2)")
         assert ident["revision"] is None and ident["dtype"] == "float32"
         assert ident["n_params"] == sum(p.numel() for p in model.parameters())
     assert tiny["recipient"]["weights_fingerprint"] != tiny["donor"]["weights_fingerprint"]

@@ -1,10 +1,10 @@
-"""nngraft.io: files are replaced whole or not at all — text and figures alike."""
+"""nngraft.util.io: files are replaced whole or not at all — text and figures alike."""
 
 from __future__ import annotations
 
 import pytest
 
-from nngraft.io import atomic_save_figure, atomic_write_text
+from nngraft.util.io import atomic_save_figure, atomic_write_text
 
 
 def test_atomic_write_text_replaces_whole_file_and_cleans_up_on_failure(tmp_path, monkeypatch):

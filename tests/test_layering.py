@@ -1,9 +1,10 @@
 """The package's layers: the core never needs the study, no module imports another's private
 names, and the import graph has no cycle.
 
-The core is every module outside ``nngraft.study`` (spec, arch, tokens, plan, schedule, donors,
-backends, grafter, result, the core's CLI verbs, …). The study (datasets, finetuning, sweeps, the
-demo, model conversion) builds on it and may import it freely; ``nngraft.cli`` sits on top of both.
+The core is every module outside ``nngraft.study``: the packages ``spec``, ``arch``, ``compile``,
+``donors``, ``backends``, ``util``, the public surface at the root (grafter, result, errors, …) and
+the core's CLI verbs. The study (datasets, finetuning, sweeps, the demo, model conversion) builds on
+it and may import it freely; ``nngraft.cli`` sits on top of both.
 """
 
 from __future__ import annotations
@@ -27,7 +28,8 @@ def module_name(path: Path) -> str:
 
 
 MODULES = {module_name(p): p for p in sorted(PACKAGE.rglob("*.py"))}
-CORE = sorted(m for m in MODULES if not (m == "nngraft.study" or m.startswith("nngraft.study.")))
+CORE = sorted(m for m in MODULES if not (m == "nngraft.study" or m.startswith("nngraft.study."))
+              and m != "nngraft.cli.__main__")  # (running that one runs the command line)
 
 
 def _resolve(importer: str, node: ast.ImportFrom) -> str:
@@ -90,7 +92,7 @@ def test_the_checks_see_a_cycle_and_a_private_import():
     assert find_cycle({"a": {"b"}, "b": {"c"}, "c": set()}) is None
     # the real graph has the edges we know are there (the helpers read this tree at all)
     graph = import_graph()
-    assert "nngraft.plan" in graph["nngraft.grafter"]
+    assert "nngraft.compile.plan" in graph["nngraft.grafter"]
     assert "nngraft.backends.local" in graph["nngraft.grafter"]
     assert "nngraft.backends.functional" in graph["nngraft.backends.payload"]
     assert ("nngraft.spec", "GraftSpec") in {(m, n) for m, n, _ in imports_of("nngraft.grafter")}
@@ -121,11 +123,19 @@ def test_the_core_does_not_import_the_study():
     assert bad == []
 
 
-def test_only_tests_use_the_test_helpers():
-    """``nngraft.testing`` is for the test suite and examples; code uses :mod:`nngraft.tiny`."""
-    bad = [f"{name}:{line}" for name in MODULES if name != "nngraft.testing"
+def test_the_library_does_not_use_the_test_helpers():
+    """``nngraft.testing`` (tiny random models) is for the test suite, examples, the study's
+    ``--tiny`` runs and the command line; the library below them never imports it."""
+    bad = [f"{name}:{line}" for name in CORE if not name.startswith("nngraft.cli")
            for module, _, line in imports_of(name) if module == "nngraft.testing"]
     assert bad == []
+
+
+def test_the_root_holds_the_public_surface_only():
+    """Everything else lives in a package that names its step of the pipeline."""
+    root = {m for m in MODULES if m.count(".") == 1 and not (PACKAGE / m.split(".")[1]).is_dir()}
+    assert root == {"nngraft.errors", "nngraft.grafter", "nngraft.result", "nngraft.testing",
+                    "nngraft.deprecated"}
 
 
 BLOCKED_RUN = r"""
@@ -170,32 +180,36 @@ def test_the_blocker_blocks():
     assert done.returncode != 0 and "blocked: nngraft.study" in done.stderr
 
 
+def in_package(*packages: str) -> set[str]:
+    """The modules of these packages (each package's ``__init__`` included)."""
+    return {m for m in MODULES for p in packages if m == p or m.startswith(p + ".")}
+
+
 LAYERS = [
-    ("errors, io, tiny, the input / argument / CLI-error checks on errors alone, the CLI's command registry",
-     {"nngraft.errors", "nngraft.io", "nngraft.tiny", "nngraft.inputs", "nngraft.checks", "nngraft.boundary",
-      "nngraft.commands"}),
-    ("spec", {"nngraft.spec", "nngraft.testing"}),
-    ("arch, tokens", {"nngraft.arch", "nngraft.tokens"}),
-    ("plan", {"nngraft.plan"}),
-    ("donors, schedule, compiled grafts, loading", {"nngraft.donor", "nngraft.delta", "nngraft.partial",
-                                                    "nngraft.schedule", "nngraft.trace", "nngraft.loading"}),
-    ("backends, result", {"nngraft.backends", "nngraft.backends.base", "nngraft.backends.functional",
-                          "nngraft.backends.payload", "nngraft.backends.local", "nngraft.backends.ndif",
-                          "nngraft.backends.traffic",
-                          "nngraft.result"}),
+    ("util/errors: errors, result, testing, old-path aliases, util, the CLI's registry and error boundary",
+     {"nngraft.errors", "nngraft.result", "nngraft.testing", "nngraft.deprecated", "nngraft.cli.registry",
+      "nngraft.cli.boundary"} | in_package("nngraft.util")),
+    ("spec", in_package("nngraft.spec")),
+    ("arch", in_package("nngraft.arch")),
+    ("compile", in_package("nngraft.compile")),
+    ("donors", in_package("nngraft.donors")),
+    ("backends", in_package("nngraft.backends")),
     ("grafter, package", {"nngraft.grafter", "nngraft"}),
-    ("the core's CLI verbs", {"nngraft.core_commands", "nngraft.remote_commands"}),
-    ("study", {m for m in MODULES if m.startswith("nngraft.study")}),
-    ("cli", {"nngraft.cli"}),
+    ("the core's CLI verbs", {"nngraft.cli.core", "nngraft.cli.remote"}),
+    ("study", in_package("nngraft.study")),
+    ("cli", {"nngraft.cli", "nngraft.cli.__main__"}),
 ]
 
 
-def test_the_tree_reads_spec_plan_backends_grafter_study_cli():
+def test_the_tree_reads_spec_compile_donors_backends_grafter_study_cli():
     """Every module sits in one layer, and imports only from its own layer or those below:
-    spec → arch/tokens → plan → donors/schedule → backends → grafter → the core's CLI verbs → study
-    → cli. Verb modules register with the registry at the bottom (nngraft.commands); nngraft.cli,
-    on top, imports them and dispatches."""
-    rank = {m: i for i, (_, members) in enumerate(LAYERS) for m in members}
+    util/errors → spec → arch → compile → donors → backends → grafter → the core's CLI verbs →
+    study → cli. Verb modules register with the registry at the bottom (nngraft.cli.registry);
+    nngraft.cli, on top, imports them and dispatches."""
+    rank: dict[str, int] = {}
+    for i, (_, members) in enumerate(LAYERS):
+        for m in members:
+            rank.setdefault(m, i)
     assert set(rank) == set(MODULES), f"modules without a layer: {sorted(set(MODULES) - set(rank))}"
     upward = [f"{name} ({LAYERS[rank[name]][0]}) imports {module} ({LAYERS[rank[module]][0]})"
               for name in MODULES for module, _, _ in imports_of(name)
@@ -204,9 +218,10 @@ def test_the_tree_reads_spec_plan_backends_grafter_study_cli():
 
 
 def test_the_cli_is_the_top_layer():
-    """Nothing in the package imports nngraft.cli (the verbs register with nngraft.commands), and
+    """Nothing in the package imports nngraft.cli (the verbs register with nngraft.cli.registry), and
     nngraft.cli's --help lists the verbs of every layer."""
-    importers = [name for name in MODULES for module, _, _ in imports_of(name) if module == "nngraft.cli"]
+    importers = [name for name in MODULES for module, _, _ in imports_of(name)
+                 if module == "nngraft.cli" and name != "nngraft.cli.__main__"]
     assert importers == []
     from nngraft.cli import build_parser
 

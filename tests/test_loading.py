@@ -1,4 +1,4 @@
-"""Models by name (nngraft.loading): one resolver for every command and for Grafter — local
+"""Models by name (nngraft.donors.loading): one resolver for every command and for Grafter — local
 folders, cached conversions, hub ids from the cache (offline: a clear error naming what is cached),
 PEFT LoRA adapter folders as donors; `nngraft models`."""
 
@@ -12,9 +12,9 @@ import torch
 
 from nngraft import Grafter, GraftRule, GraftSpec, Last, Span
 from nngraft.cli import main
-from nngraft.delta import LoraDonor
-from nngraft.donor import SafetensorsDonor
-from nngraft.loading import (CONVERSION_RECORD, ModelLoadError, cached_models, donor_from_name, load_model,
+from nngraft.donors.delta import LoraDonor
+from nngraft.donors.donor import SafetensorsDonor
+from nngraft.donors.loading import (CONVERSION_RECORD, ModelLoadError, cached_models, donor_from_name, load_model,
                              resolve_model)
 from nngraft.testing import tiny_pair
 

@@ -17,7 +17,7 @@ from rich.console import Console
 
 from nngraft import Grafter, GraftSpec
 from nngraft.cli import main as cli_main
-from nngraft.plan import compile_plan, select_positions
+from nngraft.compile.plan import compile_plan, select_positions
 from nngraft.study.data import make_facts, make_test_examples
 from nngraft.study.examples import TestExample
 from nngraft.study.localize import (LocalizeError, group_selectors, localize, split_facts, unit_label,
@@ -433,7 +433,7 @@ def test_cli_localize_writes_spec_result_and_plot(tmp_path, capsys):
     assert "nngraft localize" in printed.err  # the search's log: stderr
     data = json.loads((out / "localize.json").read_text())
     spec = GraftSpec.load(out / "spec.json")
-    assert spec.recipient.name.startswith("nngraft.tiny.tiny_pair('llama'")
+    assert spec.recipient.name.startswith("nngraft.testing.tiny_pair('llama'")
     assert data["settings"]["metric"] == "logprob" and data["settings"]["target"] == 0.8
     assert data["recovery"]["mean"] >= 0.8 and (out / "localize.png").exists()
     # the log-prob baselines, recomputed from plain forwards of the same tiny pair

@@ -100,7 +100,7 @@ def test_the_run_command_finetune_prints_next_works_from_any_folder(study, tmp_p
 
 
 def test_run_rows_are_plain_forwards_for_p_and_f_on_the_users_prompts(study):
-    from nngraft.loading import load_model
+    from nngraft.donors.loading import load_model
 
     root, _ = study
     rows = load_results(root / "out")

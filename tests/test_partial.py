@@ -10,7 +10,7 @@ import torch
 
 from nngraft import GraftRule, GraftSpec, Grafter, Last, Span, SpecError
 from nngraft.arch import get_module
-from nngraft.partial import low_rank, top_entries
+from nngraft.donors.partial import low_rank, top_entries
 from nngraft.spec import WeightSelection, resolve_layers
 
 from .reference import per_token_reference

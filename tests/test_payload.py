@@ -17,7 +17,7 @@ from nngraft.backends.payload import (
     module_kind,
     spec_modules,
 )
-from nngraft.delta import LoraDonor
+from nngraft.donors.delta import LoraDonor
 from nngraft.errors import PayloadTooLargeError, UnsupportedModuleError
 from nngraft.testing import TINY_MODEL_TYPES, tiny_pair
 

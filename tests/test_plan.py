@@ -1,4 +1,4 @@
-"""nngraft.plan: selectors → positions, specs → cells of the left-padded batch in forward order,
+"""nngraft.compile.plan: selectors → positions, specs → cells of the left-padded batch in forward order,
 and the plan's re-indexings (last columns, LM head on the last column, remapping to a new
 layout) and prefix analysis."""
 
@@ -11,7 +11,7 @@ import torch
 
 from nngraft import GraftRule, GraftSpec, Index, Last, Span
 from nngraft.arch import adapter_for_model_type
-from nngraft.plan import (
+from nngraft.compile.plan import (
     GraftPlan,
     ModuleGraft,
     compile_plan,
@@ -22,7 +22,7 @@ from nngraft.plan import (
 )
 from nngraft.spec import All, Not, Other
 from nngraft.testing import tiny_tokenizer
-from nngraft.tokens import TokenizedPrompt, tokenize_prompt
+from nngraft.compile.tokens import TokenizedPrompt, tokenize_prompt
 
 LLAMA = adapter_for_model_type("llama")
 CONFIG = SimpleNamespace(num_hidden_layers=2, hidden_size=32, num_attention_heads=4)

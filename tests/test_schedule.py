@@ -1,4 +1,4 @@
-"""Rows that share a prompt compute its ungrafted prefix once (nngraft.schedule): the numbers equal
+"""Rows that share a prompt compute its ungrafted prefix once (nngraft.compile.schedule): the numbers equal
 the per-token reference and the plain one-pass run, on every architecture, and the shared path
 really runs (counted forward passes), falls back where a cache cannot hold the prefix, and is
 scheduled sensibly."""
@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from nngraft import GraftRule, GraftSpec, Grafter, Index, Last, Not, Other, Span
-from nngraft.schedule import Row, forward_on_prefix, schedule_rows, shareable_prefixes
+from nngraft.compile.schedule import Row, forward_on_prefix, schedule_rows, shareable_prefixes
 from nngraft.testing import TINY_MODEL_TYPES, perturbed_copy, tiny_config, tiny_pair, tiny_tokenizer
 
 from .test_exactness import assert_close, reference, setup, span_tokens, swaps
@@ -122,8 +122,8 @@ def test_sdpa_attention_with_a_gap_in_the_mask(monkeypatch):
     pass (the pass is built by hand here; the scheduler forms such passes when they are cheaper)."""
     from transformers import AutoModelForCausalLM
 
-    from nngraft.schedule import SharedPrefix
-    from nngraft.plan import compile_plan
+    from nngraft.compile.schedule import SharedPrefix
+    from nngraft.compile.plan import compile_plan
 
     torch.manual_seed(0)
     tok = tiny_tokenizer("llama")
@@ -183,7 +183,7 @@ def test_default_call_cost_follows_model_size(monkeypatch):
     model of SmolLM2's size (built on the meta device) is priced at about 15 positions per pass."""
     from transformers import AutoModelForCausalLM
 
-    from nngraft.schedule import CALL_SECONDS, CALL_SECONDS_PER_LAYER, CPU_FLOPS, default_call_cost
+    from nngraft.compile.schedule import CALL_SECONDS, CALL_SECONDS_PER_LAYER, CPU_FLOPS, default_call_cost
 
     P, F, tok = tiny_pair("llama")
     g = Grafter(P, F, tok)

@@ -13,7 +13,7 @@ import torch
 
 from nngraft import GraftSpec, Grafter
 from nngraft.arch import adapter_for
-from nngraft.plan import compile_plan
+from nngraft.compile.plan import compile_plan
 from nngraft.result import target_token_id
 from nngraft.study.examples import TestExample
 from nngraft.study.grids import PAPER_GRIDS, paper_specs, spec_file_name, with_lm_head
@@ -501,7 +501,7 @@ def test_recipe_without_models_is_an_error(capsys):
 
 def _full_logprob(grafter, spec, prompt, answer_ids):
     """Reference: one full forward of prompt + answer tokens (no cache), summing the answer terms."""
-    from nngraft.tokens import TokenizedPrompt
+    from nngraft.compile.tokens import TokenizedPrompt
 
     [p] = grafter.tokenize([prompt.prompt], [prompt.spans])
     joined = TokenizedPrompt(p.text, p.ids + tuple(answer_ids), p.spans)

@@ -10,7 +10,7 @@ import torch
 
 from nngraft import GraftRule, GraftSpec, Grafter, Index, PositionError, Span, SpanAlignmentWarning, SpanNotFoundError
 from nngraft.testing import tiny_pair, tiny_tokenizer
-from nngraft.tokens import pad_left, tokenize_prompt, tokenize_prompts
+from nngraft.compile.tokens import pad_left, tokenize_prompt, tokenize_prompts
 
 PROMPT = "Q: Who stars in a movie with Grace Hopper? A: An actor named"
 

@@ -1,4 +1,4 @@
-"""Grafts inside nnsight traces (nngraft.trace): every activation under a graft — each layer's
+"""Grafts inside nnsight traces (nngraft.compile.trace): every activation under a graft — each layer's
 hidden states, each attention and MLP output, at every position — equals the per-token weight-swap
 reference's (tests/reference.py), with and without the user's own interventions composed in; and
 the same graft applied inside a trace the user opened on their own nnsight wrapper of P."""

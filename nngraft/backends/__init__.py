@@ -1,4 +1,4 @@
-"""Where a compiled :class:`~nngraft.plan.GraftPlan` runs.
+"""Where a compiled :class:`~nngraft.compile.plan.GraftPlan` runs.
 
 - :mod:`nngraft.backends.base`: the :class:`Backend` interface (forward a plan on a padded batch).
 - :mod:`nngraft.backends.local`: one nnsight trace of the recipient in this process.

@@ -1,4 +1,4 @@
-"""The :class:`Backend` interface: where a compiled :class:`~nngraft.plan.GraftPlan` runs.
+"""The :class:`Backend` interface: where a compiled :class:`~nngraft.compile.plan.GraftPlan` runs.
 
 A :class:`~nngraft.grafter.Grafter` tokenizes, compiles specs into plans and schedules rows into
 passes; its backend does the one thing that differs between running here and on NDIF: one
@@ -26,11 +26,11 @@ from typing import TYPE_CHECKING, Any, ClassVar, Mapping
 import torch
 
 from ..arch import Adapter
-from ..plan import GraftPlan
-from ..tokens import PaddedBatch, TokenizedPrompt
+from ..compile.plan import GraftPlan
+from ..compile.tokens import PaddedBatch, TokenizedPrompt
 
 if TYPE_CHECKING:
-    from ..trace import CompiledGraft
+    from ..compile.trace import CompiledGraft
 
 
 class Backend(ABC):
@@ -72,7 +72,7 @@ class Backend(ABC):
         """A short name for logs and reprs."""
         return type(self).__name__
 
-    # -- inside nnsight traces (nngraft.trace); optional for a backend ----------------------------
+    # -- inside nnsight traces (nngraft.compile.trace); optional for a backend ----------------------------
 
     @property
     def envoy(self) -> Any:
@@ -81,7 +81,7 @@ class Backend(ABC):
 
     def compile_graft(self, plan: GraftPlan, batch: PaddedBatch, prompts: list[TokenizedPrompt],
                       spec_names: list[str]) -> "CompiledGraft":
-        """``plan`` on ``batch`` as a :class:`~nngraft.trace.CompiledGraft` this backend can run."""
+        """``plan`` on ``batch`` as a :class:`~nngraft.compile.trace.CompiledGraft` this backend can run."""
         raise NotImplementedError(f"{self.describe()} does not support nnsight traces")
 
     def open_trace(self, compiled: "CompiledGraft", **kwargs: Any) -> Any:

@@ -1,4 +1,4 @@
-"""The local backend: run a :class:`~nngraft.plan.GraftPlan` in one nnsight trace of the recipient.
+"""The local backend: run a :class:`~nngraft.compile.plan.GraftPlan` in one nnsight trace of the recipient.
 
 :class:`LocalBackend` loads P and the donors in this process and runs each forward pass as a
 plain call (empty plan) or one nnsight trace in which :func:`apply_plan` — the one place where a
@@ -38,14 +38,14 @@ from typing import Any, Iterator, Mapping
 import torch
 
 from ..arch import Adapter, adapter_for, stores_weight_in_out
-from ..checks import fail
-from ..donor import Donor, as_donor, pick_donor
+from ..util.checks import fail
+from ..donors.donor import Donor, as_donor, pick_donor
 from ..errors import ArgumentError, DonorMismatchError, UnsupportedArchitectureError
-from ..loading import donor_from_name
-from ..partial import derived_donors
-from ..plan import GraftPlan, ModuleGraft
-from ..tokens import PaddedBatch, TokenizedPrompt
-from ..trace import CompiledGraft
+from ..donors.loading import donor_from_name
+from ..donors.partial import derived_donors
+from ..compile.plan import GraftPlan, ModuleGraft
+from ..compile.tokens import PaddedBatch, TokenizedPrompt
+from ..compile.trace import CompiledGraft
 from .base import Backend
 from .functional import check_input_ids
 
@@ -65,8 +65,8 @@ class LocalBackend(Backend):
                donors: Mapping[str, Any] | None = None, dtype: Any = None, device: Any = None) -> None:
         import nnsight
 
-        if isinstance(recipient, (str, Path)):  # any model name (nngraft.loading)
-            from ..loading import load_model
+        if isinstance(recipient, (str, Path)):  # any model name (nngraft.donors.loading)
+            from ..donors.loading import load_model
 
             recipient, own_tokenizer = load_model(recipient, dtype=dtype, device=device)
             tokenizer = tokenizer if tokenizer is not None else own_tokenizer
@@ -122,7 +122,7 @@ class LocalBackend(Backend):
         cache = out["cache"] if "cache" in out else out.get("past_key_values")  # transformers 5 renamed it
         return out.logits, cache
 
-    # -- inside nnsight traces (nngraft.trace) ----------------------------------------------
+    # -- inside nnsight traces (nngraft.compile.trace) ----------------------------------------------
 
     @property
     def envoy(self) -> Any:

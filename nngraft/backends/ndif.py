@@ -3,7 +3,7 @@
 On NDIF only P is hosted; F is yours. A module of F referenced inside a remote trace is sent as a
 *reference by module path*, which the server resolves to P's OWN module — the graft silently does
 nothing. So here the donor travels as tensors (dense F tensors, a weight delta, or LoRA factors;
-see :mod:`nngraft.delta`) for exactly the modules a spec grafts, and F's output is computed
+see :mod:`nngraft.donors.delta`) for exactly the modules a spec grafts, and F's output is computed
 functionally inside the trace from P's input and output (:mod:`nngraft.backends.functional`)::
 
     g = Grafter.remote("meta-llama/Meta-Llama-3.1-8B", donor=LoraDonor("path/to/adapter"))
@@ -22,7 +22,7 @@ estimates the payload from shapes (refusing above ``max_payload_mb``), and then 
 serialized request for references the server would resolve to P (the trap above) and for objects
 the server cannot load (nngraft itself is not installed there).
 
-Modules: :mod:`nngraft.delta` (donors as data), :mod:`nngraft.backends.payload` (plans → programs, module
+Modules: :mod:`nngraft.donors.delta` (donors as data), :mod:`nngraft.backends.payload` (plans → programs, module
 kinds, payload sizes), :mod:`nngraft.backends.functional` (the code that runs on the server), and this one
 (request checks, transport, :class:`NdifBackend`).
 
@@ -45,7 +45,7 @@ from typing import Any, Callable, Mapping, Sequence
 import torch
 
 from ..arch import Adapter, adapter_for, get_module
-from ..delta import DeltaDonor, LoraDonor, as_remote_donor
+from ..donors.delta import DeltaDonor, LoraDonor, as_remote_donor
 from ..errors import (  # noqa: F401 - re-exported: remote errors live in nngraft.errors
     ForeignModuleError,
     ModelNotAvailableError,
@@ -75,11 +75,11 @@ from .payload import (  # noqa: F401 - re-exported for users of nngraft.backends
     module_kind,
     spec_modules,
 )
-from ..donor import pick_donor
-from ..plan import GraftPlan
+from ..donors.donor import pick_donor
+from ..compile.plan import GraftPlan
 from ..spec import SpecLike, as_spec
 from .base import Backend
-from ..trace import CompiledGraft
+from ..compile.trace import CompiledGraft
 from .traffic import Traffic, dataflow, program_traffic
 
 DEFAULT_MAX_PAYLOAD_MB = 256.0
@@ -464,8 +464,8 @@ class NdifBackend(Backend):
 
     The Grafter's recipient: a Hub id NDIF hosts; or, for ``execution="local"`` / a custom
     server, a loaded ``transformers`` model or an nnsight ``TransformersModel``. Its donor:
-    :class:`~nngraft.delta.DenseDonor`, :class:`~nngraft.delta.DeltaDonor`,
-    :class:`~nngraft.delta.LoraDonor`; a loaded F, checkpoint path or tensor dict is sent as a
+    :class:`~nngraft.donors.delta.DenseDonor`, :class:`~nngraft.donors.delta.DeltaDonor`,
+    :class:`~nngraft.donors.delta.LoraDonor`; a loaded F, checkpoint path or tensor dict is sent as a
     DenseDonor. nnsight models/envoys of F are refused (the silent no-op trap).
 
     Args:
@@ -492,7 +492,7 @@ class NdifBackend(Backend):
     def __init__(self, *, execution: str | Server = "ndif", dtype: torch.dtype | None = None,
                  max_payload_mb: float | None = None, api_key: str | None = None, host: str | None = None,
                  revision: str | None = None, check_model: bool = True, verbose: bool = True) -> None:
-        from .. import checks
+        from ..util import checks
 
         where = "NdifBackend"
         if execution not in ("ndif", "local") and not callable(execution):
@@ -692,7 +692,7 @@ class NdifBackend(Backend):
                          f"{worst['rel_error']:.2e} ({worst['name']}); see donor.report()[/dim]")
         Console(stderr=True).print(line)
 
-    # -- inside nnsight traces (nngraft.trace) ----------------------------------------------
+    # -- inside nnsight traces (nngraft.compile.trace) ----------------------------------------------
 
     @property
     def envoy(self) -> Any:

@@ -1,13 +1,13 @@
 """What a remote request carries: module kinds, programs, and payload sizes.
 
-A spec compiles to a :class:`~nngraft.plan.GraftPlan` as for a local run; here the plan becomes a
+A spec compiles to a :class:`~nngraft.compile.plan.GraftPlan` as for a local run; here the plan becomes a
 *program* — plain data plus the donor's tensors, one op per grafted leaf module — that
 :func:`nngraft.backends.functional.run_program` executes inside the remote trace. On the way:
 
 - :func:`module_kind` decides which functional formula computes each grafted module, and checks
   it reproduces the module's own forward bit for bit;
 - :func:`leaf_plan` turns whole-MLP grafts into one graft per projection (the same function);
-- :func:`build_program` asks each donor for its :class:`~nngraft.delta.Shipment` per module and
+- :func:`build_program` asks each donor for its :class:`~nngraft.donors.delta.Shipment` per module and
   reports what travels (:class:`PayloadReport`);
 - :func:`estimate_payload` gives the same sizes from shapes only, before anything is computed
   (also for :class:`ShapeDonor`, a donor known only by its form: ``dense``, ``delta:64``,
@@ -28,12 +28,12 @@ from typing import Any, Callable, Mapping, Sequence
 import torch
 
 from ..arch import Adapter, adapter_for, get_module, stores_weight_in_out
-from ..delta import RemoteDonor, Shipment, detached_copy, layout_of, to_map
+from ..donors.delta import RemoteDonor, Shipment, detached_copy, layout_of, to_map
 from ..errors import PayloadTooLargeError, RemoteGraftError, UnsupportedModuleError
 from .functional import INPUT_IDS_SLOT, PROGRAM_VERSION, forward as functional_forward
-from ..donor import pick_donor
-from ..partial import PartialDonor
-from ..plan import GraftPlan, rule_targets
+from ..donors.donor import pick_donor
+from ..donors.partial import PartialDonor
+from ..compile.plan import GraftPlan, rule_targets
 from .traffic import REQUEST_INPUT_IDS, Dataflow, dataflow, plan_ops
 
 # ---------------------------------------------------------------------------------------------
@@ -396,7 +396,7 @@ class ShapeDonor:
 
 class RemotePartialDonor(PartialDonor):
     """A parameter-level graft (a rule's ``weights``) of a donor that travels as data: the core's
-    selection (:mod:`nngraft.partial`) applied on the client to the donor's ΔW; the selected
+    selection (:mod:`nngraft.donors.partial`) applied on the client to the donor's ΔW; the selected
     part travels as a correction (``rank`` selections as two factors per matrix)."""
 
     def __init__(self, base: Any, derived: Any, recipient: torch.nn.Module, adapter: Adapter) -> None:

@@ -31,7 +31,7 @@ import torch
 
 from ..grafter import Grafter
 from ..spec import GraftSpec
-from ..tokens import TokenizedPrompt
+from ..compile.tokens import TokenizedPrompt
 
 
 def answer_token_ids(tokenizer: Any, prompt: str, answer: str) -> list[int]:

@@ -1,7 +1,7 @@
 """Study subcommands of the ``nngraft`` CLI; ``nngraft.cli`` imports this module as a plugin.
 
 Each study command lives in its own module and registers itself on import with
-:func:`nngraft.commands.command`; import those modules here.
+:func:`nngraft.cli.registry.command`; import those modules here.
 """
 
 from . import data_commands  # noqa: F401  (registers `nngraft data`)

@@ -15,8 +15,8 @@ from typing import Any
 
 from rich.table import Table
 
-from ..commands import command, console, out
-from ..checks import positive_int_arg, seed_arg
+from ..cli.registry import command, console, out
+from ..util.checks import positive_int_arg, seed_arg
 
 
 def _configure(p: argparse.ArgumentParser) -> None:
@@ -113,7 +113,7 @@ def _is_texts_file(text: str) -> bool:
 
 
 def _texts(args: argparse.Namespace) -> int:
-    from ..io import atomic_write_text, refuse_foreign_file
+    from ..util.io import atomic_write_text, refuse_foreign_file
     from .data import DATASETS, TRAINING_TEMPLATES, load_facts, read_manifest, training_texts
 
     facts = load_facts(args.facts)
@@ -157,7 +157,7 @@ def _load_tokenizer(spec: str) -> Any:
     from ..errors import DataError
 
     if spec in ("tiny-gpt2", "tiny-llama"):
-        from ..tiny import tiny_tokenizer
+        from ..testing import tiny_tokenizer
 
         return tiny_tokenizer(spec.split("-")[1])
     from transformers import AutoTokenizer

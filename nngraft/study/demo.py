@@ -44,8 +44,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Iterator, Sequence
 
-from ..checks import seed_arg
-from ..commands import command, passive_omp_reexec
+from ..util.checks import seed_arg
+from ..cli.registry import command, passive_omp_reexec
 
 DATASET = "fake_movies_fake_actors"
 TEMPLATE = "sentence_3"
@@ -303,7 +303,7 @@ def run_demo(options: DemoOptions, console: Any = None, tables: Any = None) -> D
     """Run the demo (see the module docstring) and return where it wrote and what it measured.
     Progress and logs go to ``console`` (default: stderr), the result tables to ``tables``
     (default: ``console``; the CLI passes stdout)."""
-    from ..loading import quiet_transformers
+    from ..donors.loading import quiet_transformers
 
     from .results import output_folder
 
@@ -350,7 +350,7 @@ def _run_demo(options: DemoOptions, console: Any, tables_console: Any = None) ->
     from rich.console import Console
 
     from ..grafter import Grafter
-    from ..loading import load_model
+    from ..donors.loading import load_model
     from .models import environment_versions, model_identity, resolve_device
     from .data import facts_hash, make_facts, make_test_examples, save_facts, training_texts
     from .results import FORMAT_VERSION, ResultsWriter, write_manifest
@@ -463,7 +463,7 @@ def _run_demo(options: DemoOptions, console: Any, tables_console: Any = None) ->
     for item in tables:
         tables_out.print(item)
         recorder.print(item)
-    from ..io import atomic_write_text
+    from ..util.io import atomic_write_text
 
     summary = atomic_write_text(out / "summary.txt", recorder.export_text())
 
@@ -697,7 +697,7 @@ def _cmd_finetune(args: argparse.Namespace) -> int:
     if args.device in ("auto", "cpu"):
         passive_omp_reexec("finetune")
     from ..errors import DataError
-    from ..loading import quiet_transformers
+    from ..donors.loading import quiet_transformers
     from . import data as datasets
     from .finetune import PRESETS, LoraOptions
 
@@ -798,8 +798,8 @@ def read_texts(path: str | Path) -> list[str]:
 
 def _finetune_command(args: argparse.Namespace, facts: Any, texts: list[str], config: Any, source: dict[str, Any],
                       templates: Any, out_dir: Path, families: list[str], directions: list[str]) -> int:
-    from ..commands import console, out
-    from ..loading import load_model, resolve_model
+    from ..cli.registry import console, out
+    from ..donors.loading import load_model, resolve_model
     from .models import resolve_device
     from . import data as datasets
     from .finetune import finetune
@@ -864,7 +864,7 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     """Teach SmolLM2-135M new facts on CPU, then localize them by weight grafting."""
     if args.device in ("auto", "cpu"):
         passive_omp_reexec("demo")
-    from ..commands import console, out
+    from ..cli.registry import console, out
 
     options = DemoOptions(facts=args.facts, seed=args.seed, out=Path(args.out), device=args.device,
                           quick=args.quick, model=args.model, template=args.template,

@@ -47,8 +47,8 @@ from typing import Any, Callable, Literal, Sequence
 import torch
 
 from ..errors import GraftError
-from ..loading import save_model_folder
-from ..tokens import pad_token_id
+from ..donors.loading import save_model_folder
+from ..compile.tokens import pad_token_id
 
 MANIFEST_FILE = "finetune-manifest.json"
 MANIFEST_FORMAT = "nngraft.finetune"
@@ -608,7 +608,7 @@ def cached_finetune(model: Any, tokenizer: Any, texts: Sequence[str], *, config:
     (a function cannot be hashed), e.g. ``"probe=sentence_2;top1>=0.9"``. ``cache`` defaults to
     :func:`nngraft.study.models.cache_dir`. ``refresh=True`` trains again and replaces the entry.
     """
-    from ..loading import cache_dir, weights_fingerprint
+    from ..donors.loading import cache_dir, weights_fingerprint
 
     if stop_when is not None and stop_key is None:
         raise FinetuneError("cached_finetune with stop_when needs stop_key (a description of the stop rule) "

@@ -217,7 +217,7 @@ def build_hybrid(task_model: torch.nn.Module, relation_model: torch.nn.Module,
         >>> bool((H.transformer.h[0].mlp.c_proj.bias == T.transformer.h[0].mlp.c_proj.bias).all())
         True
     """
-    from ..donor import ModelDonor
+    from ..donors.donor import ModelDonor
 
     ModelDonor(relation_model).check_against(task_model)  # same type, same parameter shapes
     entries = hybrid_parameters(task_model, layers, components)
@@ -246,7 +246,7 @@ def hybrid_record(task_model: torch.nn.Module, relation_model: torch.nn.Module, 
                   components: Sequence[str] = DEFAULT_COMPONENTS) -> dict[str, Any]:
     """What identifies a hybrid: both inputs (source and full weight sha256), the selection, the
     resolved layers and every replaced parameter. ``record["key"]`` hashes all of it."""
-    from ..loading import weights_fingerprint
+    from ..donors.loading import weights_fingerprint
 
     rule = _normalized(layers, components)
     adapter = adapter_for(task_model)
@@ -286,7 +286,7 @@ def read_hybrid_record(folder: str | Path) -> dict[str, Any] | None:
 def save_hybrid(hybrid: torch.nn.Module, tokenizer: Any, record: dict[str, Any], folder: str | Path) -> Path:
     """Save the hybrid (safetensors), the tokenizer and ``hybrid.json`` atomically: into a
     temporary sibling folder, renamed into place when complete."""
-    from ..io import atomic_write_text
+    from ..util.io import atomic_write_text
 
     out = Path(folder)
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -331,7 +331,7 @@ def prepare_hybrid(task: str | Path, relation: str | Path, out_dir: str | Path, 
         say(f"hybrid: reusing {folder}")
         return folder, old, True
     H = build_hybrid(T, R, layers, components)
-    from ..loading import weights_fingerprint
+    from ..donors.loading import weights_fingerprint
 
     record["weights_sha256"] = weights_fingerprint(H)
     save_hybrid(H, tok, record, folder)

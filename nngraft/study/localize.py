@@ -326,7 +326,7 @@ class LocalizeResult:
     def save(self, folder: str | Path, *, plot: bool = True) -> dict[str, Path]:
         """Write ``spec.json``, ``localize.json`` and (with ``plot``) ``localize.png`` into
         ``folder`` (atomically). Returns their paths by kind."""
-        from ..io import atomic_write_text
+        from ..util.io import atomic_write_text
 
         folder = Path(folder)
         paths = {"spec": self.spec.save(folder / "spec.json")}

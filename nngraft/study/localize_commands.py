@@ -1,6 +1,6 @@
 """``nngraft localize``: search for a small graft set that recovers F's facts (docs/localize.md).
 
-Registered with :func:`nngraft.commands.command` when :mod:`nngraft.study.commands` imports this
+Registered with :func:`nngraft.cli.registry.command` when :mod:`nngraft.study.commands` imports this
 module. Models and data are given as for ``nngraft run``. Exit codes (see :mod:`nngraft.cli`): 0 ok,
 2 a user error or bad usage (one message, no traceback).
 """
@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
 
-from ..commands import command, console, out, passive_omp_reexec
+from ..cli.registry import command, console, out, passive_omp_reexec
 
 
 @dataclass

@@ -25,7 +25,7 @@ import math
 from pathlib import Path
 from typing import Any, Mapping
 
-from ..io import atomic_save_figure
+from ..util.io import atomic_save_figure
 
 _METRIC = {"prob": "mean target probability", "logprob": "mean target log-prob", "top1": "top-1 accuracy"}
 _CLIP = (-0.6, 1.6)

@@ -1,5 +1,5 @@
 """What a manifest records about models and the machine: model identity (fingerprint, Hub
-revision), the device, library versions. Loading models by name lives in :mod:`nngraft.loading`
+revision), the device, library versions. Loading models by name lives in :mod:`nngraft.donors.loading`
 (its names are re-exported here for compatibility).
 
 Example::
@@ -19,7 +19,7 @@ from typing import Any
 import torch
 
 from ..errors import GraftError
-from ..loading import (CONVERSION_VERSION, INSTALL_HINT, SMOLLM2_ALIASES, SMOLLM2_GGUF, SMOLLM2_NAME,  # noqa: F401
+from ..donors.loading import (CONVERSION_VERSION, INSTALL_HINT, SMOLLM2_ALIASES, SMOLLM2_GGUF, SMOLLM2_NAME,  # noqa: F401
                       SMOLLM2_PACKAGE, SMOLLM2_PIN, ModelLoadError, cache_dir, default_permissions, load_model,
                       quiet_transformers, smollm2_gguf_path, smollm2_path, weights_fingerprint)
 

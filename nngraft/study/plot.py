@@ -25,7 +25,7 @@ import re
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
-from ..io import atomic_save_figure
+from ..util.io import atomic_save_figure
 from .grids import BUCKETS, EIGHTHS, LAYER_COMPONENTS_FOR_GROUPS, QUARTERS
 from .metrics import Aggregate, aggregate
 from .results import LOCK_FILE, OWNER_FILE, load_manifest, load_results, output_folder, results_path

@@ -243,7 +243,7 @@ def load_manifest(results: str | Path) -> dict[str, Any]:
 
 def write_manifest(results: str | Path, manifest: Mapping[str, Any]) -> Path:
     """Write the manifest next to ``results`` atomically (temp file + rename)."""
-    from ..io import atomic_write_text
+    from ..util.io import atomic_write_text
 
     return atomic_write_text(manifest_path(results), json.dumps(manifest, indent=2, ensure_ascii=False,
                                                                default=str) + "\n")
@@ -423,7 +423,7 @@ def output_folder(folder: str | Path, command: str, *, flag: str, ours: Any = No
         ...
         nngraft.errors.OutputExistsError: refusing to write into ...: it holds files that `nngraft localize` did not write (a.png) (it is `nngraft plot`'s output), ...
     """
-    from ..io import atomic_write_text
+    from ..util.io import atomic_write_text
 
     folder = check_output_folder(folder, command, flag=flag, ours=ours)
     with output_lock(folder):

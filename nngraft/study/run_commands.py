@@ -1,6 +1,6 @@
 """The study's evaluation subcommands: ``nngraft run``, ``nngraft sweep`` and ``nngraft plot``.
 
-Registered with :func:`nngraft.commands.command` when :mod:`nngraft.study.commands` imports this
+Registered with :func:`nngraft.cli.registry.command` when :mod:`nngraft.study.commands` imports this
 module. Exit codes (see :mod:`nngraft.cli`): 0 ok, 1 a failed baseline check, 2 a user error or bad
 usage (one message, no traceback), 130 interrupted.
 """
@@ -13,8 +13,8 @@ import re
 from pathlib import Path
 from typing import Any, Sequence
 
-from ..commands import alert, command, console, out, passive_omp_reexec
-from ..checks import positive_int_arg, seed_arg
+from ..cli.registry import alert, command, console, out, passive_omp_reexec
+from ..util.checks import positive_int_arg, seed_arg
 
 
 def summary_table(rows: Sequence[dict[str, Any]], *, k: int, title: str, p_spec: str = "p",
@@ -133,7 +133,7 @@ def add_model_data_args(p: argparse.ArgumentParser, *, named_donors: bool = Fals
     else:
         who.add_argument("--donor", help="donor F: a local folder (a PEFT LoRA adapter folder is grafted as a "
                          "LoraDonor), a .gguf file or a hub id")
-    who.add_argument("--tiny", metavar="MODEL_TYPE", help="use nngraft.tiny.tiny_pair(MODEL_TYPE) (CPU checks)")
+    who.add_argument("--tiny", metavar="MODEL_TYPE", help="use nngraft.testing.tiny_pair(MODEL_TYPE) (CPU checks)")
     who.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16", "auto"],
                      help="dtype to load P and F in (default float32; auto: the checkpoint's own)")
     who.add_argument("--device", default="auto", help="cpu, cuda, cuda:1 … (default: cuda if available)")

@@ -2,7 +2,7 @@
 
 The paper's code silently skipped an example whenever it could not find the entity's tokens in
 the prompt, so the number of examples differed between configs. Here every example is tokenized
-with the core's :func:`nngraft.tokens.tokenize_prompt` (spans located by character offsets) and
+with the core's :func:`nngraft.compile.tokens.tokenize_prompt` (spans located by character offsets) and
 each problem is recorded:
 
 - *unlocatable*: a span's text is not in the prompt, or no token covers it. An error by default;
@@ -28,7 +28,7 @@ from dataclasses import dataclass, field
 from typing import Any, Sequence
 
 from ..errors import SpanNotFoundError
-from ..tokens import SpanAlignmentWarning, TokenizedPrompt, tokenize_prompt
+from ..compile.tokens import SpanAlignmentWarning, TokenizedPrompt, tokenize_prompt
 from .examples import TestExample
 
 

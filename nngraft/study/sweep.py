@@ -57,7 +57,7 @@ from ..spec import GraftSpec, format_validation_error
 from .examples import TestExample
 from .grids import LmHeadMode, grid_specs, paper_specs, with_lm_head
 from .metrics import DEFAULT_KS, MIN_GAP, score_logits
-from ..inputs import loading_model
+from ..util.inputs import loading_model
 from .models import FINGERPRINT_VERSION, environment_versions, model_identity, resolve_device
 from .results import (FORMAT_VERSION, ResultsError, ResultsWriter, check_output, load_manifest, manifest_path,
                       output_lock, results_path, write_manifest)
@@ -78,7 +78,7 @@ class _Strict(BaseModel):
 
 class ModelPair(_Strict):
     """A recipient P and donor F. ``recipient``/``donor``: local paths or hub ids. ``tiny``: use
-    :func:`nngraft.tiny.tiny_pair` of that model type instead (tests, ``--tiny`` recipes).
+    :func:`nngraft.testing.tiny_pair` of that model type instead (tests, ``--tiny`` recipes).
     ``donors``: extra named donors (paths or hub ids) for spec rules with ``"donor": NAME``, e.g.
     ``{"hybrid": "runs/hybrid/hybrid-…", "relation": "runs/sft/relation"}``."""
 
@@ -94,7 +94,7 @@ class ModelPair(_Strict):
     @field_validator("tiny")
     @classmethod
     def _known_tiny(cls, value: str | None) -> str | None:
-        from ..tiny import TINY_CONFIGS
+        from ..testing import TINY_CONFIGS
 
         if value is not None and value not in TINY_CONFIGS:
             raise ValueError(f"no tiny model of type {value[:40]!r}; known: {', '.join(sorted(TINY_CONFIGS))}")
@@ -195,7 +195,7 @@ class SweepConfig(_Strict):
 
 def load_sweep_config(path: str | Path) -> SweepConfig:
     """Read and validate a sweep config file; relative paths resolve against its folder."""
-    from ..inputs import loads_json, read_text
+    from ..util.inputs import loads_json, read_text
 
     path = Path(path)
     raw = loads_json(read_text(path, "sweep config", SweepConfigError), f"sweep config {path}", SweepConfigError)
@@ -289,7 +289,7 @@ def load_examples_jsonl(path: str | Path) -> list[TestExample]:
     object per line (what :meth:`TestExample.to_dict` writes)."""
     from ..errors import DataError
 
-    from ..inputs import loads_json, read_text
+    from ..util.inputs import loads_json, read_text
 
     path = Path(path)
     examples = []
@@ -309,7 +309,7 @@ def load_examples_jsonl(path: str | Path) -> list[TestExample]:
 
 def save_examples_jsonl(examples: Sequence[TestExample], path: str | Path) -> Path:
     """Write test examples as JSONL (atomically)."""
-    from ..io import atomic_write_text
+    from ..util.io import atomic_write_text
 
     return atomic_write_text(Path(path), "".join(json.dumps(e.to_dict(), ensure_ascii=False) + "\n"
                                                  for e in examples))
@@ -396,16 +396,16 @@ def load_pair(pair: ModelPair, config: SweepConfig | None = None) -> LoadedPair:
     """Load P, F and the tokenizer of a :class:`ModelPair` (on its device and dtype)."""
     device = resolve_device(pair.device)
     if pair.tiny:
-        from ..tiny import tiny_pair
+        from ..testing import tiny_pair
 
         P, F, tok = tiny_pair(pair.tiny, n_layers=pair.tiny_layers)
         graft_from = None
-        src_p = f"nngraft.tiny.tiny_pair({pair.tiny!r}, n_layers={pair.tiny_layers}) P"
-        src_f = f"nngraft.tiny.tiny_pair({pair.tiny!r}, n_layers={pair.tiny_layers}) F"
+        src_p = f"nngraft.testing.tiny_pair({pair.tiny!r}, n_layers={pair.tiny_layers}) P"
+        src_f = f"nngraft.testing.tiny_pair({pair.tiny!r}, n_layers={pair.tiny_layers}) F"
         if pair.dtype in _DTYPES:
             P, F = P.to(_DTYPES[pair.dtype]), F.to(_DTYPES[pair.dtype])
     else:
-        from ..loading import load_model
+        from ..donors.loading import load_model
 
         def resolve(value: str) -> str:
             local = config.path(value) if config is not None else Path(value)
@@ -436,16 +436,16 @@ def load_pair(pair: ModelPair, config: SweepConfig | None = None) -> LoadedPair:
 
 
 def load_donor(name: str, recipient: torch.nn.Module, *, dtype: Any) -> tuple[torch.nn.Module, Any]:
-    """``(F as a whole model, LoraDonor or None)`` for a donor name (:mod:`nngraft.loading`). A PEFT
-    LoRA adapter folder is grafted as a :class:`~nngraft.delta.LoraDonor`; the whole model returned
+    """``(F as a whole model, LoraDonor or None)`` for a donor name (:mod:`nngraft.donors.loading`). A PEFT
+    LoRA adapter folder is grafted as a :class:`~nngraft.donors.delta.LoraDonor`; the whole model returned
     beside it is P with the adapter merged (by PEFT when installed), used for the plain-F baseline
     check, so every run compares the adapter's grafts against merged weights."""
-    from ..loading import load_model, resolve_model
+    from ..donors.loading import load_model, resolve_model
 
     source = resolve_model(name)
     if source.kind != "adapter":
         return load_model(name, dtype=dtype)[0], None
-    from ..delta import LoraDonor
+    from ..donors.delta import LoraDonor
 
     lora = LoraDonor(source.path)
     lora.check_against(recipient)
@@ -454,7 +454,7 @@ def load_donor(name: str, recipient: torch.nn.Module, *, dtype: Any) -> tuple[to
 
 def merged_lora_model(recipient: torch.nn.Module, adapter: str | Path) -> torch.nn.Module:
     """A copy of ``recipient`` with the LoRA adapter merged into its weights: with PEFT's
-    ``merge_and_unload`` when PEFT is installed, else with :class:`~nngraft.delta.LoraDonor`'s
+    ``merge_and_unload`` when PEFT is installed, else with :class:`~nngraft.donors.delta.LoraDonor`'s
     ``W + scale · B·A`` per adapted module."""
     import copy
 
@@ -463,7 +463,7 @@ def merged_lora_model(recipient: torch.nn.Module, adapter: str | Path) -> torch.
         from peft import PeftModel
     except ImportError:
         from ..arch import get_module
-        from ..delta import LoraDonor
+        from ..donors.delta import LoraDonor
 
         lora = LoraDonor(adapter)
         paths = set(lora.factors) | {n.rpartition(".")[0] for n in lora.full}

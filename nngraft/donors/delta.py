@@ -2,7 +2,7 @@
 
 A remote run (NDIF) hosts only the pretrained model P, so the finetuned model F must be sent as
 tensors — and only for the modules a spec grafts. Three donors, each usable locally too (they
-implement the ordinary :class:`~nngraft.donor.Donor` protocol, so a study can be checked on a
+implement the ordinary :class:`~nngraft.donors.donor.Donor` protocol, so a study can be checked on a
 small model with :class:`~nngraft.grafter.Grafter` before it is sent):
 
 - :class:`DenseDonor` — F's own parameters (``replace``: the module's formula with θ_F).
@@ -38,9 +38,9 @@ from typing import Any, Literal, Mapping
 
 import torch
 
-from .arch import stores_weight_in_out
+from ..arch import stores_weight_in_out
 from .donor import PICKLE_SUFFIXES, ModelDonor, SafetensorsDonor, TensorDonor
-from .errors import DonorMismatchError, RemoteDonorError
+from ..errors import DonorMismatchError, RemoteDonorError
 
 Layout = Literal["linear", "conv1d", "embedding", "vector"]
 
@@ -118,7 +118,7 @@ def _check_shape(name: str, tensor: torch.Tensor, like: torch.Tensor, what: str 
 
 
 def _check_dtype(where: str, dtype: Any) -> None:
-    from . import checks
+    from ..util import checks
 
     checks.float_dtype(where, "dtype", dtype)
 
@@ -188,7 +188,7 @@ class DenseDonor:
         finetuned: F as a loaded model, a safetensors file/folder, or a ``{name: tensor}`` dict.
         dtype: dtype the tensors travel in (default: the remote run's ``dtype``).
 
-    Locally it behaves like the matching core donor (:class:`~nngraft.donor.ModelDonor` etc.).
+    Locally it behaves like the matching core donor (:class:`~nngraft.donors.donor.ModelDonor` etc.).
     """
 
     kind = "dense"
@@ -256,7 +256,7 @@ class DeltaDonor:
                  dtype: torch.dtype | None = None) -> None:
         if deltas is None and (finetuned is None or pretrained is None):
             raise RemoteDonorError("DeltaDonor needs finetuned= and pretrained= (or deltas=)")
-        from . import checks
+        from ..util import checks
 
         rank = checks.positive_int("DeltaDonor", "rank", rank, optional=True)
         _check_dtype("DeltaDonor", dtype)
@@ -510,7 +510,7 @@ class LoraDonor:
     def __init__(self, path: str | Path, *, dtype: torch.dtype | None = None) -> None:
         _check_dtype("LoraDonor", dtype)
         if not isinstance(path, (str, Path)):
-            from .checks import fail
+            from ..util.checks import fail
 
             raise fail("LoraDonor", "path", "the adapter folder or its .safetensors file (a path)", path)
         self.path = Path(path)
@@ -587,7 +587,7 @@ class LoraDonor:
 
     def check_against(self, model: torch.nn.Module) -> None:
         """Refuse an adapter whose modules or shapes do not exist in ``model``."""
-        from .arch import get_module
+        from ..arch import get_module
 
         for path in list(self.factors) + [n.rpartition(".")[0] for n in self.full]:
             try:

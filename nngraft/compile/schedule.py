@@ -33,9 +33,9 @@ from typing import Any, Callable, Hashable, Sequence
 
 import torch
 
-from .arch import Adapter
+from ..arch import Adapter
 from .plan import GraftPlan, compile_plan, first_grafted_position, prefix_signature
-from .spec import GraftSpec
+from ..spec import GraftSpec
 from .tokens import PaddedBatch, TokenizedPrompt, pad_left
 
 # Rough machine constants for the scheduler's cost model (only ratios matter, and only roughly).

@@ -15,16 +15,16 @@ import argparse
 from pathlib import Path
 from typing import Any
 
-from .checks import positive_number_arg
-from .commands import command, console, out
+from ..util.checks import positive_number_arg
+from .registry import command, console, out
 
 
 def _meta_model(name: str) -> Any:
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    from .inputs import loading_model
-    from .loading import ModelLoadError, resolve_model
+    from ..util.inputs import loading_model
+    from ..donors.loading import ModelLoadError, resolve_model
 
     path = Path(name)
     if path.name == "config.json" and path.is_file():
@@ -42,8 +42,8 @@ def _meta_model(name: str) -> Any:
 
 
 def _donor(text: str) -> Any:
-    from .delta import LoraDonor
-    from .backends.ndif import ShapeDonor
+    from ..donors.delta import LoraDonor
+    from ..backends.ndif import ShapeDonor
 
     if text.startswith("adapter:"):
         return LoraDonor(text[len("adapter:"):])
@@ -55,17 +55,17 @@ def _cmd_payload(args: argparse.Namespace) -> int:
     import torch
     from rich.table import Table
 
-    from .backends.ndif import DEFAULT_MAX_PAYLOAD_MB, estimate_payload, format_bytes
-    from .backends.payload import spec_modules
-    from .backends.traffic import estimate_traffic
-    from .arch import adapter_for
-    from .spec import GraftSpec
+    from ..backends.ndif import DEFAULT_MAX_PAYLOAD_MB, estimate_payload, format_bytes
+    from ..backends.payload import spec_modules
+    from ..backends.traffic import estimate_traffic
+    from ..arch import adapter_for
+    from ..spec import GraftSpec
 
     specs = [GraftSpec.load(p) for p in args.specs]
     try:
         donors = [_donor(d) for d in (args.donor or ["dense", "delta:16", "lora:16"])]
     except ValueError as error:
-        from .commands import alert
+        from .registry import alert
 
         alert(f"[red]usage error:[/red] {error}")
         return 2

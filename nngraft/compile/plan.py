@@ -12,7 +12,7 @@ Example:
     >>> from nngraft.spec import GraftSpec, GraftRule, Last
     >>> from nngraft.arch import adapter_for_model_type
     >>> from types import SimpleNamespace
-    >>> from nngraft.tokens import TokenizedPrompt
+    >>> from nngraft.compile.tokens import TokenizedPrompt
     >>> spec = GraftSpec(rules=[GraftRule(components=["mlp"], layers="last:1", positions=[Last()])])
     >>> cfg = SimpleNamespace(num_hidden_layers=2)
     >>> plan = compile_plan([spec], adapter_for_model_type("llama"), cfg,
@@ -29,9 +29,9 @@ from typing import Any, Sequence
 
 import torch
 
-from .arch import Adapter, Site
-from .errors import PositionError, SpecError
-from .spec import All, GraftSpec, Index, Last, Not, Other, Span, resolve_layers
+from ..arch import Adapter, Site
+from ..errors import PositionError, SpecError
+from ..spec import All, GraftSpec, Index, Last, Not, Other, Span, resolve_layers
 from .tokens import TokenizedPrompt
 
 # ---------------------------------------------------------------------------------------------
@@ -99,7 +99,7 @@ def first_grafted_position(spec: GraftSpec, prompt: TokenizedPrompt) -> int | No
     """The first token position any rule of ``spec`` grafts at in ``prompt`` (``None``: none).
 
     Every position before it computes exactly what P computes, so it may come from a KV cache
-    shared with other rows of the same prompt (:mod:`nngraft.schedule`)."""
+    shared with other rows of the same prompt (:mod:`nngraft.compile.schedule`)."""
     named = set().union(*(positions for _, positions in _positions_per_rule(spec, prompt)))
     return min(named) if named else None
 
@@ -108,7 +108,7 @@ def prefix_signature(spec: GraftSpec, prompt: TokenizedPrompt) -> tuple:
     """What ``spec`` grafts before ``prompt``'s last token, as hashable data: per rule, its content
     (components, layers, donor, weights) and the positions it names there. Rows of one prompt with
     equal signatures compute identical states before the last token, so they may share one
-    grafted prefix pass (:mod:`nngraft.schedule`). ``()``: nothing is grafted there."""
+    grafted prefix pass (:mod:`nngraft.compile.schedule`). ``()``: nothing is grafted there."""
     last = len(prompt) - 1
     parts = []
     for rule, positions in _positions_per_rule(spec, prompt):

@@ -21,7 +21,7 @@ import json
 from pathlib import Path
 from typing import Any, Iterator
 
-from .errors import GraftError, ModelLoadError
+from ..errors import GraftError, ModelLoadError
 
 _BOMS = ((codecs.BOM_UTF32_LE, "UTF-32"), (codecs.BOM_UTF32_BE, "UTF-32"), (codecs.BOM_UTF16_LE, "UTF-16"),
          (codecs.BOM_UTF16_BE, "UTF-16"))

@@ -1,6 +1,6 @@
 """The core's subcommands: ``nngraft schema``, ``validate`` and ``models``.
 
-Registered with :func:`nngraft.commands.command` when :mod:`nngraft.cli` imports this module.
+Registered with :func:`nngraft.cli.registry.command` when :mod:`nngraft.cli` imports this module.
 """
 
 from __future__ import annotations
@@ -9,17 +9,17 @@ import argparse
 import json
 from pathlib import Path
 
-from .checks import positive_int_arg
-from .commands import alert, command, console, out
+from ..util.checks import positive_int_arg
+from .registry import alert, command, console, out
 
 
 def _cmd_schema(args: argparse.Namespace) -> int:
     """Print the JSON Schema of graft specs."""
-    from .spec import spec_json_schema
+    from ..spec import spec_json_schema
 
     text = json.dumps(spec_json_schema(), indent=2)
     if args.output:
-        from .io import atomic_write_text, refuse_foreign_file
+        from ..util.io import atomic_write_text, refuse_foreign_file
 
         title = spec_json_schema().get("title")
         refuse_foreign_file(args.output, lambda old: json.loads(old).get("title") == title, command="schema",
@@ -33,16 +33,16 @@ def _cmd_schema(args: argparse.Namespace) -> int:
 
 def _cmd_validate(args: argparse.Namespace) -> int:
     """Validate spec files; with --model-type, also check they fit that architecture."""
-    from .errors import GraftError
-    from .spec import GraftSpec
+    from ..errors import GraftError
+    from ..spec import GraftSpec
 
     failed = 0
     for path in args.specs:
         try:
             spec = GraftSpec.load(path)
             if args.model_type:
-                from .arch import adapter_for_model_type
-                from .plan import rule_targets
+                from ..arch import adapter_for_model_type
+                from ..compile.plan import rule_targets
 
                 rule_targets(spec, adapter_for_model_type(args.model_type), args.layers)
         except GraftError as error:
@@ -58,7 +58,7 @@ def _cmd_validate(args: argparse.Namespace) -> int:
 
 def _cmd_models(args: argparse.Namespace) -> int:
     """List the models cached on this machine (conversions, finetunes, Hugging Face hub cache)."""
-    from .loading import cache_dir, cached_models
+    from ..donors.loading import cache_dir, cached_models
 
     found = cached_models()
     if args.json:

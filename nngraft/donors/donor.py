@@ -27,8 +27,8 @@ from typing import Any, Mapping, Protocol
 
 import torch
 
-from .arch import CHECKPOINT_RENAMES, checkpoint_prefixes, get_module, tied_alternatives
-from .errors import DonorMismatchError
+from ..arch import CHECKPOINT_RENAMES, checkpoint_prefixes, get_module, tied_alternatives
+from ..errors import DonorMismatchError
 
 
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle")
@@ -172,7 +172,7 @@ class TensorDonor(_CachingDonor):
 
     def __init__(self, tensors: Mapping[str, torch.Tensor], *, source: str = "tensor dict") -> None:
         super().__init__()
-        from .checks import fail
+        from ..util.checks import fail
 
         if not isinstance(tensors, Mapping):
             raise fail("TensorDonor", "tensors", "a dict of parameter name → tensor", tensors)

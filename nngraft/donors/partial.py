@@ -27,10 +27,10 @@ from typing import Any
 
 import torch
 
-from .arch import Adapter, get_module, stores_weight_in_out
+from ..arch import Adapter, get_module, stores_weight_in_out
 from .donor import Donor
-from .errors import SpecError
-from .plan import DerivedDonor
+from ..errors import SpecError
+from ..compile.plan import DerivedDonor
 
 
 def top_entries(delta: torch.Tensor, percent: float) -> torch.Tensor:
@@ -57,11 +57,11 @@ def low_rank(delta: torch.Tensor, rank: int) -> tuple[torch.Tensor, float]:
 class PartialDonor:
     """The donor ``base`` restricted to part of its weight change. See the module docstring.
 
-    Built by :class:`~nngraft.Grafter` from a plan's :class:`~nngraft.plan.DerivedDonor`;
+    Built by :class:`~nngraft.Grafter` from a plan's :class:`~nngraft.compile.plan.DerivedDonor`;
     ``recipient`` is P (for ``W_P``), ``config`` its config (head sizes)."""
 
     def __init__(self, base: Donor, derived: DerivedDonor, recipient: torch.nn.Module, adapter: Adapter) -> None:
-        from .spec import GLOBAL_COMPONENTS, WeightSelection
+        from ..spec import GLOBAL_COMPONENTS, WeightSelection
 
         self.base = base
         self.derived = derived
@@ -170,7 +170,7 @@ def derived_donors(plan: Any, donors: dict[str, Donor], recipient: torch.nn.Modu
         existing = cache.get(name)
         if existing is None:
             if derived.base not in donors:
-                from .errors import DonorMismatchError
+                from ..errors import DonorMismatchError
 
                 raise DonorMismatchError(f"a rule grafts part of donor {derived.base!r}, which this run does not have")
             existing = cache[name] = PartialDonor(donors[derived.base], derived, recipient, adapter)

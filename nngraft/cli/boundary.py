@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import errno
 
-from .errors import GraftError
+from ..errors import GraftError
 
 _NO_SPACE = (errno.ENOSPC, getattr(errno, "EDQUOT", errno.ENOSPC))
 _DENIED = (errno.EACCES, errno.EPERM, errno.EROFS)

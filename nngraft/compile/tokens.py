@@ -20,7 +20,7 @@ from typing import Any, Mapping, Sequence
 
 import torch
 
-from .errors import PositionError, SpanNotFoundError
+from ..errors import PositionError, SpanNotFoundError
 
 SpanValue = str | tuple[int, int]
 """A span's text (its first occurrence in the prompt is used) or a ``(start, end)`` character range."""
@@ -131,7 +131,7 @@ def tokenize_prompts(
 ) -> list[TokenizedPrompt]:
     """Tokenize many prompts; ``spans[i]`` names the spans of ``prompts[i]``. ``where`` names the
     public function in error messages (e.g. ``Grafter.run``)."""
-    from . import checks
+    from ..util import checks
 
     if isinstance(prompts, str):
         prompts = [prompts]

@@ -1,6 +1,6 @@
 """The command line's registry and its two consoles, below every module that defines a verb.
 
-A verb module (:mod:`nngraft.core_commands`, :mod:`nngraft.remote_commands`, the study's
+A verb module (:mod:`nngraft.cli.core`, :mod:`nngraft.cli.remote`, the study's
 ``*_commands`` modules, the demo) registers each subcommand here with :func:`command` and prints
 with :data:`console` (logs, progress, errors: stderr) and :data:`out` (results: stdout).
 :mod:`nngraft.cli`, the top of the tree, imports the verb modules and dispatches.

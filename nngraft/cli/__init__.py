@@ -1,11 +1,11 @@
 """The ``nngraft`` command line, the top of the package: it imports the verb modules and dispatches.
 
-Each subcommand is registered with :func:`nngraft.commands.command` by a verb module —
-:mod:`nngraft.core_commands` (schema, validate, models), :mod:`nngraft.remote_commands`
+Each subcommand is registered with :func:`nngraft.cli.registry.command` by a verb module —
+:mod:`nngraft.cli.core` (schema, validate, models), :mod:`nngraft.cli.remote`
 (payload), the study's ``*_commands`` modules and the demo — which :func:`build_parser` imports.
 Exit codes: 0 ok, 1 a check that failed (a baseline check), 2 a user error — bad usage, a bad file
 or value, a model that cannot be loaded, a full disk, no permission — with one message and no
-traceback (:mod:`nngraft.boundary`; ``--debug`` shows it), 130 interrupted. Any other exception is
+traceback (:mod:`nngraft.cli.boundary`; ``--debug`` shows it), 130 interrupted. Any other exception is
 a bug and shows its traceback.
 """
 
@@ -16,9 +16,9 @@ import shlex
 import sys
 from typing import Sequence
 
-from .commands import COMMANDS, alert, console
+from .registry import COMMANDS, alert, console
 
-VERB_MODULES = ("nngraft.core_commands", "nngraft.study.commands", "nngraft.study.demo", "nngraft.remote_commands")
+VERB_MODULES = ("nngraft.cli.core", "nngraft.study.commands", "nngraft.study.demo", "nngraft.cli.remote")
 """The modules that register subcommands, in the order ``nngraft --help`` lists them."""
 
 

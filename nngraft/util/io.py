@@ -96,7 +96,7 @@ def refuse_foreign_file(path: str | Path, ours: Any, *, command: str, flag: str)
         ...
         nngraft.errors.OutputExistsError: refusing to overwrite .../notes.txt: ...
     """
-    from .errors import OutputExistsError
+    from ..errors import OutputExistsError
 
     path = Path(path)
     if not path.exists() and not path.is_symlink():

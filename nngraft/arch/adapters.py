@@ -38,8 +38,8 @@ from typing import Any, Literal
 
 import torch
 
-from .errors import ComponentNotFoundError, UnsupportedArchitectureError
-from .spec import COMPONENT_GROUPS, GLOBAL_COMPONENTS, LAYER_COMPONENTS
+from ..errors import ComponentNotFoundError, UnsupportedArchitectureError
+from ..spec import COMPONENT_GROUPS, GLOBAL_COMPONENTS, LAYER_COMPONENTS
 
 FusedLayout = Literal["concat", "per_head"]
 """How a fused QKV projection lays out its outputs: ``concat`` is ``[Q | K | V]`` (GPT-2);

@@ -42,7 +42,7 @@ from typing import Any, Callable, Mapping
 
 import torch
 
-from .errors import TraceError
+from ..errors import TraceError
 from .plan import GraftPlan
 from .tokens import TokenizedPrompt
 
@@ -84,7 +84,7 @@ def graft(model: Any, compiled: CompiledGraft) -> None:
     """Apply ``compiled`` inside a trace you opened on your own nnsight wrapper of P.
 
     Call it first in the trace body, before reading or writing any module. The graft runs as its
-    own intervention block ahead of yours (see the order rule in :mod:`nngraft.trace`).
+    own intervention block ahead of yours (see the order rule in :mod:`nngraft.compile.trace`).
 
     Example:
         >>> import nnsight, nngraft

@@ -1,0 +1,19 @@
+"""Architecture knowledge: where each component lives in a Hugging Face model, and how.
+
+The adapter table (one :class:`Adapter` per ``model_type``) lives in :mod:`nngraft.arch.adapters`;
+this package re-exports its public names. Nothing outside ``nngraft.arch`` asks which architecture
+a model is.
+
+Example:
+    >>> from nngraft.arch import adapter_for_model_type
+    >>> adapter_for_model_type("llama").layers_path
+    'model.layers'
+"""
+
+from .adapters import (ADAPTERS, CHECKPOINT_RENAMES, Adapter, FusedLayout, Site, adapter_for, adapter_for_model_type,
+                       adapters_markdown, checkpoint_prefixes, fused_features, get_module, output_axis,
+                       register_adapter, stores_weight_in_out, tied_alternatives)
+
+__all__ = ["ADAPTERS", "CHECKPOINT_RENAMES", "Adapter", "FusedLayout", "Site", "adapter_for", "adapter_for_model_type",
+           "adapters_markdown", "checkpoint_prefixes", "fused_features", "get_module", "output_axis",
+           "register_adapter", "stores_weight_in_out", "tied_alternatives"]

@@ -1,0 +1,101 @@
+"""Old import paths of nngraft 0.1's flat layout, kept working for one release.
+
+nngraft 0.2 moved its modules into packages (``nngraft.plan`` is now :mod:`nngraft.compile.plan`,
+``nngraft.donor`` is :mod:`nngraft.donors.donor`, ``nngraft.tiny`` is :mod:`nngraft.testing`, …:
+:data:`MOVED` lists them all). Importing an old path still works — it gives the very same module
+object as the new path — and warns with a :class:`DeprecationWarning` naming the new path. The old
+paths go away in the next release. All deprecated names of nngraft live in this one module.
+
+Example:
+    >>> import warnings
+    >>> import nngraft.compile.plan
+    >>> with warnings.catch_warnings():
+    ...     warnings.simplefilter("ignore", DeprecationWarning)
+    ...     import nngraft.plan as old
+    >>> old is nngraft.compile.plan
+    True
+    >>> message("nngraft.plan")  # the warning the first import of an old path gives
+    'nngraft.plan is deprecated and will be removed in the next release; import nngraft.compile.plan instead'
+"""
+
+from __future__ import annotations
+
+import importlib
+import importlib.abc
+import importlib.machinery
+import sys
+import warnings
+from types import ModuleType
+
+MOVED = {
+    "nngraft.tokens": "nngraft.compile.tokens",
+    "nngraft.plan": "nngraft.compile.plan",
+    "nngraft.schedule": "nngraft.compile.schedule",
+    "nngraft.trace": "nngraft.compile.trace",
+    "nngraft.donor": "nngraft.donors.donor",
+    "nngraft.delta": "nngraft.donors.delta",
+    "nngraft.partial": "nngraft.donors.partial",
+    "nngraft.loading": "nngraft.donors.loading",
+    "nngraft.io": "nngraft.util.io",
+    "nngraft.inputs": "nngraft.util.inputs",
+    "nngraft.checks": "nngraft.util.checks",
+    "nngraft.commands": "nngraft.cli.registry",
+    "nngraft.boundary": "nngraft.cli.boundary",
+    "nngraft.core_commands": "nngraft.cli.core",
+    "nngraft.remote_commands": "nngraft.cli.remote",
+    "nngraft.tiny": "nngraft.testing",
+}
+"""Old module path → the module it moved to."""
+
+
+def message(old: str) -> str:
+    return f"{old} is deprecated and will be removed in the next release; import {MOVED[old]} instead"
+
+
+class _Alias(importlib.abc.Loader):
+    """Loads an old path as the module at its new path (the same object, not a copy)."""
+
+    def __init__(self, new: str) -> None:
+        self.new = new
+        self.spec: importlib.machinery.ModuleSpec | None = None
+
+    def create_module(self, spec: importlib.machinery.ModuleSpec) -> ModuleType:
+        module = importlib.import_module(self.new)
+        self.spec = module.__spec__
+        return module
+
+    def exec_module(self, module: ModuleType) -> None:
+        # the import system has just set the old path's spec on the shared module: give its own back
+        module.__spec__ = self.spec
+
+
+class MovedModuleFinder(importlib.abc.MetaPathFinder):
+    """Finds the old module paths of :data:`MOVED` (and warns); every other name is left to Python."""
+
+    def find_spec(self, name: str, path=None, target=None):  # noqa: ANN001 - the MetaPathFinder signature
+        new = MOVED.get(name)
+        if new is None:
+            return None
+        # stacklevel: warn at the user's import statement, past the import system's frames
+        warnings.warn(message(name), DeprecationWarning, stacklevel=_user_frame())
+        return importlib.machinery.ModuleSpec(name, _Alias(new))
+
+
+def _user_frame() -> int:
+    """The ``stacklevel`` that makes the warning point at the user's import: counted as
+    :func:`warnings.warn` counts, skipping the import system's frames (and ``importlib.import_module``)."""
+    frame, level = sys._getframe(2), 1  # the caller of MovedModuleFinder.find_spec
+    while frame is not None:
+        name = frame.f_code.co_filename
+        if not ("importlib" in name and "_bootstrap" in name):  # warnings skips these without counting
+            level += 1
+            if not name.endswith(("importlib/__init__.py", "importlib\\__init__.py")):
+                return level
+        frame = frame.f_back
+    return level
+
+
+def install() -> None:
+    """Put the finder on ``sys.meta_path`` (once); :mod:`nngraft` calls this on import."""
+    if not any(isinstance(finder, MovedModuleFinder) for finder in sys.meta_path):
+        sys.meta_path.insert(0, MovedModuleFinder())  # before any finder that could see a stale old file

@@ -1,0 +1,11 @@
+"""Donors: where F's weights come from, and what of them a graft ships.
+
+- :mod:`nngraft.donors.donor` — the :class:`~nngraft.donors.donor.Donor` contract and donors built from a
+  loaded model, a safetensors checkpoint or a dict of tensors;
+- :mod:`nngraft.donors.delta` — donors as data (dense F, ΔW = F − P, LoRA factors) and what each ships;
+- :mod:`nngraft.donors.partial` — donors derived from a weight selection (a fraction of ΔW);
+- :mod:`nngraft.donors.loading` — load P and F by name or path (Hugging Face folders, the SmolLM2 GGUF).
+
+Example:
+    >>> from nngraft.donors.donor import TensorDonor  # F given as {parameter name: tensor}
+"""

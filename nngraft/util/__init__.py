@@ -1,0 +1,11 @@
+"""Small helpers below everything else; each imports only :mod:`nngraft.errors`.
+
+- :mod:`nngraft.util.io` — atomic writes, refusing to overwrite files nngraft did not write;
+- :mod:`nngraft.util.inputs` — reading user files (UTF-8, JSON) with one clear error each;
+- :mod:`nngraft.util.checks` — argument checks that raise :class:`~nngraft.errors.ArgumentError`.
+
+Example:
+    >>> from nngraft.util.checks import positive_int_arg
+    >>> positive_int_arg("3")
+    3
+"""
