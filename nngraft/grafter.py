@@ -318,6 +318,18 @@ class Grafter:
         or None)."""
         return self.backend.forward(plan, batch, keep_all=keep_all, cache=cache, use_cache=use_cache)
 
+    # -- attribution ------------------------------------------------------------------------------
+
+    def attribute(self, metric: Any, prompts: Sequence[str] | str,
+                  spans: Sequence[Mapping[str, SpanValue]] | None = None, **options: Any) -> Any:
+        """Score every unit (position group × component × layer) by the first-order effect on
+        ``metric`` (logits ``(n_prompts, vocab)`` → scalar) of grafting it alone, from one forward
+        and one backward pass of P: :func:`nngraft.attribution.attribute` (``components=``,
+        ``groups=``, ``heads=``, ``neurons=``, ``steps=`` for integrated scores along P → F)."""
+        from .attribution import attribute
+
+        return attribute(self, metric, prompts, spans, **options)
+
     # -- generation -----------------------------------------------------------------------------
 
     def generate(self, spec: SpecLike | Sequence[SpecLike], prompts: Sequence[str] | str,

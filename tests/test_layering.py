@@ -194,7 +194,7 @@ LAYERS = [
     ("compile", in_package("nngraft.compile")),
     ("donors", in_package("nngraft.donors")),
     ("backends", in_package("nngraft.backends")),
-    ("grafter, package", {"nngraft.grafter", "nngraft"}),
+    ("grafter, package, attribution", {"nngraft.grafter", "nngraft"} | in_package("nngraft.attribution")),
     ("the core's CLI verbs", {"nngraft.cli.core", "nngraft.cli.remote"}),
     ("study", in_package("nngraft.study")),
     ("cli", {"nngraft.cli", "nngraft.cli.__main__"}),
