@@ -191,3 +191,64 @@ def test_bad_arguments_are_one_clear_error():
         g.attribute(target_logprob([5]), PROMPT, SPANS, groups=["nope"])
     with pytest.raises(Exception, match="does not exist"):
         g.attribute(target_logprob([5]), PROMPT, SPANS, components=["c_fc"])
+
+
+# ---------------------------------------------------------------------------------------------
+# nngraft attribute, nngraft plot
+# ---------------------------------------------------------------------------------------------
+
+
+def test_cli_attribute_writes_scores_exact_effects_and_the_figure(tmp_path, capsys):
+    import json
+
+    from nngraft.cli import main as cli_main
+    from nngraft.study.data import make_facts, make_test_examples
+
+    out = tmp_path / "att"
+    code = cli_main(["attribute", "--tiny", "llama", "--dataset", "fake_movies_fake_actors", "--n", "3",
+                     "--template", "sentence_1", "--targets", "donor_top1", "--steps", "2", "--exact",
+                     "--heads", "--top", "5", "-o", str(out)])
+    assert code == 0
+    printed = capsys.readouterr().out
+    assert "top 5 of 63 units by attribution to logprob" in printed and "Spearman" in printed
+    data = json.loads((out / "attribution.json").read_text())
+    assert (out / "attribution.png").stat().st_size > 10_000
+    assert data["groups"] == ["first_actor", "last", "other"] and len(data["units"]) == 63
+    assert data["spearman"]["scores"] == pytest.approx(spearman(data["scores"], data["exact"]))
+    # the same scores from the API on the same examples (per-fact means of the log-prob of F's top-1)
+    P, F, tok = tiny_pair("llama")
+    examples = make_test_examples(make_facts("fake_movies_fake_actors", 3, seed=0), "sentence_1")
+    g = Grafter(P, F, tok)
+    prompts, spans = [e.prompt for e in examples], [e.spans for e in examples]
+    ids = g.run(GraftSpec.load("recipes/specs/f.json"), prompts, spans).logits.argmax(-1).tolist()
+    assert data["data"]["target_ids"] == ids
+    att = g.attribute(target_logprob(ids), prompts, spans)  # one example per fact: the plain mean
+    np.testing.assert_allclose(data["scores"], att.scores, atol=1e-5)
+    # nngraft plot redraws the heatmaps from the file
+    assert cli_main(["plot", str(out / "attribution.json"), "-o", str(tmp_path / "fig"), "--format", "png"]) == 0
+    assert (tmp_path / "fig" / "attribution.png").stat().st_size > 10_000
+
+
+@pytest.mark.parametrize("metric", ["prob", "recovery", "logit_diff"])
+def test_cli_attribute_metrics(tmp_path, metric):
+    import json
+
+    from nngraft.cli import main as cli_main
+
+    out = tmp_path / metric
+    assert cli_main(["attribute", "--tiny", "gpt2", "--dataset", "fake_movies_fake_actors", "--n", "2",
+                     "--template", "sentence_1", "--targets", "donor_top1", "--metric", metric, "--no-plot",
+                     "--components", "mlp", "-o", str(out)]) == 0
+    data = json.loads((out / "attribution.json").read_text())
+    assert data["metric"] == metric and {u[1] for u in data["units"]} == {"up", "down"}
+    if metric == "recovery":
+        assert data["metric_p"] == pytest.approx(0.0, abs=1e-6)  # (m_P − m_P) / (m_F − m_P)
+
+
+def test_cli_attribute_bad_input_is_exit_2(tmp_path, capsys):
+    from nngraft.cli import main as cli_main
+
+    code = cli_main(["attribute", "--tiny", "llama", "--dataset", "fake_movies_fake_actors", "--n", "2",
+                     "--template", "sentence_1", "--steps", "0", "-o", str(tmp_path / "x")])
+    assert code == 2
+    assert "--steps must be ≥ 1; got 0" in capsys.readouterr().err

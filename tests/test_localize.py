@@ -469,3 +469,47 @@ def test_recipe_dry_run(tmp_path, capsys):
 def test_recipe_without_models_is_an_error(capsys):
     assert _recipe().main(["--dry-run"]) == 1
     assert "give --model and --donor" in capsys.readouterr().err
+
+
+# ---------------------------------------------------------------------------------------------
+# The attribution screen (docs/attribution.md)
+# ---------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("steps", [1, 3])
+def test_attribution_screen_finds_the_planted_modules_exactly(module_plant, steps):
+    """screen="attribution": units ranked by attribution, verified by exact grafts, pruned: the
+    same planted modules, an exact recovery (recomputed by a plain graft), 1-minimal."""
+    g, ref, _, _ = module_plant
+    result = localize(g, ref.examples, targets="donor_top1", console=quiet(), show_progress=False,
+                      screen="attribution", screen_steps=steps)
+    assert {(c, layer) for _, c, layer in result.units} == {("up", 1), ("o", 2)}
+    assert ref.recovery(result.spec) == pytest.approx(result.recovery.mean, abs=1e-5)
+    assert result.recovery.mean >= TARGET
+    for unit in result.units:
+        rest = [u for u in result.units if u != unit]
+        assert ref.recovery(spec_of(rest, result)) < TARGET, f"{unit_label(unit)} is not needed"
+    assert result.settings["screen"] == "attribution" and result.settings["screen_steps"] == steps
+    assert result.data["screen"]["units_scored"] == result.universe_units
+    assert [s.stage for s in result.steps][:2] == ["baselines", "screen"]
+
+
+def test_attribution_screen_bad_options():
+    P, F, tok = tiny_pair("llama")
+    ex = [TestExample("f0", "t", "Ada Lovelace stars in", {"first_actor": "Ada Lovelace"}, "Alan")]
+    with pytest.raises(LocalizeError, match="unknown screen 'fast'; use one of exhaustive, attribution"):
+        localize(Grafter(P, F, tok), ex, screen="fast")
+    with pytest.raises(LocalizeError, match="screen_steps must be a whole number ≥ 1; got 0"):
+        localize(Grafter(P, F, tok), ex, screen="attribution", screen_steps=0)
+
+
+def test_cli_localize_screen_attribution(tmp_path, capsys):
+    out = tmp_path / "loc"
+    code = cli_main(["localize", "--tiny", "llama", "--dataset", "fake_movies_fake_actors", "--n", "2",
+                     "--template", "sentence_1", "--targets", "donor_top1", "--metric", "logprob",
+                     "--target", "0.8", "--screen", "attribution", "--screen-steps", "2", "--no-progress",
+                     "-o", str(out)])
+    assert code == 0
+    data = json.loads((out / "localize.json").read_text())
+    assert data["settings"]["screen"] == "attribution" and data["recovery"]["mean"] >= 0.8
+    assert "attribution screen" in capsys.readouterr().err

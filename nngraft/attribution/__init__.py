@@ -383,11 +383,13 @@ def _per_feature(site: _Site, component: str, grad: torch.Tensor, kind: str, hea
 def attribute(grafter: Any, metric: Metric, prompts: Sequence[str] | str,
               spans: Sequence[Mapping[str, Any]] | None = None, *, components: Sequence[str] | str | None = None,
               groups: Sequence[str] | None = None, heads: bool = False, neurons: bool = False, steps: int = 1,
-              batch_size: int | None = None) -> Attribution:
+              batch_size: int | None = None, position_spans: Sequence[str] | None = None) -> Attribution:
     """Score every unit (position group × component × layer) by its first-order effect on
     ``metric`` (see the module docstring). ``components``: names or groups (default: every
     component the architecture has); ``groups``: keep only these position groups; ``steps``: also
-    integrated scores along P → F with this many points (1: first order only)."""
+    integrated scores along P → F with this many points (1: first order only); ``position_spans``:
+    the spans that are position groups (default: every span all prompts have; ``other`` is every
+    token in none of them and not the last)."""
     from ..util import checks
 
     where = "Grafter.attribute"
@@ -404,6 +406,12 @@ def attribute(grafter: Any, metric: Metric, prompts: Sequence[str] | str,
     tokenized = grafter.tokenize(prompts, spans, where=where)
     span_names = list(dict.fromkeys(n for p in tokenized for n in p.spans))
     span_names = [n for n in span_names if all(n in p.spans for p in tokenized)]
+    if position_spans is not None:
+        missing = [n for n in position_spans if n not in span_names]
+        if missing:
+            raise ArgumentError(f"{where}: position_spans: {missing} are not spans of every prompt "
+                                f"(spans: {span_names})")
+        span_names = list(dict.fromkeys(position_spans))
     all_groups = group_names(span_names)
     if groups is not None:
         unknown = [g for g in groups if g not in all_groups]

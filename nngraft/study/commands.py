@@ -7,3 +7,4 @@ Each study command lives in its own module and registers itself on import with
 from . import data_commands  # noqa: F401  (registers `nngraft data`)
 from . import run_commands  # noqa: F401  (registers `nngraft run`, `sweep`, `plot`)
 from . import localize_commands  # noqa: F401  (registers `nngraft localize`)
+from . import attribute_commands  # noqa: F401  (registers `nngraft attribute`)

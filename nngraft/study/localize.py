@@ -64,6 +64,7 @@ METRICS: dict[str, str] = {
 """Per-example metrics whose recovery the search targets (averaged per fact, then over facts)."""
 
 TARGET_MODES = ("answer", "donor_top1")
+SCREENS = ("exhaustive", "attribution")
 LAST, OTHER = "last", "other"
 
 Unit = tuple[str, str, "int | None"]
@@ -572,6 +573,7 @@ class _Search:
         if self.targets_mode == "donor_top1":
             self.target_ids[self.search_idx] = results["f"].logits.float().argmax(-1).cpu().numpy()
         self.p_values = self._values(results["p"].logits, self.search_idx)
+        self._p_logits, self._f_logits = results["p"].logits, results["f"].logits
         self.f_values = self._values(results["f"].logits, self.search_idx)
         p_mean, f_mean = float(self.p_values.mean()), float(self.f_values.mean())
         gap = f_mean - p_mean
@@ -597,6 +599,80 @@ class _Search:
                 f"grafting every unit the search may use recovers only {_r(u_rec)} < target {self.target:g}"
                 + ("" if self.globals else " (global components are excluded: allow them, or lower the target)"))
         return {"p": p_mean, "f": f_mean, "universe_recovery": u_rec, "n_facts": len(self.p_values)}
+
+    def screen(self, steps: int) -> None:
+        """Attribution screen (``screen="attribution"``): score every unit of the search space by
+        its attribution to the linearized recovery (:mod:`nngraft.attribution`; integrated along
+        P → F with ``steps > 1``), then verify with exact grafts: the recovery of growing prefixes
+        of two rankings (by score, and by |score|: a unit that hurts alone may be needed with
+        others; sizes 1, 2, 3, 4, 6, 9, 13, …) in one step, the smallest prefix reaching the
+        target refined between its size and the one before, and kept as single-unit blocks for
+        the greedy pruning that follows (the result is exact and 1-minimal as always)."""
+        from ..attribution import attribute, recovery_metric
+
+        idx = self.search_idx
+        examples = [self.examples[i] for i in idx]
+        facts = [e.fact_id for e in examples]
+        counts = {f: facts.count(f) for f in facts}
+        weights = [1.0 / (len(counts) * counts[f]) for f in facts]  # per fact, then over facts
+        base = "logprob" if self.metric == "logprob" else "prob"  # top1 is screened by its probability
+        p_mean, f_mean = float(self.p_values.mean()), float(self.f_values.mean())
+        if self.metric == "top1":
+            from ..attribution import target_prob
+
+            with torch.no_grad():
+                p_mean = float(target_prob(self.target_ids[idx], weights)(self._p_logits))
+                f_mean = float(target_prob(self.target_ids[idx], weights)(self._f_logits))
+        metric = recovery_metric(self.target_ids[idx], p_mean, f_mean, weights, base=base)
+        universe = self.current()
+        comps = list(dict.fromkeys(c for _, c, _ in universe))
+        att = attribute(self.g, metric, [e.prompt for e in examples], [e.spans for e in examples],
+                        components=comps, steps=steps, batch_size=self.batch_size or self.g.batch_size,
+                        position_spans=self.spans)
+        self.attribution = att
+        values = att.integrated if att.integrated is not None else att.scores
+        score = {u: float(v) for u, v in zip(att.units, values)}
+        n = len(universe)
+        # two rankings: by score (what helps most first) and by |score| (a unit that hurts alone
+        # may be needed together with others); both rankings' prefixes are verified in one step
+        rankings = {"score": sorted(universe, key=lambda u: (-score.get(u, 0.0), _unit_key(u, self.groups))),
+                    "|score|": sorted(universe, key=lambda u: (-abs(score.get(u, 0.0)), _unit_key(u, self.groups)))}
+        self.log(f"attribution screen: {n} units scored in {att.seconds:.1f} s "
+                 f"({'first order' if steps == 1 else f'integrated, {steps} steps'}), "
+                 f"predicted recovery of all: {sum(score.values()):.3f}")
+        sizes, k = [], 1
+        while k < n:
+            sizes.append(k)
+            k = max(k + 1, int(k * 1.5))
+        sizes.append(n)
+        cands = [(f"top {k} by {how}", frozenset(ranked[:k])) for how, ranked in rankings.items() for k in sizes]
+        recs = self.evaluate("screen", "prefixes", cands)
+        best_of = {}
+        for j, how in enumerate(rankings):
+            ok = [i for i in range(len(sizes)) if recs[j * len(sizes) + i] >= self.target]
+            best_of[how] = ok[0] if ok else len(sizes) - 1
+        how = min(rankings, key=lambda h: (sizes[best_of[h]], list(rankings).index(h)))
+        best, ranked = best_of[how], rankings[how]
+        self._pending[list(rankings).index(how) * len(sizes) + best].chosen = True
+        self.blocks = [Block(g, (c,), () if layer is None else (layer,), c) for g, c, layer in ranked[:sizes[best]]]
+        self.cur_rec = recs[list(rankings).index(how) * len(sizes) + best]
+        self.record("screen", "prefixes", f"keep the top {sizes[best]} of {n} by {how}")
+        lo, hi = (sizes[best - 1] if best else 0), sizes[best]
+        while hi - lo > 1:  # refine the size: at most 8 sizes between lo and hi per step
+            inner = sorted(set(np.linspace(lo, hi, 10)[1:-1].round().astype(int).tolist()) - {lo, hi})
+            if not inner:
+                break
+            recs = self.evaluate("screen", "sizes", [(f"top {k} by {how}", frozenset(ranked[:k])) for k in inner])
+            passing = [k for k, r in zip(inner, recs) if r >= self.target]
+            if passing:
+                hi = passing[0]
+                self._pending[inner.index(hi)].chosen = True
+                lo = max([k for k in inner if k < hi], default=lo)
+                self.blocks = [Block(g, (c,), () if layer is None else (layer,), c) for g, c, layer in ranked[:hi]]
+                self.cur_rec = self.cache[frozenset(ranked[:hi])][2]
+            else:
+                lo = inner[-1]
+            self.record("screen", "sizes", f"keep the top {hi} by {how}")
 
     def _universe_blocks(self) -> list[Block]:
         comps = tuple(self.globals) + tuple(self.block_components)
@@ -729,7 +805,7 @@ def localize(grafter: Grafter, examples: Sequence[TestExample], *, target: float
              targets: str | Sequence[int] = "answer", spans: Sequence[str] | None = None,
              include_globals: bool = True, holdout: float = 0.0, seed: int = 0, min_gap: float = MIN_GAP,
              batch_size: int | None = None, name: str = "localized", console: Any = None,
-             show_progress: bool = True) -> LocalizeResult:
+             show_progress: bool = True, screen: str = "exhaustive", screen_steps: int = 1) -> LocalizeResult:
     """Search for a small, 1-minimal set of F's weights (position group × component × layer) whose
     recovery of ``metric`` reaches ``target`` on ``examples`` (see the module docstring).
 
@@ -752,6 +828,12 @@ def localize(grafter: Grafter, examples: Sequence[TestExample], *, target: float
         batch_size: rows per forward pass (default: the grafter's).
         name: the found spec's name.
         console: a rich console for the step log and progress (default: stderr).
+        screen: ``"exhaustive"`` (the coarse-to-fine search above) or ``"attribution"``: rank
+            every unit by its attribution score (:mod:`nngraft.attribution`, one forward and one
+            backward pass), verify growing prefixes of the ranking with exact grafts, then prune
+            as always (docs/attribution.md).
+        screen_steps: with ``screen="attribution"``, 1 for first-order scores, more for scores
+            integrated along P → F with that many points.
 
     Example:
         >>> from nngraft.testing import tiny_pair
@@ -766,6 +848,10 @@ def localize(grafter: Grafter, examples: Sequence[TestExample], *, target: float
 
     start = time.perf_counter()
     _check_args(target, metric, targets, holdout, min_gap)
+    if screen not in SCREENS:
+        raise LocalizeError(f"unknown screen {screen!r}; use one of {', '.join(SCREENS)}")
+    if not isinstance(screen_steps, int) or isinstance(screen_steps, bool) or screen_steps < 1:
+        raise LocalizeError(f"screen_steps must be a whole number ≥ 1; got {screen_steps!r}")
     examples = list(examples)
     if not examples:
         raise LocalizeError("no test examples to localize on")
@@ -790,14 +876,17 @@ def localize(grafter: Grafter, examples: Sequence[TestExample], *, target: float
                           + (f", {len(held_facts)} held out" if held_facts else "")
                           + f"; groups {search.groups}; target recovery {target:g} of {METRICS[metric]}")
         baselines = search.baselines()
-        search.positions()
-        for stage in ("families", "components"):
-            if search.split(stage):
-                search.reduce(stage)
-        rounds = 0
-        while search.split("layers"):
-            rounds += 1
-            search.reduce(f"layers {rounds}")
+        if screen == "attribution":
+            search.screen(screen_steps)
+        else:
+            search.positions()
+            for stage in ("families", "components"):
+                if search.split(stage):
+                    search.reduce(stage)
+            rounds = 0
+            while search.split("layers"):
+                rounds += 1
+                search.reduce(f"layers {rounds}")
         while search.reduce("prune"):
             pass
         curve = search.curve()
@@ -813,18 +902,24 @@ def localize(grafter: Grafter, examples: Sequence[TestExample], *, target: float
                          groups=search.spec_groups)
     if held_facts:
         baselines["heldout"] = search.heldout_baselines
+    if screen == "attribution":
+        att = search.attribution
+        data_screen = {"attribution_seconds": round(att.seconds, 3), "units_scored": len(att.units),
+                       "top": att.table(10)}
     fact_blob = json.dumps(sorted((e.key, e.prompt, e.answer) for e in examples)).encode()
     result = LocalizeResult(
         spec=spec, units=units, recovery=est, heldout_recovery=heldout,
         settings={"target": target, "metric": metric, "targets": search.targets_mode, "spans": spans,
                   "groups": search.groups, "include_globals": include_globals, "holdout": holdout,
                   "seed": seed, "min_gap": min_gap, "batch_size": batch_size or grafter.batch_size,
-                  "n_layers": search.n_layers, "model_type": grafter.adapter.model_type},
+                  "n_layers": search.n_layers, "model_type": grafter.adapter.model_type,
+                  "screen": screen, "screen_steps": screen_steps},
         baselines=baselines,
         data={"n_examples": len(examples), "n_facts": len(search_facts) + len(held_facts),
               "search_facts": search_facts, "heldout_facts": held_facts,
               "examples_hash": hashlib.sha256(fact_blob).hexdigest()[:16],
-              "target_ids": [int(t) for t in search.target_ids]},
+              "target_ids": [int(t) for t in search.target_ids],
+              **({"screen": data_screen} if screen == "attribution" else {})},
         steps=search.steps, curve=curve, forward_passes=search.forward_passes, grid_calls=search.grid_calls,
         candidates_evaluated=search.candidates, rows=search.rows, seconds=time.perf_counter() - start,
         universe_units=len(frozenset().union(*(b.units() for b in search._universe_blocks()))))

@@ -116,6 +116,13 @@ def add_search_args(p: argparse.ArgumentParser) -> None:
     s.add_argument("--min-gap", type=float, default=None,
                    help="smallest |F − P| of the metric for which recovery is defined (default 0.05)")
     s.add_argument("--spec-name", default="localized", help="name of the found spec (default localized)")
+    s.add_argument("--screen", choices=["exhaustive", "attribution"], default="exhaustive",
+                   help="exhaustive: the coarse-to-fine search (default); attribution: rank every unit by its "
+                        "attribution score (one forward + one backward pass), verify the top ones with exact "
+                        "grafts, then prune (docs/attribution.md)")
+    s.add_argument("--screen-steps", type=int, default=1, metavar="K",
+                   help="with --screen attribution: 1 for first-order scores (default), K > 1 for scores "
+                        "integrated along P → F with K points")
 
 
 def search_options(args: argparse.Namespace) -> dict[str, Any]:
@@ -125,7 +132,7 @@ def search_options(args: argparse.Namespace) -> dict[str, Any]:
     return {"target": args.target, "metric": args.metric or "prob", "targets": args.targets or "answer",
             "spans": args.span, "include_globals": not args.no_globals, "holdout": args.holdout,
             "seed": args.search_seed, "min_gap": MIN_GAP if args.min_gap is None else args.min_gap,
-            "name": args.spec_name}
+            "name": args.spec_name, "screen": args.screen, "screen_steps": args.screen_steps}
 
 
 def _localize_args(p: argparse.ArgumentParser) -> None:

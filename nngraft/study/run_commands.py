@@ -8,6 +8,7 @@ usage (one message, no traceback), 130 interrupted.
 from __future__ import annotations
 
 import argparse
+import json
 import math
 import re
 from pathlib import Path
@@ -437,7 +438,8 @@ def cmd_sweep(args: argparse.Namespace) -> int:
 
 
 def _plot_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("results", metavar="RESULTS", help="results.jsonl, or the directory holding it")
+    p.add_argument("results", metavar="RESULTS", help="results.jsonl, or the directory holding it; or an "
+                   "attribution.json of nngraft attribute (its heatmaps)")
     p.add_argument("-o", "--output", help="directory for the figures (default: plots/ beside the results)")
     p.add_argument("--k", type=positive_int_arg, default=100, help="top-k accuracy panel (default 100, the paper's k)")
     p.add_argument("--format", action="append", choices=["png", "svg", "pdf"],
@@ -454,6 +456,18 @@ def cmd_plot(args: argparse.Namespace) -> int:
     """Render bar charts and layer heatmaps (PNG + SVG) and aggregates.csv from a results file."""
     from .plot import plot_results
 
+    source = Path(args.results)
+    found = source if source.suffix == ".json" else source / "attribution.json"
+    if found.name == "attribution.json" and found.is_file() and not (source / "results.jsonl").is_file():
+        from .attribution_plot import plot_attribution
+
+        data = json.loads(found.read_text())
+        folder = Path(args.output) if args.output else found.parent
+        paths = [plot_attribution(data, folder / f"attribution.{fmt}") for fmt in (args.format or ("png", "svg"))]
+        for path in paths:
+            out.print(str(path))
+        console.print(f"wrote {len(paths)} files")
+        return 0
     chosen = [n.strip() for n in args.specs.split(",") if n.strip()] if args.specs else None
     paths = plot_results(args.results, args.output, k=args.k, formats=args.format or ("png", "svg"),
                          method=args.ci, specs=chosen)
