@@ -17,6 +17,8 @@ from typing import Any, Sequence
 
 import torch
 
+from .util.checks import fail
+
 
 def target_token_id(tokenizer: Any, prompt: str, target: str, *, space: bool = True) -> int:
     """The first token of ``target`` as it continues ``prompt`` (the paper's first-token target).
@@ -51,7 +53,15 @@ def kl_divergence(logits_p: torch.Tensor, logits_q: torch.Tensor) -> torch.Tenso
         raise ValueError(f"KL needs logits of one shape, got {tuple(logits_p.shape)} and {tuple(logits_q.shape)}")
     logp = torch.log_softmax(logits_p.detach().float().cpu(), dim=-1)
     logq = torch.log_softmax(logits_q.detach().float().cpu(), dim=-1)
-    return torch.nn.functional.kl_div(logq, logp, reduction="none", log_target=True).sum(-1)
+    for name, logs in (("p", logp), ("q", logq)):
+        bad = torch.isnan(logs).any(-1).nonzero().flatten().tolist()
+        if bad:  # NaN logits, or a row whose every logit is -inf
+            raise ValueError(f"KL: row {bad[0]} of {name}'s logits is not a distribution (NaN logits, or every "
+                             "logit -inf)")
+    p = logp.exp()
+    # p·(log p − log q), with 0·log(0/q) = 0 where p has no mass (a -inf logit: kl_div gives NaN there)
+    # and +inf where q has none but p has some
+    return torch.where(p > 0, p * (logp - logq), torch.zeros(())).sum(-1)
 
 
 def top_other_token(logits: torch.Tensor, target_ids: torch.Tensor) -> torch.Tensor:
@@ -107,12 +117,18 @@ class GraftResult:
     def target_ids(self, targets: str | Sequence[str] | Sequence[int] | torch.Tensor) -> torch.Tensor:
         """Target token ids, one per prompt: from answer strings (a single string applies to every
         prompt; needs the tokenizer) or given as token ids already (ints or a tensor)."""
+        return self._ids(targets, "targets")
+
+    def _ids(self, targets: Any, name: str) -> torch.Tensor:
         if isinstance(targets, torch.Tensor):
             targets = targets.reshape(-1).tolist()
         if isinstance(targets, str):
             targets = [targets] * len(self)
         if len(targets) != len(self):
-            raise ValueError(f"{len(targets)} targets for {len(self)} prompts")
+            raise ValueError(f"{len(targets)} {name} for {len(self)} prompts")
+        for i, t in enumerate(targets):  # an empty answer would score the bare space token
+            if isinstance(t, str) and not t.strip():
+                raise fail("GraftResult", f"{name}[{i}]", "a non-empty answer", t)
         if all(isinstance(t, int) for t in targets):
             return torch.tensor([int(t) for t in targets])
         if self.tokenizer is None:
@@ -144,7 +160,7 @@ class GraftResult:
         Example: ``fe.logit_diff("Alan", baseline=p)`` or ``fe.logit_diff("Alan", "Grace")``."""
         ids = self.target_ids(targets)
         if foils is not None:
-            foil_ids = self.target_ids(foils)
+            foil_ids = self._ids(foils, "foils")
         elif baseline is not None:
             if baseline.logits.shape != self.logits.shape:
                 raise ValueError(f"baseline has logits of shape {tuple(baseline.logits.shape)}, this result "

@@ -334,6 +334,9 @@ def estimate_payload(specs: Sequence[Any], model: torch.nn.Module, donors: Any, 
     adapter = adapter or adapter_for(model)
     if not isinstance(donors, Mapping):
         donors = {"default": donors}
+    for donor in donors.values():
+        if isinstance(donor, ShapeDonor) and donor.targets:
+            donor.check_targets(model)
     report = PayloadReport(donor=", ".join(d.describe() for d in donors.values()),
                            dtype=_dtype_label(donors, dtype), limit_bytes=limit_bytes)
     for path, name, selection in spec_modules(specs, adapter, model.config):
@@ -359,18 +362,39 @@ class ShapeDonor:
     """
 
     def __init__(self, kind: str, rank: int | None = None, targets: Sequence[str] | None = None) -> None:
-        if kind not in ("dense", "delta", "lora") or (kind == "lora" and not rank):
-            raise ValueError(f"unknown donor form {kind!r}{f':{rank}' if rank else ''}")
+        form = ":".join([kind, *([] if rank is None else [str(rank)]), *([",".join(targets)] if targets else [])])
+        if kind not in ("dense", "delta", "lora") or (kind == "lora" and rank is None) or (
+                kind == "dense" and (rank is not None or targets)) or (kind == "delta" and targets):
+            raise ValueError(f"unknown donor form {form!r}; give dense, delta, delta:R or lora:R[:module,module]")
+        if rank is not None and rank < 1:  # rank 0 was read as "no rank": dense ΔW, or 0 bytes for LoRA
+            raise ValueError(f"bad donor form {form!r}: the rank must be an integer >= 1, got {rank}")
+        if targets is not None and not all(t.strip() for t in targets):
+            raise ValueError(f"bad donor form {form!r}: an empty module name in the LoRA targets")
         self.kind, self.rank, self.targets, self.dtype = kind, rank, tuple(targets or ()), None
+
+    def check_targets(self, model: torch.nn.Module) -> None:
+        """Refuse LoRA targets that name no module of ``model`` (an adapter on them would change
+        nothing: the estimate would be 0 bytes that "fit")."""
+        known = sorted({name.rsplit(".", 1)[-1] for name, module in model.named_modules()
+                        if getattr(getattr(module, "weight", None), "ndim", 0) == 2})
+        unknown = [t for t in self.targets if t not in known]
+        if unknown:
+            from ..errors import ArgumentError
+
+            raise ArgumentError(f"{self.kind}:{self.rank}:{','.join(self.targets)}: no module named "
+                                f"{', '.join(map(repr, unknown))} in {getattr(model.config, 'model_type', 'the model')}; "
+                                f"LoRA targets here: {', '.join(known)}")
 
     @classmethod
     def parse(cls, text: str) -> "ShapeDonor":
         """``dense``, ``delta``, ``delta:16``, ``lora:16``, ``lora:16:gate_proj,up_proj``."""
         parts = text.split(":")
+        if len(parts) > 3:
+            raise ValueError(f"bad donor form {text!r}; give dense, delta, delta:R or lora:R[:module,module]")
         try:
             rank = int(parts[1]) if len(parts) > 1 else None
         except ValueError:
-            raise ValueError(f"bad donor form {text!r}: the rank must be an integer") from None
+            raise ValueError(f"bad donor form {text!r}: the rank must be an integer >= 1") from None
         return cls(parts[0], rank, parts[2].split(",") if len(parts) > 2 else None)
 
     def describe(self) -> str:

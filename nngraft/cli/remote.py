@@ -15,7 +15,7 @@ import argparse
 from pathlib import Path
 from typing import Any
 
-from ..util.checks import positive_number_arg
+from ..util.checks import positive_int_arg, positive_number_arg
 from .registry import command, console, out
 
 
@@ -107,8 +107,8 @@ def _payload_args(p: argparse.ArgumentParser) -> None:
                    help="dtype the tensors travel in (default bfloat16)")
     p.add_argument("--limit-mb", type=positive_number_arg, default=None, help="payload limit to compare against")
     p.add_argument("--per-module", action="store_true", help="also print bytes per module")
-    p.add_argument("--rows", type=int, default=64, help="rows per request, for activation traffic (default 64)")
-    p.add_argument("--tokens", type=int, default=32, help="tokens per row, for activation traffic (default 32)")
+    p.add_argument("--rows", type=positive_int_arg, default=64, help="rows per request, for activation traffic (default 64)")
+    p.add_argument("--tokens", type=positive_int_arg, default=32, help="tokens per row, for activation traffic (default 32)")
 
 
 command("payload", _payload_args)(_cmd_payload)

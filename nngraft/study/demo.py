@@ -731,7 +731,7 @@ def _cmd_finetune(args: argparse.Namespace) -> int:
     else:
         templates, families, directions = training_choice(args)
         texts = datasets.training_texts(facts, families=families, directions=directions, templates=templates)
-        config = PRESETS[args.preset]
+    config = PRESETS[args.preset]  # was set in the branch above only: --texts raised UnboundLocalError
     changes = {k: getattr(args, k) for k in ("lr", "weight_decay", "batch_size", "epochs", "val_fraction",
                                              "max_length", "seed", "select") if getattr(args, k) is not None}
     if args.freeze_embeddings:
