@@ -123,3 +123,106 @@ def test_finetune_texts_file_from_the_command_line(tmp_path, capsys):
     manifest = read_finetune_manifest(tmp_path / "ft")
     assert manifest["n_texts"] == 2 and manifest["training_texts"] == {"texts": str(texts.resolve())}
     assert manifest["config"]["lr"] == 3e-4  # the preset asked for, not the paper's default
+
+
+# -- one spec validation, whatever the door --------------------------------------------------------
+
+RULE = '{"components": ["mlp"], "positions": [{"last": true}]}'
+DUPLICATE_SPEC = '{"name": "x",\n "rules": [' + RULE + '],\n "rules": []}'  # last-one-wins: an empty spec = plain P
+DUPLICATE_MESSAGE = r"the key 'rules' occurs twice in one JSON object \(line 3\)"
+
+
+def _spec_json_doors(tmp_path: Path):
+    """Every way a spec's JSON text reaches nngraft: pydantic's entry points, ours, files, the CLI."""
+    from pydantic import TypeAdapter
+
+    from nngraft.spec import as_spec
+
+    def file(text: str) -> Path:
+        path = tmp_path / "spec.json"
+        path.write_text(text)
+        return path
+
+    P, F, tok = pair()
+    return {
+        "GraftSpec.model_validate_json(str)": lambda t: GraftSpec.model_validate_json(t),
+        "GraftSpec.model_validate_json(bytes)": lambda t: GraftSpec.model_validate_json(t.encode()),
+        "TypeAdapter(GraftSpec).validate_json": lambda t: TypeAdapter(GraftSpec).validate_json(t),
+        "GraftSpec.from_json": lambda t: GraftSpec.from_json(t),
+        "GraftSpec.load": lambda t: GraftSpec.load(file(t)),
+        "as_spec(path)": lambda t: as_spec(str(file(t))),
+        "Grafter.run(path)": lambda t: Grafter(P, F, tok).run(str(file(t)), ["Ada stars in"]),
+    }
+
+
+def test_duplicate_keys_are_refused_through_every_json_door(tmp_path):
+    from nngraft.errors import SpecError
+
+    doors = _spec_json_doors(tmp_path)
+    for door, parse in doors.items():
+        with pytest.raises(SpecError, match=DUPLICATE_MESSAGE):
+            parse(DUPLICATE_SPEC)
+        assert parse('{"name": "x", "rules": [' + RULE + ']}') is not None, door  # the same spec, once: fine
+
+
+def test_duplicate_keys_are_refused_by_the_cli(tmp_path, capsys):
+    path = tmp_path / "dup.json"
+    path.write_text(DUPLICATE_SPEC)
+    for argv in (["validate", str(path)],
+                 ["run", "--tiny", "llama", "--spec", str(path), "--dataset", "fake_movies_fake_actors", "--n", "2",
+                  "--template", "sentence_1", "--no-progress"]):
+        code, text = _cli(capsys, *argv)
+        assert code == 2 and "the key 'rules' occurs twice" in text and "Traceback" not in text, argv
+
+
+@pytest.mark.parametrize("bad, message", [
+    ({"name": "x", "rules": [{"components": ["mlp"], "positions": [{"last": True}], "layer": [0]}]},
+     "Extra inputs are not permitted"),
+    ({"name": "x", "rules": [{"components": ["mlpp"], "positions": [{"last": True}]}]}, "Input should be"),
+    ({"name": "x", "schema_version": "99", "rules": []}, "newer nngraft"),
+])
+def test_the_same_bad_spec_is_refused_through_every_door(tmp_path, bad, message):
+    """Python objects (model_validate, the constructor, as_spec(dict)) and JSON text alike."""
+    from pydantic import ValidationError
+
+    from nngraft.errors import SpecError
+    from nngraft.spec import as_spec
+
+    text = json.dumps(bad)
+    doors = {**_spec_json_doors(tmp_path),
+             "GraftSpec.model_validate": lambda t: GraftSpec.model_validate(json.loads(t)),
+             "GraftSpec(**fields)": lambda t: GraftSpec(**json.loads(t)),
+             "as_spec(dict)": lambda t: as_spec(json.loads(t))}
+    for door, parse in doors.items():
+        with pytest.raises((ValidationError, SpecError), match=message):
+            parse(text)
+
+
+def test_model_validate_strings_takes_no_json_text():
+    """pydantic's third entry point reads strings as scalars; JSON text for a list is refused, so it
+    is no way round the duplicate-key check."""
+    from pydantic import ValidationError
+
+    with pytest.raises(ValidationError, match="rules\n  Input should be a valid array"):
+        GraftSpec.model_validate_strings({"name": "x", "rules": "[" + RULE + "]"})
+    assert GraftSpec.model_validate_strings({"name": "x", "schema_version": "1"}).rules == []
+
+
+SWEEP = ('{"models": [{"name": "t", "tiny": "llama"}], "data": {"dataset": "fake_movies_fake_actors", "n": 2},\n'
+         ' "grid": "main",\n "grid": "positions"}')
+
+
+def test_duplicate_keys_in_a_sweep_config_are_refused_through_every_door(tmp_path, capsys):
+    from pydantic import TypeAdapter
+
+    from nngraft.study.sweep import SweepConfig, SweepConfigError, load_sweep_config
+
+    path = tmp_path / "sweep.json"
+    path.write_text(SWEEP)
+    for door, parse in {"SweepConfig.model_validate_json": SweepConfig.model_validate_json,
+                        "TypeAdapter(SweepConfig).validate_json": TypeAdapter(SweepConfig).validate_json,
+                        "load_sweep_config": lambda t: load_sweep_config(path)}.items():
+        with pytest.raises(SweepConfigError, match=r"the key 'grid' occurs twice in one JSON object \(line 3\)"):
+            parse(SWEEP)
+    code, text = _cli(capsys, "sweep", str(path))
+    assert code == 2 and "the key 'grid' occurs twice" in text

@@ -38,6 +38,7 @@ from pydantic import (
 )
 
 from ..errors import LayerRangeError, SchemaVersionError, SpecError
+from ..util.inputs import refuse_duplicate_keys
 
 SCHEMA_VERSION = "1"
 """The spec format this nngraft writes and reads. Older versions stay readable."""
@@ -448,6 +449,9 @@ class GraftSpec(_Strict):
             for selector in rule.positions:
                 visit(selector)
         return names
+
+
+refuse_duplicate_keys(GraftSpec, SpecError)  # pydantic's own JSON entry points refuse them as GraftSpec.load does
 
 
 def format_validation_error(error: ValidationError, source: str = "<spec>") -> str:

@@ -57,7 +57,7 @@ from ..spec import GraftSpec, format_validation_error
 from .examples import TestExample
 from .grids import LmHeadMode, grid_specs, paper_specs, with_lm_head
 from .metrics import DEFAULT_KS, MIN_GAP, score_logits
-from ..util.inputs import loading_model
+from ..util.inputs import loading_model, refuse_duplicate_keys
 from .models import FINGERPRINT_VERSION, environment_versions, model_identity, resolve_device
 from .results import (FORMAT_VERSION, ResultsError, ResultsWriter, check_output, load_manifest, manifest_path,
                       output_lock, results_path, write_manifest)
@@ -191,6 +191,9 @@ class SweepConfig(_Strict):
 
     def output_dir(self) -> Path:
         return self.path(self.output or f"runs/{self.name}")
+
+
+refuse_duplicate_keys(SweepConfig, SweepConfigError)  # SweepConfig.model_validate_json as load_sweep_config
 
 
 def load_sweep_config(path: str | Path) -> SweepConfig:

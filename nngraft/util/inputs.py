@@ -130,3 +130,42 @@ def loading_model(what: str, source: str) -> Iterator[None]:
             f"cannot load {what} from {source!r} ({type(error).__name__}: {detail}). Give a local model "
             "folder (with config.json), or a hub id that is already in the Hugging Face cache: nngraft does "
             "not download models at run time") from None
+
+
+class _DuplicateKeyGuard:
+    """A pydantic model's validator whose ``validate_json`` first refuses duplicate keys (JSON keeps
+    the last one silently); everything else is the model's own validator."""
+
+    def __init__(self, inner: Any, source: str, error: type[GraftError]) -> None:
+        self._inner, self._source, self._error = inner, source, error
+
+    def validate_json(self, data: Any, *args: Any, **kwargs: Any) -> Any:
+        if isinstance(data, (str, bytes, bytearray)):
+            check_no_duplicate_keys(bytes(data) if isinstance(data, bytearray) else data, self._source, self._error)
+        return self._inner.validate_json(data, *args, **kwargs)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._inner, name)
+
+    def __repr__(self) -> str:
+        return repr(self._inner)
+
+
+def refuse_duplicate_keys(model: Any, error: type[GraftError]) -> Any:
+    """Make every JSON door of the pydantic ``model`` class refuse an object that gives one key twice:
+    ``model.model_validate_json`` and ``TypeAdapter(model).validate_json`` (both run the model's
+    validator), as the file readers do. (A model nested in *another* model's JSON is parsed by that
+    model's validator: read such files with :func:`loads_json`.) Returns ``model`` (a decorator).
+
+    Example:
+        >>> from pydantic import BaseModel
+        >>> from nngraft.errors import SpecError
+        >>> class C(BaseModel):
+        ...     a: int
+        >>> C.model_validate_json(refuse_duplicate_keys(C, SpecError) and '{"a": 1, "a": 2}')
+        Traceback (most recent call last):
+        ...
+        nngraft.errors.SpecError: C JSON: the key 'a' occurs twice in one JSON object (line 1); JSON keeps only the last one silently, so nngraft refuses it: remove one of them
+    """
+    model.__pydantic_validator__ = _DuplicateKeyGuard(model.__pydantic_validator__, f"{model.__name__} JSON", error)
+    return model
