@@ -141,5 +141,5 @@ class RemoteUnsupportedError(RemoteGraftError, NotImplementedError):
     """A feature that works locally but not remotely (e.g. generation with a KV cache)."""
 
 
-class RemoteDonorMismatch(RemoteGraftError):
+class RemoteDonorMismatch(RemoteGraftError, DonorMismatchError):
     """A donor made for another model than the remote recipient (e.g. a LoRA trained on another base)."""

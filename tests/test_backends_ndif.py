@@ -434,9 +434,10 @@ def test_donor_of_another_size_is_refused():
     P, _, tok, _, _ = models("llama")
     _, F3, _ = tiny_pair("llama", n_layers=3)
     F_wide = tiny_pair("qwen2")[1]
-    g = Grafter.remote(P, DenseDonor(F_wide), tok, execution="local", verbose=False)
-    with pytest.raises(DonorMismatchError, match="shape"):
-        g.run(SPEC, PROMPTS, SPANS)
+    with pytest.raises(DonorMismatchError, match="the donor is 'qwen2'"):  # refused before any request
+        Grafter.remote(P, DenseDonor(F_wide), tok, execution="local", verbose=False)
+    with pytest.raises(DonorMismatchError, match="num_hidden_layers=2 but the donor has num_hidden_layers=3"):
+        Grafter.remote(P, DenseDonor(F3), tok, execution="local", verbose=False)
     lora = models("gpt2")[3]
     with pytest.raises(DonorMismatchError, match="does not have"):
         Grafter.remote(P, LoraDonor(lora), tok, execution="local", verbose=False)

@@ -226,3 +226,149 @@ def test_duplicate_keys_in_a_sweep_config_are_refused_through_every_door(tmp_pat
             parse(SWEEP)
     code, text = _cli(capsys, "sweep", str(path))
     assert code == 2 and "the key 'grid' occurs twice" in text
+
+
+# -- one donor/P compatibility check, whatever the door ---------------------------------------------
+
+# Config changes that keep every shape (a donor "accepted" by a shape check) and ones that change shapes.
+SAME_SHAPES = [("rope_theta", {"rope_theta": 500.0}), ("rms_norm_eps", {"rms_norm_eps": 1e-3}),
+               ("hidden_act", {"hidden_act": "gelu"}), ("tie_word_embeddings", {"tie_word_embeddings": False}),
+               ("rope_parameters.rope_type", {"rope_scaling": {"rope_type": "linear", "factor": 2.0}})]
+OTHER_SHAPES = [("num_hidden_layers", {"n_layers": 3}), ("vocab_size", {"vocab_size": 400})]
+
+
+def _other_f(change: dict):
+    """A donor like F but with one config change (``n_layers``/``vocab_size``: another shape)."""
+    from transformers import AutoModelForCausalLM
+
+    P, F, tok = pair()
+    if "n_layers" in change or "vocab_size" in change:
+        kwargs = {"n_layers": 2, "vocab_size": len(tok), **change}
+        return tiny_model("llama", **kwargs)
+    config = P.config.to_dict()
+    if "rope_theta" in change or "rope_scaling" in change:
+        params = dict(config.get("rope_parameters") or {"rope_type": "default", "rope_theta": 10000.0})
+        if "rope_theta" in change:
+            params["rope_theta"] = change["rope_theta"]
+        else:
+            params.update(change["rope_scaling"])
+        config["rope_parameters"] = params
+    else:
+        config.update(change)
+    model = AutoModelForCausalLM.from_config(type(P.config).from_dict(config), attn_implementation="eager")
+    model.load_state_dict(F.state_dict(), strict=False)
+    if "tie_word_embeddings" in change:
+        with torch.no_grad():
+            model.lm_head.weight.copy_(F.lm_head.weight)
+    return model.eval()
+
+
+def _save(model, folder: Path, tok=None) -> Path:
+    model.save_pretrained(folder)
+    if tok is not None:
+        tok.save_pretrained(folder)
+    return folder
+
+
+def _donor_doors(tmp_path: Path, F):
+    """Every way a donor reaches a Grafter: a model object, a folder, a .safetensors file, both by
+    name, and the remote backend's donors (checked when the Grafter is made, before any request)."""
+    from nngraft.delta import DeltaDonor, DenseDonor
+
+    P, _, tok = pair()
+    folder = _save(F, tmp_path / "F", tok)
+    bare = tmp_path / "bare"
+    bare.mkdir()
+    (bare / "model.safetensors").write_bytes((folder / "model.safetensors").read_bytes())
+    _save(P, tmp_path / "P", tok)
+    return {
+        "object": lambda: Grafter(P, F, tok),
+        "folder": lambda: Grafter(P, str(folder), tok),
+        "Path folder": lambda: Grafter(P, folder, tok),
+        ".safetensors in its folder": lambda: Grafter(P, str(folder / "model.safetensors"), tok),
+        ".safetensors alone (no config)": lambda: Grafter(P, str(bare / "model.safetensors"), tok),
+        "both by name": lambda: Grafter(str(tmp_path / "P"), str(folder)),
+        "remote DenseDonor(object)": lambda: Grafter.remote(P, DenseDonor(F), tok, execution="local"),
+        "remote DenseDonor(folder)": lambda: Grafter.remote(P, DenseDonor(str(folder)), tok, execution="local"),
+        "remote DeltaDonor(F, P)": lambda: Grafter.remote(P, DeltaDonor(F, P), tok, execution="local"),
+        "hybrid donor": lambda: Grafter(P, pair()[1], tok, donors={"hybrid": F}),
+    }
+
+
+@pytest.mark.parametrize("field, change", OTHER_SHAPES + SAME_SHAPES, ids=[f for f, _ in OTHER_SHAPES + SAME_SHAPES])
+def test_a_donor_of_another_config_is_refused_through_every_door(tmp_path, field, change):
+    from nngraft.errors import DonorMismatchError
+
+    F = _other_f(change)
+    for door, make in _donor_doors(tmp_path, F).items():
+        match = field
+        if door == ".safetensors alone (no config)":
+            if field in dict(SAME_SHAPES):
+                continue  # a bare tensor file says nothing of its config: only shapes can be checked
+            match = r"of shape \(400, 32\)|'model.layers.2.* which the recipient lacks"
+        with pytest.raises(DonorMismatchError, match=match) as caught:
+            make()
+        assert "finetuned copy of P" in str(caught.value), (door, str(caught.value))
+
+
+def test_the_donor_doors_accept_a_real_finetuned_copy(tmp_path):
+    for door, make in _donor_doors(tmp_path, pair()[1]).items():
+        assert make() is not None, door
+
+
+@pytest.mark.parametrize("field, change", [("num_hidden_layers", {"n_layers": 3}), ("rope_theta", {"rope_theta": 500.0})])
+def test_the_cli_refuses_a_donor_of_another_config(tmp_path, capsys, field, change):
+    P, _, tok = pair()
+    _save(P, tmp_path / "P", tok)
+    _save(_other_f(change), tmp_path / "F", tok)
+    code, text = _cli(capsys, "run", "--model", str(tmp_path / "P"), "--donor", str(tmp_path / "F"), "--spec", "lt",
+                      "--dataset", "fake_movies_fake_actors", "--n", "2", "--template", "sentence_1", "--no-progress")
+    assert code == 2 and field in text and "Traceback" not in text, text
+
+
+def _adapter(tmp_path: Path, base: str) -> Path:
+    import copy
+
+    from peft import LoraConfig, get_peft_model
+
+    P, _, _ = pair()
+    model = get_peft_model(copy.deepcopy(P), LoraConfig(r=2, lora_alpha=4, target_modules=["up_proj"],
+                                                        init_lora_weights=False))
+    folder = tmp_path / "adapter"
+    model.save_pretrained(folder)
+    config = json.loads((folder / "adapter_config.json").read_text())
+    config["base_model_name_or_path"] = base
+    (folder / "adapter_config.json").write_text(json.dumps(config))
+    return folder
+
+
+def test_a_lora_adapter_for_another_base_is_refused_locally_as_remotely(tmp_path):
+    from nngraft.delta import LoraDonor
+    from nngraft.errors import DonorMismatchError
+
+    P, _, tok = pair()
+    named = _other_f({})  # P's weights under a hub name
+    named.config._name_or_path = "someone/tiny-llama"
+    named.load_state_dict(P.state_dict())
+    adapter = _adapter(tmp_path, "someone-else/other-llama")
+    for door, make in {"local, object": lambda: Grafter(named, LoraDonor(adapter), tok),
+                       "local, adapter folder": lambda: Grafter(named, str(adapter), tok),
+                       "remote": lambda: Grafter.remote(named, LoraDonor(adapter), tok, execution="local")}.items():
+        with pytest.raises(DonorMismatchError, match=r"trained on 'someone-else/other-llama' but the recipient is "
+                                                     r"'someone/tiny-llama'"):
+            make()
+    same = _adapter(tmp_path, "someone/tiny-llama")
+    assert Grafter(named, LoraDonor(same), tok) is not None
+
+
+def test_a_lora_adapter_whose_local_base_has_another_config_is_refused(tmp_path):
+    from nngraft.delta import LoraDonor
+    from nngraft.errors import DonorMismatchError
+
+    P, _, tok = pair()
+    base = _save(_other_f({"rope_theta": 500.0}), tmp_path / "base", tok)
+    adapter = _adapter(tmp_path, str(base))
+    with pytest.raises(DonorMismatchError, match="rope_theta"):
+        Grafter(P, LoraDonor(adapter), tok)
+    good = _save(P, tmp_path / "good", tok)
+    assert Grafter(P, LoraDonor(_adapter(tmp_path, str(good))), tok) is not None

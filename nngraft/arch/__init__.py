@@ -10,10 +10,10 @@ Example:
     'model.layers'
 """
 
-from .adapters import (ADAPTERS, CHECKPOINT_RENAMES, Adapter, FusedLayout, Site, adapter_for, adapter_for_model_type,
+from .adapters import (ADAPTERS, CHECKPOINT_RENAMES, COMPUTATION_CONFIG_KEYS, Adapter, FusedLayout, Site, adapter_for, adapter_for_model_type,
                        adapters_markdown, checkpoint_prefixes, fused_features, get_module, output_axis,
                        register_adapter, stores_weight_in_out, tied_alternatives)
 
-__all__ = ["ADAPTERS", "CHECKPOINT_RENAMES", "Adapter", "FusedLayout", "Site", "adapter_for", "adapter_for_model_type",
+__all__ = ["ADAPTERS", "CHECKPOINT_RENAMES", "COMPUTATION_CONFIG_KEYS", "Adapter", "FusedLayout", "Site", "adapter_for", "adapter_for_model_type",
            "adapters_markdown", "checkpoint_prefixes", "fused_features", "get_module", "output_axis",
            "register_adapter", "stores_weight_in_out", "tied_alternatives"]

@@ -244,6 +244,27 @@ CHECKPOINT_RENAMES: dict[str, tuple[str, ...]] = {"lm_head.weight": ("embed_out.
 LM head as ``embed_out``)."""
 
 
+COMPUTATION_CONFIG_KEYS: tuple[str, ...] = (
+    "model_type",
+    # sizes
+    "num_hidden_layers", "hidden_size", "intermediate_size", "n_inner", "num_attention_heads",
+    "num_key_value_heads", "head_dim", "vocab_size", "max_position_embeddings",
+    # functions and constants that change every number without changing a shape
+    "hidden_act", "hidden_activation", "activation_function", "rms_norm_eps", "layer_norm_eps",
+    "layer_norm_epsilon", "norm_eps", "rope_parameters", "rope_theta", "rope_scaling", "partial_rotary_factor",
+    "rotary_pct", "rotary_emb_base", "rope_local_base_freq", "tie_word_embeddings", "attention_bias", "mlp_bias",
+    "use_parallel_residual", "sliding_window", "use_sliding_window", "max_window_layers", "layer_types",
+    "sliding_window_pattern", "query_pre_attn_scalar", "attn_logit_softcapping", "final_logit_softcapping",
+    "scale_attn_weights", "scale_attn_by_inverse_layer_idx", "reorder_and_upcast_attn", "clip_qkv",
+    "qk_layernorm", "attention_multiplier", "embedding_multiplier", "logits_scaling", "residual_multiplier",
+)
+"""Config entries that change what a model computes (shapes, activations, norm epsilons, rotary
+settings, tied embeddings, attention variants), in any architecture's spelling (transformers maps
+GPT-2's ``n_layer`` etc. onto these names). A donor must share every one with its recipient:
+"everything" grafted is F only when F's config computes as P's does. Dropout rates, token ids,
+dtypes and names are not here (they do not change an eval-mode forward pass)."""
+
+
 def tied_alternatives(name: str) -> tuple[str, ...]:
     """Where a checkpoint with tied embeddings keeps the LM head's weight ``name`` (only the input
     embedding is stored): every registered adapter's ``embed`` weight, for an ``lm_head`` weight."""

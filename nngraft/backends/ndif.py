@@ -568,10 +568,10 @@ class NdifBackend(Backend):
         self.dtype = self._requested_dtype or dtype or (torch.bfloat16 if execution == "ndif" else local_dtype)
         self.derived: dict[str, Any] = {}  # parameter-level donors (rule "weights"), by derived name
         for value in self.donors.values():
-            if hasattr(value, "check_against"):
-                value.check_against(self.model)
             if isinstance(value, LoraDonor) and isinstance(recipient, str):
                 _check_lora_base(value, recipient)
+            if hasattr(value, "check_against"):
+                value.check_against(self.model)
         _registered()
 
     @staticmethod
@@ -722,15 +722,7 @@ class NdifBackend(Backend):
 
 def _check_lora_base(donor: LoraDonor, repo_id: str) -> None:
     """Refuse an adapter trained on another Hub model (a LoRA only means something on its base)."""
-    base = donor.base_model
-    if not base or os.path.exists(base) or "/" not in base:
-        return
-    if base.lower() != repo_id.lower():
-        raise RemoteDonorMismatch(
-            f"the LoRA adapter {donor.path} was trained on {base!r} but the recipient is {repo_id!r}. "
-            "Grafting an adapter onto another base gives meaningless numbers; if the two are the "
-            "same weights under different names, edit base_model_name_or_path in adapter_config.json."
-        )
+    donor.check_base(None, repo_id, error=RemoteDonorMismatch)
 
 
 

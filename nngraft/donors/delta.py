@@ -155,6 +155,11 @@ class _Tensors:
             )
         self.source = source
 
+    def check_against(self, recipient: torch.nn.Module) -> None:
+        """The core donor's compatibility check (config and shapes), where it has one."""
+        if hasattr(self.source, "check_against"):
+            self.source.check_against(recipient)
+
     def get(self, name: str) -> torch.Tensor:
         # the core donors' tensor lookup (with the tied-embedding fallback for lm_head.weight)
         return getattr(self.source, "_tensor_or_tied", self.source._tensor)(name)
@@ -201,6 +206,10 @@ class DenseDonor:
     def params(self, path: str, module: torch.nn.Module) -> dict[str, torch.Tensor]:
         """F's parameters for the recipient's ``module`` (the local Donor protocol)."""
         return self._f.source.params(path, module)
+
+    def check_against(self, recipient: torch.nn.Module) -> None:
+        """Refuse an F that is not a finetuned copy of ``recipient`` (the core donors' check)."""
+        self._f.check_against(recipient)
 
     def shipment(self, path: str, module: torch.nn.Module, dtype: torch.dtype | None = None) -> Shipment:
         tensors = {}
@@ -278,7 +287,10 @@ class DeltaDonor:
     def check_against(self, recipient: torch.nn.Module) -> None:
         """Refuse a recipient other than the pretrained model ``P`` this delta was made from (every
         parameter is compared; ``W_P + ΔW`` is F only on that P). Skipped for ``deltas=`` (no P
-        given) and for a recipient without weights (a remote model's skeleton)."""
+        given) and for a recipient without weights (a remote model's skeleton). F is checked as
+        every donor is (config and shapes)."""
+        if self._f is not None:
+            self._f.check_against(recipient)
         if self._p is None:
             return
         for name, param in recipient.named_parameters():
@@ -585,10 +597,43 @@ class LoraDonor:
             )
         return a, b
 
+    def check_base(self, recipient: Any, name: str | None = None, *, error: type[DonorMismatchError] = DonorMismatchError) -> None:
+        """Refuse an adapter made for another base than ``recipient`` (a LoRA only means something
+        on its base): a base named by Hub id must be the recipient's Hub id (``name``, default the
+        name the recipient was loaded from), and a base that is a local folder must have a config
+        that computes as the recipient's. Names that cannot be compared (a local path against a
+        Hub id) are not refused."""
+        import os
+
+        from .donor import check_configs, read_config
+
+        base = self.base_model
+        if not base:
+            return
+        if os.path.isdir(base):
+            config = read_config(base)
+            if config and getattr(recipient, "config", None) is not None:
+                check_configs(recipient.config, config, f"the LoRA adapter {self.path}'s base model {base}")
+            return
+        if name is None:  # the name the recipient was loaded from: compared only if it is a Hub id too
+            name = getattr(getattr(recipient, "config", None), "_name_or_path", "") or ""
+            if os.path.exists(name) or "/" not in name:
+                return
+        if "/" not in base:
+            return
+        if base.lower() != name.lower():
+            raise error(
+                f"the LoRA adapter {self.path} was trained on {base!r} but the recipient is {name!r}. "
+                "Grafting an adapter onto another base gives meaningless numbers; if the two are the "
+                "same weights under different names, edit base_model_name_or_path in adapter_config.json."
+            )
+
     def check_against(self, model: torch.nn.Module) -> None:
-        """Refuse an adapter whose modules or shapes do not exist in ``model``."""
+        """Refuse an adapter made for another base (:meth:`check_base`) or whose modules or shapes
+        do not exist in ``model``."""
         from ..arch import get_module
 
+        self.check_base(model)
         for path in list(self.factors) + [n.rpartition(".")[0] for n in self.full]:
             try:
                 module = get_module(model, path)

@@ -27,19 +27,91 @@ from typing import Any, Mapping, Protocol
 
 import torch
 
-from ..arch import CHECKPOINT_RENAMES, checkpoint_prefixes, get_module, tied_alternatives
+from ..arch import COMPUTATION_CONFIG_KEYS, CHECKPOINT_RENAMES, checkpoint_prefixes, get_module, tied_alternatives
 from ..errors import DonorMismatchError
 
+
+LEGACY_BUFFERS = ("attn.bias", "attn.masked_bias")
+"""Checkpoint entries that are buffers older transformers saved (GPT-2's causal mask), not weights."""
 
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle")
 """Checkpoint formats that are pickles: refused, never loaded."""
 
 
 
-_SIZE_KEYS = (("depth", "num_hidden_layers"), ("width", "hidden_size"), ("MLP width", "intermediate_size"),
-              ("heads", "num_attention_heads"), ("key/value heads", "num_key_value_heads"),
-              ("head size", "head_dim"), ("vocabulary", "vocab_size"))
-"""Config entries P and F must share (transformers maps GPT-2's n_layer etc. onto these names)."""
+_LABELS = {"num_hidden_layers": "depth", "hidden_size": "width", "intermediate_size": "MLP width",
+           "num_attention_heads": "heads", "num_key_value_heads": "key/value heads", "head_dim": "head size",
+           "vocab_size": "vocabulary"}
+
+FINETUNED_COPY = "grafting needs F to be a finetuned copy of P (same architecture, size and settings)"
+
+
+def _config_dict(config: Any) -> dict[str, Any]:
+    """A config (object or ``config.json`` dict) as a dict in the standard spelling: GPT-2's
+    ``n_layer`` also as ``num_hidden_layers``; a raw dict goes through the recipient's config class
+    where it can, so older spellings (``rope_theta``) read as the current ones."""
+    if isinstance(config, Mapping):
+        return dict(config)
+    values = config.to_dict()
+    for alias, real in getattr(config, "attribute_map", {}).items():
+        if real in values:
+            values.setdefault(alias, values[real])
+    return values
+
+
+def _same(a: Any, b: Any) -> bool:
+    """Equal as a forward pass sees them: floats compared in float32 (a GGUF round trip stores
+    1e-5 as 9.999999747378752e-06, the same float32)."""
+    import numpy as np
+
+    if isinstance(a, float) or isinstance(b, float):
+        return isinstance(a, (int, float)) and isinstance(b, (int, float)) and np.float32(a) == np.float32(b)
+    return a == b
+
+
+def _differences(mine: Any, theirs: Any, key: str) -> list[tuple[str, Any, Any]]:
+    if isinstance(mine, Mapping) and isinstance(theirs, Mapping):
+        return [d for k in sorted(set(mine) | set(theirs), key=str)
+                for d in _differences(mine.get(k), theirs.get(k), f"{key}.{k}")]
+    return [] if _same(mine, theirs) else [(key, mine, theirs)]
+
+
+def config_differences(recipient: Any, donor: Any) -> list[tuple[str, Any, Any]]:
+    """``(key, recipient's value, donor's value)`` for every :data:`~nngraft.arch.COMPUTATION_CONFIG_KEYS`
+    entry where two configs (objects or ``config.json`` dicts) differ; nested settings
+    (``rope_parameters``) by their inner key.
+
+    Example:
+        >>> from nngraft.testing import tiny_config
+        >>> a, b = tiny_config("llama"), tiny_config("llama")
+        >>> b.rms_norm_eps = 1e-3
+        >>> config_differences(a, b)
+        [('rms_norm_eps', 1e-06, 0.001)]
+    """
+    if isinstance(donor, Mapping) and not isinstance(recipient, Mapping) and \
+            donor.get("model_type") == getattr(recipient, "model_type", None):
+        try:  # read the file as the recipient's config class reads it (defaults, renamed entries)
+            donor = type(recipient).from_dict(dict(donor))
+        except Exception:  # noqa: BLE001 - an unreadable config is compared as it is
+            pass
+    mine, theirs = _config_dict(recipient), _config_dict(donor)
+    found = []
+    for key in COMPUTATION_CONFIG_KEYS:
+        if key in mine or key in theirs:
+            found += _differences(mine.get(key), theirs.get(key), key)
+    return list(dict.fromkeys(found))
+
+
+def check_configs(recipient: Any, donor: Any, what: str = "the donor") -> None:
+    """Refuse a donor whose config (object or ``config.json`` dict) computes differently from the
+    recipient's, naming every entry that differs (:func:`config_differences`). ``what`` names the
+    donor in the message."""
+    found = config_differences(recipient, donor)
+    if found:
+        shown = "; ".join(f"the recipient has {_LABELS[k] + ' ' if k in _LABELS else ''}{k}={a!r} but the donor has "
+                          f"{k}={b!r}" for k, a, b in found[:6])
+        more = f" (and {len(found) - 6} more)" if len(found) > 6 else ""
+        raise DonorMismatchError(f"{what} computes differently from the recipient: {shown}{more}; {FINETUNED_COPY}")
 
 
 class Donor(Protocol):
@@ -135,13 +207,7 @@ class ModelDonor(_CachingDonor):
                 "grafting needs F to be a finetuned copy of P"
             )
         if rc is not None and dc is not None:
-            for label, key in _SIZE_KEYS:
-                mine, theirs_value = getattr(rc, key, None), getattr(dc, key, None)
-                if mine is not None and theirs_value is not None and mine != theirs_value:
-                    raise DonorMismatchError(
-                        f"the recipient has {label} {key}={mine!r} but the donor has {key}={theirs_value!r}; "
-                        "grafting needs F to be a finetuned copy of P (same architecture and size)"
-                    )
+            check_configs(rc, dc, f"the donor ({type(self.model).__name__})")
         theirs = dict(self.model.named_parameters())
         mine_params = dict(recipient.named_parameters())
         for name, p in mine_params.items():
@@ -230,6 +296,39 @@ class SafetensorsDonor(_CachingDonor):
             except Exception as error:  # noqa: BLE001 - safetensors' own error type is not public
                 raise DonorMismatchError(f"{file} is not a readable .safetensors file ({error})") from None
         self._prefixes = checkpoint_prefixes() if prefixes is None else prefixes
+
+    def check_against(self, recipient: torch.nn.Module) -> None:
+        """Refuse a checkpoint that is not a finetuned copy of ``recipient``: a ``config.json``
+        beside it that computes differently (:func:`check_configs`), a tensor whose shape differs
+        (read from the file headers, no weights loaded), or weight tensors the recipient lacks
+        (a deeper or wider F). A bare ``.safetensors`` file has no config: only shapes are checked."""
+        from safetensors import safe_open
+
+        config = read_config(self.path)
+        rc = getattr(recipient, "config", None)
+        if config and rc is not None:
+            if config.get("model_type") not in (None, rc.model_type):
+                raise DonorMismatchError(f"the donor checkpoint {self.path} is a {config.get('model_type')!r} model "
+                                         f"but the recipient is {rc.model_type!r}; {FINETUNED_COPY}")
+            check_configs(rc, config, f"the donor checkpoint {self.path}")
+        used: set[str] = set()
+        for name, like in recipient.named_parameters(remove_duplicate=False):
+            key = self._key(name)
+            if key is None:
+                continue  # a missing tensor is refused when a graft needs it (tied heads are often not stored)
+            used.add(key)
+            with safe_open(str(self._index[key]), framework="pt") as handle:
+                shape = tuple(handle.get_slice(key).get_shape())
+            if shape != tuple(like.shape):
+                raise DonorMismatchError(f"the donor checkpoint {self.path} has tensor {key!r} of shape {shape} but "
+                                         f"the recipient's {name!r} has {tuple(like.shape)}; {FINETUNED_COPY}")
+        state = set(recipient.state_dict())
+        extra = [k for k in self._index if k not in used and k.endswith((".weight", ".bias"))
+                 and not any(k == s or s.endswith("." + k) for s in state) and not k.endswith(LEGACY_BUFFERS)]
+        if extra:
+            more = f" and {len(extra) - 1} more" if len(extra) > 1 else ""
+            raise DonorMismatchError(f"the donor checkpoint {self.path} has tensor {extra[0]!r}{more}, which the "
+                                     f"recipient lacks (is F larger or deeper than P?); {FINETUNED_COPY}")
 
     def _key(self, name: str) -> str | None:
         candidates = [name] + [name[len(p):] for p in self._prefixes if name.startswith(p)]
