@@ -273,7 +273,7 @@ def _save(model, folder: Path, tok=None) -> Path:
 def _donor_doors(tmp_path: Path, F):
     """Every way a donor reaches a Grafter: a model object, a folder, a .safetensors file, both by
     name, and the remote backend's donors (checked when the Grafter is made, before any request)."""
-    from nngraft.delta import DeltaDonor, DenseDonor
+    from nngraft.donors.delta import DeltaDonor, DenseDonor
 
     P, _, tok = pair()
     folder = _save(F, tmp_path / "F", tok)
@@ -343,7 +343,7 @@ def _adapter(tmp_path: Path, base: str) -> Path:
 
 
 def test_a_lora_adapter_for_another_base_is_refused_locally_as_remotely(tmp_path):
-    from nngraft.delta import LoraDonor
+    from nngraft.donors.delta import LoraDonor
     from nngraft.errors import DonorMismatchError
 
     P, _, tok = pair()
@@ -362,7 +362,7 @@ def test_a_lora_adapter_for_another_base_is_refused_locally_as_remotely(tmp_path
 
 
 def test_a_lora_adapter_whose_local_base_has_another_config_is_refused(tmp_path):
-    from nngraft.delta import LoraDonor
+    from nngraft.donors.delta import LoraDonor
     from nngraft.errors import DonorMismatchError
 
     P, _, tok = pair()
