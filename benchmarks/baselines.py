@@ -160,6 +160,6 @@ def plain_forward(P: torch.nn.Module, batch: Any) -> torch.Tensor:
 def empty_trace(grafter: Any, batch: Any) -> torch.Tensor:
     """The same forward inside an nnsight trace of the Grafter's P that does nothing but save the
     output: the fixed cost nnsight adds to every graft."""
-    with grafter.backend.nn.trace(**model_kwargs(grafter.model, batch)):
-        out = grafter.backend.nn.output.save()
+    with grafter.setup.envoy.trace(**model_kwargs(grafter.model, batch)):
+        out = grafter.setup.envoy.output.save()
     return out.logits[:, -1]

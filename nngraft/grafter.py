@@ -31,6 +31,7 @@ from .arch import Adapter
 from .errors import ArgumentError, PromptError
 from .backends.base import Backend
 from .backends.local import LocalBackend
+from .backends.setup import Setup
 from .compile.plan import GraftPlan, compile_plan
 from .result import GraftResult
 from .compile.schedule import Chunk, Row, default_call_cost, forward_on_prefix, schedule_rows, shareable_prefixes
@@ -96,10 +97,12 @@ class Grafter:
                 raise checks.fail(where, "donors key", "a donor name such as 'hybrid' ('default' is the main "
                                   "donor)", key)
         self.backend = backend if backend is not None else LocalBackend()
-        self.backend.attach(recipient, donor, tokenizer, adapter=adapter, donors=donors, dtype=dtype, device=device)
-        self.model = self.backend.model
-        self.tokenizer = self.backend.tokenizer
-        self.adapter = self.backend.adapter
+        self.setup = Setup.build(recipient, donor, tokenizer, placement=self.backend.placement(recipient),
+                                 adapter=adapter, donors=donors, dtype=dtype, device=device)
+        self.backend.prepare(self.setup)
+        self.model = self.setup.model
+        self.tokenizer = self.setup.tokenizer
+        self.adapter = self.setup.adapter
         self.batch_size = batch_size or self.backend.default_batch_size
         self.share_prefix = share_prefix and self.backend.supports_cache
         if call_cost is None:
@@ -132,11 +135,11 @@ class Grafter:
     @property
     def donors(self) -> dict[str, Any]:
         """The run's donors by name (``"default"`` is ``donor``)."""
-        return self.backend.donors
+        return self.setup.donors
 
     @property
     def donor(self) -> Any:
-        return self.backend.donors["default"]
+        return self.setup.donors["default"]
 
     @property
     def n_layers(self) -> int:
@@ -144,7 +147,7 @@ class Grafter:
 
     @property
     def device(self) -> torch.device:
-        return self.backend.device
+        return self.setup.device
 
     @property
     def pad_id(self) -> int:
@@ -183,7 +186,7 @@ class Grafter:
     def model_envoy(self) -> Any:
         """P's nnsight envoy: read and edit P's modules through it inside :meth:`trace`
         (``g.model_envoy.model.layers[3].output``), as in any nnsight trace."""
-        return self.backend.envoy
+        return self.setup.envoy
 
     def compile(self, spec: SpecLike | Sequence[SpecLike], prompts: Sequence[str] | str,
                 spans: Sequence[Mapping[str, SpanValue]] | None = None) -> CompiledGraft:
@@ -195,7 +198,7 @@ class Grafter:
         specs = per_row(spec, len(tokenized))
         plan = compile_plan(specs, self.adapter, self.model.config, tokenized, collapse_mlp=False)
         batch = pad_left([p.ids for p in tokenized], self.pad_id, self.device)
-        return self.backend.compile_graft(plan, batch, tokenized, [s.name for s in specs])
+        return self.backend.compile_graft(self.setup, plan, batch, tokenized, [s.name for s in specs])
 
     def trace(self, prompts: Sequence[str] | str, spec: SpecLike | Sequence[SpecLike],
               spans: Sequence[Mapping[str, SpanValue]] | None = None, **kwargs: Any) -> Any:
@@ -221,7 +224,7 @@ class Grafter:
 
     def open_trace(self, compiled: CompiledGraft, **kwargs: Any) -> Any:
         """The nnsight trace of P running ``compiled`` first (what :meth:`trace` returns)."""
-        return self.backend.open_trace(compiled, **kwargs)
+        return self.backend.open_trace(self.setup, compiled, **kwargs)
 
     # -- running --------------------------------------------------------------------------------
 
@@ -316,7 +319,7 @@ class Grafter:
                 cache: Any = None, use_cache: bool = False) -> tuple[torch.Tensor, Any]:
         """One forward pass of P with ``plan`` applied, on the backend. Returns (logits, KV cache
         or None)."""
-        return self.backend.forward(plan, batch, keep_all=keep_all, cache=cache, use_cache=use_cache)
+        return self.backend(self.setup, plan, batch, keep_all=keep_all, cache=cache, use_cache=use_cache)
 
     # -- attribution ------------------------------------------------------------------------------
 

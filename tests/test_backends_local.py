@@ -13,6 +13,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from nngraft import All, DonorMismatchError, GraftRule, GraftSpec, Grafter, Last, Span
 from nngraft.arch import adapter_for
+from nngraft.backends.setup import Here, Setup
 from nngraft.backends.local import (Layouts, LocalBackend, Scratch, module_forward, replaced_output,
                                     swapped_parameters)
 from nngraft.donors.donor import ModelDonor, pick_donor
@@ -32,20 +33,30 @@ def setup(model_type: str = "llama"):
     return P, F, tok, Grafter(P, F, tok)
 
 
-def attached(model_type: str) -> LocalBackend:
-    P, F, tok, _ = setup(model_type)
-    backend = LocalBackend()
-    backend.attach(P, F, tok)
-    return backend
+class Attached:
+    """A LocalBackend and the set-up it runs on, called as the Grafter calls it."""
+
+    def __init__(self, model_type: str) -> None:
+        P, F, tok, _ = setup(model_type)
+        self.backend, self.setup = LocalBackend(), Setup.build(P, F, tok, placement=LocalBackend().placement(P))
+        self.adapter = self.setup.adapter
+
+    def forward(self, plan, batch, **kwargs):
+        return self.backend(self.setup, plan, batch, **kwargs)
 
 
-def test_attach_wraps_the_model_and_makes_donors():
+def attached(model_type: str) -> Attached:
+    return Attached(model_type)
+
+
+def test_the_setup_wraps_the_model_and_makes_donors_once():
     P, F, tok, _ = setup("llama")
-    backend = attached("llama")
-    assert backend.model is P and backend.tokenizer is tok and backend.adapter is adapter_for(P)
-    assert isinstance(backend.donors["default"], ModelDonor) and backend.device == torch.device("cpu")
+    built = Setup.build(P, F, tok, placement=Here())
+    assert built.model is P and built.tokenizer is tok and built.adapter is adapter_for(P)
+    assert isinstance(built.donors["default"], ModelDonor) and built.device == torch.device("cpu")
+    assert isinstance(LocalBackend().placement(P), Here)
     with pytest.raises(ValueError, match=r"Grafter: tokenizer: Input should be the recipient's tokenizer \(Grafter\(P, F, tokenizer\)\), got None"):
-        LocalBackend().attach(P, F, None)
+        Setup.build(P, F, None, placement=Here())
 
 
 def test_an_empty_plan_is_a_plain_forward_bit_for_bit():
@@ -259,3 +270,27 @@ def test_feature_graft_of_a_module_that_is_not_a_projection_is_refused():
     plan = GraftPlan([graft], 1, batch.input_ids.shape[1])
     with pytest.raises(UnsupportedArchitectureError, match="cannot graft output features of a LlamaMLP module"):
         g.forward(plan, batch)
+
+
+def test_the_setup_resolves_derived_donors_once_for_either_placement():
+    """A rule's "weights" selection derives a partial donor: built on first use by the set-up (the
+    one place for both backends), then the same object for every later plan."""
+    from nngraft.backends.ndif import NdifBackend
+    from nngraft.backends.payload import RemotePartialDonor
+    from nngraft.backends.setup import Elsewhere
+    from nngraft.donors.delta import DeltaDonor
+    from nngraft.donors.partial import PartialDonor
+
+    P, F, tok, g = setup("llama")
+    spec = GraftSpec(rules=[GraftRule(components=["mlp"], positions=[Last()], weights={"top_percent": 10})])
+    plan = g.plan(spec, PROMPTS, SPANS)
+    first, again = g.setup.donors_for(plan), g.setup.donors_for(g.plan(spec, PROMPTS[:1], SPANS[:1]))
+    [name] = plan.derived
+    assert type(first[name]) is PartialDonor and again[name] is first[name] and first["default"] is g.donor
+    placement = NdifBackend(execution="local", verbose=False).placement(P)
+    assert placement == Elsewhere(hosted=False)
+    remote = Setup.build(P, DeltaDonor(F, P), tok, placement=placement)
+    assert type(remote.donors_for(plan)[name]) is RemotePartialDonor
+    with pytest.raises(DonorMismatchError, match="this run has donors \\['default'\\]"):
+        remote.donors_for(g.plan(GraftSpec(rules=[GraftRule(components=["mlp"], positions=[Last()], donor="h",
+                                                            weights={"top_percent": 10})]), PROMPTS, SPANS))

@@ -749,7 +749,7 @@ def test_remote_trace_refuses_the_grafter_inside_the_block(worker):
         with g.trace(PROMPTS, SPEC, spans=SPANS):
             hidden = g.model_envoy.model.layers[1].output.save()  # noqa: F841
     with pytest.raises(RemoteGraftError, match=r"compiled by a local Grafter"):
-        g.backend.open_trace(Grafter(P, F, tok).compile(SPEC, PROMPTS, SPANS))
+        g.open_trace(Grafter(P, F, tok).compile(SPEC, PROMPTS, SPANS))
 
 
 def test_request_check_runs_after_nnsight_prepared_the_environment(tmp_path, monkeypatch):

@@ -65,14 +65,14 @@ def test_remote_grafter_is_a_deprecated_alias_that_initialises_fully():
 
 
 class CountingBackend(LocalBackend):
-    """A backend is any object with attach() and forward(): this one counts passes and rows."""
+    """A backend executes a plan on the Grafter's set-up (``__call__``): this one counts passes and rows."""
 
     def __init__(self) -> None:
         self.passes: list[tuple[int, bool]] = []
 
-    def forward(self, plan, batch, **kwargs):
+    def __call__(self, setup, plan, batch, **kwargs):
         self.passes.append((batch.input_ids.shape[0], plan.is_empty))
-        return super().forward(plan, batch, **kwargs)
+        return super().__call__(setup, plan, batch, **kwargs)
 
 
 def test_a_custom_backend_runs_every_pass():

@@ -399,8 +399,7 @@ def attribute(grafter: Any, metric: Metric, prompts: Sequence[str] | str,
     checks.positive_int(where, "batch_size", batch_size, optional=True)
     checks.flag(where, "heads", heads)
     checks.flag(where, "neurons", neurons)
-    backend = grafter.backend
-    if not getattr(backend, "supports_cache", False) or not hasattr(backend, "model"):
+    if getattr(getattr(grafter, "setup", None), "placement", None) is None or grafter.setup.placement.ships_donors:
         raise ArgumentError(f"{where}: attribution needs gradients through P in this process: use the local backend")
     start = time.perf_counter()
     tokenized = grafter.tokenize(prompts, spans, where=where)

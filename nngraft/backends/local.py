@@ -27,96 +27,60 @@ q/k/v/o *projections*, so P's KV cache is never touched by the donor.
 
 from __future__ import annotations
 
-import inspect
-import threading
 from contextlib import contextmanager
 from dataclasses import dataclass
 from itertools import accumulate
-from pathlib import Path
 from typing import Any, Iterator, Mapping
 
 import torch
 
-from ..arch import Adapter, adapter_for, stores_weight_in_out
-from ..util.checks import fail
-from ..donors.donor import Donor, as_donor, pick_donor
-from ..errors import ArgumentError, DonorMismatchError, UnsupportedArchitectureError
-from ..donors.loading import donor_from_name
-from ..donors.partial import derived_donors
+from ..arch import stores_weight_in_out
 from ..compile.plan import GraftPlan, ModuleGraft
 from ..compile.tokens import PaddedBatch, TokenizedPrompt
 from ..compile.trace import CompiledGraft
+from ..donors.donor import Donor, pick_donor
+from ..errors import UnsupportedArchitectureError
 from .base import Backend
 from .functional import check_input_ids
+from .setup import Setup
 
 
 class LocalBackend(Backend):
-    """P, the donors and every forward pass in this process (the default backend).
+    """Every forward pass in this process, on the set-up's P and donors (the default backend).
 
     An empty plan is a plain call of P; otherwise one nnsight trace applies the plan
-    (:func:`apply_plan`). Keeps a KV cache when asked (prefix sharing, generation). Traces are
-    serialized with a lock, so one Grafter may be used from several threads. P's weights are never
-    modified: donor parameters are swapped in only for the duration of each donor call.
+    (:func:`apply_plan`). Keeps a KV cache when asked (prefix sharing, generation). Passes are
+    serialized with the set-up's lock, so one Grafter may be used from several threads. P's
+    weights are never modified: donor parameters are swapped in only for the duration of each
+    donor call.
     """
 
     supports_cache = True
 
-    def attach(self, recipient: Any, donor: Any, tokenizer: Any, *, adapter: Adapter | None = None,
-               donors: Mapping[str, Any] | None = None, dtype: Any = None, device: Any = None) -> None:
-        import nnsight
-
-        if isinstance(recipient, (str, Path)):  # any model name (nngraft.donors.loading)
-            from ..donors.loading import load_model
-
-            recipient, own_tokenizer = load_model(recipient, dtype=dtype, device=device)
-            tokenizer = tokenizer if tokenizer is not None else own_tokenizer
-        if tokenizer is None:
-            raise ArgumentError("Grafter: tokenizer: Input should be the recipient's tokenizer (Grafter(P, F, "
-                                "tokenizer)), got None")
-        if not callable(tokenizer):
-            raise fail("Grafter", "tokenizer", "a tokenizer (callable on text, e.g. AutoTokenizer)", tokenizer)
-        meta = next((n for n, p in recipient.named_parameters() if p.is_meta), None)
-        if meta is not None:
-            raise DonorMismatchError(f"the recipient's parameter {meta!r} is on the meta device (no weights "
-                                     "loaded); load P with its weights")
-        self.model, self.tokenizer = recipient, tokenizer
-        self.adapter = adapter or adapter_for(recipient)
-        self.donors: dict[str, Donor] = {}
-        for name, value in {"default": donor, **dict(donors or {})}.items():
-            if isinstance(value, (str, Path)):  # a folder is read lazily; an adapter folder is a LoraDonor
-                value = donor_from_name(value, dtype=dtype, device=device)
-            self.donors[name] = as_donor(value)
-            if hasattr(self.donors[name], "check_against"):  # a model, a DeltaDonor's P, a LoRA's modules
-                self.donors[name].check_against(recipient)
-        self.derived: dict[str, Any] = {}  # parameter-level donors derived from these, by name
-        self.scratch = Scratch()  # grafts' scratch buffers, kept from pass to pass (see Scratch)
-        self.nn = nnsight.NNsight(recipient)
-        self.lock = threading.Lock()
-        params = inspect.signature(recipient.forward).parameters
-        self.keeps_last = "logits_to_keep" in params
-        self.cache_keyword = "cache" if "cache" in params else "past_key_values"
-
     @property
-    def device(self) -> torch.device:
-        return next(self.model.parameters()).device
+    def scratch(self) -> "Scratch":
+        """Grafts' scratch buffers, kept from pass to pass (see :class:`Scratch`)."""
+        if "_scratch" not in self.__dict__:
+            self._scratch = Scratch()
+        return self._scratch
 
-    def forward(self, plan: GraftPlan, batch: PaddedBatch, *, keep_all: bool = False,
-                cache: Any = None, use_cache: bool = False) -> tuple[torch.Tensor, Any]:
+    def __call__(self, setup: Setup, plan: GraftPlan, batch: PaddedBatch, *, keep_all: bool = False,
+                 cache: Any = None, use_cache: bool = False) -> tuple[torch.Tensor, Any]:
         """One forward pass of P with ``plan`` applied. Returns (logits, KV cache or None)."""
         kwargs: dict[str, Any] = dict(batch.model_inputs(), use_cache=use_cache or cache is not None)
         if cache is not None:
-            kwargs[self.cache_keyword] = cache
-        if self.keeps_last and not keep_all:
+            kwargs[setup.cache_keyword] = cache
+        if setup.keeps_last and not keep_all:
             kwargs["logits_to_keep"] = 1
-            plan = plan.lm_head_on_last_column(self.adapter.lm_head)
-        with torch.no_grad(), self.lock:
+            plan = plan.lm_head_on_last_column(setup.adapter.lm_head)
+        with torch.no_grad(), setup.lock:
             if plan.is_empty:
-                out = self.model(**kwargs)
+                out = setup.model(**kwargs)
             else:
-                donors = derived_donors(plan, self.donors, self.model, self.adapter, self.derived)
-                with self.nn.trace(**kwargs):
-                    apply_plan(self.nn, plan, donors, self.scratch)
-                    out = self.nn.output.save()
+                donors = setup.donors_for(plan)
+                with setup.envoy.trace(**kwargs):
+                    apply_plan(setup.envoy, plan, donors, self.scratch)
+                    out = setup.envoy.output.save()
         if not kwargs["use_cache"]:
             return out.logits, None
         cache = out["cache"] if "cache" in out else out.get("past_key_values")  # transformers 5 renamed it
@@ -124,22 +88,17 @@ class LocalBackend(Backend):
 
     # -- inside nnsight traces (nngraft.compile.trace) ----------------------------------------------
 
-    @property
-    def envoy(self) -> Any:
-        return self.nn
-
-    def compile_graft(self, plan: GraftPlan, batch: PaddedBatch, prompts: list[TokenizedPrompt],
+    def compile_graft(self, setup: Setup, plan: GraftPlan, batch: PaddedBatch, prompts: list[TokenizedPrompt],
                       spec_names: list[str]) -> CompiledGraft:
-        donors = derived_donors(plan, self.donors, self.model, self.adapter, self.derived)
-        return CompiledGraft(plan, batch.model_inputs(), prompts, self.model.config.model_type,
-                             self.adapter.n_layers(self.model.config), donors=donors, spec_names=spec_names,
-                             applier=apply_compiled)
+        return CompiledGraft(plan, batch.model_inputs(), prompts, setup.model.config.model_type,
+                             setup.adapter.n_layers(setup.model.config), donors=setup.donors_for(plan),
+                             spec_names=spec_names, applier=apply_compiled)
 
-    def open_trace(self, compiled: CompiledGraft, **kwargs: Any) -> Any:
+    def open_trace(self, setup: Setup, compiled: CompiledGraft, **kwargs: Any) -> Any:
         """A trace of P whose first intervention block is the graft: an nnsight edit of P's envoy
         (a copy sharing its modules), so the graft runs ahead of the trace's own code."""
         kwargs.setdefault("use_cache", False)
-        with self.nn.edit() as (_, edited):
+        with setup.envoy.edit() as (_, edited):
             compiled.apply(edited)
         return edited.trace(**compiled.inputs, **kwargs)
 

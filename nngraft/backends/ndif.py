@@ -34,7 +34,6 @@ result_bytes``.
 
 from __future__ import annotations
 
-import inspect
 import io
 import os
 import sys
@@ -44,8 +43,8 @@ from typing import Any, Callable, Mapping, Sequence
 
 import torch
 
-from ..arch import Adapter, adapter_for, get_module
-from ..donors.delta import DeltaDonor, LoraDonor, as_remote_donor
+from ..arch import get_module
+from ..donors.delta import DeltaDonor
 from ..errors import (  # noqa: F401 - re-exported: remote errors live in nngraft.errors
     ForeignModuleError,
     ModelNotAvailableError,
@@ -79,6 +78,7 @@ from ..donors.donor import pick_donor
 from ..compile.plan import GraftPlan
 from ..spec import SpecLike, as_spec
 from .base import Backend
+from .setup import Elsewhere, Setup
 from ..compile.trace import CompiledGraft
 from .traffic import Traffic, dataflow, program_traffic
 
@@ -524,16 +524,15 @@ class NdifBackend(Backend):
         self.last_report: PayloadReport | None = None
         self.last_traffic: Traffic | None = None  # activation accesses of the last request (sandbox cost)
         self.requests: list[dict[str, Any]] = []  # one entry per request sent: sizes and module count
+        self.setup: Setup | None = None  # the set-up of the Grafter this backend runs for (see prepare)
         self._lock = threading.Lock()
 
-    def attach(self, recipient: Any, donor: Any, tokenizer: Any, *, adapter: Adapter | None = None,
-               donors: Mapping[str, Any] | None = None, dtype: Any = None, device: Any = None) -> None:
-        from nnsight.intervention.envoy import Envoy
-        from nnsight.modeling.transformers import TransformersModel
-
-        execution = self.execution
-        self.donors = {name: as_remote_donor(value) for name, value in {"default": donor, **dict(donors or {})}.items()}
-        if execution == "ndif":
+    def placement(self, recipient: Any) -> Elsewhere:
+        """P runs on NDIF (hosted: refused unless given as the Hub id NDIF hosts; the API key and
+        that NDIF runs the model are checked here, before anything loads) or on a stand-in
+        server (``execution="local"`` or a callable)."""
+        hosted = self.execution == "ndif"
+        if hosted:
             if not isinstance(recipient, str):
                 raise RemoteGraftError(
                     "a remote run on NDIF needs the recipient as the Hub id NDIF hosts (e.g. "
@@ -543,36 +542,12 @@ class NdifBackend(Backend):
             self._api_key = self._find_api_key(self._given_api_key)
             if self.check_model:
                 check_model_available(_canonical_id(recipient), self.host)
-        if isinstance(recipient, str):
-            if tokenizer is None:
-                from transformers import AutoTokenizer
-
-                tokenizer = AutoTokenizer.from_pretrained(recipient, revision=self.revision)
-            load = dict(dispatch=True) if execution == "local" else {}
-            wrapper = TransformersModel(recipient, revision=self.revision, task="text-generation",
-                                        tokenizer=tokenizer, **load)
-        elif isinstance(recipient, TransformersModel):
-            wrapper = recipient
-        else:
-            module = recipient._module if isinstance(recipient, Envoy) else recipient
-            if tokenizer is None:
-                raise ValueError("pass the recipient's tokenizer (Grafter.remote(P, donor, tokenizer))")
-            meta = dict(device="meta") if any(p.is_meta for p in module.parameters()) else {}
-            wrapper = TransformersModel(module, tokenizer=tokenizer, task="text-generation", **meta)
-        self.nn = wrapper
-        self.model = wrapper._module
-        self.tokenizer = tokenizer if tokenizer is not None else wrapper.tokenizer
-        self.adapter = adapter or adapter_for(self.model)
-        self.keeps_last = "logits_to_keep" in inspect.signature(self.model.forward).parameters
-        local_dtype = next(self.model.parameters()).dtype
-        self.dtype = self._requested_dtype or dtype or (torch.bfloat16 if execution == "ndif" else local_dtype)
-        self.derived: dict[str, Any] = {}  # parameter-level donors (rule "weights"), by derived name
-        for value in self.donors.values():
-            if isinstance(value, LoraDonor) and isinstance(recipient, str):
-                _check_lora_base(value, recipient)
-            if hasattr(value, "check_against"):
-                value.check_against(self.model)
         _registered()
+        return Elsewhere(hosted=hosted, revision=self.revision, dtype=self._requested_dtype)
+
+    def prepare(self, setup: Setup) -> None:
+        """Keeps the set-up for :meth:`estimate` without one."""
+        self.setup = setup
 
     @staticmethod
     def _find_api_key(api_key: str | None) -> str:
@@ -593,57 +568,49 @@ class NdifBackend(Backend):
 
     # -- pre-flight -----------------------------------------------------------------------
 
-    def estimate(self, specs: SpecLike | Sequence[SpecLike]) -> PayloadReport:
+    def estimate(self, specs: SpecLike | Sequence[SpecLike], setup: Setup | None = None) -> PayloadReport:
         """Donor bytes one request for ``specs`` carries, from shapes only (nothing is computed or
-        sent). Validates the specs against the model's config on the way."""
+        sent). Validates the specs against the model's config on the way. ``setup``: the
+        Grafter's (default: the one this backend was last prepared with)."""
+        setup = setup or self.setup
         items = [specs] if isinstance(specs, (str, Mapping)) or not isinstance(specs, Sequence) else specs
-        return estimate_payload([as_spec(s) for s in items], self.model, self.donors, self.dtype,
-                                adapter=self.adapter, limit_bytes=self.limit_bytes)
+        return estimate_payload([as_spec(s) for s in items], setup.model, setup.donors, setup.dtype,
+                                adapter=setup.adapter, limit_bytes=self.limit_bytes)
 
-    def _donors_for(self, plan: GraftPlan) -> dict[str, Any]:
-        """The run's donors plus the parameter-level donors a plan's rules derive from them."""
-        derived = getattr(plan, "derived", None) or {}
-        out = dict(self.donors)
-        for name, spec in derived.items():
-            if name not in self.derived:
-                self.derived[name] = RemotePartialDonor(pick_donor(self.donors, spec.base), spec,
-                                                        self.model, self.adapter)
-            out[name] = self.derived[name]
-        return out
-
-    def program(self, plan: GraftPlan, *, keep_last: bool = True) -> tuple[dict, PayloadReport]:
+    def program(self, setup: Setup, plan: GraftPlan, *, keep_last: bool = True) -> tuple[dict, PayloadReport]:
         """The program one request runs for ``plan``, after the pre-flight checks (``keep_last``:
         the request asks for the last position's logits only)."""
-        donors = self._donors_for(plan)
-        rough = PayloadReport(donor=", ".join(d.describe() for d in self.donors.values()),
-                              dtype=dtype_name(self.dtype), limit_bytes=self.limit_bytes)
-        for path, grafts in leaf_plan(plan, self.adapter, self.model.config).by_path():
-            module = get_module(self.model, path)
+        donors = setup.donors_for(plan)
+        rough = PayloadReport(donor=", ".join(d.describe() for d in setup.donors.values()),
+                              dtype=dtype_name(setup.dtype), limit_bytes=self.limit_bytes)
+        for path, grafts in leaf_plan(plan, setup.adapter, setup.model.config).by_path():
+            module = get_module(setup.model, path)
             for name in dict.fromkeys(donor_name_of(g) for g in grafts):
-                size = pick_donor(donors, name).estimate_bytes(path, module, self.dtype)
+                size = pick_donor(donors, name).estimate_bytes(path, module, setup.dtype)
                 rough.items.append(PayloadItem(path, "send", "", size))
         rough.check()  # refuse before materialising anything (SVDs, reads)
-        program, report = build_program(plan, self.model, self.adapter, donors, self.dtype, keep_last=keep_last)
+        program, report = build_program(plan, setup.model, setup.adapter, donors, setup.dtype, keep_last=keep_last)
         report.limit_bytes = self.limit_bytes
         report.check()
         return program, report
 
     # -- running --------------------------------------------------------------------------
 
-    def transport(self) -> Any:
+    def transport(self, setup: Setup) -> Any:
         """nnsight's request backend for one request: to NDIF, or to the stand-in server."""
-        known = self.nn._remoteable_persistent_objects()
+        wrapper = setup.envoy
+        known = wrapper._remoteable_persistent_objects()
         cls = transport_class()
         if self.execution == "ndif":
-            return cls(self.nn.to_model_key(), known=known, limit_bytes=self.limit_bytes,
-                       host=self.host, api_key=self._api_key, env=self.nn._remoteable_get_env())
-        server = InProcessServer(self.nn) if self.execution == "local" else self.execution
-        return cls(f"local:{self.model.config.model_type}", known=known, limit_bytes=self.limit_bytes,
+            return cls(wrapper.to_model_key(), known=known, limit_bytes=self.limit_bytes,
+                       host=self.host, api_key=self._api_key, env=wrapper._remoteable_get_env())
+        server = InProcessServer(wrapper) if self.execution == "local" else self.execution
+        return cls(f"local:{setup.model.config.model_type}", known=known, limit_bytes=self.limit_bytes,
                    server=server, host=self.host or "http://localhost", api_key="",
-                   env=self.nn._remoteable_get_env())
+                   env=wrapper._remoteable_get_env())
 
-    def forward(self, plan: GraftPlan, batch: Any, *, keep_all: bool = False, cache: Any = None,
-                use_cache: bool = False) -> tuple[torch.Tensor, Any]:
+    def __call__(self, setup: Setup, plan: GraftPlan, batch: Any, *, keep_all: bool = False, cache: Any = None,
+                 use_cache: bool = False) -> tuple[torch.Tensor, Any]:
         """One request: P with ``plan`` applied on the server. Returns (logits, None)."""
         if cache is not None or use_cache:
             raise RemoteUnsupportedError(
@@ -652,22 +619,22 @@ class NdifBackend(Backend):
             )
         inputs: dict[str, Any] = {k: v.cpu() for k, v in batch.model_inputs().items()}
         inputs["use_cache"] = False
-        keep_last = self.keeps_last and not keep_all
+        keep_last = setup.keeps_last and not keep_all
         if keep_last:
             inputs["logits_to_keep"] = 1
-            plan = plan.lm_head_on_last_column(self.adapter.lm_head)
-        program, report = self.program(plan, keep_last=keep_last)
+            plan = plan.lm_head_on_last_column(setup.adapter.lm_head)
+        program, report = self.program(setup, plan, keep_last=keep_last)
         rows, tokens = inputs["input_ids"].shape
         try:
-            traffic = program_traffic(program, dataflow(self.model, keep_last=keep_last), rows, tokens,
-                                      next(self.model.parameters()).dtype)
+            traffic = program_traffic(program, dataflow(setup.model, keep_last=keep_last), rows, tokens,
+                                      next(setup.model.parameters()).dtype)
         except Exception:  # noqa: BLE001 - a model a weightless forward cannot run: traffic unknown
             traffic = None
         self.last_report = report
         self.last_traffic = traffic
-        transport = self.transport()
+        transport = self.transport(setup)
         with self._lock:
-            logits = _remote_trace(self.nn, inputs, program, transport)
+            logits = _remote_trace(setup.envoy, inputs, program, transport)
         report.exact = True
         self.requests.append({"modules": len(program["ops"]), "donor_bytes": report.total_bytes,
                               "request_bytes": transport.raw_bytes, "sent_bytes": transport.sent_bytes,
@@ -677,15 +644,15 @@ class NdifBackend(Backend):
                                  if traffic is not None else {}),
                               })
         if self.verbose:
-            self._say(report, transport)
+            self._say(setup, report, transport)
         return logits, None
 
-    def _say(self, report: PayloadReport, transport: Any) -> None:
+    def _say(self, setup: Setup, report: PayloadReport, transport: Any) -> None:
         from rich.console import Console
 
         where = "NDIF" if self.execution == "ndif" else ("local server" if self.execution == "local" else "server")
         line = f"[dim]nngraft → {where}: {report.summary()}; request {format_bytes(transport.sent_bytes or 0)}[/dim]"
-        for name, donor in self.donors.items():
+        for name, donor in setup.donors.items():
             if isinstance(donor, DeltaDonor) and donor.rank is not None and donor.report():
                 worst = max(donor.report(), key=lambda r: r["rel_error"])
                 line += (f"\n[dim]  {name}: rank-{donor.rank} delta, worst relative reconstruction error "
@@ -694,19 +661,16 @@ class NdifBackend(Backend):
 
     # -- inside nnsight traces (nngraft.compile.trace) ----------------------------------------------
 
-    @property
-    def envoy(self) -> Any:
-        return self.nn
-
-    def compile_graft(self, plan: GraftPlan, batch: Any, prompts: list, spec_names: list[str]) -> CompiledGraft:
+    def compile_graft(self, setup: Setup, plan: GraftPlan, batch: Any, prompts: list,
+                      spec_names: list[str]) -> CompiledGraft:
         """The graft as a program (plain tensors) for a trace that runs on the server."""
-        program, report = self.program(plan)
+        program, report = self.program(setup, plan)
         self.last_report = report
         inputs = {k: v.cpu() for k, v in batch.model_inputs().items()}
-        return CompiledGraft(plan, inputs, prompts, self.model.config.model_type,
-                             self.adapter.n_layers(self.model.config), program=program, spec_names=spec_names)
+        return CompiledGraft(plan, inputs, prompts, setup.model.config.model_type,
+                             setup.adapter.n_layers(setup.model.config), program=program, spec_names=spec_names)
 
-    def open_trace(self, compiled: CompiledGraft, **kwargs: Any) -> Any:
+    def open_trace(self, setup: Setup, compiled: CompiledGraft, **kwargs: Any) -> Any:
         """An nnsight trace of P that runs on NDIF (or the stand-in server) with the graft
         travelling in the request as an nnsight edit; the values you ``.save()`` come back.
         Refer to P's modules through a variable (``lm = g.model_envoy``), not through ``g``."""
@@ -716,14 +680,8 @@ class NdifBackend(Backend):
             raise RemoteGraftError("this graft was compiled by a local Grafter; compile it with the remote "
                                    "one (g.compile(...)) so the donor travels as tensors")
         kwargs.setdefault("use_cache", False)
-        edited = grafted(self.nn, compiled.program, compiled.input_ids)
-        return edited.trace(**compiled.inputs, backend=self.transport(), **kwargs)
-
-
-def _check_lora_base(donor: LoraDonor, repo_id: str) -> None:
-    """Refuse an adapter trained on another Hub model (a LoRA only means something on its base)."""
-    donor.check_base(None, repo_id, error=RemoteDonorMismatch)
-
+        edited = grafted(setup.envoy, compiled.program, compiled.input_ids)
+        return edited.trace(**compiled.inputs, backend=self.transport(setup), **kwargs)
 
 
 __all__ = [

@@ -23,7 +23,6 @@ Example:
 from __future__ import annotations
 
 import math
-from typing import Any
 
 import torch
 
@@ -158,21 +157,3 @@ def _checked(index: list[int], size: int, path: str, name: str) -> list[int]:
     if bad:
         raise SpecError(f"weights selection {bad} is out of range for {path}.{name} (size {size})")
     return [i % size for i in index]
-
-
-def derived_donors(plan: Any, donors: dict[str, Donor], recipient: torch.nn.Module, adapter: Adapter,
-                   cache: dict[str, "PartialDonor"]) -> dict[str, Donor]:
-    """``donors`` plus a :class:`PartialDonor` for each derived donor a plan uses (cached by name)."""
-    if not plan.derived:
-        return donors
-    out = dict(donors)
-    for name, derived in plan.derived.items():
-        existing = cache.get(name)
-        if existing is None:
-            if derived.base not in donors:
-                from ..errors import DonorMismatchError
-
-                raise DonorMismatchError(f"a rule grafts part of donor {derived.base!r}, which this run does not have")
-            existing = cache[name] = PartialDonor(donors[derived.base], derived, recipient, adapter)
-        out[name] = existing
-    return out

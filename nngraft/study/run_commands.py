@@ -170,6 +170,7 @@ The P and F baselines (specs p and f) are always run too, for reference and reco
     p.add_argument("-o", "--output", help="write results.jsonl + manifest.json here (resumes if present)")
     p.add_argument("--batch-size", type=int, default=32,
                    help="rows (spec × prompt) per forward pass (default 32; lower it if memory runs out)")
+    add_backend_arg(p)
     p.add_argument("--answer-logprob", action="store_true",
                    help="also score the whole answer by teacher forcing: an answer_logprob column in the "
                         "results and the table")
@@ -177,6 +178,15 @@ The P and F baselines (specs p and f) are always run too, for reference and reco
                    help="print the summary as JSON on stdout instead of tables (for scripts)")
     p.add_argument("--k", type=positive_int_arg, default=100, help="top-k shown in the table (default 100)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
+def add_backend_arg(p: argparse.ArgumentParser, *, default: str | None = "local") -> None:
+    """``--backend``: where the forward passes run (``SweepConfig.backend``)."""
+    p.add_argument("--backend", choices=["local", "ndif", "ndif-local"], default=default,
+                   help="where the passes run: local (this process%s), ndif (P on NDIF, given as the Hub id "
+                        "it hosts; F travels as tensors; needs NDIF_API_KEY), ndif-local (the NDIF request round "
+                        "trip, served in this process: check a study before sending it)"
+                        % (", the default" if default == "local" else "; default: the config's 'backend'"))
 
 
 _DONOR_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_.-]*")
@@ -352,7 +362,8 @@ def cmd_run(args: argparse.Namespace) -> int:
         check_named_donors([GraftSpec.load(s) for s in specs], pair.get("donors", {}))
         output = Path(args.output) if args.output else Path(scratch)
         config = _validated({"name": "run", "models": [pair], "data": data, "specs": specs,
-                             "batch_size": args.batch_size, "answer_logprob": args.answer_logprob})
+                             "batch_size": args.batch_size, "answer_logprob": args.answer_logprob,
+                             "backend": args.backend})
         try:
             outcome = run_sweep(config, output=output, show_progress=not args.no_progress, console=console)
         except KeyboardInterrupt:
@@ -394,6 +405,7 @@ Rerunning the same command resumes: rows already in the results file are skipped
     p.add_argument("config", metavar="CONFIG.json", help="sweep config file")
     p.add_argument("-o", "--output", help="results directory (overrides the config's 'output')")
     p.add_argument("--plot", action="store_true", help="render the plots when the sweep is done")
+    add_backend_arg(p, default=None)
     p.add_argument("--k", type=positive_int_arg, default=100, help="top-k shown in the table and plots (default 100)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
 
@@ -405,7 +417,7 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     from .sweep import load_sweep_config, run_sweep
 
     passive_omp_reexec("sweep")
-    config = load_sweep_config(args.config)
+    config = load_sweep_config(args.config, **({"backend": args.backend} if args.backend else {}))
     try:
         outcome = run_sweep(config, output=args.output, show_progress=not args.no_progress, console=console)
     except KeyboardInterrupt:

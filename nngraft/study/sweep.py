@@ -159,6 +159,18 @@ class DataConfig(_Strict):
         return self
 
 
+def grafter_for(pair: Any, pair_cfg: ModelPair, config: "SweepConfig") -> Grafter:
+    """The Grafter of one loaded model pair on the config's backend (``local``, ``ndif``,
+    ``ndif-local``)."""
+    donor = pair.graft_donor or pair.donor
+    options: dict[str, Any] = dict(donors=pair.donors, batch_size=config.batch_size)
+    if config.backend == "local":
+        return Grafter(pair.recipient, donor, pair.tokenizer, **options)
+    if config.backend == "ndif-local":
+        return Grafter.remote(pair.recipient, donor, pair.tokenizer, execution="local", verbose=False, **options)
+    return Grafter.remote(pair_cfg.recipient, donor, pair.tokenizer, verbose=False, **options)
+
+
 class SweepConfig(_Strict):
     """One sweep (see the module docstring for the file format)."""
 
@@ -169,6 +181,9 @@ class SweepConfig(_Strict):
     specs: list[str] = Field(default_factory=list)
     lm_head: list[LmHeadMode] = Field(default_factory=lambda: ["never"])
     batch_size: int = Field(default=32, ge=1)
+    backend: Literal["local", "ndif", "ndif-local"] = Field(
+        default="local", description="where the passes run: local (this process), ndif (P on NDIF by its Hub "
+        "id; F travels as tensors), ndif-local (the NDIF request round trip, served in this process)")
     ks: list[int] = Field(default_factory=lambda: list(DEFAULT_KS))
     n_top: int = Field(default=10, ge=1)
     check_baselines: int = Field(default=8, ge=0)
@@ -183,6 +198,9 @@ class SweepConfig(_Strict):
         names = [m.name for m in self.models]
         if len(set(names)) != len(names):
             raise ValueError(f"model names must be unique; got {names}")
+        if self.backend == "ndif" and any(m.tiny for m in self.models):
+            raise ValueError("backend 'ndif' runs P on NDIF: give each recipient as the Hub id NDIF hosts, not "
+                             "'tiny' (use backend 'ndif-local' to check the remote path on a tiny model)")
         return self
 
     def path(self, value: str) -> Path:
@@ -196,8 +214,9 @@ class SweepConfig(_Strict):
 refuse_duplicate_keys(SweepConfig, SweepConfigError)  # SweepConfig.model_validate_json as load_sweep_config
 
 
-def load_sweep_config(path: str | Path) -> SweepConfig:
-    """Read and validate a sweep config file; relative paths resolve against its folder."""
+def load_sweep_config(path: str | Path, **overrides: Any) -> SweepConfig:
+    """Read and validate a sweep config file; relative paths resolve against its folder.
+    ``overrides``: fields the command line sets instead of the file (e.g. ``backend="ndif-local"``)."""
     from ..util.inputs import loads_json, read_text
 
     path = Path(path)
@@ -205,6 +224,7 @@ def load_sweep_config(path: str | Path) -> SweepConfig:
     if not isinstance(raw, dict):
         raise SweepConfigError(f"sweep config {path} must be a JSON object")
     raw["base_dir"] = str(path.parent)
+    raw.update(overrides)
     try:
         return SweepConfig.model_validate(raw)
     except ValidationError as error:
@@ -860,8 +880,7 @@ def run_sweep(config: SweepConfig, *, output: str | Path | None = None, show_pro
                 manifest["models"][pair.name] = pair.identity
                 write_manifest(results, manifest)
                 recorded = True
-                grafter = Grafter(pair.recipient, pair.graft_donor or pair.donor, pair.tokenizer,
-                                  donors=pair.donors, batch_size=config.batch_size)
+                grafter = grafter_for(pair, pair_cfg, config)
                 total = len(specs) * len(examples)
                 label = f"{pair.name}: {len(specs)} specs × {len(examples)} examples"
                 with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), Rate(),
