@@ -1,10 +1,12 @@
-"""Old import paths of nngraft 0.1's flat layout, kept working for one release.
+"""Old import paths of nngraft's former flat layout, and old argument orders, kept working for one release.
 
-nngraft 0.2 moved its modules into packages (``nngraft.plan`` is now :mod:`nngraft.compile.plan`,
+nngraft's modules moved into packages (``nngraft.plan`` is now :mod:`nngraft.compile.plan`,
 ``nngraft.donor`` is :mod:`nngraft.donors.donor`, ``nngraft.tiny`` is :mod:`nngraft.testing`, …:
 :data:`MOVED` lists them all). Importing an old path still works — it gives the very same module
 object as the new path — and warns with a :class:`DeprecationWarning` naming the new path. The old
-paths go away in the next release. All deprecated names of nngraft live in this one module.
+paths go away in the next release. :func:`warn_argument_order` is the warning of
+``Grafter.trace``'s old argument order (prompts first). All deprecations of nngraft live in this one
+module.
 
 Example:
     >>> import warnings
@@ -93,6 +95,14 @@ def _user_frame() -> int:
                 return level
         frame = frame.f_back
     return level
+
+
+def warn_argument_order(method: str, stacklevel: int) -> None:
+    """Warn that ``method`` was called in its old argument order, prompts first (it takes the
+    spec first now, as every Grafter method does)."""
+    warnings.warn(f"{method}(prompts, spec, ...) is deprecated and will stop working in the next release; every "
+                  f"Grafter method takes the spec first: {method.split('.')[-1]}(spec, prompts, spans=...)",
+                  DeprecationWarning, stacklevel=stacklevel)
 
 
 def install() -> None:

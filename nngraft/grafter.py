@@ -177,6 +177,7 @@ class Grafter:
     def plan(self, spec: SpecLike | Sequence[SpecLike], prompts: Sequence[str] | str,
              spans: Sequence[Mapping[str, SpanValue]] | None = None) -> GraftPlan:
         """Compile without running (to inspect with ``plan.summary()`` or check a spec fits)."""
+        spec, prompts = spec_first("plan", spec, prompts)
         tokenized = self.tokenize(prompts, spans, where="Grafter.plan")
         return compile_plan(per_row(spec, len(tokenized)), self.adapter, self.model.config, tokenized)
 
@@ -194,15 +195,18 @@ class Grafter:
         your own trace with :func:`nngraft.graft` (open it with ``model.trace(**compiled.inputs)``).
         Every module the spec names is grafted at its own output (MLP projections one by one), so
         every activation you read is the grafted one."""
+        spec, prompts = spec_first("compile", spec, prompts)
         tokenized = self.tokenize(prompts, spans)
         specs = per_row(spec, len(tokenized))
         plan = compile_plan(specs, self.adapter, self.model.config, tokenized, collapse_mlp=False)
         batch = pad_left([p.ids for p in tokenized], self.pad_id, self.device)
         return self.backend.compile_graft(self.setup, plan, batch, tokenized, [s.name for s in specs])
 
-    def trace(self, prompts: Sequence[str] | str, spec: SpecLike | Sequence[SpecLike],
+    def trace(self, spec: SpecLike | Sequence[SpecLike], prompts: Sequence[str] | str,
               spans: Sequence[Mapping[str, SpanValue]] | None = None, **kwargs: Any) -> Any:
-        """An nnsight trace of P on ``prompts`` with ``spec`` grafted (one spec, or one per prompt).
+        """An nnsight trace of P on ``prompts`` with ``spec`` grafted (one spec, or one per prompt);
+        the arguments in :meth:`run`'s order. (The former order, ``trace(prompts, spec)``, still
+        works for one release, with a :class:`DeprecationWarning`.)
 
         Inside, read and edit any module through :attr:`model_envoy` and ``.save()`` what you
         need, as in any nnsight trace; the graft runs first at every module (see
@@ -214,12 +218,13 @@ class Grafter:
             >>> g = Grafter(*tiny_pair("llama"))
             >>> lm = g.model_envoy
             >>> spec = GraftSpec(rules=[GraftRule(components=["all"], positions=[Last()])])
-            >>> with g.trace(["Ada Lovelace stars in"], spec):
+            >>> with g.trace(spec, ["Ada Lovelace stars in"]):
             ...     hidden = lm.model.layers[1].output.save()
             ...     logits = lm.lm_head.output.save()
             >>> bool(torch.allclose(logits[0, -1], g.run(spec, ["Ada Lovelace stars in"]).logits[0], atol=1e-5))
             True
         """
+        spec, prompts = spec_first("trace", spec, prompts, old_order=True)
         return self.open_trace(self.compile(spec, prompts, spans), **kwargs)
 
     def open_trace(self, compiled: CompiledGraft, **kwargs: Any) -> Any:
@@ -236,6 +241,7 @@ class Grafter:
         Each prompt's ``spans`` dict gives the text of the spans the spec names."""
         from .util import checks
 
+        spec, prompts = spec_first("run", spec, prompts)
         checks.flag("Grafter.run", "all_logits", all_logits)
         checks.positive_int("Grafter.run", "batch_size", batch_size, optional=True)
         tokenized = self.tokenize(prompts, spans, where="Grafter.run")
@@ -252,6 +258,7 @@ class Grafter:
         just finished."""
         from .util import checks
 
+        specs, prompts = spec_first("run_grid", specs, prompts)
         checks.positive_int("Grafter.run_grid", "batch_size", batch_size, optional=True)
         if progress is not None and not isinstance(progress, bool) and not callable(progress):
             raise checks.fail("Grafter.run_grid", "progress", "True, False, None or a callable", progress)
@@ -345,6 +352,7 @@ class Grafter:
         forced)`` steps then, and ``max_new_tokens`` is ignored."""
         from .util import checks
 
+        spec, prompts = spec_first("generate", spec, prompts)
         if forced is None:
             checks.positive_int("Grafter.generate", "max_new_tokens", max_new_tokens)
         elif not isinstance(forced, Sequence) or not forced or not all(
@@ -404,6 +412,37 @@ class RemoteGrafter(Grafter):
                       DeprecationWarning, stacklevel=2)
         super().__init__(recipient, donor, tokenizer, backend=NdifBackend(**options), adapter=adapter,
                          donors=donors, batch_size=batch_size)
+
+
+def is_spec_argument(value: Any) -> bool:
+    """Whether ``value`` can only be a spec argument, never prompts: a GraftSpec, a spec dict
+    (with ``"rules"``), or a non-empty list or name → spec dict of them."""
+    def one(v: Any) -> bool:
+        return isinstance(v, GraftSpec) or (isinstance(v, Mapping) and "rules" in v)
+
+    if one(value):
+        return True
+    if isinstance(value, Mapping):
+        return bool(value) and all(one(v) for v in value.values())
+    return isinstance(value, (list, tuple)) and bool(value) and all(one(v) for v in value)
+
+
+def spec_first(method: str, spec: Any, prompts: Any, *, old_order: bool = False) -> tuple[Any, Any]:
+    """``(spec, prompts)`` as ``Grafter.<method>(spec, prompts, spans)`` takes them: every method
+    takes the spec first. A spec where the prompts belong is the two swapped: for a method whose
+    old order was prompts first (``old_order``: ``trace``, for one release), a
+    :class:`DeprecationWarning` and the two put in order; otherwise an
+    :class:`~nngraft.errors.ArgumentError` saying so."""
+    if not is_spec_argument(prompts) or is_spec_argument(spec):
+        return spec, prompts
+    if old_order:
+        from . import deprecated
+
+        deprecated.warn_argument_order(f"Grafter.{method}", stacklevel=4)
+        return prompts, spec
+    raise ArgumentError(f"Grafter.{method}: the spec and the prompts are swapped (a spec was given where the "
+                        f"prompts belong); every Grafter method takes the spec first: "
+                        f"g.{method}(spec, prompts, spans)")
 
 
 def per_row(spec: SpecLike | Sequence[SpecLike], n: int) -> list[GraftSpec]:

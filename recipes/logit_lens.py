@@ -51,7 +51,7 @@ def last_token_lens(g: Any, spec: Any, prompts: Sequence[str], spans: Sequence[d
     for start in range(0, len(prompts), batch_size):
         chunk = slice(start, start + batch_size)
         with torch.no_grad():
-            with g.trace(prompts[chunk], spec, spans=spans[chunk]):
+            with g.trace(spec, prompts[chunk], spans=spans[chunk]):
                 hidden = nnsight.save([])
                 for layer in layers:
                     out = layer.output

@@ -711,7 +711,7 @@ def _trace_block(g, arch: str):
     output at the last token, halves it, saves layer 1's hidden states and the logits."""
     lm = g.model_envoy
     layers = lm.model.layers if arch == "llama" else lm.transformer.h
-    with g.trace(PROMPTS, SPEC, spans=SPANS):
+    with g.trace(SPEC, PROMPTS, spans=SPANS):
         mlp0 = layers[0].mlp.output[:, -1].clone().save()
         layers[0].mlp.output[:, -1] *= 0.5
         hidden = layers[1].output[0].save() if arch == "gpt2" else layers[1].output.save()
@@ -746,7 +746,7 @@ def test_remote_trace_refuses_the_grafter_inside_the_block(worker):
     P, F, tok, _, _ = models("llama")
     g = Grafter.remote(P, DenseDonor(F, dtype=torch.float32), tok, execution=worker.server("llama"), verbose=False)
     with pytest.raises(ServerEnvironmentError, match=r"the trace refers to the Grafter 'g'.*lm = g.model_envoy"):
-        with g.trace(PROMPTS, SPEC, spans=SPANS):
+        with g.trace(SPEC, PROMPTS, spans=SPANS):
             hidden = g.model_envoy.model.layers[1].output.save()  # noqa: F841
     with pytest.raises(RemoteGraftError, match=r"compiled by a local Grafter"):
         g.open_trace(Grafter(P, F, tok).compile(SPEC, PROMPTS, SPANS))

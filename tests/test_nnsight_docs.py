@@ -27,7 +27,7 @@ def test_nnsight_doc_examples_run_as_written(capsys):
     assert torch.allclose(namespace["out"], expected, atol=1e-5)
     assert not torch.allclose(namespace["logits"][:, -1], expected, atol=1e-3)  # the user zeroed an MLP output
     assert not torch.allclose(namespace["h_remote"], namespace["h"], atol=1e-4)  # h had the user's edit
-    with g.trace(prompts, spec, spans=spans):
+    with g.trace(spec, prompts, spans=spans):
         clean = g.model_envoy.model.layers[1].output.save()
     torch.testing.assert_close(namespace["h_remote"], clean, atol=2e-5, rtol=1e-4)
     lens = namespace["lens"]

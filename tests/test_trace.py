@@ -82,7 +82,7 @@ def traced(g: Grafter, specs, paths, body=None, prompts=PROMPTS, spans=SPANS):
     logits; ``body(lm)`` adds the user's interventions first."""
     lm = g.model_envoy
     saved = {}
-    with g.trace(prompts, specs, spans=spans):
+    with g.trace(specs, prompts, spans=spans):
         if body is not None:
             body(lm)
         for path in paths:

@@ -7,7 +7,7 @@ Two ways in, both ordinary nnsight:
    trace::
 
        lm = g.model_envoy
-       with g.trace(prompts, spec, spans=spans):
+       with g.trace(spec, prompts, spans=spans):
            h = lm.model.layers[1].output.save()           # hidden states under the graft
            lm.model.layers[1].mlp.output[:, -1] *= 0       # your own intervention
            logits = lm.lm_head.output.save()
