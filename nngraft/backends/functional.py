@@ -182,8 +182,10 @@ def apply_op(root: Any, op: dict, held: dict | None = None, slots: tuple = (None
     ys = []  # every donor output is computed before any cell is written (x may be the output itself)
     for source in op["sources"]:
         rows, cols = source["rows"].to(view.device), source["cols"].to(view.device)
-        ys.append(donor_output(op["kind"], source, op["const"], x[rows.to(x.device), cols.to(x.device)],
-                               view[rows, cols]))
+        # x's cells on the module's device: the request's input_ids stay on the CPU, and on a
+        # model split over devices a module's input may still be on the previous module's device
+        cells = x[rows.to(x.device), cols.to(x.device)].to(view.device)
+        ys.append(donor_output(op["kind"], source, op["const"], cells, view[rows, cols]))
     for source, y in zip(op["sources"], ys):
         for part in source["parts"]:
             piece = y if part["select"] is None else y[part["select"].to(y.device)]

@@ -171,6 +171,7 @@ def replaced_output(envoy: Any, x: torch.Tensor, grafts: list[ModuleGraft],
     scratch buffer, read back with one gather; any other module's groups are scattered into its
     output)."""
     module = envoy._module
+    x = on_module_device(module, x)
     axis = grafts[0].token_axis
     xt = x.movedim(axis, 1) if axis != 1 else x
     batch, width = xt.shape[0], xt.shape[1]
@@ -205,6 +206,16 @@ def replaced_output(envoy: Any, x: torch.Tensor, grafts: list[ModuleGraft],
                 out.index_copy_(0, layout.order[start:stop], y)
     out = out.view(batch, width, *out.shape[1:])
     return out.movedim(1, axis).contiguous() if axis != 1 else out
+
+
+def on_module_device(module: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """``x`` on the device of ``module``'s weights. A graft replaces the module's call, and with
+    it the hook that a model split over devices (accelerate's ``device_map``) runs first to move
+    the input to the module's device: the input may still be on the previous module's device."""
+    weight = next(module.parameters(), None)
+    if weight is None or weight.device == x.device or weight.is_meta:
+        return x
+    return x.to(weight.device)
 
 
 @dataclass
@@ -277,6 +288,7 @@ class Layouts:
     def get(self, grafts: list[ModuleGraft], n_cells: int, width: int, device: Any) -> Layout:
         last = self._last
         if (last is not None and last[1] == n_cells and last[2] == width and len(last[0]) == len(grafts)
+                and last[3].order.device == torch.device(device)  # a model split over devices
                 and all(_same_cells(a, b) for a, b in zip(last[0], grafts))):
             return last[3]
         layout = _layout(grafts, n_cells, width, device)

@@ -108,7 +108,7 @@ class PartialDonor:
         deltas = {q: self._deltas(q, get_module(self.recipient, q)) for q in paths}
         flat = torch.cat([d.reshape(-1) for group in deltas.values() for _, d in group.values()])
         k = max(1, math.ceil(flat.numel() * self.selection.top_percent / 100))
-        keep = torch.zeros(flat.numel(), dtype=torch.bool)
+        keep = torch.zeros(flat.numel(), dtype=torch.bool, device=flat.device)
         keep[flat.abs().topk(k).indices] = True
         out, offset = {}, 0
         for q, group in deltas.items():
@@ -135,7 +135,7 @@ class PartialDonor:
         out_dim, in_dim = (1, 0) if transposed else (0, 1)
         dim = out_dim if kind == "rows" else in_dim
         index = _checked(index, delta.shape[dim], path, name)
-        mask.index_fill_(dim, torch.tensor(index), 1)
+        mask.index_fill_(dim, torch.tensor(index, device=mask.device), 1)
         return mask
 
     def _heads_or_neurons(self, path: str, component: str, kind: str, index: list[int]) -> tuple[str, list[int]]:

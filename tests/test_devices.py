@@ -1,0 +1,132 @@
+"""Device placement: with P on a GPU, or split over two GPUs the way ``device_map="auto"`` splits
+it, every tensor nngraft makes, reuses or ships follows the device of the module it feeds.
+
+No GPU here: tests/virtual_devices.py gives virtual ``cuda:0`` / ``cuda:1`` tensors computed on the
+CPU that raise torch's own device-mismatch error when an op mixes devices (what they cover and do
+not: that module's docstring). Every architecture × donor kind (a loaded F, a lazy safetensors
+folder, a PEFT LoRA adapter; remotely dense, delta and LoRA through the in-process NDIF stand-in)
+× spec family (embed, everything, lm_head, q, k, v, o, mlp, parameter-level) runs on one device and
+on two, and must give the CPU run's logits.
+"""
+
+from __future__ import annotations
+
+import copy
+from functools import lru_cache
+
+import pytest
+import torch
+
+from nngraft import GraftSpec, Grafter
+from nngraft.arch import adapter_for
+from nngraft.delta import DeltaDonor, DenseDonor, LoraDonor
+from nngraft.testing import TINY_MODEL_TYPES, tiny_pair
+
+from .virtual_devices import VTensor, devices_of, dispatch, on_one_device, split_map, virtual_devices
+
+PROMPTS = ["Ada Lovelace stars in a movie alongside", "Q: Who stars in a movie with Grace Hopper? A:"]
+SPANS = [{"first_actor": "Ada Lovelace"}, {"first_actor": "Grace Hopper"}]
+FE_LT = [{"span": "first_actor"}, {"last": True}]
+
+
+def spec(name: str, components: list[str], **rule) -> GraftSpec:
+    return GraftSpec.model_validate({"schema_version": "1", "name": name, "rules": [
+        {"components": components, "layers": "all", "positions": FE_LT, **rule}]})
+
+
+SPECS = [spec("embed", ["embed"]), spec("everything", ["everything"]), spec("lm_head", ["lm_head"]),
+         *(spec(c, [c]) for c in ("q", "k", "v", "o")), spec("mlp", ["mlp"]),
+         spec("mlp_top5", ["mlp"], weights={"top_percent": 5}), spec("o_rank2", ["o"], weights={"rank": 2}),
+         spec("o_heads", ["o"], weights={"heads": [1]}), spec("mlp_neurons", ["mlp"], weights={"neurons": [3, 7]})]
+LOCAL_DONORS = ("model", "safetensors", "lora")
+REMOTE_DONORS = ("remote-dense", "remote-delta", "remote-lora")
+
+
+@lru_cache(maxsize=None)
+def lora_folder(arch: str, root: str) -> str:
+    from pathlib import Path
+
+    from peft import LoraConfig, get_peft_model
+
+    P, _, _ = tiny_pair(arch)
+    kinds = (torch.nn.Linear, torch.nn.Embedding)
+    targets = [n for n, m in P.named_modules() if (isinstance(m, kinds) or type(m).__name__ == "Conv1D")
+               and not n.endswith("lm_head") and "wpe" not in n and "embed_positions" not in n]
+    model = get_peft_model(copy.deepcopy(P), LoraConfig(init_lora_weights=False, r=2, target_modules=targets))
+    folder = Path(root) / f"lora-{arch}"
+    model.save_pretrained(folder)
+    return str(folder)
+
+
+def grafter(arch: str, kind: str, P, F, tok, root: str) -> Grafter:
+    """A Grafter of P with donor ``kind`` (F on the CPU: nngraft moves what it needs)."""
+    from pathlib import Path
+
+    if kind == "model":
+        return Grafter(P, F, tok)
+    if kind == "safetensors":
+        folder = Path(root) / f"F-{arch}"
+        if not folder.exists():
+            F.save_pretrained(folder)
+        return Grafter(P, str(folder), tok)
+    if kind == "lora":
+        return Grafter(P, LoraDonor(lora_folder(arch, root)), tok)
+    donor = {"remote-dense": lambda: DenseDonor(F), "remote-delta": lambda: DeltaDonor(F, tiny_pair(arch)[0]),
+             "remote-lora": lambda: LoraDonor(lora_folder(arch, root))}[kind]()
+    return Grafter.remote(P, donor, tok, execution="local", verbose=False)
+
+
+@pytest.fixture
+def server_in_thread(monkeypatch):
+    """The in-process NDIF stand-in runs requests on a worker thread: give it virtual devices too
+    (a dispatch mode is per thread; a GPU needs nothing of the kind)."""
+    from nngraft.backends.ndif import InProcessServer
+
+    execute = InProcessServer._execute
+
+    def run(self, metadata, blob):
+        with virtual_devices():
+            return execute(self, metadata, blob)
+    monkeypatch.setattr(InProcessServer, "_execute", run)
+
+
+@pytest.fixture(scope="module")
+def root(tmp_path_factory):
+    return str(tmp_path_factory.mktemp("devices"))
+
+
+def specs_for(kind: str) -> list[GraftSpec]:
+    """Dense F tensors alone cannot give ΔW remotely (P's weights stay on the server): no
+    parameter-level grafts for that donor (refused, with an error, on any device)."""
+    return [s for s in SPECS if kind != "remote-dense" or s.rules[0].weights is None]
+
+
+@lru_cache(maxsize=None)
+def cpu_logits(arch: str, kind: str, root: str) -> dict[str, torch.Tensor]:
+    P, F, tok = tiny_pair(arch)
+    g = grafter(arch, kind, P, F, tok, root)
+    return {name: r.logits for name, r in g.run_grid(specs_for(kind), PROMPTS, SPANS).items()}
+
+
+def run_on(arch: str, kind: str, devices: int, root: str) -> dict[str, torch.Tensor]:
+    P, F, tok = tiny_pair(arch)
+    with virtual_devices():
+        if devices == 1:
+            on_one_device(P)
+        else:
+            adapter = adapter_for(P)
+            dispatch(P, split_map(P, adapter.layers_path, adapter.n_layers(P.config), devices))
+        assert devices_of(P) == {torch.device("cuda", i) for i in range(devices)}
+        g = grafter(arch, kind, P, F, tok, root)
+        out = g.run_grid(specs_for(kind), PROMPTS, SPANS)
+        return {name: r.logits.cpu() for name, r in out.items()}
+
+
+@pytest.mark.parametrize("devices", [1, 2])
+@pytest.mark.parametrize("kind", LOCAL_DONORS + REMOTE_DONORS)
+@pytest.mark.parametrize("arch", TINY_MODEL_TYPES)
+def test_every_spec_family_on_virtual_gpus_gives_the_cpu_logits(arch, kind, devices, root, server_in_thread):
+    expected = cpu_logits(arch, kind, root)
+    got = run_on(arch, kind, devices, root)
+    for name in expected:
+        torch.testing.assert_close(got[name], expected[name], atol=1e-5, rtol=1e-5, msg=lambda m: f"{name}: {m}")
