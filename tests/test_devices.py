@@ -19,7 +19,7 @@ import torch
 
 from nngraft import GraftSpec, Grafter
 from nngraft.arch import adapter_for
-from nngraft.delta import DeltaDonor, DenseDonor, LoraDonor
+from nngraft.donors.delta import DeltaDonor, DenseDonor, LoraDonor
 from nngraft.testing import TINY_MODEL_TYPES, tiny_pair
 
 from .virtual_devices import VTensor, devices_of, dispatch, on_one_device, split_map, virtual_devices
