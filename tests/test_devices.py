@@ -30,8 +30,8 @@ FE_LT = [{"span": "first_actor"}, {"last": True}]
 
 
 def spec(name: str, components: list[str], **rule) -> GraftSpec:
-    return GraftSpec.model_validate({"schema_version": "1", "name": name, "rules": [
-        {"components": components, "layers": "all", "positions": FE_LT, **rule}]})
+    rule = {"layers": "all", "positions": FE_LT, **rule}
+    return GraftSpec.model_validate({"schema_version": "1", "name": name, "rules": [{"components": components, **rule}]})
 
 
 SPECS = [spec("embed", ["embed"]), spec("everything", ["everything"]), spec("lm_head", ["lm_head"]),
@@ -130,3 +130,31 @@ def test_every_spec_family_on_virtual_gpus_gives_the_cpu_logits(arch, kind, devi
     got = run_on(arch, kind, devices, root)
     for name in expected:
         torch.testing.assert_close(got[name], expected[name], atol=1e-5, rtol=1e-5, msg=lambda m: f"{name}: {m}")
+
+
+def test_bfloat16_p_split_over_two_gpus_reads_only_the_grafted_modules_of_a_lazy_f(root):
+    """P in bfloat16 with ``device_map`` over two GPUs, F a safetensors folder in float32: F's
+    tensors are read only for the grafted modules, cast to bfloat16 and put on the device of the
+    P module they replace; the logits are the CPU bfloat16 run's."""
+    from pathlib import Path
+
+    arch = "llama"
+    P, F, tok = tiny_pair(arch, n_layers=4)
+    folder = Path(root) / "F-bf16"
+    F.save_pretrained(folder)
+    lt_mlps = spec("lt_mlps", ["mlp"], positions=[{"last": True}], layers="last:2")
+    expected = Grafter(copy.deepcopy(P).to(torch.bfloat16), str(folder), tok).run(lt_mlps, PROMPTS, SPANS).logits
+    P = P.to(torch.bfloat16)
+    with virtual_devices():
+        adapter = adapter_for(P)
+        device_map = split_map(P, adapter.layers_path, adapter.n_layers(P.config), 2)
+        dispatch(P, device_map)
+        g = Grafter(P, str(folder), tok)
+        got = g.run(lt_mlps, PROMPTS, SPANS).logits
+        donor = g.backend.donors["default"]
+        read = {path: {name: (t.device, t.dtype) for name, t in params.items()} for path, params in donor._cache.items()}
+    torch.testing.assert_close(got.cpu(), expected, atol=0, rtol=0)
+    assert device_map["model.layers.2"] == device_map["model.layers.3"] == 1
+    assert sorted(read) == ["model.layers.2.mlp", "model.layers.3.mlp"]  # the MLP grafted as one module
+    assert all(sorted(params) == ["down_proj.weight", "gate_proj.weight", "up_proj.weight"] for params in read.values())
+    assert {v for params in read.values() for v in params.values()} == {(torch.device("cuda", 1), torch.bfloat16)}
