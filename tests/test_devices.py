@@ -151,7 +151,7 @@ def test_bfloat16_p_split_over_two_gpus_reads_only_the_grafted_modules_of_a_lazy
         dispatch(P, device_map)
         g = Grafter(P, str(folder), tok)
         got = g.run(lt_mlps, PROMPTS, SPANS).logits
-        donor = g.backend.donors["default"]
+        donor = g.donors["default"]
         read = {path: {name: (t.device, t.dtype) for name, t in params.items()} for path, params in donor._cache.items()}
     torch.testing.assert_close(got.cpu(), expected, atol=0, rtol=0)
     assert device_map["model.layers.2"] == device_map["model.layers.3"] == 1
