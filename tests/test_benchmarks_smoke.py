@@ -17,7 +17,7 @@ import torch
 from benchmarks.baselines import graft_paths, paper_method, per_token_inplace
 from benchmarks.report import BEGIN, END, HEADING, render, update_docs
 from nngraft.arch import adapter_for
-from nngraft.testing import tiny_pair
+from nngraft.testing import tiny_pair, tiny_tokenizer
 
 from .reference import component_swaps, per_token_reference
 
@@ -98,11 +98,22 @@ def test_benchmark_specific_numbers(smoke_results):
     frac = {row["variant"]: row["FLOP fraction"] for row in r["bench_overhead"]["rows"]}
     assert 0 < frac["MLPs of the last 4 layers @ last token"] < 0.1
     assert 0.3 < frac["all MLPs @ all positions"] < 1
-    # MLP FLOPs over all positions, computed by hand for the tiny Llama (hidden 32, MLP 64, 8
-    # layers, vocabulary V): 3 matrices of 32×64 per layer vs attention (q, o: 32×32; k, v: 32×16)
-    # + eager attention mixing + the LM head on the last position.
+    # matmul FLOPs computed by hand for the tiny Llama (hidden 32, MLP 64, 8 layers, 4 heads of 8
+    # features, 2 key/value heads, vocabulary V); a matmul of (m×k)·(k×n) is 2·m·k·n FLOPs:
+    # per layer, on B·T token rows, q and o (32×32), k and v (32×16), gate, up and down (32×64),
+    # plus eager attention's scores and mixing (2 × B·heads·T·T·8); then the LM head (32×V) on
+    # the last position only (logits_to_keep=1).
     cfg = r["bench_overhead"]["config"]
-    assert cfg["plain_matmul_flops"] > 0
+    B, T, H, I, heads, hd, kv, n_layers = cfg["batch"], cfg["length"], 32, 64, 4, 8, 16, 8
+    V = len(tiny_tokenizer("llama"))
+    mlp = 2 * B * T * 3 * H * I
+    per_layer = 2 * B * T * (H * H + 2 * H * kv + H * H) + mlp + 2 * (2 * B * heads * T * T * hd)
+    by_hand = n_layers * per_layer + 2 * B * H * V
+    assert (B, T) == (4, 20) and by_hand == 13_520_896  # the numbers the smoke run uses
+    assert cfg["plain_matmul_flops"] == by_hand
+    # the FLOP fractions follow: every MLP at every cell, and 4 MLPs at 1 of T cells per prompt
+    assert frac["all MLPs @ all positions"] == pytest.approx(n_layers * mlp / by_hand, rel=1e-12)
+    assert frac["MLPs of the last 4 layers @ last token"] == pytest.approx(4 * mlp / T / by_hand, rel=1e-12)
     # a graft replaces P's computation at its cells: every grafted forward does a plain one's matmuls
     assert set(cfg["grafted_matmul_flops"]) == {"MLPs of the last 4 layers @ last token", "all MLPs @ all positions",
                                                 "q, k, v, o (all layers) @ entity tokens"}
