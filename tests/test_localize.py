@@ -375,7 +375,8 @@ def tiny():
 @pytest.mark.parametrize("kwargs, message", [
     ({"target": 0.0}, "target must be a recovery in (0, 1]"),
     ({"target": 1.5}, "target must be a recovery in (0, 1]"),
-    ({"metric": "rank"}, "unknown metric 'rank'; use one of prob, logprob, top1"),
+    ({"metric": "nope"}, "unknown metric 'nope'; known: prob, logprob, rank"),
+    ({"metric": "kl_f_graft"}, "metric 'kl_f_graft' cannot steer a search"),
     ({"targets": "donor"}, "unknown targets 'donor'"),
     ({"holdout": 1.0}, "holdout is a fraction of the facts in [0, 1)"),
     ({"spans": ["movie_title"]}, "example 'f0/t' has no span ['movie_title']"),

@@ -40,7 +40,7 @@ import math
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Literal, Sequence
+from typing import Any, Sequence
 
 import numpy as np
 import torch
@@ -51,17 +51,33 @@ from ..result import target_token_id
 from ..spec import (COMPONENT_GROUPS, GLOBAL_COMPONENTS, LAYER_COMPONENTS, All, GraftRule, GraftSpec, Last, Not,
                     Span)
 from .examples import TestExample
+from .metric_registry import Metric as RegisteredMetric
+from .metric_registry import MetricError, MetricInputs, get_metric
 from .metrics import MIN_GAP, Estimate, recovery, score_logits
 
 FORMAT_VERSION = 1
 
-Metric = Literal["prob", "logprob", "top1"]
-METRICS: dict[str, str] = {
-    "prob": "mean target probability",
-    "logprob": "mean target log-probability",
-    "top1": "top-1 accuracy",
-}
-"""Per-example metrics whose recovery the search targets (averaged per fact, then over facts)."""
+Metric = str
+"""A per-example metric whose recovery the search targets (averaged per fact, then over facts): any
+registered metric (:mod:`.metric_registry`) that needs no baselines: ``prob`` (default), ``logprob``,
+``top1`` (= ``top_1``), ``rank``, or your own."""
+
+
+def search_metric(name: str) -> RegisteredMetric:
+    """The registered metric ``name`` (``top1`` = ``top_1``), if the search can use it."""
+    try:
+        metric = get_metric(name)
+    except MetricError as error:
+        raise LocalizeError(str(error)) from None
+    if metric.fn is None or metric.baselines:
+        raise LocalizeError(f"metric {name!r} cannot steer a search (it is not computed from the grafted model's "
+                            "logits alone); use prob, logprob or top1")
+    return metric
+
+
+def metric_label(name: str) -> str:
+    """How texts name the search's metric, e.g. 'mean target probability'."""
+    return search_metric(name).mean_label
 
 TARGET_MODES = ("answer", "donor_top1")
 SCREENS = ("exhaustive", "attribution")
@@ -346,7 +362,7 @@ class LocalizeResult:
         lines = [f"found {len(self.units)} of {self.universe_units} units, recovery {rec.mean:.3f}"
                  + (f" [{rec.low:.3f}, {rec.high:.3f}]" if rec.method == "bootstrap" and not math.isnan(rec.low)
                     else "")
-                 + f" of {METRICS[self.settings['metric']]} (target {self.settings['target']:g})"]
+                 + f" of {metric_label(self.settings['metric'])} (target {self.settings['target']:g})"]
         if self.heldout_recovery is not None:
             h = self.heldout_recovery
             lines.append(f"held-out facts ({h.n}): recovery {_r(h.mean)}"
@@ -369,8 +385,7 @@ class LocalizeResult:
 def _check_args(target: float, metric: str, targets: Any, holdout: float, min_gap: float) -> None:
     if not (isinstance(target, (int, float)) and 0.0 < target <= 1.0):
         raise LocalizeError(f"target must be a recovery in (0, 1], e.g. 0.9; got {target!r}")
-    if metric not in METRICS:
-        raise LocalizeError(f"unknown metric {metric!r}; use one of {', '.join(METRICS)}")
+    search_metric(metric)
     if isinstance(targets, str) and targets not in TARGET_MODES:
         raise LocalizeError(f"unknown targets {targets!r}; use 'answer' (first token of each answer), "
                             "'donor_top1' (F's greedy next token) or a list of token ids")
@@ -417,11 +432,11 @@ def split_facts(fact_ids: Sequence[str], holdout: float, seed: int) -> tuple[lis
 
 
 def per_fact_metric(logits: torch.Tensor, target_ids: Any, fact_ids: Sequence[str], metric: str) -> np.ndarray:
-    """Per-fact means (facts in sorted order) of ``metric`` (prob, logprob or top1) of each row's
-    target token."""
-    scores = score_logits(logits, torch.as_tensor(np.asarray(target_ids)), ks=(1,), n_top=1)
-    per_example = {"prob": scores.prob, "logprob": scores.logprob,
-                   "top1": scores.hits[1].float()}[metric].double().numpy()
+    """Per-fact means (facts in sorted order) of ``metric`` (prob, logprob, top1, …: :func:`search_metric`)
+    of each row's target token."""
+    ids = torch.as_tensor(np.asarray(target_ids), dtype=torch.long).reshape(-1)
+    values = search_metric(metric)(logits.detach().float().cpu(), MetricInputs(ids))
+    per_example = values.detach().double().numpy()
     names, inverse = np.unique(np.asarray(list(fact_ids), dtype=object).astype(str), return_inverse=True)
     sums = np.bincount(inverse, weights=per_example, minlength=len(names))
     counts = np.bincount(inverse, minlength=len(names))
@@ -579,7 +594,7 @@ class _Search:
         gap = f_mean - p_mean
         if abs(gap) < self.min_gap:
             raise LocalizeError(
-                f"F ≈ P on {METRICS[self.metric]}: P = {p_mean:.4f}, F = {f_mean:.4f} (|F − P| = {abs(gap):.4f} "
+                f"F ≈ P on {metric_label(self.metric)}: P = {p_mean:.4f}, F = {f_mean:.4f} (|F − P| = {abs(gap):.4f} "
                 f"< min_gap {self.min_gap:g}), so recovery means nothing and there is nothing to localize. "
                 "Check that F was finetuned on these facts; or try targets='donor_top1', metric='logprob', "
                 "or a smaller min_gap")
@@ -874,7 +889,7 @@ def localize(grafter: Grafter, examples: Sequence[TestExample], *, target: float
                          log=bar.console.print, progress=bar)
         bar.console.print(f"[bold]nngraft localize[/bold]: {len(search_facts)} facts ({len(search_idx)} examples)"
                           + (f", {len(held_facts)} held out" if held_facts else "")
-                          + f"; groups {search.groups}; target recovery {target:g} of {METRICS[metric]}")
+                          + f"; groups {search.groups}; target recovery {target:g} of {metric_label(metric)}")
         baselines = search.baselines()
         if screen == "attribution":
             search.screen(screen_steps)
@@ -896,7 +911,7 @@ def localize(grafter: Grafter, examples: Sequence[TestExample], *, target: float
     values = search.cache[final][0]
     est = recovery(values, search.p_values, search.f_values, min_gap=min_gap, seed=seed)
     description = (f"found by nngraft localize: {len(units)} units, recovery {est.mean:.3f} of "
-                   f"{METRICS[metric]} (target {target:g}, targets={search.targets_mode}) over "
+                   f"{metric_label(metric)} (target {target:g}, targets={search.targets_mode}) over "
                    f"{len(search_facts)} facts")
     spec = units_to_spec(units, spans, n_layers=search.n_layers, name=name, description=description,
                          groups=search.spec_groups)

@@ -101,8 +101,9 @@ def add_search_args(p: argparse.ArgumentParser) -> None:
     s = p.add_argument_group("search")
     s.add_argument("--target", type=float, default=0.9,
                    help="recovery to reach, in (0, 1]: (G − P) / (F − P) of the metric (default 0.9)")
-    s.add_argument("--metric", choices=["prob", "logprob", "top1"], default=None,
-                   help="per-example metric: target probability (default), log-probability or top-1 accuracy")
+    s.add_argument("--metric", default=None, metavar="NAME",
+                   help="per-example metric: prob (target probability, default), logprob, top1, rank, or another "
+                        "registered metric that needs no baselines (see docs/study.md)")
     s.add_argument("--targets", choices=["answer", "donor_top1"], default=None,
                    help="first token of each answer (default), or F's own greedy next token")
     s.add_argument("--span", action="append", metavar="NAME",

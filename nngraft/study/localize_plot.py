@@ -26,8 +26,16 @@ from pathlib import Path
 from typing import Any, Mapping
 
 from ..util.io import atomic_save_figure
+from .metric_registry import MetricError, get_metric
 
-_METRIC = {"prob": "mean target probability", "logprob": "mean target log-prob", "top1": "top-1 accuracy"}
+
+def _metric_label(name: str) -> str:
+    """The search metric's name in axis labels (a metric this process does not know: its name)."""
+    try:
+        return get_metric(name).mean_label
+    except MetricError:
+        return name
+
 _CLIP = (-0.6, 1.6)
 _MAX_LABELLED = 30
 """Up to this many units, the curve's ticks name each added unit; beyond, they count units."""
@@ -53,7 +61,7 @@ def _comparison_panel(ax: Any, comparison: list[Mapping[str, Any]], settings: Ma
     top = max([1.0] + [r for r in recs if not math.isnan(r)])
     low = min([0.0] + [r for r in recs if not math.isnan(r)])
     ax.set_ylim(low - 0.1, top + 0.25)
-    metric = _METRIC.get(settings["metric"], settings["metric"])
+    metric = _metric_label(settings["metric"])
     for xi, c, r in zip(x, comparison, recs):
         label = f"{_num(c['value']):.3g}" + ("" if math.isnan(r) else f"\nrec {r:.2f}")
         ax.text(xi, max(r, 0.0) + 0.02 if not math.isnan(r) else 0.02, label, ha="center", va="bottom", fontsize=7)
@@ -96,7 +104,7 @@ def plot_localize(data: Mapping[str, Any], path: str | Path, *, dpi: int = 150) 
     ax.plot(xs, [_num(s["recovery"]) for s in steps], "o-", color="#1f77b4", zorder=3, label="kept set")
     ax.axhline(target, color="#d62728", linestyle="--", linewidth=1, label=f"target {target:g}")
     ax.set_ylim(_CLIP[0] - 0.05, _CLIP[1] + 0.05)
-    ax.set_ylabel(f"recovery of {_METRIC.get(settings['metric'], settings['metric'])}\n(0 = P, 1 = F)", fontsize=9)
+    ax.set_ylabel(f"recovery of {_metric_label(settings['metric'])}\n(0 = P, 1 = F)", fontsize=9)
     ax.set_xticks(xs)
     ax.set_xticklabels([f"{s['stage']}\n{s['kind']}" for s in steps], rotation=60, ha="right",
                        fontsize=7 if len(steps) <= 16 else 6)

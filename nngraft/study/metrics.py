@@ -47,8 +47,7 @@ from typing import Any, Iterable, Mapping, Sequence
 import numpy as np
 import torch
 
-DEFAULT_KS: tuple[int, ...] = (1, 5, 10, 100)
-"""The top-k cut-offs stored with every row (the paper's figures used k = 100)."""
+from .metric_registry import DEFAULT_KS, stored_metrics
 
 CI_LEVEL = 0.95
 N_BOOTSTRAP = 2000
@@ -360,14 +359,9 @@ class Aggregate:
 
 
 def metric_columns(rows: Sequence[Mapping[str, Any]]) -> list[str]:
-    """The metrics present in ``rows``: prob, logprob, rank and every stored ``top_k`` hit column."""
-    if not rows:
-        return []
-    first = rows[0]
-    cols = [c for c in ("prob", "logprob", "rank") if c in first]
-    tops = sorted((c for c in first if c.startswith("top_") and c[4:].isdigit()), key=lambda c: int(c[4:]))
-    extra = [c for c in ("logit_diff", "kl_f_graft", "kl_graft_p", "answer_logprob") if c in first]
-    return cols + tops + extra
+    """The registered metrics (:mod:`.metric_registry`) present in ``rows``: prob, logprob, rank,
+    every stored ``top_k`` hit column, then the others in registration order."""
+    return [m.name for m in stored_metrics(rows[0])] if rows else []
 
 
 def aggregate(rows: Sequence[Mapping[str, Any]], *, by: Sequence[str] = GROUP_KEYS,

@@ -183,10 +183,14 @@ def _recovery_errors(aggs: Sequence[Aggregate]) -> tuple[list[float], list[list[
 
 
 def bar_chart(aggs: Sequence[Aggregate], *, title: str, k: int, stem: Path,
-              formats: Sequence[str] = ("png", "svg"), categories: Mapping[str, str] | None = None) -> list[Path]:
+              formats: Sequence[str] = ("png", "svg"), categories: Mapping[str, str] | None = None,
+              metrics: Sequence[str] = ()) -> list[Path]:
     """Mean probability, top-1 and top-k accuracy bars (with CI error bars) for one group of specs,
-    and their recovery (G − P) / (F − P) when the P and F baselines are there; a legend names the
-    bar colours (``categories``: a spec's colour group, overriding :func:`category`)."""
+    a panel for each of ``metrics`` (registered metric names, :mod:`.metric_registry`), and their
+    recovery (G − P) / (F − P) when the P and F baselines are there; a legend names the bar
+    colours (``categories``: a spec's colour group, overriding :func:`category`)."""
+    from .metric_registry import get_metric
+
     import matplotlib
 
     matplotlib.use("Agg")
@@ -196,11 +200,12 @@ def bar_chart(aggs: Sequence[Aggregate], *, title: str, k: int, stem: Path,
     labels = [display_name(n) for n in names]
     cats = [categories.get(n, category(n)) if categories else category(n) for n in names]
     colors = [_COLORS[c] for c in cats]
-    panels = [("prob", "mean target probability")]
+    panels = [("prob", get_metric("prob").mean_label)]
     if "top_1" in aggs[0].metrics:
-        panels.append(("top_1", "top-1 accuracy"))
+        panels.append(("top_1", get_metric("top_1").mean_label))
     if f"top_{k}" in aggs[0].metrics and k != 1:
-        panels.append((f"top_{k}", f"top-{k} accuracy\n(target in the {k} most likely)"))
+        panels.append((f"top_{k}", f"{get_metric(f'top_{k}').mean_label}\n(target in the {k} most likely)"))
+    panels += [(m, get_metric(m).mean_label) for m in metrics if m in aggs[0].metrics and m not in dict(panels)]
     if any(a.recovery is not None and not math.isnan(a.recovery.mean) for a in aggs):
         panels.append(("recovery", "recovery (G − P) / (F − P)\nof mean target prob."))
     width = max(6.0, 0.55 * len(names) + 1.5)
@@ -219,7 +224,7 @@ def bar_chart(aggs: Sequence[Aggregate], *, title: str, k: int, stem: Path,
             ax.set_ylim(min(-0.1, min(finite) - 0.1), max(tops) + 0.15)
             ax.axhline(0.0, color="black", linewidth=0.6)
             ax.axhline(1.0, color="#7f7f7f", linewidth=0.8, linestyle="--")
-        else:
+        elif get_metric(metric).unit_interval:
             ax.set_ylim(0, 1.12)
         ax.grid(axis="y", alpha=0.3)
         for xi, m, up in zip(x, means, err[1]):
@@ -227,7 +232,8 @@ def bar_chart(aggs: Sequence[Aggregate], *, title: str, k: int, stem: Path,
                 if metric == "recovery":
                     ax.text(xi, 0.02, "n/a", ha="center", va="bottom", fontsize=7, color="#7f7f7f")
                 continue
-            top = m + up if metric == "recovery" else min(m + up, 1.0)  # above its error bar, never on it
+            bounded = metric != "recovery" and get_metric(metric).unit_interval
+            top = min(m + up, 1.0) if bounded else m + up  # above its error bar, never on it
             ax.text(xi, max(top, 0.0) + 0.015, f"{m:.2f}", ha="center", va="bottom", fontsize=7)
     axes[-1].set_xticks(x)
     axes[-1].set_xticklabels(labels, rotation=45, ha="right", fontsize=9)
@@ -349,9 +355,12 @@ def chosen_specs(names: Sequence[str], available: Sequence[str], manifest_specs:
 
 def plot_results(results: str | Path, out_dir: str | Path | None = None, *, k: int = 100,
                  formats: Sequence[str] = ("png", "svg"), method: str = "bootstrap",
-                 specs: Sequence[str] | None = None) -> list[Path]:
+                 specs: Sequence[str] | None = None, metrics: Sequence[str] = ()) -> list[Path]:
     """Render every bar chart and heatmap for a results file (or directory) into ``out_dir``
     (default: ``plots/`` beside the results). Returns the written paths (figures + CSV).
+
+    ``metrics``: a bar-chart panel for each of these registered metrics (e.g. ``logit_diff``),
+    besides probability, top-1, top-k and recovery; each must be a column of the results.
 
     ``k`` picks the top-k accuracy panel (a ``top_k`` column must be in the results; the largest
     stored k is used when it is not). ``specs``: draw one bar chart per model × template with just
@@ -364,6 +373,7 @@ def plot_results(results: str | Path, out_dir: str | Path | None = None, *, k: i
 
         raise ResultsError(f"{path} has no rows to plot")
     check_rows(rows, path)
+    panels = [_stored_metric(m, rows, path) for m in metrics]
     manifest = load_manifest(path)
     spec_json = {name: info.get("spec", {}) for name, info in manifest.get("specs", {}).items()}
     roles = {name: info.get("role") for name, info in manifest.get("specs", {}).items()}
@@ -374,7 +384,7 @@ def plot_results(results: str | Path, out_dir: str | Path | None = None, *, k: i
         k = stored[-1]
     out = Path(out_dir) if out_dir is not None else path.parent / "plots"
     with output_folder(out, "plot", flag="-o", ours=_plots_of_before) as out:
-        return _render(rows, spec_json, specs, p_name, f_name, k, out, formats, method)
+        return _render(rows, spec_json, specs, p_name, f_name, k, out, formats, method, panels)
 
 
 _FIGURE_SUFFIXES = (".png", ".svg", ".pdf", ".csv")
@@ -386,8 +396,23 @@ def _plots_of_before(folder: Path) -> bool:
     return (folder / "aggregates.csv").is_file() and all(e.is_file() and e.suffix in _FIGURE_SUFFIXES for e in names)
 
 
+def _stored_metric(name: str, rows: Sequence[dict[str, Any]], path: Path) -> str:
+    """``name`` as the registered metric's column, which the results must hold."""
+    from .metric_registry import get_metric
+    from .results import ResultsError
+
+    column = get_metric(name).name
+    if column not in rows[0]:
+        from .metrics import metric_columns
+
+        raise ResultsError(f"--metric {name}: {path} has no {column!r} column; its metrics are "
+                           f"{', '.join(metric_columns(rows))} (run with --metric {name} to store it)")
+    return column
+
+
 def _render(rows: list[dict[str, Any]], spec_json: dict[str, Any], specs: Sequence[str] | None, p_name: str,
-            f_name: str, k: int, out: Path, formats: Sequence[str], method: str) -> list[Path]:
+            f_name: str, k: int, out: Path, formats: Sequence[str], method: str,
+            metrics: Sequence[str] = ()) -> list[Path]:
     written: list[Path] = []
 
     templates = list(dict.fromkeys(r["template"] for r in rows))
@@ -412,7 +437,7 @@ def _render(rows: list[dict[str, Any]], spec_json: dict[str, Any], specs: Sequen
             by_name = {a.keys["spec"]: a for a in aggs}
             members = [by_name[n] for n in order if n in by_name]
             if members:
-                written += bar_chart(members, title=f"{model} — {template}", k=k,
+                written += bar_chart(members, title=f"{model} — {template}", k=k, metrics=metrics,
                                      stem=out / f"bars_chosen_{_safe(model)}_{_safe(template)}", formats=formats,
                                      categories={n: "found" for n in found})
         return written
@@ -430,7 +455,7 @@ def _render(rows: list[dict[str, Any]], spec_json: dict[str, Any], specs: Sequen
                                  key=lambda a: _order_key(a.keys["spec"], first_seen))
             if not members:
                 continue
-            written += bar_chart(base + members, title=f"{model} — {template} — {chart}", k=k,
+            written += bar_chart(base + members, title=f"{model} — {template} — {chart}", k=k, metrics=metrics,
                                  stem=out / f"bars_{chart}_{_safe(model)}_{_safe(template)}", formats=formats)
         cells: dict[tuple[str, str, str], dict[tuple[str, str], Aggregate]] = {}
         for a in aggs:

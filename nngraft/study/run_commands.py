@@ -21,10 +21,13 @@ from ..util.checks import positive_int_arg, seed_arg
 def summary_table(rows: Sequence[dict[str, Any]], *, k: int, title: str, p_spec: str = "p",
                   f_spec: str = "f") -> Any:
     """Rich tables, one per model × template: per spec the number of facts, mean target
-    probability with its 95 % bootstrap CI, top-1 and top-k accuracy, mean rank and recovery."""
+    probability with its 95 % bootstrap CI, top-1 and top-k accuracy, the mean of every other
+    registered metric the rows hold (:mod:`.metric_registry`; log-probability left out) and
+    recovery."""
     from rich.console import Group
     from rich.table import Table
 
+    from .metric_registry import stored_metrics
     from .metrics import aggregate
     from .plot import display_name
 
@@ -37,12 +40,14 @@ def summary_table(rows: Sequence[dict[str, Any]], *, k: int, title: str, p_spec:
         groups.setdefault((str(a.keys["model"]), str(a.keys["template"])), []).append(a)
     row_rec = row_recoveries(rows)
     answer = any("answer_logprob" in r for r in rows)
+    shown = [m for m in (stored_metrics(rows[0]) if rows else [])
+             if m.name not in ("prob", "logprob", "answer_logprob") and not m.name.startswith("top_")]
     tables = []
     for (model, template), members in sorted(groups.items(), key=lambda item: item[0]):
         table = Table(title=f"{title}: {model} — {template}", title_justify="left")
         table.add_column("spec", no_wrap=True)
-        columns = ["facts", "mean prob [95% CI]", "top-1", f"top-{k}", "mean rank", "logit diff", "KL(F‖G)",
-                   "KL(G‖P)", "recovery [95% CI]", "median row recovery"] + (["answer logprob"] if answer else [])
+        columns = (["facts", "mean prob [95% CI]", "top-1", f"top-{k}"] + [m.header for m in shown]
+                   + ["recovery [95% CI]", "median row recovery"] + (["answer logprob"] if answer else []))
         for name in columns:
             table.add_column(name, justify="right", no_wrap=True)
         for a in members:
@@ -57,9 +62,9 @@ def summary_table(rows: Sequence[dict[str, Any]], *, k: int, title: str, p_spec:
             label = display_name(a.keys["spec"]).replace("$^c$", "ᶜ")
             spec = a.keys["spec"] if label == a.keys["spec"] else f"{a.keys['spec']} ({label})"
             median = row_rec.get((model, template, a.keys["spec"]))
-            cells = [spec, str(a.n_facts), prob_text, mean("top_1", ".2f"), mean(f"top_{k}", ".2f"),
-                     mean("rank", ".1f"), mean("logit_diff", ".2f"), mean("kl_f_graft", ".3f"),
-                     mean("kl_graft_p", ".3f"), rec, "–" if median is None else f"{median:.2f}"]
+            cells = ([spec, str(a.n_facts), prob_text, mean("top_1", ".2f"), mean(f"top_{k}", ".2f")]
+                     + [mean(metric.name, metric.fmt) for metric in shown]
+                     + [rec, "–" if median is None else f"{median:.2f}"])
             if answer:
                 cells.append(mean("answer_logprob", ".2f"))
             table.add_row(*cells)
@@ -85,7 +90,8 @@ def row_recoveries(rows: Sequence[dict[str, Any]]) -> dict[tuple[str, str, str],
 
 
 def summary_json(rows: Sequence[dict[str, Any]], *, k: int) -> list[dict[str, Any]]:
-    """What ``nngraft run --json`` prints: per model × template × spec, the table's numbers."""
+    """What ``nngraft run --json`` prints: per model × template × spec, the mean and CI of every
+    registered metric the rows hold (``top_k``: k = 1 and ``k`` only), recovery."""
     from .metrics import aggregate
 
     row_rec = row_recoveries(rows)
@@ -93,7 +99,7 @@ def summary_json(rows: Sequence[dict[str, Any]], *, k: int) -> list[dict[str, An
     for a in aggregate(rows):
         item = {**{key: a.keys[key] for key in ("model", "template", "spec")}, "facts": a.n_facts}
         for name, est in a.metrics.items():
-            if name in ("prob", "rank", "top_1", f"top_{k}", "logprob", "answer_logprob"):
+            if not name.startswith("top_") or name in ("top_1", f"top_{k}"):
                 item[name] = {"mean": est.mean, "low": est.low, "high": est.high}
         item["recovery"] = (None if a.recovery is None or math.isnan(a.recovery.mean) else
                             {"mean": a.recovery.mean, "low": a.recovery.low, "high": a.recovery.high})
@@ -177,6 +183,9 @@ The P and F baselines (specs p and f) are always run too, for reference and reco
     p.add_argument("--json", action="store_true",
                    help="print the summary as JSON on stdout instead of tables (for scripts)")
     p.add_argument("--k", type=positive_int_arg, default=100, help="top-k shown in the table (default 100)")
+    p.add_argument("--metric", action="append", default=[], metavar="NAME | MODULE:FUNCTION",
+                   help="also store this metric in every row and show it in the table: a registered name "
+                        "(see docs/study.md) or your own fn(logits, inputs) as module:function; repeat for several")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
@@ -363,7 +372,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         output = Path(args.output) if args.output else Path(scratch)
         config = _validated({"name": "run", "models": [pair], "data": data, "specs": specs,
                              "batch_size": args.batch_size, "answer_logprob": args.answer_logprob,
-                             "backend": args.backend})
+                             "backend": args.backend, **({"metrics": args.metric} if args.metric else {})})
         try:
             outcome = run_sweep(config, output=output, show_progress=not args.no_progress, console=console)
         except KeyboardInterrupt:
@@ -461,6 +470,8 @@ def _plot_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--specs", metavar="NAME,NAME,...",
                    help="one bar chart with just these specs, in this order (e.g. p,f,fe,lt,fe_lt,found; "
                         "'found': the spec nngraft localize found, run with nngraft run --spec OUT/spec.json)")
+    p.add_argument("--metric", action="append", default=[], metavar="NAME",
+                   help="also a bar-chart panel of this metric (a column of the results, e.g. logit_diff); repeat")
 
 
 @command("plot", _plot_args)
@@ -482,7 +493,7 @@ def cmd_plot(args: argparse.Namespace) -> int:
         return 0
     chosen = [n.strip() for n in args.specs.split(",") if n.strip()] if args.specs else None
     paths = plot_results(args.results, args.output, k=args.k, formats=args.format or ("png", "svg"),
-                         method=args.ci, specs=chosen)
+                         method=args.ci, specs=chosen, metrics=args.metric)
     for path in paths:
         out.print(str(path))
     console.print(f"wrote {len(paths)} files")

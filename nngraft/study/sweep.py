@@ -52,11 +52,13 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from ..errors import GraftError
 from ..grafter import Grafter
-from ..result import kl_divergence, logit_difference, target_token_id, top_other_token
+from ..result import target_token_id, top_other_token
 from ..spec import GraftSpec, format_validation_error
 from .examples import TestExample
 from .grids import LmHeadMode, grid_specs, paper_specs, with_lm_head
-from .metrics import DEFAULT_KS, MIN_GAP, score_logits
+from .metric_registry import DEFAULT_KS, DEFAULT_METRICS, MetricInputs, get_metric, stored_metrics
+from .metric_registry import resolve as resolve_metrics
+from .metrics import MIN_GAP, score_logits
 from ..util.inputs import loading_model, refuse_duplicate_keys
 from .models import FINGERPRINT_VERSION, environment_versions, model_identity, resolve_device
 from .results import (FORMAT_VERSION, ResultsError, ResultsWriter, check_output, load_manifest, manifest_path,
@@ -188,6 +190,8 @@ class SweepConfig(_Strict):
     n_top: int = Field(default=10, ge=1)
     check_baselines: int = Field(default=8, ge=0)
     answer_logprob: bool = Field(default=False, description="also score the whole answer (teacher forcing)")
+    metrics: list[str] = Field(default_factory=list, description="metrics stored besides the defaults: registered "
+                               "names or module:function (nngraft.study.metric_registry)")
     output: str | None = None
     base_dir: str = Field(default=".", exclude=True)
 
@@ -202,6 +206,19 @@ class SweepConfig(_Strict):
             raise ValueError("backend 'ndif' runs P on NDIF: give each recipient as the Hub id NDIF hosts, not "
                              "'tiny' (use backend 'ndif-local' to check the remote path on a tiny model)")
         return self
+
+    @field_validator("metrics")
+    @classmethod
+    def _known_metrics(cls, value: list[str]) -> list[str]:
+        for name in value:
+            metric = get_metric(name)
+            if metric.fn is None:
+                raise ValueError(f"metric {name!r} is not computed from logits ({metric.description})")
+        return value
+
+    def metric_names(self) -> list[str]:
+        """The metrics every row stores: the defaults, then those the config adds."""
+        return list(dict.fromkeys([*DEFAULT_METRICS, *(get_metric(m).name for m in self.metrics)]))
 
     def path(self, value: str) -> Path:
         p = Path(value).expanduser()
@@ -559,6 +576,7 @@ def check_donors(specs: Sequence[GraftSpec], models: Sequence[ModelPair]) -> Non
 def evaluate(grafter: Grafter, specs: Sequence[GraftSpec], examples: Sequence[TestExample], *,
              model: str = "model", writer: ResultsWriter | None = None, batch_size: int = 32,
              ks: Sequence[int] = DEFAULT_KS, n_top: int = 10, answer_logprob: bool = False,
+             metrics: Sequence[Any] | None = None,
              progress: Callable[[int], None] | None = None) -> EvalStats:
     """Score every spec on every example with ``grafter``; append rows to ``writer`` (skipping
     units it already holds) or, without a writer, return them in ``EvalStats.rows``.
@@ -566,6 +584,10 @@ def evaluate(grafter: Grafter, specs: Sequence[GraftSpec], examples: Sequence[Te
     Spans are located for every example before any forward pass, so a prompt whose span cannot
     be found fails the run up front (nothing is silently dropped). With ``answer_logprob``, rows
     also get the teacher-forced log-probability of the whole answer (:mod:`.answer`).
+
+    ``metrics``: the registered metrics (names, ``module:function``, or callables
+    ``fn(logits, inputs)``; :mod:`.metric_registry`) each row stores, besides ``top_k`` for each
+    of ``ks``; default :data:`~.metric_registry.DEFAULT_METRICS`.
 
     Example:
         >>> from nngraft.testing import tiny_pair
@@ -577,6 +599,7 @@ def evaluate(grafter: Grafter, specs: Sequence[GraftSpec], examples: Sequence[Te
         [('p', 'f1/t'), ('fe', 'f1/t')]
     """
     start = time.perf_counter()
+    chosen = resolve_metrics(metrics) + [get_metric(f"top_{k}") for k in ks]
     tokenizer = grafter.tokenizer
     tokenized = grafter.tokenize([e.prompt for e in examples], [e.spans for e in examples])
     check_spans(specs, examples)
@@ -611,8 +634,10 @@ def evaluate(grafter: Grafter, specs: Sequence[GraftSpec], examples: Sequence[Te
                                   [tokenized[e] for _, e in batch] + [tokenized[e] for _, e in extra],
                                   batch_size=len(batch) + len(extra))
         logits = result.logits[:len(batch)]
-        scores = score_logits(logits, [targets[e] for _, e in batch], ks=ks, n_top=n_top)
-        compare = compare_with_baselines(logits, result.logits[len(batch):], batch, extra, roles, targets)
+        scores = score_logits(logits, [targets[e] for _, e in batch], ks=(), n_top=n_top)
+        inputs = baseline_inputs(logits, result.logits[len(batch):], batch, extra, roles, targets)
+        values = {m.name: m.row_values(logits.detach().float().cpu(), inputs) for m in chosen}
+        foil = top_other_token(inputs.p_logits, inputs.target_ids)
         if answer_logprob:
             per_token = answer_logprobs(grafter, [specs[s] for s, _ in batch], [tokenized[e] for _, e in batch],
                                         [answer_ids[e] for _, e in batch])
@@ -626,14 +651,9 @@ def evaluate(grafter: Grafter, specs: Sequence[GraftSpec], examples: Sequence[Te
                 "fact_id": ex.fact_id, "template": ex.template, "prompt": ex.prompt,
                 "answer": ex.answer, "target_id": targets[e], "target_text": target_text[e],
                 "target_token": target_piece[e],
-                "prob": float(scores.prob[j]), "logprob": float(scores.logprob[j]),
-                "rank": int(scores.rank[j]),
-                "logit_diff": float(compare["logit_diff"][j]), "foil_id": int(compare["foil_id"][j]),
-                "foil_token": tokenizer.decode([int(compare["foil_id"][j])]),
-                "kl_f_graft": float(compare["kl_f_graft"][j]), "kl_graft_p": float(compare["kl_graft_p"][j]),
+                **{name: v[j] for name, v in values.items()},
+                "foil_id": int(foil[j]), "foil_token": tokenizer.decode([int(foil[j])]),
             }
-            for k, hit in scores.hits.items():
-                row[f"top_{k}"] = bool(hit[j])
             row["top_tokens"] = [tokenizer.decode([int(t)]) for t in scores.top_ids[j]]
             row["top_probs"] = [round(float(p), 6) for p in scores.top_probs[j]]
             if answer_logprob:
@@ -668,12 +688,10 @@ def baseline_rows(batch: Sequence[tuple[int, int]], roles: Sequence[str]) -> lis
     return [(role, e) for role in ("p", "f") for e in examples if (role, e) not in present]
 
 
-def compare_with_baselines(logits: torch.Tensor, extra_logits: torch.Tensor, batch: Sequence[tuple[int, int]],
-                           extra: Sequence[tuple[str, int]], roles: Sequence[str],
-                           targets: Sequence[int]) -> dict[str, torch.Tensor]:
-    """Per row of a batch, against P's and F's next-token distributions on the same example (from
-    the batch's own p / f units or its :func:`baseline_rows`): ``logit_diff`` (target minus P's
-    most likely other token, ``foil_id``), ``kl_f_graft`` = KL(F ‖ row), ``kl_graft_p`` = KL(row ‖ P)."""
+def baseline_inputs(logits: torch.Tensor, extra_logits: torch.Tensor, batch: Sequence[tuple[int, int]],
+                    extra: Sequence[tuple[str, int]], roles: Sequence[str], targets: Sequence[int]) -> MetricInputs:
+    """Per row of a batch, its target and P's and F's next-token logits on the same example (from
+    the batch's own p / f units or its :func:`baseline_rows`): what a metric scores a row against."""
     logits = logits.detach().float().cpu()
     found = {(roles[s], e): logits[j] for j, (s, e) in enumerate(batch) if roles[s] in ("p", "f")}
     found.update({key: extra_logits[i].detach().float().cpu() for i, key in enumerate(extra)})
@@ -681,9 +699,7 @@ def compare_with_baselines(logits: torch.Tensor, extra_logits: torch.Tensor, bat
     ids = torch.tensor([targets[e] for e in rows])
     p = torch.stack([found[("p", e)] for e in rows])
     f = torch.stack([found[("f", e)] for e in rows])
-    foil = top_other_token(p, ids)
-    return {"logit_diff": logit_difference(logits, ids, foil), "foil_id": foil,
-            "kl_f_graft": kl_divergence(f, logits), "kl_graft_p": kl_divergence(logits, p)}
+    return MetricInputs(ids, p, f)
 
 
 def row_recovery(prob: float, p: float | None, f: float | None, *, min_gap: float = MIN_GAP) -> dict[str, Any]:
@@ -750,8 +766,8 @@ def _now() -> str:
 
 def _check_resume(manifest: dict[str, Any], writer: ResultsWriter, specs: Sequence[GraftSpec],
                   examples: Sequence[TestExample], models: dict[str, dict[str, Any]],
-                  answer_logprob: bool = False) -> None:
-    """Refuse to extend results that were made with other models, specs or prompts."""
+                  answer_logprob: bool = False, metrics: Sequence[str] = ()) -> None:
+    """Refuse to extend results that were made with other models, specs, prompts or metrics."""
     if manifest and manifest.get("format_version", FORMAT_VERSION) > FORMAT_VERSION:
         raise ResultsError(f"{writer.path} was written by a newer nngraft (format "
                            f"{manifest.get('format_version')}); upgrade to extend it")
@@ -795,6 +811,13 @@ def _check_resume(manifest: dict[str, Any], writer: ResultsWriter, specs: Sequen
         raise ResultsError(f"{writer.path} was written by an older nngraft, without the logit_diff and KL "
                            "columns this version writes to every row. Rows must agree: use a new output "
                            "directory")
+    if writer.existing and metrics:
+        before = [m.name for m in stored_metrics(writer.existing[0])
+                  if m.fn is not None and not m.name.startswith("top_")]
+        if set(before) != set(metrics):
+            raise ResultsError(f"{writer.path} was written with the metrics {', '.join(before)}; this run asks for "
+                               f"{', '.join(metrics)}. Rows must agree: use a new output directory, or the same "
+                               "--metric options as before")
     spec_hash = {s.name: s.content_hash() for s in specs}
     prompts = {e.key: (e.prompt, e.answer) for e in examples}
     for row in writer.existing:
@@ -876,7 +899,8 @@ def run_sweep(config: SweepConfig, *, output: str | Path | None = None, show_pro
             for pair_cfg in config.models:
                 console.print(f"[bold]{pair_cfg.name}[/bold]: loading models …")
                 pair = load_pair(pair_cfg, config)
-                _check_resume(manifest, writer, specs, examples, {pair.name: pair.identity}, config.answer_logprob)
+                _check_resume(manifest, writer, specs, examples, {pair.name: pair.identity}, config.answer_logprob,
+                              config.metric_names())
                 manifest["models"][pair.name] = pair.identity
                 write_manifest(results, manifest)
                 recorded = True
@@ -893,7 +917,7 @@ def run_sweep(config: SweepConfig, *, output: str | Path | None = None, show_pro
                     stats[pair.name] = evaluate(
                         grafter, specs, examples, model=pair.name, writer=writer,
                         batch_size=config.batch_size, ks=config.ks, n_top=config.n_top,
-                        answer_logprob=config.answer_logprob,
+                        answer_logprob=config.answer_logprob, metrics=config.metric_names(),
                         progress=lambda n: bar.advance(task, n))
                 if config.check_baselines:
                     report = check_baselines(pair, specs, examples[: config.check_baselines], writer.done)
