@@ -192,3 +192,37 @@ def test_bad_metrics_fail_with_one_clear_error(registered, examples, tmp_path, c
                  "--metric", "probability"]) == 2
     err = capsys.readouterr().err
     assert "unknown metric 'probability'; known: prob, logprob, rank" in err and "Traceback" not in err
+
+
+def test_docs_metric_example_runs_as_written(examples, tmp_path, capsys, monkeypatch):
+    """docs/study.md's metric section: its Python block registers a metric; its commands run with
+    the user's module on the path (the same function as mypkg/metrics.py)."""
+    import re
+    import shlex
+
+    text = (Path(__file__).resolve().parents[1] / "docs" / "study.md").read_text()
+    section = text[text.index("### Metrics are one registry"):text.index("## The specs")]
+    [code] = re.findall(r"```python\n(.*?)```", section, flags=re.S)
+    [commands] = re.findall(r"```bash\n(.*?)```", section, flags=re.S)
+    try:
+        scope: dict = {}
+        exec(compile(code, "docs/study.md (metric example)", "exec"), scope)
+        logits = torch.tensor([[1.0, 3.0, 2.0]])
+        assert float(REGISTRY["target_margin"](logits, MetricInputs(torch.tensor([1])))[0]) == pytest.approx(1.0)
+        unregister("target_margin")
+        (tmp_path / "mypkg").mkdir()
+        (tmp_path / "mypkg" / "__init__.py").write_text("")
+        (tmp_path / "mypkg" / "metrics.py").write_text(code)
+        monkeypatch.syspath_prepend(str(tmp_path))
+        monkeypatch.chdir(tmp_path)
+        lines = [line.split("#")[0].strip() for line in commands.strip().splitlines()]
+        for line in lines:
+            argv = shlex.split(line)
+            assert argv[0] == "nngraft"
+            assert main(argv[1:] + (["--no-progress"] if argv[1] == "run" else [])) == 0, line
+        assert "margin" in capsys.readouterr().out
+        rows = load_results(tmp_path / "runs" / "m")
+        assert all(isinstance(r["target_margin"], float) for r in rows)
+        assert list((tmp_path / "runs" / "m" / "plots").glob("bars_*.png"))
+    finally:
+        unregister("target_margin")
