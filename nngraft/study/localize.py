@@ -53,7 +53,7 @@ from ..spec import (COMPONENT_GROUPS, GLOBAL_COMPONENTS, LAYER_COMPONENTS, All, 
 from .examples import TestExample
 from .metric_registry import Metric as RegisteredMetric
 from .metric_registry import MetricError, MetricInputs, get_metric
-from .metrics import MIN_GAP, Estimate, recovery, score_logits
+from .metrics import MIN_GAP, Estimate, recovery
 
 FORMAT_VERSION = 1
 
