@@ -143,3 +143,17 @@ class RemoteUnsupportedError(RemoteGraftError, NotImplementedError):
 
 class RemoteDonorMismatch(RemoteGraftError, DonorMismatchError):
     """A donor made for another model than the remote recipient (e.g. a LoRA trained on another base)."""
+
+
+class ClientVersionError(RemoteGraftError):
+    """This machine's nnsight or Python is older than NDIF accepts (NDIF answers such a client
+    with HTTP 400), or the server runs an nnsight this nngraft does not support."""
+
+
+class GatedModelError(RemoteAuthError):
+    """A gated Hugging Face repository (Meta's Llama, Google's Gemma): its config and tokenizer are
+    downloaded on this machine, which needs a Hugging Face token with access (``HF_TOKEN``)."""
+
+
+class RemoteTimeoutError(RemoteExecutionError):
+    """NDIF stopped a request at its execution timeout."""

@@ -431,6 +431,10 @@ def _serve(model, pool, metadata):
     from nnsight.schema.request import RequestModel
 
     request = RequestModel.model_validate_json(metadata["metadata"])
+    # As NDIF's model actor does before every request, on both paths: apply the request's
+    # environment to the loaded model (the attention implementation the client resolved; a PEFT
+    # adapter, injected in place). The runner applies the same dict to its weightless copy.
+    model._remoteable_set_env(request.env)
     proc, path = pool.acquire()
     sock = _connect(proc, path)
     channel = Channel(sock)
@@ -446,6 +450,7 @@ def _serve(model, pool, metadata):
 
         saved = zstandard.ZstdCompressor(level=3).compress(saved)
     driver.stats["wire_bytes"] = channel.wire_bytes
+    info["host_env"] = {"attn_implementation": model.attn_implementation, "peft": model.peft}
     return saved, driver.stats, info
 
 

@@ -478,6 +478,13 @@ class FakeNDIF:
         self.posted: list[dict] = []
         self.fail_with: str | None = None
         self.reject_with: "httpx.Response | None" = None  # an HTTP error answer to /request (e.g. 413)
+        from nngraft.backends.preflight import client_versions
+
+        # GET /env as NDIF answers it (the server's Python and packages; None: no /env, HTTP 404), and
+        # the minimum client versions its API enforces (None: no gate), as NDIF's dependencies.py
+        self.env: dict | None = {"python_version": sys.version, "packages": {"nnsight": client_versions()[0]}}
+        self.min_nnsight: str | None = None
+        self.min_python: str | None = None
 
     # websocket ---------------------------------------------------------------------------
     def create_connection(self, url, header=None):
@@ -523,6 +530,9 @@ class FakeNDIF:
                 fake.posted.append({"headers": dict(headers), "metadata": data["data"], "blob": blob})
                 if headers.get("ndif-api-key") != fake.key:
                     return httpx.Response(401, json={"detail": "Invalid API key."}, request=request)
+                refused = fake.version_refusal(headers)
+                if refused:
+                    return httpx.Response(400, json={"detail": refused}, request=request)
                 if fake.reject_with is not None:
                     fake.reject_with.request = request
                     return fake.reject_with
@@ -542,9 +552,28 @@ class FakeNDIF:
 
         return Client()
 
+    def version_refusal(self, headers) -> str | None:
+        """NDIF's HTTP 400 answer to a client older than its minimums (its wording), or None."""
+        from packaging.version import Version
+
+        nnsight_version, python_version = headers.get("nnsight-version", ""), headers.get("python-version", "")
+        if self.min_nnsight and Version(nnsight_version) < Version(self.min_nnsight):
+            return (f"Client nnsight version {nnsight_version} is incompatible with the server nnsight version. "
+                    f"The minimum supported version is {self.min_nnsight}. Please update nnsight to the latest "
+                    "version: `pip install --upgrade nnsight`")
+        mine = ".".join(python_version.split(".")[:2])
+        if self.min_python and Version(mine) < Version(self.min_python):
+            return (f"Client python version {mine} is incompatible with the server. The minimum supported "
+                    f"version is {self.min_python}. Please update your python version and try again.")
+        return None
+
     def get(self, url, *args, **kwargs):
         import httpx
 
+        if url.endswith("/env"):
+            if self.env is None:
+                return httpx.Response(404, json={"detail": "Not Found"}, request=httpx.Request("GET", url))
+            return httpx.Response(200, json=self.env, request=httpx.Request("GET", url))
         assert url.endswith("/status")
         deployments = {"d1": {"repo_id": self.repo_id, "application_state": "RUNNING", "deployment_level": "HOT"},
                        "d2": {"repo_id": "openai-community/gpt2", "application_state": "RUNNING"}}

@@ -9,7 +9,6 @@ must equal what nngraft predicts from shapes (``nngraft.backends.traffic``).
 
 from __future__ import annotations
 
-import copy
 from functools import lru_cache
 from pathlib import Path
 
@@ -31,7 +30,17 @@ def donor(arch: str, kind: str, dtype: torch.dtype):
 
 
 def bf16(model: torch.nn.Module) -> torch.nn.Module:
-    return copy.deepcopy(model).to(torch.bfloat16)
+    """``model`` in bfloat16, loaded the way a server loads it: ``from_pretrained(dtype=bfloat16)``,
+    which keeps float32 buffers (Llama's rotary frequencies) in float32. (``.to(torch.bfloat16)``
+    would round them too: a different model, up to 0.04 logit off on the tiny Llama.)"""
+    import tempfile
+
+    from transformers import AutoModelForCausalLM
+
+    with tempfile.TemporaryDirectory() as folder:
+        model.save_pretrained(folder)
+        return AutoModelForCausalLM.from_pretrained(
+            folder, dtype=torch.bfloat16, attn_implementation=model.config._attn_implementation).eval()
 
 
 @lru_cache(maxsize=None)
@@ -99,7 +108,7 @@ def test_bfloat16_request_is_within_rounding_of_the_local_bfloat16_graft(sandbox
     on these inputs. The sandboxed graft rounds P's output and the donor's correction separately
     where the local run rounds once with merged weights, so it may be up to 2ε from the exact
     (float32) result; hence within 2ε + ε = 3ε of the local bfloat16 graft. (Measured on the tiny
-    models: at most 1.4ε from exact; SmolLM2 in docs/remote.md.)"""
+    models: at most 1.41ε from exact, on both paths; SmolLM2 in docs/remote.md.)"""
     out = remote(sandbox, arch, kind, torch.bfloat16).logits.float()
     reply = sandbox.calls[-1]
     assert reply["runner"]["all_meta"] is True
@@ -111,6 +120,30 @@ def test_bfloat16_request_is_within_rounding_of_the_local_bfloat16_graft(sandbox
     assert (out - exact).abs().max().item() <= 2 * eps
     assert (out - here).abs().max().item() <= 3 * eps
     assert 3 * eps < (exact - plain).abs().max().item() / 4  # far below the graft's own effect
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_bfloat16_paths_agree_bit_for_bit_and_a_dense_donor_equals_the_local_bfloat16_graft(sandbox, arch):
+    """The in-process path (NDIF's trusted one) and the sandboxed one compute the same bits, for every
+    donor kind; a dense donor computes exactly what the local bfloat16 graft computes (P loaded in
+    bfloat16 as a server loads it)."""
+    for kind in KINDS:
+        P, tok = recipient(arch, torch.bfloat16), models(arch)[2]
+        in_process = Grafter.remote(P, donor(arch, kind, torch.bfloat16), tok, execution="local",
+                                    verbose=False).run(SPEC, PROMPTS, SPANS).logits
+        sandboxed = remote(sandbox, arch, kind, torch.bfloat16).logits
+        assert torch.equal(in_process, sandboxed), kind
+        if kind == "dense":
+            assert torch.equal(sandboxed.float(), local(arch, kind, torch.bfloat16).logits.float())
+
+
+def test_the_sandbox_host_applies_the_request_environment(sandbox):
+    """As NDIF's model actor does before every request: the host switches to the attention
+    implementation the client resolved (it loaded the checkpoint with transformers' default, sdpa)."""
+    P, tok = models("llama")[0], models("llama")[2]
+    assert P.config._attn_implementation == "eager"
+    remote(sandbox, "llama", "dense")
+    assert sandbox.calls[-1]["runner"]["host_env"] == {"attn_implementation": "eager", "peft": None}
 
 
 FAMILIES = {"LT": GraftSpec.load(Path(__file__).parents[1] / "recipes/specs/lt.json"),

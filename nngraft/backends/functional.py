@@ -43,7 +43,7 @@ from typing import Any
 import nnsight
 import torch
 
-PROGRAM_VERSION = 3
+PROGRAM_VERSION = 4
 INPUT_IDS_SLOT = -1
 """The slot of ``held`` (see :func:`apply_op`) holding the request's own ``input_ids``."""
 KINDS = ("linear", "conv1d", "embedding", "rms_llama", "rms_olmo2", "rms_gemma", "layer_norm")
@@ -204,6 +204,19 @@ def apply_op(root: Any, op: dict, held: dict | None = None, slots: tuple = (None
         held.pop(name, None)
 
 
+def apply_gate(root: Any, op: dict, masks: list) -> None:
+    """Inside a trace: keep a LoRA adapter (attached to the model, as NDIF attaches a ``peft=``
+    adapter) only at the grafted cells of one adapted module. ``op["path"]`` is the adapter's
+    ``lora_A`` module; its output ``A·x`` (rank r per token) is zeroed at every cell where
+    ``masks[op["mask"]]`` (rows × tokens, True = grafted) is False, so ``B·(A·x)`` adds exactly
+    nothing there and the module returns P's own output. Edited in place: one read of r numbers
+    per token."""
+    envoy = envoy_at(root, op["path"])
+    out = envoy.output
+    keep = masks[op["mask"]].to(out.device)
+    out.masked_fill_(~keep.unsqueeze(-1), 0)
+
+
 def apply_ops(root: Any, program: dict, input_ids: Any = None) -> None:
     """Inside a trace of ``root``: apply every op of ``program`` in order (``input_ids``: the
     request's token ids, the token embedding's input; read from the model when not given)."""
@@ -214,7 +227,10 @@ def apply_ops(root: Any, program: dict, input_ids: Any = None) -> None:
         )
     held = {INPUT_IDS_SLOT: input_ids} if input_ids is not None else {}
     for i, op in enumerate(program["ops"]):
-        apply_op(root, op, held, (2 * i, 2 * i + 1))
+        if op.get("gate"):
+            apply_gate(root, op, program["masks"])
+        else:
+            apply_op(root, op, held, (2 * i, 2 * i + 1))
 
 
 def run_program(root: Any, program: dict, input_ids: Any = None) -> Any:

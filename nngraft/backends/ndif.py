@@ -46,7 +46,9 @@ import torch
 from ..arch import get_module
 from ..donors.delta import DeltaDonor
 from ..errors import (  # noqa: F401 - re-exported: remote errors live in nngraft.errors
+    ClientVersionError,
     ForeignModuleError,
+    GatedModelError,
     ModelNotAvailableError,
     PayloadTooLargeError,
     RemoteAuthError,
@@ -55,11 +57,14 @@ from ..errors import (  # noqa: F401 - re-exported: remote errors live in nngraf
     RemoteDonorMismatch,
     RemoteExecutionError,
     RemoteGraftError,
+    RemoteTimeoutError,
     RemoteUnsupportedError,
     ServerEnvironmentError,
     UnsupportedModuleError,
 )
 from .functional import run_program
+from .hub_lora import build_hub_program
+from . import preflight
 from .payload import (  # noqa: F401 - re-exported for users of nngraft.backends.ndif
     PayloadItem,
     PayloadReport,
@@ -78,7 +83,7 @@ from ..donors.donor import pick_donor
 from ..compile.plan import GraftPlan
 from ..spec import SpecLike, as_spec
 from .base import Backend
-from .setup import Elsewhere, Setup
+from .setup import Elsewhere, Setup, hub_donor
 from ..compile.trace import CompiledGraft
 from .traffic import Traffic, dataflow, program_traffic
 
@@ -225,6 +230,7 @@ def transport_class():
             self.server = server
             self.raw_bytes: int | None = None
             self.sent_bytes: int | None = None
+            self.estimate_s: float | None = None  # the request's predicted duration (set by NdifBackend)
 
         def _serialize(self, tracer: Any) -> bytes:
             from nnsight.ndif import pull_env
@@ -258,7 +264,8 @@ def transport_class():
             try:
                 return super().request(request, tracer)
             except RemoteError as error:
-                raise translate_remote_error(error, self.host, self.sent_bytes, self.raw_bytes) from None
+                raise translate_remote_error(error, self.host, self.sent_bytes, self.raw_bytes,
+                                             self.estimate_s) from None
             except websocket.WebSocketBadStatusException as error:
                 if error.status_code in (401, 403):
                     raise RemoteAuthError(
@@ -279,11 +286,12 @@ def _decompressed(blob: bytes) -> bytes:
 
 
 def translate_remote_error(error: Exception, host: str, sent_bytes: int | None = None,
-               raw_bytes: int | None = None) -> RemoteGraftError:
+               raw_bytes: int | None = None, estimate_s: float | None = None) -> RemoteGraftError:
     """nnsight's RemoteError → a GraftError that says what to do (never echoing the API key).
 
     ``sent_bytes``/``raw_bytes``: the request's size as sent (compressed) and before
     compression, when known; quoted when the server says the request is too large (HTTP 413).
+    ``estimate_s``: the predicted duration, quoted when NDIF stopped the request at its timeout.
     """
     cause = error.__cause__
     status = getattr(getattr(cause, "response", None), "status_code", None)
@@ -306,8 +314,15 @@ def translate_remote_error(error: Exception, host: str, sent_bytes: int | None =
             "lower rank instead of dense tensors, or fewer grafted modules or layers per spec "
             "(lower max_payload_mb= to catch this before sending; see docs/remote.md)."
         )
+    if status == 400:
+        versions = preflight.version_error_from_server(said)
+        if versions is not None:
+            return versions
     if status is not None:
         return RemoteGraftError(f"NDIF ({host}) refused the request (HTTP {status}): {error}")
+    timed_out = preflight.timeout_error_from_server(str(error), estimate_s)
+    if timed_out is not None:
+        return timed_out
     return RemoteExecutionError(f"the request failed on NDIF ({host}):\n{error}")
 
 
@@ -391,15 +406,8 @@ def check_model_available(repo_id: str, host: str | None = None, *, get: Callabl
     from nnsight.schema.config import CONFIG
 
     host = host or CONFIG.API.HOST
-    if get is None:
-        def get(url: str) -> Any:
-            import httpx
-
-            response = httpx.get(url, timeout=httpx.Timeout(5.0, read=30.0))
-            response.raise_for_status()
-            return response.json()
     try:
-        status = get(f"{host}/status")
+        status = (get or preflight.get_json)(f"{host}/status")
     except Exception as error:  # noqa: BLE001 - any transport failure means "unreachable"
         raise RemoteConnectionError(f"could not read NDIF's model list at {host}/status: {error}") from None
     deployments = (status or {}).get("deployments", {}) or {}
@@ -441,19 +449,10 @@ def _registered() -> None:
 
 def _payload_limit_from_environment() -> float:
     """``NNGRAFT_MAX_PAYLOAD_MB`` as a number > 0 (default :data:`DEFAULT_MAX_PAYLOAD_MB`)."""
-    from ..errors import ArgumentError
+    from ..util.checks import positive_from_environment
 
-    given = os.environ.get("NNGRAFT_MAX_PAYLOAD_MB")
-    if given is None:
-        return DEFAULT_MAX_PAYLOAD_MB
-    try:
-        limit = float(given)
-    except ValueError:
-        limit = float("nan")
-    if not (limit > 0 and limit != float("inf")):
-        raise ArgumentError(f"NdifBackend: the environment variable NNGRAFT_MAX_PAYLOAD_MB should be a number of "
-                            f"megabytes > 0, got {given!r}; fix or unset it, or pass max_payload_mb=")
-    return limit
+    return positive_from_environment("NdifBackend", "NNGRAFT_MAX_PAYLOAD_MB", DEFAULT_MAX_PAYLOAD_MB,
+                                     "megabytes", "max_payload_mb")
 
 
 class NdifBackend(Backend):
@@ -491,7 +490,9 @@ class NdifBackend(Backend):
 
     def __init__(self, *, execution: str | Server = "ndif", dtype: torch.dtype | None = None,
                  max_payload_mb: float | None = None, api_key: str | None = None, host: str | None = None,
-                 revision: str | None = None, check_model: bool = True, verbose: bool = True) -> None:
+                 revision: str | None = None, check_model: bool = True, check_versions: bool = True,
+                 execution_timeout_s: float | None = None, time_model: preflight.TimeModel | None = None,
+                 verbose: bool = True) -> None:
         from ..util import checks
 
         where = "NdifBackend"
@@ -510,11 +511,17 @@ class NdifBackend(Backend):
         checks.text(where, "host", host, optional=True, url=True)
         checks.text(where, "revision", revision, optional=True)
         checks.flag(where, "check_model", check_model)
+        checks.flag(where, "check_versions", check_versions)
+        checks.positive_number(where, "execution_timeout_s", execution_timeout_s, optional=True)
         checks.flag(where, "verbose", verbose)
         self.execution = execution
         self.host = host
         self.revision = revision
         self.check_model = check_model
+        self.check_versions = check_versions
+        self.execution_timeout_s = (execution_timeout_s if execution_timeout_s is not None
+                                    else preflight.timeout_from_environment())
+        self.time_model = time_model or preflight.TimeModel()
         self.verbose = verbose
         self._requested_dtype = dtype
         self._given_api_key = api_key
@@ -542,6 +549,12 @@ class NdifBackend(Backend):
             self._api_key = self._find_api_key(self._given_api_key)
             if self.check_model:
                 check_model_available(_canonical_id(recipient), self.host)
+            if self.check_versions:
+                from nnsight.schema.config import CONFIG
+
+                server_env = preflight.fetch_server_env(self.host or CONFIG.API.HOST)
+                if server_env is not None:
+                    preflight.check_client_versions(server_env)
         _registered()
         return Elsewhere(hosted=hosted, revision=self.revision, dtype=self._requested_dtype)
 
@@ -580,6 +593,13 @@ class NdifBackend(Backend):
     def program(self, setup: Setup, plan: GraftPlan, *, keep_last: bool = True) -> tuple[dict, PayloadReport]:
         """The program one request runs for ``plan``, after the pre-flight checks (``keep_last``:
         the request asks for the last position's logits only)."""
+        hub = hub_donor(setup.donors)
+        if hub is not None:
+            program, report = build_hub_program(plan, setup.model, setup.adapter, keep_last=keep_last,
+                                                describe=hub.describe())
+            report.limit_bytes = self.limit_bytes
+            report.check()
+            return program, report
         donors = setup.donors_for(plan)
         rough = PayloadReport(donor=", ".join(d.describe() for d in setup.donors.values()),
                               dtype=dtype_name(setup.dtype), limit_bytes=self.limit_bytes)
@@ -633,12 +653,13 @@ class NdifBackend(Backend):
         self.last_report = report
         self.last_traffic = traffic
         transport = self.transport(setup)
+        transport.estimate_s = self._warn_if_slow(traffic, report.total_bytes + REQUEST_OVERHEAD_BYTES)
         with self._lock:
             logits = _remote_trace(setup.envoy, inputs, program, transport)
         report.exact = True
         self.requests.append({"modules": len(program["ops"]), "donor_bytes": report.total_bytes,
                               "request_bytes": transport.raw_bytes, "sent_bytes": transport.sent_bytes,
-                              "rows": rows, "tokens": tokens,
+                              "rows": rows, "tokens": tokens, "estimate_s": transport.estimate_s,
                               **({"activation_reads": traffic.reads, "activation_writes": traffic.assignments,
                                   "sandbox_round_trips": traffic.round_trips, "sandbox_bytes": traffic.bytes}
                                  if traffic is not None else {}),
@@ -646,6 +667,24 @@ class NdifBackend(Backend):
         if self.verbose:
             self._say(setup, report, transport)
         return logits, None
+
+    def estimate_seconds(self, traffic: Traffic | None, request_bytes: int) -> float | None:
+        """A request's predicted duration on NDIF's sandboxed path (ordinary API keys), from its
+        sandbox round trips and activation bytes and its upload (see :class:`preflight.TimeModel`)."""
+        if traffic is None:
+            return None
+        return preflight.estimate_seconds(traffic.round_trips, traffic.bytes, request_bytes, model=self.time_model)
+
+    def _warn_if_slow(self, traffic: Traffic | None, request_bytes: int) -> float | None:
+        import warnings
+
+        estimate = self.estimate_seconds(traffic, request_bytes)
+        if estimate is not None and self.execution == "ndif":
+            text = preflight.timeout_warning(estimate, self.execution_timeout_s, traffic.round_trips,
+                                             traffic.bytes, request_bytes)
+            if text is not None:
+                warnings.warn(text, RemoteTimeoutWarning, stacklevel=4)
+        return estimate
 
     def _say(self, setup: Setup, report: PayloadReport, transport: Any) -> None:
         from rich.console import Console
@@ -684,11 +723,20 @@ class NdifBackend(Backend):
         return edited.trace(**compiled.inputs, backend=self.transport(setup), **kwargs)
 
 
+class RemoteTimeoutWarning(UserWarning):
+    """A request is predicted to run past NDIF's execution timeout (issued before it is sent)."""
+
+
+REQUEST_OVERHEAD_BYTES = 70_000
+"""What a request carries besides donor tensors: nnsight's model description, the code, the inputs
+(measured on the test models; see docs/remote.md)."""
+
+
 __all__ = [
-    "DEFAULT_MAX_PAYLOAD_MB", "ForeignModuleError", "InProcessServer", "ModelNotAvailableError",
-    "PayloadItem", "PayloadReport", "PayloadTooLargeError", "RemoteAuthError", "RemoteConnectionError",
-    "NdifBackend", "RemoteDonorError", "RemoteDonorMismatch", "RemoteExecutionError", "RemoteGraftError",
-    "RemotePartialDonor", "RemoteUnsupportedError", "ServerEnvironmentError", "ShapeDonor",
-    "UnsupportedModuleError", "build_program", "check_model_available", "check_request", "estimate_payload",
-    "format_bytes", "leaf_plan", "module_kind", "spec_modules",
+    "ClientVersionError", "DEFAULT_MAX_PAYLOAD_MB", "ForeignModuleError", "GatedModelError", "InProcessServer",
+    "ModelNotAvailableError", "NdifBackend", "PayloadItem", "PayloadReport", "PayloadTooLargeError",
+    "RemoteAuthError", "RemoteConnectionError", "RemoteDonorError", "RemoteDonorMismatch", "RemoteExecutionError",
+    "RemoteGraftError", "RemotePartialDonor", "RemoteTimeoutError", "RemoteTimeoutWarning", "RemoteUnsupportedError",
+    "ServerEnvironmentError", "ShapeDonor", "UnsupportedModuleError", "build_program", "check_model_available",
+    "check_request", "estimate_payload", "format_bytes", "leaf_plan", "module_kind", "spec_modules",
 ]

@@ -109,7 +109,10 @@ class Setup:
             from ..donors.delta import as_remote_donor
 
             resolved = {name: as_remote_donor(value) for name, value in given.items()}
-            envoy, model, tokenizer = _wrap_elsewhere(recipient, tokenizer, placement)
+            hub = hub_donor(resolved)
+            if hub is not None and placement.hosted:
+                _check_hub_donor_for_ndif(hub)
+            envoy, model, tokenizer = _wrap_elsewhere(recipient, tokenizer, placement, hub)
             own = next(model.parameters()).dtype
             dtype = placement.dtype or dtype or (torch.bfloat16 if placement.hosted else own)
         else:
@@ -172,9 +175,47 @@ def _local_donor(value: Any, dtype: Any, device: Any) -> Any:
     return as_donor(value)
 
 
-def _wrap_elsewhere(recipient: Any, tokenizer: Any, placement: Elsewhere) -> tuple[Any, torch.nn.Module, Any]:
+def hub_donor(donors: Mapping[str, Any]) -> Any:
+    """The run's Hub LoRA donor (:class:`~nngraft.donors.delta.HubLoraDonor`), or None. It must be
+    the run's only donor: the server attaches its adapter to the whole model."""
+    from ..donors.delta import HubLoraDonor
+    from ..errors import RemoteUnsupportedError
+
+    hub = [d for d in donors.values() if isinstance(d, HubLoraDonor)]
+    if hub and len(donors) > 1:
+        raise RemoteUnsupportedError("a Hub LoRA donor must be the only donor of a run (NDIF attaches its "
+                                     "adapter to the whole model); graft other donors in another run")
+    return hub[0] if hub else None
+
+
+def _check_hub_donor_for_ndif(donor: Any) -> None:
+    """What NDIF can load: a Hub id (not a folder here), at the commit its main branch points to."""
+    from ..errors import RemoteDonorError
+
+    if Path(donor.adapter_id).is_dir():
+        raise RemoteDonorError(
+            f"{donor.adapter_id!r} is a folder on this machine; NDIF loads adapters from the Hugging Face "
+            "Hub by id and cannot see it. Push it (hf upload ORG/NAME FOLDER) and pass that id, or pass "
+            "LoraDonor(folder), whose factors then travel with each request")
+    if donor.revision is not None:
+        wanted, main = donor.commit(), donor.commit("main")
+        if wanted != main:
+            raise RemoteDonorError(
+                f"the adapter {donor.adapter_id!r} at revision {donor.revision!r} is commit {wanted[:12]}, but "
+                f"NDIF loads its main branch (commit {main[:12]}): nnsight 0.8 sends no revision with peft=. "
+                "Merge that revision into main, or pass the downloaded folder as LoraDonor(folder)")
+
+
+def _wrap_elsewhere(recipient: Any, tokenizer: Any, placement: Elsewhere,
+                    hub: Any = None) -> tuple[Any, torch.nn.Module, Any]:
+    """P wrapped in nnsight's ``TransformersModel``; with a Hub LoRA donor ``hub``, with its adapter
+    attached as nnsight attaches ``peft=`` (a hosted P: its architecture only; a local P: a copy of
+    it, with the adapter's weights, so the caller's model is never changed)."""
     from nnsight.intervention.envoy import Envoy
     from nnsight.modeling.transformers import TransformersModel
+
+    from ..errors import RemoteDonorError
+    from ..util.hub import gated_error, is_gated
 
     if placement.hosted and not isinstance(recipient, str):
         raise RemoteGraftError(
@@ -183,28 +224,56 @@ def _wrap_elsewhere(recipient: Any, tokenizer: Any, placement: Elsewhere) -> tup
             "local model, pass execution='local'"
         )
     if isinstance(recipient, str):
-        if tokenizer is None:
-            from transformers import AutoTokenizer
-
-            tokenizer = AutoTokenizer.from_pretrained(recipient, revision=placement.revision)
         load = {} if placement.hosted else dict(dispatch=True)
-        wrapper = TransformersModel(recipient, revision=placement.revision, task="text-generation",
-                                    tokenizer=tokenizer, **load)
+        if hub is not None:
+            load["peft"] = hub.adapter_id  # as nnsight's TransformersModel(repo, peft=...)
+        try:
+            if tokenizer is None:
+                from transformers import AutoTokenizer
+
+                tokenizer = AutoTokenizer.from_pretrained(recipient, revision=placement.revision)
+            wrapper = TransformersModel(recipient, revision=placement.revision, task="text-generation",
+                                        tokenizer=tokenizer, **load)
+        except Exception as error:
+            if is_gated(error):
+                raise gated_error(recipient) from None
+            raise
     elif isinstance(recipient, TransformersModel):
+        if hub is not None and recipient.peft != hub.adapter_id:
+            raise RemoteDonorError(f"a Hub LoRA donor needs the recipient's nnsight model built with "
+                                   f"peft={hub.adapter_id!r}; pass P itself (a model or its Hub id)")
         wrapper = recipient
     else:
         module = recipient._module if isinstance(recipient, Envoy) else recipient
         if tokenizer is None:
             raise ValueError("pass the recipient's tokenizer (Grafter.remote(P, donor, tokenizer))")
+        if hub is not None:  # the adapter is attached in place: to a copy, never to the caller's P
+            import copy
+
+            module = copy.deepcopy(module)
         meta = dict(device="meta") if any(p.is_meta for p in module.parameters()) else {}
         wrapper = TransformersModel(module, tokenizer=tokenizer, task="text-generation", **meta)
+        if hub is not None:
+            wrapper.load_adapter(hub.adapter_id)
     return wrapper, wrapper._module, tokenizer if tokenizer is not None else wrapper.tokenizer
 
 
 def _check_lora_base(donor: Any, repo_id: str) -> None:
-    """Refuse an adapter trained on another Hub model (a LoRA only means something on its base)."""
+    """Refuse an adapter trained on another Hub model (a LoRA only means something on its base);
+    a renamed repository's old name is the same model (:data:`nngraft.util.hub.BASE_MODEL_ALIASES`,
+    or the Hub's own redirect when it can be asked)."""
+    import os
+
     from ..donors.delta import LoraDonor
     from ..errors import RemoteDonorMismatch
+    from ..util.hub import same_base
 
-    if isinstance(donor, LoraDonor):
-        donor.check_base(None, repo_id, error=RemoteDonorMismatch)
+    if not isinstance(donor, LoraDonor):
+        return
+    base = donor.base_model
+    if base and "/" in base and not os.path.exists(base) and not same_base(base, repo_id):
+        from .ndif import _canonical_id
+
+        if same_base(_canonical_id(base), _canonical_id(repo_id)):
+            return
+    donor.check_base(None, repo_id, error=RemoteDonorMismatch)

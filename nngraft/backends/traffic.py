@@ -216,6 +216,10 @@ def program_traffic(program: dict, flow: Dataflow, rows: int, tokens: int, dtype
         traffic.accesses.append(Access(location, kind, flow.nbytes(location, rows, tokens, dtype)))
 
     for op in program["ops"]:
+        if op.get("gate"):  # a LoRA adapter's A·x: rank numbers per cell, read and written back
+            size = torch.empty((), dtype=getattr(torch, op["dtype"])).element_size()
+            traffic.accesses.append(Access(f"{op['path']}.output", "read", rows * tokens * op["rank"] * size))
+            continue
         if op.get("input") is None:
             add(f"{op['path']}.input", "read")
         add(f"{op['path']}.output", "read")

@@ -538,6 +538,7 @@ class LoraDonor:
 
         raw = load_file(str(weights))
         self.factors: dict[str, dict[str, torch.Tensor]] = {}  # module path -> {"A", "B"}
+        self._raw_kinds: set[str] = set()  # lora_A / lora_B / lora_embedding_A / lora_embedding_B
         self.full: dict[str, torch.Tensor] = {}  # full parameter name -> tensor (modules_to_save)
         # PEFT also saves the *base* weights of adapted embeddings / heads (in case the vocabulary
         # was resized); they must equal the recipient's, which is checked where weights are known.
@@ -546,6 +547,7 @@ class LoraDonor:
             name = key[len(_PREFIX):] if key.startswith(_PREFIX) else key
             match = _LORA_KEY.match(name)
             if match:
+                self._raw_kinds.add(match["which"])
                 which = "A" if match["which"].endswith("A") else "B"
                 self.factors.setdefault(match["module"], {})[which] = value
             elif ".base_layer." in name:
@@ -621,11 +623,14 @@ class LoraDonor:
                 return
         if "/" not in base:
             return
-        if base.lower() != name.lower():
+        from ..util.hub import same_base
+
+        if not same_base(base, name):
             raise error(
                 f"the LoRA adapter {self.path} was trained on {base!r} but the recipient is {name!r}. "
                 "Grafting an adapter onto another base gives meaningless numbers; if the two are the "
-                "same weights under different names, edit base_model_name_or_path in adapter_config.json."
+                "same weights under different names, edit base_model_name_or_path in adapter_config.json "
+                "(renamed repositories nngraft knows: nngraft.util.hub.BASE_MODEL_ALIASES)."
             )
 
     def check_against(self, model: torch.nn.Module) -> None:
@@ -740,6 +745,94 @@ class LoraDonor:
         c = self.config
         return (f"LoRA adapter {self.path.name} (r={c.get('r')}, alpha={c.get('lora_alpha')}"
                 f"{', rsLoRA' if c.get('use_rslora') else ''}; {len(self.factors)} adapted modules)")
+
+
+def _resolve_adapter(adapter_id: str, revision: str | None) -> Path:
+    """The folder of the Hub adapter ``adapter_id`` at ``revision`` (downloaded into the Hub cache,
+    adapter files only); an existing local folder is used as is."""
+    if Path(adapter_id).is_dir():
+        return Path(adapter_id)
+    from huggingface_hub import snapshot_download
+
+    try:
+        return Path(snapshot_download(adapter_id, revision=revision,
+                                      allow_patterns=["adapter_config.json", "adapter_model.safetensors"]))
+    except Exception as error:
+        from ..util.hub import gated_error, is_gated
+
+        if is_gated(error):
+            raise gated_error(adapter_id, "the adapter's files") from None
+        raise RemoteDonorError(f"could not get the LoRA adapter {adapter_id!r}"
+                               f"{f' at revision {revision!r}' if revision else ''} from the Hugging Face Hub: "
+                               f"{type(error).__name__}: {error}") from None
+
+
+class HubLoraDonor(LoraDonor):
+    """A PEFT LoRA adapter on the Hugging Face Hub, by id: on NDIF **no weights travel**.
+
+    Remotely the adapter id travels as nnsight's ``peft=`` environment; NDIF loads the adapter
+    from the Hub into its copy of P before running the request (``_remoteable_set_env``; in place:
+    each adapted module keeps P's as ``base_layer``). The graft then keeps the adapter's effect
+    only at grafted cells, by zeroing the adapter's rank-r activation ``A·x`` (``lora_A``'s output)
+    at every other cell: r numbers per token, the only activation a request reads per adapted
+    module. ``F = P + scale·B·A`` at the grafted cells and ``P`` elsewhere — the same graft as
+    :class:`LoraDonor` with the adapter's factors sent, or a dense graft of the merged weights.
+
+    Locally (an ordinary ``Grafter``) it is a :class:`LoraDonor` of the downloaded adapter; with
+    ``Grafter.remote(..., execution="local")`` the request runs the remote code path on a copy of
+    P with the adapter attached, as NDIF does.
+
+    Args:
+        adapter_id: the adapter's Hub id (``org/name``). A local adapter folder works locally and
+            against local stand-in servers, never on NDIF (the server cannot see it).
+        revision: a branch, tag or commit. nnsight 0.8 sends no revision with ``peft=``, so NDIF
+            loads the adapter's ``main``: a remote run refuses a revision that is not main's commit.
+        dtype: as :class:`LoraDonor` (local runs only; nothing is sent remotely).
+
+    Not supported from the Hub (refused; use :class:`LoraDonor` with the folder): adapters on
+    embeddings, ``modules_to_save``, and grafts of part of a fused projection (GPT-2's ``c_attn``
+    grafted for q without k and v), since one ``A·x`` feeds every output feature.
+    """
+
+    kind = "hub-lora"
+
+    def __init__(self, adapter_id: str, *, revision: str | None = None, dtype: torch.dtype | None = None) -> None:
+        from ..util.checks import text
+
+        text("HubLoraDonor", "adapter_id", adapter_id)
+        text("HubLoraDonor", "revision", revision, optional=True)
+        self.adapter_id, self.revision = adapter_id, revision
+        super().__init__(_resolve_adapter(adapter_id, revision), dtype=dtype)
+        if self.full or self.base or any(key.startswith("lora_embedding") for key in self._raw_kinds):
+            raise RemoteDonorError(
+                f"the LoRA adapter {adapter_id!r} adapts embeddings or saves whole modules (modules_to_save); "
+                "a Hub adapter can only be grafted on its linear layers. Download it and pass the folder as "
+                "LoraDonor(folder): its tensors then travel with each request"
+            )
+
+    def commit(self, revision: str | None = None) -> str | None:
+        """The commit ``revision`` (default: this donor's) of the adapter resolves to, from the Hub
+        cache; None for a local folder."""
+        if Path(self.adapter_id).is_dir():
+            return None
+        return _resolve_adapter(self.adapter_id, revision or self.revision).name
+
+    def _check_factors(self, path: str, module: torch.nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
+        # on a model with the adapter attached, the module P's weights live in is its base_layer
+        return super()._check_factors(path, getattr(module, "base_layer", module))
+
+    def shipment(self, path: str, module: torch.nn.Module, dtype: torch.dtype | None = None) -> Shipment:
+        raise RemoteDonorError(f"a Hub LoRA donor ({self.adapter_id!r}) travels as nnsight's peft= environment, "
+                               "never as tensors")
+
+    def estimate_bytes(self, path: str, module: torch.nn.Module, dtype: torch.dtype) -> int:
+        return 0  # the adapter travels by name: NDIF loads it from the Hub
+
+    def describe(self) -> str:
+        c = self.config
+        at = f"@{self.revision}" if self.revision else ""
+        return (f"Hub LoRA adapter {self.adapter_id}{at} (r={c.get('r')}, alpha={c.get('lora_alpha')}"
+                f"{', rsLoRA' if c.get('use_rslora') else ''}; {len(self.factors)} adapted modules; no weights sent)")
 
 
 RemoteDonor = DenseDonor | DeltaDonor | LoraDonor

@@ -2,7 +2,8 @@
 
 - :mod:`nngraft.util.io` — atomic writes, refusing to overwrite files nngraft did not write;
 - :mod:`nngraft.util.inputs` — reading user files (UTF-8, JSON) with one clear error each;
-- :mod:`nngraft.util.checks` — argument checks that raise :class:`~nngraft.errors.ArgumentError`.
+- :mod:`nngraft.util.checks` — argument checks that raise :class:`~nngraft.errors.ArgumentError`;
+- :mod:`nngraft.util.hub` — the Hugging Face Hub's refusals (a gated repository) as one clear error.
 
 Example:
     >>> from nngraft.util.checks import positive_int_arg

@@ -171,3 +171,21 @@ def spans(where: str, value: Any, n_prompts: int) -> Any:
             raise fail(where, f"spans[{i}][{key!r}]", "the span's text (a non-empty string) or a (start, end) "
                        "character range", text)
     return value
+
+
+def positive_from_environment(where: str, variable: str, default: float, unit: str, argument: str) -> float:
+    """The environment variable ``variable`` as a finite number > 0 (``default`` when unset), or an
+    :class:`~nngraft.errors.ArgumentError` naming it and the ``argument`` that overrides it."""
+    import os
+
+    given = os.environ.get(variable)
+    if given is None:
+        return default
+    try:
+        value = float(given)
+    except ValueError:
+        value = float("nan")
+    if not (value > 0 and value != float("inf")):
+        raise ArgumentError(f"{where}: the environment variable {variable} should be a number of {unit} > 0, got "
+                            f"{given!r}; fix or unset it, or pass {argument}=")
+    return value
