@@ -203,7 +203,7 @@ def test_ordinary_local_grafter_takes_the_same_donor(hub):
 
 
 def test_ndif_refuses_a_local_folder_and_a_revision_that_is_not_main(hub, fake_ndif, tmp_path):
-    from nngraft.backends.ndif import NdifBackend
+    from nngraft.backends.setup import _check_hub_donor_for_ndif
 
     folder = Path(_tmp()) / "hub_lora_llama"
     pair("llama")
@@ -213,8 +213,8 @@ def test_ndif_refuses_a_local_folder_and_a_revision_that_is_not_main(hub, fake_n
     _put_on_hub(repo, folder, ref="experiment")
     with pytest.raises(RemoteDonorError, match=r"revision 'experiment' is commit [0-9a-f]{12}, but NDIF loads its "
                                                r"main branch \(commit [0-9a-f]{12}\)"):
-        NdifBackend._check_hub_donor_for_ndif(HubLoraDonor(repo, revision="experiment"))
-    NdifBackend._check_hub_donor_for_ndif(HubLoraDonor(repo, revision="main"))  # main itself is fine
+        _check_hub_donor_for_ndif(HubLoraDonor(repo, revision="experiment"))
+    _check_hub_donor_for_ndif(HubLoraDonor(repo, revision="main"))  # main itself is fine
 
 
 def test_ndif_request_names_the_adapter_and_carries_no_weights(hub, fake_ndif, worker, monkeypatch):

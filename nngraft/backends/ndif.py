@@ -84,6 +84,7 @@ from ..compile.plan import GraftPlan
 from ..spec import SpecLike, as_spec
 from .base import Backend
 from .setup import Elsewhere, Setup, hub_donor
+from ..util.hub import hub_id
 from ..compile.trace import CompiledGraft
 from .traffic import Traffic, dataflow, program_traffic
 
@@ -385,20 +386,6 @@ class InProcessServer:
         return data
 
 
-def _canonical_id(repo_id: str) -> str:
-    """The Hub's spelling of ``repo_id`` (what NDIF lists), via nnsight's cache; as given if offline."""
-    from nnsight.modeling.huggingface import _ID_CACHE
-
-    if repo_id not in _ID_CACHE:
-        try:
-            from huggingface_hub import HfApi
-
-            _ID_CACHE[repo_id] = HfApi().model_info(repo_id).id
-        except Exception:  # noqa: BLE001 - offline or unknown: compare as given
-            return repo_id
-    return _ID_CACHE[repo_id]
-
-
 def check_model_available(repo_id: str, host: str | None = None, *, get: Callable[[str], Any] | None = None) -> None:
     """Raise :class:`ModelNotAvailableError` unless NDIF reports ``repo_id`` RUNNING.
 
@@ -548,7 +535,7 @@ class NdifBackend(Backend):
                 )
             self._api_key = self._find_api_key(self._given_api_key)
             if self.check_model:
-                check_model_available(_canonical_id(recipient), self.host)
+                check_model_available(hub_id(recipient), self.host)
             if self.check_versions:
                 from nnsight.schema.config import CONFIG
 

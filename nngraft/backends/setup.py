@@ -266,14 +266,12 @@ def _check_lora_base(donor: Any, repo_id: str) -> None:
 
     from ..donors.delta import LoraDonor
     from ..errors import RemoteDonorMismatch
-    from ..util.hub import same_base
+    from ..util.hub import hub_id, same_base
 
     if not isinstance(donor, LoraDonor):
         return
     base = donor.base_model
     if base and "/" in base and not os.path.exists(base) and not same_base(base, repo_id):
-        from .ndif import _canonical_id
-
-        if same_base(_canonical_id(base), _canonical_id(repo_id)):
+        if same_base(hub_id(base), hub_id(repo_id)):
             return
     donor.check_base(None, repo_id, error=RemoteDonorMismatch)

@@ -80,3 +80,18 @@ def canonical_name(repo_id: str) -> str:
 def same_base(a: str, b: str) -> bool:
     """Whether two Hub ids name the same repository (one may be a renamed repository's old name)."""
     return canonical_name(a) == canonical_name(b)
+
+
+def hub_id(repo_id: str) -> str:
+    """The Hub's own spelling of ``repo_id`` (what NDIF lists; a renamed repository's current name),
+    via nnsight's cache; as given when the Hub cannot be asked (offline, unknown)."""
+    from nnsight.modeling.huggingface import _ID_CACHE
+
+    if repo_id not in _ID_CACHE:
+        try:
+            from huggingface_hub import HfApi
+
+            _ID_CACHE[repo_id] = HfApi().model_info(repo_id).id
+        except Exception:  # noqa: BLE001 - offline or unknown: compare as given
+            return repo_id
+    return _ID_CACHE[repo_id]
