@@ -10,9 +10,9 @@ All architecture knowledge of nngraft is in the :data:`ADAPTERS` table below. An
   belong to ``q``, ``k`` and ``v``;
 - for modules that see tokens on another axis than 1, which axis (``token_axes``).
 
-Facts about module *classes* that hold across architectures live here too:
-:func:`stores_weight_in_out` (GPT-2's ``Conv1D`` keeps its weight as (in, out), transposed from
-``nn.Linear``), and the names under which checkpoints store weights
+Facts about module *classes* that hold across architectures live in the table of module kinds
+(:mod:`nngraft.arch.kinds`: GPT-2's ``Conv1D`` keeps its weight as (in, out), transposed from
+``nn.Linear``, …); the names under which checkpoints store weights live here
 (:func:`checkpoint_prefixes`, :data:`CHECKPOINT_RENAMES`, :func:`tied_alternatives`).
 
 A component may live in several modules (Gemma-2 has a norm before *and* after attention; both
@@ -39,6 +39,7 @@ from typing import Any, Literal
 import torch
 
 from ..errors import ComponentNotFoundError, UnsupportedArchitectureError
+from .kinds import stores_weight_in_out
 from ..spec import COMPONENT_GROUPS, GLOBAL_COMPONENTS, LAYER_COMPONENTS
 
 FusedLayout = Literal["concat", "per_head"]
@@ -134,6 +135,18 @@ class Adapter:
                 result.append(Site(component, f"{self.layers_path}.{layer}.{rel}", layer, features, axis))
         return result
 
+    def fused_with(self, component: str) -> tuple[str, ...]:
+        """The components that share ``component``'s module in a fused projection (``("q", "k",
+        "v")`` for GPT-2's ``c_attn``), or ``()`` when it has a module of its own. Only the
+        adapter knows which projections are fused; the compiler, partial donors and payloads ask
+        here.
+
+        Example:
+            >>> ADAPTERS["gpt2"].fused_with("k"), ADAPTERS["llama"].fused_with("k")
+            (('q', 'k', 'v'), ())
+        """
+        return ("q", "k", "v") if self.fused_qkv and component in ("q", "k", "v") else ()
+
     def block_order(self) -> dict[str, int]:
         """Rank of each relative module path in a block's forward order."""
         order: dict[str, int] = {}
@@ -211,20 +224,6 @@ def fused_features(layout: FusedLayout, component: str, config: Any) -> tuple[in
     heads = int(config.num_attention_heads)
     head_dim = hidden // heads
     return tuple(h * 3 * head_dim + which * head_dim + i for h in range(heads) for i in range(head_dim))
-
-
-def stores_weight_in_out(module: torch.nn.Module) -> bool:
-    """Whether ``module`` keeps its 2-D weight as (in, out) — GPT-2's ``Conv1D``, computing
-    ``x @ W + b`` — rather than ``nn.Linear``'s (out, in).
-
-    Example:
-        >>> from transformers.pytorch_utils import Conv1D
-        >>> stores_weight_in_out(Conv1D(6, 4)), stores_weight_in_out(torch.nn.Linear(4, 6))
-        (True, False)
-    """
-    from transformers.pytorch_utils import Conv1D
-
-    return isinstance(module, Conv1D)
 
 
 def output_axis(module: torch.nn.Module, name: str, param: torch.Tensor) -> int:

@@ -15,9 +15,12 @@ can be pickled into a request that a server without nngraft installed can load. 
 imports only ``torch`` and ``nnsight``, and is registered with ``nnsight.register`` so its source
 travels with each request (see :mod:`nngraft.backends.ndif`).
 
-Module kinds (``kind``) and their formulas mirror ``transformers`` exactly; which kind a module
-is, is decided on the client and checked bit for bit against the module's own forward
-(:func:`nngraft.backends.ndif.module_kind`):
+Module forms (``kind``) and their formulas mirror ``transformers`` exactly; which form a module
+has is decided on the client — by its row in the table of module kinds (:mod:`nngraft.arch.kinds`,
+whose ``functional`` names are this module's :data:`KINDS`) and, for norms, by checking the
+candidate formulas bit for bit against the module's own forward
+(:func:`nngraft.backends.ndif.module_kind`). The names are strings because a program is plain
+data that a server without nngraft loads:
 
 ========== ===================================================================================
 linear     ``F.linear(x, W, b)``                                  (``nn.Linear``)

@@ -34,12 +34,11 @@ from typing import Any, Iterator, Mapping
 
 import torch
 
-from ..arch import stores_weight_in_out
+from ..arch.kinds import CONV1D, LINEAR, direct, feature_axes
 from ..compile.plan import GraftPlan, ModuleGraft
 from ..compile.tokens import PaddedBatch, TokenizedPrompt
 from ..compile.trace import CompiledGraft
 from ..donors.donor import Donor, pick_donor
-from ..errors import UnsupportedArchitectureError
 from .base import Backend
 from .functional import check_input_ids
 from .setup import Setup
@@ -335,15 +334,7 @@ def _layout(grafts: list[ModuleGraft], n_cells: int, width: int, device: Any) ->
 def _feature_mix(module, parts) -> dict[str, torch.Tensor]:
     """P's parameters with the given output features replaced by each donor's (Linear weight is
     (out, in); GPT-2's Conv1D stores (in, out); biases are (out,))."""
-    if stores_weight_in_out(module):
-        out_dim = {"weight": 1, "bias": 0}
-    elif isinstance(module, torch.nn.Linear):
-        out_dim = {"weight": 0, "bias": 0}
-    else:
-        raise UnsupportedArchitectureError(
-            f"cannot graft output features of a {type(module).__name__} module (the adapter's "
-            "fused_qkv site): feature grafts are defined for Linear and Conv1D projections only"
-        )
+    out_dim = feature_axes(module)
     mixed = {}
     for name, mine in module.named_parameters():
         value = mine.detach().clone()
@@ -357,11 +348,8 @@ def _feature_mix(module, parts) -> dict[str, torch.Tensor]:
 def projection_width(module: torch.nn.Module) -> int | None:
     """Output features of a projection computed directly (``nn.Linear``, GPT-2's ``Conv1D``);
     ``None`` for any other module (it runs as itself)."""
-    if type(module) is torch.nn.Linear:
-        return module.out_features
-    if stores_weight_in_out(module):
-        return int(module.weight.shape[1])
-    return None
+    kind = direct(module)
+    return kind.out_features(module) if kind is not None else None
 
 
 def project_into(module: torch.nn.Module, params: dict[str, torch.Tensor] | None, x: torch.Tensor,
@@ -371,7 +359,7 @@ def project_into(module: torch.nn.Module, params: dict[str, torch.Tensor] | None
     (``F.linear`` is ``addmm(bias, x, W.T)``; GPT-2's ``Conv1D`` is ``addmm(bias, x, W)``)."""
     weight = module.weight if params is None else params["weight"]
     bias = module.bias if params is None else params.get("bias")
-    if type(module) is torch.nn.Linear:
+    if not direct(module).transposed:  # addmm wants (in, out)
         weight = weight.t()
     if bias is None:
         torch.mm(x, weight, out=out)
@@ -386,16 +374,16 @@ def module_forward(envoy: Any, module: torch.nn.Module, params: dict[str, torch.
     Linear layers (``nn.Linear``, GPT-2's ``Conv1D``) are computed directly; any other module is
     run as itself, with the parameters swapped in (called through its envoy, which nnsight allows
     inside a trace without disturbing the forward pass being traced)."""
-    kind = type(module)
+    kind = direct(module)
     if params is None:
-        if kind is torch.nn.Linear:
+        if kind is LINEAR:
             return torch.nn.functional.linear(x, module.weight, module.bias)
-        if not stores_weight_in_out(module):
+        if kind is not CONV1D:
             return envoy(x)
         params = {"weight": module.weight, "bias": module.bias}
-    if kind is torch.nn.Linear:
+    if kind is LINEAR:
         return torch.nn.functional.linear(x, params["weight"], params.get("bias"))
-    if stores_weight_in_out(module) and set(params) == {"weight", "bias"}:  # GPT-2: x @ W + b
+    if kind is CONV1D and set(params) == {"weight", "bias"}:  # GPT-2: x @ W + b
         return torch.addmm(params["bias"], x.reshape(-1, x.shape[-1]), params["weight"]).view(*x.shape[:-1], -1)
     with swapped_parameters(module, params):
         return envoy(x)

@@ -27,7 +27,8 @@ from typing import Any, Callable, Mapping, Sequence
 
 import torch
 
-from ..arch import Adapter, adapter_for, get_module, stores_weight_in_out
+from ..arch import Adapter, adapter_for, get_module
+from ..arch.kinds import CONV1D, EMBEDDING, LINEAR, NORM, kind_of
 from ..donors.delta import RemoteDonor, Shipment, detached_copy, layout_of, to_map
 from ..errors import PayloadTooLargeError, RemoteGraftError, UnsupportedModuleError
 from .functional import INPUT_IDS_SLOT, PROGRAM_VERSION, forward as functional_forward
@@ -84,14 +85,15 @@ def module_kind(module: torch.nn.Module, path: str = "") -> tuple[str, dict[str,
         ('layer_norm', {'eps': 1e-05, 'shape': [8]})
     """
     cls = type(module)
-    if isinstance(module, torch.nn.Linear) and cls.forward is torch.nn.Linear.forward:
+    kind = kind_of(module)
+    if kind is LINEAR and cls.forward is torch.nn.Linear.forward:
         return "linear", {}
-    if stores_weight_in_out(module):
+    if kind is CONV1D:
         from transformers.pytorch_utils import Conv1D
 
         if cls.forward is Conv1D.forward:
             return "conv1d", {}
-    if isinstance(module, torch.nn.Embedding):
+    if kind is EMBEDDING:
         if cls.forward is torch.nn.Embedding.forward and module.max_norm is None:
             return "embedding", {}
         scale = getattr(module, "scalar_embed_scale", None)
@@ -101,7 +103,7 @@ def module_kind(module: torch.nn.Module, path: str = "") -> tuple[str, dict[str,
             ids = lambda dtype: torch.arange(min(n, 64)) % n  # noqa: E731
             if _probe(module, "embedding", const, ids):
                 return "embedding", const
-    if isinstance(module, torch.nn.LayerNorm) and cls.forward is torch.nn.LayerNorm.forward:
+    if kind is NORM and isinstance(module, torch.nn.LayerNorm) and cls.forward is torch.nn.LayerNorm.forward:
         return "layer_norm", {"eps": float(module.eps), "shape": list(module.normalized_shape)}
     params = dict(module.named_parameters())
     if set(params) == {"weight"} and params["weight"].ndim == 1:
@@ -109,9 +111,9 @@ def module_kind(module: torch.nn.Module, path: str = "") -> tuple[str, dict[str,
         if isinstance(eps, (int, float)):
             d = params["weight"].shape[0]
             x = lambda dtype: (3 * torch.randn(2, 3, d, generator=torch.Generator().manual_seed(1))).to(dtype)  # noqa: E731
-            for kind in ("rms_llama", "rms_olmo2", "rms_gemma"):
-                if _probe(module, kind, {"eps": float(eps)}, x):
-                    return kind, {"eps": float(eps)}
+            for form in NORM.functional:  # the RMS forms: which one is probed, bit for bit
+                if form.startswith("rms_") and _probe(module, form, {"eps": float(eps)}, x):
+                    return form, {"eps": float(eps)}
     raise UnsupportedModuleError(
         f"cannot graft {path or 'a module'} ({cls.__name__}) remotely: nngraft has no functional form "
         "that reproduces its forward exactly (supported: Linear, GPT-2 Conv1D, Embedding incl. "
@@ -131,7 +133,7 @@ def leaf_plan(plan: GraftPlan, adapter: Adapter, config: Any) -> GraftPlan:
     modules = []
     n_layers = adapter.n_layers(config)
     for graft in plan.modules:
-        fused = adapter.fused_qkv and set(graft.components) <= {"q", "k", "v"}
+        fused = set(graft.components) <= set(adapter.fused_with(graft.components[0]))
         if len(graft.components) > 1 and not fused:
             sites = [s for c in graft.components for s in adapter.sites(c, graft.layer, config)]
             sites.sort(key=lambda s: adapter.site_order(s, n_layers))

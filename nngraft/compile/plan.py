@@ -348,11 +348,12 @@ def _sites(chosen, adapter: Adapter, config, merge_mlp):
     for (component, layer), where in cells.items():
         if (component, layer) in done:
             continue
-        qkv = [("q", layer), ("k", layer), ("v", layer)]
-        if adapter.fused_qkv and component in "qkv" and all(cells.get(m) == where for m in qkv):
-            done.update(qkv)  # the whole fused projection: no feature slicing needed
-            path = adapter.sites("q", layer, config)[0].path
-            sites.append((Site("q", path, layer), where, ("q", "k", "v")))
+        fused = adapter.fused_with(component)
+        shared = [(c, layer) for c in fused]
+        if fused and all(cells.get(m) == where for m in shared):
+            done.update(shared)  # the whole fused projection: no feature slicing needed
+            path = adapter.sites(fused[0], layer, config)[0].path
+            sites.append((Site(fused[0], path, layer), where, fused))
             continue
         members = [(c, layer) for c in mlp_members]
         if (merge_mlp and adapter.mlp_path and component in mlp_members

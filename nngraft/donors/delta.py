@@ -38,7 +38,7 @@ from typing import Any, Literal, Mapping
 
 import torch
 
-from ..arch import stores_weight_in_out
+from ..arch.kinds import KINDS, kind_of
 from .donor import PICKLE_SUFFIXES, ModelDonor, SafetensorsDonor, TensorDonor
 from ..errors import DonorMismatchError, RemoteDonorError
 
@@ -82,12 +82,9 @@ def layout_of(module: torch.nn.Module, name: str = "weight") -> Layout:
     param = getattr(module, name)
     if param.ndim == 1:
         return "vector"
-    if isinstance(module, torch.nn.Embedding):
-        return "embedding"
-    if stores_weight_in_out(module):
-        return "conv1d"
-    if isinstance(module, torch.nn.Linear):
-        return "linear"
+    kind = kind_of(module)
+    if kind is not None and kind.name in ("linear", "conv1d", "embedding"):
+        return kind.name
     raise RemoteDonorError(
         f"{type(module).__name__} stores a {param.ndim}-D parameter {name!r} that nngraft cannot "
         "read as a linear map"
@@ -96,12 +93,12 @@ def layout_of(module: torch.nn.Module, name: str = "weight") -> Layout:
 
 def to_map(weight: torch.Tensor, layout: Layout) -> torch.Tensor:
     """A weight in its module's storage layout → the linear map it applies (out × in)."""
-    return weight if layout == "linear" else weight.t()
+    return KINDS[layout].as_linear_map(weight)
 
 
 def from_map(matrix: torch.Tensor, layout: Layout) -> torch.Tensor:
     """Inverse of :func:`to_map`."""
-    return matrix if layout == "linear" else matrix.t()
+    return KINDS[layout].from_linear_map(matrix)
 
 
 def detached_copy(tensor: torch.Tensor, dtype: torch.dtype | None) -> torch.Tensor:

@@ -145,7 +145,7 @@ class PartialDonor:
             return ("columns" if component == "down" else "rows"), index
         if component not in ("q", "k", "v", "o"):
             raise SpecError(f"weights.heads selects attention heads; {component!r} ({path}) is not q, k, v or o")
-        if self.adapter.fused_qkv and component in ("q", "k", "v"):
+        if self.adapter.fused_with(component):
             raise SpecError(f"weights.heads is not supported on fused QKV projections ({path}); use rows")
         head_dim = self.adapter.head_dim(self.recipient.config)
         features = [h * head_dim + i for h in index for i in range(head_dim)]
