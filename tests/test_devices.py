@@ -158,3 +158,31 @@ def test_bfloat16_p_split_over_two_gpus_reads_only_the_grafted_modules_of_a_lazy
     assert sorted(read) == ["model.layers.2.mlp", "model.layers.3.mlp"]  # the MLP grafted as one module
     assert all(sorted(params) == ["down_proj.weight", "gate_proj.weight", "up_proj.weight"] for params in read.values())
     assert {v for params in read.values() for v in params.values()} == {(torch.device("cuda", 1), torch.bfloat16)}
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2", "gemma2"])
+def test_shared_prefix_and_generation_on_two_virtual_gpus_give_the_cpu_results(arch):
+    """The KV-cache paths: a grid whose rows share each prompt's prefix (the prefix pass's cache
+    reordered per row, position ids and masks built for the suffix) and greedy generation under a
+    graft, with the cache's layers on two devices."""
+    specs = [spec("lt_mlp", ["mlp"], positions=[{"last": True}]), spec("lt_o", ["o"], positions=[{"last": True}]),
+             spec("fe_lt", ["everything"])]
+    prompts, spans = PROMPTS * 2, SPANS * 2
+
+    def results(P, F, tok):
+        g = Grafter(P, F, tok, call_cost=0.0)  # every shareable prefix is shared
+        grid = {name: r.logits.cpu() for name, r in g.run_grid(specs, prompts, spans).items()}
+        generated = g.generate(specs[0], PROMPTS, SPANS, max_new_tokens=3)
+        return grid, torch.stack([s.cpu() for s in generated.step_logits]), generated.tokens.cpu()
+
+    P, F, tok = tiny_pair(arch, n_layers=4)
+    expected = results(P, F, tok)
+    P, F, tok = tiny_pair(arch, n_layers=4)
+    with virtual_devices():
+        adapter = adapter_for(P)
+        dispatch(P, split_map(P, adapter.layers_path, adapter.n_layers(P.config), 2))
+        got = results(P, F, tok)
+    for name in expected[0]:
+        torch.testing.assert_close(got[0][name], expected[0][name], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(got[1], expected[1], atol=1e-5, rtol=1e-5)
+    assert torch.equal(got[2], expected[2])

@@ -201,7 +201,9 @@ def forward_on_prefix(forward: Callable[..., tuple[torch.Tensor, Any]], plan: Gr
     _, cache = forward(head_plan, head, use_cache=True)
     if not cache_holds(cache, width):
         return None
-    cache.batch_select_indices(torch.tensor([where.get(s.key, 0) for s in prefixes], device=device))
+    # CPU indices: each cache layer indexes with them on its own device (a model split over devices
+    # keeps each layer's keys and values on that layer's device)
+    cache.batch_select_indices(torch.tensor([where.get(s.key, 0) for s in prefixes]))
     # Row r sees the first `taken[r]` positions of its prefix, which sits right-aligned.
     taken = torch.tensor([s.length for s in prefixes])
     column = torch.arange(width)
