@@ -45,7 +45,7 @@ def parse(argv: list[str] | None = None) -> tuple[argparse.Namespace, list[str]]
 def main(argv: list[str] | None = None) -> int:
     from nngraft.cli import main as cli
     from nngraft.study import data as datasets
-    from nngraft.study.demo import training_choice
+    from nngraft.study.finetune_commands import training_choice
     from nngraft.study.finetune import PRESETS
 
     args, rest = parse(argv)

@@ -230,7 +230,7 @@ def test_next_token_top1_matches_single_prompt_forwards():
 def test_most_likely_next_tokens_counts_single_prompt_argmaxes():
     from collections import Counter
 
-    from nngraft.study.demo import most_likely_next_tokens
+    from nngraft.study.demo_checks import most_likely_next_tokens
     from nngraft.testing import tiny_pair
 
     P, _, tok = tiny_pair("llama")
@@ -248,7 +248,7 @@ def test_validation_note_explains_a_lagging_validation_phrasing_only():
     F predicts there instead; not when validation is fine, nor when F is weak on the test too."""
     from collections import Counter
 
-    from nngraft.study.demo import validation_lags, validation_note
+    from nngraft.study.demo_checks import validation_lags, validation_note
 
     tokens = Counter({" their": 20, " C": 3, " Ad": 1})
     note = validation_note(0.08, 23 / 24, tokens, 24)
@@ -306,7 +306,7 @@ def test_cli_registers_demo_and_finetune():
     args = parser.parse_args(["finetune", "--model", "smollm2", "--out", "o", "--dataset", "fake_movies_fake_actors",
                               "--n", "8", "--preset", "cpu-fast", "--lora-r", "4"])
     assert (args.command, args.preset, args.lora_r, args.families) == ("finetune", "cpu-fast", 4, None)
-    from nngraft.study.demo import training_choice  # no --families: the built-in set's lm and qa, both orders
+    from nngraft.study.finetune_commands import training_choice  # no --families: the built-in set's lm and qa, both orders
 
     assert training_choice(args) == ("movies", ["lm", "qa"], ["A2B", "B2A"])
 

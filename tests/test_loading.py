@@ -171,7 +171,7 @@ def test_run_cli_with_a_lora_adapter_donor_checks_it_against_merged_weights(save
 def test_finetune_says_how_to_use_its_output_with_ps_folder():
     from pathlib import Path
 
-    from nngraft.study.demo import next_steps
+    from nngraft.study.finetune_commands import next_steps
 
     lora = next_steps("/cache/models/SmolLM2-135M-Instruct-98362432-v1", Path("runs/sft/x"), "sentence_3", lora=True)
     assert "P (the recipient) is /cache/models/SmolLM2-135M-Instruct-98362432-v1" in lora
