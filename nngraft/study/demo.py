@@ -213,7 +213,11 @@ def _run_demo(options: DemoOptions, console: Any, tables_console: Any = None) ->
     from .models import environment_versions, model_identity, resolve_device
     from .data import facts_hash, make_facts, make_test_examples, save_facts, training_texts
     from .results import FORMAT_VERSION, ResultsWriter, write_manifest
-    from .sweep import LoadedPair, check_baselines, evaluate, examples_hash, spec_role
+    from .evaluate import evaluate
+    from .examples import examples_hash
+    from .pairs import LoadedPair
+    from .sweep import check_baselines
+    from .sweep_config import spec_role
 
     from .run_commands import wide_console
 

@@ -17,7 +17,7 @@ from ..cli.registry import command, console, out, passive_omp_reexec
 
 @dataclass
 class _DataSource:
-    """What :func:`nngraft.study.sweep.load_data` reads from a sweep config: the data section and
+    """What :func:`nngraft.study.sweep_config.load_data` reads from a sweep config: the data section and
     how to resolve relative paths (here: against the current directory)."""
 
     data: Any
@@ -32,7 +32,7 @@ def load_examples(data: dict[str, Any]) -> tuple[list[Any], dict[str, Any]]:
     from pydantic import ValidationError
 
     from ..spec import format_validation_error
-    from .sweep import DataConfig, SweepConfigError, load_data
+    from .sweep_config import DataConfig, SweepConfigError, load_data
 
     try:
         source = _DataSource(DataConfig.model_validate(data))
@@ -44,11 +44,12 @@ def load_examples(data: dict[str, Any]) -> tuple[list[Any], dict[str, Any]]:
 
 def load_inputs(pair: dict[str, Any], data: dict[str, Any]) -> tuple[Any, list[Any], dict[str, Any]]:
     """Load a model pair and test examples described as in a sweep config (``models[0]`` and
-    ``data``): returns (:class:`~nngraft.study.sweep.LoadedPair`, examples, data source)."""
+    ``data``): returns (:class:`~nngraft.study.pairs.LoadedPair`, examples, data source)."""
     from pydantic import ValidationError
 
     from ..spec import format_validation_error
-    from .sweep import ModelPair, SweepConfigError, load_pair
+    from .pairs import load_pair
+    from .sweep_config import ModelPair, SweepConfigError
 
     try:
         model = ModelPair.model_validate(pair)

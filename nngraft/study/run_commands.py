@@ -285,7 +285,7 @@ def _validated(raw: dict[str, Any]) -> Any:
     from pydantic import ValidationError
 
     from ..spec import format_validation_error
-    from .sweep import SweepConfig, SweepConfigError
+    from .sweep_config import SweepConfig, SweepConfigError
 
     try:
         return SweepConfig.model_validate(raw)
@@ -423,7 +423,8 @@ Rerunning the same command resumes: rows already in the results file are skipped
 def cmd_sweep(args: argparse.Namespace) -> int:
     """Run a sweep config (models × data × templates × spec grid), resumable, to results JSONL."""
     from .results import load_results
-    from .sweep import load_sweep_config, run_sweep
+    from .sweep import run_sweep
+    from .sweep_config import load_sweep_config
 
     passive_omp_reexec("sweep")
     config = load_sweep_config(args.config, **({"backend": args.backend} if args.backend else {}))

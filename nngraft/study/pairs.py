@@ -1,0 +1,129 @@
+"""Model pairs of a sweep: P, F and named donors loaded from a config entry (local folders, hub ids,
+GGUF files, LoRA adapters, or tiny random models), with the identity the manifest records, and
+the Grafter that runs them."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ..grafter import Grafter
+from ..util.inputs import loading_model
+from .models import model_identity, resolve_device
+from .sweep_config import ModelPair, SweepConfig
+
+
+def grafter_for(pair: Any, pair_cfg: ModelPair, config: "SweepConfig") -> Grafter:
+    """The Grafter of one loaded model pair on the config's backend (``local``, ``ndif``,
+    ``ndif-local``)."""
+    donor = pair.graft_donor or pair.donor
+    options: dict[str, Any] = dict(donors=pair.donors, batch_size=config.batch_size)
+    if config.backend == "local":
+        return Grafter(pair.recipient, donor, pair.tokenizer, **options)
+    if config.backend == "ndif-local":
+        return Grafter.remote(pair.recipient, donor, pair.tokenizer, execution="local", verbose=False, **options)
+    return Grafter.remote(pair_cfg.recipient, donor, pair.tokenizer, verbose=False, **options)
+
+
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+@dataclass
+class LoadedPair:
+    name: str
+    recipient: torch.nn.Module
+    donor: torch.nn.Module
+    tokenizer: Any
+    identity: dict[str, Any]
+    donors: dict[str, torch.nn.Module] = field(default_factory=dict)
+    graft_donor: Any = None
+    """What to graft from when it is not ``donor`` itself (a LoRA adapter; ``donor`` is then P
+    with the adapter merged, for the plain-F baseline check)."""
+
+
+def load_pair(pair: ModelPair, config: SweepConfig | None = None) -> LoadedPair:
+    """Load P, F and the tokenizer of a :class:`ModelPair` (on its device and dtype)."""
+    device = resolve_device(pair.device)
+    if pair.tiny:
+        from ..testing import tiny_pair
+
+        P, F, tok = tiny_pair(pair.tiny, n_layers=pair.tiny_layers)
+        graft_from = None
+        src_p = f"nngraft.testing.tiny_pair({pair.tiny!r}, n_layers={pair.tiny_layers}) P"
+        src_f = f"nngraft.testing.tiny_pair({pair.tiny!r}, n_layers={pair.tiny_layers}) F"
+        if pair.dtype in _DTYPES:
+            P, F = P.to(_DTYPES[pair.dtype]), F.to(_DTYPES[pair.dtype])
+    else:
+        from ..donors.loading import load_model
+
+        def resolve(value: str) -> str:
+            local = config.path(value) if config is not None else Path(value)
+            return str(local) if local.exists() else value
+
+        src_p, src_f = resolve(pair.recipient), resolve(pair.donor)
+        dtype = _DTYPES.get(pair.dtype, "auto")
+        with loading_model(f"model {pair.name!r}: the recipient", src_p):
+            P, tok = load_model(src_p, dtype=dtype)
+        with loading_model(f"model {pair.name!r}: the donor", src_f):
+            F, graft_from = load_donor(src_f, P, dtype=dtype)
+    P, F = P.to(device).eval(), F.to(device).eval()
+    identity = {"recipient": model_identity(P, src_p), "donor": model_identity(F, src_f),
+                "device": str(device)}
+    if graft_from is not None:
+        identity["donor"]["lora_adapter"] = graft_from.describe()
+    donors = {}
+    for key, value in pair.donors.items():  # extra named donors: always paths or hub ids
+        local = config.path(value) if config is not None else Path(value)
+        src = str(local) if local.exists() else value
+        with loading_model(f"model {pair.name!r}: donor {key!r}", src):
+            donors[key], _ = load_donor(src, P, dtype=_DTYPES.get(pair.dtype, "auto"))
+        donors[key] = donors[key].to(device).eval()
+        identity.setdefault("donors", {})[key] = model_identity(donors[key], src)
+    loaded = LoadedPair(pair.name, P, F, tok, identity, donors)
+    loaded.graft_donor = graft_from
+    return loaded
+
+
+def load_donor(name: str, recipient: torch.nn.Module, *, dtype: Any) -> tuple[torch.nn.Module, Any]:
+    """``(F as a whole model, LoraDonor or None)`` for a donor name (:mod:`nngraft.donors.loading`). A PEFT
+    LoRA adapter folder is grafted as a :class:`~nngraft.donors.delta.LoraDonor`; the whole model returned
+    beside it is P with the adapter merged (by PEFT when installed), used for the plain-F baseline
+    check, so every run compares the adapter's grafts against merged weights."""
+    from ..donors.loading import load_model, resolve_model
+
+    source = resolve_model(name)
+    if source.kind != "adapter":
+        return load_model(name, dtype=dtype)[0], None
+    from ..donors.delta import LoraDonor
+
+    lora = LoraDonor(source.path)
+    lora.check_against(recipient)
+    return merged_lora_model(recipient, source.path), lora
+
+
+def merged_lora_model(recipient: torch.nn.Module, adapter: str | Path) -> torch.nn.Module:
+    """A copy of ``recipient`` with the LoRA adapter merged into its weights: with PEFT's
+    ``merge_and_unload`` when PEFT is installed, else with :class:`~nngraft.donors.delta.LoraDonor`'s
+    ``W + scale · B·A`` per adapted module."""
+    import copy
+
+    base = copy.deepcopy(recipient)
+    try:
+        from peft import PeftModel
+    except ImportError:
+        from ..arch import get_module
+        from ..donors.delta import LoraDonor
+
+        lora = LoraDonor(adapter)
+        paths = set(lora.factors) | {n.rpartition(".")[0] for n in lora.full}
+        with torch.no_grad():
+            for path in paths:
+                module = get_module(base, path)
+                for name, value in lora.params(path, module).items():
+                    owner, _, leaf = name.rpartition(".")
+                    getattr(get_module(module, owner) if owner else module, leaf).copy_(value)
+        return base.eval()
+    return PeftModel.from_pretrained(base, str(adapter)).merge_and_unload().eval()
