@@ -58,7 +58,7 @@ def run() -> dict[str, Any]:
 
     from nngraft import Grafter
     from nngraft.donors.delta import DeltaDonor, DenseDonor
-    from nngraft.study.models import load_model
+    from nngraft.donors.loading import load_model
     from nngraft.testing import perturbed_copy
 
     P, tok = load_model("smollm2")

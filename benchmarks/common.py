@@ -91,8 +91,8 @@ class Models:
 
 def _smollm2() -> tuple[torch.nn.Module, Any, str]:
     try:
-        from nngraft.study.models import load_model
-    except ImportError:  # before nngraft.study.models existed: read the GGUF directly (~15 s)
+        from nngraft.donors.loading import load_model
+    except ImportError:  # before nngraft.donors.loading existed: read the GGUF directly (~15 s)
         import importlib.util
 
         from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -104,7 +104,7 @@ def _smollm2() -> tuple[torch.nn.Module, Any, str]:
         model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=torch.float32)
         return model.eval(), AutoTokenizer.from_pretrained(folder, gguf_file=name), "gguf"
     model, tokenizer = load_model("smollm2")
-    return model, tokenizer, "nngraft.study.models.load_model('smollm2')"
+    return model, tokenizer, "nngraft.donors.loading.load_model('smollm2')"
 
 
 def load_models(name: str, *, n_layers: int = 8) -> Models:

@@ -50,6 +50,69 @@ MOVED = {
 """Old module path → the module it moved to."""
 
 
+MOVED_NAMES: dict[tuple[str, str], str] = {
+    ("nngraft.errors", "DataError"): "nngraft.study.errors",
+    ("nngraft.errors", "TemplateError"): "nngraft.study.errors",
+    ("nngraft.errors", "DataIntegrityError"): "nngraft.study.errors",
+    ("nngraft.study.models", "CONVERSION_VERSION"): "nngraft.donors.loading",
+    ("nngraft.study.models", "INSTALL_HINT"): "nngraft.donors.loading",
+    ("nngraft.study.models", "SMOLLM2_ALIASES"): "nngraft.donors.loading",
+    ("nngraft.study.models", "SMOLLM2_GGUF"): "nngraft.donors.loading",
+    ("nngraft.study.models", "SMOLLM2_NAME"): "nngraft.donors.loading",
+    ("nngraft.study.models", "SMOLLM2_PACKAGE"): "nngraft.donors.loading",
+    ("nngraft.study.models", "SMOLLM2_PIN"): "nngraft.donors.loading",
+    ("nngraft.study.models", "ModelLoadError"): "nngraft.donors.loading",
+    ("nngraft.study.models", "cache_dir"): "nngraft.donors.loading",
+    ("nngraft.study.models", "default_permissions"): "nngraft.donors.loading",
+    ("nngraft.study.models", "load_model"): "nngraft.donors.loading",
+    ("nngraft.study.models", "quiet_transformers"): "nngraft.donors.loading",
+    ("nngraft.study.models", "smollm2_gguf_path"): "nngraft.donors.loading",
+    ("nngraft.study.models", "smollm2_path"): "nngraft.donors.loading",
+}
+"""(old module, name) → the module that defines the name now: names that moved out of a module
+that still exists. The old module's ``__getattr__`` calls :func:`moved_name`."""
+
+
+def moved_name(module: str, name: str) -> object:
+    """``name`` from the module it moved to (imported by path, so the old module's layer does not
+    depend on the new one's), with a :class:`DeprecationWarning`; :class:`AttributeError` for a
+    name that never was there."""
+    new = MOVED_NAMES.get((module, name))
+    if new is None:
+        raise AttributeError(f"module {module!r} has no attribute {name!r}")
+    warnings.warn(f"{module}.{name} is deprecated and will be removed in the next release; import it from {new}",
+                  DeprecationWarning, stacklevel=3)
+    return getattr(importlib.import_module(new), name)
+
+
+_REMOTE_GRAFTER: type | None = None
+
+
+def remote_grafter() -> type:
+    """``nngraft.grafter.RemoteGrafter`` (deprecated): ``Grafter.remote(recipient, donor, tokenizer,
+    **options)``, i.e. a Grafter with an :class:`~nngraft.backends.ndif.NdifBackend`. Built on first
+    use, from modules imported by path (this module sits below them)."""
+    global _REMOTE_GRAFTER
+    if _REMOTE_GRAFTER is None:
+        Grafter = importlib.import_module("nngraft.grafter").Grafter
+
+        class RemoteGrafter(Grafter):
+            """Deprecated: use ``Grafter.remote(recipient, donor, tokenizer, **options)`` (the same
+            Grafter with an :class:`~nngraft.backends.ndif.NdifBackend`)."""
+
+            def __init__(self, recipient, donor, tokenizer=None, *, adapter=None, donors=None,  # noqa: ANN001
+                         batch_size=None, **options) -> None:  # noqa: ANN001
+                NdifBackend = importlib.import_module("nngraft.backends.ndif").NdifBackend
+                warnings.warn("RemoteGrafter is deprecated; use Grafter.remote(recipient, donor, tokenizer, ...)",
+                              DeprecationWarning, stacklevel=2)
+                super().__init__(recipient, donor, tokenizer, backend=NdifBackend(**options), adapter=adapter,
+                                 donors=donors, batch_size=batch_size)
+
+        RemoteGrafter.__module__ = "nngraft.grafter"
+        _REMOTE_GRAFTER = RemoteGrafter
+    return _REMOTE_GRAFTER
+
+
 def message(old: str) -> str:
     return f"{old} is deprecated and will be removed in the next release; import {MOVED[old]} instead"
 

@@ -69,18 +69,6 @@ class SchemaVersionError(SpecError):
     """A spec was written by a newer nngraft than the one reading it."""
 
 
-class DataError(GraftError, ValueError):
-    """A study dataset is malformed: a bad JSONL line, a duplicate id, a fact missing a field."""
-
-
-class TemplateError(DataError):
-    """A text template is malformed, or names a field that the facts do not have."""
-
-
-class DataIntegrityError(DataError):
-    """A saved dataset's content does not match the sha256 recorded in its manifest."""
-
-
 class OutputExistsError(GraftError):
     """An output path holds a file or folder that the writing command did not write; nngraft
     never overwrites it."""
@@ -157,3 +145,10 @@ class GatedModelError(RemoteAuthError):
 
 class RemoteTimeoutError(RemoteExecutionError):
     """NDIF stopped a request at its execution timeout."""
+
+
+def __getattr__(name: str) -> object:
+    """Names that moved out of this module (the study's dataset errors), for one release."""
+    from .deprecated import moved_name
+
+    return moved_name(__name__, name)

@@ -20,7 +20,6 @@ Example:
 
 from __future__ import annotations
 
-import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping, Sequence
@@ -400,20 +399,6 @@ class Grafter:
         return GenerationResult(tokens.cpu(), texts, [s.cpu() for s in steps_logits])
 
 
-class RemoteGrafter(Grafter):
-    """Deprecated: use ``Grafter.remote(recipient, donor, tokenizer, **options)`` (the same
-    Grafter with an :class:`~nngraft.backends.ndif.NdifBackend`)."""
-
-    def __init__(self, recipient: Any, donor: Any, tokenizer: Any = None, *, adapter: Adapter | None = None,
-                 donors: Mapping[str, Any] | None = None, batch_size: int | None = None, **options: Any) -> None:
-        from .backends.ndif import NdifBackend
-
-        warnings.warn("RemoteGrafter is deprecated; use Grafter.remote(recipient, donor, tokenizer, ...)",
-                      DeprecationWarning, stacklevel=2)
-        super().__init__(recipient, donor, tokenizer, backend=NdifBackend(**options), adapter=adapter,
-                         donors=donors, batch_size=batch_size)
-
-
 def is_spec_argument(value: Any) -> bool:
     """Whether ``value`` can only be a spec argument, never prompts: a GraftSpec, a spec dict
     (with ``"rules"``), or a non-empty list or name → spec dict of them."""
@@ -489,3 +474,11 @@ class _progress_bar:
             elapsed = self.progress.tasks[0].elapsed or 0.0
             self.console.print(f"grafted {self.total} rows in {elapsed:.1f} s", highlight=False)
 
+
+def __getattr__(name: str) -> Any:
+    """``RemoteGrafter``, deprecated (:mod:`nngraft.deprecated` holds it)."""
+    if name == "RemoteGrafter":
+        from .deprecated import remote_grafter
+
+        return remote_grafter()
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -81,7 +81,7 @@ def demo_setup(args: argparse.Namespace) -> tuple[Any, Any, Any, list[Any], str]
     import torch
 
     from nngraft.study import demo
-    from nngraft.study.models import load_model
+    from nngraft.donors.loading import load_model
     from nngraft.study.data import make_facts, make_test_examples
 
     options = demo.DemoOptions(facts=args.facts, seed=args.seed, device=args.device)

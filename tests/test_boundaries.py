@@ -22,7 +22,7 @@ import torch
 from nngraft import ArgumentError, DonorMismatchError, GraftRule, GraftSpec, Grafter, Last, SpecError
 from nngraft.cli import main
 from nngraft.donors.delta import DeltaDonor
-from nngraft.errors import DataError
+from nngraft.study.errors import DataError
 from nngraft.study.data import load_facts
 from nngraft.study.examples import TestExample
 from nngraft.study.results import OutputInUseError, ResultsError, output_lock

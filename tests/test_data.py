@@ -14,7 +14,8 @@ from pathlib import Path
 import pytest
 
 from nngraft.cli import main as cli_main
-from nngraft.errors import DataError, DataIntegrityError, SpanNotFoundError, TemplateError
+from nngraft.errors import SpanNotFoundError
+from nngraft.study.errors import DataError, DataIntegrityError, TemplateError
 from nngraft.study.data import (DATASETS, GENRES, TEST_TEMPLATES, TRAINING_TEMPLATES, facts_hash,
                                 facts_to_jsonl, load_facts, make_facts, make_test_examples,
                                 manifest_path, read_manifest, real_movies, save_facts,

@@ -18,7 +18,7 @@ import torch
 
 from nngraft.study.demo import (DEFAULT_FACTS, QUICK_FACTS, DemoOptions, demo_specs, next_token_top1, run_demo)
 from nngraft.errors import GraftError
-from nngraft.study.models import ModelLoadError, load_model, smollm2_gguf_path
+from nngraft.donors.loading import ModelLoadError, load_model, smollm2_gguf_path
 from nngraft.study.data import make_facts, make_test_examples
 from nngraft.study.results import load_results
 from nngraft.study.sweep import direct_probs

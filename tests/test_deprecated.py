@@ -12,7 +12,7 @@ import warnings
 import pytest
 
 import nngraft
-from nngraft.deprecated import MOVED
+from nngraft.deprecated import MOVED, MOVED_NAMES
 
 
 @pytest.mark.parametrize("old", sorted(MOVED))
@@ -70,3 +70,24 @@ def test_old_paths_work_in_a_fresh_interpreter():
     assert done.stdout.splitlines() == [
         "warned nngraft.tiny is deprecated and will be removed in the next release; import nngraft.testing instead",
         "llama"]
+
+
+@pytest.mark.parametrize("old", sorted(MOVED_NAMES))
+def test_a_moved_name_is_the_new_object_and_warns_with_its_new_module(old):
+    module, name = old
+    new = getattr(importlib.import_module(MOVED_NAMES[old]), name)
+    with pytest.warns(DeprecationWarning) as caught:
+        got = getattr(importlib.import_module(module), name)
+    assert got is new
+    assert [str(w.message) for w in caught] == [
+        f"{module}.{name} is deprecated and will be removed in the next release; import it from {MOVED_NAMES[old]}"]
+
+
+def test_from_import_of_a_moved_name_and_a_name_that_never_was():
+    from nngraft.study.errors import DataError
+
+    with pytest.warns(DeprecationWarning, match=r"nngraft\.errors\.DataError is deprecated .* nngraft\.study\.errors"):
+        from nngraft.errors import DataError as old
+    assert old is DataError and issubclass(DataError, nngraft.GraftError)
+    with pytest.raises(ImportError, match="cannot import name 'NoSuchError'"):
+        from nngraft.errors import NoSuchError  # noqa: F401

@@ -38,7 +38,8 @@ from nngraft import (
     TensorDonor,
     UnsupportedArchitectureError,
 )
-from nngraft.errors import (ArgumentError, DataError, GraftError, ModelLoadError, ModelNotAvailableError,
+from nngraft.study.errors import DataError
+from nngraft.errors import (ArgumentError, GraftError, ModelLoadError, ModelNotAvailableError,
                             OutputExistsError, PayloadTooLargeError, PromptError, RemoteAuthError,
                             TraceError)
 from nngraft.study.results import OutputInUseError, ResultsError, TruncatedResultsWarning

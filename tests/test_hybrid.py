@@ -14,7 +14,8 @@ import torch
 
 from nngraft import GraftRule, GraftSpec, Grafter, Last, Span
 from nngraft.arch import adapter_for
-from nngraft.errors import (ComponentNotFoundError, DataError, DonorMismatchError, LayerRangeError, SpecError)
+from nngraft.errors import ComponentNotFoundError, DonorMismatchError, LayerRangeError, SpecError
+from nngraft.study.errors import DataError
 from nngraft.study.models import weights_fingerprint
 from nngraft.study.data import make_facts
 from nngraft.study.examples import Fact, TestExample

@@ -37,7 +37,7 @@ from importlib import resources
 from pathlib import Path
 from typing import Any, Iterable, Sequence
 
-from ..errors import DataError, DataIntegrityError
+from .errors import DataError, DataIntegrityError
 from ..util.inputs import loads_json, read_text
 from ..util.io import atomic_write_text, refuse_foreign_file
 from .examples import Fact, TestExample
@@ -98,13 +98,13 @@ DATASETS: dict[str, DatasetInfo] = {d.name: d for d in (
 
 @lru_cache(maxsize=None)
 def word_list(name: str) -> tuple[str, ...]:
-    """A shipped list from ``nngraft/data/<name>.txt``: one entry per line, blank lines ignored.
+    """A shipped list from ``nngraft/study/resources/<name>.txt``: one entry per line, blank lines ignored.
 
     Example:
         >>> len(word_list("real_actors")) > 300
         True
     """
-    path = resources.files("nngraft") / "data" / f"{name}.txt"
+    path = resources.files("nngraft.study") / "resources" / f"{name}.txt"
     return tuple(line.strip() for line in path.read_text(encoding="utf-8").splitlines() if line.strip())
 
 
@@ -112,8 +112,8 @@ def word_list(name: str) -> tuple[str, ...]:
 def real_movies() -> tuple[Fact, ...]:
     """The shipped real movies (``data/real_movies.jsonl``): id, movie_title, release_year,
     first_actor, second_actor, director, genre."""
-    path = resources.files("nngraft") / "data" / "real_movies.jsonl"
-    return tuple(_parse_jsonl(path.read_text(encoding="utf-8"), "nngraft/data/real_movies.jsonl"))
+    path = resources.files("nngraft.study") / "resources" / "real_movies.jsonl"
+    return tuple(_parse_jsonl(path.read_text(encoding="utf-8"), "nngraft/study/resources/real_movies.jsonl"))
 
 
 # --- building facts -----------------------------------------------------------------------------

@@ -154,7 +154,7 @@ def _templates(args: argparse.Namespace) -> int:
 
 def _load_tokenizer(spec: str) -> Any:
     """A tokenizer by short name (tiny-gpt2, tiny-llama, smollm2), folder, or .gguf file."""
-    from ..errors import DataError
+    from .errors import DataError
 
     if spec in ("tiny-gpt2", "tiny-llama"):
         from ..testing import tiny_tokenizer

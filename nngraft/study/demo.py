@@ -92,7 +92,7 @@ class DemoOptions:
             self.facts = QUICK_FACTS if self.quick else DEFAULT_FACTS
         if self.quick:
             self.max_epochs = QUICK_EPOCHS
-        from ..errors import DataError
+        from .errors import DataError
 
         if self.facts < 2:
             raise DataError(f"the demo needs at least 2 facts (got {self.facts})")

@@ -63,7 +63,7 @@ class TestExample:
 def _example_from_row(row: Any, where: str) -> TestExample:
     """One line of an examples file as a :class:`TestExample`; :class:`DataError` naming the line
     and the field for anything else (a missing field, ``null``, a list, a number as the prompt …)."""
-    from ..errors import DataError
+    from .errors import DataError
 
     needs = "each line needs fact_id, template, prompt, spans, answer"
     if not isinstance(row, dict):
@@ -89,7 +89,7 @@ def _example_from_row(row: Any, where: str) -> TestExample:
 def load_examples_jsonl(path: str | Path) -> list[TestExample]:
     """Test examples from a JSONL file: one ``{"fact_id", "template", "prompt", "spans", "answer"}``
     object per line (what :meth:`TestExample.to_dict` writes)."""
-    from ..errors import DataError
+    from .errors import DataError
 
     from ..util.inputs import loads_json, read_text
 

@@ -76,7 +76,7 @@ def _cmd_finetune(args: argparse.Namespace) -> int:
     """Finetune a causal LM on a dataset's training texts (the paper's recipe, or a fast CPU preset)."""
     if args.device in ("auto", "cpu"):
         passive_omp_reexec("finetune")
-    from ..errors import DataError
+    from .errors import DataError
     from ..donors.loading import quiet_transformers
     from . import data as datasets
     from .finetune import PRESETS, LoraOptions
@@ -131,7 +131,7 @@ def training_choice(args: argparse.Namespace) -> tuple[Any, list[str], list[str]
 
     if args.templates and args.templates not in TRAINING_TEMPLATES:
         if not Path(args.templates).exists():
-            from ..errors import TemplateError
+            from .errors import TemplateError
 
             raise TemplateError(f"--templates {args.templates!r} is neither a built-in set "
                                 f"({', '.join(sorted(TRAINING_TEMPLATES))}) nor a file")
@@ -153,7 +153,7 @@ def read_texts(path: str | Path) -> list[str]:
         >>> read_texts(p)
         ['Ada Quenby built the loom engine.', 'Ivo Pemberton built the tide clock.']
     """
-    from ..errors import DataError
+    from .errors import DataError
 
     path = Path(path)
     if not path.is_file():

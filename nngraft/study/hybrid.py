@@ -60,10 +60,11 @@ from typing import Any, Sequence
 import torch
 
 from ..arch import adapter_for, get_module, output_axis
-from ..errors import DataError, GraftError, SpecError
+from ..errors import GraftError, SpecError
+from .errors import DataError
 from ..spec import GraftRule, GraftSpec, Last, LayerSelection, Span, resolve_layers
 from .examples import Fact
-from .models import default_permissions
+from ..donors.loading import default_permissions
 
 HYBRID = "hybrid"
 """Donor name of the hybrid model H in the specs' rules."""

@@ -1,9 +1,11 @@
 """What a manifest records about models and the machine: model identity (fingerprint, Hub
 revision), the device, library versions. Loading models by name lives in :mod:`nngraft.donors.loading`
-(its names are re-exported here for compatibility).
+(this module re-exported its names before 0.2; ``nngraft.study.models.load_model`` and the others
+still work for one release, with a DeprecationWarning, through :mod:`nngraft.deprecated`).
 
 Example::
 
+    from nngraft.donors.loading import load_model
     model, tokenizer = load_model("smollm2")
     model_identity(model)["n_layers"]  # 30
 """
@@ -19,9 +21,7 @@ from typing import Any
 import torch
 
 from ..errors import GraftError
-from ..donors.loading import (CONVERSION_VERSION, INSTALL_HINT, SMOLLM2_ALIASES, SMOLLM2_GGUF, SMOLLM2_NAME,  # noqa: F401
-                      SMOLLM2_PACKAGE, SMOLLM2_PIN, ModelLoadError, cache_dir, default_permissions, load_model,
-                      quiet_transformers, smollm2_gguf_path, smollm2_path, weights_fingerprint)
+from ..donors.loading import weights_fingerprint
 
 
 FINGERPRINT_VERSION = 2
@@ -114,3 +114,10 @@ def environment_versions() -> dict[str, str]:
     out["cpu_capability"] = torch.backends.cpu.get_cpu_capability()  # ATen's kernel path (ATEN_CPU_CAPABILITY)
     out["OMP_WAIT_POLICY"] = os.environ.get("OMP_WAIT_POLICY", "(unset)")
     return out
+
+
+def __getattr__(name: str) -> Any:
+    """Names of :mod:`nngraft.donors.loading` this module used to re-export (deprecated)."""
+    from ..deprecated import moved_name
+
+    return moved_name(__name__, name)

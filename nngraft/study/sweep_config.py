@@ -230,7 +230,7 @@ def resolve_specs(config: SweepConfig) -> list[GraftSpec]:
 
 def load_data(config: SweepConfig) -> tuple[list[TestExample], dict[str, Any]]:
     """The sweep's test examples and a description of where they came from (for the manifest)."""
-    from ..errors import DataError
+    from .errors import DataError
 
     data = config.data
     if data.examples:

@@ -27,7 +27,7 @@ import warnings
 from collections import defaultdict
 from typing import Any, Iterable, Mapping, Sequence
 
-from ..errors import DataError, TemplateError
+from .errors import DataError, TemplateError
 from .examples import Fact, TestExample
 
 # --- training templates -------------------------------------------------------------------------
