@@ -19,7 +19,7 @@ from .metric_registry import DEFAULT_KS, MetricInputs, get_metric
 from .metric_registry import resolve as resolve_metrics
 from .metrics import MIN_GAP, score_logits
 from .results import ResultsWriter
-from .sweep_config import _F_SPEC, _P_SPEC, ModelPair, SweepConfigError, spec_role
+from .sweep_config import F_SPEC, P_SPEC, ModelPair, SweepConfigError, spec_role
 
 
 @dataclass
@@ -130,7 +130,7 @@ def evaluate(grafter: Grafter, specs: Sequence[GraftSpec], examples: Sequence[Te
         if not todo:
             continue
         extra = baseline_rows(batch, roles)
-        result = grafter.run_rows([specs[s] for s, _ in batch] + [_P_SPEC if r == "p" else _F_SPEC for r, _ in extra],
+        result = grafter.run_rows([specs[s] for s, _ in batch] + [P_SPEC if r == "p" else F_SPEC for r, _ in extra],
                                   [tokenized[e] for _, e in batch] + [tokenized[e] for _, e in extra],
                                   batch_size=len(batch) + len(extra))
         logits = result.logits[:len(batch)]

@@ -55,7 +55,7 @@ from .results import (FORMAT_VERSION, ResultsError, ResultsWriter, check_output,
 from .evaluate import EvalStats, check_donors, check_spans, evaluate
 from .examples import examples_hash
 from .pairs import LoadedPair, grafter_for, load_pair
-from .sweep_config import _F_SPEC, SweepConfig, SweepConfigError, load_data, resolve_specs, spec_role
+from .sweep_config import F_SPEC, SweepConfig, SweepConfigError, load_data, resolve_specs, spec_role
 # The sweep's pieces by their old address (nngraft.study.sweep.X), for scripts written before the split
 from .evaluate import (baseline_inputs, baseline_rows, plan_batches, row_recovery)  # noqa: F401
 from .examples import load_examples_jsonl, save_examples_jsonl  # noqa: F401
@@ -93,7 +93,7 @@ def check_baselines(pair: LoadedPair, specs: Sequence[GraftSpec], examples: Sequ
     ok = True
     checks = [("p", pair.recipient, lambda s: spec_role(s) == "p"), ("f", pair.donor, lambda s: spec_role(s) == "f")]
     for key, model in pair.donors.items():
-        whole = GraftSpec(rules=[r.model_copy(update={"donor": key}) for r in _F_SPEC.rules]).content_hash()
+        whole = GraftSpec(rules=[r.model_copy(update={"donor": key}) for r in F_SPEC.rules]).content_hash()
         checks.append((f"donor:{key}", model, lambda s, whole=whole: s.content_hash() == whole))
     for role, model, matches in checks:
         names = [s.name for s in specs if matches(s)]

@@ -186,17 +186,17 @@ def load_sweep_config(path: str | Path, **overrides: Any) -> SweepConfig:
         raise SweepConfigError(message) from None
 
 
-_F_SPEC = paper_specs()["f"]
+F_SPEC = paper_specs()["f"]
 
 
-_P_SPEC = paper_specs()["p"]
+P_SPEC = paper_specs()["p"]
 
 
 def spec_role(spec: GraftSpec) -> str:
     """``"p"`` (no rules: plain P), ``"f"`` (everything at every position: F) or ``"graft"``."""
     if not spec.rules:
         return "p"
-    if spec.content_hash() == _F_SPEC.content_hash():
+    if spec.content_hash() == F_SPEC.content_hash():
         return "f"
     return "graft"
 
