@@ -20,8 +20,8 @@ from nngraft.cli import main as cli_main
 from nngraft.compile.plan import compile_plan, select_positions
 from nngraft.study.data import make_facts, make_test_examples
 from nngraft.study.examples import TestExample
-from nngraft.study.localize import (LocalizeError, group_selectors, localize, split_facts, unit_label,
-                                    units_to_spec)
+from nngraft.study.localize import localize, split_facts
+from nngraft.study.localize_units import LocalizeError, group_selectors, unit_label, units_to_spec
 from nngraft.testing import perturbed_copy, tiny_model, tiny_pair, tiny_tokenizer
 
 from .recipe_loader import load_recipe

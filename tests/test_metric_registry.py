@@ -164,7 +164,8 @@ def test_scalar_form_for_gradient_methods():
 
 
 def test_localize_searches_any_registered_metric_without_baselines(registered):
-    from nngraft.study.localize import LocalizeError, metric_label, per_fact_metric
+    from nngraft.study.localize_search import per_fact_metric
+    from nngraft.study.localize_units import LocalizeError, metric_label
 
     logits = torch.tensor([[2.0, 0.0, 1.0], [0.0, 1.0, 0.0], [1.0, 1.0, 4.0]])
     got = per_fact_metric(logits, [0, 0, 2], ["b", "a", "b"], "target_margin")
