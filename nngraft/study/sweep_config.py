@@ -187,9 +187,9 @@ def load_sweep_config(path: str | Path, **overrides: Any) -> SweepConfig:
 
 
 F_SPEC = paper_specs()["f"]
-
-
+"""The baseline ``f``: everything grafted at every position (= running F)."""
 P_SPEC = paper_specs()["p"]
+"""The baseline ``p``: no graft (= running P)."""
 
 
 def spec_role(spec: GraftSpec) -> str:
