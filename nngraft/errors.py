@@ -149,6 +149,8 @@ class RemoteTimeoutError(RemoteExecutionError):
 
 def __getattr__(name: str) -> object:
     """Names that moved out of this module (the study's dataset errors), for one release."""
+    if name.startswith("__"):  # the import system's probes (__path__ …): not a moved name
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
     from .deprecated import moved_name
 
     return moved_name(__name__, name)

@@ -118,6 +118,8 @@ def environment_versions() -> dict[str, str]:
 
 def __getattr__(name: str) -> Any:
     """Names of :mod:`nngraft.donors.loading` this module used to re-export (deprecated)."""
+    if name.startswith("__"):  # the import system's probes (__path__ …): not a moved name
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
     from ..deprecated import moved_name
 
     return moved_name(__name__, name)
