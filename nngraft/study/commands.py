@@ -9,3 +9,4 @@ from . import run_commands  # noqa: F401  (registers `nngraft run`, `sweep`, `pl
 from . import localize_commands  # noqa: F401  (registers `nngraft localize`)
 from . import attribute_commands  # noqa: F401  (registers `nngraft attribute`)
 from . import finetune_commands  # noqa: F401  (registers `nngraft finetune`)
+from . import donor_commands  # noqa: F401  (registers `nngraft donor`)
