@@ -2,7 +2,10 @@
 
 - :mod:`nngraft.donors.donor` — the :class:`~nngraft.donors.donor.Donor` contract and donors built from a
   loaded model, a safetensors checkpoint or a dict of tensors;
-- :mod:`nngraft.donors.delta` — donors as data (dense F, ΔW = F − P, LoRA factors) and what each ships;
+- :mod:`nngraft.donors.delta` — donors as data (dense F, ΔW = F − P) and what each ships;
+- :mod:`nngraft.donors.lora` — PEFT LoRA adapters (a folder, or a Hub repo) as donors;
+- :mod:`nngraft.donors.shipment` — what a travelling donor ships (:class:`~nngraft.donors.shipment.Shipment`)
+  and how it reads a weight as a linear map;
 - :mod:`nngraft.donors.partial` — donors derived from a weight selection (a fraction of ΔW);
 - :mod:`nngraft.donors.loading` — load P and F by name or path (Hugging Face folders, the SmolLM2 GGUF).
 
