@@ -16,7 +16,8 @@ Protocol on stdin/stdout, every frame a 4-byte big-endian length and bytes:
     request  ← {"model": key, "metadata": RequestModel JSON}, then the payload blob
     response → {"ok": bool, "error": str, "foreign_modules": [...]}, then the result blob
 
-Usage: python -I tests/remote_worker.py KEY=CHECKPOINT_DIR [KEY=CHECKPOINT_DIR ...]
+Usage: python -I tests/remote_worker.py KEY=CHECKPOINT_DIR[@N] [KEY=CHECKPOINT_DIR[@N] ...]
+(``@N``: P on N virtual GPUs, tests/virtual_devices.py, loaded from its file: tests/test_devices.py)
 """
 
 import io
@@ -50,12 +51,14 @@ def write_frame(stream, data: bytes) -> None:
     stream.flush()
 
 
-def _load(folder):
+def _load(folder, place=None):
     from nnsight.modeling.transformers import TransformersModel
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     module = AutoModelForCausalLM.from_pretrained(folder).eval()
     module.requires_grad_(False)  # as the NDIF actor does
+    if place is not None:
+        place(module)
     return TransformersModel(module, tokenizer=AutoTokenizer.from_pretrained(folder), task="text-generation")
 
 
@@ -99,13 +102,40 @@ def _execute(model, metadata: str, blob: bytes) -> bytes:
     return data
 
 
+def _virtual_devices():
+    """tests/virtual_devices.py, loaded from its file (this process imports nothing of ``tests``)."""
+    import importlib.util
+    from pathlib import Path
+
+    spec = importlib.util.spec_from_file_location("virtual_devices", Path(__file__).with_name("virtual_devices.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def _place(module, devices: int, virtual) -> None:
+    """P on one virtual GPU, or split over ``devices`` like device_map="auto" (tests/test_devices.py)."""
+    if devices == 1:
+        virtual.on_one_device(module)
+    else:
+        virtual.dispatch(module, virtual.split_map(module, *virtual.layer_stack(module), devices))
+
+
 def main(argv):
+    from contextlib import ExitStack
+
     stdin, stdout = sys.stdin.buffer, sys.stdout.buffer
     sys.stdout = sys.stderr  # keep the protocol stream clean of prints
     models = {}
-    for item in argv:
+    scope = ExitStack()
+    virtual = None
+    for item in argv:  # KEY=FOLDER, or KEY=FOLDER@N: P on N virtual GPUs (tests/virtual_devices.py)
         key, _, folder = item.partition("=")
-        models[key] = _load(folder)
+        folder, _, devices = folder.partition("@")
+        if devices and virtual is None:
+            virtual = _virtual_devices()
+            scope.enter_context(virtual.virtual_devices())
+        models[key] = _load(folder, (lambda n: lambda m: _place(m, n, virtual))(int(devices)) if devices else None)
     try:
         import nngraft  # noqa: F401
 

@@ -4,9 +4,10 @@ it, every tensor nngraft makes, reuses or ships follows the device of the module
 No GPU here: tests/virtual_devices.py gives virtual ``cuda:0`` / ``cuda:1`` tensors computed on the
 CPU that raise torch's own device-mismatch error when an op mixes devices (what they cover and do
 not: that module's docstring). Every architecture × donor kind (a loaded F, a lazy safetensors
-folder, a PEFT LoRA adapter; remotely dense, delta and LoRA through the in-process NDIF stand-in)
-× spec family (embed, everything, lm_head, q, k, v, o, mlp, parameter-level) runs on one device and
-on two, and must give the CPU run's logits.
+folder, a PEFT LoRA adapter; remotely dense, delta and LoRA through the in-process NDIF stand-in
+and through the separate-process one, tests/remote_worker.py) × spec family (embed, everything,
+lm_head, q, k, v, o, mlp, parameter-level) runs on one device and on two, and must give the CPU
+run's logits; so must the KV-cache paths (shared prefixes, generation) on two devices.
 """
 
 from __future__ import annotations
@@ -71,9 +72,12 @@ def grafter(arch: str, kind: str, P, F, tok, root: str) -> Grafter:
         return Grafter(P, str(folder), tok)
     if kind == "lora":
         return Grafter(P, LoraDonor(lora_folder(arch, root)), tok)
-    donor = {"remote-dense": lambda: DenseDonor(F), "remote-delta": lambda: DeltaDonor(F, tiny_pair(arch)[0]),
-             "remote-lora": lambda: LoraDonor(lora_folder(arch, root))}[kind]()
-    return Grafter.remote(P, donor, tok, execution="local", verbose=False)
+    return Grafter.remote(P, remote_donor(arch, kind, F, root), tok, execution="local", verbose=False)
+
+
+def remote_donor(arch: str, kind: str, F, root: str):
+    return {"remote-dense": lambda: DenseDonor(F), "remote-delta": lambda: DeltaDonor(F, tiny_pair(arch)[0]),
+            "remote-lora": lambda: LoraDonor(lora_folder(arch, root))}[kind]()
 
 
 @pytest.fixture
@@ -186,3 +190,41 @@ def test_shared_prefix_and_generation_on_two_virtual_gpus_give_the_cpu_results(a
         torch.testing.assert_close(got[0][name], expected[0][name], atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(got[1], expected[1], atol=1e-5, rtol=1e-5)
     assert torch.equal(got[2], expected[2])
+
+
+@pytest.fixture(scope="module")
+def virtual_worker(root):
+    """The separate-process NDIF stand-in (tests/remote_worker.py: only P, nothing of the test suite
+    importable) with each P on one virtual GPU and split over two."""
+    from pathlib import Path
+
+    from .test_backends_ndif import Worker
+
+    checkpoints = {}
+    for arch in TINY_MODEL_TYPES:
+        folder = Path(root) / f"P-{arch}"
+        P, _, tok = tiny_pair(arch)
+        P.save_pretrained(folder)
+        tok.save_pretrained(folder)
+        for devices in (1, 2):
+            checkpoints[f"{arch}-{devices}"] = f"{folder}@{devices}"
+    worker = Worker(checkpoints)
+    yield worker
+    worker.close()
+
+
+@pytest.mark.parametrize("kind", REMOTE_DONORS)
+@pytest.mark.parametrize("arch", TINY_MODEL_TYPES)
+def test_the_separate_process_stand_in_on_virtual_gpus_gives_the_cpu_logits(arch, kind, root, virtual_worker):
+    assert virtual_worker.hello["ready"] and not virtual_worker.hello["nngraft_importable"]
+    expected = cpu_logits(arch, kind, root)
+    for devices in (1, 2):
+        P, F, tok = tiny_pair(arch)
+        g = Grafter.remote(P, remote_donor(arch, kind, F, root), tok, execution=virtual_worker.server(f"{arch}-{devices}"),
+                           verbose=False)
+        # the families whose tensors differ on the server: ids (embed), every module, the head, ΔW parts
+        specs = [s for s in specs_for(kind) if s.name in ("embed", "everything", "lm_head", "mlp_top5")]
+        got = {name: r.logits for name, r in g.run_grid(specs, PROMPTS, SPANS).items()}
+        for name in got:
+            torch.testing.assert_close(got[name], expected[name], atol=1e-5, rtol=1e-5,
+                                       msg=lambda m: f"{devices} device(s), {name}: {m}")

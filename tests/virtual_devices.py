@@ -122,7 +122,7 @@ class VTensor(torch.Tensor):
 
 
 def wrap(t: torch.Tensor, device: torch.device) -> torch.Tensor:
-    return VTensor(t, device) if device.type != "cpu" else t
+    return VTensor(t, device) if device.type == "cuda" and t.device.type == "cpu" else t
 
 
 def _index(self: torch.Tensor, index: Any) -> Any:
@@ -154,7 +154,8 @@ def run_op(func: Any, args: tuple, kwargs: dict) -> Any:
     kwargs = dict(kwargs)
     if kwargs.get("device") is not None:
         device = torch.device(kwargs["device"])
-        kwargs["device"] = CPU
+        if device.type == "cuda":
+            kwargs["device"] = CPU
     wrappers: dict[int, torch.Tensor] = {}
 
     def unwrap(t: Any) -> Any:
@@ -254,6 +255,16 @@ def split_map(model: torch.nn.Module, layers_path: str, n_layers: int, n_devices
         for p in model.get_submodule(name).parameters():
             out[name] = owner.setdefault(id(p), out[name])
     return out
+
+
+def layer_stack(model: torch.nn.Module) -> tuple[str, int]:
+    """The path and length of the model's stack of layers (the ``ModuleList`` as long as the
+    config's layer count), found without nngraft (the NDIF stand-in process cannot import it)."""
+    n = model.config.num_hidden_layers
+    for name, module in model.named_modules():
+        if isinstance(module, torch.nn.ModuleList) and len(module) == n:
+            return name, n
+    raise ValueError(f"no stack of {n} layers in {type(model).__name__}")
 
 
 def dispatch(model: torch.nn.Module, device_map: dict[str, int]) -> torch.nn.Module:
