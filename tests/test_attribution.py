@@ -252,3 +252,65 @@ def test_cli_attribute_bad_input_is_exit_2(tmp_path, capsys):
                      "--template", "sentence_1", "--steps", "0", "-o", str(tmp_path / "x")])
     assert code == 2
     assert "--steps must be ≥ 1; got 0" in capsys.readouterr().err
+
+
+def test_docs_attribution_runs_as_written(tmp_path, capsys, monkeypatch):
+    """docs/attribution.md: its Python block and its commands, as written (tiny models)."""
+    import re
+    import shlex
+    from pathlib import Path
+
+    from nngraft.cli import main as cli_main
+
+    text = (Path(__file__).resolve().parent.parent / "docs" / "attribution.md").read_text()
+    python = re.findall(r"```python\n(.*?)```", text, flags=re.S)
+    bash = re.findall(r"```bash\n(.*?)```", text, flags=re.S)
+    assert len(python) == 1 and len(bash) == 1
+    monkeypatch.chdir(tmp_path)
+    exec(compile(python[0], "docs/attribution.md", "exec"), {})
+    printed = capsys.readouterr().out
+    assert "'integrated'" in printed and re.search(r"\n-?[01]\.\d+ \(4,\)\n", printed)  # Spearman; 4 heads
+    commands = [shlex.split(c) for c in bash[0].replace("\\\n", " ").strip().splitlines()]
+    for argv in commands:
+        assert argv[0] == "nngraft"
+        assert cli_main(argv[1:]) == 0, argv
+    assert (tmp_path / "runs/att-tiny/attribution.svg").is_file()  # nngraft plot: png and svg
+    assert (tmp_path / "runs/loc-att/spec.json").is_file()
+
+
+def test_bench_attribute_runs_and_writes_its_docs_section(tmp_path):
+    """benchmarks/bench_attribute.py on a tiny pair: every arm's record, the exact recovery of the
+    found sets (re-measured here by grafting), and its section of a benchmarks.md written in place."""
+    import json
+
+    from benchmarks import bench_attribute
+    from nngraft.study.data import make_facts, make_test_examples
+    from nngraft.study.localize import units_to_spec
+
+    docs = tmp_path / "benchmarks.md"
+    docs.write_text("# Benchmarks\n\n## Other\n\nkept\n")
+    record = bench_attribute.main(["--case", "tiny", "--tiny", "llama", "--n", "3", "--steps", "2", "--metric",
+                                   "logprob", "--targets", "donor_top1", "--results", str(tmp_path / "res"),
+                                   "--docs", str(docs), "--plot", str(tmp_path / "att.png")])
+    assert set(record["arms"]) == {"exhaustive", "attribution", "attribution, integrated (2)"}
+    for arm in record["arms"].values():
+        assert arm["seconds"] > 0 and arm["load"] >= 0 and arm["recovery"] >= 0.9
+        assert arm["recovery_diff"] == pytest.approx(arm["recovery"] - record["arms"]["exhaustive"]["recovery"],
+                                                     abs=2e-4)
+    assert -1 <= record["ranking"]["spearman_first_order"] <= 1 and record["ranking"]["units"] == 63
+    assert json.loads((tmp_path / "res" / "tiny.json").read_text())["arms"].keys() == record["arms"].keys()
+    text = docs.read_text()
+    assert "kept" in text and "| tiny | attribution |" in text and bench_attribute.BEGIN in text
+    assert (tmp_path / "att.png").stat().st_size > 10_000
+    # the recorded recovery of the attribution arm is the exact recovery of its units
+    P, F, tok = tiny_pair("llama")
+    g = Grafter(P, F, tok)
+    examples = make_test_examples(make_facts("fake_movies_fake_actors", 3, seed=0), "sentence_1")
+    prompts, spans = [e.prompt for e in examples], [e.spans for e in examples]
+    units = [tuple(u) for u in record["arms"]["attribution"]["units"]]
+    spec = units_to_spec(units, ["first_actor"], n_layers=2)
+    runs = g.run_grid({"p": GraftSpec(name="p"), "f": GraftSpec.load("recipes/specs/f.json"), "g": spec},
+                      prompts, spans)
+    ids = runs["f"].logits.argmax(-1).tolist()
+    m = {k: float(target_logprob(ids)(r.logits)) for k, r in runs.items()}
+    assert (m["g"] - m["p"]) / (m["f"] - m["p"]) == pytest.approx(record["arms"]["attribution"]["recovery"], abs=2e-4)
