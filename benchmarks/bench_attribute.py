@@ -93,9 +93,11 @@ def measure(grafter: Any, examples: Sequence[Any], *, steps: int, target: float,
     options = {"target": target, "metric": metric, "targets": targets}
     record["arms"]["exhaustive"] = _arm(grafter, examples, **options)
     record["arms"]["attribution"] = _arm(grafter, examples, screen="attribution", **options)
+    record["arms"]["attribution, not pruned"] = _arm(grafter, examples, screen="attribution", screen_prune=False,
+                                                     **options)
     if steps > 1:
-        record["arms"][f"attribution, integrated ({steps})"] = _arm(grafter, examples, screen="attribution",
-                                                                    screen_steps=steps, **options)
+        record["arms"][f"integrated ({steps}), not pruned"] = _arm(grafter, examples, screen="attribution",
+                                                                  screen_steps=steps, screen_prune=False, **options)
     if exact:
         prompts, spans = [e.prompt for e in examples], [e.spans for e in examples]
         metric_fn = recovery_of(grafter, examples, metric, targets)
@@ -131,7 +133,8 @@ def render(records: dict[str, dict[str, Any]]) -> str:
              "`python -m benchmarks.bench_attribute` (one process per case; the arms one after the other, "
              "the 1-minute load average before each in brackets). *exhaustive*: `nngraft localize`'s "
              "coarse-to-fine search; *attribution*: `--screen attribution` (units ranked by attribution, "
-             "verified with exact grafts, pruned). Time ratio: exhaustive ÷ arm (goal ≥ 10); Δ recovery: "
+             "verified with exact grafts, pruned to a 1-minimal set); *not pruned*: `--no-prune` (the smallest "
+             "verified prefix of the ranking); *integrated (K)*: `--screen-steps K`. Time ratio: exhaustive ÷ arm (goal ≥ 10); Δ recovery: "
              "arm − exhaustive (goal within 0.03 of it). Spearman: the scores against every unit grafted "
              "alone (recovery of the target probability).", "",
              "| case | arm | wall s [load] | time ratio | units found | recovery | Δ recovery | forward passes |",

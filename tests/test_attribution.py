@@ -292,7 +292,7 @@ def test_bench_attribute_runs_and_writes_its_docs_section(tmp_path):
     record = bench_attribute.main(["--case", "tiny", "--tiny", "llama", "--n", "3", "--steps", "2", "--metric",
                                    "logprob", "--targets", "donor_top1", "--results", str(tmp_path / "res"),
                                    "--docs", str(docs), "--plot", str(tmp_path / "att.png")])
-    assert set(record["arms"]) == {"exhaustive", "attribution", "attribution, integrated (2)"}
+    assert set(record["arms"]) == {"exhaustive", "attribution", "attribution, not pruned", "integrated (2), not pruned"}
     for arm in record["arms"].values():
         assert arm["seconds"] > 0 and arm["load"] >= 0 and arm["recovery"] >= 0.9
         assert arm["recovery_diff"] == pytest.approx(arm["recovery"] - record["arms"]["exhaustive"]["recovery"],

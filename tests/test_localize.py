@@ -514,3 +514,17 @@ def test_cli_localize_screen_attribution(tmp_path, capsys):
     data = json.loads((out / "localize.json").read_text())
     assert data["settings"]["screen"] == "attribution" and data["recovery"]["mean"] >= 0.8
     assert "attribution screen" in capsys.readouterr().err
+
+
+def test_attribution_screen_without_pruning_keeps_a_verified_prefix(module_plant):
+    """screen_prune=False: the smallest verified prefix of a ranking, its recovery exact (a plain
+    graft gives the same), every planted module in it; the curve has a few points, not one per unit."""
+    g, ref, _, _ = module_plant
+    result = localize(g, ref.examples, targets="donor_top1", console=quiet(), show_progress=False,
+                      screen="attribution", screen_prune=False)
+    assert {("up", 1), ("o", 2)} <= {(c, layer) for _, c, layer in result.units}
+    assert ref.recovery(result.spec) == pytest.approx(result.recovery.mean, abs=1e-5)
+    assert result.recovery.mean >= TARGET
+    assert "prune" not in {s.stage for s in result.steps} and result.settings["screen_prune"] is False
+    assert [p.n_units for p in result.curve][1:] == [k for k in (1, 2, 3, 4, 6, 9, 13, 19, 28, 42)
+                                                      if k < len(result.units)] + [len(result.units)]

@@ -125,6 +125,9 @@ def add_search_args(p: argparse.ArgumentParser) -> None:
     s.add_argument("--screen-steps", type=int, default=1, metavar="K",
                    help="with --screen attribution: 1 for first-order scores (default), K > 1 for scores "
                         "integrated along P → F with K points")
+    s.add_argument("--no-prune", action="store_true",
+                   help="with --screen attribution: keep the smallest verified prefix of the ranking (exact "
+                        "recovery, not 1-minimal; no knockout per unit: much faster)")
 
 
 def search_options(args: argparse.Namespace) -> dict[str, Any]:
@@ -134,7 +137,7 @@ def search_options(args: argparse.Namespace) -> dict[str, Any]:
     return {"target": args.target, "metric": args.metric or "prob", "targets": args.targets or "answer",
             "spans": args.span, "include_globals": not args.no_globals, "holdout": args.holdout,
             "seed": args.search_seed, "min_gap": MIN_GAP if args.min_gap is None else args.min_gap,
-            "name": args.spec_name, "screen": args.screen, "screen_steps": args.screen_steps}
+            "name": args.spec_name, "screen": args.screen, "screen_steps": args.screen_steps, "screen_prune": not args.no_prune}
 
 
 def _localize_args(p: argparse.ArgumentParser) -> None:

@@ -18,7 +18,8 @@ from .examples import TestExample
 from .metric_registry import MetricInputs
 from .metrics import Estimate, recovery
 from .localize_result import Candidate, CurvePoint, Step
-from .localize_units import (FAMILIES, LAST, OTHER, Block, LocalizeError, Unit, rounded, unit_sort_key, metric_label,
+from .localize_units import (FAMILIES, LAST, OTHER, Block, LocalizeError, Unit, prefix_sizes, rounded, unit_sort_key,
+                             metric_label,
                              search_metric, unit_label, units_to_spec)
 from .localize_units import group_selectors  # noqa: F401  (nngraft.study.localize.group_selectors, as before)
 
@@ -213,11 +214,8 @@ class Search:
         self.log(f"attribution screen: {n} units scored in {att.seconds:.1f} s "
                  f"({'first order' if steps == 1 else f'integrated, {steps} steps'}), "
                  f"predicted recovery of all: {sum(score.values()):.3f}")
-        sizes, k = [], 1
-        while k < n:
-            sizes.append(k)
-            k = max(k + 1, int(k * 1.5))
-        sizes.append(n)
+        self.screen_scores = score
+        sizes = prefix_sizes(n)
         cands = [(f"top {k} by {how}", frozenset(ranked[:k])) for how, ranked in rankings.items() for k in sizes]
         recs = self.evaluate("screen", "prefixes", cands)
         best_of = {}
@@ -339,16 +337,24 @@ class Search:
 
     def curve(self) -> list[CurvePoint]:
         """Units ordered by how much removing each alone hurts (most first); recovery of every
-        prefix (the full set's is known)."""
+        prefix (the full set's is known). After an attribution screen: ordered by attribution
+        score, and only the prefixes of sizes 1, 2, 3, 4, 6, 9, … (a few rows, not one per unit)."""
         final = self.current()
-        ordered = sorted(final, key=lambda u: (self.cache.get(final - {u}, (None, 0.0, 0.0))[2],
-                                               unit_sort_key(u, self.groups)))
-        prefixes = [frozenset(ordered[:k]) for k in range(1, len(ordered) + 1)]
-        self.evaluate("curve", "curve", [(unit_label(ordered[k - 1]), p) for k, p in enumerate(prefixes, 1)])
-        self.record("curve", "curve", "recovery of the found set, unit by unit")
+        score = getattr(self, "screen_scores", None)
+        if score is not None:
+            ordered = sorted(final, key=lambda u: (-score.get(u, 0.0), unit_sort_key(u, self.groups)))
+            sizes = prefix_sizes(len(ordered))
+        else:
+            ordered = sorted(final, key=lambda u: (self.cache.get(final - {u}, (None, 0.0, 0.0))[2],
+                                                   unit_sort_key(u, self.groups)))
+            sizes = list(range(1, len(ordered) + 1))
+        prefixes = [frozenset(ordered[:k]) for k in sizes]
+        self.evaluate("curve", "curve", [(unit_label(ordered[k - 1]), p) for k, p in zip(sizes, prefixes)])
+        self.record("curve", "curve", "recovery of the found set, unit by unit" if score is None else
+                    "recovery of the found set, by attribution score")
         self.ordered = ordered
-        return [CurvePoint(0, "P", 0.0)] + [CurvePoint(k, unit_label(u), self.cache[p][2])
-                                           for k, (u, p) in enumerate(zip(ordered, prefixes), 1)]
+        return [CurvePoint(0, "P", 0.0)] + [CurvePoint(k, unit_label(ordered[k - 1]), self.cache[p][2])
+                                           for k, p in zip(sizes, prefixes)]
 
     def heldout(self, curve: list[CurvePoint]) -> Estimate | None:
         if not self.heldout_idx:

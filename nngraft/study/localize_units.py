@@ -58,6 +58,20 @@ class LocalizeError(GraftError, ValueError):
 _ORDER = {c: i for i, c in enumerate(GLOBAL_COMPONENTS + LAYER_COMPONENTS)}
 
 
+
+def prefix_sizes(n: int) -> list[int]:
+    """1, 2, 3, 4, 6, 9, 13, … (about ×1.5 each) up to and including ``n``.
+
+    Example:
+        >>> prefix_sizes(20)
+        [1, 2, 3, 4, 6, 9, 13, 19, 20]
+    """
+    sizes, k = [], 1
+    while k < n:
+        sizes.append(k)
+        k = max(k + 1, int(k * 1.5))
+    return sizes + [n]
+
 def unit_sort_key(unit: Unit, groups: Sequence[str]) -> tuple[int, int, int]:
     group, component, layer = unit
     return (groups.index(group), -1 if layer is None else layer, _ORDER[component])
