@@ -191,7 +191,8 @@ def _grafter_and_examples(args: argparse.Namespace) -> tuple[Any, list[Any], dic
 
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--case", required=True, help="name of this case in the table")
+    p.add_argument("--case", help="name of this case in the table")
+    p.add_argument("--render-only", action="store_true", help="only re-render the table from --results")
     p.add_argument("--tiny", metavar="MODEL_TYPE")
     p.add_argument("--model")
     p.add_argument("--donor")
@@ -213,6 +214,15 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     args = p.parse_args(argv)
     from nngraft.util.io import atomic_write_text
 
+    if args.render_only:
+        records = {f.stem: json.loads(f.read_text()) for f in sorted(args.results.glob("*.json"))}
+        text = render(records)
+        print(text)
+        if not args.no_docs:
+            replace_docs_section(args.docs, text, BEGIN, END, HEADING)
+        return records
+    if not args.case:
+        p.error("--case is required (or --render-only)")
     grafter, examples, source = _grafter_and_examples(args)
     record = measure(grafter, examples, steps=args.steps, target=args.target, exact=not args.no_exact,
                      metric=args.metric, targets=args.targets)

@@ -508,11 +508,12 @@ def test_cli_localize_screen_attribution(tmp_path, capsys):
     out = tmp_path / "loc"
     code = cli_main(["localize", "--tiny", "llama", "--dataset", "fake_movies_fake_actors", "--n", "2",
                      "--template", "sentence_1", "--targets", "donor_top1", "--metric", "logprob",
-                     "--target", "0.8", "--screen", "attribution", "--screen-steps", "2", "--no-progress",
-                     "-o", str(out)])
+                     "--target", "0.8", "--screen", "attribution", "--screen-steps", "2", "--no-prune",
+                     "--no-progress", "-o", str(out)])
     assert code == 0
     data = json.loads((out / "localize.json").read_text())
     assert data["settings"]["screen"] == "attribution" and data["recovery"]["mean"] >= 0.8
+    assert data["settings"]["screen_steps"] == 2 and data["settings"]["screen_prune"] is False
     assert "attribution screen" in capsys.readouterr().err
 
 
