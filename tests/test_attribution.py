@@ -191,6 +191,10 @@ def test_bad_arguments_are_one_clear_error():
         g.attribute(target_logprob([5]), PROMPT, SPANS, groups=["nope"])
     with pytest.raises(Exception, match="does not exist"):
         g.attribute(target_logprob([5]), PROMPT, SPANS, components=["c_fc"])
+    remote = Grafter.remote(P, F, tok, execution="local", verbose=False)
+    with pytest.raises(ArgumentError, match="attribution needs gradients through P in this process: use the local "
+                                            "backend"):
+        remote.attribute(target_logprob([5]), PROMPT, SPANS)
 
 
 # ---------------------------------------------------------------------------------------------
