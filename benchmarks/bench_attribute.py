@@ -84,18 +84,23 @@ def recovery_of(grafter: Any, examples: Sequence[Any], metric: str, targets: str
     return recovery_metric(ids, p_value, f_value, weights, base=metric)
 
 
+ARMS = ("exhaustive", "pruned", "not-pruned", "integrated")
+
+
 def measure(grafter: Any, examples: Sequence[Any], *, steps: int, target: float, exact: bool = True,
-            metric: str = "prob", targets: str = "answer") -> dict[str, Any]:
+            metric: str = "prob", targets: str = "answer", arms: Sequence[str] = ARMS) -> dict[str, Any]:
     """Every arm on ``grafter`` and ``examples`` (see the module docstring)."""
     from nngraft.attribution import exact_effects, spearman
 
     record: dict[str, Any] = {"arms": {}, "target": target, "metric": metric, "targets": targets}
     options = {"target": target, "metric": metric, "targets": targets}
     record["arms"]["exhaustive"] = _arm(grafter, examples, **options)
-    record["arms"]["attribution"] = _arm(grafter, examples, screen="attribution", **options)
-    record["arms"]["attribution, not pruned"] = _arm(grafter, examples, screen="attribution", screen_prune=False,
-                                                     **options)
-    if steps > 1:
+    if "pruned" in arms:
+        record["arms"]["attribution"] = _arm(grafter, examples, screen="attribution", **options)
+    if "not-pruned" in arms:
+        record["arms"]["attribution, not pruned"] = _arm(grafter, examples, screen="attribution",
+                                                         screen_prune=False, **options)
+    if steps > 1 and "integrated" in arms:
         record["arms"][f"integrated ({steps}), not pruned"] = _arm(grafter, examples, screen="attribution",
                                                                   screen_steps=steps, screen_prune=False, **options)
     if exact:
@@ -207,6 +212,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     p.add_argument("--targets", choices=["answer", "donor_top1"], default="answer")
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--no-exact", action="store_true", help="skip the every-unit-alone ranking check")
+    p.add_argument("--arms", default=",".join(ARMS),
+                   help=f"arms besides exhaustive (always run), comma-separated (default {','.join(ARMS[1:])})")
     p.add_argument("--results", type=Path, default=RESULTS)
     p.add_argument("--docs", type=Path, default=ROOT / "docs" / "benchmarks.md")
     p.add_argument("--no-docs", action="store_true")
@@ -225,7 +232,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         p.error("--case is required (or --render-only)")
     grafter, examples, source = _grafter_and_examples(args)
     record = measure(grafter, examples, steps=args.steps, target=args.target, exact=not args.no_exact,
-                     metric=args.metric, targets=args.targets)
+                     metric=args.metric, targets=args.targets, arms=args.arms.split(","))
     record.update(source, n_examples=len(examples), model_type=grafter.adapter.model_type,
                   n_layers=grafter.n_layers, threads=__import__("torch").get_num_threads())
     args.results.mkdir(parents=True, exist_ok=True)
