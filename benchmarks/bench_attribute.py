@@ -142,13 +142,13 @@ def render(records: dict[str, dict[str, Any]]) -> str:
              "verified prefix of the ranking); *integrated (K)*: `--screen-steps K`. Time ratio: exhaustive ÷ arm (goal ≥ 10); Δ recovery: "
              "arm − exhaustive (goal within 0.03 of it). Spearman: the scores against every unit grafted "
              "alone (recovery of the target probability).", "",
-             "| case | arm | wall s [load] | time ratio | units found | recovery | Δ recovery | forward passes |",
+             "| case | arm | wall s [load] | time ratio | units found | recovery | Δ recovery | rows (passes) |",
              "|---|---|---|---|---|---|---|---|"]
     for case, rec in records.items():
         for name, arm in rec["arms"].items():
             lines.append(f"| {case} | {name} | {arm['seconds']:.1f} [{arm['load']:.1f}] | {arm['time_ratio']:.2f} | "
                          f"{arm['n_units']} of {arm['universe_units']} | {arm['recovery']:.3f} | "
-                         f"{arm['recovery_diff']:+.3f} | {arm['forward_passes']} |")
+                         f"{arm['recovery_diff']:+.3f} | {arm['rows']} ({arm['forward_passes']}) |")
     lines += ["", "| case | units | Spearman, first order | Spearman, integrated | Σ exact | Σ first order | "
               "Σ integrated | attribute s [load] | every unit grafted alone s [load] |",
               "|---|---|---|---|---|---|---|---|---|"]
