@@ -222,12 +222,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     from nngraft.util.io import atomic_write_text
 
     if args.render_only:
-        records = {f.stem: json.loads(f.read_text()) for f in sorted(args.results.glob("*.json"))}
-        text = render(records)
-        print(text)
-        if not args.no_docs:
-            replace_docs_section(args.docs, text, BEGIN, END, HEADING)
-        return records
+        return _publish(args)
     if not args.case:
         p.error("--case is required (or --render-only)")
     grafter, examples, source = _grafter_and_examples(args)
@@ -241,12 +236,19 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         from nngraft.study.attribution_plot import plot_attribution
 
         plot_attribution(record["attribution"], args.plot)
+    _publish(args)
+    return record
+
+
+def _publish(args: argparse.Namespace) -> dict[str, Any]:
+    """Render the table of every case in ``args.results``, print it and (unless ``--no-docs``)
+    put it into ``args.docs``."""
     records = {f.stem: json.loads(f.read_text()) for f in sorted(args.results.glob("*.json"))}
     text = render(records)
     print(text)
     if not args.no_docs:
         replace_docs_section(args.docs, text, BEGIN, END, HEADING)
-    return record
+    return records
 
 
 if __name__ == "__main__":
