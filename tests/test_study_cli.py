@@ -109,6 +109,7 @@ def test_usage_errors_exit_2(tmp_path, examples, capsys):
     with pytest.raises(SystemExit) as exit_:
         main(["run", "--data", str(examples)])  # no --spec
     assert exit_.value.code == 2
+    assert "give --spec SPEC (a file or a built-in name such as fe_lt) and/or --grid NAME" in capsys.readouterr().err
     with pytest.raises(SystemExit) as exit_:
         main(["run", "--spec", str(SPECS / "lt.json"), "--data", str(examples)])
     assert exit_.value.code == 2

@@ -55,9 +55,17 @@ def check_spans(specs: Sequence[GraftSpec], examples: Sequence[TestExample]) -> 
             missing = spec.rule_names_span() - set(ex.spans)
             if missing:
                 users = [s.name for s in specs if s.rule_names_span() & missing]
+                from .grids import SPAN_ROLES
+
+                roles = {name: role for role, name in SPAN_ROLES.items() if name in missing}
+                hint = "".join(f"; if your {role} field is another one, name it with --{_ROLE_FLAG[role]} FIELD "
+                               f"(in a sweep config: \"spans\": {{\"{role}\": FIELD}})" for role in roles.values())
                 raise GraftError(f"example {ex.key!r} has no span {sorted(missing)} (its spans: "
                                  f"{sorted(ex.spans)}), which specs {users} graft at; use a template "
-                                 "with those {fields} or leave those specs out")
+                                 "with those {fields} or leave those specs out" + hint)
+
+
+_ROLE_FLAG = {"entity": "entity", "title": "title-span", "relation": "relation-span"}
 
 
 def check_donors(specs: Sequence[GraftSpec], models: Sequence[ModelPair]) -> None:

@@ -3,9 +3,12 @@
 Every spec here is plain data; :func:`write_paper_specs` writes them as the JSON files shipped in
 ``recipes/specs/`` (a test checks the files and this module agree). Conventions:
 
-- Positions: **FE** = the ``first_actor`` span, **M** = ``movie_title``, **R** = ``relation`` (the
-  template's relation word, e.g. "stars"), **LT** = the last token. Span names are the test
-  template's ``{fields}``.
+- Positions: **FE** = the entity span (``first_actor`` by default), **M** = the title span
+  (``movie_title``), **R** = the relation span (``relation``: the template's relation word, e.g.
+  "stars"), **LT** = the last token. Span names are the test template's ``{fields}``; every
+  function here takes ``entity=``, ``title=`` and ``relation=`` to name other fields, so a user's
+  facts with any field names run every grid (``paper_specs(entity="drug")``; on the command line
+  ``--entity drug``).
 - The position grids (FE, LT, FE+LT, complements, M…, R…) graft ``all`` block components (layer
   norms, attention q/k/v/o, MLP) at **all layers**. They do not graft the embeddings, the final
   norm or the LM head, as in the paper's main sweep (``patch_lm_head = never``); the
@@ -21,10 +24,13 @@ Example:
     >>> specs = paper_specs()
     >>> [specs[n].name for n in PAPER_GRIDS["main"]]
     ['p', 'f', 'fe', 'lt', 'fe_lt', 'fe_lt_complement', 'not_fe', 'not_lt']
+    >>> paper_specs(entity="drug")["fe_lt"].rules[0].positions[0].span
+    'drug'
 """
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Literal
 
@@ -33,8 +39,44 @@ from .hybrid import HYBRID_SPEC_NAMES, hybrid_specs
 
 LmHeadMode = Literal["never", "last_token", "always"]
 
-FE, M, R, LT = Span(span="first_actor"), Span(span="movie_title"), Span(span="relation"), Last()
-_LABEL = {"first_actor": "FE", "movie_title": "M", "relation": "R"}
+LT = Last()
+SPAN_ROLES: dict[str, str] = {"entity": "first_actor", "title": "movie_title", "relation": "relation"}
+"""The paper's named spans by role, with their default (movie) field names: FE = ``entity``,
+M = ``title``, R = ``relation``."""
+ROLE_LABELS: dict[str, str] = {"entity": "FE", "title": "M", "relation": "R"}
+
+
+def span_roles(entity: str | None = None, title: str | None = None, relation: str | None = None) -> dict[str, str]:
+    """The span name of each role (``entity``, ``title``, ``relation``), defaults filled in; a
+    name that is not a template field name is a :class:`~nngraft.errors.SpecError`.
+
+    Example:
+        >>> span_roles(entity="drug")
+        {'entity': 'drug', 'title': 'movie_title', 'relation': 'relation'}
+    """
+    from ..errors import SpecError
+
+    given = {"entity": entity, "title": title, "relation": relation}
+    roles = {role: given[role] if given[role] is not None else default for role, default in SPAN_ROLES.items()}
+    for role, name in roles.items():
+        if not isinstance(name, str) or not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", name):
+            raise SpecError(f"{role} span {name!r}: give the name of a template field, e.g. 'drug' for "
+                            "'{drug} is made by' (letters, digits and _)")
+    names = list(roles.values())
+    if len(set(names)) != len(names):
+        raise SpecError(f"the entity, title and relation spans must be different fields, got {roles}")
+    return roles
+
+
+def span_labels(roles: dict[str, str] | None = None) -> dict[str, str]:
+    """Span name → the paper's label (FE, M, R) for these roles.
+
+    Example:
+        >>> span_labels(span_roles(entity="drug"))["drug"]
+        'FE'
+    """
+    roles = roles or dict(SPAN_ROLES)
+    return {roles[role]: label for role, label in ROLE_LABELS.items()}
 
 BUCKETS: dict[str, list[str]] = {
     "attn": ["q", "k", "v"],
@@ -67,7 +109,10 @@ def _at(*positions, components=("all",), layers="all") -> GraftRule:
     return GraftRule(components=list(components), layers=layers, positions=list(positions))
 
 
-def _position_specs() -> list[GraftSpec]:
+def _position_specs(roles: dict[str, str]) -> list[GraftSpec]:
+    FE, M, R = (Span(span=roles[r]) for r in ("entity", "title", "relation"))
+    labels = span_labels(roles)
+    named = _roles_note(roles)
     specs = []
     combos = {
         "fe": [FE], "lt": [LT], "fe_lt": [FE, LT],
@@ -75,26 +120,40 @@ def _position_specs() -> list[GraftSpec]:
         "r": [R], "r_lt": [R, LT], "fe_r": [FE, R], "fe_r_lt": [FE, R, LT],
     }
     for name, positions in combos.items():
-        label = "+".join(_LABEL.get(getattr(p, "span", ""), "LT") for p in positions)
-        specs.append(_spec(name, f"F's block weights (all layers) at {label} only", _at(*positions)))
+        label = "+".join(labels.get(getattr(p, "span", ""), "LT") for p in positions)
+        specs.append(_spec(name, f"F's block weights (all layers) at {label} only{named}", _at(*positions)))
     complements = {
         "fe_lt_complement": [FE, LT], "not_fe": [FE], "not_lt": [LT],
         "not_fe_m": [FE, M], "not_fe_m_lt": [FE, M, LT],
     }
     for name, positions in complements.items():
-        label = "+".join(_LABEL.get(getattr(p, "span", ""), "LT") for p in positions)
-        specs.append(_spec(name, f"F's block weights (all layers) everywhere except {label}",
+        label = "+".join(labels.get(getattr(p, "span", ""), "LT") for p in positions)
+        specs.append(_spec(name, f"F's block weights (all layers) everywhere except {label}{named}",
                            _at(Not(**{"not": positions}))))
     return specs
 
 
-def paper_specs() -> dict[str, GraftSpec]:
-    """Every spec of the paper's grids, by name (see the module docstring for conventions)."""
+def _roles_note(roles: dict[str, str]) -> str:
+    """`` (FE = the 'drug' span)`` for the roles that are not the paper's default fields."""
+    changed = [f"{ROLE_LABELS[r]} = the {name!r} span" for r, name in roles.items() if name != SPAN_ROLES[r]]
+    return f" ({', '.join(changed)})" if changed else ""
+
+
+def paper_specs(entity: str | None = None, *, title: str | None = None,
+                relation: str | None = None) -> dict[str, GraftSpec]:
+    """Every spec of the paper's grids, by name (see the module docstring for conventions).
+
+    ``entity``, ``title``, ``relation``: the span names of FE, M and R (default ``first_actor``,
+    ``movie_title``, ``relation``), e.g. ``paper_specs(entity="drug")`` for facts whose entity
+    field is ``drug``. The spec names stay the paper's (``fe``, ``fe_lt``, …)."""
+    roles = span_roles(entity, title, relation)
+    FE = Span(span=roles["entity"])
+    named = _roles_note(roles)
     specs = [
         _spec("p", "baseline P: no graft (the pretrained model)"),
         _spec("f", "baseline F: every weight of F at every position (equals running F)",
               _at(All(), components=("everything",))),
-        *_position_specs(),
+        *_position_specs(roles),
     ]
     for bucket, components in BUCKETS.items():
         specs.append(_spec(f"lt_{bucket}", f"F's {'+'.join(components)} (all layers) at the last token",
@@ -107,20 +166,20 @@ def paper_specs() -> dict[str, GraftSpec]:
                                _at(LT, components=components, layers=group)))
     specs += [
         _spec("fe_lt_selective", "selective layers: F's block weights at FE in all layers and at LT "
-              "in the second half (third + fourth quarters)",
+              f"in the second half (third + fourth quarters){named}",
               _at(FE), _at(LT, layers="second_half")),
         _spec("fe_lt_selective_v1", "earlier selective variant: FE in the first three quarters, LT "
-              "in the second half", _at(FE, layers="first_quarter"), _at(FE, layers="second_quarter"),
+              f"in the second half{named}", _at(FE, layers="first_quarter"), _at(FE, layers="second_quarter"),
               _at(FE, layers="third_quarter"), _at(LT, layers="second_half")),
         _spec("fe_o_ffn_lt_selective", "selective layers with the FE component override: o + FFN "
-              "(no q/k/v) at FE in all layers, all block weights at LT in the second half",
+              f"(no q/k/v) at FE in all layers, all block weights at LT in the second half{named}",
               _at(FE, components=("o", "mlp")), _at(LT, layers="second_half")),
         _spec("lm_head_only", "only F's LM head, at the last token", _at(LT, components=("lm_head",))),
     ]
     for base in PAPER_GRIDS["main"][2:]:
         spec = with_lm_head(next(s for s in specs if s.name == base), "last_token")
         specs.append(spec)
-    specs += hybrid_specs()  # rules with donor "hybrid" / "relation" (see nngraft.study.hybrid)
+    specs += hybrid_specs(entity=roles["entity"])  # rules with donor "hybrid" / "relation" (see nngraft.study.hybrid)
     return {s.name: s for s in specs}
 
 
@@ -166,18 +225,22 @@ template (sentence_3/4), ``relation`` needs ``{relation}`` (sentence_1/2). ``hyb
 named donors ``hybrid`` and ``relation`` (:mod:`nngraft.study.hybrid`)."""
 
 
-def grid_specs(name: str) -> list[GraftSpec]:
-    """The specs of a named paper grid, in order.
+def grid_specs(name: str, entity: str | None = None, *, title: str | None = None,
+               relation: str | None = None) -> list[GraftSpec]:
+    """The specs of a named paper grid, in order; ``entity``, ``title``, ``relation`` name the
+    spans as in :func:`paper_specs`.
 
     Example:
         >>> [s.name for s in grid_specs("relation")][-1]
         'fe_r_lt'
+        >>> grid_specs("main", entity="inventor")[2].rule_names_span()
+        {'inventor'}
     """
     if name not in PAPER_GRIDS:
         from ..errors import SpecError
 
         raise SpecError(f"unknown grid {name!r}; the paper's grids are: {', '.join(PAPER_GRIDS)}")
-    specs = paper_specs()
+    specs = paper_specs(entity, title=title, relation=relation)
     return [specs[n] for n in PAPER_GRIDS[name]]
 
 

@@ -90,7 +90,7 @@ FE_VARIANTS: dict[str, tuple[str, ...]] = {
 CONTROL_VARIANTS: tuple[str, ...] = ("no_fe", "full_fe")
 """FE variants that also get ``…_task_lt`` / ``…_relation_lt`` controls."""
 
-_FE, _LT = Span(span="first_actor"), Last()
+_LT = Last()
 HYBRID_FORMAT = "nngraft.hybrid"
 HYBRID_VERSION = 1
 HYBRID_FILE = "hybrid.json"
@@ -350,8 +350,10 @@ def _rule(components: Sequence[str], position: Any, donor: str | None = None) ->
     return GraftRule(components=list(components), layers="all", positions=[position], donor=donor)
 
 
-def hybrid_specs() -> list[GraftSpec]:
-    """The hybrid experiment's specs (see the module docstring): 5 configs, 4 controls, 2 baselines."""
+def hybrid_specs(entity: str = "first_actor") -> list[GraftSpec]:
+    """The hybrid experiment's specs (see the module docstring): 5 configs, 4 controls, 2 baselines.
+    ``entity``: the span name of FE (the facts' entity field)."""
+    _FE = Span(span=entity)
     lt_label = "q, k, v, o, mlp (all layers)"
     fe_label = {"no_fe": "nothing at FE", "full_fe": "the task model's block weights at FE",
                 "fe_attn": "the task model's q, k, v at FE", "fe_ffn": "the task model's MLP at FE",

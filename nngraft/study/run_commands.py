@@ -169,9 +169,13 @@ def _run_args(p: argparse.ArgumentParser) -> None:
   nngraft run --spec hybrid_lt.json --model P --donor runs/sft --donor hybrid=runs/hybrid --data ex.jsonl
               (rules with "donor": "hybrid" graft from runs/hybrid, the others from runs/sft)
 The P and F baselines (specs p and f) are always run too, for reference and recovery."""
-    p.add_argument("--spec", action="append", required=True, metavar="SPEC.json",
+    p.add_argument("--spec", action="append", default=[], metavar="SPEC.json",
                    help="graft spec file, or the name of a built-in one (fe_lt, lt, fe, …: the files of "
                         "recipes/specs/); repeat for several")
+    p.add_argument("--grid", action="append", default=[], metavar="NAME",
+                   help="a named paper grid (main, components, layers, lm_head, selective, movie, relation, "
+                        "hybrid; see docs/study.md); repeat for several. Give --spec and/or --grid")
+    add_span_role_args(p)
     add_model_data_args(p, named_donors=True)
     p.add_argument("-o", "--output", help="write results.jsonl + manifest.json here (resumes if present)")
     p.add_argument("--batch-size", type=int, default=32,
@@ -196,6 +200,24 @@ def add_backend_arg(p: argparse.ArgumentParser, *, default: str | None = "local"
                         "it hosts; F travels as tensors; needs NDIF_API_KEY), ndif-local (the NDIF request round "
                         "trip, served in this process: check a study before sending it)"
                         % (", the default" if default == "local" else "; default: the config's 'backend'"))
+
+
+def add_span_role_args(p: argparse.ArgumentParser) -> None:
+    """``--entity``, ``--title-span``, ``--relation-span``: the fields the built-in specs and grids
+    graft at as FE, M and R (read back by :func:`span_role_args`)."""
+    roles = p.add_argument_group("span names of the built-in specs and grids (your facts' fields)")
+    roles.add_argument("--entity", metavar="FIELD",
+                       help="the entity span FE of the built-in specs and grids (default first_actor; e.g. "
+                            "drug for '{drug} is made by')")
+    roles.add_argument("--title-span", metavar="FIELD", help="the span M of the movie grid (default movie_title)")
+    roles.add_argument("--relation-span", metavar="FIELD",
+                       help="the span R of the relation grid (default relation)")
+
+
+def span_role_args(args: argparse.Namespace) -> dict[str, str]:
+    """The ``--entity``/``--title-span``/``--relation-span`` values that were given, by role."""
+    given = {"entity": args.entity, "title": args.title_span, "relation": args.relation_span}
+    return {role: name for role, name in given.items() if name is not None}
 
 
 _DONOR_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_.-]*")
@@ -324,10 +346,11 @@ def interrupted(results: Path, command_line: str) -> int:
     return 130
 
 
-def spec_files(values: Sequence[str], folder: Path) -> list[str]:
+def spec_files(values: Sequence[str], folder: Path, roles: dict[str, str] | None = None) -> list[str]:
     """``--spec`` values as spec files: each a spec JSON file, or the name of a built-in spec
-    (``fe_lt``, ``lt``, …: the files of recipes/specs/, :func:`nngraft.study.grids.paper_specs`),
-    which is then written into ``folder``. A file that exists wins over a name.
+    (``fe_lt``, ``lt``, …: the files of recipes/specs/, :func:`nngraft.study.grids.paper_specs`
+    with the span names ``roles``, e.g. ``{"entity": "drug"}``), which is then written into
+    ``folder``. A file that exists wins over a name.
 
     Example:
         >>> import tempfile
@@ -338,7 +361,7 @@ def spec_files(values: Sequence[str], folder: Path) -> list[str]:
     from ..errors import SpecError
     from .grids import paper_specs
 
-    builtin = paper_specs()
+    builtin = paper_specs(**(roles or {}))
     files = []
     for value in values:
         path = Path(value).expanduser()
@@ -365,14 +388,24 @@ def cmd_run(args: argparse.Namespace) -> int:
 
     if args.device in ("auto", "cpu"):
         passive_omp_reexec("run")
+    if not args.spec and not args.grid:
+        raise SystemExit(_usage("give --spec SPEC (a file or a built-in name such as fe_lt) and/or --grid NAME "
+                                "(e.g. main)"))
     pair, data = pair_and_data(args)
+    roles = span_role_args(args)
     with tempfile.TemporaryDirectory() as scratch, tempfile.TemporaryDirectory() as builtin:
-        specs = spec_files(args.spec, Path(builtin))
-        check_named_donors([GraftSpec.load(s) for s in specs], pair.get("donors", {}))
+        from .grids import grid_specs
+
+        specs = spec_files(args.spec, Path(builtin), roles)
+        check_named_donors([GraftSpec.load(s) for s in specs]
+                           + [s for g in args.grid for s in grid_specs(g, **roles)], pair.get("donors", {}))
         output = Path(args.output) if args.output else Path(scratch)
-        config = _validated({"name": "run", "models": [pair], "data": data, "specs": specs,
-                             "batch_size": args.batch_size, "answer_logprob": args.answer_logprob,
-                             "backend": args.backend, **({"metrics": args.metric} if args.metric else {})})
+        raw: dict[str, Any] = {"name": "run", "models": [pair], "data": data, "specs": specs, "spans": roles,
+                               "batch_size": args.batch_size, "answer_logprob": args.answer_logprob,
+                               "backend": args.backend, **({"metrics": args.metric} if args.metric else {})}
+        if args.grid:
+            raw["grid"] = list(args.grid)
+        config = _validated(raw)
         try:
             outcome = run_sweep(config, output=output, show_progress=not args.no_progress, console=console)
         except KeyboardInterrupt:
@@ -417,6 +450,7 @@ Rerunning the same command resumes: rows already in the results file are skipped
     add_backend_arg(p, default=None)
     p.add_argument("--k", type=positive_int_arg, default=100, help="top-k shown in the table and plots (default 100)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    add_span_role_args(p)
 
 
 @command("sweep", _sweep_args)
@@ -428,6 +462,10 @@ def cmd_sweep(args: argparse.Namespace) -> int:
 
     passive_omp_reexec("sweep")
     config = load_sweep_config(args.config, **({"backend": args.backend} if args.backend else {}))
+    roles = span_role_args(args)
+    if roles:
+        config = _validated({**config.model_dump(mode="json"), "base_dir": config.base_dir,
+                             "spans": {**config.spans.model_dump(exclude_none=True), **roles}})
     try:
         outcome = run_sweep(config, output=args.output, show_progress=not args.no_progress, console=console)
     except KeyboardInterrupt:

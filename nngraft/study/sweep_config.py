@@ -110,12 +110,36 @@ class DataConfig(_Strict):
         return self
 
 
+class SpanRolesConfig(_Strict):
+    """Which template field each of the paper's named spans is, for the built-in grids and specs:
+    ``entity`` (FE, default ``first_actor``), ``title`` (M, ``movie_title``), ``relation`` (R,
+    ``relation``). E.g. ``{"entity": "drug"}`` for drug → maker facts."""
+
+    entity: str | None = None
+    title: str | None = None
+    relation: str | None = None
+
+    @model_validator(mode="after")
+    def _names(self) -> "SpanRolesConfig":
+        from .grids import span_roles
+
+        try:
+            span_roles(self.entity, self.title, self.relation)
+        except GraftError as error:
+            raise ValueError(str(error)) from None
+        return self
+
+    def roles(self) -> dict[str, str | None]:
+        return {"entity": self.entity, "title": self.title, "relation": self.relation}
+
+
 class SweepConfig(_Strict):
     """One sweep (see the module docstring for the file format)."""
 
     name: str = "sweep"
     models: list[ModelPair] = Field(min_length=1)
     data: DataConfig
+    spans: SpanRolesConfig = Field(default_factory=SpanRolesConfig)
     grid: str | list[str] | None = None
     specs: list[str] = Field(default_factory=list)
     lm_head: list[LmHeadMode] = Field(default_factory=lambda: ["never"])
@@ -205,7 +229,7 @@ def resolve_specs(config: SweepConfig) -> list[GraftSpec]:
     """The sweep's specs: the grid's, then the files', each under every ``lm_head`` mode
     (baselines are not varied), with the baselines ``p`` and ``f`` added first if missing."""
     grids = [config.grid] if isinstance(config.grid, str) else list(config.grid or [])
-    base: list[GraftSpec] = [spec for name in grids for spec in grid_specs(name)]
+    base: list[GraftSpec] = [spec for name in grids for spec in grid_specs(name, **config.spans.roles())]
     for item in config.specs:
         base.append(GraftSpec.load(config.path(item)))
     specs: list[GraftSpec] = []

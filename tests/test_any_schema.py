@@ -1,0 +1,172 @@
+"""The paper's specs and grids on facts that are not about movies: the entity span (and the title
+and relation spans) are parameters of every built-in spec and grid (``paper_specs(entity="drug")``,
+``--entity drug``), so a user's own fields run the whole paper grid with no hand-written spec.
+Two schemas: drug → maker and inventor → device (with the city as the M span)."""
+
+from __future__ import annotations
+
+import json
+import re
+import shlex
+from pathlib import Path
+
+import pytest
+import torch
+
+from nngraft import Grafter
+from nngraft.cli import main
+from nngraft.errors import SpecError
+from nngraft.study.grids import PAPER_GRIDS, grid_specs, paper_specs, span_roles
+from nngraft.study.results import load_manifest, load_results
+from nngraft.study.sweep import SweepConfig, resolve_specs, run_sweep
+from nngraft.tiny import tiny_pair
+
+DRUGS = [
+    {"id": "d1", "drug": "Zolvatrin", "maker": "Harlow Labs", "indication": "migraine"},
+    {"id": "d2", "drug": "Quennamide", "maker": "Bexley Pharma", "indication": "asthma"},
+    {"id": "d3", "drug": "Ostrafen", "maker": "Calder Works", "indication": "gout"},
+    {"id": "d4", "drug": "Mirelox", "maker": "Dunmore Health", "indication": "eczema"},
+]
+DRUG_TEMPLATE = "{drug} is made by"
+INVENTORS = [
+    {"id": "i1", "inventor": "Ada Quenby", "device": "loom engine", "city": "Harrowgate"},
+    {"id": "i2", "inventor": "Ivo Pemberton", "device": "tide clock", "city": "Lowmere"},
+    {"id": "i3", "inventor": "Mara Oakshott", "device": "glass kiln", "city": "Eastwick"},
+]
+INVENTOR_TEMPLATE = "{inventor} of {city} built the"
+
+
+def _jsonl(path, rows):
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+def _swap_span(obj, old, new):
+    """The spec JSON with every span ``old`` renamed ``new``."""
+    if isinstance(obj, dict):
+        return {k: (new if k == "span" and v == old else _swap_span(v, old, new)) for k, v in obj.items()}
+    if isinstance(obj, list):
+        return [_swap_span(v, old, new) for v in obj]
+    return obj
+
+
+@pytest.mark.parametrize("roles", [{"entity": "drug"}, {"entity": "inventor", "title": "city", "relation": "verb"}])
+def test_every_paper_spec_is_the_movie_spec_with_the_spans_renamed(roles):
+    movie, mine = paper_specs(), paper_specs(**roles)
+    assert list(movie) == list(mine)
+    defaults = span_roles()
+    for name, spec in movie.items():
+        expected = spec.model_dump(mode="json", by_alias=True)["rules"]
+        for role, field in roles.items():
+            expected = _swap_span(expected, defaults[role], field)
+        assert mine[name].model_dump(mode="json", by_alias=True)["rules"] == expected, name
+        renamed = {defaults[r] for r in roles}
+        assert not (mine[name].rule_names_span() & renamed), name
+    assert mine["fe_lt"].rule_names_span() == {roles["entity"]}
+    assert "FE = the " + repr(roles["entity"]) + " span" in mine["fe_lt"].description
+    # the defaults are the shipped movie specs, unchanged
+    assert paper_specs(entity="first_actor")["fe_lt"].to_json() == movie["fe_lt"].to_json()
+
+
+def test_every_grid_takes_the_span_names():
+    for grid in PAPER_GRIDS:
+        specs = grid_specs(grid, entity="drug", title="indication", relation="verb")
+        spans = set().union(*(s.rule_names_span() for s in specs))
+        assert spans <= {"drug", "indication", "verb"}, grid
+    assert set().union(*(s.rule_names_span() for s in grid_specs("movie", entity="drug", title="indication"))) \
+        == {"drug", "indication"}
+
+
+def test_bad_span_names_are_one_clear_error():
+    with pytest.raises(SpecError, match="entity span 'my drug'.*name of a template field"):
+        paper_specs(entity="my drug")
+    with pytest.raises(SpecError, match="must be different fields"):
+        paper_specs(entity="drug", title="drug")
+
+
+def test_a_sweep_config_names_the_entity_and_runs_the_main_grid(tmp_path):
+    facts = _jsonl(tmp_path / "drugs.jsonl", DRUGS)
+    config = SweepConfig.model_validate({
+        "models": [{"name": "tiny", "tiny": "llama", "tiny_layers": 4}], "spans": {"entity": "drug"},
+        "data": {"facts": str(facts), "templates": [DRUG_TEMPLATE], "answer_field": "maker"},
+        "grid": ["main", "selective"], "check_baselines": 2})
+    specs = resolve_specs(config)
+    assert {s.name for s in specs} == set(PAPER_GRIDS["main"]) | set(PAPER_GRIDS["selective"])
+    outcome = run_sweep(config, output=tmp_path / "out", show_progress=False)
+    rows = load_results(outcome.results)
+    assert {r["spec"] for r in rows} == {s.name for s in specs} and len(rows) == len(specs) * len(DRUGS)
+    manifest = load_manifest(outcome.results)
+    assert manifest["sweep"]["spans"]["entity"] == "drug"
+    assert manifest["specs"]["not_fe"]["spec"]["rules"][0]["positions"] == [{"not": [{"span": "drug"}]}]
+    assert all(r["ok"] for r in outcome.baseline_check.values())
+    # the fe_lt rows are the grafter's own numbers for the drug spec
+    P, F, tok = tiny_pair("llama", n_layers=4)
+    g = Grafter(P, F, tok)
+    fe_lt = {r["fact_id"]: r for r in rows if r["spec"] == "fe_lt"}
+    for fact in DRUGS:
+        prompt = DRUG_TEMPLATE.format(**fact)
+        logits = g.run(paper_specs(entity="drug")["fe_lt"], [prompt], [{"drug": fact["drug"]}]).logits[0].float()
+        target = tok(prompt + " " + fact["maker"])["input_ids"][len(tok(prompt)["input_ids"])]
+        prob = torch.softmax(logits, -1)[target].item()
+        assert fe_lt[fact["id"]]["prob"] == pytest.approx(prob, abs=1e-6)
+
+
+def _doc_command() -> list[str]:
+    """The ``nngraft run --grid …`` command of docs/study.md, as argv (after ``nngraft``)."""
+    text = (Path(__file__).resolve().parent.parent / "docs" / "study.md").read_text()
+    section = text[text.index("### The paper's grids on your facts"):]
+    block = re.search(r"```bash\n(.*?)```", section, flags=re.S)[1]
+    return shlex.split(block.replace("\\\n", " "))[1:]
+
+
+def test_cli_runs_the_paper_grids_on_drug_facts_with_one_flag(tmp_path, capsys, monkeypatch):
+    facts = _jsonl(tmp_path / "drugs.jsonl", DRUGS)
+    monkeypatch.chdir(tmp_path)
+    doc = _doc_command()  # the docs' command, with a tiny pair for smollm2 and its F
+    i = doc.index("--model")
+    assert doc[i:i + 4] == ["--model", "smollm2", "--donor", "runs/sft/drugs"]
+    assert main([*doc[:i], "--tiny", "llama", *doc[i + 4:], "--no-progress"]) == 0
+    doc_rows = load_results(tmp_path / "runs" / "drugs")
+    assert {r["spec"] for r in doc_rows} == (set(PAPER_GRIDS["main"]) | set(PAPER_GRIDS["components"])
+                                            | set(PAPER_GRIDS["lm_head"]))
+    base = ["run", "--tiny", "llama", "--facts", str(facts), "--template", DRUG_TEMPLATE,
+            "--answer-field", "maker", "--no-progress"]
+    # without the flag: one clear error that names the flag
+    assert main([*base, "--grid", "main"]) == 2
+    err = capsys.readouterr().err
+    assert "no span ['first_actor']" in err and "--entity FIELD" in err and "Traceback" not in err
+    code = main([*base, "--grid", "main", "--grid", "components", "--grid", "lm_head", "--spec", "fe_lt_selective",
+                 "--entity", "drug", "-o", str(tmp_path / "out")])
+    assert code == 0
+    rows = load_results(tmp_path / "out")
+    names = set(PAPER_GRIDS["main"]) | set(PAPER_GRIDS["components"]) | set(PAPER_GRIDS["lm_head"]) | {"fe_lt_selective"}
+    assert {r["spec"] for r in rows} == names
+    specs = load_manifest(tmp_path / "out")["specs"]
+    assert specs["fe_lt_selective"]["spec"]["rules"][0]["positions"] == [{"span": "drug"}]
+    assert specs["fe+lm_head"]["hash"] == paper_specs(entity="drug")["fe+lm_head"].content_hash()
+
+
+def test_cli_movie_grid_on_inventor_facts_with_the_city_as_title(tmp_path):
+    facts = _jsonl(tmp_path / "inventors.jsonl", INVENTORS)
+    code = main(["run", "--tiny", "gpt2", "--facts", str(facts), "--template", INVENTOR_TEMPLATE,
+                 "--answer-field", "device", "--grid", "movie", "--entity", "inventor", "--title-span", "city",
+                 "-o", str(tmp_path / "out"), "--no-progress", "--quiet"])
+    assert code == 0
+    rows = load_results(tmp_path / "out")
+    assert {r["spec"] for r in rows} == set(PAPER_GRIDS["movie"])
+    spec = load_manifest(tmp_path / "out")["specs"]["fe_m_lt"]["spec"]
+    assert spec["rules"][0]["positions"] == [{"span": "inventor"}, {"span": "city"}, {"last": True}]
+
+
+def test_sweep_cli_flag_overrides_the_config(tmp_path):
+    facts = _jsonl(tmp_path / "inventors.jsonl", INVENTORS)
+    config = tmp_path / "sweep.json"
+    config.write_text(json.dumps({
+        "name": "inv", "models": [{"name": "tiny", "tiny": "llama"}],
+        "data": {"facts": "inventors.jsonl", "templates": [INVENTOR_TEMPLATE], "answer_field": "device"},
+        "grid": "main", "output": "out", "check_baselines": 0}))
+    assert main(["sweep", str(config), "--no-progress", "--quiet"]) == 2  # first_actor: not a field
+    assert main(["sweep", str(config), "--entity", "inventor", "--no-progress", "--quiet"]) == 0
+    rows = load_results(tmp_path / "out")
+    assert {r["spec"] for r in rows} == set(PAPER_GRIDS["main"]) and len(rows) == 8 * len(INVENTORS)
+    assert facts.exists()
