@@ -149,9 +149,9 @@ def test_plot_specs_chooses_and_orders_bars_with_recovery_panel_and_legend(study
     assert main(["plot", str(root / "out2"), "--specs", "f,p,inventor_last,found", "-o", str(tmp_path)]) == 0
     assert {d["stem"] for d in drawn} == {"bars_chosen_F_inventor-of-city-built-the"}
     [chart] = drawn
-    assert chart["labels"] == ["F", "P", "inventor_last", "localized"]
+    assert chart["labels"] == ["F", "P", "inventor+LT", "localized"]  # labelled by what they graft
     assert chart["panels"][0] == "mean target probability" and chart["panels"][-1].startswith("recovery (G − P) / (F − P)")
-    assert chart["legend"] == ["baselines (P, F)", "other specs", "found by nngraft localize"]
+    assert chart["legend"] == ["baselines (P, F)", "positions together", "found by nngraft localize"]
 
 
 def test_plot_specs_names_an_unknown_spec_and_a_missing_found_spec(study, capsys, tmp_path):

@@ -5,6 +5,9 @@
   figures said "Top-5" but used k = 100), each with its 95 % confidence interval over facts as
   error bars. Bars follow the paper's order: baselines (P, F), single spans (FE, LT, M, R), their
   unions (FE+LT, …), complements ((FE+LT)ᶜ, FEᶜ, LTᶜ, …), then the component buckets at LT.
+  Labels, colour groups, charts and order come from what each spec grafts (its components, layers
+  and positions, :mod:`nngraft.study.labels`), not from its name: a user's own specs are drawn
+  exactly like the built-in ones, and layer groups sort by depth.
 - **Heatmaps** (per model × template × position × layer split): component × layer group →
   recovery of mean target probability (0 = P, 1 = F), the number written in each cell. Specs
   qualify when they have one rule whose layers are a named quarter, eighth or half. When recovery
@@ -26,7 +29,8 @@ from pathlib import Path
 from typing import Any, Mapping, Sequence
 
 from ..util.io import atomic_save_figure
-from .grids import BUCKETS, EIGHTHS, LAYER_COMPONENTS_FOR_GROUPS, QUARTERS
+from .grids import BUCKETS, EIGHTHS, QUARTERS
+from .labels import SpecFacets, manifest_facets, manifest_spans
 from .metrics import Aggregate, aggregate
 from .results import LOCK_FILE, OWNER_FILE, load_manifest, load_results, output_folder, results_path
 
@@ -36,11 +40,13 @@ _ORDER = ["p", "f", "fe", "lt", "m", "r", "fe_lt", "m_lt", "fe_m", "fe_m_lt", "f
           "fe_lt_selective", "fe_lt_selective_v1", "fe_o_ffn_lt_selective", "lm_head_only",
           *[f"lt_{b}" for b in BUCKETS]]
 _COLORS = {"baseline": "#7f7f7f", "single": "#1f77b4", "union": "#2ca02c", "complement": "#ff7f0e",
-           "bucket": "#9467bd", "other": "#17becf"}
+           "bucket": "#9467bd", "other": "#17becf", "layers": "#8c564b", "selective": "#bcbd22",
+           "lm_head": "#e377c2"}
 _COLORS["found"] = "#d62728"
 _LEGEND = {"baseline": "baselines (P, F)", "single": "one position", "union": "positions together",
-           "complement": "complements", "bucket": "components at LT", "other": "other specs",
-           "found": "found by nngraft localize"}
+           "complement": "complements", "bucket": "some components, all layers", "other": "other specs",
+           "layers": "one layer group", "selective": "several rules (e.g. selective layers)",
+           "lm_head": "F's LM head alone", "found": "found by nngraft localize"}
 _FRACTION_GROUPS = {"quarter": QUARTERS, "eighth": EIGHTHS, "half": ["first_half", "second_half"]}
 
 
@@ -93,7 +99,17 @@ CHARTS: dict[str, tuple[str, ...]] = {
 (``lm_head`` = any spec with F's LM head added; ``components`` also shows LT for reference)."""
 
 
-def chart_of(name: str) -> str:
+def chart_of(name: str, facets: SpecFacets | None = None) -> str:
+    """The bar chart a spec goes in: ``baseline`` (every chart), ``positions``, ``components``,
+    ``lm_head`` or ``other``; by content when its ``facets`` are known, else by name."""
+    if facets is not None:
+        if facets.category == "baseline":
+            return "baseline"
+        if facets.head or facets.category == "lm_head":
+            return "lm_head"
+        if facets.category in ("single", "union", "complement"):
+            return "positions"
+        return "components" if facets.category == "bucket" else "other"
     if "+lm_head" in name or name == "lm_head_only":
         return "lm_head"
     cat = category(name)
@@ -106,47 +122,21 @@ def _order_key(name: str, first_seen: Mapping[str, int]) -> tuple[int, int, int]
     return (rank, first_seen.get(base, 0), 1 if suffix else 0)
 
 
-def layer_facets(spec: Mapping[str, Any]) -> dict[str, str] | None:
-    """``{"component", "layers", "fraction", "position"}`` for a spec with one rule over a named
-    quarter / eighth / half of the layers (a heatmap cell), else ``None``."""
-    rules = spec.get("rules") or []
-    head = [r for r in rules if list(r.get("components", [])) == ["lm_head"]]
-    rules = [r for r in rules if r not in head]
-    if len(rules) != 1 or len(head) > 1:
-        return None
-    rule = rules[0]
-    layers = rule.get("layers", "all")
-    if not isinstance(layers, str):
-        return None
-    match = re.match(r"^\w+_(quarter|eighth|half)$", layers)
-    if not match:
-        return None
-    components = list(rule["components"])
-    label = next((k for k, v in {**LAYER_COMPONENTS_FOR_GROUPS, **BUCKETS}.items() if v == components),
-                 "+".join(components))
-    position = _position_label(rule["positions"])
-    if head:
-        position += f" (+F's LM head at {_position_label(head[0]['positions'])})"
-    return {"component": label, "layers": layers, "fraction": match[1], "position": position}
+def layer_facets(spec: Mapping[str, Any], spans: Mapping[str, str] | None = None) -> dict[str, str] | None:
+    """``{"component", "layers", "fraction", "position"}`` for a spec that grafts one set of
+    components at one set of positions over a named quarter / eighth / half of the layers (a
+    heatmap cell), else ``None``. ``component`` is the paper's name (``attn`` = q, k, v; ``all``
+    = every block component); ``spans``: span name → label (FE, M, R)."""
+    from .labels import describe
 
-
-def _position_label(positions: Sequence[Mapping[str, Any]]) -> str:
-    names = {"first_actor": "FE", "movie_title": "M", "relation": "R"}
-    out = []
-    for p in positions:
-        if "span" in p:
-            out.append(names.get(p["span"], p["span"]))
-        elif "last" in p:
-            out.append("LT")
-        elif "all" in p:
-            out.append("all")
-        elif "not" in p:
-            out.append("not(" + _position_label(p["not"]) + ")")
-        elif "index" in p:
-            out.append("idx" + ",".join(map(str, p["index"])))
-        else:
-            out.append("other")
-    return "+".join(out)
+    facets = describe(spec, spans)
+    if facets.category != "layers":
+        return None
+    position = facets.positions
+    if facets.head:
+        position += f" (+F's LM head at {'LT' if facets.head == 'last' else 'all'})"
+    return {"component": facets.components or "all", "layers": facets.layers, "fraction": str(facets.fraction),
+            "position": position}
 
 
 def _safe(text: str) -> str:
@@ -184,11 +174,12 @@ def _recovery_errors(aggs: Sequence[Aggregate]) -> tuple[list[float], list[list[
 
 def bar_chart(aggs: Sequence[Aggregate], *, title: str, k: int, stem: Path,
               formats: Sequence[str] = ("png", "svg"), categories: Mapping[str, str] | None = None,
-              metrics: Sequence[str] = ()) -> list[Path]:
+              metrics: Sequence[str] = (), facets: Mapping[str, SpecFacets] | None = None) -> list[Path]:
     """Mean probability, top-1 and top-k accuracy bars (with CI error bars) for one group of specs,
     a panel for each of ``metrics`` (registered metric names, :mod:`.metric_registry`), and their
     recovery (G − P) / (F − P) when the P and F baselines are there; a legend names the bar
-    colours (``categories``: a spec's colour group, overriding :func:`category`)."""
+    colours (``categories``: a spec's colour group, overriding :func:`category`; ``facets``: what
+    each spec grafts, for its label and colour; by name when absent)."""
     from .metric_registry import get_metric
 
     import matplotlib
@@ -197,8 +188,12 @@ def bar_chart(aggs: Sequence[Aggregate], *, title: str, k: int, stem: Path,
     import matplotlib.pyplot as plt
 
     names = [a.keys["spec"] for a in aggs]
-    labels = [display_name(n) for n in names]
-    cats = [categories.get(n, category(n)) if categories else category(n) for n in names]
+    facets = facets or {}
+    labels = [n if categories and n in categories or n not in facets else _tex(facets[n].label)
+              for n in names]  # a spec drawn in a colour of its own (found by localize) keeps its name
+    labels = [display_name(n) if n not in facets else label for n, label in zip(names, labels)]
+    own = [facets[n].category if n in facets else category(n) for n in names]
+    cats = [categories.get(n, c) if categories else c for n, c in zip(names, own)]
     colors = [_COLORS[c] for c in cats]
     panels = [("prob", get_metric("prob").mean_label)]
     if "top_1" in aggs[0].metrics:
@@ -247,6 +242,11 @@ def bar_chart(aggs: Sequence[Aggregate], *, title: str, k: int, stem: Path,
     paths = _save(fig, stem, formats)
     plt.close(fig)
     return paths
+
+
+def _tex(label: str) -> str:
+    """A label for matplotlib: the complement sign as mathtext (the fonts lack ᶜ)."""
+    return label.replace("ᶜ", "$^c$")
 
 
 def heatmap(cells: Mapping[tuple[str, str], float], *, rows: Sequence[str], cols: Sequence[str], title: str,
@@ -384,10 +384,16 @@ def plot_results(results: str | Path, out_dir: str | Path | None = None, *, k: i
         k = stored[-1]
     out = Path(out_dir) if out_dir is not None else path.parent / "plots"
     with output_folder(out, "plot", flag="-o", ours=_plots_of_before) as out:
-        return _render(rows, spec_json, specs, p_name, f_name, k, out, formats, method, panels)
+        return _render(rows, spec_json, specs, p_name, f_name, k, out, formats, method, panels,
+                       manifest_facets(manifest), manifest_spans(manifest))
 
 
 _FIGURE_SUFFIXES = (".png", ".svg", ".pdf", ".csv")
+
+
+def _component_rank(label: str) -> tuple[int, str]:
+    order = ["all", "attn", "o", "ffn", "attn+o", "o+ffn", "attn+ffn", "attn+o+ffn", "ffn_up", "ffn_down"]
+    return (order.index(label) if label in order else len(order), label)
 
 
 def _plots_of_before(folder: Path) -> bool:
@@ -412,7 +418,9 @@ def _stored_metric(name: str, rows: Sequence[dict[str, Any]], path: Path) -> str
 
 def _render(rows: list[dict[str, Any]], spec_json: dict[str, Any], specs: Sequence[str] | None, p_name: str,
             f_name: str, k: int, out: Path, formats: Sequence[str], method: str,
-            metrics: Sequence[str] = ()) -> list[Path]:
+            metrics: Sequence[str] = (), facets: Mapping[str, SpecFacets] | None = None,
+            spans: Mapping[str, str] | None = None) -> list[Path]:
+    facets = facets or {}
     written: list[Path] = []
 
     templates = list(dict.fromkeys(r["template"] for r in rows))
@@ -439,35 +447,47 @@ def _render(rows: list[dict[str, Any]], spec_json: dict[str, Any], specs: Sequen
             if members:
                 written += bar_chart(members, title=f"{model} — {template}", k=k, metrics=metrics,
                                      stem=out / f"bars_chosen_{_safe(model)}_{_safe(template)}", formats=formats,
-                                     categories={n: "found" for n in found})
+                                     categories={n: "found" for n in found}, facets=facets)
         return written
     for (model, template), aggs in groups.items():
-        bars = [a for a in aggs if layer_facets(spec_json.get(a.keys["spec"], {})) is None]
-        bars.sort(key=lambda a: _order_key(a.keys["spec"], first_seen))
-        base = [a for a in bars if chart_of(a.keys["spec"]) == "baseline"]
-        for chart in CHARTS:
-            members = [a for a in bars if chart_of(a.keys["spec"]) == chart]
-            if chart == "components" and members:
-                members = [a for a in bars if a.keys["spec"] == "lt"] + members
-            if chart == "lm_head" and members:
-                with_head = {a.keys["spec"].split("+")[0] for a in members}
-                members = sorted([a for a in bars if a.keys["spec"] in with_head and a not in members] + members,
-                                 key=lambda a: _order_key(a.keys["spec"], first_seen))
+        def chart(a: Aggregate) -> str:
+            return chart_of(a.keys["spec"], facets.get(a.keys["spec"]))
+
+        def order(a: Aggregate) -> tuple:
+            name = a.keys["spec"]
+            if name in facets:
+                return (0, facets[name].order, first_seen.get(name.split("+")[0], 0))
+            return (1, _order_key(name, first_seen), ())
+
+        bars = [a for a in aggs if (facets[a.keys["spec"]].category != "layers" if a.keys["spec"] in facets
+                                    else layer_facets(spec_json.get(a.keys["spec"], {})) is None)]
+        bars.sort(key=order)
+        base = [a for a in bars if chart(a) == "baseline"]
+        label = {a.keys["spec"]: facets[a.keys["spec"]].label if a.keys["spec"] in facets
+                 else display_name(a.keys["spec"]) for a in bars}
+        for name in CHARTS:
+            members = [a for a in bars if chart(a) == name]
+            if name == "components" and members:  # LT itself, for reference
+                members = [a for a in bars if label[a.keys["spec"]] in ("LT", "lt")] + members
+            if name == "lm_head" and members:  # each spec also without the head
+                without = {label[a.keys["spec"]].rsplit(" +head", 1)[0] for a in members}
+                members = sorted([a for a in bars if label[a.keys["spec"]] in without and a not in members
+                                  and chart(a) != "baseline"] + members, key=order)
             if not members:
                 continue
-            written += bar_chart(base + members, title=f"{model} — {template} — {chart}", k=k, metrics=metrics,
-                                 stem=out / f"bars_{chart}_{_safe(model)}_{_safe(template)}", formats=formats)
+            written += bar_chart(base + members, title=f"{model} — {template} — {name}", k=k, metrics=metrics,
+                                 stem=out / f"bars_{name}_{_safe(model)}_{_safe(template)}", formats=formats,
+                                 facets=facets)
         cells: dict[tuple[str, str, str], dict[tuple[str, str], Aggregate]] = {}
         for a in aggs:
-            facets = layer_facets(spec_json.get(a.keys["spec"], {}))
-            if facets:
-                cells.setdefault((facets["position"], facets["fraction"], ""), {})[
-                    (facets["component"], facets["layers"])] = a
+            cell = layer_facets(spec_json.get(a.keys["spec"], {}), spans)
+            if cell:
+                cells.setdefault((cell["position"], cell["fraction"], ""), {})[(cell["component"], cell["layers"])] = a
         for (position, fraction, _), grid in cells.items():
             use_recovery = any(a.recovery is not None and not math.isnan(a.recovery.mean) for a in grid.values())
             values = {key: (a.recovery.mean if use_recovery and a.recovery is not None else a.metrics["prob"].mean)
                       for key, a in grid.items()}
-            row_names = list(dict.fromkeys(c for c, _ in grid))
+            row_names = sorted(dict.fromkeys(c for c, _ in grid), key=_component_rank)
             col_names = [g for g in _FRACTION_GROUPS[fraction] if any(l == g for _, l in grid)]
             what = ("recovery of mean target prob. (0 = P, 1 = F)" if use_recovery
                     else "mean target probability (recovery undefined: no baselines or F ≈ P)")

@@ -19,18 +19,21 @@ from ..util.checks import positive_int_arg, seed_arg
 
 
 def summary_table(rows: Sequence[dict[str, Any]], *, k: int, title: str, p_spec: str = "p",
-                  f_spec: str = "f") -> Any:
+                  f_spec: str = "f", manifest: dict[str, Any] | None = None) -> Any:
     """Rich tables, one per model × template: per spec the number of facts, mean target
     probability with its 95 % bootstrap CI, top-1 and top-k accuracy, the mean of every other
     registered metric the rows hold (:mod:`.metric_registry`; log-probability left out) and
-    recovery."""
+    recovery. With the results' ``manifest``, each spec is labelled by what it grafts
+    (:mod:`nngraft.study.labels`), else by its name."""
     from rich.console import Group
     from rich.table import Table
 
+    from .labels import manifest_facets
     from .metric_registry import stored_metrics
     from .metrics import aggregate
     from .plot import display_name
 
+    facets = manifest_facets(manifest) if manifest else {}
     aggs = aggregate(rows, p_spec=p_spec, f_spec=f_spec)
     stored = sorted(int(c[4:]) for c in rows[0] if c.startswith("top_") and c[4:].isdigit()) if rows else []
     if stored and k not in stored:
@@ -59,7 +62,8 @@ def summary_table(rows: Sequence[dict[str, Any]], *, k: int, title: str, p_spec:
                 r = a.recovery
                 rec = (f"{r.mean:.2f} [{r.low:.2f}, {r.high:.2f}]" if not math.isnan(r.mean) else "n/a (F ≈ P)")
             mean = lambda name, fmt: f"{m[name].mean:{fmt}}" if name in m else "–"  # noqa: E731
-            label = display_name(a.keys["spec"]).replace("$^c$", "ᶜ")
+            name = a.keys["spec"]
+            label = facets[name].label if name in facets else display_name(name).replace("$^c$", "ᶜ")
             spec = a.keys["spec"] if label == a.keys["spec"] else f"{a.keys['spec']} ({label})"
             median = row_rec.get((model, template, a.keys["spec"]))
             cells = ([spec, str(a.n_facts), prob_text, mean("top_1", ".2f"), mean(f"top_{k}", ".2f")]
@@ -425,7 +429,10 @@ def cmd_run(args: argparse.Namespace) -> int:
                               "baseline_check": outcome.baseline_check,
                               "summary": summary_json(rows, k=args.k)}, indent=2, default=str))
         else:
-            wide_console(out, 200).print(summary_table(rows, k=args.k, title="nngraft run"))
+            from .results import load_manifest
+
+            wide_console(out, 200).print(summary_table(rows, k=args.k, title="nngraft run",
+                                                       manifest=load_manifest(outcome.results)))
         if args.output:
             console.print(f"results: {outcome.results}\nmanifest: {outcome.manifest}")
     return 0 if all(r.get("ok", True) for r in outcome.baseline_check.values()) else 1
@@ -473,8 +480,11 @@ def cmd_sweep(args: argparse.Namespace) -> int:
 
         out_dir = Path(args.output) if args.output else config.output_dir()
         return interrupted(results_path(out_dir), getattr(args, "command_line", "the same command"))
+    from .results import load_manifest
+
     rows = load_results(outcome.results)
-    wide_console(out, 200).print(summary_table(rows, k=args.k, title=f"nngraft sweep {config.name}"))
+    wide_console(out, 200).print(summary_table(rows, k=args.k, title=f"nngraft sweep {config.name}",
+                                               manifest=load_manifest(outcome.results)))
     for name, s in outcome.stats.items():
         console.print(f"{name}: {s.written} rows written, {s.skipped} already done, "
                       f"{s.seconds:.1f} s ({s.rows_per_second:.1f} rows/s)")
