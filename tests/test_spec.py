@@ -89,7 +89,7 @@ def test_published_schema_is_current():
     ('{"rules": [{"components": [], "positions": [{"last": true}]}]}', "rules[0].components", "at least 1"),
     ('{"rules": [{"components": ["q"], "layers": [], "positions": [{"last": true}]}]}', "rules[0].layers", "empty layer list"),
     ('{"rules": [{"components": ["everything"], "layers": "last:2", "positions": [{"all": true}]}]}', "rules[0]", "'everything'"),
-    ('{"schema_version": "2", "rules": []}', "schema_version", "newer nngraft"),
+    ('{"schema_version": "3", "rules": []}', "schema_version", "newer nngraft"),
 ])
 def test_errors_name_rule_and_field(text, where, words):
     with pytest.raises(SpecError) as info:

@@ -239,7 +239,7 @@ def rule_targets(spec: GraftSpec, adapter: Adapter, n_layers: int) -> list[list[
         targets: list[tuple[str, int | None]] = [(c, None) for c in global_]
         if block:
             try:
-                layers = resolve_layers(rule.layers, n_layers)
+                layers = resolve_layers(rule.layers, n_layers, spec.layer_groups)
             except Exception as error:
                 raise type(error)(f"{where}.layers: {error}") from None
             targets += [(c, layer) for layer in layers for c in block]

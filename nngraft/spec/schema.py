@@ -40,8 +40,15 @@ from pydantic import (
 from ..errors import LayerRangeError, SchemaVersionError, SpecError
 from ..util.inputs import refuse_duplicate_keys
 
-SCHEMA_VERSION = "1"
-"""The spec format this nngraft writes and reads. Older versions stay readable."""
+SCHEMA_VERSION = "2"
+"""The newest spec format this nngraft reads and writes. Older versions stay readable. Version 2
+adds ``layer_groups``; a spec that does not use it is written as version 1, so older nngraft
+versions keep reading it."""
+
+LayerGroups = Literal["even", "paper"]
+"""How named layer groups split the layers: ``even`` (nngraft's, part i of k is
+``[⌊i·n/k⌋, ⌊(i+1)·n/k⌋)``) or ``paper`` (the paper's code: q = ⌊n/4⌋, the fourth quarter takes
+the remainder, and its eighths as that code computed them)."""
 
 # ---------------------------------------------------------------------------------------------
 # Components
@@ -58,6 +65,7 @@ GLOBAL_COMPONENTS: tuple[str, ...] = ("embed", "pos_embed", "ln_final", "lm_head
 COMPONENT_GROUPS: dict[str, tuple[str, ...]] = {
     "attn": ("q", "k", "v", "q_norm", "k_norm", "o"),
     "mlp": ("gate", "up", "down"),
+    "mlp_in": ("gate", "up"),
     "all": LAYER_COMPONENTS,
     "everything": LAYER_COMPONENTS + GLOBAL_COMPONENTS,
 }
@@ -68,7 +76,7 @@ COMPONENTS: tuple[str, ...] = GLOBAL_COMPONENTS + LAYER_COMPONENTS
 ComponentName = Literal[
     "embed", "pos_embed", "ln_final", "lm_head",
     "ln_attn", "q", "k", "v", "q_norm", "k_norm", "o", "ln_mlp", "gate", "up", "down",
-    "attn", "mlp", "all", "everything",
+    "attn", "mlp", "mlp_in", "all", "everything",
 ]
 
 # ---------------------------------------------------------------------------------------------
@@ -111,18 +119,49 @@ def _check_layer_string(value: str) -> str:
     )
 
 
-def resolve_layers(selection: LayerSelection, n_layers: int) -> list[int]:
+def paper_layer_group(group: str, n_layers: int) -> list[int]:
+    """A named layer group as the paper's code computed it (``get_layers_dict`` in its
+    ``run_experiment.py``): q = ⌊n/4⌋; quarters ``[0, q)``, ``[q, 2q)``, ``[2q, 3q)``, ``[3q, n)``
+    (the fourth takes the remainder); halves as two quarters each (``[0, 2q)``, ``[2q, n)``); its
+    eighths with its formulas as written (the third is ``[2q, ⌊3q/2⌋)``, empty; the seventh and
+    eighth were not exposed and are an error here).
+
+    Example:
+        >>> paper_layer_group("second_quarter", 30), paper_layer_group("fourth_quarter", 30)[0]
+        ([7, 8, 9, 10, 11, 12, 13], 21)
+        >>> paper_layer_group("third_eighth", 30)
+        []
+    """
+    q = n_layers // 4
+    table = {
+        "first_quarter": (0, q), "second_quarter": (q, 2 * q), "third_quarter": (2 * q, 3 * q),
+        "fourth_quarter": (3 * q, n_layers), "first_half": (0, 2 * q), "second_half": (2 * q, n_layers),
+        "first_eighth": (0, q // 2), "second_eighth": (q // 2, q), "third_eighth": (2 * q, 3 * q // 2),
+        "fourth_eighth": (3 * q // 2, 2 * q), "fifth_eighth": (2 * q, 5 * q // 2),
+        "sixth_eighth": (5 * q // 2, 3 * q),
+    }
+    if group not in table:
+        raise LayerRangeError(f"layer group {group!r} does not exist with layer_groups 'paper' (the paper's code "
+                              "exposed no seventh or eighth eighth); use layer_groups 'even'")
+    start, stop = table[group]
+    return list(range(start, stop))
+
+
+def resolve_layers(selection: LayerSelection, n_layers: int, groups: LayerGroups = "even") -> list[int]:
     """Turn a layer selection into sorted layer indices for a model with ``n_layers`` blocks.
 
     Named fractions split the layers as evenly as possible, earlier parts never larger than later
     ones: part ``i`` of ``k`` is ``[floor(i·n/k), floor((i+1)·n/k))``. So quarters nest exactly
     in eighths and every layer is in exactly one part. (The paper's code instead put the whole
     remainder in the fourth quarter and had broken eighths; for depths divisible by 4 the
-    quarters agree.)
+    quarters agree.) ``groups="paper"`` splits named groups the paper's way instead
+    (:func:`paper_layer_group`).
 
     Example:
         >>> resolve_layers("fourth_quarter", 30)
         [22, 23, 24, 25, 26, 27, 28, 29]
+        >>> resolve_layers("fourth_quarter", 30, "paper")
+        [21, 22, 23, 24, 25, 26, 27, 28, 29]
         >>> resolve_layers([0, -1], 12)
         [0, 11]
     """
@@ -155,8 +194,11 @@ def resolve_layers(selection: LayerSelection, n_layers: int) -> list[int]:
             _check_layer_string(selection)  # raises the helpful message
         parts = _FRACTIONS[match[2]]
         i = _ORDINALS.index(match[1])
-        layers = list(range(i * n_layers // parts, (i + 1) * n_layers // parts))
-        what = repr(selection)
+        if groups == "paper":
+            layers = paper_layer_group(selection, n_layers)
+        else:
+            layers = list(range(i * n_layers // parts, (i + 1) * n_layers // parts))
+        what = repr(selection) + (" (the paper's layer groups)" if groups == "paper" else "")
     if not layers:
         raise LayerRangeError(f"layer selection {what} selects no layer of a {n_layers}-layer model")
     return sorted(set(layers))
@@ -377,12 +419,25 @@ class GraftSpec(_Strict):
         'last:4'
     """
 
-    schema_version: str = Field(default=SCHEMA_VERSION, description="Spec format version.")
+    schema_version: str = Field(default="1", description="Spec format version (2 when layer_groups is used).")
     name: str = Field(default="unnamed", description="Short identifier, e.g. 'fe_lt'.")
     description: str | None = None
     recipient: ModelRef | None = None
     donor: ModelRef | None = None
+    layer_groups: LayerGroups = Field(
+        default="even", description="How named layer groups split the layers: 'even' (nngraft's) or 'paper' "
+        "(the paper's code: q = n // 4, the fourth quarter takes the remainder). Version 2.")
     rules: list[GraftRule] = Field(default_factory=list, description="Empty = no graft (plain P).")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _version_of_features(cls, data: Any) -> Any:
+        """A spec that uses ``layer_groups`` other than ``even`` is (at least) version 2."""
+        if isinstance(data, dict) and data.get("layer_groups", "even") != "even":
+            version = str(data.get("schema_version", "1"))
+            if version.isdigit() and int(version) < 2:
+                data = {**data, "schema_version": "2"}
+        return data
 
     @field_validator("schema_version")
     @classmethod
@@ -426,11 +481,15 @@ class GraftSpec(_Strict):
         return atomic_write_text(Path(path), self.to_json() + "\n")
 
     def to_json(self) -> str:
+        if self.layer_groups == "even":  # not a version-2 feature: files stay readable by older nngraft
+            return self.model_dump_json(indent=2, by_alias=True, exclude_none=True, exclude={"layer_groups"})
         return self.model_dump_json(indent=2, by_alias=True, exclude_none=True)
 
     def content_hash(self) -> str:
         """A short hash of the rules (not the name or description): equal hashes graft the same."""
-        rules = [r.model_dump(mode="json", by_alias=True) for r in self.rules]
+        rules: Any = [r.model_dump(mode="json", by_alias=True) for r in self.rules]
+        if self.layer_groups != "even":  # the same rules split other layers
+            rules = {"layer_groups": self.layer_groups, "rules": rules}
         blob = json.dumps(rules, sort_keys=True).encode()
         return hashlib.sha256(blob).hexdigest()[:16]
 

@@ -225,6 +225,98 @@ template (sentence_3/4), ``relation`` needs ``{relation}`` (sentence_1/2). ``hyb
 named donors ``hybrid`` and ``relation`` (:mod:`nngraft.study.hybrid`)."""
 
 
+PAPER_EXACT_SUFFIX = "_paper"
+"""Name suffix of :func:`paper_exact_specs`' variants (``fe_lt_paper``) and of the grids made of
+them (``main_paper``)."""
+_COMPLEMENT_COMPONENTS = ["ln_attn", "attn", "ln_mlp", "mlp_in"]
+"""Every block component but ``down`` (the paper's ``other`` rule), in groups that expand to what
+each architecture has (``mlp_in`` = gate + up; GPT-2 has no gate)."""
+PAPER_MISSING_EIGHTHS = ("third_eighth", "seventh_eighth", "eighth_eighth")
+"""Eighths the paper's code could not run: its third eighth is empty (that config grafted nothing)
+and it had no seventh or eighth; the paper-exact grids leave them out."""
+
+
+def _covers_last(positions: list) -> bool:
+    """Whether a rule's positions include the last token (``last``, ``all``, or a complement
+    that does not leave it out)."""
+    for p in positions:
+        if isinstance(p, (Last, All)):
+            return True
+        if isinstance(p, Not) and not any(isinstance(q, Last) for q in p.not_):
+            return True
+    return False
+
+
+def paper_exact(spec: GraftSpec, *, tied: bool = True) -> GraftSpec:
+    """``spec`` as the paper's published code ran it (docs/paper.md, "Paper-exact variants"):
+
+    - ``layer_groups: "paper"`` (q = n // 4, the fourth quarter takes the remainder; its eighths);
+    - a rule grafting every block component at positions also grafts the **embeddings** there (its
+      printed configs set ``embeddings: True`` on every full-position patch, the ``other`` rule too);
+    - a complement rule (``{"not": [...]}``, the paper's ``other``) leaves **down** out (its
+      ``other`` rule has ``mlp_down: False``);
+    - with ``tied`` embeddings (Gemma, Llama-3.2-1B, GPT-2, SmolLM2: the LM head *is* the
+      embedding matrix), grafting the embeddings at the last token swaps the **LM head** there too.
+
+    Component buckets (some components at LT) and the baselines are unchanged but for the layer
+    groups. Named ``NAME_paper``.
+
+    Example:
+        >>> s = paper_exact(paper_specs()["not_fe"])
+        >>> s.name, s.layer_groups, s.rules[0].components
+        ('not_fe_paper', 'paper', ['embed', 'ln_attn', 'attn', 'ln_mlp', 'mlp_in'])
+        >>> [r.components for r in s.rules[1:]]
+        [['lm_head']]
+    """
+    if not spec.rules or spec.content_hash() == paper_specs()["f"].content_hash():
+        return spec
+    rules, head = [], False
+    for rule in spec.rules:
+        full = list(rule.components) == ["all"] and rule.donor is None and rule.weights is None
+        if full and any(isinstance(p, Not) for p in rule.positions):
+            rule = rule.model_copy(update={"components": ["embed", *_COMPLEMENT_COMPONENTS]})
+        elif full:
+            rule = rule.model_copy(update={"components": ["embed", "all"]})
+        rules.append(rule)
+        head = head or ("embed" in rule.components and _covers_last(list(rule.positions)))
+    if tied and head and not any(list(r.components) == ["lm_head"] for r in rules):
+        rules.append(_at(LT, components=("lm_head",)))
+    changes = ["the paper's layer groups"]
+    if any("embed" in r.components for r in rules):
+        changes.append("the embeddings at every fully grafted position")
+    if any(isinstance(p, Not) for r in rules for p in r.positions):
+        changes.append("no down projection in the complement")
+    if tied and head:
+        changes.append("F's LM head at LT (tied embeddings)")
+    return spec.model_copy(update={
+        "name": spec.name + PAPER_EXACT_SUFFIX, "layer_groups": "paper", "rules": rules, "schema_version": "2",
+        "description": f"{spec.description or spec.name}; paper-exact: {', '.join(changes)}"})
+
+
+def paper_exact_specs(entity: str | None = None, *, title: str | None = None, relation: str | None = None,
+                      tied: bool = True) -> dict[str, GraftSpec]:
+    """:func:`paper_exact` of every spec of the grids ``main``, ``movie``, ``relation``,
+    ``components``, ``layers``, ``lm_head`` and ``selective`` (the hybrid grid is left out), by
+    name (``fe_lt_paper``, …); ``p`` and ``f`` are the baselines themselves. ``tied=False`` for
+    models whose LM head is not the embedding matrix (Pythia).
+
+    Example:
+        >>> specs = paper_exact_specs(entity="drug")
+        >>> specs["fe_lt_paper"].rules[0].components, specs["fe_lt_paper"].rules[-1].components
+        (['embed', 'all'], ['lm_head'])
+        >>> "lt_attn_third_eighth_paper" in specs  # empty in the paper's code; 7th and 8th did not exist
+        False
+    """
+    base = paper_specs(entity, title=title, relation=relation)
+    names = [n for n in dict.fromkeys(n for grid, members in PAPER_GRIDS.items() if grid != "hybrid" for n in members)
+             if not n.endswith(PAPER_MISSING_EIGHTHS)]
+    out = {}
+    for name in names:
+        spec = paper_exact(base[name], tied=tied)
+        out[spec.name] = spec
+    return out
+
+
 def grid_specs(name: str, entity: str | None = None, *, title: str | None = None,
                relation: str | None = None) -> list[GraftSpec]:
     """The specs of a named paper grid, in order; ``entity``, ``title``, ``relation`` name the
@@ -236,12 +328,17 @@ def grid_specs(name: str, entity: str | None = None, *, title: str | None = None
         >>> grid_specs("main", entity="inventor")[2].rule_names_span()
         {'inventor'}
     """
-    if name not in PAPER_GRIDS:
+    exact = name.endswith(PAPER_EXACT_SUFFIX) and name[: -len(PAPER_EXACT_SUFFIX)] in PAPER_GRIDS
+    base_name = name[: -len(PAPER_EXACT_SUFFIX)] if exact else name
+    if base_name not in PAPER_GRIDS or (exact and base_name == "hybrid"):
         from ..errors import SpecError
 
-        raise SpecError(f"unknown grid {name!r}; the paper's grids are: {', '.join(PAPER_GRIDS)}")
+        raise SpecError(f"unknown grid {name!r}; the paper's grids are: {', '.join(PAPER_GRIDS)}, and their "
+                        f"paper-exact variants {', '.join(g + PAPER_EXACT_SUFFIX for g in PAPER_GRIDS if g != 'hybrid')}")
     specs = paper_specs(entity, title=title, relation=relation)
-    return [specs[n] for n in PAPER_GRIDS[name]]
+    if exact:
+        return [paper_exact(specs[n]) for n in PAPER_GRIDS[base_name] if not n.endswith(PAPER_MISSING_EIGHTHS)]
+    return [specs[n] for n in PAPER_GRIDS[base_name]]
 
 
 def spec_file_name(name: str) -> str:

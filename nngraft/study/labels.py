@@ -74,6 +74,8 @@ def component_label(components: Sequence[str]) -> str:
     Example:
         >>> component_label(["q", "k", "v"]), component_label(["mlp"]), component_label(["attn"])
         ('attn', 'ffn', 'attn+o')
+        >>> component_label(["embed", "ln_attn", "attn", "ln_mlp", "mlp_in"])
+        'all−down+embed'
     """
     names: set[str] = set()
     for c in components:
@@ -81,6 +83,10 @@ def component_label(components: Sequence[str]) -> str:
     if set(LAYER_COMPONENTS) <= names:
         rest = sorted(names - set(LAYER_COMPONENTS), key=_COMPONENT_ORDER.index)
         return "+".join(rest) if rest else ""
+    missing = [c for c in LAYER_COMPONENTS if c not in names and c not in ("q_norm", "k_norm")]
+    if len(missing) == 1 and {"q", "k", "v"} <= names:  # every block component but one
+        rest = sorted(names - set(LAYER_COMPONENTS), key=_COMPONENT_ORDER.index)
+        return f"all−{missing[0]}" + "".join(f"+{c}" for c in rest)
     parts = []
     if {"q", "k", "v"} <= names:
         parts.append("attn")
@@ -203,6 +209,8 @@ def describe(spec: Mapping[str, Any], spans: Mapping[str, str] | None = None, *,
             category = "complement"
         else:
             category = "single" if len(labels) == 1 else "union"
+        if layer_label and spec.get("layer_groups", "even") != "even":
+            layer_label += f" ({spec['layer_groups']})"
         label = pos + (f": {comp}" if comp else "") + (f", {layer_label}" if layer_label else "") + suffix
         comp_rank = _BUCKET_ORDER.index(comp) + 1 if comp in _BUCKET_ORDER else 0 if not comp else 99
         if complement and "not" in positions[0]:
@@ -211,7 +219,11 @@ def describe(spec: Mapping[str, Any], spans: Mapping[str, str] | None = None, *,
             where = _positions_key(labels)
         order = (CATEGORY_ORDER.index(category), where, comp_rank, comp,
                  _FRACTIONS.get(fraction or "", 0), depth, head)
-        return SpecFacets(label, category, positions=pos, components=comp,
+        if spec.get("layer_groups", "even") != "even":
+            pos_key = f"{pos} ({spec['layer_groups']} layer groups)"
+        else:
+            pos_key = pos
+        return SpecFacets(label, category, positions=pos_key, components=comp,
                           layers=layers if isinstance(layers, str) else layer_label, fraction=fraction, head=head,
                           order=order)
     parts, keys = [], []
@@ -221,6 +233,8 @@ def describe(spec: Mapping[str, Any], spans: Mapping[str, str] | None = None, *,
         comp, (layer_label, fraction, depth) = component_label(components), _layer_text(layers)
         labels = position_labels(positions, spans)
         text = "+".join(labels) + (f": {comp}" if comp else "")
+        if layer_label and spec.get("layer_groups", "even") != "even":
+            layer_label += f", {spec['layer_groups']}"
         parts.append(text + (f" ({layer_label})" if layer_label else ""))
         keys.append((_positions_key(labels), comp, _FRACTIONS.get(fraction or "", 0), depth))
     return SpecFacets(" & ".join(parts) + suffix, "selective", head=head, components="several",
