@@ -19,7 +19,7 @@ from nngraft.errors import SpecError
 from nngraft.study.grids import PAPER_GRIDS, grid_specs, paper_specs, span_roles
 from nngraft.study.results import load_manifest, load_results
 from nngraft.study.sweep import SweepConfig, resolve_specs, run_sweep
-from nngraft.tiny import tiny_pair
+from nngraft.testing import tiny_pair
 
 DRUGS = [
     {"id": "d1", "drug": "Zolvatrin", "maker": "Harlow Labs", "indication": "migraine"},

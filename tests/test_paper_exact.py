@@ -16,7 +16,7 @@ from nngraft.arch import adapter_for
 from nngraft.errors import LayerRangeError, SpecError
 from nngraft.spec import resolve_layers
 from nngraft.study.grids import PAPER_GRIDS, grid_specs, paper_exact, paper_exact_specs, paper_specs
-from nngraft.tiny import tiny_pair
+from nngraft.testing import tiny_pair
 
 from .reference import component_swaps, per_token_reference
 
