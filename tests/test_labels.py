@@ -29,7 +29,7 @@ def test_a_custom_lt_attn_grafting_o_too_is_not_the_papers_attn():
     assert describe(_json(group)).label == "LT: attn+o"
     assert component_label(["mlp"]) == component_label(["gate", "up", "down"]) == "ffn"
     assert component_label(["up", "o"]) == "o+ffn_up"
-    assert component_label(["all"]) == "" and component_label(["everything"]) == "embed+pos_embed+ln_final+lm_head"
+    assert component_label(["all"]) == "" and component_label(["everything"]) == "all+embed+pos_embed+ln_final+lm_head"
 
 
 def test_labels_of_the_paper_specs_match_the_paper_notation():

@@ -123,3 +123,49 @@ def test_paper_exact_specs_match_the_per_token_reference(name):
     if name == "lt_o_fourth_quarter":  # and nngraft's even quarters graft another set of layers
         even = g.run(paper_specs()[name], [PROMPT], [SPANS]).logits[0]
         assert not torch.allclose(even, actual[-1], atol=1e-4)
+
+
+def test_the_paper_exact_recipe_measures_each_difference_alone(tmp_path):
+    from nngraft.study.results import load_results
+
+    from .recipe_loader import load_recipe
+
+    out = tmp_path / "out"
+    assert load_recipe("paper_exact").main(["--tiny", "--n", "3", "--no-plot", "--no-progress", "-o", str(out)]) == 0
+    rows = {(r["spec"], r["fact_id"]): r["prob"] for r in load_results(out)}
+    specs = {s for s, _ in rows}
+    assert {"fe_lt", "fe_lt+embed", "fe_lt_paper", "not_fe+embed-down", "fe+lt_mlp_fourth_quarter_paperq"} <= specs
+    assert "fe_lt+embed-down" not in specs  # the same as fe_lt+embed: no complement, left out
+    facts = {f for _, f in rows}
+
+    def same(a, b):
+        return all(abs(rows[a, f] - rows[b, f]) < 1e-6 for f in facts)
+
+    # 6 layers: the first quarter is layer 0 both ways; the second is 1-2 (even) or 1 (paper)
+    assert same("fe+lt_mlp_first_quarter", "fe+lt_mlp_first_quarter_paperq")
+    assert not same("fe+lt_mlp_second_quarter", "fe+lt_mlp_second_quarter_paperq")
+    assert not same("fe_lt", "fe_lt+embed") and not same("fe_lt+embed", "fe_lt_paper")  # the tied head at LT
+    assert same("fe+embed", "fe_paper")  # FE is not the last token: no head, layer groups unused
+
+
+def test_the_paper_md_command_runs_both_grids(tmp_path, monkeypatch):
+    """docs/paper.md's `nngraft run --grid main --grid main_paper …`, with a tiny pair for the models."""
+    import re
+    import shlex
+    from pathlib import Path
+
+    from nngraft.cli import main
+    from nngraft.study.data import make_facts, save_facts
+    from nngraft.study.results import load_manifest, load_results
+
+    text = (Path(__file__).resolve().parents[1] / "docs" / "paper.md").read_text()
+    block = re.search(r"## Paper-exact variants.*?```bash\n(.*?)```", text, flags=re.S)[1]
+    argv = shlex.split(block.replace("\\\n", " "))[1:]
+    i = argv.index("--model")
+    assert argv[i:i + 4] == ["--model", "smollm2", "--donor", "runs/sft/smollm2-fmfa"]
+    monkeypatch.chdir(tmp_path)
+    save_facts(make_facts("fake_movies_fake_actors", 3, 0), tmp_path / "runs/sft/smollm2-fmfa/facts.jsonl")
+    assert main([*argv[:i], "--tiny", "llama", *argv[i + 4:], "-o", "out", "--no-progress", "--quiet"]) == 0
+    specs = {r["spec"] for r in load_results(tmp_path / "out")}
+    assert specs == set(PAPER_GRIDS["main"]) | {n + "_paper" for n in PAPER_GRIDS["main"][2:]}
+    assert load_manifest(tmp_path / "out")["specs"]["fe_lt_paper"]["spec"]["layer_groups"] == "paper"

@@ -10,11 +10,11 @@ Example:
 """
 
 from .schema import (COMPONENT_GROUPS, COMPONENTS, GLOBAL_COMPONENTS, LAYER_COMPONENTS, SCHEMA_VERSION, All,
-                     ComponentName, GraftRule, GraftSpec, Index, Last, LayerRange, LayerSelection, ModelRef, Not,
-                     Other, PositionSelector, Span, SpecLike, WeightSelection, as_spec, everywhere_except,
-                     format_validation_error, resolve_layers, spec_json_schema)
+                     ComponentName, GraftRule, GraftSpec, Index, Last, LayerGroups, LayerRange, LayerSelection,
+                     ModelRef, Not, Other, PositionSelector, Span, SpecLike, WeightSelection, as_spec,
+                     everywhere_except, format_validation_error, paper_layer_group, resolve_layers, spec_json_schema)
 
 __all__ = ["COMPONENT_GROUPS", "COMPONENTS", "GLOBAL_COMPONENTS", "LAYER_COMPONENTS", "SCHEMA_VERSION", "All",
-           "ComponentName", "GraftRule", "GraftSpec", "Index", "Last", "LayerRange", "LayerSelection", "ModelRef",
+           "ComponentName", "GraftRule", "GraftSpec", "Index", "Last", "LayerGroups", "LayerRange", "LayerSelection", "ModelRef",
            "Not", "Other", "PositionSelector", "Span", "SpecLike", "WeightSelection", "as_spec", "everywhere_except",
-           "format_validation_error", "resolve_layers", "spec_json_schema"]
+           "format_validation_error", "paper_layer_group", "resolve_layers", "spec_json_schema"]

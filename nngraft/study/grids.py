@@ -247,7 +247,8 @@ def _covers_last(positions: list) -> bool:
     return False
 
 
-def paper_exact(spec: GraftSpec, *, tied: bool = True) -> GraftSpec:
+def paper_exact(spec: GraftSpec, *, tied: bool = True, layer_groups: bool = True, embeddings: bool = True,
+                no_down: bool = True) -> GraftSpec:
     """``spec`` as the paper's published code ran it (docs/paper.md, "Paper-exact variants"):
 
     - ``layer_groups: "paper"`` (q = n // 4, the fourth quarter takes the remainder; its eighths);
@@ -259,7 +260,8 @@ def paper_exact(spec: GraftSpec, *, tied: bool = True) -> GraftSpec:
       embedding matrix), grafting the embeddings at the last token swaps the **LM head** there too.
 
     Component buckets (some components at LT) and the baselines are unchanged but for the layer
-    groups. Named ``NAME_paper``.
+    groups. Named ``NAME_paper``. ``layer_groups``, ``embeddings``, ``no_down`` and ``tied`` switch
+    each difference off (False) to measure it alone (the LM head follows the embeddings).
 
     Example:
         >>> s = paper_exact(paper_specs()["not_fe"])
@@ -273,24 +275,28 @@ def paper_exact(spec: GraftSpec, *, tied: bool = True) -> GraftSpec:
     rules, head = [], False
     for rule in spec.rules:
         full = list(rule.components) == ["all"] and rule.donor is None and rule.weights is None
-        if full and any(isinstance(p, Not) for p in rule.positions):
-            rule = rule.model_copy(update={"components": ["embed", *_COMPLEMENT_COMPONENTS]})
-        elif full:
-            rule = rule.model_copy(update={"components": ["embed", "all"]})
+        components = list(rule.components)
+        if full and no_down and any(isinstance(p, Not) for p in rule.positions):
+            components = list(_COMPLEMENT_COMPONENTS)
+        if full and embeddings:
+            components = ["embed", *components]
+        rule = rule.model_copy(update={"components": components})
         rules.append(rule)
         head = head or ("embed" in rule.components and _covers_last(list(rule.positions)))
     if tied and head and not any(list(r.components) == ["lm_head"] for r in rules):
         rules.append(_at(LT, components=("lm_head",)))
-    changes = ["the paper's layer groups"]
+    changes = ["the paper's layer groups"] if layer_groups else []
     if any("embed" in r.components for r in rules):
         changes.append("the embeddings at every fully grafted position")
-    if any(isinstance(p, Not) for r in rules for p in r.positions):
+    if any("mlp_in" in r.components for r in rules):
         changes.append("no down projection in the complement")
     if tied and head:
         changes.append("F's LM head at LT (tied embeddings)")
-    return spec.model_copy(update={
-        "name": spec.name + PAPER_EXACT_SUFFIX, "layer_groups": "paper", "rules": rules, "schema_version": "2",
-        "description": f"{spec.description or spec.name}; paper-exact: {', '.join(changes)}"})
+    update: dict = {"name": spec.name + PAPER_EXACT_SUFFIX, "rules": rules,
+                    "description": f"{spec.description or spec.name}; paper-exact: {', '.join(changes)}"}
+    if layer_groups:
+        update.update(layer_groups="paper", schema_version="2")
+    return spec.model_copy(update=update)
 
 
 def paper_exact_specs(entity: str | None = None, *, title: str | None = None, relation: str | None = None,

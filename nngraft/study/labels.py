@@ -82,7 +82,7 @@ def component_label(components: Sequence[str]) -> str:
         names |= set(COMPONENT_GROUPS.get(c, (c,)))
     if set(LAYER_COMPONENTS) <= names:
         rest = sorted(names - set(LAYER_COMPONENTS), key=_COMPONENT_ORDER.index)
-        return "+".join(rest) if rest else ""
+        return "+".join(["all", *rest]) if rest else ""
     missing = [c for c in LAYER_COMPONENTS if c not in names and c not in ("q_norm", "k_norm")]
     if len(missing) == 1 and {"q", "k", "v"} <= names:  # every block component but one
         rest = sorted(names - set(LAYER_COMPONENTS), key=_COMPONENT_ORDER.index)
@@ -203,7 +203,7 @@ def describe(spec: Mapping[str, Any], spans: Mapping[str, str] | None = None, *,
         complement = len(labels) == 1 and labels[0].endswith("ᶜ")
         if layer_label:
             category = "layers" if fraction else "other"
-        elif comp:
+        elif comp and not comp.startswith("all"):
             category = "bucket"
         elif complement:
             category = "complement"
