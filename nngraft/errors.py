@@ -65,6 +65,12 @@ class DonorMismatchError(GraftError, ValueError):
     """The donor's weights do not fit the recipient (architecture, shape, or a missing tensor)."""
 
 
+class IdentityCheckError(GraftError):
+    """A Grafter's identity guard failed: the empty spec does not reproduce P, or grafting everything
+    does not reproduce F (the message says which config entries, buffers or module settings differ).
+    The command line exits with code 1, as for a failed baseline check."""
+
+
 class SchemaVersionError(SpecError):
     """A spec was written by a newer nngraft than the one reading it."""
 

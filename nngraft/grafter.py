@@ -70,6 +70,10 @@ class Grafter:
         call_cost: the scheduler's price of one forward pass, in token positions (default: an
             estimate from the model's size and device, :func:`nngraft.compile.schedule.default_call_cost`;
             0 shares whenever any positions are saved).
+        check_identities: the identity guard (:mod:`nngraft.backends.identity`): on the first run,
+            one extra pass checks that the empty spec gives P and grafting everything gives F (F a
+            loaded model), and raises :class:`~nngraft.errors.IdentityCheckError` naming what differs
+            if not. Local backend only; ``NNGRAFT_IDENTITY_CHECK=0`` also switches it off.
 
     One Grafter may be used from several threads; traces are serialized with a lock.
     P's weights are never modified.
@@ -78,7 +82,7 @@ class Grafter:
     def __init__(self, recipient: Any, donor: Any, tokenizer: Any = None, *, backend: Backend | None = None,
                  adapter: Adapter | None = None, donors: Mapping[str, Any] | None = None,
                  batch_size: int | None = None, dtype: Any = None, device: Any = None, share_prefix: bool = True,
-                 call_cost: float | None = None) -> None:
+                 call_cost: float | None = None, check_identities: bool = True) -> None:
         from .util import checks
 
         where = "Grafter"
@@ -88,6 +92,9 @@ class Grafter:
             raise checks.fail(where, "recipient", "a loaded transformers model, or a local path / hub id", recipient)
         checks.positive_int(where, "batch_size", batch_size, optional=True)
         checks.flag(where, "share_prefix", share_prefix)
+        checks.flag(where, "check_identities", check_identities)
+        self.check_identities = check_identities
+        self._identities_checked = False
         checks.number(where, "call_cost", call_cost, optional=True)
         if donors is not None and not isinstance(donors, Mapping):
             raise checks.fail(where, "donors", "a dict of donor name → donor, or None", donors)
@@ -286,6 +293,7 @@ class Grafter:
         """Rows of (spec, tokenized prompt), scheduled into passes (:mod:`nngraft.compile.schedule`):
         the engine under :meth:`run` and :meth:`run_grid`, for callers that tokenize themselves."""
         size = batch_size or self.batch_size
+        self._guard(prompts)
         if progress is False:
             progress = None
         if progress is True:
@@ -320,6 +328,17 @@ class Grafter:
                 progress(len(chunk.indices))
         return GraftResult(torch.stack(last), [p.text for p in prompts], self.tokenizer,
                            [s.name for s in specs], full if all_logits else None)
+
+    def _guard(self, prompts: Sequence[TokenizedPrompt]) -> None:
+        """The identity guard (:mod:`nngraft.backends.identity`), once per Grafter, on the first
+        run's first prompt: the empty spec must give P, "everything" F."""
+        from .backends.identity import check_identities, enabled
+
+        if self._identities_checked or not prompts or not enabled(self.check_identities) or \
+                not isinstance(self.backend, LocalBackend):
+            return
+        check_identities(self.forward, self.model, self.donor, self.adapter, prompts, self.pad_id, self.device)
+        self._identities_checked = True
 
     def forward(self, plan: GraftPlan, batch: PaddedBatch, *, keep_all: bool = False,
                 cache: Any = None, use_cache: bool = False) -> tuple[torch.Tensor, Any]:

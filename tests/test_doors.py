@@ -372,3 +372,74 @@ def test_a_lora_adapter_whose_local_base_has_another_config_is_refused(tmp_path)
         Grafter(P, LoraDonor(adapter), tok)
     good = _save(P, tmp_path / "good", tok)
     assert Grafter(P, LoraDonor(_adapter(tmp_path, str(good))), tok) is not None
+
+
+# -- the identity guard: the empty spec is P, "everything" is F -------------------------------------
+
+
+def _fresh_pair():
+    import copy
+
+    P, F, tok = pair()
+    return copy.deepcopy(P), copy.deepcopy(F), tok
+
+
+@pytest.mark.parametrize("arch", ["gpt2", "gpt_neox", "llama", "gemma2", "qwen3", "olmo2"])
+def test_the_identity_guard_passes_on_a_real_pair(arch):
+    P, F, tok = tiny_pair(arch)
+    g = Grafter(P, F, tok)
+    g.run(GraftSpec(), ["Ada Lovelace stars in", "Q: Who stars in a movie with Grace Hopper? A:"])
+    assert g._identities_checked
+
+
+def test_the_identity_guard_names_a_module_setting_that_differs():
+    from nngraft.errors import IdentityCheckError
+
+    P, F, tok = _fresh_pair()
+    g = Grafter(P, F, tok)
+    F.model.norm.variance_epsilon = 0.5  # same weights, same config: only F's norm computes otherwise
+    with pytest.raises(IdentityCheckError, match=r"grafting everything does not reproduce F .*"
+                                                 r"model\.norm\.variance_epsilon: P 1e-06, F 0\.5"):
+        g.run(GraftSpec(), ["Ada stars in"])
+    assert not g._identities_checked  # checked again on the next run
+
+
+def test_the_identity_guard_names_a_buffer_that_differs():
+    from nngraft.errors import IdentityCheckError
+
+    P, F, tok = _fresh_pair()
+    g = Grafter(P, F, tok)
+    F.model.rotary_emb.inv_freq.mul_(2)  # another rope_theta, as a buffer
+    with pytest.raises(IdentityCheckError, match=r"buffer 'model\.rotary_emb\.inv_freq'"):
+        g.run_grid([GraftSpec(name="a")], ["Ada stars in"])
+
+
+def test_the_identity_guard_catches_rows_that_are_not_independent():
+    from nngraft.errors import IdentityCheckError
+
+    P, F, tok = _fresh_pair()
+    P.model.norm.register_forward_hook(lambda m, i, out: out + 0.1 * (out.shape[0] - 1))
+    g = Grafter(P, F, tok)
+    with pytest.raises(IdentityCheckError, match="the empty spec does not reproduce P"):
+        g.run(GraftSpec(), ["Ada stars in"])
+
+
+def test_the_identity_guard_can_be_switched_off(monkeypatch):
+    P, F, tok = _fresh_pair()
+    F.model.norm.variance_epsilon = 0.5
+    Grafter(P, F, tok, check_identities=False).run(GraftSpec(), ["Ada stars in"])
+    monkeypatch.setenv("NNGRAFT_IDENTITY_CHECK", "0")
+    Grafter(P, F, tok).run(GraftSpec(), ["Ada stars in"])
+    with pytest.raises(ArgumentError, match="check_identities: Input should be True or False"):
+        Grafter(P, F, tok, check_identities="no")
+
+
+def test_the_identity_guard_fails_the_command_line_with_exit_1(tmp_path, capsys, monkeypatch):
+    """A difference the config check does not know (here: hidden from it) is caught by the guard."""
+    P, F, tok = pair()
+    _save(P, tmp_path / "P", tok)
+    _save(_other_f({"rms_norm_eps": 0.5}), tmp_path / "F", tok)
+    monkeypatch.setattr("nngraft.donors.donor.COMPUTATION_CONFIG_KEYS", ("model_type",))
+    code, text = _cli(capsys, "run", "--model", str(tmp_path / "P"), "--donor", str(tmp_path / "F"), "--spec", "lt",
+                      "--dataset", "fake_movies_fake_actors", "--n", "2", "--template", "sentence_1", "--no-progress")
+    assert code == 1 and "identity check failed" in text and "variance_epsilon: P 1e-06, F 0.5" in text, text

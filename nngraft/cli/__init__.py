@@ -3,7 +3,7 @@
 Each subcommand is registered with :func:`nngraft.cli.registry.command` by a verb module —
 :mod:`nngraft.cli.core` (schema, validate, models), :mod:`nngraft.cli.remote`
 (payload), the study's ``*_commands`` modules and the demo — which :func:`build_parser` imports.
-Exit codes: 0 ok, 1 a check that failed (a baseline check), 2 a user error — bad usage, a bad file
+Exit codes: 0 ok, 1 a check that failed (a baseline check, the identity guard), 2 a user error — bad usage, a bad file
 or value, a model that cannot be loaded, a full disk, no permission — with one message and no
 traceback (:mod:`nngraft.cli.boundary`; ``--debug`` shows it), 130 interrupted. Any other exception is
 a bug and shows its traceback.
@@ -78,7 +78,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         from rich.markup import escape
 
         alert(f"[red]error:[/red] {escape(message)}")
-        return 2
+        from ..errors import IdentityCheckError
+
+        return 1 if isinstance(error, IdentityCheckError) else 2
     finally:
         console.quiet = quiet
 

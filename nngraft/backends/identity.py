@@ -1,0 +1,119 @@
+"""The identity guard: on a Grafter's first run, the empty spec must give P and "everything" must give F.
+
+Two identities hold for every correct graft, whatever the model: a row with no rule is P's own
+forward pass, and a row that grafts every component at every position is F's. :func:`check_identities`
+checks both once per Grafter, on the run's first prompt, in one extra forward pass of three rows
+(the empty spec, "everything", and "everything" on a longer prompt, so that the first prompt's rows
+are left-padded beside grafted ones as in a real batch) plus a plain forward of P and of F. When
+an identity fails, the error says what differs between P and F outside the grafted weights
+(config entries, buffers such as rotary frequencies, module settings such as a norm's epsilon) or,
+for P, that rows of a batch are not independent.
+
+The F half needs F as a loaded model (a :class:`~nngraft.donors.donor.ModelDonor`); for a donor
+known only by its tensors (a checkpoint path, a LoRA adapter, a delta) F's config is compared at
+attach time instead (``check_against``). The guard runs where P's weights are in this process
+(the local backend). Switch it off with ``Grafter(..., check_identities=False)`` or the
+environment variable ``NNGRAFT_IDENTITY_CHECK=0``.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any, Callable, Sequence
+
+import torch
+
+from ..compile.plan import compile_plan
+from ..compile.tokens import TokenizedPrompt, pad_left
+from ..donors.donor import ModelDonor, config_differences
+from ..errors import IdentityCheckError
+from ..spec import All, GraftRule, GraftSpec
+
+ENV = "NNGRAFT_IDENTITY_CHECK"
+EVERYTHING = GraftSpec(name="everything", rules=[GraftRule(components=["everything"], positions=[All()])])
+EMPTY = GraftSpec(name="p")
+SWITCH = f"check_identities=False (Grafter) or {ENV}=0 switches this check off"
+
+
+def enabled(flag: bool) -> bool:
+    """Whether the guard runs: the Grafter's ``check_identities`` and the environment allow it."""
+    return flag and os.environ.get(ENV, "1").strip().lower() not in ("0", "false", "no", "off")
+
+
+def tolerance(dtype: torch.dtype) -> float:
+    """Largest |Δ log-probability| accepted: float32 rounding of a batched vs a single forward pass
+    is ~1e-6; half precision rounds far more."""
+    return 1e-3 if dtype in (torch.float32, torch.float64) else 0.25
+
+
+def _last_logprobs(logits: torch.Tensor) -> torch.Tensor:
+    return torch.log_softmax(logits.float(), dim=-1)
+
+
+def _plain(model: torch.nn.Module, ids: Sequence[int], device: Any) -> torch.Tensor:
+    with torch.no_grad():
+        out = model(input_ids=torch.tensor([list(ids)], device=device), use_cache=False)
+    return _last_logprobs(out.logits[0, -1]).cpu()
+
+
+def check_identities(forward: Callable[..., Any], model: torch.nn.Module, donor: Any, adapter: Any,
+                     prompts: Sequence[TokenizedPrompt], pad_id: int, device: Any) -> None:
+    """Raise :class:`~nngraft.errors.IdentityCheckError` unless the empty spec reproduces P and
+    "everything" reproduces F (when ``donor`` is a loaded model) on ``prompts[0]``.
+
+    ``forward(plan, batch)`` is the Grafter's forward pass (returns ``(logits, cache)``)."""
+    first = prompts[0]
+    longer = max(prompts, key=len)
+    if len(longer) <= len(first):  # no longer prompt in the run: make one, so that padding is exercised
+        longer = TokenizedPrompt(first.text + " " + first.text, tuple(first.ids) * 2)
+    F = donor.model if isinstance(donor, ModelDonor) else None
+    rows = [(EMPTY, first), (EVERYTHING, longer)] + ([(EVERYTHING, first)] if F is not None else [])
+    plan = compile_plan([s for s, _ in rows], adapter, model.config, [p for _, p in rows])
+    batch = pad_left([p.ids for _, p in rows], pad_id, device)
+    logits, _ = forward(plan, batch)
+    got = _last_logprobs(logits[:, -1]).cpu()
+    dtype = next(model.parameters()).dtype
+    tol = tolerance(dtype)
+    gap = float((got[0] - _plain(model, first.ids, device)).abs().max())
+    if not gap <= tol:
+        raise IdentityCheckError(
+            f"identity check failed: the empty spec does not reproduce P on {first.text!r} (max |Δ log-prob| "
+            f"{gap:.3g} > {tol:g}) between P's plain forward pass and its row in a batch beside grafted, "
+            f"left-padded rows: the rows of a batch are not independent (a hook left on P, or an attention "
+            f"implementation that mixes padded rows: {getattr(model.config, '_attn_implementation', '?')}). "
+            f"No result of this Grafter can be trusted; {SWITCH}")
+    if F is None:
+        return
+    gap = float((got[2] - _plain(F, first.ids, device)).abs().max())
+    if not gap <= tol:
+        raise IdentityCheckError(
+            f"identity check failed: grafting everything does not reproduce F on {first.text!r} (max |Δ "
+            f"log-prob| {gap:.3g} > {tol:g}), so P with F's weights is not F: {describe_differences(model, F)}. "
+            f"Grafts would mix P's and F's settings; {SWITCH}")
+
+
+def describe_differences(P: torch.nn.Module, F: torch.nn.Module) -> str:
+    """What differs between two models besides their parameters: config entries that change the
+    computation, buffers (rotary frequencies …), and modules' number/text settings (a norm's
+    epsilon …), at most six named."""
+    found = [f"config {k}: P {a!r}, F {b!r}" for k, a, b in config_differences(P.config, F.config)]
+    theirs = dict(F.named_buffers())
+    for name, mine in P.named_buffers():
+        other = theirs.get(name)
+        if other is None or other.shape != mine.shape or not torch.equal(other.to(mine.device, mine.dtype), mine):
+            found.append(f"buffer {name!r}" + (" (missing in F)" if other is None else ""))
+    modules = dict(F.named_modules())
+    for path, module in P.named_modules():
+        other = modules.get(path)
+        if other is None:
+            continue
+        for key, value in vars(module).items():
+            if key.startswith("_") or not isinstance(value, (int, float, str, bool)):
+                continue
+            if getattr(other, key, value) != value:
+                found.append(f"{path or 'model'}.{key}: P {value!r}, F {getattr(other, key)!r}")
+    if not found:
+        return ("no config entry, buffer or module setting differs, which points to a bug in nngraft or "
+                "in the model's code: please report it")
+    more = f" (and {len(found) - 6} more)" if len(found) > 6 else ""
+    return "; ".join(found[:6]) + more
