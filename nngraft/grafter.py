@@ -293,7 +293,7 @@ class Grafter:
         """Rows of (spec, tokenized prompt), scheduled into passes (:mod:`nngraft.compile.schedule`):
         the engine under :meth:`run` and :meth:`run_grid`, for callers that tokenize themselves."""
         size = batch_size or self.batch_size
-        self._guard(prompts)
+        self._guard(specs, prompts)
         if progress is False:
             progress = None
         if progress is True:
@@ -329,7 +329,7 @@ class Grafter:
         return GraftResult(torch.stack(last), [p.text for p in prompts], self.tokenizer,
                            [s.name for s in specs], full if all_logits else None)
 
-    def _guard(self, prompts: Sequence[TokenizedPrompt]) -> None:
+    def _guard(self, specs: Sequence[GraftSpec], prompts: Sequence[TokenizedPrompt]) -> None:
         """The identity guard (:mod:`nngraft.backends.identity`), once per Grafter, on the first
         run's first prompt: the empty spec must give P, "everything" F."""
         from .backends.identity import check_identities, enabled
@@ -337,7 +337,8 @@ class Grafter:
         if self._identities_checked or not prompts or not enabled(self.check_identities) or \
                 not isinstance(self.backend, LocalBackend):
             return
-        check_identities(self.forward, self.model, self.donor, self.adapter, prompts, self.pad_id, self.device)
+        check_identities(self.forward, self.model, self.donor, self.adapter, specs, prompts, self.pad_id,
+                         self.device)
         self._identities_checked = True
 
     def forward(self, plan: GraftPlan, batch: PaddedBatch, *, keep_all: bool = False,

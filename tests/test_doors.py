@@ -443,3 +443,107 @@ def test_the_identity_guard_fails_the_command_line_with_exit_1(tmp_path, capsys,
     code, text = _cli(capsys, "run", "--model", str(tmp_path / "P"), "--donor", str(tmp_path / "F"), "--spec", "lt",
                       "--dataset", "fake_movies_fake_actors", "--n", "2", "--template", "sentence_1", "--no-progress")
     assert code == 1 and "identity check failed" in text and "variance_epsilon: P 1e-06, F 0.5" in text, text
+
+
+# -- grafts inside a user's trace: the same semantics on both backends --------------------------------
+
+from .test_backends_ndif import worker  # noqa: E402,F401 - the NDIF stand-in (a fresh server process)
+
+TRACE_ARCHS = ("llama", "gpt2")
+
+
+UP_LT = {"llama": GraftSpec(name="gate_up_lt", rules=[GraftRule(components=["gate", "up"], positions=[Last()])]),
+         "gpt2": GraftSpec(name="up_lt", rules=[GraftRule(components=["up"], positions=[Last()])])}
+
+
+def _first_projection(layers, arch: str):
+    """The first projection reading layer 0's normed MLP input, grafted (llama: gate_proj, then
+    up_proj reads the same tensor; GPT-2: c_fc, its 'up')."""
+    return layers[0].mlp.gate_proj if arch == "llama" else layers[0].mlp.c_fc
+
+
+def _edit_block(g, arch: str, prompt: str, where: str):
+    """The user's block, the same on every backend: halve, in place at the last token, the input of
+    layer 0's first MLP projection (``where="input"``, as docs/nnsight.md shows; the grafted 'up'
+    reads the same tensor) or the output of the norm before it (``"norm"``: the same edit, made
+    where the graft has always seen it); save the logits."""
+    lm = g.model_envoy
+    layers = lm.model.layers if arch == "llama" else lm.transformer.h
+    with g.trace([prompt], UP_LT[arch]):
+        if where == "input":
+            _first_projection(layers, arch).input[:, -1] *= 0.5
+        else:
+            (layers[0].post_attention_layernorm if arch == "llama" else layers[0].ln_2).output[:, -1] *= 0.5
+        logits = lm.output.logits.save()
+    return logits.detach()
+
+
+@pytest.mark.parametrize("arch", TRACE_ARCHS)
+def test_an_in_place_edit_of_a_grafted_modules_input_is_applied_on_both_backends(worker, arch):
+    """Halving a grafted projection's input in place equals halving the norm's output it reads
+    (an output edit, exact against the per-token reference in test_trace.py), on the local and the
+    NDIF backend alike (the local one used to compute a grafted projection before the user's block
+    saw its input, ignoring the edit at every position)."""
+    from nngraft.donors.delta import DeltaDonor
+
+    from .test_trace import PROMPTS as TRACE_PROMPTS, setup
+
+    P, F, tok, g, _ = setup(arch)
+    prompt = TRACE_PROMPTS[0]
+    expected = _edit_block(g, arch, prompt, "norm")
+    with g.trace([prompt], UP_LT[arch]):
+        unedited = g.model_envoy.output.logits.save()
+    assert (expected - unedited.detach()).abs().max() > 1e-3  # the edit matters
+    torch.testing.assert_close(_edit_block(g, arch, prompt, "input"), expected, atol=2e-5, rtol=1e-4)
+    remote = Grafter.remote(P, DeltaDonor(F, P, dtype=torch.float32), tok, execution=worker.server(arch),
+                            verbose=False)
+    for where in ("input", "norm"):
+        torch.testing.assert_close(_edit_block(remote, arch, prompt, where), expected, atol=2e-5, rtol=1e-4)
+
+
+def test_a_graft_inside_the_trace_of_another_model_is_refused():
+    import copy
+
+    import nnsight
+
+    import nngraft
+    from nngraft.errors import TraceError
+
+    from .test_trace import FE_LT, PROMPTS as TRACE_PROMPTS, SPANS as TRACE_SPANS, setup
+
+    P, F, tok, g, _ = setup("llama")
+    compiled = g.compile(FE_LT, TRACE_PROMPTS, TRACE_SPANS)
+    other = nnsight.NNsight(F)  # same architecture and depth: the old check let it through
+    with pytest.raises(TraceError, match=r"compiled for another model than the one traced .*'model.embed_tokens"
+                                         r".weight' differs"):
+        with other.trace(**compiled.inputs):
+            nngraft.graft(other, compiled)
+            other.output.logits.save()
+    twin = nnsight.NNsight(copy.deepcopy(P))  # P loaded twice: the same weights, accepted
+    with twin.trace(**compiled.inputs):
+        nngraft.graft(twin, compiled)
+        logits = twin.output.logits.save()
+    torch.testing.assert_close(logits[:, -1], g.run(FE_LT, TRACE_PROMPTS, TRACE_SPANS).logits, atol=1e-5, rtol=0)
+
+
+def test_a_second_graft_in_one_trace_is_refused():
+    import nnsight
+
+    import nngraft
+    from nngraft.errors import TraceError
+
+    from .test_trace import FE_LT, LT_MLP, PROMPTS as TRACE_PROMPTS, SPANS as TRACE_SPANS, setup
+
+    P, F, tok, g, _ = setup("llama")
+    compiled = g.compile(FE_LT, TRACE_PROMPTS, TRACE_SPANS)
+    model = nnsight.NNsight(P)
+    with pytest.raises(TraceError, match="this trace already has a graft"):
+        with model.trace(**compiled.inputs):
+            nngraft.graft(model, compiled)
+            nngraft.graft(model, compiled)
+            model.output.logits.save()
+    lm = g.model_envoy
+    with pytest.raises(TraceError, match="this trace already has a graft"):
+        with g.trace(TRACE_PROMPTS, LT_MLP, spans=TRACE_SPANS):
+            nngraft.graft(lm, compiled)  # FE+LT inside g.trace(LT): used to be dropped silently
+            lm.output.logits.save()

@@ -78,7 +78,7 @@ class CountingBackend(LocalBackend):
 def test_a_custom_backend_runs_every_pass():
     P, F, tok = pair()
     backend = CountingBackend()
-    g = Grafter(P, F, tok, backend=backend, batch_size=2, share_prefix=False)
+    g = Grafter(P, F, tok, backend=backend, batch_size=2, share_prefix=False, check_identities=False)
     out = g.run([GraftSpec(), SPEC, SPEC], PROMPTS + ["Marie Curie stars in"], SPANS + [{"first_actor": "Marie Curie"}])
     assert sorted(n for n, _ in backend.passes) == [1, 2]
     torch.testing.assert_close(out.logits[:2], Grafter(P, F, tok).run([GraftSpec(), SPEC], PROMPTS, SPANS).logits)
@@ -89,7 +89,7 @@ def test_a_backend_without_a_cache_never_shares_a_prefix():
         supports_cache = False
 
     P, F, tok = pair()
-    g = Grafter(P, F, tok, backend=NoCache(), call_cost=0)
+    g = Grafter(P, F, tok, backend=NoCache(), call_cost=0, check_identities=False)
     assert g.share_prefix is False
     g.run_grid([GraftSpec(name="p"), SPEC], PROMPTS, SPANS)
     assert len(g.backend.passes) == 1  # four rows, one plain pass, no prefix pass

@@ -3,8 +3,9 @@
 Two identities hold for every correct graft, whatever the model: a row with no rule is P's own
 forward pass, and a row that grafts every component at every position is F's. :func:`check_identities`
 checks both once per Grafter, on the run's first prompt, in one extra forward pass of three rows
-(the empty spec, "everything", and "everything" on a longer prompt, so that the first prompt's rows
-are left-padded beside grafted ones as in a real batch) plus a plain forward of P and of F. When
+(the empty spec and "everything" on that prompt, and the run's own first graft on another prompt
+of a different length, so that rows are left-padded beside a grafted one as in a real batch) plus
+a plain forward of P and of F. When
 an identity fails, the error says what differs between P and F outside the grafted weights
 (config entries, buffers such as rotary frequencies, module settings such as a norm's epsilon) or,
 for P, that rows of a batch are not independent.
@@ -26,7 +27,7 @@ import torch
 from ..compile.plan import compile_plan
 from ..compile.tokens import TokenizedPrompt, pad_left
 from ..donors.donor import ModelDonor, config_differences
-from ..errors import IdentityCheckError
+from ..errors import GraftError, IdentityCheckError
 from ..spec import All, GraftRule, GraftSpec
 
 ENV = "NNGRAFT_IDENTITY_CHECK"
@@ -57,18 +58,24 @@ def _plain(model: torch.nn.Module, ids: Sequence[int], device: Any) -> torch.Ten
 
 
 def check_identities(forward: Callable[..., Any], model: torch.nn.Module, donor: Any, adapter: Any,
-                     prompts: Sequence[TokenizedPrompt], pad_id: int, device: Any) -> None:
+                     specs: Sequence[GraftSpec], prompts: Sequence[TokenizedPrompt], pad_id: int,
+                     device: Any) -> None:
     """Raise :class:`~nngraft.errors.IdentityCheckError` unless the empty spec reproduces P and
-    "everything" reproduces F (when ``donor`` is a loaded model) on ``prompts[0]``.
+    "everything" reproduces F (when ``donor`` is a loaded model) on ``prompts[0]``, in one pass
+    beside the run's own first graft (``specs[i]`` on ``prompts[i]``) on a longer prompt.
 
     ``forward(plan, batch)`` is the Grafter's forward pass (returns ``(logits, cache)``)."""
+    i = max(range(len(prompts)), key=lambda k: (bool(specs[k].rules), len(prompts[k])))
+    beside, other = specs[i], prompts[i]
     first = prompts[0]
-    longer = max(prompts, key=len)
-    if len(longer) <= len(first):  # no longer prompt in the run: make one, so that padding is exercised
-        longer = TokenizedPrompt(first.text + " " + first.text, tuple(first.ids) * 2)
+    if len(first) >= len(other):  # no longer prompt in the run: P's row is made longer instead
+        first = TokenizedPrompt(first.text + " " + first.text, tuple(first.ids) * 2)
     F = donor.model if isinstance(donor, ModelDonor) else None
-    rows = [(EMPTY, first), (EVERYTHING, longer)] + ([(EVERYTHING, first)] if F is not None else [])
-    plan = compile_plan([s for s, _ in rows], adapter, model.config, [p for _, p in rows])
+    rows = [(EMPTY, first), (beside, other)] + ([(EVERYTHING, first)] if F is not None else [])
+    try:
+        plan = compile_plan([s for s, _ in rows], adapter, model.config, [p for _, p in rows])
+    except GraftError:  # a spec that does not fit the run: the run itself says so, with its own rows
+        return
     batch = pad_left([p.ids for _, p in rows], pad_id, device)
     logits, _ = forward(plan, batch)
     got = _last_logprobs(logits[:, -1]).cpu()

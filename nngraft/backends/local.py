@@ -89,9 +89,11 @@ class LocalBackend(Backend):
 
     def compile_graft(self, setup: Setup, plan: GraftPlan, batch: PaddedBatch, prompts: list[TokenizedPrompt],
                       spec_names: list[str]) -> CompiledGraft:
+        import weakref
+
         return CompiledGraft(plan, batch.model_inputs(), prompts, setup.model.config.model_type,
                              setup.adapter.n_layers(setup.model.config), donors=setup.donors_for(plan),
-                             spec_names=spec_names, applier=apply_compiled)
+                             spec_names=spec_names, applier=apply_compiled, recipient=weakref.ref(setup.model))
 
     def open_trace(self, setup: Setup, compiled: CompiledGraft, **kwargs: Any) -> Any:
         """A trace of P whose first intervention block is the graft: an nnsight edit of P's envoy
@@ -106,7 +108,7 @@ def apply_compiled(root: Any, compiled: CompiledGraft) -> None:
     """Inside an open trace of ``root``: check the batch is the compiled one, then apply every
     module graft (:func:`apply_plan`)."""
     check_input_ids(root, compiled.input_ids)
-    apply_plan(root, compiled.plan, compiled.donors)
+    apply_plan(root, compiled.plan, compiled.donors, after_user_edits=True)
 
 
 @contextmanager
@@ -137,7 +139,7 @@ def envoy_at(root: Any, path: str) -> Any:
 
 
 def apply_plan(root: Any, plan: GraftPlan, donors: Donor | Mapping[str, Donor],
-               scratch: "Scratch | None" = None) -> None:
+               scratch: "Scratch | None" = None, *, after_user_edits: bool = False) -> None:
     """Inside an open trace of ``root``: apply every module graft of ``plan``, in order.
 
     Each grafted module is *replaced*, not run and overwritten: its input is split into the
@@ -147,14 +149,33 @@ def apply_plan(root: Any, plan: GraftPlan, donors: Donor | Mapping[str, Donor],
 
     ``donors`` is one donor, or donors by name (``{"default": F, "hybrid": H}``) for plans whose
     rules name them. ``scratch``: buffers to reuse (a backend keeps one :class:`Scratch` for all
-    its passes, made under its lock); a fresh one by default."""
+    its passes, made under its lock); a fresh one by default.
+
+    ``after_user_edits`` (grafts inside a user's trace, :mod:`nngraft.compile.trace`): P's module
+    runs, and the graft computes its output from the module's input *after* the user's blocks have
+    seen it, so an in-place edit of a grafted module's input (``m.input[:, -1] *= 0``) reaches the
+    graft, as on the NDIF backend (:func:`nngraft.backends.functional.apply_op`); the grafted cells
+    are then written over P's output, and every other cell keeps the module's own output. It costs
+    the grafted modules' P call, which the plain (skip) path saves."""
     if not isinstance(donors, Mapping):
         donors = {"default": donors}
     layouts = Layouts(scratch)
     for path, grafts in plan.by_path():
         envoy = envoy_at(root, path)
         params = [pick_donor(donors, g.donor).params(path, envoy._module) for g in grafts]
-        envoy.skip(replaced_output(envoy, envoy.input, grafts, params, layouts))
+        if not after_user_edits:
+            envoy.skip(replaced_output(envoy, envoy.input, grafts, params, layouts))
+            continue
+        x = envoy.input
+        own = envoy.output  # the module ran on its input as the user's blocks left it
+        grafted = replaced_output(envoy, x, grafts, params, layouts)
+        axis = grafts[0].token_axis
+        merged = (own.movedim(axis, 1) if axis != 1 else own).clone()
+        source = grafted.movedim(axis, 1) if axis != 1 else grafted
+        for g in grafts:
+            rows, cols = g.rows.to(merged.device), g.cols.to(merged.device)
+            merged[rows, cols] = source[rows, cols]
+        envoy.output = merged.movedim(1, axis).contiguous() if axis != 1 else merged
 
 
 def replaced_output(envoy: Any, x: torch.Tensor, grafts: list[ModuleGraft],

@@ -26,9 +26,12 @@ module, the graft writes its output first, so whatever you read or write there i
 value, and your edits of a module's output reach everything downstream (grafted modules
 included: a graft reads its module's input when the model gets there). nnsight requires each block
 to touch modules in forward order; the graft's block and yours are separate, so only your own
-reads need to be in order. One exception: *assigning* a new input to a grafted module
-(``m.input = x``) is not seen by the graft, which read the input before your block did; edit the
-input in place (``m.input[:, -1] *= 0``) or edit the output of the module before it.
+reads need to be in order. An in-place edit of a grafted module's input (``m.input[:, -1] *= 0``)
+reaches the graft, which computes the module's output from its input after your block saw it, as
+the NDIF backend does. One exception: *assigning* a new input (``m.input = x``) is not seen by the
+graft (only the cells it does not cover get the module's output on ``x``); edit the input in
+place, or the output of the module before it. One graft per trace, of the model it was compiled
+for: a second graft, or a graft in another model's trace, raises :class:`~nngraft.errors.TraceError`.
 
 Inputs are left-padded as in :meth:`Grafter.run`, with explicit position ids (padding never shifts
 positions); ``compiled.inputs`` carries them. Every module, not just the last token, is grafted
@@ -66,6 +69,7 @@ class CompiledGraft:
     program: dict | None = None
     spec_names: list[str] = field(default_factory=list)
     applier: Callable[[Any, "CompiledGraft"], None] | None = None
+    recipient: Callable[[], Any] | None = None  # a weak reference to the recipient P it was compiled for
 
     @property
     def input_ids(self) -> torch.Tensor:
@@ -112,14 +116,31 @@ def graft(model: Any, compiled: CompiledGraft) -> None:
     if current.pending is not None:
         raise TraceError("nngraft.graft must be called first in the trace, before reading or modifying any "
                          "module (the graft's block runs ahead of yours)")
+    if any(_is_graft_block(m) for m in current.interleaver.mediators):
+        raise TraceError("nngraft.graft: this trace already has a graft (g.trace(...) opens one, and so does "
+                         "an earlier nngraft.graft); two grafts in one trace would each replace the other's "
+                         "modules. Put every rule in one spec (or one list of specs) and graft it once")
     if compiled.applier is None:
         compiled.apply(model)  # raises: a remote graft
-    code = compile("compiled.apply(root)", "<nngraft.graft>", "exec")
+    code = compile("compiled.apply(root)", GRAFT_BLOCK, "exec")
     block = Mediator(code, {}, {"root": model, "compiled": compiled})
     interleaver = current.interleaver
     block.start(interleaver)  # runs up to its first module, like every block of the trace
     interleaver.mediators.insert(0, block)
     interleaver.reindex()
+
+
+def _is_graft_block(mediator: Any) -> bool:
+    """Whether an intervention block of the trace is a graft: one :func:`graft` added, or the edit
+    a Grafter's trace opens with (code in nngraft's own files)."""
+    import os
+
+    filename = getattr(getattr(mediator, "code", None), "co_filename", "") or ""
+    package = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    return filename == GRAFT_BLOCK or os.path.abspath(filename).startswith(package + os.sep)
+
+
+GRAFT_BLOCK = "<nngraft.graft>"
 
 
 def _check_model(model: Any, compiled: CompiledGraft) -> None:
@@ -135,3 +156,22 @@ def _check_model(model: Any, compiled: CompiledGraft) -> None:
             f"nngraft.graft: the graft was compiled for a {compiled.model_type!r} model with "
             f"{compiled.n_layers} layers, but the traced model is {model_type!r} with {layers} layers"
         )
+    recipient = compiled.recipient() if compiled.recipient is not None else None
+    if recipient is not None and module is not recipient:
+        _check_same_weights(module, recipient)
+
+
+def _check_same_weights(module: torch.nn.Module, recipient: torch.nn.Module) -> None:
+    """Refuse to graft into a model other than the one the graft was compiled for, unless it holds
+    the same weights (P loaded twice): a graft in another model's trace would change that model's
+    numbers with no word."""
+    mine = dict(recipient.named_parameters())
+    theirs = dict(module.named_parameters())
+    differs = next((name for name, p in mine.items() if name not in theirs or theirs[name].shape != p.shape
+                    or not torch.equal(theirs[name].detach().to(p.device), p.detach())), None)
+    if differs is None and set(theirs) <= set(mine):
+        return
+    raise TraceError(
+        f"nngraft.graft: the graft was compiled for another model than the one traced (its parameter "
+        f"{differs or next(iter(set(theirs) - set(mine)))!r} differs from the Grafter's recipient P): grafting "
+        "it here would change this model's numbers. Trace P itself (g.model_envoy, or nnsight.NNsight(g.model))")
