@@ -547,3 +547,31 @@ def test_a_second_graft_in_one_trace_is_refused():
         with g.trace(TRACE_PROMPTS, LT_MLP, spans=TRACE_SPANS):
             nngraft.graft(lm, compiled)  # FE+LT inside g.trace(LT): used to be dropped silently
             lm.output.logits.save()
+
+
+# -- provenance: no rows appended to rows whose model cannot be verified ------------------------------
+
+
+def _tiny_sweep(folder: Path, tiny: str) -> Path:
+    config = {"name": "t", "models": [{"name": "m", "tiny": tiny}],
+              "data": {"dataset": "fake_movies_fake_actors", "n": 2, "templates": ["sentence_1"]},
+              "specs": [str(Path(__file__).parents[1] / "recipes" / "specs" / "lt.json")], "output": "runs/t",
+              "check_baselines": 0}
+    path = folder / f"sweep-{tiny}.json"
+    path.write_text(json.dumps(config))
+    return path
+
+
+def test_rows_whose_model_cannot_be_verified_are_not_extended(tmp_path, capsys, monkeypatch):
+    """The manifest deleted, another model run under the same name (baseline checks off): the old
+    rows used to be kept and the manifest relabelled with the new model."""
+    monkeypatch.chdir(tmp_path)
+    code, text = _cli(capsys, "sweep", str(_tiny_sweep(tmp_path, "llama")), "--no-progress")
+    assert code == 0, text
+    results = tmp_path / "runs" / "t" / "results.jsonl"
+    rows = results.read_text()
+    (results.parent / "manifest.json").unlink()
+    for tiny in ("qwen2", "llama"):  # another model, or the same one: neither can be verified now
+        code, text = _cli(capsys, "sweep", str(_tiny_sweep(tmp_path, tiny)), "--no-progress")
+        assert code == 2 and "holds 6 rows for model 'm'" in text and "no manifest" in text, text
+        assert results.read_text() == rows and not (results.parent / "manifest.json").exists()
