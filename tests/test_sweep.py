@@ -218,8 +218,10 @@ def test_resume_after_a_kill_mid_write_gives_identical_results(finished, tmp_pat
     out = config.output_dir()
     out.mkdir(parents=True)
     lines = Path(full.results).read_text().splitlines(keepends=True)
-    # the run was killed after 13 rows, in the middle of writing the 14th
+    # the run was killed after 13 rows, in the middle of writing the 14th (its manifest, written
+    # before any row, records the model: rows no manifest vouches for are refused)
     (out / "results.jsonl").write_text("".join(lines[:13]) + lines[13][: len(lines[13]) // 2])
+    (out / "manifest.json").write_text(Path(full.manifest).read_text())
     with pytest.warns(TruncatedResultsWarning, match="incomplete last line"):
         outcome = run_sweep(config, show_progress=False)
     assert outcome.stats["tiny"].skipped == 13
@@ -247,6 +249,7 @@ def test_resume_after_an_interrupt_between_batches(finished, tmp_path):
         evaluate(Grafter(P, F, tok), specs, EXAMPLES, model="tiny", writer=writer, batch_size=5,
                  progress=stop_after_two)
     writer.close()
+    (config.output_dir() / "manifest.json").write_text(Path(finished[1].manifest).read_text())  # as a sweep writes it
     saved = sum(calls)  # the two finished batches (P and F rows come first, in their own batches)
     assert saved > 0 and len(load_results(config.output_dir())) == saved
     outcome = run_sweep(config, show_progress=False)

@@ -124,11 +124,12 @@ def _check_resume(manifest: dict[str, Any], writer: ResultsWriter, specs: Sequen
         old = manifest.get("models", {}).get(name)
         if not old:
             rows = sum(1 for key in writer.done if key[0] == name)
-            if rows:  # rows made by a model nothing records: this run cannot tell whether it is the same one
-                why = ("there is no manifest beside it" if not manifest_path(writer.path).exists() else
-                       f"its manifest {manifest_path(writer.path)} has no record of that model")
+            # rows made by a model nothing records: this run cannot tell whether it is the same one (a
+            # manifest without that model's record is the user's own statement, as the message above advises)
+            if rows and not manifest_path(writer.path).exists():
                 raise ResultsError(
-                    f"{writer.path} holds {rows} rows for model {name!r}, but {why}, so nngraft cannot verify "
+                    f"{writer.path} holds {rows} rows for model {name!r}, but there is no manifest beside it "
+                    "(manifest.json records the models that made the rows), so nngraft cannot verify "
                     "that this run's model (its weights, config and dtype) is the one that made them; appending "
                     "would mix two models' rows under one name. Use a new output directory, or delete "
                     f"{writer.path} to start it anew")
