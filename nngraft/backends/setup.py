@@ -273,5 +273,6 @@ def _check_lora_base(donor: Any, repo_id: str) -> None:
     base = donor.base_model
     if base and "/" in base and not os.path.exists(base) and not same_base(base, repo_id):
         if same_base(hub_id(base), hub_id(repo_id)):
+            donor.verified_bases.add(repo_id)  # the Hub says so: check_against's name check agrees
             return
     donor.check_base(None, repo_id, error=RemoteDonorMismatch)

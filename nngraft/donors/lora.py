@@ -113,6 +113,7 @@ class LoraDonor:
         self._check_config()
         self.dtype = dtype
         self.base_model = self.config.get("base_model_name_or_path")
+        self.verified_bases: set[str] = set()  # recipient names the Hub confirmed as this base (renamed repositories)
         from safetensors.torch import load_file
 
         raw = load_file(str(weights))
@@ -200,7 +201,7 @@ class LoraDonor:
             name = getattr(getattr(recipient, "config", None), "_name_or_path", "") or ""
             if os.path.exists(name) or "/" not in name:
                 return
-        if "/" not in base:
+        if "/" not in base or name in self.verified_bases:
             return
         from ..util.hub import same_base
 
