@@ -98,6 +98,7 @@ FUNCTIONAL_FORMS = tuple(form for kind in KINDS.values() for form in kind.functi
 """Every form :mod:`nngraft.backends.functional` implements (its ``KINDS``)."""
 
 _BY_CLASS: dict[type, ModuleKind | None] = {}
+_DIRECT: dict[type, ModuleKind | None] = {}
 
 
 def _classify(cls: type) -> ModuleKind | None:
@@ -129,10 +130,15 @@ def direct(module: torch.nn.Module) -> ModuleKind | None:
     """The kind of a projection whose output is exactly its formula, so it can be computed
     directly with one matmul (``nn.Linear`` with its own forward, GPT-2's ``Conv1D``); else ``None``
     (the module runs as itself)."""
-    kind = kind_of(module)
-    if kind is LINEAR and type(module).forward is not torch.nn.Linear.forward:
-        return None
-    return kind if kind is not None and kind.projection else None
+    cls = type(module)
+    try:
+        return _DIRECT[cls]  # called for every grafted module of every pass: one lookup
+    except KeyError:
+        kind = kind_of(module)
+        if kind is LINEAR and cls.forward is not torch.nn.Linear.forward:
+            kind = None
+        _DIRECT[cls] = kind if kind is not None and kind.projection else None
+        return _DIRECT[cls]
 
 
 def stores_weight_in_out(module: torch.nn.Module) -> bool:

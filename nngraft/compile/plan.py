@@ -349,8 +349,8 @@ def _sites(chosen, adapter: Adapter, config, merge_mlp):
         if (component, layer) in done:
             continue
         fused = adapter.fused_with(component)
-        shared = [(c, layer) for c in fused]
-        if fused and all(cells.get(m) == where for m in shared):
+        shared = [(c, layer) for c in fused] if fused else []
+        if shared and all(cells.get(m) == where for m in shared):
             done.update(shared)  # the whole fused projection: no feature slicing needed
             path = adapter.sites(fused[0], layer, config)[0].path
             sites.append((Site(fused[0], path, layer), where, fused))
