@@ -10,7 +10,7 @@
 - :func:`plain_forward` — P's forward with no nnsight involved (P never wrapped by nnsight).
 - :func:`empty_trace` — an nnsight trace of the Grafter's P that only saves the output.
 
-The first two compute every position's logits the way the paper does; ``tests/reference.py`` is
+The first two compute every position's logits the way the paper does; ``tests/helpers/reference.py`` is
 the test suite's copy of the same method (the smoke test checks all three agree). They support
 block components whose modules hold their whole parameters (Llama-style separate q/k/v/o and MLP
 projections), which is what the benchmarks graft; fused QKV slices and tied embeddings are out of

@@ -8,7 +8,7 @@ For each spec family (none, LT, FE+LT) on 8 prompts, the last position's logits 
 - ``local bf16``: ``Grafter(P, F)`` with P and F in bfloat16;
 - ``remote bf16``: ``Grafter.remote``'s path (``execution="local"``: serialized, deserialized and run as
   NDIF runs it) on P in bfloat16 with the donor travelling in bfloat16, as a dense ``DeltaDonor`` and
-  as ``DenseDonor``. The sandboxed path computes the same operations (tests/test_sandbox.py).
+  as ``DenseDonor``. The sandboxed path computes the same operations (tests/backends/test_sandbox.py).
 
     python -m benchmarks.bf16_difference            # ~1-2 minutes on a laptop CPU; updates docs/remote.md
     python -m benchmarks.bf16_difference --no-docs

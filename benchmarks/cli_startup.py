@@ -7,7 +7,7 @@
 Each run is a fresh ``python -m nngraft.cli --help`` process (what the ``nngraft`` script runs),
 timed from start to exit; a machine busy with other jobs makes every run slower, so the minimum
 is the best estimate of the cost itself and the median of what a user waits. Not a test: the test
-suite only checks that ``--help`` imports none of the heavy packages (tests/test_cli_help.py).
+suite only checks that ``--help`` imports none of the heavy packages (tests/cli/test_help.py).
 """
 
 from __future__ import annotations

@@ -5,13 +5,13 @@ Steps (a failing step is recorded with its error; the next one still runs):
 
 1. ``environment``: torch, transformers, nnsight versions; the GPUs.
 2. ``exactness``: on every tiny architecture, the one-pass graft of "everything at FE+LT" and of
-   "mlp at LT" against the literal per-token weight swap (tests/reference.py), P and F on the GPU,
+   "mlp at LT" against the literal per-token weight swap (tests/helpers/reference.py), P and F on the GPU,
    in float32 (within the suite's 2e-5 / 1e-4) and bfloat16 (within 2ε, ε = the bfloat16
    reference's own distance from the float32 one).
 3. ``split``: the same, float32, with P's layers split over two devices the way ``device_map="auto"``
    splits them (accelerate's ``AlignDevicesHook`` on each placed module): over ``cuda:0`` and
    ``cuda:1`` when two GPUs are visible, else over ``cuda:0`` and the CPU (a real device boundary
-   on one GPU); in ``--dry-run`` over two virtual GPUs (tests/virtual_devices.py).
+   on one GPU); in ``--dry-run`` over two virtual GPUs (tests/helpers/virtual_devices.py).
 4. ``timing-1B``, ``timing-8B``: random-weight models of the Llama-3.2-1B and Llama-3-8B shapes
    (built from their configs, nothing downloaded) in bfloat16: a plain pass (empty spec) and the
    grafts "LT MLPs" and "FE+LT" on 8 prompts of 64 tokens, timed in interleaved repetitions

@@ -8,7 +8,7 @@
 # benchmarks/fetch_gpu_wheels.sh fetched into benchmarks/wheels/ (carry that folder); results go to
 # $OUT (the only folder whose files come back) as each step finishes; the whole run stays under
 # 8 minutes: the Python steps are stopped at 400 s (timing steps skipped past a 340 s budget), then,
-# with the time left up to 465 s, the sandbox harness (tests/test_sandbox.py) with P on the GPU,
+# with the time left up to 465 s, the sandbox harness (tests/backends/test_sandbox.py) with P on the GPU,
 # where NDIF's autocast bracket is active (its log: $OUT/sandbox.log).
 #
 # Usage: benchmarks/gpu_check.sh [--dry-run]     (--dry-run: the same steps on the CPU, tiny shapes)
@@ -42,7 +42,7 @@ timeout 400 "$PY" -m benchmarks.gpu_check --out "$OUT_DIR" --budget 340 2>&1 | t
 rc=${PIPESTATUS[0]}
 left=$((465 - (SECONDS - start)))
 if [ "$left" -ge 60 ]; then
-    NNGRAFT_SANDBOX_DEVICE=cuda timeout "$left" "$PY" -m pytest -q -p no:cacheprovider tests/test_sandbox.py \
+    NNGRAFT_SANDBOX_DEVICE=cuda timeout "$left" "$PY" -m pytest -q -p no:cacheprovider tests/backends/test_sandbox.py \
         > "$OUT_DIR/sandbox.log" 2>&1
     sandbox_rc=$?
     echo "gpu_check: sandbox harness on the GPU: rc=$sandbox_rc, $(grep -E 'passed|failed|error' "$OUT_DIR/sandbox.log" | tail -1)" \

@@ -10,7 +10,7 @@ layer at the entity and the last token), bfloat16 on NDIF's sandboxed path (ordi
   masks) plus nnsight's fixed overhead (about 70 kB, measured in benchmarks/payload_sizes.py);
 - **sandbox**: activation round trips and bytes through the socket between NDIF's runner and the
   model (``estimate_traffic``; Hub LoRA: ``estimate_hub_traffic``), both checked message for
-  message against the sandbox stand-in on tiny models (tests/test_sandbox.py, tests/test_hub_lora.py).
+  message against the sandbox stand-in on tiny models (tests/backends/test_sandbox.py, tests/backends/test_hub_lora.py).
 
 The adapters are rank 16 on all seven linear projections of every layer (q, k, v, o, gate, up, down);
 A·x crosses in float32 (PEFT holds a half-precision model's adapter in float32). From shapes on a

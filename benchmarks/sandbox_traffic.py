@@ -5,7 +5,7 @@ everything), for a Llama-3-8B-shaped model at 64 rows × 32 tokens in bfloat16.
 "Before" is a program that reads every grafted module's input and output and assigns the output
 (nngraft until it counted this cost); "after" reads an input only when no earlier access holds it
 and edits fresh outputs in place (``nngraft.backends.traffic``). Both are computed from shapes
-with ``estimate_traffic``, whose numbers tests/test_sandbox.py checks message for message against
+with ``estimate_traffic``, whose numbers tests/backends/test_sandbox.py checks message for message against
 the sandbox stand-in on tiny Llama and GPT-2 models. Nothing is computed on weights; no network.
 
     python -m benchmarks.sandbox_traffic            # a few seconds; updates docs/remote.md

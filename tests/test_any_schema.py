@@ -20,6 +20,7 @@ from nngraft.study.grids import PAPER_GRIDS, grid_specs, paper_specs, span_roles
 from nngraft.study.results import load_manifest, load_results
 from nngraft.study.sweep import SweepConfig, resolve_specs, run_sweep
 from nngraft.testing import tiny_pair
+from tests.helpers import ROOT
 
 DRUGS = [
     {"id": "d1", "drug": "Zolvatrin", "maker": "Harlow Labs", "indication": "migraine"},
@@ -113,7 +114,7 @@ def test_a_sweep_config_names_the_entity_and_runs_the_main_grid(tmp_path):
 
 def _doc_command() -> list[str]:
     """The ``nngraft run --grid …`` command of docs/study.md, as argv (after ``nngraft``)."""
-    text = (Path(__file__).resolve().parent.parent / "docs" / "study.md").read_text()
+    text = (ROOT / "docs" / "study.md").read_text()
     section = text[text.index("### The paper's grids on your facts"):]
     block = re.search(r"```bash\n(.*?)```", section, flags=re.S)[1]
     return shlex.split(block.replace("\\\n", " "))[1:]

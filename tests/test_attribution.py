@@ -14,6 +14,7 @@ from nngraft.attribution import (Attribution, exact_effects, group_masks, logit_
 from nngraft.donors.donor import TensorDonor
 from nngraft.errors import ArgumentError
 from nngraft.testing import TINY_MODEL_TYPES, tiny_pair
+from tests.helpers import ROOT
 
 PROMPT = ["Ada Lovelace stars in a movie alongside"]
 SPANS = [{"actor": "Ada Lovelace"}]
@@ -266,7 +267,7 @@ def test_docs_attribution_runs_as_written(tmp_path, capsys, monkeypatch):
 
     from nngraft.cli import main as cli_main
 
-    text = (Path(__file__).resolve().parent.parent / "docs" / "attribution.md").read_text()
+    text = (ROOT / "docs" / "attribution.md").read_text()
     python = re.findall(r"```python\n(.*?)```", text, flags=re.S)
     bash = re.findall(r"```bash\n(.*?)```", text, flags=re.S)
     assert len(python) == 1 and len(bash) == 1

@@ -3,7 +3,7 @@ expected rows, write the same record as JSON, and every output they compare agre
 
 No timing thresholds here: timings are only checked to be real, positive measurements. The paper
 method the benchmarks time is also checked against the test suite's own oracle
-(tests/reference.py), and the docs writer against clobbering other people's sections."""
+(tests/helpers/reference.py), and the docs writer against clobbering other people's sections."""
 
 from __future__ import annotations
 
@@ -19,7 +19,7 @@ from benchmarks.report import BEGIN, END, HEADING, render, update_docs
 from nngraft.arch import adapter_for
 from nngraft.testing import tiny_pair, tiny_tokenizer
 
-from .reference import component_swaps, per_token_reference
+from tests.helpers.reference import component_swaps, per_token_reference
 
 NOISE = 1e-4  # tiny model, float32: equal computations differ by ~1e-6
 
@@ -156,7 +156,7 @@ def test_update_docs_keeps_other_sections_and_hand_written_text(tmp_path):
 @pytest.mark.parametrize("components,where", [(["mlp"], "last"), (["q", "k", "v", "o"], "span")])
 def test_benchmark_baselines_equal_the_test_suite_reference(components, where):
     """The timed paper method (deepcopy + load_state_dict per token) and the in-place variant give
-    the logits of tests/reference.py at every position, for an MLP and an attention graft."""
+    the logits of tests/helpers/reference.py at every position, for an MLP and an attention graft."""
     P, F, tok = tiny_pair("llama", n_layers=3)
     adapter = adapter_for(P)
     ids = tok("Ada Lovelace stars in a movie alongside")["input_ids"]

@@ -28,6 +28,7 @@ from nngraft.study.examples import TestExample
 from nngraft.study.results import OutputInUseError, ResultsError, output_lock
 from nngraft.study.sweep import SweepConfigError, load_examples_jsonl, load_sweep_config, save_examples_jsonl
 from nngraft.testing import perturbed_copy, tiny_model, tiny_pair
+from tests.helpers import ROOT
 
 SPEC = '{"name": "lt", "rules": [{"components": ["mlp"], "positions": [{"last": true}]}]}'
 
@@ -234,7 +235,7 @@ def test_the_lock_is_released_when_its_holder_is_killed(tmp_path):
     holder = subprocess.Popen(
         [sys.executable, "-c", "import sys, time; from nngraft.study.results import output_lock\n"
          f"with output_lock({str(folder)!r}):\n    print('locked', flush=True); time.sleep(60)"],
-        stdout=subprocess.PIPE, text=True, cwd=Path(__file__).parents[1])
+        stdout=subprocess.PIPE, text=True, cwd=ROOT)
     try:
         assert holder.stdout.readline().strip() == "locked"
         with pytest.raises(OutputInUseError, match=f"pid {holder.pid} on"):

@@ -6,8 +6,8 @@ import re
 from pathlib import Path
 
 import pytest
+from tests.helpers import ROOT
 
-ROOT = Path(__file__).resolve().parent.parent
 TEXT_FILES = sorted(
     [ROOT / "README.md", *(ROOT / "docs").glob("*.md"), *(ROOT / "recipes").rglob("*.py"),
      *(ROOT / "nngraft").rglob("*.py"), *(ROOT / "benchmarks").glob("*.md")]

@@ -45,8 +45,9 @@ from nngraft.errors import (ArgumentError, GraftError, ModelLoadError, ModelNotA
 from nngraft.study.results import OutputInUseError, ResultsError, TruncatedResultsWarning
 from nngraft.study.sweep import SweepConfigError
 from nngraft.testing import tiny_model, tiny_pair
+from tests.helpers import ROOT
 
-DOC = Path(__file__).parents[1] / "docs" / "errors.md"
+DOC = ROOT / "docs" / "errors.md"
 
 
 @lru_cache(maxsize=None)
@@ -217,7 +218,7 @@ def _resume_damaged() -> None:
     _resume(json.dumps(ROW) + "\nnot json\n" + json.dumps(dict(ROW, spec="f")) + "\n")
 
 
-# -- 18: NDIF, mocked at the HTTP / websocket layer (tests/test_backends_ndif.py's FakeNDIF) --------
+# -- 18: NDIF, mocked at the HTTP / websocket layer (tests/backends/test_ndif.py's FakeNDIF) --------
 
 NDIF_HOST = "https://ndif.example"
 NDIF_REPO = "nngraft-tests/tiny-llama"
@@ -242,7 +243,7 @@ def _ndif(run: Callable[[str], object], *, key: str | None = NDIF_KEY, sent: int
     from nnsight.modeling import huggingface
     from nnsight.schema.config import CONFIG
 
-    from tests.test_backends_ndif import FakeNDIF
+    from tests.helpers.ndif import FakeNDIF
 
     fake = FakeNDIF(None, NDIF_REPO, "llama", key=NDIF_KEY)  # never reaches its worker: all fail first
     if too_large:

@@ -1,4 +1,4 @@
-"""One-pass grafting equals the paper's per-token weight swap (tests/reference.py), on every
+"""One-pass grafting equals the paper's per-token weight swap (tests/helpers/reference.py), on every
 supported architecture, for every component, for spans, complements, padded mixed batches and
 generation. These tests are the proof the design rests on."""
 
@@ -13,50 +13,9 @@ from nngraft import All, GraftRule, GraftSpec, Grafter, Index, Last, Not, Other,
 from nngraft.arch import adapter_for
 from nngraft.testing import TINY_MODEL_TYPES, tiny_pair
 
-from .reference import component_swaps, module_swaps, per_token_reference
-
-PROMPT = "Ada Lovelace stars in a movie alongside"
-SPANS = {"first_actor": "Ada Lovelace"}
-ATOL, RTOL = 2e-5, 1e-4
-
-
-@lru_cache(maxsize=None)
-def setup(model_type: str):
-    P, F, tok = tiny_pair(model_type)
-    return P, F, tok, Grafter(P, F, tok), adapter_for(P)
-
-
-def one_pass(g: Grafter, spec: GraftSpec, prompt: str = PROMPT, spans=SPANS) -> torch.Tensor:
-    return g.run(spec, [prompt], [spans], all_logits=True).all_logits[0]
-
-
-def reference(model_type: str, prompt: str, table, new_tokens: int = 0):
-    """``table(t, L)`` -> list of swaps active at token t of a prompt of L tokens."""
-    P, F, tok, _, _ = setup(model_type)
-    ids = tok(prompt)["input_ids"]
-    return per_token_reference(P, F, ids, lambda t: table(t, len(ids)), new_tokens=new_tokens)
-
-
-def swaps(model_type: str, components, layers=None):
-    P, _, _, g, adapter = setup(model_type)
-    layers = range(g.n_layers) if layers is None else layers
-    block, global_ = adapter.expand(list(components))  # groups such as 'mlp' -> gate, up, down
-    out = [s for c in global_ for s in component_swaps(P, adapter, c, None)]
-    for c in block:
-        for layer in layers:
-            out += component_swaps(P, adapter, c, layer)
-    assert out, f"no weights for {components}"
-    return out
-
-
-def span_tokens(model_type: str, prompt=PROMPT, spans=SPANS, name="first_actor") -> set[int]:
-    _, _, _, g, _ = setup(model_type)
-    return set(g.tokenize([prompt], [spans])[0].spans[name])
-
-
-def assert_close(actual: torch.Tensor, expected: torch.Tensor) -> None:
-    assert actual.shape == expected.shape
-    torch.testing.assert_close(actual, expected, atol=ATOL, rtol=RTOL)
+from tests.helpers.reference import component_swaps, module_swaps, per_token_reference
+from tests.helpers.exactness import (ATOL, PROMPT, RTOL, SPANS, assert_close, one_pass, reference,  # noqa: F401
+                                    setup, span_tokens, swaps)
 
 
 def component_cases():

@@ -3,7 +3,7 @@
 The expected answer is built without the code under test: which positions a selector names and
 which layers a layer selection means are evaluated here by hand, from the definitions in
 docs/spec.md (``nngraft.plan.select_positions`` and ``nngraft.spec.resolve_layers`` are not used).
-Only the span's token positions come from the tokenizer (tested in tests/test_tokens.py) and the
+Only the span's token positions come from the tokenizer (tested in tests/compile/test_tokens.py) and the
 component groups from the adapter (``attn``/``mlp`` proven equal to whole-module swaps in
 tests/test_exactness.py)."""
 
@@ -14,8 +14,8 @@ from hypothesis import strategies as st
 
 from nngraft import All, GraftRule, GraftSpec, Index, Last, Not, Other, Span
 
-from .reference import component_swaps
-from .test_exactness import PROMPT, SPANS, assert_close, one_pass, reference, setup, span_tokens
+from tests.helpers.reference import component_swaps
+from tests.helpers.exactness import PROMPT, SPANS, assert_close, one_pass, reference, setup, span_tokens
 
 _leaf = st.one_of(
     st.just(Span(span="first_actor")), st.just(Last()), st.just(All()), st.just(Other()),

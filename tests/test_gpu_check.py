@@ -10,8 +10,8 @@ import subprocess
 import sys
 from importlib.metadata import version
 from pathlib import Path
+from tests.helpers import ROOT
 
-ROOT = Path(__file__).resolve().parent.parent
 STEPS = ["environment", "exactness", "split", "timing-tiny-a", "timing-tiny-b"]
 
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from benchmarks.gpu_memory import account, table
+from tests.helpers import ROOT
 
 TINY = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
             num_key_value_heads=2, head_dim=8, vocab_size=384, tie_word_embeddings=True)
@@ -33,7 +34,7 @@ def test_weight_bytes_match_a_hand_count():
 
 def test_docs_hold_the_table_the_script_prints():
     text, results = table()
-    doc = (Path(__file__).parent.parent / "docs" / "gpu.md").read_text()
+    doc = (ROOT / "docs" / "gpu.md").read_text()
     assert text in doc, "docs/gpu.md's memory table is stale: paste `python -m benchmarks.gpu_memory`"
     by_name = {r["model"]: r for r in results}
     assert all(row["fits_80GB"] for row in by_name["Llama-3-8B"]["specs"].values())

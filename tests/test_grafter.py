@@ -17,7 +17,7 @@ from nngraft.errors import RemoteUnsupportedError
 from nngraft.grafter import RemoteGrafter, per_row
 from nngraft.testing import tiny_pair
 
-from .reference import component_swaps, per_token_reference
+from tests.helpers.reference import component_swaps, per_token_reference
 
 PROMPTS = ["Ada Lovelace stars in a movie alongside", "Grace Hopper stars in"]
 SPANS = [{"first_actor": "Ada Lovelace"}, {"first_actor": "Grace Hopper"}]

@@ -227,3 +227,21 @@ def test_the_cli_is_the_top_layer():
 
     verbs = set(build_parser()._subparsers._group_actions[0].choices)
     assert {"schema", "validate", "models", "payload", "run", "sweep", "data", "localize", "demo"} <= verbs
+
+
+def test_no_test_module_imports_another_test_module():
+    """Tests mirror the package; what several test modules share lives in tests/helpers/ (or a
+    conftest.py), never in a test module another one imports."""
+    tests = ROOT / "tests"
+    bad = []
+    for path in sorted(tests.rglob("test_*.py")):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom):
+                names = [node.module or ""] + [f"{node.module or ''}.{a.name}" for a in node.names]
+            elif isinstance(node, ast.Import):
+                names = [a.name for a in node.names]
+            else:
+                continue
+            if any(part.startswith("test_") for name in names for part in name.split(".")):
+                bad.append(f"{path.relative_to(ROOT)}:{node.lineno}")
+    assert bad == []

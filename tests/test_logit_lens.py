@@ -14,7 +14,7 @@ from nngraft.study.data import make_facts, make_test_examples
 from nngraft.study.grids import paper_specs
 from nngraft.testing import tiny_pair
 
-from .recipe_loader import load_recipe
+from tests.helpers.recipe_loader import load_recipe
 
 
 def test_tiny_run_writes_json_and_plot(tmp_path, capsys):

@@ -6,8 +6,9 @@ from __future__ import annotations
 import linecache
 import re
 from pathlib import Path
+from tests.helpers import ROOT
 
-DOC = Path(__file__).resolve().parents[1] / "docs" / "nnsight.md"
+DOC = ROOT / "docs" / "nnsight.md"
 
 
 def test_nnsight_doc_examples_run_as_written(capsys):

@@ -1,6 +1,6 @@
 """Paper-exact variants: the paper's layer groups (``layer_groups: "paper"``) and its configs
 (embeddings at every fully grafted position, no ``down`` in the complement, F's LM head at LT on
-tied-embedding models), checked against the per-token reference (tests/reference.py) with the
+tied-embedding models), checked against the per-token reference (tests/helpers/reference.py) with the
 paper's own swaps written out by hand."""
 
 from __future__ import annotations
@@ -18,7 +18,8 @@ from nngraft.spec import resolve_layers
 from nngraft.study.grids import PAPER_GRIDS, grid_specs, paper_exact, paper_exact_specs, paper_specs
 from nngraft.testing import tiny_pair
 
-from .reference import component_swaps, per_token_reference
+from tests.helpers.reference import component_swaps, per_token_reference
+from tests.helpers import ROOT
 
 PROMPT = "Ada Lovelace stars in a movie alongside"
 SPANS = {"first_actor": "Ada Lovelace"}
@@ -128,7 +129,7 @@ def test_paper_exact_specs_match_the_per_token_reference(name):
 def test_the_paper_exact_recipe_measures_each_difference_alone(tmp_path):
     from nngraft.study.results import load_results
 
-    from .recipe_loader import load_recipe
+    from tests.helpers.recipe_loader import load_recipe
 
     out = tmp_path / "out"
     assert load_recipe("paper_exact").main(["--tiny", "--n", "3", "--no-plot", "--no-progress", "-o", str(out)]) == 0
@@ -158,7 +159,7 @@ def test_the_paper_md_command_runs_both_grids(tmp_path, monkeypatch):
     from nngraft.study.data import make_facts, save_facts
     from nngraft.study.results import load_manifest, load_results
 
-    text = (Path(__file__).resolve().parents[1] / "docs" / "paper.md").read_text()
+    text = (ROOT / "docs" / "paper.md").read_text()
     block = re.search(r"## Paper-exact variants.*?```bash\n(.*?)```", text, flags=re.S)[1]
     argv = shlex.split(block.replace("\\\n", " "))[1:]
     i = argv.index("--model")

@@ -16,7 +16,7 @@ from nngraft.donors.delta import DenseDonor, LoraDonor
 from nngraft.errors import ArgumentError, ClientVersionError, GatedModelError, RemoteDonorMismatch, RemoteTimeoutError
 from nngraft.backends import preflight
 from nngraft.backends.ndif import RemoteTimeoutWarning
-from tests.test_backends_ndif import PROMPTS, SPANS, SPEC, fake_ndif, models, worker  # noqa: F401 - fixtures
+from tests.helpers.ndif import PROMPTS, SPANS, SPEC, fake_ndif, models, worker  # noqa: F401 - fixtures
 
 
 def test_the_nnsight_pin_allows_the_nnsight_we_test():

@@ -256,7 +256,7 @@ SAVED_SENTINEL = "SENTINEL-SAVED-KEY-51be02"
 
 
 class _InProcessWorker:
-    """tests/test_backends_ndif.py's FakeNDIF hands requests to a worker; this one runs them with
+    """tests/backends/test_ndif.py's FakeNDIF hands requests to a worker; this one runs them with
     nngraft's InProcessServer against P (no subprocess)."""
 
     def __init__(self) -> None:
@@ -285,7 +285,7 @@ def test_api_key_never_appears_in_output_logs_results_or_files(tmp_path, monkeyp
     from nngraft.donors.delta import DenseDonor
     from nngraft.backends.ndif import RemoteExecutionError
     from nngraft.study.results import load_manifest, load_results
-    from tests.test_backends_ndif import FakeNDIF
+    from tests.helpers.ndif import FakeNDIF
 
     caplog.set_level(logging.DEBUG)
     monkeypatch.setattr(type(CONFIG), "save", lambda self: pytest.fail("nnsight's config was saved"))

@@ -335,7 +335,7 @@ class InProcessServer:
     It catches everything serialization can break (unpicklable or unimportable objects, code
     that does not survive source shipping) and gives real numbers on a small model, but it runs
     in the client's own process, so it cannot prove that nothing depends on local state; the
-    test suite also runs requests in a fresh subprocess that has only P (tests/remote_worker.py).
+    test suite also runs requests in a fresh subprocess that has only P (tests/helpers/remote_worker.py).
     """
 
     def __init__(self, wrapper: Any) -> None:
