@@ -39,7 +39,7 @@ from nngraft import (
     UnsupportedArchitectureError,
 )
 from nngraft.study.errors import DataError
-from nngraft.errors import (ArgumentError, GraftError, ModelLoadError, ModelNotAvailableError,
+from nngraft.errors import (ArgumentError, GraftError, IdentityCheckError, ModelLoadError, ModelNotAvailableError,
                             OutputExistsError, PayloadTooLargeError, PromptError, RemoteAuthError,
                             TraceError)
 from nngraft.study.results import OutputInUseError, ResultsError, TruncatedResultsWarning
@@ -408,6 +408,58 @@ def _foreign_token():
     Grafter(P, perturbed_copy(P), tiny_tokenizer("gpt2")).run(spec(MLP_LT), ["Ada Lovelace stars in a movie alongside"])
 
 
+def _second_graft():
+    import nnsight
+
+    import nngraft
+
+    model = nnsight.NNsight(pair()[0])
+    compiled = grafter().compile(spec(MLP_LT), ["Ada stars in"])
+    with model.trace(**compiled.inputs):
+        nngraft.graft(model, compiled)
+        nngraft.graft(model, compiled)
+
+
+def _graft_in_another_models_trace():
+    import nnsight
+
+    import nngraft
+
+    model = nnsight.NNsight(pair()[1])  # F: same type and depth, other weights
+    compiled = grafter().compile(spec(MLP_LT), ["Ada stars in"])
+    with model.trace(**compiled.inputs):
+        nngraft.graft(model, compiled)
+
+
+def _donor_of_another_rope_theta():
+    from transformers import AutoModelForCausalLM
+
+    P, F, tok = pair()
+    config = P.config.to_dict()
+    config["rope_parameters"] = {**config["rope_parameters"], "rope_theta": 500.0}
+    other = AutoModelForCausalLM.from_config(type(P.config).from_dict(config), attn_implementation="eager")
+    other.load_state_dict(F.state_dict())
+    Grafter(P, other.eval(), tok)
+
+
+def _identity_guard():
+    import copy
+
+    P, F, tok = pair()
+    F = copy.deepcopy(F)
+    g = Grafter(P, F, tok)
+    F.model.norm.variance_epsilon = 0.5  # a setting outside the config, changed after the config check
+    g.run(GraftSpec(), ["Ada stars in"])
+
+
+def _rows_without_a_manifest() -> None:
+    from nngraft.study.sweep import load_sweep_config, run_sweep
+
+    with _scratch_folder() as folder:
+        _prepare_resume(folder, json.dumps(ROW) + "\n")
+        run_sweep(load_sweep_config("sweep.json"), show_progress=False)
+
+
 CASES = [
     Case(1, "malformed JSON spec", '`{"rules": [`',
          lambda: GraftSpec.from_json('{"rules": [', source="fe.json"), SpecError, r"invalid graft spec fe.json:\n  \(JSON\): Invalid JSON"),
@@ -613,6 +665,32 @@ CASES = [
     Case(31, "logit difference without a foil", "`result.logit_diff(\"Alan\")`",
          lambda: grafter().run(spec(MLP_LT), ["Ada stars in"]).logit_diff("Alan"), ValueError,
          r"logit_diff needs foils= \(answers to compare with\) or baseline= \(P's result on the same prompts"),
+    Case(32, "a second graft in one trace", "`nngraft.graft` twice, or inside `g.trace(...)`", _second_graft,
+         TraceError, "this trace already has a graft", handling="raised (it used to be dropped silently)"),
+    Case(32, "a graft in another model's trace", "compiled on P, applied in a trace of F", _graft_in_another_models_trace,
+         TraceError, r"the graft was compiled for another model than the one traced",
+         handling="raised unless the traced model holds P's weights (P loaded twice is accepted)"),
+    Case(32, "donor that computes differently", "F with another `rope_theta` (same shapes)", _donor_of_another_rope_theta,
+         DonorMismatchError, r"rope_parameters.rope_theta=10000.0 but the donor has rope_parameters.rope_theta=500.0",
+         handling="raised for every door (object, folder, .safetensors, Dense/DeltaDonor, LoRA base, CLI); the "
+                  "entries compared are `nngraft.arch.COMPUTATION_CONFIG_KEYS`"),
+    Case(32, "identity guard", "F's final norm epsilon changed outside its config", _identity_guard,
+         IdentityCheckError, r"grafting everything does not reproduce F .* model.norm.variance_epsilon: P 1e-06, F 0.5",
+         handling="raised on a Grafter's first run (exit code 1 from the CLI); `check_identities=False` or "
+                  "`NNGRAFT_IDENTITY_CHECK=0` switches it off",
+         shown=lambda m: re.sub(r"max \|Δ log-prob\| [0-9.e+-]+", "max |Δ log-prob| …", m)),
+    Case(32, "empty answer", "`result.target_prob(\"\")`",
+         lambda: grafter().run(spec(MLP_LT), ["Ada stars in"]).target_prob(""), ArgumentError,
+         r"GraftResult: targets\[0\]: Input should be a non-empty answer", handling="raised (also target_rank, "
+         "logit_diff's foils); it used to score the bare space token"),
+    Case(32, "KL of logits that are no distribution", "`kl_divergence` with a row of NaN or all −inf logits",
+         lambda: __import__("nngraft.result", fromlist=["kl_divergence"]).kl_divergence(
+             torch.full((1, 3), float("-inf")), torch.zeros(1, 3)), ValueError,
+         r"KL: row 0 of p's logits is not a distribution", handling="raised; a −inf logit in an otherwise "
+         "valid row contributes 0 (0 · log 0), and mass where the other has none gives +inf"),
+    Case(32, "rows no manifest vouches for", "results.jsonl whose manifest.json was deleted", _rows_without_a_manifest,
+         ResultsError, r"holds 1 rows for model 'tiny', but there is no manifest beside it",
+         handling="raised before anything is written; a run cannot tell which model made those rows"),
 ]
 
 

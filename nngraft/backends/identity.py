@@ -68,8 +68,10 @@ def check_identities(forward: Callable[..., Any], model: torch.nn.Module, donor:
     i = max(range(len(prompts)), key=lambda k: (bool(specs[k].rules), len(prompts[k])))
     beside, other = specs[i], prompts[i]
     first = prompts[0]
+    shown = repr(first.text)
     if len(first) >= len(other):  # no longer prompt in the run: P's row is made longer instead
         first = TokenizedPrompt(first.text + " " + first.text, tuple(first.ids) * 2)
+        shown += " (twice)"
     F = donor.model if isinstance(donor, ModelDonor) else None
     rows = [(EMPTY, first), (beside, other)] + ([(EVERYTHING, first)] if F is not None else [])
     try:
@@ -84,7 +86,7 @@ def check_identities(forward: Callable[..., Any], model: torch.nn.Module, donor:
     gap = float((got[0] - _plain(model, first.ids, device)).abs().max())
     if not gap <= tol:
         raise IdentityCheckError(
-            f"identity check failed: the empty spec does not reproduce P on {first.text!r} (max |Δ log-prob| "
+            f"identity check failed: the empty spec does not reproduce P on {shown} (max |Δ log-prob| "
             f"{gap:.3g} > {tol:g}) between P's plain forward pass and its row in a batch beside grafted, "
             f"left-padded rows: the rows of a batch are not independent (a hook left on P, or an attention "
             f"implementation that mixes padded rows: {getattr(model.config, '_attn_implementation', '?')}). "
@@ -94,7 +96,7 @@ def check_identities(forward: Callable[..., Any], model: torch.nn.Module, donor:
     gap = float((got[2] - _plain(F, first.ids, device)).abs().max())
     if not gap <= tol:
         raise IdentityCheckError(
-            f"identity check failed: grafting everything does not reproduce F on {first.text!r} (max |Δ "
+            f"identity check failed: grafting everything does not reproduce F on {shown} (max |Δ "
             f"log-prob| {gap:.3g} > {tol:g}), so P with F's weights is not F: {describe_differences(model, F)}. "
             f"Grafts would mix P's and F's settings; {SWITCH}")
 
