@@ -447,7 +447,7 @@ def test_the_identity_guard_fails_the_command_line_with_exit_1(tmp_path, capsys,
 
 # -- grafts inside a user's trace: the same semantics on both backends --------------------------------
 
-from .test_backends_ndif import worker  # noqa: E402,F401 - the NDIF stand-in (a fresh server process)
+from tests.helpers.ndif import worker  # noqa: E402,F401 - the NDIF stand-in (a fresh server process)
 
 TRACE_ARCHS = ("llama", "gpt2")
 
