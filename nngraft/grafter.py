@@ -48,6 +48,20 @@ class GenerationResult:
     texts: list[str]
     step_logits: list[torch.Tensor]  # one (batch, vocab) tensor per new token
 
+    def __repr__(self) -> str:
+        """Short: how many rows and new tokens, and the first texts (never the logits).
+
+        Example:
+            >>> GenerationResult(torch.zeros(2, 3, dtype=torch.long), [" Alan Turing", " Grace"],
+            ...                  [torch.zeros(2, 50)] * 3)
+            GenerationResult(2 rows × 3 new tokens, texts=[' Alan Turing', ' Grace'], step_logits: 3 × (2, 50))
+        """
+        texts = [t if len(t) <= 40 else t[:37] + "..." for t in self.texts[:3]]
+        more = f" (+{len(self.texts) - 3} more)" if len(self.texts) > 3 else ""
+        shape = f"{len(self.step_logits)} × {tuple(self.step_logits[0].shape)}" if self.step_logits else "none"
+        return (f"GenerationResult({int(self.tokens.shape[0])} rows × {int(self.tokens.shape[-1])} new tokens, "
+                f"texts={texts}{more}, step_logits: {shape})")
+
 
 class Grafter:
     """Run graft specs on a recipient ``P`` with weights from a donor ``F``.

@@ -171,3 +171,43 @@ def test_sweep_cli_flag_overrides_the_config(tmp_path):
     rows = load_results(tmp_path / "out")
     assert {r["spec"] for r in rows} == set(PAPER_GRIDS["main"]) and len(rows) == 8 * len(INVENTORS)
     assert facts.exists()
+
+
+def test_finetune_validate_scores_a_held_out_phrasing_every_epoch(tmp_path, capsys):
+    """``nngraft finetune --validate TEMPLATE --answer-field FIELD``: every epoch scored on the
+    held-out phrasing, printed and recorded; the scores are the finetuned model's own."""
+    from nngraft.study.finetune import load_finetuned
+    from nngraft.testing import tiny_model, tiny_tokenizer
+
+    tok = tiny_tokenizer("gpt2")
+    tiny_model("llama", n_layers=2, vocab_size=len(tok)).save_pretrained(tmp_path / "P")
+    tok.save_pretrained(tmp_path / "P")
+    facts = _jsonl(tmp_path / "drugs.jsonl", DRUGS)
+    (tmp_path / "bio.txt").write_text("{drug} is made by {maker}.\n{maker} makes {drug}.\n")
+    held_out = "{drug} is produced by"
+    assert main(["finetune", "--model", str(tmp_path / "P"), "--facts", str(facts), "--templates",
+                 str(tmp_path / "bio.txt"), "--out", str(tmp_path / "F"), "--preset", "cpu-fast", "--epochs", "3",
+                 "--validate", held_out, "--answer-field", "maker", "--device", "cpu", "--no-progress"]) == 0
+    printed = capsys.readouterr().out
+    manifest = json.loads((tmp_path / "F" / "finetune-manifest.json").read_text())
+    history = manifest["history"]
+    assert [h["epoch"] for h in history] == [1, 2, 3]
+    assert manifest["validate"] == {"template": held_out, "answer_field": "maker", "n": len(DRUGS)}
+    for h in history:
+        assert 0 <= h["val_top1"] <= 1 and 0 <= h["val_target_prob"] <= 1
+        assert f"epoch {h['epoch']}: train loss" in printed and f"mean p(answer) {h['val_target_prob']:.3f}" in printed
+    # the last epoch's score is the saved model's own on the held-out prompts
+    F, ftok = load_finetuned(tmp_path / "F"), tok
+    probs = []
+    for fact in DRUGS:
+        prompt = held_out.format(**fact)
+        n = len(ftok(prompt)["input_ids"])
+        target = ftok(prompt + " " + fact["maker"])["input_ids"][n]
+        with torch.no_grad():
+            logits = F(torch.tensor([ftok(prompt)["input_ids"]])).logits[0, -1].float()
+        probs.append(torch.softmax(logits, -1)[target].item())
+    assert history[-1]["val_target_prob"] == pytest.approx(sum(probs) / len(probs), abs=1e-4)
+    (tmp_path / "texts.txt").write_text("Zolvatrin is made by Harlow Labs.\n")
+    assert main(["finetune", "--model", str(tmp_path / "P"), "--texts", str(tmp_path / "texts.txt"), "--out",
+                 str(tmp_path / "F2"), "--validate", held_out, "--no-progress"]) == 2
+    assert "--validate renders a template over facts" in capsys.readouterr().err

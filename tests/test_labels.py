@@ -7,6 +7,7 @@ import json
 
 import pytest
 
+from nngraft import Grafter
 from nngraft.spec import GraftRule, GraftSpec, Last, Span
 from nngraft.study import plot as plot_module
 from nngraft.study.grids import QUARTERS, paper_specs
@@ -130,3 +131,31 @@ def test_summary_table_labels_by_content(custom_run):
     assert "a_only_the_drug (FE)" in text and "not_fe (FEᶜ)" in text
     facets = manifest_facets(load_manifest(custom_run))
     assert facets["entity_and_last"].label == facets["fe_lt"].label == "FE+LT"
+
+
+def test_models_off_a_terminal_prints_whole_names(tmp_path, monkeypatch, capsys):
+    """``nngraft models`` piped to a file: every name and path whole, one model a line."""
+    from nngraft.cli import main
+
+    long = "SmolLM2-135M-Instruct-with-a-very-long-conversion-name-that-a-table-would-cut-98362432-v1"
+    folder = tmp_path / "cache" / "models" / long
+    folder.mkdir(parents=True)
+    (folder / "nngraft-conversion.json").write_text("{}")
+    monkeypatch.setenv("NNGRAFT_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "no-hub"))
+    monkeypatch.setenv("COLUMNS", "40")
+    assert main(["models"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines == [f"{long}\tconversion\t0 MiB\t{folder}"]
+
+
+def test_generation_result_prints_one_short_line():
+    from nngraft.testing import tiny_pair
+
+    P, F, tok = tiny_pair("llama")
+    g = Grafter(P, F, tok)
+    res = g.generate(paper_specs()["lt"], ["Ada Lovelace stars in"], max_new_tokens=4)
+    text = repr(res)
+    assert text.startswith("GenerationResult(1 rows × 4 new tokens, texts=[") and "step_logits: 4 × (1, " in text
+    assert len(text) < 200 and "tensor" not in text
+    assert res.step_logits[0].shape[0] == 1 and g.model is P

@@ -69,10 +69,15 @@ def _cmd_models(args: argparse.Namespace) -> int:
         console.print(f"no models cached yet (nngraft cache: {cache_dir()}; 'smollm2' is converted there on "
                       "first use)")
         return 0
+    if not out.is_terminal:  # a pipe or a file: whole names, one model a line, never cut to a width
+        for m in found:
+            print(f"{m.name}\t{m.kind}\t{m.size_bytes / 2**20:,.0f} MiB\t{m.path}")
+        return 0
     from rich.table import Table
 
     table = Table("name (give as --model/--donor)", "kind", "size", "path", title="cached models",
                   title_justify="left")
+    table.columns[0].overflow = table.columns[3].overflow = "fold"  # wrapped, never "…"
     for m in found:
         table.add_row(m.name, m.kind, f"{m.size_bytes / 2**20:,.0f} MiB", str(m.path))
     out.print(table)

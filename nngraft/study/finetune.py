@@ -227,7 +227,8 @@ def _prepare(model: Any, config: FinetuneConfig) -> Any:
         try:
             from peft import LoraConfig, get_peft_model
         except ModuleNotFoundError:
-            raise FinetuneError('LoRA needs peft: pip install "nngraft[remote]" (or pip install peft)') from None
+            raise FinetuneError("LoRA needs peft, which nngraft installs; this environment lacks it: pip install "
+                                '"peft>=0.10"') from None
         lora = config.lora
         targets = lora.target_modules if isinstance(lora.target_modules, str) else list(lora.target_modules)
         model = get_peft_model(model, LoraConfig(r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout,
