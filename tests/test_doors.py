@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from nngraft import GraftRule, GraftSpec, Grafter, Last
+from nngraft import GraftRule, GraftSpec, Grafter, Last, Span
 from nngraft.errors import ArgumentError
 from nngraft.testing import tiny_config, tiny_model, tiny_pair, tiny_tokenizer
 
@@ -450,6 +450,16 @@ def test_the_identity_guard_fails_the_command_line_with_exit_1(tmp_path, capsys,
 from tests.helpers.ndif import worker  # noqa: E402,F401 - the NDIF stand-in (a fresh server process)
 
 TRACE_ARCHS = ("llama", "gpt2")
+TRACE_PROMPTS = ["Ada Lovelace stars in a movie alongside", "Marie Curie stars in"]
+TRACE_SPANS = [{"first_actor": "Ada Lovelace"}, {"first_actor": "Marie Curie"}]
+FE_LT = GraftSpec(name="fe_lt", rules=[GraftRule(components=["all"], positions=[Span(span="first_actor"), Last()])])
+LT_MLP = GraftSpec(name="lt_mlp", rules=[GraftRule(components=["mlp"], positions=[Last()])])
+
+
+@lru_cache(maxsize=None)
+def setup(model_type: str):
+    P, F, tok = tiny_pair(model_type)
+    return P, F, tok, Grafter(P, F, tok)
 
 
 UP_LT = {"llama": GraftSpec(name="gate_up_lt", rules=[GraftRule(components=["gate", "up"], positions=[Last()])]),
@@ -481,14 +491,12 @@ def _edit_block(g, arch: str, prompt: str, where: str):
 @pytest.mark.parametrize("arch", TRACE_ARCHS)
 def test_an_in_place_edit_of_a_grafted_modules_input_is_applied_on_both_backends(worker, arch):
     """Halving a grafted projection's input in place equals halving the norm's output it reads
-    (an output edit, exact against the per-token reference in test_trace.py), on the local and the
+    (an output edit, exact against the per-token reference in tests/compile/test_trace.py), on the local and the
     NDIF backend alike (the local one used to compute a grafted projection before the user's block
     saw its input, ignoring the edit at every position)."""
     from nngraft.donors.delta import DeltaDonor
 
-    from .test_trace import PROMPTS as TRACE_PROMPTS, setup
-
-    P, F, tok, g, _ = setup(arch)
+    P, F, tok, g = setup(arch)
     prompt = TRACE_PROMPTS[0]
     expected = _edit_block(g, arch, prompt, "norm")
     with g.trace([prompt], UP_LT[arch]):
@@ -509,9 +517,7 @@ def test_a_graft_inside_the_trace_of_another_model_is_refused():
     import nngraft
     from nngraft.errors import TraceError
 
-    from .test_trace import FE_LT, PROMPTS as TRACE_PROMPTS, SPANS as TRACE_SPANS, setup
-
-    P, F, tok, g, _ = setup("llama")
+    P, F, tok, g = setup("llama")
     compiled = g.compile(FE_LT, TRACE_PROMPTS, TRACE_SPANS)
     other = nnsight.NNsight(F)  # same architecture and depth: the old check let it through
     with pytest.raises(TraceError, match=r"compiled for another model than the one traced .*'model.embed_tokens"
@@ -532,9 +538,7 @@ def test_a_second_graft_in_one_trace_is_refused():
     import nngraft
     from nngraft.errors import TraceError
 
-    from .test_trace import FE_LT, LT_MLP, PROMPTS as TRACE_PROMPTS, SPANS as TRACE_SPANS, setup
-
-    P, F, tok, g, _ = setup("llama")
+    P, F, tok, g = setup("llama")
     compiled = g.compile(FE_LT, TRACE_PROMPTS, TRACE_SPANS)
     model = nnsight.NNsight(P)
     with pytest.raises(TraceError, match="this trace already has a graft"):
