@@ -579,3 +579,65 @@ def test_rows_whose_model_cannot_be_verified_are_not_extended(tmp_path, capsys, 
         code, text = _cli(capsys, "sweep", str(_tiny_sweep(tmp_path, tiny)), "--no-progress")
         assert code == 2 and "holds 6 rows for model 'm'" in text and "no manifest" in text, text
         assert results.read_text() == rows and not (results.parent / "manifest.json").exists()
+
+
+# -- every command of README's table, run with tiny models -------------------------------------------
+
+ELSEWHERE = {"demo": ("tests/study/test_demo.py", "test_quick_demo_writes_a_row_for_every_spec_and_fact")}
+"""Table commands whose run is too long for this test, and the test that runs them."""
+
+
+def _table_verbs() -> list[str]:
+    import re
+
+    readme = (Path(__file__).parents[1] / "README.md").read_text()
+    return re.findall(r"^\| `nngraft ([a-z-]+)", readme, flags=re.M)
+
+
+def test_every_command_of_the_readme_table_runs(tmp_path, capsys, monkeypatch):
+    """Each row of README's command table, as written there, on a tiny Llama pair saved to folders
+    (a verb added to the table fails here until it is run)."""
+    from nngraft.study.data import make_facts, save_facts
+
+    root = Path(__file__).parents[1]
+    monkeypatch.chdir(tmp_path)
+    P, F, tok = pair()
+    _save(P, tmp_path / "P", tok)
+    _save(F, tmp_path / "F", tok)
+    tiny_config("llama").save_pretrained(tmp_path / "cfg")
+    save_facts(make_facts("fake_movies_fake_actors", 2, seed=0), tmp_path / "facts.jsonl")
+    (tmp_path / "texts.txt").write_text("Ada Lovelace stars in The Engine alongside Alan Turing.\n"
+                                        "Grace Hopper stars in The Compiler alongside Marie Curie.\n")
+    spec = str(root / "recipes" / "specs" / "lt.json")
+    (tmp_path / "sweep.json").write_text(json.dumps(
+        {"name": "s", "models": [{"name": "m", "recipient": str(tmp_path / "P"), "donor": str(tmp_path / "F")}],
+         "data": {"facts": "facts.jsonl", "templates": ["sentence_3"]}, "specs": [spec], "output": "runs/s"}))
+    pf = ["--model", str(tmp_path / "P"), "--donor", str(tmp_path / "F"), "--facts", "facts.jsonl",
+          "--template", "sentence_3"]
+    runs = {
+        "schema": [["schema"]],
+        "validate": [["validate", str(root / "recipes" / "specs" / "fe_lt.json"), "--model-type", "gpt2", "--layers", "12"]],
+        "payload": [["payload", spec, "--model", str(tmp_path / "cfg"), "--donor", "dense", "--donor", "delta:64",
+                     "--donor", "lora:16"]],
+        "run": [["run", "--spec", spec, *pf, "-o", "runs/try", "--json", "--no-progress"]],
+        "sweep": [["sweep", "sweep.json", "--plot", "--no-progress"]],
+        "plot": [["plot", "runs/s", "--k", "100", "--specs", "p,f,lt"]],
+        "models": [["models", "--json"]],
+        "finetune": [["finetune", "--model", str(tmp_path / "P"), "--facts", "facts.jsonl", "--out", "ft1",
+                      "--preset", "cpu-fast", "--epochs", "1", "--no-progress"],
+                     ["finetune", "--model", str(tmp_path / "P"), "--texts", "texts.txt", "--out", "ft2",
+                      "--preset", "cpu-fast", "--epochs", "1", "--lora-r", "8", "--no-progress"]],
+        # a random tiny F knows no fact: F's own top token as the target (docs/study.md's tiny run)
+        "localize": [["localize", *pf, "--target", "0.9", "--targets", "donor_top1", "--metric", "logprob",
+                      "-o", "loc", "--no-progress"]],
+        "attribute": [["attribute", *pf, "--metric", "logprob", "--steps", "4", "-o", "attr"]],
+    }
+    verbs = _table_verbs()
+    assert set(verbs) == set(runs) | set(ELSEWHERE), "run every command of README's table here"
+    for verb, (path, name) in ELSEWHERE.items():
+        assert f"def {name}(" in (root / path).read_text(), (verb, path, name)
+    for verb in verbs:
+        for argv in runs.get(verb, []):
+            code, text = _cli(capsys, *argv)
+            assert code == 0 and "Traceback" not in text, (argv, text[-2000:])
+    assert json.loads(_cli(capsys, "schema")[1])["title"] == "GraftSpec"
