@@ -250,6 +250,46 @@ def test_cli_attribute_metrics(tmp_path, metric):
         assert data["metric_p"] == pytest.approx(0.0, abs=1e-6)  # (m_P − m_P) / (m_F − m_P)
 
 
+def test_cli_attribute_takes_a_registered_metric(tmp_path, request):
+    """--metric of the study's metric registry (a module:function here, reading P's logits): the
+    scores are its mean's attribution, the same as Grafter.attribute with Metric.scalar; a metric
+    without a gradient (rank) is one clear error."""
+    import json
+
+    from nngraft.cli import main as cli_main
+    from nngraft.study.data import make_facts, make_test_examples
+    from nngraft.study.metric_registry import get_metric, unregister
+
+    request.addfinalizer(lambda: unregister("gain_over_p"))
+    out = tmp_path / "kl"
+    assert cli_main(["attribute", "--tiny", "llama", "--dataset", "fake_movies_fake_actors", "--n", "2",
+                     "--template", "sentence_1", "--targets", "donor_top1", "--metric",
+                     "tests.test_attribution:gain_over_p",
+                     "--components", "o", "--no-plot", "-o", str(out)]) == 0
+    data = json.loads((out / "attribution.json").read_text())
+    P, F, tok = tiny_pair("llama")
+    g = Grafter(P, F, tok)
+    examples = make_test_examples(make_facts("fake_movies_fake_actors", 2, seed=0), "sentence_1")
+    prompts, spans = [e.prompt for e in examples], [e.spans for e in examples]
+    p_logits = g.run(GraftSpec(name="p"), prompts, spans).logits
+    f_logits = g.run(GraftSpec.load("recipes/specs/f.json"), prompts, spans).logits
+    metric = get_metric("tests.test_attribution:gain_over_p").scalar(data["data"]["target_ids"], p_logits=p_logits, f_logits=f_logits)
+    att = g.attribute(metric, prompts, spans, components=["o"])
+    assert data["metric"] == "gain_over_p" and data["metric_p"] == pytest.approx(0.0, abs=1e-5)
+    np.testing.assert_allclose(data["scores"], att.scores, atol=1e-6)
+    assert cli_main(["attribute", "--tiny", "llama", "--dataset", "fake_movies_fake_actors", "--n", "2",
+                     "--template", "sentence_1", "--metric", "rank", "-o", str(tmp_path / "x")]) == 2
+    assert cli_main(["attribute", "--tiny", "llama", "--dataset", "fake_movies_fake_actors", "--n", "2",
+                     "--template", "sentence_1", "--metric", "nope", "-o", str(tmp_path / "y")]) == 2
+
+
+def gain_over_p(logits, inputs):
+    """A metric for the test above: the target's log-prob minus P's (reads the baselines)."""
+    ids = inputs.target_ids[:, None]
+    return (torch.log_softmax(logits, -1).gather(1, ids) - torch.log_softmax(inputs.p_logits, -1).gather(1, ids))[:, 0]
+
+
+
 def test_cli_attribute_bad_input_is_exit_2(tmp_path, capsys):
     from nngraft.cli import main as cli_main
 

@@ -458,14 +458,14 @@ def attribute(grafter: Any, metric: Metric, prompts: Sequence[str] | str,
                 for chunk, batch, masks in chunk_inputs:
                     logits_all.append(_forward(model, sites, batch, masks, kept_groups, alpha, track=False))
             logits = torch.cat(logits_all).detach().requires_grad_(True)
-            value = metric(logits)
+            value = _differentiable(metric(logits), where)
             grad_logits, = torch.autograd.grad(value, logits)
             value = float(value.detach())
         for chunk, batch, masks in chunk_inputs:
             with torch.enable_grad():
                 logits = _forward(model, sites, batch, masks, kept_groups, alpha, track=True)
                 if single:
-                    out = metric(logits)
+                    out = _differentiable(metric(logits), where)
                     value = float(out.detach())
                     leaves = [s.leaf for s in sites if s.leaf is not None]
                     grads = torch.autograd.grad(out, leaves, allow_unused=True)
@@ -520,6 +520,18 @@ def attribute(grafter: Any, metric: Metric, prompts: Sequence[str] | str,
                        steps=steps, integrated=integrated, metric_end=metric_end if steps > 1 else None,
                        heads=split["heads"], neurons=split["neurons"], seconds=time.perf_counter() - start,
                        n_prompts=n)
+
+
+def _differentiable(value: Any, where: str) -> torch.Tensor:
+    """The metric's value, refused unless it is a scalar tensor with a gradient."""
+    if not torch.is_tensor(value) or value.numel() != 1:
+        raise ArgumentError(f"{where}: metric: Input should return a scalar tensor from the logits, got "
+                            f"{type(value).__name__}{'' if not torch.is_tensor(value) else tuple(value.shape)}")
+    if not value.requires_grad:
+        raise ArgumentError(f"{where}: metric: its value has no gradient with respect to the logits (computed "
+                            "under no_grad, detached, or from ranks or argmax); attribution needs a differentiable "
+                            "metric, e.g. a log-probability or logit difference")
+    return value.reshape(())
 
 
 def _release(sites: list[_Site]) -> None:

@@ -33,6 +33,14 @@ def study_metric(name: str, grafter: Any, examples: Sequence[Any], target_ids: S
     facts = [e.fact_id for e in examples]
     counts = {f: facts.count(f) for f in facts}
     weights = [1.0 / (len(counts) * counts[f]) for f in facts]
+    if name not in METRIC_CHOICES:  # any metric of the study's registry (or module:function): its mean
+        from .metric_registry import get_metric
+
+        registered = get_metric(name)
+        both = {"p": GraftSpec(name="p"), "f": GraftSpec(name="f", rules=[
+            GraftRule(components=["everything"], positions=[All()])])}
+        runs = grafter.run_grid(both, [e.prompt for e in examples], [e.spans for e in examples])
+        return registered.scalar(target_ids, p_logits=runs["p"].logits, f_logits=runs["f"].logits)
     if name == "logprob":
         return target_logprob(target_ids, weights)
     if name == "prob":
@@ -115,10 +123,12 @@ Writes OUTPUT/attribution.json (every unit's score) and OUTPUT/attribution.png. 
 
     add_model_data_args(p)
     a = p.add_argument_group("attribution")
-    a.add_argument("--metric", choices=METRIC_CHOICES, default="logprob",
-                   help="what the scores are effects on: the answer's first-token log-prob (default), its "
-                        "probability, the linearized recovery of the probability, or the logit difference "
-                        "of the answer and P's most likely other token")
+    a.add_argument("--metric", default="logprob", metavar="NAME",
+                   help="what the scores are effects on: logprob, the answer's first-token log-prob (default); "
+                        "prob, its probability; recovery, the linearized recovery of the probability; "
+                        "logit_diff, the answer against P's most likely other token (these four: per-fact "
+                        "means); or any metric of the study's registry, or module:function (the mean over "
+                        "prompts)")
     a.add_argument("--targets", choices=["answer", "donor_top1"], default="answer",
                    help="first token of each answer (default), or F's own greedy next token")
     a.add_argument("--steps", type=int, default=1, metavar="K",
@@ -146,6 +156,13 @@ def cmd_attribute(args: argparse.Namespace) -> int:
         raise ArgumentError(f"--steps must be ≥ 1; got {args.steps}")
     if args.top < 1:
         raise ArgumentError(f"--top must be ≥ 1; got {args.top}")
+    if args.metric not in METRIC_CHOICES:  # checked before any model is loaded
+        from .metric_registry import MetricError, get_metric
+
+        try:
+            get_metric(args.metric)
+        except MetricError as error:
+            raise ArgumentError(f"--metric: {error}") from None
     if args.device in ("auto", "cpu"):
         passive_omp_reexec("attribute")
     pair, data = pair_and_data(args)
