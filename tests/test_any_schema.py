@@ -229,3 +229,21 @@ def test_a_subset_of_specs_matches_the_full_run_within_float_rounding(tmp_path):
     shared = set(rows["subset"])
     assert shared <= set(rows["full"]) and len(shared) == 8 * len(DRUGS)
     assert max(abs(rows["full"][k] - rows["subset"][k]) for k in shared) < 1e-5
+
+
+def test_data_show_prints_tokens_spans_and_targets(tmp_path, capsys):
+    from nngraft.compile.tokens import tokenize_prompt
+    from nngraft.result import target_token_id
+    from nngraft.testing import tiny_tokenizer
+
+    facts = _jsonl(tmp_path / "drugs.jsonl", DRUGS)
+    assert main(["data", "show", str(facts), "--template", DRUG_TEMPLATE, "--answer-field", "maker",
+                 "--tokenizer", "tiny-llama", "--limit", "1"]) == 0
+    shown = capsys.readouterr().out
+    tok = tiny_tokenizer("llama")
+    prompt = DRUG_TEMPLATE.format(**DRUGS[0])
+    ids = tokenize_prompt(tok, prompt, {"drug": DRUGS[0]["drug"]})
+    assert "tokens  " + " ".join(f"{i}:{tok.decode([t])!r}" for i, t in enumerate(ids.ids)) in shown
+    assert f"span drug: tokens {list(ids.spans['drug'])}" in shown
+    target = target_token_id(tok, prompt, DRUGS[0]["maker"])
+    assert f"target  id {target} = {tok.decode([target])!r}" in shown

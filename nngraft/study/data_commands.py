@@ -96,10 +96,31 @@ def _show(args: argparse.Namespace) -> int:
         out.print(f"\n[bold]{examples[0].template}[/bold]: {len(examples)} prompts")
         for ex in examples[: args.limit]:
             out.print(f"  {ex.prompt!r} → {ex.answer!r}   spans {ex.spans}")
+            if tokenizer is not None:
+                for line in token_view(tokenizer, ex):
+                    out.print("    " + line, highlight=False, markup=False)
         if tokenizer is not None:
             result = tokenize_examples(tokenizer, examples, skip_unlocatable=True)
             out.print("  " + result.report.summary().replace("\n", "\n  "))
     return 0
+
+
+def token_view(tokenizer: Any, example: Any) -> list[str]:
+    """What a spec and the metrics see of one test example on ``tokenizer``: its tokens (index and
+    text), each span's token indices, and the target (the first token of ``" " + answer`` after
+    the prompt) with its id."""
+    from ..compile.tokens import tokenize_prompt
+    from ..result import target_token_id
+
+    prompt = tokenize_prompt(tokenizer, example.prompt, example.spans)
+    pieces = [f"{i}:{tokenizer.decode([t])!r}" for i, t in enumerate(prompt.ids)]
+    lines = ["tokens  " + " ".join(pieces)]
+    for name, indices in prompt.spans.items():
+        chosen = "".join(tokenizer.decode([prompt.ids[i]]) for i in indices)
+        lines.append(f"span {name}: tokens {list(indices)} = {chosen!r}")
+    target = target_token_id(tokenizer, example.prompt, example.answer)
+    lines.append(f"target  id {target} = {tokenizer.decode([target])!r} (first token of {' ' + example.answer!r})")
+    return lines
 
 
 def _is_texts_file(text: str) -> bool:
