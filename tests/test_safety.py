@@ -49,13 +49,13 @@ ALLOWED = {
         "other attribute is an AttributeError before anything is imported",
     ("deprecated.py", "importlib.import_module"):
         "an old module path imports its new one, from the constant MOVED table; no name comes from input",
-    ("backends/ndif.py", "RequestModel.deserialize"):
+    ("backends/transport.py", "RequestModel.deserialize"):
         "InProcessServer (the local stand-in for NDIF) unpickles the request blob this same process "
         "serialized a moment before; it never reads a file or anything from the network",
     ("compile/trace.py", "compile"):
         "compiles the constant source 'compiled.apply(root)' into the graft's nnsight intervention "
         "block; no text from input is compiled",
-    ("backends/ndif.py", "tracer.execute"):
+    ("backends/transport.py", "tracer.execute"):
         "InProcessServer runs that request's trace code, written by nngraft itself (as NDIF does)",
 }
 
