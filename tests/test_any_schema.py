@@ -247,3 +247,23 @@ def test_data_show_prints_tokens_spans_and_targets(tmp_path, capsys):
     assert f"span drug: tokens {list(ids.spans['drug'])}" in shown
     target = target_token_id(tok, prompt, DRUGS[0]["maker"])
     assert f"target  id {target} = {tok.decode([target])!r}" in shown
+
+
+def test_finetune_logs_one_line_per_epoch_when_output_is_not_a_terminal():
+    """Progress to a log file: no bar, but epoch, step and elapsed time after every epoch."""
+    import io
+
+    from rich.console import Console
+
+    from nngraft.study.finetune import CPU_FAST, finetune
+    from nngraft.testing import tiny_model, tiny_tokenizer
+
+    tok = tiny_tokenizer("llama")
+    model = tiny_model("llama", vocab_size=len(tok))
+    log = io.StringIO()
+    result = finetune(model, tok, ["Zolvatrin is made by Harlow Labs."] * 4, config=CPU_FAST.replace(epochs=2),
+                      progress=Console(file=log, force_terminal=False, width=200))
+    lines = [line for line in log.getvalue().splitlines() if line.startswith("finetuning: epoch")]
+    assert len(lines) == 2 and lines[0].startswith("finetuning: epoch 1/2, step 1/2, epoch ")
+    assert lines[1].startswith("finetuning: epoch 2/2, step 2/2, epoch ") and " s, elapsed " in lines[1]
+    assert len(result.history) == 2

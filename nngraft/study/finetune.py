@@ -175,7 +175,7 @@ class _EpochLog:
         self.seconds: dict[int, float] = {}
         self.steps: dict[int, int] = {}
         self.stopped = False
-        self._t0 = time.time()
+        self._t0 = self._started = time.time()
         self._step0 = 0
 
     def _epoch(self, state: Any) -> int:
@@ -194,6 +194,12 @@ class _EpochLog:
         epoch = self._epoch(state)
         self.seconds[epoch] = time.time() - self._t0
         self.steps[epoch] = state.global_step - self._step0
+        console = self.bar.console
+        if not console.is_terminal and not console.quiet:  # a log file sees no bar: one line per epoch
+            total = self.bar.tasks[0].total if self.bar.tasks else None
+            console.print(f"finetuning: epoch {epoch}/{self.epochs}, step {state.global_step}/{total}, "
+                          f"epoch {self.seconds[epoch]:.1f} s, elapsed {time.time() - self._started:.1f} s",
+                          highlight=False)
         if self.stop_when is not None:
             was_training = model.training
             model.eval()
