@@ -314,7 +314,8 @@ def _validated(raw: dict[str, Any]) -> Any:
     from .sweep_config import SweepConfig, SweepConfigError
 
     try:
-        return SweepConfig.model_validate(raw)
+        # the command line's own --metric module:function is the user's choice (a config file's is refused)
+        return SweepConfig.model_validate(raw, context={"own_code": True})
     except ValidationError as error:
         raise SweepConfigError(format_validation_error(error, "(command line)").replace(
             "invalid graft spec", "invalid options")) from None

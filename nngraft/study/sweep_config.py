@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
 
 from ..errors import GraftError
 from ..spec import GraftSpec, format_validation_error
@@ -152,7 +152,7 @@ class SweepConfig(_Strict):
     check_baselines: int = Field(default=8, ge=0)
     answer_logprob: bool = Field(default=False, description="also score the whole answer (teacher forcing)")
     metrics: list[str] = Field(default_factory=list, description="metrics stored besides the defaults: registered "
-                               "names or module:function (nngraft.study.metric_registry)")
+                               "names (nngraft.study.metric_registry); module:function only on the command line")
     output: str | None = None
     base_dir: str = Field(default=".", exclude=True)
 
@@ -170,8 +170,16 @@ class SweepConfig(_Strict):
 
     @field_validator("metrics")
     @classmethod
-    def _known_metrics(cls, value: list[str]) -> list[str]:
+    def _known_metrics(cls, value: list[str], info: ValidationInfo) -> list[str]:
+        own_code = bool(info.context and info.context.get("own_code"))
         for name in value:
+            if ":" in name and not own_code:
+                # A config is data that may come from someone else: importing the module it names
+                # would run that module's code. Your own function goes on your command line
+                # (--metric module:function) or in Python, where you chose it.
+                raise ValueError(f"metric {name!r}: a sweep config names registered metrics only, not "
+                                 "module:function (a shared config must not import code); give your own "
+                                 "function with --metric module:function, or register it in Python")
             metric = get_metric(name)
             if metric.fn is None:
                 raise ValueError(f"metric {name!r} is not computed from logits ({metric.description})")

@@ -228,3 +228,20 @@ def test_docs_metric_example_runs_as_written(examples, tmp_path, capsys, monkeyp
         assert list((tmp_path / "runs" / "m" / "plots").glob("bars_*.png"))
     finally:
         unregister("target_margin")
+
+
+def test_a_sweep_config_never_imports_the_module_a_metric_names(tmp_path, monkeypatch):
+    """A sweep config is data that may come from another lab: ``module:function`` there is refused
+    before anything is imported (an armed module on sys.path would create a file if imported)."""
+    from pydantic import ValidationError
+
+    from nngraft.study.sweep_config import SweepConfig
+
+    armed = tmp_path / "armed_metric_module.py"
+    fired = tmp_path / "fired"
+    armed.write_text(f"open({str(fired)!r}, 'w').close()\ndef metric(logits, inputs):\n    return logits[:, 0]\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    with pytest.raises(ValidationError, match="registered metrics only, not module:function"):
+        SweepConfig.model_validate({"models": [{"name": "tiny", "tiny": "llama"}],
+                                    "metrics": ["armed_metric_module:metric"]})
+    assert not fired.exists()
