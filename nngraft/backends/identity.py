@@ -52,6 +52,12 @@ def _last_logprobs(logits: torch.Tensor) -> torch.Tensor:
 
 
 def _plain(model: torch.nn.Module, ids: Sequence[int], device: Any) -> torch.Tensor:
+    # the ids go where the model's token embedding reads them (P or F may sit on a GPU, or be split
+    # over several, while the batch is built on ``device``)
+    embedding = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
+    weight = getattr(embedding, "weight", None)
+    if isinstance(weight, torch.Tensor) and weight.device.type != "meta":
+        device = weight.device
     with torch.no_grad():
         out = model(input_ids=torch.tensor([list(ids)], device=device), use_cache=False)
     return _last_logprobs(out.logits[0, -1]).cpu()
