@@ -98,6 +98,7 @@ def evaluate(grafter: Grafter, specs: Sequence[GraftSpec], examples: Sequence[Te
     of ``ks``; default :data:`~.metric_registry.DEFAULT_METRICS`.
 
     Example:
+        >>> from nngraft.study.grids import paper_specs
         >>> from nngraft.testing import tiny_pair
         >>> P, F, tok = tiny_pair("llama")
         >>> ex = TestExample("f1", "t", "Ada Lovelace stars in a movie alongside",
