@@ -78,7 +78,7 @@ def _cases(arch: str):
     from nngraft import GraftRule, GraftSpec, Last, Span
     from nngraft.arch import adapter_for
     from nngraft.testing import tiny_pair
-    from tests.reference import component_swaps
+    from tests.helpers.reference import component_swaps
 
     P, F, tok = tiny_pair(arch, n_layers=4)
     adapter = adapter_for(P)
@@ -100,7 +100,7 @@ def _cases(arch: str):
 
 def exactness(device: str, archs: Sequence[str]) -> list[dict[str, Any]]:
     from nngraft import Grafter
-    from tests.reference import per_token_reference
+    from tests.helpers.reference import per_token_reference
 
     rows = []
     for arch in archs:
@@ -129,8 +129,8 @@ def split(devices: Sequence[str], archs: Sequence[str], virtual: bool) -> list[d
 
     from nngraft import Grafter
     from nngraft.arch import adapter_for
-    from tests.reference import per_token_reference
-    from tests.virtual_devices import dispatch, split_map, virtual_devices
+    from tests.helpers.reference import per_token_reference
+    from tests.helpers.virtual_devices import dispatch, split_map, virtual_devices
 
     rows = []
     for arch in archs:
