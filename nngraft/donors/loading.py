@@ -37,7 +37,7 @@ import tempfile
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator, Literal
+from typing import Any, Iterator, Literal, Mapping
 
 import torch
 
@@ -465,10 +465,15 @@ def weights_fingerprint(model: torch.nn.Module) -> str:
         >>> weights_fingerprint(a) == weights_fingerprint(b)
         False
     """
+    return tensors_fingerprint(model.state_dict())
+
+
+def tensors_fingerprint(tensors: Mapping[str, torch.Tensor]) -> str:
+    """:func:`weights_fingerprint` of a name → tensor mapping (a state dict, or the tensors of a
+    safetensors file such as a LoRA adapter's)."""
     digest = hashlib.sha256()
-    state = model.state_dict()
-    for name in sorted(state):
-        tensor = state[name].detach().to("cpu").contiguous()
+    for name in sorted(tensors):
+        tensor = tensors[name].detach().to("cpu").contiguous()
         digest.update(f"{name}|{tensor.dtype}|{tuple(tensor.shape)}\n".encode())
         digest.update(tensor.reshape(-1).view(torch.uint8).numpy().data)
     return digest.hexdigest()

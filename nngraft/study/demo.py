@@ -67,7 +67,9 @@ QUICK_FACTS = 4
 QUICK_EPOCHS = 2
 """``--quick``'s epochs: with one, F stayed within 0.05 of P's answer probability on the 4 facts, so
 every recovery was n/a and the quick run checked less of the pipeline."""
-RESULT_FILES = ("results.jsonl", "manifest.json", "summary.txt", "facts.jsonl", "facts.manifest.json")
+GRAFT_BATCH = 64
+"""Rows per batched forward pass of the demo's grid (recorded in the manifest's ``rerun``)."""
+RESULT_FILES = ("results.jsonl", "manifest.json", "summary.txt", "facts.jsonl", "facts.manifest.json", "examples.jsonl")
 
 
 @dataclass
@@ -217,6 +219,8 @@ def _run_demo(options: DemoOptions, console: Any, tables_console: Any = None) ->
     from .examples import examples_hash
     from .pairs import LoadedPair
     from .sweep import check_baselines
+    from .metric_registry import DEFAULT_KS
+    from .provenance import EXAMPLES_FILE, save_run_examples
     from .sweep_config import spec_role
 
     from .run_commands import wide_console
@@ -302,15 +306,16 @@ def _run_demo(options: DemoOptions, console: Any, tables_console: Any = None) ->
     if skipped:  # e.g. FE+M+LT on a template without {movie_title}
         console.print(f"[dim]template {options.template} has no span for {', '.join(skipped)}: left out[/dim]")
         specs = [s for s in specs if s.name not in skipped]
-    grafter = Grafter(P, F, tokenizer, batch_size=64)
+    grafter = Grafter(P, F, tokenizer, batch_size=GRAFT_BATCH)
     results = out / "results.jsonl"
+    save_run_examples(out, examples)
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
     with ResultsWriter(results) as writer, Progress(
             TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
             console=console, disable=not options.progress) as bar:
         task = bar.add_task(f"{len(specs)} specs × {len(examples)} prompts", total=len(specs) * len(examples))
-        evaluate(grafter, specs, examples, model=label, writer=writer, batch_size=64,
+        evaluate(grafter, specs, examples, model=label, writer=writer, batch_size=GRAFT_BATCH,
                  progress=lambda n: bar.advance(task, n))
     seconds["graft"] = time.perf_counter() - t
     from .results import load_results
@@ -345,7 +350,11 @@ def _run_demo(options: DemoOptions, console: Any, tables_console: Any = None) ->
                   for s in specs},
         "dataset": {"name": DATASET, "n": options.facts, "seed": options.seed, "facts_hash": facts_hash(facts),
                     "template": options.template, "hash": examples_hash(examples),
-                    "n_examples": len(examples), "n_facts": len(facts), "templates": [options.template]},
+                    "n_examples": len(examples), "n_facts": len(facts), "templates": [options.template],
+                    "examples_file": EXAMPLES_FILE},
+        # how the rows were computed, for `nngraft reproduce` (a sweep's manifest has them in "sweep")
+        "rerun": {"batch_size": GRAFT_BATCH, "ks": list(DEFAULT_KS), "n_top": 10, "answer_logprob": False,
+                  "metrics": [], "dtype": "float32"},
         "training_texts": {"families": list(TRAINING_FAMILIES), "directions": list(TRAINING_DIRECTIONS),
                            "n": len(texts)},
         "pretrained_top1": pretrained_top1,

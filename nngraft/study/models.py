@@ -95,9 +95,15 @@ def resolve_device(name: str) -> torch.device:
     return device
 
 
+PACKAGES = ("nngraft", "torch", "transformers", "nnsight", "pydantic", "peft", "accelerate", "safetensors", "gguf",
+            "numpy", "huggingface-hub", "tokenizers")
+"""The packages whose versions a manifest records (:func:`environment_versions`)."""
+
+
 def environment_versions() -> dict[str, str]:
     """What a manifest records about the software and machine a result came from: Python, the
-    platform, nngraft and the packages it runs on, torch's thread count, its CPU kernel path
+    platform, nngraft and its git commit (:func:`~nngraft.study.provenance.nngraft_commit`),
+    the packages it runs on (:data:`PACKAGES`), torch's thread count, its CPU kernel path
     (``AVX512``, ``AVX2`` …: another one rounds differently) and OMP_WAIT_POLICY."""
     import importlib.metadata as md
     import platform
@@ -105,11 +111,14 @@ def environment_versions() -> dict[str, str]:
     from .. import __version__
 
     out = {"python": platform.python_version(), "platform": platform.platform()}
-    for name in ("nngraft", "torch", "transformers", "nnsight", "pydantic"):
+    for name in PACKAGES:
         try:
             out[name] = md.version(name)
         except md.PackageNotFoundError:
             out[name] = __version__ if name == "nngraft" else "not installed"
+    from .provenance import nngraft_commit
+
+    out["nngraft_commit"] = nngraft_commit()
     out["threads"] = str(torch.get_num_threads())
     out["cpu_capability"] = torch.backends.cpu.get_cpu_capability()  # ATen's kernel path (ATEN_CPU_CAPABILITY)
     out["OMP_WAIT_POLICY"] = os.environ.get("OMP_WAIT_POLICY", "(unset)")

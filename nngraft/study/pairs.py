@@ -13,6 +13,7 @@ import torch
 from ..grafter import Grafter
 from ..util.inputs import loading_model
 from .models import model_identity, resolve_device
+from .provenance import donor_provenance
 from .sweep_config import ModelPair, SweepConfig
 
 
@@ -74,6 +75,8 @@ def load_pair(pair: ModelPair, config: SweepConfig | None = None) -> LoadedPair:
                 "device": str(device)}
     if graft_from is not None:
         identity["donor"]["lora_adapter"] = graft_from.describe()
+    if not pair.tiny:
+        identity["donor"].update(donor_provenance(src_f))  # F's finetune manifest, a LoRA adapter's fingerprint
     donors = {}
     for key, value in pair.donors.items():  # extra named donors: always paths or hub ids
         local = config.path(value) if config is not None else Path(value)
@@ -82,6 +85,7 @@ def load_pair(pair: ModelPair, config: SweepConfig | None = None) -> LoadedPair:
             donors[key], _ = load_donor(src, P, dtype=_DTYPES.get(pair.dtype, "auto"))
         donors[key] = donors[key].to(device).eval()
         identity.setdefault("donors", {})[key] = model_identity(donors[key], src)
+        identity["donors"][key].update(donor_provenance(src))
     loaded = LoadedPair(pair.name, P, F, tok, identity, donors)
     loaded.graft_donor = graft_from
     return loaded

@@ -55,6 +55,7 @@ from .results import (FORMAT_VERSION, ResultsError, ResultsWriter, check_output,
 from .evaluate import EvalStats, check_donors, check_spans, evaluate
 from .examples import examples_hash
 from .pairs import LoadedPair, grafter_for, load_pair
+from .provenance import EXAMPLES_FILE, save_run_examples
 from .sweep_config import F_SPEC, SweepConfig, SweepConfigError, load_data, resolve_specs, spec_role
 # The sweep's pieces by their old address (nngraft.study.sweep.X), for scripts written before the split
 from .evaluate import (baseline_inputs, baseline_rows, plan_batches, row_recovery)  # noqa: F401
@@ -234,7 +235,9 @@ def run_sweep(config: SweepConfig, *, output: str | Path | None = None, show_pro
             for s in specs:
                 manifest["specs"][s.name] = {"hash": s.content_hash(), "role": spec_role(s),
                                              "spec": json.loads(s.to_json())}
+            save_run_examples(out_dir, examples)
             manifest["dataset"] = {**source, "hash": examples_hash(examples), "n_examples": len(examples),
+                                   "examples_file": EXAMPLES_FILE,
                                    "n_facts": len({e.fact_id for e in examples}),
                                    "templates": sorted({e.template for e in examples})}
             manifest["ks"] = list(config.ks)
