@@ -26,9 +26,9 @@ _EXPORTS = {
     "errors": ["ArgumentError", "ComponentNotFoundError", "DonorMismatchError", "GraftError", "LayerRangeError",
                "PositionError", "PromptError", "SpanNotFoundError", "SpecError", "TraceError",
                "UnsupportedArchitectureError"],
-    "grafter": ["GenerationResult", "Grafter"],
+    "grafter": ["Grafter"],
     "compile.plan": ["GraftPlan", "compile_plan"],
-    "result": ["GraftResult"],
+    "result": ["GenerationResult", "GraftResult"],
     "spec": ["SCHEMA_VERSION", "WeightSelection", "All", "GraftRule", "GraftSpec", "Index", "Last", "LayerRange",
              "Not", "Other", "Span", "everywhere_except", "resolve_layers", "spec_json_schema"],
     "compile.tokens": ["SpanAlignmentWarning"],
@@ -45,9 +45,9 @@ if TYPE_CHECKING:  # pragma: no cover - for type checkers and IDEs
     from .errors import (ArgumentError, ComponentNotFoundError, DonorMismatchError, GraftError,  # noqa: F401
                          LayerRangeError, PositionError, PromptError, SpanNotFoundError, SpecError,
                          TraceError, UnsupportedArchitectureError)
-    from .grafter import GenerationResult, Grafter  # noqa: F401
+    from .grafter import Grafter  # noqa: F401
     from .compile.plan import GraftPlan, compile_plan  # noqa: F401
-    from .result import GraftResult  # noqa: F401
+    from .result import GenerationResult, GraftResult  # noqa: F401
     from .spec import (SCHEMA_VERSION, All, GraftRule, GraftSpec, Index, Last, LayerRange, Not,  # noqa: F401
                        Other, Span, WeightSelection, everywhere_except, resolve_layers, spec_json_schema)
     from .compile.tokens import SpanAlignmentWarning  # noqa: F401

@@ -68,6 +68,8 @@ MOVED_NAMES: dict[tuple[str, str], str] = {
     ("nngraft.study.models", "quiet_transformers"): "nngraft.donors.loading",
     ("nngraft.study.models", "smollm2_gguf_path"): "nngraft.donors.loading",
     ("nngraft.study.models", "smollm2_path"): "nngraft.donors.loading",
+    ("nngraft.study.templates", "read_training_templates"): "nngraft.study.template_files",
+    ("nngraft.study.templates", "read_test_templates"): "nngraft.study.template_files",
 }
 """(old module, name) → the module that defines the name now: names that moved out of a module
 that still exists. The old module's ``__getattr__`` calls :func:`moved_name`."""

@@ -20,7 +20,6 @@ Example:
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
@@ -32,35 +31,13 @@ from .backends.base import Backend
 from .backends.local import LocalBackend
 from .backends.setup import Setup
 from .compile.plan import GraftPlan, compile_plan
-from .result import GraftResult
+from .result import GenerationResult, GraftResult
 from .compile.schedule import Chunk, Row, default_call_cost, forward_on_prefix, schedule_rows, shareable_prefixes
 from .spec import GraftSpec, SpecLike, as_spec
+from .spec.schema import per_row, spec_first
 from .compile.tokens import PaddedBatch, SpanValue, TokenizedPrompt, pad_left, pad_token_id, tokenize_prompts
 from .compile.trace import CompiledGraft
-
-
-@dataclass
-class GenerationResult:
-    """Continuations under a graft: the new (or forced) token ids, their text, and each step's
-    logits (``step_logits[j]`` is the distribution token ``j`` was chosen from)."""
-
-    tokens: torch.Tensor  # (batch, new_tokens)
-    texts: list[str]
-    step_logits: list[torch.Tensor]  # one (batch, vocab) tensor per new token
-
-    def __repr__(self) -> str:
-        """Short: how many rows and new tokens, and the first texts (never the logits).
-
-        Example:
-            >>> GenerationResult(torch.zeros(2, 3, dtype=torch.long), [" Alan Turing", " Grace"],
-            ...                  [torch.zeros(2, 50)] * 3)
-            GenerationResult(2 rows × 3 new tokens, texts=[' Alan Turing', ' Grace'], step_logits: 3 × (2, 50))
-        """
-        texts = [t if len(t) <= 40 else t[:37] + "..." for t in self.texts[:3]]
-        more = f" (+{len(self.texts) - 3} more)" if len(self.texts) > 3 else ""
-        shape = f"{len(self.step_logits)} × {tuple(self.step_logits[0].shape)}" if self.step_logits else "none"
-        return (f"GenerationResult({int(self.tokens.shape[0])} rows × {int(self.tokens.shape[-1])} new tokens, "
-                f"texts={texts}{more}, step_logits: {shape})")
+from .util.progress import row_progress
 
 
 class Grafter:
@@ -311,7 +288,7 @@ class Grafter:
         if progress is False:
             progress = None
         if progress is True:
-            with _progress_bar(len(prompts)) as advance:
+            with row_progress(len(prompts)) as advance:
                 return self.run_rows(specs, prompts, all_logits=all_logits, batch_size=size, progress=advance)
         last: list[torch.Tensor | None] = [None] * len(prompts)
         full: list[torch.Tensor | None] = [None] * len(prompts)
@@ -433,80 +410,9 @@ class Grafter:
         return GenerationResult(tokens.cpu(), texts, [s.cpu() for s in steps_logits])
 
 
-def is_spec_argument(value: Any) -> bool:
-    """Whether ``value`` can only be a spec argument, never prompts: a GraftSpec, a spec dict
-    (with ``"rules"``), or a non-empty list or name → spec dict of them."""
-    def one(v: Any) -> bool:
-        return isinstance(v, GraftSpec) or (isinstance(v, Mapping) and "rules" in v)
-
-    if one(value):
-        return True
-    if isinstance(value, Mapping):
-        return bool(value) and all(one(v) for v in value.values())
-    return isinstance(value, (list, tuple)) and bool(value) and all(one(v) for v in value)
-
-
-def spec_first(method: str, spec: Any, prompts: Any, *, old_order: bool = False) -> tuple[Any, Any]:
-    """``(spec, prompts)`` as ``Grafter.<method>(spec, prompts, spans)`` takes them: every method
-    takes the spec first. A spec where the prompts belong is the two swapped: for a method whose
-    old order was prompts first (``old_order``: ``trace``, for one release), a
-    :class:`DeprecationWarning` and the two put in order; otherwise an
-    :class:`~nngraft.errors.ArgumentError` saying so."""
-    if not is_spec_argument(prompts) or is_spec_argument(spec):
-        return spec, prompts
-    if old_order:
-        from . import deprecated
-
-        deprecated.warn_argument_order(f"Grafter.{method}", stacklevel=4)
-        return prompts, spec
-    raise ArgumentError(f"Grafter.{method}: the spec and the prompts are swapped (a spec was given where the "
-                        f"prompts belong); every Grafter method takes the spec first: "
-                        f"g.{method}(spec, prompts, spans)")
-
-
-def per_row(spec: SpecLike | Sequence[SpecLike], n: int) -> list[GraftSpec]:
-    """One spec for each of ``n`` rows: one spec for all, or a sequence of exactly ``n``."""
-    if isinstance(spec, (GraftSpec, str, Path, Mapping)):
-        return [as_spec(spec)] * n
-    if not isinstance(spec, Sequence):
-        raise ArgumentError(f"spec: Input should be a GraftSpec, a spec file path, a dict, or a list of them, got "
-                            f"{spec!r} ({type(spec).__name__})")
-    specs = [as_spec(s) for s in spec]
-    if len(specs) != n:
-        raise ArgumentError(f"spec: got {len(specs)} specs for {n} prompts; give one spec, or one per prompt")
-    return specs
-
-
 def _describe(donor: Any) -> str:
     describe = getattr(donor, "describe", None)
     return describe() if callable(describe) else type(donor).__name__
-
-
-class _progress_bar:
-    """A rich progress bar over rows (spec × prompt), with rows/s and time left, on stderr. Drawn
-    live on a terminal or in a notebook; elsewhere (pipes, logs) one line when done."""
-
-    def __init__(self, total: int) -> None:
-        from rich.console import Console
-        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
-
-        console = Console(stderr=True)
-        live = console.is_terminal or console.is_jupyter
-        self.progress = Progress(TextColumn("grafting"), BarColumn(), MofNCompleteColumn(), TextColumn("rows"),
-                                 TimeElapsedColumn(), TextColumn("left"), TimeRemainingColumn(), transient=live,
-                                 console=console, disable=not live)
-        self.console, self.live, self.total = console, live, total
-        self.task = self.progress.add_task("grafting", total=total)
-
-    def __enter__(self):
-        self.progress.start()
-        return lambda n: self.progress.advance(self.task, n)
-
-    def __exit__(self, *exc: Any) -> None:
-        self.progress.stop()
-        if not self.live and exc[0] is None:
-            elapsed = self.progress.tasks[0].elapsed or 0.0
-            self.console.print(f"grafted {self.total} rows in {elapsed:.1f} s", highlight=False)
 
 
 def __getattr__(name: str) -> Any:

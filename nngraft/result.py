@@ -176,3 +176,27 @@ class GraftResult:
         questions: ``f.kl_divergence(graft)`` is KL(F ‖ graft) (how far the graft is from F),
         ``graft.kl_divergence(p)`` is KL(graft ‖ P) (how far it moved from P)."""
         return kl_divergence(self.logits, other.logits)
+
+
+@dataclass
+class GenerationResult:
+    """Continuations under a graft: the new (or forced) token ids, their text, and each step's
+    logits (``step_logits[j]`` is the distribution token ``j`` was chosen from)."""
+
+    tokens: torch.Tensor  # (batch, new_tokens)
+    texts: list[str]
+    step_logits: list[torch.Tensor]  # one (batch, vocab) tensor per new token
+
+    def __repr__(self) -> str:
+        """Short: how many rows and new tokens, and the first texts (never the logits).
+
+        Example:
+            >>> GenerationResult(torch.zeros(2, 3, dtype=torch.long), [" Alan Turing", " Grace"],
+            ...                  [torch.zeros(2, 50)] * 3)
+            GenerationResult(2 rows × 3 new tokens, texts=[' Alan Turing', ' Grace'], step_logits: 3 × (2, 50))
+        """
+        texts = [t if len(t) <= 40 else t[:37] + "..." for t in self.texts[:3]]
+        more = f" (+{len(self.texts) - 3} more)" if len(self.texts) > 3 else ""
+        shape = f"{len(self.step_logits)} × {tuple(self.step_logits[0].shape)}" if self.step_logits else "none"
+        return (f"GenerationResult({int(self.tokens.shape[0])} rows × {int(self.tokens.shape[-1])} new tokens, "
+                f"texts={texts}{more}, step_logits: {shape})")

@@ -87,7 +87,7 @@ def execute(args: argparse.Namespace, recipe: str, **sweep: Any) -> int:
 
     from nngraft.errors import GraftError
     from nngraft.study.results import load_results
-    from nngraft.study.run_commands import wide_console, summary_table
+    from nngraft.study.summary import wide_console, summary_table
     from nngraft.study.sweep import check_spans, load_data, resolve_specs, run_sweep
 
     console = Console(stderr=True)

@@ -160,7 +160,7 @@ def _run(args, config, split: str, console) -> int:
     from rich.console import Console
 
     from nngraft.study.results import load_results
-    from nngraft.study.run_commands import wide_console, summary_table
+    from nngraft.study.summary import wide_console, summary_table
     from nngraft.study.sweep import run_sweep
 
     outcome = run_sweep(config, show_progress=not args.no_progress, console=console)

@@ -13,7 +13,7 @@ from nngraft.study import plot as plot_module
 from nngraft.study.grids import QUARTERS, paper_specs
 from nngraft.study.labels import component_label, describe, manifest_facets
 from nngraft.study.results import load_manifest, load_results
-from nngraft.study.run_commands import summary_table
+from nngraft.study.summary import summary_table
 from nngraft.study.sweep import SweepConfig, run_sweep
 
 

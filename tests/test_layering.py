@@ -245,3 +245,28 @@ def test_no_test_module_imports_another_test_module():
             if any(part.startswith("test_") for name in names for part in name.split(".")):
                 bad.append(f"{path.relative_to(ROOT)}:{node.lineno}")
     assert bad == []
+
+
+MAX_MODULE_LINES = 500
+"""No module of the package is longer than this: a longer one does several jobs and is split by
+job (old import paths keep working: a re-export, or :mod:`nngraft.deprecated` for a moved name)."""
+
+
+def long_modules(limit: int = MAX_MODULE_LINES) -> list[str]:
+    """``"path: N lines"`` for every module under nngraft/ longer than ``limit`` lines."""
+    lengths = {path: len(path.read_text(encoding="utf-8").splitlines()) for path in MODULES.values()}
+    return [f"{path.relative_to(ROOT)}: {n} lines" for path, n in sorted(lengths.items()) if n > limit]
+
+
+def test_no_module_is_longer_than_500_lines():
+    too_long = long_modules()
+    assert too_long == [], (f"modules over {MAX_MODULE_LINES} lines (split each by job): " + "; ".join(too_long))
+
+
+def test_the_length_check_counts_lines():
+    """The check above sees a long module (so its passing means something): at a limit below the
+    longest module, that module is reported with its length."""
+    longest = max(MODULES.values(), key=lambda p: len(p.read_text(encoding="utf-8").splitlines()))
+    n = len(longest.read_text(encoding="utf-8").splitlines())
+    assert long_modules(n - 1) == [f"{longest.relative_to(ROOT)}: {n} lines"]
+    assert long_modules(n) == []

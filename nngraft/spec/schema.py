@@ -22,279 +22,32 @@ from __future__ import annotations
 
 import hashlib
 import json
-import re
 from pathlib import Path
-from typing import Annotated, Any, Literal, Mapping, Union
+from typing import Any, Literal, Mapping, Sequence, Union
 
-from pydantic import (
-    BaseModel,
-    ConfigDict,
-    Discriminator,
-    Field,
-    Tag,
-    ValidationError,
-    field_validator,
-    model_validator,
-)
+from pydantic import Field, ValidationError, field_validator, model_validator
 
-from ..errors import LayerRangeError, SchemaVersionError, SpecError
+from ..errors import ArgumentError, SpecError
 from ..util.inputs import refuse_duplicate_keys
+# the components, layers and positions of a spec live in their own modules; their names stay
+# importable from here, where they were defined before 0.2
+from .components import (COMPONENT_GROUPS, COMPONENTS, GLOBAL_COMPONENTS, LAYER_COMPONENTS,  # noqa: F401
+                         ComponentName)
+from .layers import (LayerGroups, LayerRange, LayerSelection, check_layer_string, paper_layer_group,  # noqa: F401
+                     resolve_layers)
+from .positions import POSITION_KINDS, All, Index, Last, Not, Other, PositionSelector, Span, Strict  # noqa: F401
 
 SCHEMA_VERSION = "2"
 """The newest spec format this nngraft reads and writes. Older versions stay readable. Version 2
 adds ``layer_groups``; a spec that does not use it is written as version 1, so older nngraft
 versions keep reading it."""
 
-LayerGroups = Literal["even", "paper"]
-"""How named layer groups split the layers: ``even`` (nngraft's, part i of k is
-``[⌊i·n/k⌋, ⌊(i+1)·n/k⌋)``) or ``paper`` (the paper's code: q = ⌊n/4⌋, the fourth quarter takes
-the remainder, and its eighths as that code computed them)."""
-
-# ---------------------------------------------------------------------------------------------
-# Components
-# ---------------------------------------------------------------------------------------------
-
-LAYER_COMPONENTS: tuple[str, ...] = (
-    "ln_attn", "q", "k", "v", "q_norm", "k_norm", "o", "ln_mlp", "gate", "up", "down",
-)
-"""Components that live inside every transformer block (one per layer)."""
-
-GLOBAL_COMPONENTS: tuple[str, ...] = ("embed", "pos_embed", "ln_final", "lm_head")
-"""Components outside the blocks. A rule's ``layers`` does not apply to them."""
-
-COMPONENT_GROUPS: dict[str, tuple[str, ...]] = {
-    "attn": ("q", "k", "v", "q_norm", "k_norm", "o"),
-    "mlp": ("gate", "up", "down"),
-    "mlp_in": ("gate", "up"),
-    "all": LAYER_COMPONENTS,
-    "everything": LAYER_COMPONENTS + GLOBAL_COMPONENTS,
-}
-"""Names that stand for several components. A group expands to the members the architecture
-has (``mlp`` on GPT-2 is ``up`` + ``down``); naming a single component it lacks is an error."""
-
-COMPONENTS: tuple[str, ...] = GLOBAL_COMPONENTS + LAYER_COMPONENTS
-ComponentName = Literal[
-    "embed", "pos_embed", "ln_final", "lm_head",
-    "ln_attn", "q", "k", "v", "q_norm", "k_norm", "o", "ln_mlp", "gate", "up", "down",
-    "attn", "mlp", "mlp_in", "all", "everything",
-]
-
-# ---------------------------------------------------------------------------------------------
-# Layers
-# ---------------------------------------------------------------------------------------------
-
-_FRACTIONS = {"half": 2, "quarter": 4, "eighth": 8}
-_ORDINALS = ["first", "second", "third", "fourth", "fifth", "sixth", "seventh", "eighth"]
-_GROUP_RE = re.compile(r"^(first|second|third|fourth|fifth|sixth|seventh|eighth)_(half|quarter|eighth)$")
-_FIRST_LAST_RE = re.compile(r"^(first|last):(\d+)$")
-
-
-class LayerRange(BaseModel):
-    """Layers ``start ≤ i < stop`` (Python slice semantics, negatives count from the end).
-
-    Example: ``{"start": 4, "stop": -2}`` on a 12-layer model is layers 4 … 9.
-    """
-
-    model_config = ConfigDict(extra="forbid")
-    start: int = 0
-    stop: int | None = None
-
-
-LayerSelection = Union[str, list[int], LayerRange]
-"""``"all"``, a named group (``first_quarter`` … ``fourth_quarter``, ``first_eighth`` …
-``eighth_eighth``, ``first_half``/``second_half``), ``"first:k"``/``"last:k"``, an explicit list
-of indices (negative allowed), or a :class:`LayerRange`."""
-
-
-def _check_layer_string(value: str) -> str:
-    if value == "all" or _FIRST_LAST_RE.match(value):
-        return value
-    match = _GROUP_RE.match(value)
-    if match and _ORDINALS.index(match[1]) < _FRACTIONS[match[2]]:
-        return value
-    raise ValueError(
-        f"unknown layer group {value!r}; use 'all', 'first:K', 'last:K', a quarter such as "
-        "'fourth_quarter', an eighth such as 'eighth_eighth', 'first_half'/'second_half', "
-        "a list of indices, or {'start': A, 'stop': B}"
-    )
-
-
-def paper_layer_group(group: str, n_layers: int) -> list[int]:
-    """A named layer group as the paper's code computed it (``get_layers_dict`` in its
-    ``run_experiment.py``): q = ⌊n/4⌋; quarters ``[0, q)``, ``[q, 2q)``, ``[2q, 3q)``, ``[3q, n)``
-    (the fourth takes the remainder); halves as two quarters each (``[0, 2q)``, ``[2q, n)``); its
-    eighths with its formulas as written (the third is ``[2q, ⌊3q/2⌋)``, empty; the seventh and
-    eighth were not exposed and are an error here).
-
-    Example:
-        >>> paper_layer_group("second_quarter", 30), paper_layer_group("fourth_quarter", 30)[0]
-        ([7, 8, 9, 10, 11, 12, 13], 21)
-        >>> paper_layer_group("third_eighth", 30)
-        []
-    """
-    q = n_layers // 4
-    table = {
-        "first_quarter": (0, q), "second_quarter": (q, 2 * q), "third_quarter": (2 * q, 3 * q),
-        "fourth_quarter": (3 * q, n_layers), "first_half": (0, 2 * q), "second_half": (2 * q, n_layers),
-        "first_eighth": (0, q // 2), "second_eighth": (q // 2, q), "third_eighth": (2 * q, 3 * q // 2),
-        "fourth_eighth": (3 * q // 2, 2 * q), "fifth_eighth": (2 * q, 5 * q // 2),
-        "sixth_eighth": (5 * q // 2, 3 * q),
-    }
-    if group not in table:
-        raise LayerRangeError(f"layer group {group!r} does not exist with layer_groups 'paper' (the paper's code "
-                              "exposed no seventh or eighth eighth); use layer_groups 'even'")
-    start, stop = table[group]
-    return list(range(start, stop))
-
-
-def resolve_layers(selection: LayerSelection, n_layers: int, groups: LayerGroups = "even") -> list[int]:
-    """Turn a layer selection into sorted layer indices for a model with ``n_layers`` blocks.
-
-    Named fractions split the layers as evenly as possible, earlier parts never larger than later
-    ones: part ``i`` of ``k`` is ``[floor(i·n/k), floor((i+1)·n/k))``. So quarters nest exactly
-    in eighths and every layer is in exactly one part. (The paper's code instead put the whole
-    remainder in the fourth quarter and had broken eighths; for depths divisible by 4 the
-    quarters agree.) ``groups="paper"`` splits named groups the paper's way instead
-    (:func:`paper_layer_group`).
-
-    Example:
-        >>> resolve_layers("fourth_quarter", 30)
-        [22, 23, 24, 25, 26, 27, 28, 29]
-        >>> resolve_layers("fourth_quarter", 30, "paper")
-        [21, 22, 23, 24, 25, 26, 27, 28, 29]
-        >>> resolve_layers([0, -1], 12)
-        [0, 11]
-    """
-    if isinstance(selection, LayerRange):
-        layers = list(range(n_layers))[selection.start : selection.stop]
-        what = f"range start={selection.start} stop={selection.stop}"
-    elif isinstance(selection, list):
-        layers = []
-        for index in selection:
-            if not -n_layers <= index < n_layers:
-                raise LayerRangeError(
-                    f"layer {index} is out of range for a model with {n_layers} layers "
-                    f"(valid: 0 … {n_layers - 1}, or -{n_layers} … -1)"
-                )
-            layers.append(index % n_layers)
-        what = f"list {selection}"
-    elif selection == "all":
-        layers, what = list(range(n_layers)), "'all'"
-    elif match := _FIRST_LAST_RE.match(selection):
-        k = int(match[2])
-        if k == 0 or k > n_layers:
-            raise LayerRangeError(
-                f"layer group {selection!r} needs 1 … {n_layers} layers; the model has {n_layers}"
-            )
-        layers = list(range(k)) if match[1] == "first" else list(range(n_layers - k, n_layers))
-        what = repr(selection)
-    else:
-        match = _GROUP_RE.match(selection)
-        if not match:
-            _check_layer_string(selection)  # raises the helpful message
-        parts = _FRACTIONS[match[2]]
-        i = _ORDINALS.index(match[1])
-        if groups == "paper":
-            layers = paper_layer_group(selection, n_layers)
-        else:
-            layers = list(range(i * n_layers // parts, (i + 1) * n_layers // parts))
-        what = repr(selection) + (" (the paper's layer groups)" if groups == "paper" else "")
-    if not layers:
-        raise LayerRangeError(f"layer selection {what} selects no layer of a {n_layers}-layer model")
-    return sorted(set(layers))
-
-
-# ---------------------------------------------------------------------------------------------
-# Positions
-# ---------------------------------------------------------------------------------------------
-
-
-class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-
-class Span(_Strict):
-    """The tokens covering a named piece of the prompt, e.g. ``{"span": "first_actor"}``.
-
-    The text of each span is given per prompt when running (``spans=[{"first_actor": "Zendaya"}]``)
-    and located with the tokenizer's character offsets, so leading spaces and BPE merges are
-    handled; every token that overlaps the span's characters is selected."""
-
-    span: str = Field(min_length=1, description="Name of the span, e.g. 'first_actor'.")
-
-
-class Last(_Strict):
-    """The last real token of the prompt (padding-aware); during generation, each new token."""
-
-    last: Literal[True] = True
-
-
-class Index(_Strict):
-    """Explicit token indices; negative ones count from the end (``-1`` is the last token)."""
-
-    index: list[int] = Field(min_length=1)
-
-
-class Other(_Strict):
-    """Every position that no other selector of the spec names (the paper's ``other``)."""
-
-    other: Literal[True] = True
-
-
-class All(_Strict):
-    """Every real token of the prompt."""
-
-    all: Literal[True] = True
-
-
-class Not(_Strict):
-    """Every real token except those the inner selectors name, e.g. ``{"not": [{"last": true}]}``
-    grafts the complement of the last token (the paper's ``LT^C``)."""
-
-    not_: list["PositionSelector"] = Field(alias="not", min_length=1)
-    model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
-
-
-_POSITION_KINDS = ("span", "last", "index", "other", "all", "not")
-
-
-def _position_kind(value: Any) -> str | None:
-    if isinstance(value, dict):
-        kinds = [k for k in _POSITION_KINDS if k in value]
-        return kinds[0] if len(kinds) == 1 else None
-    for kind, cls in (("span", Span), ("last", Last), ("index", Index), ("other", Other),
-                      ("all", All), ("not", Not)):
-        if isinstance(value, cls):
-            return kind
-    return None
-
-
-PositionSelector = Annotated[
-    Union[
-        Annotated[Span, Tag("span")],
-        Annotated[Last, Tag("last")],
-        Annotated[Index, Tag("index")],
-        Annotated[Other, Tag("other")],
-        Annotated[All, Tag("all")],
-        Annotated[Not, Tag("not")],
-    ],
-    Discriminator(
-        _position_kind,
-        custom_error_type="invalid_position",
-        custom_error_message=(
-            "a position selector is exactly one of {\"span\": NAME}, {\"last\": true}, "
-            "{\"index\": [I, ...]}, {\"other\": true}, {\"all\": true}, {\"not\": [SELECTOR, ...]}"
-        ),
-    ),
-]
-Not.model_rebuild()
-
 # ---------------------------------------------------------------------------------------------
 # Rules and specs
 # ---------------------------------------------------------------------------------------------
 
 
-class WeightSelection(_Strict):
+class WeightSelection(Strict):
     """Graft only part of each component's weight change ΔW = W_F − W_P (parameter-level grafts).
 
     Exactly one of:
@@ -345,7 +98,7 @@ class WeightSelection(_Strict):
         return f"{self.kind}-{hashlib.sha256(blob.encode()).hexdigest()[:8]}"
 
 
-class GraftRule(_Strict):
+class GraftRule(Strict):
     """Graft ``components`` at ``layers`` for the tokens ``positions`` select.
 
     Example:
@@ -383,7 +136,7 @@ class GraftRule(_Strict):
     @classmethod
     def _check_layers(cls, value: LayerSelection) -> LayerSelection:
         if isinstance(value, str):
-            return _check_layer_string(value)
+            return check_layer_string(value)
         if isinstance(value, list) and not value:
             raise ValueError("an empty layer list selects nothing; leave the rule out instead")
         return value
@@ -398,14 +151,14 @@ class GraftRule(_Strict):
         return self
 
 
-class ModelRef(_Strict):
+class ModelRef(Strict):
     """Which model a spec was written for (informational; not enforced)."""
 
     name: str
     revision: str | None = None
 
 
-class GraftSpec(_Strict):
+class GraftSpec(Strict):
     """A named, versioned set of graft rules. This is the file researchers share.
 
     Several rules combine as a union: a (component, layer, position) named by two rules is
@@ -521,7 +274,7 @@ def format_validation_error(error: ValidationError, source: str = "<spec>") -> s
         for part in item["loc"]:
             if isinstance(part, int):
                 loc += f"[{part}]"
-            elif part in _POSITION_KINDS and loc.endswith("]") and ".positions" in loc:
+            elif part in POSITION_KINDS and loc.endswith("]") and ".positions" in loc:
                 continue  # the union tag adds noise: rules[0].positions[1].span.span
             else:
                 loc += ("." if loc else "") + str(part)
@@ -558,11 +311,53 @@ def as_spec(spec: SpecLike) -> GraftSpec:
         except ValidationError as error:
             raise SpecError(format_validation_error(error, "<dict>")) from None
     if not isinstance(spec, (str, Path)):
-        from ..errors import ArgumentError
-
         raise ArgumentError(f"spec: Input should be a GraftSpec, a spec file path or a dict, got {spec!r} "
                             f"({type(spec).__name__})")
     return GraftSpec.load(spec)
+
+
+def is_spec_argument(value: Any) -> bool:
+    """Whether ``value`` can only be a spec argument, never prompts: a GraftSpec, a spec dict
+    (with ``"rules"``), or a non-empty list or name → spec dict of them."""
+    def one(v: Any) -> bool:
+        return isinstance(v, GraftSpec) or (isinstance(v, Mapping) and "rules" in v)
+
+    if one(value):
+        return True
+    if isinstance(value, Mapping):
+        return bool(value) and all(one(v) for v in value.values())
+    return isinstance(value, (list, tuple)) and bool(value) and all(one(v) for v in value)
+
+
+def spec_first(method: str, spec: Any, prompts: Any, *, old_order: bool = False) -> tuple[Any, Any]:
+    """``(spec, prompts)`` as ``Grafter.<method>(spec, prompts, spans)`` takes them: every method
+    takes the spec first. A spec where the prompts belong is the two swapped: for a method whose
+    old order was prompts first (``old_order``: ``trace``, for one release), a
+    :class:`DeprecationWarning` and the two put in order; otherwise an
+    :class:`~nngraft.errors.ArgumentError` saying so."""
+    if not is_spec_argument(prompts) or is_spec_argument(spec):
+        return spec, prompts
+    if old_order:
+        from .. import deprecated
+
+        deprecated.warn_argument_order(f"Grafter.{method}", stacklevel=4)
+        return prompts, spec
+    raise ArgumentError(f"Grafter.{method}: the spec and the prompts are swapped (a spec was given where the "
+                        f"prompts belong); every Grafter method takes the spec first: "
+                        f"g.{method}(spec, prompts, spans)")
+
+
+def per_row(spec: SpecLike | Sequence[SpecLike], n: int) -> list[GraftSpec]:
+    """One spec for each of ``n`` rows: one spec for all, or a sequence of exactly ``n``."""
+    if isinstance(spec, (GraftSpec, str, Path, Mapping)):
+        return [as_spec(spec)] * n
+    if not isinstance(spec, Sequence):
+        raise ArgumentError(f"spec: Input should be a GraftSpec, a spec file path, a dict, or a list of them, got "
+                            f"{spec!r} ({type(spec).__name__})")
+    specs = [as_spec(s) for s in spec]
+    if len(specs) != n:
+        raise ArgumentError(f"spec: got {len(specs)} specs for {n} prompts; give one spec, or one per prompt")
+    return specs
 
 
 # Short names for the common cases.

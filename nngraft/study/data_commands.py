@@ -145,7 +145,7 @@ def _texts(args: argparse.Namespace) -> int:
         templates = info.training_templates if info else "movies"
     families, directions = args.families or ["lm", "qa"], args.directions or ["A2B", "B2A"]
     if templates not in TRAINING_TEMPLATES and Path(templates).exists():
-        from .templates import read_training_templates
+        from .template_files import read_training_templates
 
         templates = read_training_templates(templates)
         families, directions = args.families or list(templates), args.directions or ["A2B"]

@@ -223,7 +223,7 @@ def _run_demo(options: DemoOptions, console: Any, tables_console: Any = None) ->
     from .provenance import EXAMPLES_FILE, save_run_examples
     from .sweep_config import spec_role
 
-    from .run_commands import wide_console
+    from .summary import wide_console
 
     console = wide_console(console or Console(stderr=True), 140)
     tables_out = wide_console(tables_console, 140) if tables_console is not None else console

@@ -104,7 +104,7 @@ def summarize(rows: Sequence[dict[str, Any]], model: str, template: str, n_facts
     from rich.table import Table
 
     from .metrics import aggregate
-    from .plot import display_name
+    from .spec_names import display_name
 
     aggs = {a.keys["spec"]: a for a in aggregate(rows, by=("model", "template", "spec"))}
     table_rows = [a.to_dict() for a in aggs.values()]

@@ -140,7 +140,8 @@ def validation_pairs(value: str, facts: Any, answer_field: str) -> list[tuple[st
     """``--validate``'s (prompt, answer) pairs: each test template (a string, a name, or a file of
     them) rendered over ``facts``, answering with ``answer_field``."""
     from ..errors import DataError
-    from .templates import make_test_examples, read_test_templates, resolve_test_template
+    from .template_files import read_test_templates
+    from .templates import make_test_examples, resolve_test_template
 
     if facts is None:
         raise DataError("--validate renders a template over facts: give --facts or --dataset (with --texts too)")
@@ -154,7 +155,8 @@ def validation_pairs(value: str, facts: Any, answer_field: str) -> list[tuple[st
 
 def training_choice(args: argparse.Namespace) -> tuple[Any, list[str], list[str]]:
     """(template set name or {family: templates}, families, directions) for ``nngraft finetune``."""
-    from .templates import TRAINING_TEMPLATES, read_training_templates
+    from .template_files import read_training_templates
+    from .templates import TRAINING_TEMPLATES
 
     if args.templates and args.templates not in TRAINING_TEMPLATES:
         if not Path(args.templates).exists():

@@ -29,16 +29,12 @@ from pathlib import Path
 from typing import Any, Mapping, Sequence
 
 from ..util.io import atomic_save_figure
-from .grids import BUCKETS, EIGHTHS, QUARTERS
+from .grids import EIGHTHS, QUARTERS
 from .labels import SpecFacets, manifest_facets, manifest_spans
 from .metrics import Aggregate, aggregate
+from .spec_names import CHARTS, category, chart_of, display_name, layer_facets, order_key  # noqa: F401
 from .results import LOCK_FILE, OWNER_FILE, load_manifest, load_results, output_folder, results_path
 
-_POS = {"fe": "FE", "lt": "LT", "m": "M", "r": "R"}
-_ORDER = ["p", "f", "fe", "lt", "m", "r", "fe_lt", "m_lt", "fe_m", "fe_m_lt", "fe_r", "r_lt", "fe_r_lt",
-          "fe_lt_complement", "not_fe", "not_lt", "not_fe_m", "not_fe_m_lt",
-          "fe_lt_selective", "fe_lt_selective_v1", "fe_o_ffn_lt_selective", "lm_head_only",
-          *[f"lt_{b}" for b in BUCKETS]]
 _COLORS = {"baseline": "#7f7f7f", "single": "#1f77b4", "union": "#2ca02c", "complement": "#ff7f0e",
            "bucket": "#9467bd", "other": "#17becf", "layers": "#8c564b", "selective": "#bcbd22",
            "lm_head": "#e377c2"}
@@ -48,95 +44,6 @@ _LEGEND = {"baseline": "baselines (P, F)", "single": "one position", "union": "p
            "layers": "one layer group", "selective": "several rules (e.g. selective layers)",
            "lm_head": "F's LM head alone", "found": "found by nngraft localize"}
 _FRACTION_GROUPS = {"quarter": QUARTERS, "eighth": EIGHTHS, "half": ["first_half", "second_half"]}
-
-
-def display_name(name: str) -> str:
-    """The paper's label for a spec name (P, F, FE, LT, FE+LT, (FE+LT)ᶜ, FEᶜ, LT: attn, …);
-    unknown names are returned unchanged."""
-    if name.endswith("+lm_head"):
-        return display_name(name[: -len("+lm_head")]) + " +head"
-    if name.endswith("+lm_head_all"):
-        return display_name(name[: -len("+lm_head_all")]) + " +head(all)"
-    if name in ("p", "f"):
-        return name.upper()
-    if name == "fe_lt_complement":
-        return "(FE+LT)$^c$"
-    if name.startswith("not_"):
-        parts = name[4:].split("_")
-        if all(p in _POS for p in parts):
-            inner = "+".join(_POS[p] for p in parts)
-            return (f"({inner})" if len(parts) > 1 else inner) + "$^c$"
-    parts = name.split("_")
-    if all(p in _POS for p in parts):
-        return "+".join(_POS[p] for p in parts)
-    if name.startswith("lt_") and name[3:] in BUCKETS:
-        return "LT: " + name[3:].replace("_", "+").replace("ffn+up", "ffn_up").replace("ffn+down", "ffn_down")
-    return name
-
-
-def category(name: str) -> str:
-    """Bar colour group: baseline, single, union, complement, bucket or other."""
-    base = name.split("+lm_head")[0]
-    if base in ("p", "f"):
-        return "baseline"
-    if base == "fe_lt_complement" or base.startswith("not_"):
-        return "complement"
-    parts = base.split("_")
-    if all(p in _POS for p in parts):
-        return "single" if len(parts) == 1 else "union"
-    if base.startswith("lt_") and base[3:] in BUCKETS:
-        return "bucket"
-    return "other"
-
-
-CHARTS: dict[str, tuple[str, ...]] = {
-    "positions": ("single", "union", "complement"),
-    "components": ("bucket",),
-    "lm_head": ("lm_head",),
-    "other": ("other",),
-}
-"""Bar charts drawn per model × template: each shows P, F and the specs of its categories
-(``lm_head`` = any spec with F's LM head added; ``components`` also shows LT for reference)."""
-
-
-def chart_of(name: str, facets: SpecFacets | None = None) -> str:
-    """The bar chart a spec goes in: ``baseline`` (every chart), ``positions``, ``components``,
-    ``lm_head`` or ``other``; by content when its ``facets`` are known, else by name."""
-    if facets is not None:
-        if facets.category == "baseline":
-            return "baseline"
-        if facets.head or facets.category == "lm_head":
-            return "lm_head"
-        if facets.category in ("single", "union", "complement"):
-            return "positions"
-        return "components" if facets.category == "bucket" else "other"
-    if "+lm_head" in name or name == "lm_head_only":
-        return "lm_head"
-    cat = category(name)
-    return next(chart for chart, cats in CHARTS.items() if cat in cats) if cat != "baseline" else "baseline"
-
-
-def _order_key(name: str, first_seen: Mapping[str, int]) -> tuple[int, int, int]:
-    base, _, suffix = name.partition("+")
-    rank = _ORDER.index(base) if base in _ORDER else len(_ORDER)
-    return (rank, first_seen.get(base, 0), 1 if suffix else 0)
-
-
-def layer_facets(spec: Mapping[str, Any], spans: Mapping[str, str] | None = None) -> dict[str, str] | None:
-    """``{"component", "layers", "fraction", "position"}`` for a spec that grafts one set of
-    components at one set of positions over a named quarter / eighth / half of the layers (a
-    heatmap cell), else ``None``. ``component`` is the paper's name (``attn`` = q, k, v; ``all``
-    = every block component); ``spans``: span name → label (FE, M, R)."""
-    from .labels import describe
-
-    facets = describe(spec, spans)
-    if facets.category != "layers":
-        return None
-    position = facets.positions
-    if facets.head:
-        position += f" (+F's LM head at {'LT' if facets.head == 'last' else 'all'})"
-    return {"component": facets.components or "all", "layers": facets.layers, "fraction": str(facets.fraction),
-            "position": position}
 
 
 def _safe(text: str) -> str:
@@ -457,7 +364,7 @@ def _render(rows: list[dict[str, Any]], spec_json: dict[str, Any], specs: Sequen
             name = a.keys["spec"]
             if name in facets:
                 return (0, facets[name].order, first_seen.get(name.split("+")[0], 0))
-            return (1, _order_key(name, first_seen), ())
+            return (1, order_key(name, first_seen), ())
 
         bars = [a for a in aggs if (facets[a.keys["spec"]].category != "layers" if a.keys["spec"] in facets
                                     else layer_facets(spec_json.get(a.keys["spec"], {})) is None)]

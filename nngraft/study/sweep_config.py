@@ -293,7 +293,7 @@ def load_data(config: SweepConfig) -> tuple[list[TestExample], dict[str, Any]]:
         expanded: list[str | TemplateConfig] = []
         for t in templates:  # a template file (a path with no {field}) stands for its templates
             if isinstance(t, str) and "{" not in t and t not in datasets.TEST_TEMPLATES:
-                from .templates import read_test_templates
+                from .template_files import read_test_templates
 
                 expanded += [TemplateConfig(template=text, name=name)
                              for name, text in read_test_templates(config.path(t))]

@@ -1,0 +1,97 @@
+"""Position selectors of a spec: which tokens a rule grafts (a named span, the last token,
+indices, the others, all, or the complement of other selectors).
+
+Example:
+    >>> from pydantic import TypeAdapter
+    >>> TypeAdapter(PositionSelector).validate_python({"not": [{"last": True}]})
+    Not(not_=[Last(last=True)])
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Any, Literal, Union
+
+from pydantic import BaseModel, ConfigDict, Discriminator, Field, Tag
+
+
+class Strict(BaseModel):
+    """The base of every spec model: unknown fields are refused, values are frozen."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class Span(Strict):
+    """The tokens covering a named piece of the prompt, e.g. ``{"span": "first_actor"}``.
+
+    The text of each span is given per prompt when running (``spans=[{"first_actor": "Zendaya"}]``)
+    and located with the tokenizer's character offsets, so leading spaces and BPE merges are
+    handled; every token that overlaps the span's characters is selected."""
+
+    span: str = Field(min_length=1, description="Name of the span, e.g. 'first_actor'.")
+
+
+class Last(Strict):
+    """The last real token of the prompt (padding-aware); during generation, each new token."""
+
+    last: Literal[True] = True
+
+
+class Index(Strict):
+    """Explicit token indices; negative ones count from the end (``-1`` is the last token)."""
+
+    index: list[int] = Field(min_length=1)
+
+
+class Other(Strict):
+    """Every position that no other selector of the spec names (the paper's ``other``)."""
+
+    other: Literal[True] = True
+
+
+class All(Strict):
+    """Every real token of the prompt."""
+
+    all: Literal[True] = True
+
+
+class Not(Strict):
+    """Every real token except those the inner selectors name, e.g. ``{"not": [{"last": true}]}``
+    grafts the complement of the last token (the paper's ``LT^C``)."""
+
+    not_: list["PositionSelector"] = Field(alias="not", min_length=1)
+    model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
+
+
+POSITION_KINDS = ("span", "last", "index", "other", "all", "not")
+
+
+def _position_kind(value: Any) -> str | None:
+    if isinstance(value, dict):
+        kinds = [k for k in POSITION_KINDS if k in value]
+        return kinds[0] if len(kinds) == 1 else None
+    for kind, cls in (("span", Span), ("last", Last), ("index", Index), ("other", Other),
+                      ("all", All), ("not", Not)):
+        if isinstance(value, cls):
+            return kind
+    return None
+
+
+PositionSelector = Annotated[
+    Union[
+        Annotated[Span, Tag("span")],
+        Annotated[Last, Tag("last")],
+        Annotated[Index, Tag("index")],
+        Annotated[Other, Tag("other")],
+        Annotated[All, Tag("all")],
+        Annotated[Not, Tag("not")],
+    ],
+    Discriminator(
+        _position_kind,
+        custom_error_type="invalid_position",
+        custom_error_message=(
+            "a position selector is exactly one of {\"span\": NAME}, {\"last\": true}, "
+            "{\"index\": [I, ...]}, {\"other\": true}, {\"all\": true}, {\"not\": [SELECTOR, ...]}"
+        ),
+    ),
+]
+Not.model_rebuild()
