@@ -103,6 +103,10 @@ def _smollm2() -> tuple[torch.nn.Module, Any, str]:
         folder, name = Path(spec.origin).parent, "SmolLM2-135M-Instruct.Q4_1.gguf"
         model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=torch.float32)
         return model.eval(), AutoTokenizer.from_pretrained(folder, gguf_file=name), "gguf"
+    try:
+        import nngraft.study.smollm2  # noqa: F401  (registers "smollm2"; before it, the core knew the name)
+    except ImportError:
+        pass
     model, tokenizer = load_model("smollm2")
     return model, tokenizer, "nngraft.donors.loading.load_model('smollm2')"
 

@@ -268,5 +268,7 @@ def test_the_length_check_counts_lines():
     longest module, that module is reported with its length."""
     longest = max(MODULES.values(), key=lambda p: len(p.read_text(encoding="utf-8").splitlines()))
     n = len(longest.read_text(encoding="utf-8").splitlines())
-    assert long_modules(n - 1) == [f"{longest.relative_to(ROOT)}: {n} lines"]
+    reported = long_modules(n - 1)
+    assert f"{longest.relative_to(ROOT)}: {n} lines" in reported
+    assert all(line.endswith(f": {n} lines") for line in reported)  # (another module may be as long)
     assert long_modules(n) == []

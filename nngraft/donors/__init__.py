@@ -7,7 +7,8 @@
 - :mod:`nngraft.donors.shipment` — what a travelling donor ships (:class:`~nngraft.donors.shipment.Shipment`)
   and how it reads a weight as a linear map;
 - :mod:`nngraft.donors.partial` — donors derived from a weight selection (a fraction of ΔW);
-- :mod:`nngraft.donors.loading` — load P and F by name or path (Hugging Face folders, the SmolLM2 GGUF).
+- :mod:`nngraft.donors.loading` — load P and F by name or path (Hugging Face folders, GGUF files);
+- :mod:`nngraft.donors.names` — names that stand for a model a package provides (the study's ``smollm2``).
 
 Example:
     >>> from nngraft.donors.donor import TensorDonor  # F given as {parameter name: tensor}

