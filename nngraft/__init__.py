@@ -19,6 +19,10 @@ from . import deprecated
 
 deprecated.install()  # old module paths (nngraft.plan, nngraft.donor, …) keep working for one release
 
+from .util.progress import quiet_notebook_tqdm
+
+quiet_notebook_tqdm()  # in a notebook without ipywidgets: no "IProgress not found" warning when transformers loads
+
 _EXPORTS = {
     "arch": ["ADAPTERS", "Adapter", "adapter_for", "register_adapter"],
     "donors.donor": ["Donor", "ModelDonor", "SafetensorsDonor", "TensorDonor"],
@@ -28,7 +32,7 @@ _EXPORTS = {
                "UnsupportedArchitectureError"],
     "grafter": ["Grafter"],
     "compile.plan": ["GraftPlan", "compile_plan"],
-    "result": ["GenerationResult", "GraftResult"],
+    "result": ["GenerationResult", "GraftResult", "GridResult"],
     "spec": ["SCHEMA_VERSION", "WeightSelection", "All", "GraftRule", "GraftSpec", "Index", "Last", "LayerRange",
              "Not", "Other", "Span", "everywhere_except", "resolve_layers", "spec_json_schema"],
     "compile.tokens": ["SpanAlignmentWarning"],
@@ -47,7 +51,7 @@ if TYPE_CHECKING:  # pragma: no cover - for type checkers and IDEs
                          TraceError, UnsupportedArchitectureError)
     from .grafter import Grafter  # noqa: F401
     from .compile.plan import GraftPlan, compile_plan  # noqa: F401
-    from .result import GenerationResult, GraftResult  # noqa: F401
+    from .result import GenerationResult, GraftResult, GridResult  # noqa: F401
     from .spec import (SCHEMA_VERSION, All, GraftRule, GraftSpec, Index, Last, LayerRange, Not,  # noqa: F401
                        Other, Span, WeightSelection, everywhere_except, resolve_layers, spec_json_schema)
     from .compile.tokens import SpanAlignmentWarning  # noqa: F401
@@ -78,7 +82,7 @@ __version__ = "0.1.0"
 __all__ = [
     "ADAPTERS", "Adapter", "All", "ArgumentError", "CompiledGraft", "ComponentNotFoundError", "DeltaDonor", "DenseDonor", "Donor",
     "DonorMismatchError", "LoraDonor",
-    "GenerationResult", "GraftError", "GraftPlan", "GraftResult", "GraftRule", "GraftSpec", "Grafter",
+    "GenerationResult", "GraftError", "GraftPlan", "GraftResult", "GraftRule", "GraftSpec", "Grafter", "GridResult",
     "Index", "Last", "LayerRange", "LayerRangeError", "ModelDonor", "Not", "Other", "PositionError",
     "PositionSelector", "PromptError", "SCHEMA_VERSION", "SafetensorsDonor", "Span", "SpanAlignmentWarning",
     "SpanNotFoundError", "SpecError", "TensorDonor", "TraceError", "UnsupportedArchitectureError", "WeightSelection",

@@ -31,7 +31,7 @@ from .backends.base import Backend
 from .backends.local import LocalBackend
 from .backends.setup import Setup
 from .compile.plan import GraftPlan, compile_plan
-from .result import GenerationResult, GraftResult
+from .result import GenerationResult, GraftResult, GridResult
 from .compile.schedule import Chunk, Row, default_call_cost, forward_on_prefix, schedule_rows, shareable_prefixes
 from .spec import GraftSpec, SpecLike, as_spec
 from .spec.schema import per_row, spec_first
@@ -247,9 +247,10 @@ class Grafter:
 
     def run_grid(self, specs: Sequence[SpecLike] | Mapping[str, SpecLike], prompts: Sequence[str],
                  spans: Sequence[Mapping[str, SpanValue]] | None = None, *,
-                 batch_size: int | None = None, progress: Any = None) -> dict[str, GraftResult]:
+                 batch_size: int | None = None, progress: Any = None) -> GridResult:
         """Every spec on every prompt, packed into shared forward passes (rows of a batch carry
-        different specs). Returns ``{spec name: GraftResult}`` in the order given.
+        different specs). Returns ``{spec name: GraftResult}`` in the order given (a dict; a
+        :class:`~nngraft.result.GridResult`, which Jupyter shows as a table).
 
         ``progress``: ``True`` for a rich progress bar, or a callable taking the number of rows
         just finished."""
@@ -273,11 +274,11 @@ class Grafter:
         result = self.run_rows([s for s, _ in rows], [p for _, p in rows], batch_size=batch_size,
                                progress=progress)
         n = len(tokenized)
-        return {
+        return GridResult({
             name: GraftResult(result.logits[i * n:(i + 1) * n], result.prompts[i * n:(i + 1) * n],
                               self.tokenizer, [name] * n)
             for i, name in enumerate(names)
-        }
+        })
 
     def run_rows(self, specs: list[GraftSpec], prompts: list[TokenizedPrompt], *, all_logits: bool = False,
                  batch_size: int | None = None, progress: Any = None) -> GraftResult:

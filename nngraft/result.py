@@ -110,6 +110,31 @@ class GraftResult:
         return (f"GraftResult(logits={tuple(self.logits.shape)}, specs={specs}, prompts={prompts}{more}"
                 f"{extra})")
 
+    def _repr_html_(self) -> str:
+        """In Jupyter: one row per prompt (spec, prompt, the top tokens with their probabilities).
+
+        Example:
+            >>> from nngraft.testing import tiny_tokenizer
+            >>> tok = tiny_tokenizer("gpt2")
+            >>> html = GraftResult(torch.zeros(1, len(tok)), ["<b>Ada</b> stars"], tok, ["fe_lt"])._repr_html_()
+            >>> "&lt;b&gt;Ada&lt;/b&gt; stars" in html and "<b>Ada" not in html
+            True
+        """
+        from .util.html import html_table, short
+
+        top = self.probs.topk(min(3, self.logits.shape[-1]), dim=-1)
+        names = list(self.spec_names) or [""] * len(self)
+        rows = []
+        for i, prompt in enumerate(self.prompts):
+            tokens = [self.tokenizer.decode([int(t)]) if self.tokenizer is not None else str(int(t))
+                      for t in top.indices[i]]
+            best = ", ".join(f"{t!r} {float(p):.3f}" for t, p in zip(tokens, top.values[i]))
+            rows.append([i, names[i] if i < len(names) else "", short(prompt), best])
+        specs = list(dict.fromkeys(self.spec_names))
+        caption = (f"GraftResult: {len(self)} prompts, vocabulary {self.logits.shape[-1]}"
+                   + (f", specs {', '.join(specs)}" if specs else ""))
+        return html_table(["#", "spec", "prompt", "top tokens (probability)"], rows, caption=caption)
+
     @property
     def probs(self) -> torch.Tensor:
         return torch.softmax(self.logits.float(), dim=-1)
@@ -200,3 +225,42 @@ class GenerationResult:
         shape = f"{len(self.step_logits)} × {tuple(self.step_logits[0].shape)}" if self.step_logits else "none"
         return (f"GenerationResult({int(self.tokens.shape[0])} rows × {int(self.tokens.shape[-1])} new tokens, "
                 f"texts={texts}{more}, step_logits: {shape})")
+
+    def _repr_html_(self) -> str:
+        """In Jupyter: one row per prompt, its continuation and the new token ids."""
+        from .util.html import html_table, short
+
+        rows = [[i, short(text, 80), " ".join(str(int(t)) for t in self.tokens[i][:16])
+                 + (" …" if self.tokens.shape[-1] > 16 else "")] for i, text in enumerate(self.texts)]
+        return html_table(["#", "continuation", "token ids"], rows,
+                          caption=f"GenerationResult: {int(self.tokens.shape[0])} rows × "
+                                  f"{int(self.tokens.shape[-1])} new tokens")
+
+
+class GridResult(dict):
+    """What :meth:`~nngraft.grafter.Grafter.run_grid` returns: ``{spec name: GraftResult}`` (a
+    plain dict), shown in Jupyter as a table of each spec's top token per prompt, with
+    :meth:`target_probs` for the table of answer probabilities."""
+
+    def target_probs(self, targets: str | Sequence[str] | Sequence[int] | torch.Tensor) -> dict[str, list[float]]:
+        """``{spec: [probability of each prompt's target]}`` (answer strings or token ids)."""
+        return {name: [float(p) for p in result.target_prob(targets)] for name, result in self.items()}
+
+    def _repr_html_(self) -> str:
+        """Specs down, prompts across (the first six), each cell the top token and its probability."""
+        from .util.html import html_table, short
+
+        if not self:
+            return html_table(["spec"], [], caption="GridResult: no specs")
+        first = next(iter(self.values()))
+        shown = list(first.prompts)[:6]
+        rows = []
+        for name, result in self.items():
+            top = result.probs.max(dim=-1)
+            cells = [f"{result.tokenizer.decode([int(t)]) if result.tokenizer is not None else int(t)!r} {float(p):.3f}"
+                     for t, p in zip(top.indices[:6], top.values[:6])]
+            rows.append([name, *cells])
+        more = f" (first {len(shown)} shown)" if len(first.prompts) > len(shown) else ""
+        return html_table(["spec", *[short(p, 30) for p in shown]], rows,
+                          caption=f"GridResult: {len(self)} specs × {len(first.prompts)} prompts{more}: top token "
+                                  "(probability)")

@@ -72,7 +72,7 @@ def test_readme_python_runs_as_written(tmp_path, capsys, monkeypatch):
     printed = capsys.readouterr()
     assert printed.out.startswith("GraftResult(logits=(2, ") and "specs=['fe_lt']" in printed.out
     assert "'fe_lt': [" in printed.out and "'lt': [" in printed.out
-    assert printed.err.startswith("grafted 4 rows in ")  # run_grid(progress=True), off a terminal
+    assert printed.err.startswith("grafting: 4/4 rows (100%), elapsed ")  # run_grid(progress=True), off a terminal
     monkeypatch.chdir(tmp_path)
     assert main(["run", "--tiny", "llama", "--spec", str(ROOT / "recipes/specs/fe_lt.json"), "--dataset",
                  "fake_movies_fake_actors", "--n", "3", "--template", "sentence_1", "-o", "runs/try", "-q"]) == 0

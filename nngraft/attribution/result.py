@@ -78,6 +78,22 @@ class Attribution:
             rows.append(row)
         return rows
 
+    def __repr__(self) -> str:
+        top = unit_label(self.ranked()[0]) if self.units else "none"
+        return (f"Attribution({self.metric}, {len(self.units)} units, {self.n_prompts} prompts, steps={self.steps}, "
+                f"top unit {top})")
+
+    def _repr_html_(self) -> str:
+        """In Jupyter: the 15 highest-scoring units (:meth:`table`), with the metric on P."""
+        from ..util.html import html_table
+
+        rows = self.table()
+        headers = list(rows[0]) if rows else ["unit", "score"]
+        caption = (f"Attribution of {self.metric} ({self.metric} on P = {self.metric_p:.4g}): {len(self.units)} units, "
+                   f"{self.n_prompts} prompts" + (f", {self.steps} steps" if self.steps > 1 else "")
+                   + f", {self.seconds:.1f} s; the {len(rows)} highest")
+        return html_table(headers, [list(r.values()) for r in rows], caption=caption)
+
     def spearman(self, which: str = "scores") -> float:
         """Rank correlation of ``scores`` (or ``integrated``) with the exact single-unit effects."""
         if self.exact is None:

@@ -246,6 +246,17 @@ class GraftSpec(Strict):
         blob = json.dumps(rules, sort_keys=True).encode()
         return hashlib.sha256(blob).hexdigest()[:16]
 
+    def _repr_html_(self) -> str:
+        """In Jupyter: the spec's rules as a table (components, layers, positions, donor, weights)."""
+        from ..util.html import html_table
+
+        rows = [["+".join(r.components), json.dumps(r.layers) if not isinstance(r.layers, str) else r.layers,
+                 ", ".join(json.dumps(p.model_dump(by_alias=True, exclude_none=True)) for p in r.positions),
+                 r.donor or "F", r.weights.kind if r.weights is not None else "all of ΔW"] for r in self.rules]
+        caption = f"GraftSpec {self.name!r}" + (f": {self.description}" if self.description else "") + \
+            ("" if self.rules else " (no rules: plain P)")
+        return html_table(["components", "layers", "positions", "donor", "weights"], rows, caption=caption)
+
     def rule_names_span(self) -> set[str]:
         """Names of every span the spec refers to (each prompt must provide them)."""
         names: set[str] = set()

@@ -309,12 +309,15 @@ def _run_demo(options: DemoOptions, console: Any, tables_console: Any = None) ->
     grafter = Grafter(P, F, tokenizer, batch_size=GRAFT_BATCH)
     results = out / "results.jsonl"
     save_run_examples(out, examples)
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+    from rich.progress import BarColumn, MofNCompleteColumn, TextColumn, TimeElapsedColumn
 
-    with ResultsWriter(results) as writer, Progress(
+    from ..util.progress import progress_bar
+
+    with ResultsWriter(results) as writer, progress_bar(
             TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
             console=console, disable=not options.progress) as bar:
-        task = bar.add_task(f"{len(specs)} specs × {len(examples)} prompts", total=len(specs) * len(examples))
+        task = bar.add_task(f"{len(specs)} specs × {len(examples)} prompts", total=len(specs) * len(examples),
+                            unit="rows")
         evaluate(grafter, specs, examples, model=label, writer=writer, batch_size=GRAFT_BATCH,
                  progress=lambda n: bar.advance(task, n))
     seconds["graft"] = time.perf_counter() - t

@@ -33,8 +33,7 @@ def _cmd_donor(args: argparse.Namespace) -> int:
     """Donor tools: `nngraft donor compress F P --out DIR --rank R` writes F − P as a LoRA adapter."""
     import json
 
-    from rich.progress import Progress
-
+    from ..util.progress import progress_bar
     from ..donors.compress import compress_donor, report_table
     from ..donors.loading import load_model
     from ..errors import ArgumentError
@@ -57,8 +56,8 @@ def _cmd_donor(args: argparse.Namespace) -> int:
                                                                   adapter_for(P), P.config))
         modules = [p for p in paths if isinstance(get_module(P, p), torch.nn.Linear)
                    or stores_weight_in_out(get_module(P, p))]
-    with Progress(console=console, transient=True, disable=args.quiet) as bar:
-        task = bar.add_task("SVD of F − P per module", total=None)
+    with progress_bar(console=console, transient=True, disable=args.quiet) as bar:
+        task = bar.add_task("SVD of F − P per module", total=None, unit="modules")
         report = compress_donor(F, P, args.out, rank=args.rank, energy=args.energy, modules=modules,
                                 base_model=args.base_model, progress=lambda done, total: bar.update(task, completed=done,
                                                                                                total=total))

@@ -191,11 +191,13 @@ class _EpochLog:
                         loss=self.train_loss.get(len(self.train_loss), loss))
 
     def on_epoch_end(self, args: Any, state: Any, control: Any, model: Any = None, **kwargs: Any) -> None:
+        from ..util.progress import can_draw_live
+
         epoch = self._epoch(state)
         self.seconds[epoch] = time.time() - self._t0
         self.steps[epoch] = state.global_step - self._step0
         console = self.bar.console
-        if not console.is_terminal and not console.quiet:  # a log file sees no bar: one line per epoch
+        if not can_draw_live(console) and not console.quiet:  # a log file sees no bar: one line per epoch
             total = self.bar.tasks[0].total if self.bar.tasks else None
             console.print(f"finetuning: epoch {epoch}/{self.epochs}, step {state.global_step}/{total}, "
                           f"epoch {self.seconds[epoch]:.1f} s, elapsed {time.time() - self._started:.1f} s",
@@ -313,7 +315,8 @@ def finetune(model: Any, tokenizer: Any, texts: Sequence[str], *, config: Finetu
 
     bar = _progress(progress)
     with bar, tempfile.TemporaryDirectory(prefix="nngraft-finetune-") as work_dir:
-        task = bar.add_task("finetuning", total=total_steps, loss=float("nan"), epoch=f"1/{config.epochs}")
+        task = bar.add_task("finetuning", total=total_steps, loss=float("nan"), epoch=f"1/{config.epochs}",
+                            unit="steps")
         log = trainer_log(bar, task, config.epochs, stop_when)
         args = _training_arguments(config, work_dir, device, bool(prompts), bool(eval_seqs))
         callbacks = [log]
@@ -389,9 +392,12 @@ def finetune(model: Any, tokenizer: Any, texts: Sequence[str], *, config: Finetu
 
 
 def _progress(progress: bool | Any) -> Any:
+    """The bar on a terminal; elsewhere (a file, a pipe, a notebook without ipywidgets) plain
+    lines: one per epoch (:class:`_EpochLog`) and one a minute within a long epoch."""
     from rich.console import Console
-    from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn,
-                               TimeRemainingColumn)
+    from rich.progress import BarColumn, MofNCompleteColumn, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+    from ..util.progress import progress_bar
 
     if progress is False:
         console = Console(quiet=True)
@@ -399,9 +405,9 @@ def _progress(progress: bool | Any) -> Any:
         console = Console(stderr=True)
     else:
         console = progress
-    return Progress(TextColumn("[bold]{task.description}[/bold] epoch {task.fields[epoch]}"), BarColumn(),
-                    MofNCompleteColumn(), TextColumn("loss {task.fields[loss]:.3f}"), TimeElapsedColumn(),
-                    TextColumn("left"), TimeRemainingColumn(), console=console, transient=False)
+    return progress_bar(TextColumn("[bold]{task.description}[/bold] epoch {task.fields[epoch]}"), BarColumn(),
+                        MofNCompleteColumn(), TextColumn("loss {task.fields[loss]:.3f}"), TimeElapsedColumn(),
+                        TextColumn("left"), TimeRemainingColumn(), console=console, tenths=False)
 
 
 def cached_finetune(model: Any, tokenizer: Any, texts: Sequence[str], *, config: FinetuneConfig = PAPER,

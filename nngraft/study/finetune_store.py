@@ -153,6 +153,22 @@ class FinetuneResult:
     out_dir: Path | None = None
     stopped_early: bool = False
 
+    def __repr__(self) -> str:
+        return (f"FinetuneResult({len(self.history)} epochs, best epoch {self.best_epoch}, "
+                f"kind {self.manifest.get('kind')!r}, out_dir={str(self.out_dir) if self.out_dir else None!r})")
+
+    def _repr_html_(self) -> str:
+        """In Jupyter: the history, one row per epoch (losses, held-out scores, seconds)."""
+        from ..util.html import html_table
+
+        rows = [[h.epoch, h.train_loss, h.val_loss, h.val_top1, h.val_target_prob, h.seconds,
+                 "selected" if h.epoch == self.best_epoch else ""] for h in self.history]
+        caption = (f"FinetuneResult: {len(self.history)} epochs ({self.manifest.get('kind', '?')}), epoch "
+                   f"{self.best_epoch} selected" + (", stopped early" if self.stopped_early else "")
+                   + (f"; saved in {self.out_dir}" if self.out_dir else ""))
+        return html_table(["epoch", "train loss", "val loss", "val top-1", "val answer prob", "seconds", ""], rows,
+                          caption=caption)
+
 
 def texts_hash(texts: Sequence[str]) -> str:
     """sha256 of the training texts, in order (as JSON), identifying a training set.

@@ -203,7 +203,9 @@ def localize(grafter: Grafter, examples: Sequence[TestExample], *, target: float
         >>> found.save("runs/localize")  # spec.json, localize.json, localize.png  # doctest: +SKIP
     """
     from rich.console import Console
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+    from rich.progress import BarColumn, MofNCompleteColumn, TextColumn, TimeElapsedColumn
+
+    from ..util.progress import progress_bar
 
     start = time.perf_counter()
     _check_args(target, metric, targets, holdout, min_gap)
@@ -225,8 +227,9 @@ def localize(grafter: Grafter, examples: Sequence[TestExample], *, target: float
     search_idx = [i for i, e in enumerate(examples) if e.fact_id not in held]
     heldout_idx = [i for i, e in enumerate(examples) if e.fact_id in held]
     console = console or Console(stderr=True)
-    with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TextColumn("rows"),
-                  TimeElapsedColumn(), console=console, transient=True, disable=not show_progress) as bar:
+    with progress_bar(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TextColumn("rows"),
+                      TimeElapsedColumn(), console=console, transient=True, disable=not show_progress,
+                      tenths=False) as bar:  # off a terminal: each step's line, and one a minute in a long step
         search = Search(grafter, examples, target=target, metric=metric, targets=targets, spans=spans,
                          include_globals=include_globals, search_idx=search_idx, heldout_idx=heldout_idx,
                          seed=seed, min_gap=min_gap, batch_size=batch_size,

@@ -147,6 +147,23 @@ class LocalizeResult:
             paths["plot"] = plot_localize(data, folder / "localize.png")
         return paths
 
+    def __repr__(self) -> str:
+        return (f"LocalizeResult({len(self.units)} of {self.universe_units} units, recovery {self.recovery.mean:.3f}, "
+                f"spec {self.spec.name!r}, {self.forward_passes} forward passes)")
+
+    def _repr_html_(self) -> str:
+        """In Jupyter: the recovery, the found spec's rules, and P, F, FE+LT and the found set side by
+        side (when compared)."""
+        from ..util.html import html_table
+
+        lines = self.summary().splitlines()
+        rules = [[line.strip()] for line in lines[1:-1] if line.startswith("  ")]
+        out = html_table(["found rules"], rules, caption=lines[0] + "; " + lines[-1])
+        if self.comparison:
+            out += html_table(["graft", "metric", "recovery"], [[c.get("name"), c.get("value"), c.get("recovery")]
+                                                                 for c in self.comparison])
+        return out
+
     def summary(self) -> str:
         """A few lines for humans: the spec's rules, recovery, cost."""
         rec = self.recovery

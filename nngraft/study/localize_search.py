@@ -92,7 +92,7 @@ class Search:
     def _run(self, specs: list[GraftSpec], idx: list[int], description: str) -> dict[str, Any]:
         examples = [self.examples[i] for i in idx]
         rows = len(specs) * len(examples)
-        task = self.progress.add_task(description, total=rows)
+        task = self.progress.add_task(description, total=rows, unit="rows")
 
         def advance(n: int) -> None:
             self.forward_passes += 1

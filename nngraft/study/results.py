@@ -118,6 +118,24 @@ class ResultRows(list):
         """The rows as a ``pandas.DataFrame`` (``pip install "nngraft[pandas]"``)."""
         return to_dataframe(self)
 
+    def _repr_html_(self) -> str:
+        """In Jupyter: per model and spec (in file order), the rows and their mean answer
+        probability, top-1 rate and recovery (where the rows have them)."""
+        from ..util.html import html_table
+
+        groups: dict[tuple[Any, Any], list[Mapping[str, Any]]] = {}
+        for row in self:
+            groups.setdefault((row.get("model"), row.get("spec")), []).append(row)
+
+        def mean(rows: list[Mapping[str, Any]], key: str) -> float | None:
+            values = [float(r[key]) for r in rows if isinstance(r.get(key), (int, float))]
+            return sum(values) / len(values) if values else None
+
+        table = [[model, spec, len(rows), mean(rows, "prob"), mean(rows, "top_1"), mean(rows, "recovery")]
+                 for (model, spec), rows in groups.items()]
+        return html_table(["model", "spec", "rows", "mean prob", "top-1", "mean recovery"], table,
+                          caption=f"{len(self)} result rows", max_rows=60)
+
 
 def load_results(path: str | Path) -> ResultRows:
     """All complete rows of a results file (or directory) as dicts (a list;

@@ -203,14 +203,30 @@ class SweepOutcome:
     stats: dict[str, EvalStats]
     baseline_check: dict[str, Any]
 
+    def __repr__(self) -> str:
+        written = {name: st.written for name, st in self.stats.items()}
+        return f"SweepOutcome(results={str(self.results)!r}, rows written={written})"
+
+    def _repr_html_(self) -> str:
+        """In Jupyter: per model, rows written and skipped, time, and the baseline check."""
+        from ..util.html import html_table
+
+        rows = [[name, st.written, st.skipped, st.seconds,
+                 {True: "ok", False: "FAILED"}.get((self.baseline_check.get(name) or {}).get("ok"), "not run")]
+                for name, st in self.stats.items()]
+        return html_table(["model", "rows written", "rows skipped", "seconds", "baseline check"], rows,
+                          caption=f"sweep results in {self.results}")
+
 
 def run_sweep(config: SweepConfig, *, output: str | Path | None = None, show_progress: bool = True,
               console: Any = None) -> SweepOutcome:
     """Run a sweep, appending to ``output/results.jsonl`` (resuming if it exists) and keeping
     ``output/manifest.json`` current. See the module docstring."""
     from rich.console import Console
-    from rich.progress import (BarColumn, MofNCompleteColumn, Progress, ProgressColumn, TextColumn,
-                               TimeElapsedColumn, TimeRemainingColumn)
+    from rich.progress import (BarColumn, MofNCompleteColumn, ProgressColumn, TextColumn, TimeElapsedColumn,
+                               TimeRemainingColumn)
+
+    from ..util.progress import progress_bar
     from rich.text import Text
 
     console = console or Console(stderr=True)
@@ -269,13 +285,13 @@ def run_sweep(config: SweepConfig, *, output: str | Path | None = None, show_pro
                 grafter = grafter_for(pair, pair_cfg, config)
                 total = len(specs) * len(examples)
                 label = f"{pair.name}: {len(specs)} specs × {len(examples)} examples"
-                with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), Rate(),
-                              TimeElapsedColumn(), TimeRemainingColumn(),
-                              console=console, disable=not show_progress, transient=False) as bar:
+                with progress_bar(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), Rate(),
+                                  TimeElapsedColumn(), TimeRemainingColumn(),
+                                  console=console, disable=not show_progress) as bar:
                     already = sum(1 for k in writer.done if k[0] == pair.name)
                     if already:
                         bar.console.print(f"resuming: {already} of {total} rows already in {results}")
-                    task = bar.add_task(label, total=total, completed=min(already, total))
+                    task = bar.add_task(label, total=total, completed=min(already, total), unit="rows")
                     stats[pair.name] = evaluate(
                         grafter, specs, examples, model=pair.name, writer=writer,
                         batch_size=config.batch_size, ks=config.ks, n_top=config.n_top,

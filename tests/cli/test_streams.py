@@ -97,7 +97,7 @@ def test_run_grid_progress_writes_one_line_to_stderr_and_nothing_to_stdout(capsy
                                        [{"first_actor": "Ada Lovelace"}], progress=True)
     captured = capsys.readouterr()
     assert captured.out == ""
-    assert captured.err.startswith("grafted 2 rows in ") and captured.err.count("\n") == 1
+    assert captured.err.startswith("grafting: 2/2 rows (100%), elapsed ") and captured.err.count("\n") == 1
     assert repr(grid["lt"]) == (f"GraftResult(logits=(1, {len(tok)}), specs=['lt'], "
                                 "prompts=['Ada Lovelace stars in a movie alongside'])")
 
