@@ -631,6 +631,9 @@ def test_every_command_of_the_readme_table_runs(tmp_path, capsys, monkeypatch):
         "localize": [["localize", *pf, "--target", "0.9", "--targets", "donor_top1", "--metric", "logprob",
                       "-o", "loc", "--no-progress"]],
         "attribute": [["attribute", *pf, "--metric", "logprob", "--steps", "4", "-o", "attr"]],
+        "bundle": [["bundle", "runs/try", "-o", "try.zip", "--pack-donor", "auto"]],
+        "reproduce": [["reproduce", "try.zip", "--donor", str(tmp_path / "F"), "--model", str(tmp_path / "P"),
+                       "-o", "check", "--json"]],
     }
     verbs = _table_verbs()
     assert set(verbs) == set(runs) | set(ELSEWHERE), "run every command of README's table here"

@@ -41,7 +41,7 @@ import datetime as _dt
 import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import torch
 
@@ -219,9 +219,11 @@ class SweepOutcome:
 
 
 def run_sweep(config: SweepConfig, *, output: str | Path | None = None, show_progress: bool = True,
-              console: Any = None) -> SweepOutcome:
+              console: Any = None, on_loaded: Callable[[LoadedPair], None] | None = None) -> SweepOutcome:
     """Run a sweep, appending to ``output/results.jsonl`` (resuming if it exists) and keeping
-    ``output/manifest.json`` current. See the module docstring."""
+    ``output/manifest.json`` current. See the module docstring. ``on_loaded`` sees each model pair
+    once it is loaded, before any row is computed (``nngraft reproduce`` checks fingerprints there;
+    an exception it raises stops the sweep)."""
     from rich.console import Console
     from rich.progress import (BarColumn, MofNCompleteColumn, ProgressColumn, TextColumn, TimeElapsedColumn,
                                TimeRemainingColumn)
@@ -277,6 +279,8 @@ def run_sweep(config: SweepConfig, *, output: str | Path | None = None, show_pro
             for pair_cfg in config.models:
                 console.print(f"[bold]{pair_cfg.name}[/bold]: loading models …")
                 pair = load_pair(pair_cfg, config)
+                if on_loaded is not None:
+                    on_loaded(pair)
                 _check_resume(manifest, writer, specs, examples, {pair.name: pair.identity}, config.answer_logprob,
                               config.metric_names())
                 manifest["models"][pair.name] = pair.identity

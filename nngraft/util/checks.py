@@ -121,6 +121,19 @@ def positive_number_arg(text: str) -> float:
     return value
 
 
+def non_negative_number_arg(text: str) -> float:
+    """An ``argparse`` type: a finite number >= 0 (a tolerance: 0 asks for equality)."""
+    import argparse
+
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"should be a number >= 0, got {text!r}") from None
+    if not (value >= 0 and math.isfinite(value)):
+        raise argparse.ArgumentTypeError(f"should be a number >= 0, got {text}")
+    return value
+
+
 def flag(where: str, name: str, value: Any) -> bool:
     """``value`` if it is ``True`` or ``False``."""
     if not isinstance(value, bool):
