@@ -9,7 +9,7 @@ import json
 from ..cli.registry import alert, command, console, out, passive_omp_reexec
 from ..util.checks import non_negative_number_arg
 from .bundle import PACK_LIMIT_MB
-from .run_commands import wide_console
+from .summary import wide_console
 
 
 def _bundle_args(p: argparse.ArgumentParser) -> None:
