@@ -272,3 +272,48 @@ def test_the_length_check_counts_lines():
     assert f"{longest.relative_to(ROOT)}: {n} lines" in reported
     assert all(line.endswith(f": {n} lines") for line in reported)  # (another module may be as long)
     assert long_modules(n) == []
+
+
+CROSS_CUTTING_TESTS = {
+    # suites about the whole package, not one module
+    "tests/test_boundaries.py": "inputs that once gave a silent wrong result, through every package",
+    "tests/test_docs.py": "the documentation: citations, links, commands run as written",
+    "tests/test_doors.py": "one concept checked the same way through every door (CLI, Python, pydantic)",
+    "tests/test_exactness.py": "one pass equals the per-token reference on every architecture (the design's proof)",
+    "tests/test_exactness_property.py": "the same, for random specs, with the answer built by hand",
+    "tests/test_layering.py": "the package's layers, import graph and module sizes; this list",
+    "tests/test_nnsight_docs.py": "docs/nnsight.md runs as written",
+    "tests/test_safety.py": "the whole package scanned: no unpickling, no evaluation, no leaked key",
+    # scripts outside the package
+    "tests/test_benchmarks_smoke.py": "the benchmarks/ scripts run and agree",
+    "tests/test_gpu_check.py": "benchmarks/gpu_check.sh's dry run",
+    "tests/test_gpu_memory.py": "benchmarks/gpu_memory.py's byte counts",
+    "tests/test_logit_lens.py": "recipes/logit_lens.py",
+    # one package's concern spread over its modules
+    "tests/backends/test_devices.py": "device placement of everything the backends make, reuse or ship",
+    "tests/backends/test_sandbox.py": "NDIF's sandboxed path: the request in a fresh process (functional, payload, transport)",
+    "tests/cli/test_fuzz.py": "every command fed bad files ends in success or a clean user error",
+    "tests/cli/test_help.py": "every option of every command has help text",
+    "tests/cli/test_streams.py": "stdout / stderr and --quiet of every command",
+    "tests/study/test_interrupt.py": "a killed sweep loses nothing (real subprocesses)",
+    "tests/study/test_own_facts.py": "a researcher's own study end to end from the command line",
+}
+"""Test files not named after one module, each with the reason (tests/README.md states the rule)."""
+
+
+def test_every_test_file_is_named_after_its_module_or_listed():
+    """Tests mirror the package: ``tests/<package>/test_<module>.py`` tests ``nngraft/<package>/<module>.py``
+    and ``tests/test_<module>.py`` a module at the root; a cross-cutting suite is listed above."""
+    tests = ROOT / "tests"
+    unnamed = []
+    for path in sorted(tests.rglob("test_*.py")):
+        rel = path.relative_to(ROOT)
+        module = path.stem[len("test_"):]
+        folder = path.parent.relative_to(tests)
+        target = PACKAGE.joinpath(*folder.parts, f"{module}.py")
+        if not target.is_file() and str(rel) not in CROSS_CUTTING_TESTS:
+            unnamed.append(str(rel))
+    assert unnamed == [], ("test files named after no module (move each to tests/<package>/test_<module>.py, or "
+                           "list it in CROSS_CUTTING_TESTS with the reason): " + ", ".join(unnamed))
+    stale = [name for name in CROSS_CUTTING_TESTS if not (ROOT / name).is_file()]
+    assert stale == [], f"listed test files that do not exist: {stale}"

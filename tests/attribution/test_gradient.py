@@ -264,7 +264,7 @@ def test_cli_attribute_takes_a_registered_metric(tmp_path, request):
     out = tmp_path / "kl"
     assert cli_main(["attribute", "--tiny", "llama", "--dataset", "fake_movies_fake_actors", "--n", "2",
                      "--template", "sentence_1", "--targets", "donor_top1", "--metric",
-                     "tests.test_attribution:gain_over_p",
+                     "tests.attribution.test_gradient:gain_over_p",
                      "--components", "o", "--no-plot", "-o", str(out)]) == 0
     data = json.loads((out / "attribution.json").read_text())
     P, F, tok = tiny_pair("llama")
@@ -273,7 +273,7 @@ def test_cli_attribute_takes_a_registered_metric(tmp_path, request):
     prompts, spans = [e.prompt for e in examples], [e.spans for e in examples]
     p_logits = g.run(GraftSpec(name="p"), prompts, spans).logits
     f_logits = g.run(GraftSpec.load("recipes/specs/f.json"), prompts, spans).logits
-    metric = get_metric("tests.test_attribution:gain_over_p").scalar(data["data"]["target_ids"], p_logits=p_logits, f_logits=f_logits)
+    metric = get_metric("tests.attribution.test_gradient:gain_over_p").scalar(data["data"]["target_ids"], p_logits=p_logits, f_logits=f_logits)
     att = g.attribute(metric, prompts, spans, components=["o"])
     assert data["metric"] == "gain_over_p" and data["metric_p"] == pytest.approx(0.0, abs=1e-5)
     np.testing.assert_allclose(data["scores"], att.scores, atol=1e-6)
