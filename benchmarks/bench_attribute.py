@@ -50,10 +50,10 @@ def _arm(grafter: Any, examples: Sequence[Any], **options: Any) -> dict[str, Any
     from nngraft.study.localize import localize
 
     load = _load()
-    start = time.perf_counter()
+    start, cpu_start = time.perf_counter(), time.process_time()
     result = localize(grafter, examples, console=Console(stderr=True, quiet=True), show_progress=False, **options)
-    seconds = time.perf_counter() - start
-    return {"seconds": round(seconds, 2), "load": load, "n_units": len(result.units),
+    seconds, cpu_seconds = time.perf_counter() - start, time.process_time() - cpu_start
+    return {"seconds": round(seconds, 2), "cpu_seconds": round(cpu_seconds, 2), "load": load, "n_units": len(result.units),
             "recovery": round(result.recovery.mean, 4), "forward_passes": result.forward_passes,
             "rows": result.rows, "universe_units": result.universe_units,
             "units": [list(u) for u in result.units],
@@ -129,6 +129,8 @@ def measure(grafter: Any, examples: Sequence[Any], *, steps: int, target: float,
     ex = record["arms"]["exhaustive"]
     for name, arm in record["arms"].items():
         arm["time_ratio"] = round(ex["seconds"] / arm["seconds"], 2)
+        if "cpu_seconds" in arm and "cpu_seconds" in ex:  # CPU time: far less sensitive to other jobs' load
+            arm["cpu_ratio"] = round(ex["cpu_seconds"] / arm["cpu_seconds"], 2)
         arm["recovery_diff"] = round(arm["recovery"] - ex["recovery"], 4)
     return record
 
@@ -139,14 +141,17 @@ def render(records: dict[str, dict[str, Any]]) -> str:
              "the 1-minute load average before each in brackets). *exhaustive*: `nngraft localize`'s "
              "coarse-to-fine search; *attribution*: `--screen attribution` (units ranked by attribution, "
              "verified with exact grafts, pruned to a 1-minimal set); *not pruned*: `--no-prune` (the smallest "
-             "verified prefix of the ranking); *integrated (K)*: `--screen-steps K`. Time ratio: exhaustive ÷ arm (goal ≥ 10); Δ recovery: "
+             "verified prefix of the ranking); *integrated (K)*: `--screen-steps K`. Time ratio: exhaustive ÷ arm (goal ≥ 10); "
+             "CPU ratio: the same with the process's CPU time (all its threads), which other jobs on a shared "
+             "machine move far less than wall time (— where a case predates it); Δ recovery: "
              "arm − exhaustive (goal within 0.03 of it). Spearman: the scores against every unit grafted "
              "alone (recovery of the target probability).", "",
-             "| case | arm | wall s [load] | time ratio | units found | recovery | Δ recovery | rows (passes) |",
-             "|---|---|---|---|---|---|---|---|"]
+             "| case | arm | wall s [load] | time ratio | CPU s | CPU ratio | units found | recovery | Δ recovery | rows (passes) |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
     for case, rec in records.items():
         for name, arm in rec["arms"].items():
-            lines.append(f"| {case} | {name} | {arm['seconds']:.1f} [{arm['load']:.1f}] | {arm['time_ratio']:.2f} | "
+            cpu = (f"{arm['cpu_seconds']:.1f} | {arm['cpu_ratio']:.2f}" if "cpu_ratio" in arm else "— | —")
+            lines.append(f"| {case} | {name} | {arm['seconds']:.1f} [{arm['load']:.1f}] | {arm['time_ratio']:.2f} | {cpu} | "
                          f"{arm['n_units']} of {arm['universe_units']} | {arm['recovery']:.3f} | "
                          f"{arm['recovery_diff']:+.3f} | {arm['rows']} ({arm['forward_passes']}) |")
     lines += ["", "| case | units | Spearman, first order | Spearman, integrated | Σ exact | Σ first order | "

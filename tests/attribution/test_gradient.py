@@ -340,12 +340,16 @@ def test_bench_attribute_runs_and_writes_its_docs_section(tmp_path):
     assert set(record["arms"]) == {"exhaustive", "attribution", "attribution, not pruned", "integrated (2), not pruned"}
     for arm in record["arms"].values():
         assert arm["seconds"] > 0 and arm["load"] >= 0 and arm["recovery"] >= 0.9
+        assert arm["cpu_seconds"] > 0
+        assert arm["cpu_ratio"] == pytest.approx(record["arms"]["exhaustive"]["cpu_seconds"] / arm["cpu_seconds"],
+                                                 rel=0.01)
         assert arm["recovery_diff"] == pytest.approx(arm["recovery"] - record["arms"]["exhaustive"]["recovery"],
                                                      abs=2e-4)
     assert -1 <= record["ranking"]["spearman_first_order"] <= 1 and record["ranking"]["units"] == 63
     assert json.loads((tmp_path / "res" / "tiny.json").read_text())["arms"].keys() == record["arms"].keys()
     text = docs.read_text()
     assert "kept" in text and "| tiny | attribution |" in text and bench_attribute.BEGIN in text
+    assert "CPU ratio" in text
     assert (tmp_path / "att.png").stat().st_size > 10_000
     # the recorded recovery of the attribution arm is the exact recovery of its units
     P, F, tok = tiny_pair("llama")
