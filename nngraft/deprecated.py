@@ -178,6 +178,46 @@ def warn_argument_order(method: str, stacklevel: int) -> None:
                   DeprecationWarning, stacklevel=stacklevel)
 
 
+def adapt_old_backend(cls: type) -> None:
+    """Let a :class:`~nngraft.backends.base.Backend` subclass written on the contract before 0.2
+    work for one release, with a :class:`DeprecationWarning` where the class is defined.
+
+    That contract: ``attach(recipient, donor, tokenizer, *, adapter, donors, dtype, device)``
+    loaded P, the tokenizer and the donors and set ``model``, ``tokenizer``, ``adapter`` and
+    ``donors`` on the backend; ``forward(plan, batch, *, keep_all, cache, use_cache)`` ran one pass;
+    ``compile_graft(plan, ...)`` and ``open_trace(compiled, ...)`` took no set-up. Now the Grafter
+    builds the set-up and a backend only executes: ``backend(setup, plan, batch, ...)``. A class
+    that defines ``attach`` and ``forward`` and no ``__call__`` gets: ``prepare(setup)`` calling its
+    ``attach`` with what the set-up resolved (P, the main donor, the tokenizer, the adapter, the
+    named donors, the donors' dtype; the device is P's), ``__call__`` calling its ``forward``, and
+    its own ``compile_graft`` / ``open_trace`` called without the set-up."""
+    own = vars(cls)
+    if "__call__" in own or not (callable(own.get("attach")) and callable(own.get("forward"))):
+        return
+    warnings.warn(f"{cls.__qualname__} implements the Backend contract before 0.2 (attach(recipient, donor, tokenizer, "
+                  "...) and forward(plan, batch, ...)), which is deprecated and will stop working in the next "
+                  "release: the Grafter now loads P and the donors into a Setup, and a backend only executes "
+                  "__call__(setup, plan, batch, *, keep_all, cache, use_cache) -> (logits, cache)",
+                  DeprecationWarning, stacklevel=4)  # the class statement (past Backend.__init_subclass__, ABCMeta)
+
+    def prepare(self, setup) -> None:  # noqa: ANN001
+        donors = dict(setup.donors)
+        donor = donors.pop("default", None)
+        self.attach(setup.model, donor, setup.tokenizer, adapter=setup.adapter, donors=donors, dtype=setup.dtype,
+                    device=None)
+
+    def call(self, setup, plan, batch, *, keep_all: bool = False, cache=None, use_cache: bool = False):  # noqa: ANN001
+        return self.forward(plan, batch, keep_all=keep_all, cache=cache, use_cache=use_cache)
+
+    cls.prepare, cls.__call__ = prepare, call
+    if "compile_graft" in own:
+        old_compile = own["compile_graft"]
+        cls.compile_graft = lambda self, setup, *args, **kwargs: old_compile(self, *args, **kwargs)
+    if "open_trace" in own:
+        old_open = own["open_trace"]
+        cls.open_trace = lambda self, setup, *args, **kwargs: old_open(self, *args, **kwargs)
+
+
 def install() -> None:
     """Put the finder on ``sys.meta_path`` (once); :mod:`nngraft` calls this on import."""
     if not any(isinstance(finder, MovedModuleFinder) for finder in sys.meta_path):

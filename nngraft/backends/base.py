@@ -25,6 +25,7 @@ from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
 
+from .. import deprecated
 from ..compile.plan import GraftPlan
 from ..compile.tokens import PaddedBatch, TokenizedPrompt
 from .setup import Here, Placement, Setup
@@ -45,6 +46,11 @@ class Backend(ABC):
 
     supports_cache: ClassVar[bool] = False
     default_batch_size: ClassVar[int] = 32
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        # a backend written on the contract before 0.2 (attach / forward) works for one release
+        deprecated.adapt_old_backend(cls)
 
     def placement(self, recipient: Any) -> Placement:
         """Where P runs for this backend (called once, before anything is loaded; a remote backend
