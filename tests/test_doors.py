@@ -644,3 +644,24 @@ def test_every_command_of_the_readme_table_runs(tmp_path, capsys, monkeypatch):
             code, text = _cli(capsys, *argv)
             assert code == 0 and "Traceback" not in text, (argv, text[-2000:])
     assert json.loads(_cli(capsys, "schema")[1])["title"] == "GraftSpec"
+
+
+@pytest.mark.parametrize("make, message", [
+    (lambda d: None, r"--demo-out .*demo: no such folder; give the output folder of a `nngraft demo` run"),
+    (lambda d: d.mkdir(), r"not a `nngraft demo` output folder \(its manifest.json, with the demo's template, is "
+                          r"missing or unreadable\)"),
+    (lambda d: (d.mkdir(), (d / "manifest.json").write_text('{"demo": {"template": "sentence_3"}}')),
+     r"the demo's facts.jsonl is missing"),
+])
+def test_donor_compress_checks_its_demo_folder_before_compressing(tmp_path, capsys, make, message):
+    """`--demo-out` used to be read after the SVD, failing with a bare "No such file" (and after minutes)."""
+    import re
+
+    P, F, tok = pair()
+    _save(P, tmp_path / "P", tok)
+    _save(F, tmp_path / "F", tok)
+    make(tmp_path / "demo")
+    code, text = _cli(capsys, "donor", "compress", str(tmp_path / "F"), str(tmp_path / "P"), "--out",
+                      str(tmp_path / "adapter"), "--rank", "2", "--demo-out", str(tmp_path / "demo"))
+    assert code == 2 and re.search(message, " ".join(text.split())), text
+    assert "Traceback" not in text and not (tmp_path / "adapter").exists()

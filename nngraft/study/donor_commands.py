@@ -40,6 +40,7 @@ def _cmd_donor(args: argparse.Namespace) -> int:
 
     if args.energy is not None and args.energy > 1:
         raise ArgumentError(f"nngraft donor compress: --energy should be a fraction in (0, 1], got {args.energy}")
+    demo = _demo_output(args.demo_out) if args.demo_out is not None else None  # before minutes of SVD
     F, _ = load_model(args.finetuned)
     P, tokenizer = load_model(args.pretrained)
     modules = None
@@ -71,17 +72,35 @@ def _cmd_donor(args: argparse.Namespace) -> int:
         out.print(f"[yellow]A LoRA adapter cannot hold {len(report.dropped)} other changed tensors (norms, biases, "
                   f"embeddings, the LM head): they stay P's (largest change ‖ΔW‖/‖W_P‖ = {worst[1]:.3f}, "
                   f"{worst[0]}).[/yellow]")
-    if args.demo_out is not None:
+    if demo is not None:
         from .compress_check import recovery_cost
-        from .data import load_facts
 
-        manifest = json.loads((args.demo_out / "manifest.json").read_text())
-        facts = load_facts(args.demo_out / "facts.jsonl")
-        rows = recovery_cost(P, F, tokenizer, {"this adapter": args.out}, facts, manifest["demo"]["template"])
+        facts, template = demo
+        rows = recovery_cost(P, F, tokenizer, {"this adapter": args.out}, facts, template)
         for row in rows:
             out.print(f"{row['donor']}: alone recovers {row['alone_recovery']:+.2f} of F; FE+LT graft recovery "
                       f"{row['graft_recovery']:+.2f} (mean p(target) {row['graft_prob']:.3f}; P {row['p_prob']:.3f})")
     return 0
+
+
+def _demo_output(folder: Path) -> tuple[list, str]:
+    """The facts and template of a `nngraft demo` output folder, or an ArgumentError saying what is missing."""
+    import json
+
+    from ..errors import ArgumentError
+    from .data import load_facts
+
+    what = f"nngraft donor compress: --demo-out {folder}"
+    if not folder.is_dir():
+        raise ArgumentError(f"{what}: no such folder; give the output folder of a `nngraft demo` run")
+    try:
+        template = json.loads((folder / "manifest.json").read_text())["demo"]["template"]
+    except (OSError, ValueError, KeyError, TypeError):
+        raise ArgumentError(f"{what}: not a `nngraft demo` output folder (its manifest.json, with the demo's "
+                            "template, is missing or unreadable)") from None
+    if not (folder / "facts.jsonl").is_file():
+        raise ArgumentError(f"{what}: the demo's facts.jsonl is missing")
+    return load_facts(folder / "facts.jsonl"), template
 
 
 command("donor", _donor_args)(_cmd_donor)
