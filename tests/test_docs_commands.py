@@ -113,6 +113,14 @@ WHERE: dict[tuple[str, str], tuple[str, str]] = {
     ("docs/attribution.md", "nngraft localize --tiny llama --dataset fake_movies_fake_actors --n 4 --template "
                             "sentence_1 --targets donor_top1 --metric logprob --screen attribution -o runs/loc-att"):
         (ELSEWHERE, "tests/test_attribution.py::test_docs_attribution_runs_as_written"),
+    # docs/bundle.md: its own test runs every command of its bash blocks
+    **{("docs/bundle.md", key): (ELSEWHERE, "tests/study/test_bundle.py::test_the_commands_of_docs_bundle_md_run_as_written")
+       for key in ("nngraft run --tiny llama --spec fe_lt --dataset fake_movies_fake_actors --n 3 --template sentence_1 "
+                   "-o runs/try", "nngraft bundle runs/try -o try.zip", "nngraft reproduce try.zip",
+                   "nngraft run --model P --donor F --spec fe_lt --spec lt --data examples.jsonl -o runs/mine",
+                   "nngraft bundle runs/mine -o mine.zip", "nngraft reproduce mine.zip -o check --json",
+                   "nngraft bundle runs/mine -o mine-ref.tar.gz --pack-donor never",
+                   "nngraft reproduce mine-ref.tar.gz --donor F")},
     # docs/data.md
     ("docs/data.md", "facts = make_facts(\"fake_movies_fake_actors\", 200, seed=0)"): (RUN, ""),
     ("docs/data.md", "nngraft data make fake_movies_fake_actors -n 200 --seed 0 -o data/fmfa.jsonl"): (RUN, ""),
