@@ -104,15 +104,15 @@ WHERE: dict[tuple[str, str], tuple[str, str]] = {
     ("docs/architectures.md", "register_adapter(Adapter("): (RUN, ""),
     # docs/attribution.md: its own test runs the block and the commands as written
     ("docs/attribution.md", "g = Grafter(*tiny_pair(\"llama\"))"):
-        (ELSEWHERE, "tests/test_attribution.py::test_docs_attribution_runs_as_written"),
+        (ELSEWHERE, "tests/attribution/test_gradient.py::test_docs_attribution_runs_as_written"),
     ("docs/attribution.md", "nngraft attribute --tiny llama --dataset fake_movies_fake_actors --n 4 --template "
                             "sentence_1 --targets donor_top1 --steps 4 --exact -o runs/att-tiny"):
-        (ELSEWHERE, "tests/test_attribution.py::test_docs_attribution_runs_as_written"),
+        (ELSEWHERE, "tests/attribution/test_gradient.py::test_docs_attribution_runs_as_written"),
     ("docs/attribution.md", "nngraft plot runs/att-tiny/attribution.json"):
-        (ELSEWHERE, "tests/test_attribution.py::test_docs_attribution_runs_as_written"),
+        (ELSEWHERE, "tests/attribution/test_gradient.py::test_docs_attribution_runs_as_written"),
     ("docs/attribution.md", "nngraft localize --tiny llama --dataset fake_movies_fake_actors --n 4 --template "
                             "sentence_1 --targets donor_top1 --metric logprob --screen attribution -o runs/loc-att"):
-        (ELSEWHERE, "tests/test_attribution.py::test_docs_attribution_runs_as_written"),
+        (ELSEWHERE, "tests/attribution/test_gradient.py::test_docs_attribution_runs_as_written"),
     # docs/bundle.md: its own test runs every command of its bash blocks
     **{("docs/bundle.md", key): (ELSEWHERE, "tests/study/test_bundle.py::test_the_commands_of_docs_bundle_md_run_as_written")
        for key in ("nngraft run --tiny llama --spec fe_lt --dataset fake_movies_fake_actors --n 3 --template sentence_1 "
@@ -169,7 +169,7 @@ WHERE: dict[tuple[str, str], tuple[str, str]] = {
     # docs/paper.md
     ("docs/paper.md", "nngraft run --grid main --grid main_paper --model smollm2 --donor runs/sft/smollm2-fmfa "
                       "--facts runs/sft/smollm2-fmfa/facts.jsonl --template sentence_3"):
-        (ELSEWHERE, "tests/test_paper_exact.py::test_the_paper_md_command_runs_both_grids"),
+        (ELSEWHERE, "tests/study/test_grids.py::test_the_paper_md_command_runs_both_grids"),
     # docs/remote.md
     ("docs/remote.md", "g = Grafter.remote(\"meta-llama/Meta-Llama-3.1-8B\", donor=LoraDonor(\"path/to/adapter\"))"):
         (EXEMPT, NDIF),
@@ -237,7 +237,7 @@ WHERE: dict[tuple[str, str], tuple[str, str]] = {
     ("docs/study.md", "nngraft run --grid main --grid components --grid lm_head --entity drug --model smollm2 "
                       "--donor runs/sft/drugs --facts drugs.jsonl --template {drug} is made by --answer-field maker "
                       "-o runs/drugs"):
-        (ELSEWHERE, "tests/test_any_schema.py::test_cli_runs_the_paper_grids_on_drug_facts_with_one_flag"),
+        (ELSEWHERE, "tests/study/test_grids.py::test_cli_runs_the_paper_grids_on_drug_facts_with_one_flag"),
 }
 """(doc, command) → (verdict, the test that runs it elsewhere, or why it is exempt)."""
 

@@ -278,6 +278,7 @@ CROSS_CUTTING_TESTS = {
     # suites about the whole package, not one module
     "tests/test_boundaries.py": "inputs that once gave a silent wrong result, through every package",
     "tests/test_docs.py": "the documentation: citations, links, commands run as written",
+    "tests/test_docs_commands.py": "every command shown in README and docs/ is run, run elsewhere or exempted",
     "tests/test_doors.py": "one concept checked the same way through every door (CLI, Python, pydantic)",
     "tests/test_exactness.py": "one pass equals the per-token reference on every architecture (the design's proof)",
     "tests/test_exactness_property.py": "the same, for random specs, with the answer built by hand",
