@@ -284,7 +284,6 @@ CROSS_CUTTING_TESTS = {
     "tests/test_exactness_property.py": "the same, for random specs, with the answer built by hand",
     "tests/test_layering.py": "the package's layers, import graph and module sizes; this list",
     "tests/test_nnsight_docs.py": "docs/nnsight.md runs as written",
-    "tests/test_notebooks.py": "the notebooks under docs/ run as written",
     "tests/test_notebooks.py": "the notebooks in docs/ are committed executed and run in a Jupyter kernel",
     "tests/test_safety.py": "the whole package scanned: no unpickling, no evaluation, no leaked key",
     # scripts outside the package
