@@ -62,7 +62,7 @@ def load_pair(pair: ModelPair, config: SweepConfig | None = None) -> LoadedPair:
 
         def resolve(value: str) -> str:
             local = config.path(value) if config is not None else Path(value)
-            return str(local) if local.exists() else value
+            return str(local.resolve()) if local.exists() else value  # absolute: the manifest is read elsewhere
 
         src_p, src_f = resolve(pair.recipient), resolve(pair.donor)
         dtype = _DTYPES.get(pair.dtype, "auto")
@@ -80,7 +80,7 @@ def load_pair(pair: ModelPair, config: SweepConfig | None = None) -> LoadedPair:
     donors = {}
     for key, value in pair.donors.items():  # extra named donors: always paths or hub ids
         local = config.path(value) if config is not None else Path(value)
-        src = str(local) if local.exists() else value
+        src = str(local.resolve()) if local.exists() else value
         with loading_model(f"model {pair.name!r}: donor {key!r}", src):
             donors[key], _ = load_donor(src, P, dtype=_DTYPES.get(pair.dtype, "auto"))
         donors[key] = donors[key].to(device).eval()

@@ -265,5 +265,23 @@ def test_the_commands_of_docs_bundle_md_run_as_written(tmp_path, capsys, monkeyp
         assert code == 0 and "Traceback" not in err, (line, err[-2000:])
     report = json.loads((tmp_path / "check" / "report.json").read_text())
     assert report["ok"] and report["counts"]["rows"] == 4 * 3
+    # `--model P --donor F` given relative: the manifest records where they are, for a rerun from elsewhere
+    (identity,) = json.loads((tmp_path / "runs" / "mine" / "manifest.json").read_text())["models"].values()
+    assert identity["donor"]["source"] == str((tmp_path / "F").resolve())
+    assert identity["recipient"]["source"] == str((tmp_path / "P").resolve())
     with tarfile.open(tmp_path / "mine-ref.tar.gz") as archive:
         assert not [n for n in archive.getnames() if n.startswith("donors/")]
+
+
+def test_the_two_installs_recipe_reproduces_in_one_interpreter(tmp_path, capsys):
+    """recipes/two_installs.py with --current-python (its venvs are made by hand: docs/bundle.md):
+    install A runs the paper's main grid on tiny folders and bundles it, F is deleted, install B's
+    side reproduces every row from the bundle in another folder with another cache."""
+    from tests.helpers.recipe_loader import load_recipe
+
+    assert load_recipe("two_installs").main(["--current-python", "--workdir", str(tmp_path)]) == 0
+    summary = json.loads((tmp_path / "two_installs.json").read_text())
+    assert summary["reproduce_exit"] == 0 and summary["counts"]["rows"] == 8 * 4
+    assert summary["counts"]["mismatch"] == summary["counts"]["missing"] == 0
+    assert not (tmp_path / "A" / "F").exists() and summary["models"]["F"]["F"]["checked"]
+    assert summary["models"]["F"]["F"]["source"] == str(tmp_path / "B" / "check" / "bundle" / "donors" / "F" / "donor")
