@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any, Mapping, Protocol
+from typing import Any, Callable, Mapping, Protocol
 
 import torch
 
@@ -142,6 +142,24 @@ def _fit(name: str, tensor: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
     return tensor
 
 
+def module_params(cache: dict[str, dict[str, torch.Tensor]], path: str, module: torch.nn.Module,
+                  value: Callable[[str, str, torch.nn.Parameter], torch.Tensor]) -> dict[str, torch.Tensor]:
+    """F's parameters of ``module`` (at ``path`` in P), by parameter name, computed once per path and
+    kept in ``cache``: ``value(full name, name, P's parameter)`` for each of the module's parameters
+    (nothing is kept if one of them fails). The per-module cache of every local donor.
+
+    Example:
+        >>> cache, lin = {}, torch.nn.Linear(2, 2)
+        >>> got = module_params(cache, "fc", lin, lambda full, name, p: torch.zeros_like(p))
+        >>> sorted(got), module_params(cache, "fc", lin, None) is got
+        (['bias', 'weight'], True)
+    """
+    found = cache.get(path)
+    if found is None:
+        found = cache[path] = {name: value(f"{path}.{name}", name, p) for name, p in module.named_parameters()}
+    return found
+
+
 class _CachingDonor:
     """Shared logic: fetch F's tensors for a module once, check them, keep them."""
 
@@ -149,14 +167,8 @@ class _CachingDonor:
         self._cache: dict[str, dict[str, torch.Tensor]] = {}
 
     def params(self, path: str, module: torch.nn.Module) -> dict[str, torch.Tensor]:
-        found = self._cache.get(path)
-        if found is None:
-            found = {}
-            for name, like in module.named_parameters():
-                full = f"{path}.{name}"
-                found[name] = _fit(full, self._tensor_or_tied(full), like)
-            self._cache[path] = found
-        return found
+        return module_params(self._cache, path, module,
+                             lambda full, name, like: _fit(full, self._tensor_or_tied(full), like))
 
     def _tensor_or_tied(self, name: str) -> torch.Tensor:
         try:

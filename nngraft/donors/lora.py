@@ -16,7 +16,7 @@ from typing import Any, Mapping
 import torch
 
 from ..errors import DonorMismatchError, RemoteDonorError
-from .donor import PICKLE_SUFFIXES
+from .donor import PICKLE_SUFFIXES, module_params
 from .shipment import (Shipment, check_dtype, check_shape, detached_copy, dtype_bytes, from_map, layout_of,
                        owner_of, to_map)
 
@@ -255,26 +255,23 @@ class LoraDonor:
 
     def params(self, path: str, module: torch.nn.Module) -> dict[str, torch.Tensor]:
         """F's parameters: P's own, plus ``scale · B·A`` on the adapted weight (as PEFT's merge)."""
-        found = self._local.get(path)
-        if found is None:
-            found = {}
-            for name, p in module.named_parameters():
-                full = f"{path}.{name}"
-                owner_path, _, leaf = full.rpartition(".")
-                value = p.detach()
-                if full in self.base:
-                    self._check_base(full, p)
-                if full in self.full:
-                    check_shape(full, self.full[full], p, "adapter")
-                    value = self.full[full].to(device=p.device, dtype=p.dtype)
-                elif leaf == "weight" and owner_path in self.factors:
-                    owner, _ = owner_of(module, name)
-                    a, b = self._check_factors(owner_path, owner)
-                    delta = from_map(b.float() @ a.float(), layout_of(owner)) * self.scale(owner_path)
-                    value = value + delta.to(device=p.device, dtype=p.dtype)
-                found[name] = value
-            self._local[path] = found
-        return found
+
+        def merged(full: str, name: str, p: torch.nn.Parameter) -> torch.Tensor:
+            owner_path, _, leaf = full.rpartition(".")
+            value = p.detach()
+            if full in self.base:
+                self._check_base(full, p)
+            if full in self.full:
+                check_shape(full, self.full[full], p, "adapter")
+                return self.full[full].to(device=p.device, dtype=p.dtype)
+            if leaf == "weight" and owner_path in self.factors:
+                owner, _ = owner_of(module, name)
+                a, b = self._check_factors(owner_path, owner)
+                delta = from_map(b.float() @ a.float(), layout_of(owner)) * self.scale(owner_path)
+                value = value + delta.to(device=p.device, dtype=p.dtype)
+            return value
+
+        return module_params(self._local, path, module, merged)
 
     # -- shipping ---------------------------------------------------------------------------
 
