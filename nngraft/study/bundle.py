@@ -93,6 +93,8 @@ def run_folder(run: str | Path) -> Path:
     manifest = read_json(folder / MANIFEST_FILE, "the run's manifest")
     if manifest.get("format") != "nngraft.results":
         raise BundleError(f"{folder / MANIFEST_FILE} is not an nngraft results manifest")
+    if not (folder / EXAMPLES_FILE).is_file() and "demo" in manifest:
+        manifest = record_demo_examples(folder, manifest)
     if not (folder / EXAMPLES_FILE).is_file():
         how = ("rerun the same `nngraft demo` command" if "demo" in manifest else
                "rerun the same `nngraft run`/`nngraft sweep` command into it: every row is there already, so "
@@ -103,6 +105,30 @@ def run_folder(run: str | Path) -> Path:
         raise BundleError(f"{folder / MANIFEST_FILE} records neither the sweep nor the demo settings the rows "
                           "were computed with; rerun the command that made it with this nngraft")
     return folder
+
+
+def record_demo_examples(folder: Path, manifest: dict[str, Any]) -> dict[str, Any]:
+    """A demo folder written before runs recorded their examples: its test examples are a function
+    of the dataset's name, size and seed and the template, which its manifest holds; regenerate
+    them and, when their hash is the one the manifest recorded, write ``examples.jsonl`` and the
+    demo's ``rerun`` settings into the folder (nothing else changes). Returns the manifest."""
+    from .data import make_facts, make_test_examples
+    from .demo import rerun_settings
+    from .examples import examples_hash
+    from .provenance import save_run_examples
+    from .results import write_manifest
+
+    data = manifest.get("dataset", {})
+    try:
+        examples = make_test_examples(make_facts(data["name"], data["n"], seed=data["seed"]), data["template"])
+    except (KeyError, TypeError, ValueError, GraftError):
+        return manifest
+    if examples_hash(examples) != data.get("hash"):
+        return manifest
+    save_run_examples(folder, examples)
+    manifest = {**manifest, "rerun": manifest.get("rerun") or rerun_settings()}
+    write_manifest(folder / "results.jsonl", manifest)
+    return manifest
 
 
 def read_json(path: Path, what: str) -> dict[str, Any]:
@@ -182,6 +208,7 @@ class BundleOutcome:
     files: int
     size: int
     donors: list[DonorPlan]
+    notes: list[str] = field(default_factory=list)
 
 
 def default_output(folder: Path, suffix: str = ".zip") -> Path:
@@ -206,8 +233,15 @@ def make_bundle(run: str | Path, output: str | Path | None = None, *, pack_donor
     from .models import environment_versions
     from .results import MANIFEST_FILE
 
+    from .provenance import EXAMPLES_FILE
+
+    given = Path(run).expanduser()
+    had_examples = (given if given.is_dir() else given.parent).joinpath(EXAMPLES_FILE).is_file()
     folder = run_folder(run)
     manifest = read_json(folder / MANIFEST_FILE, "the run's manifest")
+    notes = [] if had_examples else [f"recorded {folder / EXAMPLES_FILE} and the demo's settings in its manifest "
+                                     "(regenerated from the dataset's name, size and seed; their hash is the one "
+                                     "the manifest recorded)"]
     out = Path(output).expanduser() if output is not None else default_output(folder)
     kind = _archive_kind(out)
     if out.exists() and not overwrite:
@@ -262,7 +296,7 @@ def make_bundle(run: str | Path, output: str | Path | None = None, *, pack_donor
         os.replace(tmp, out)
     finally:
         tmp.unlink(missing_ok=True)
-    return BundleOutcome(out, len(members), out.stat().st_size, plans)
+    return BundleOutcome(out, len(members), out.stat().st_size, plans, notes)
 
 
 # ---------------------------------------------------------------------------------------------

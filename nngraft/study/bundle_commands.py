@@ -43,6 +43,8 @@ def cmd_bundle(args: argparse.Namespace) -> int:
         where = "yes" if plan.packed else ("no (rebuilt)" if plan.why.startswith("a tiny") else "no (by reference)")
         table.add_row(plan.model, plan.role, plan.source, where, plan.why)
     wide_console(out, 160).print(table)
+    for note in outcome.notes:
+        console.print(f"[yellow]note:[/yellow] {note}")
     console.print(f"rerun it anywhere with: nngraft reproduce {outcome.path}")
     return 0
 

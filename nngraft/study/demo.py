@@ -151,6 +151,15 @@ def prepare_out_folder(out: Path) -> None:
     shutil.rmtree(out / "plots", ignore_errors=True)
 
 
+def rerun_settings() -> dict[str, Any]:
+    """How the demo computes its rows, for ``nngraft reproduce`` (the manifest's ``rerun``; a sweep's
+    manifest has them in ``sweep``)."""
+    from .metric_registry import DEFAULT_KS
+
+    return {"batch_size": GRAFT_BATCH, "ks": list(DEFAULT_KS), "n_top": 10, "answer_logprob": False,
+            "metrics": [], "dtype": "float32"}
+
+
 def _pct(x: float) -> str:
     return f"{100 * x:.0f}%"
 
@@ -219,7 +228,6 @@ def _run_demo(options: DemoOptions, console: Any, tables_console: Any = None) ->
     from .examples import examples_hash
     from .pairs import LoadedPair
     from .sweep import check_baselines
-    from .metric_registry import DEFAULT_KS
     from .provenance import EXAMPLES_FILE, save_run_examples
     from .sweep_config import spec_role
 
@@ -355,9 +363,7 @@ def _run_demo(options: DemoOptions, console: Any, tables_console: Any = None) ->
                     "template": options.template, "hash": examples_hash(examples),
                     "n_examples": len(examples), "n_facts": len(facts), "templates": [options.template],
                     "examples_file": EXAMPLES_FILE},
-        # how the rows were computed, for `nngraft reproduce` (a sweep's manifest has them in "sweep")
-        "rerun": {"batch_size": GRAFT_BATCH, "ks": list(DEFAULT_KS), "n_top": 10, "answer_logprob": False,
-                  "metrics": [], "dtype": "float32"},
+        "rerun": rerun_settings(),
         "training_texts": {"families": list(TRAINING_FAMILIES), "directions": list(TRAINING_DIRECTIONS),
                            "n": len(texts)},
         "pretrained_top1": pretrained_top1,

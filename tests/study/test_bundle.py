@@ -135,6 +135,9 @@ def test_a_tolerance_of_zero_still_matches_the_same_machine(runs, tmp_path, caps
     code, out, _ = _cli(capsys, "reproduce", str(tmp_path / "b.tar.gz"), "--atol", "0", "--rtol", "0", "--json",
                         "--no-progress")
     assert code == 0 and json.loads(out)["counts"]["identical"] == 12  # bit-identical: same batches, same machine
+    code, out, _ = _cli(capsys, "reproduce", str(tmp_path / "b.tar.gz"), "--rows", "--no-progress")
+    assert code == 0 and "every row matches (12 identical" in " ".join(out.split())
+    assert sum(1 for line in out.splitlines() if "│ identical │" in line) == 12  # --rows: one line per row
 
 
 def test_a_wrong_f_is_refused_before_anything_runs(runs, tmp_path, capsys):
@@ -285,3 +288,28 @@ def test_the_two_installs_recipe_reproduces_in_one_interpreter(tmp_path, capsys)
     assert summary["counts"]["mismatch"] == summary["counts"]["missing"] == 0
     assert not (tmp_path / "A" / "F").exists() and summary["models"]["F"]["F"]["checked"]
     assert summary["models"]["F"]["F"]["source"] == str(tmp_path / "B" / "check" / "bundle" / "donors" / "F" / "donor")
+
+
+def test_a_demo_folder_older_than_bundles_gets_its_examples_back(tmp_path, capsys):
+    """A demo folder written before runs recorded examples.jsonl: its examples are regenerated from
+    the dataset's name, size, seed and template, and written only when their hash is the recorded one."""
+    from nngraft.study.data import make_facts, make_test_examples
+    from nngraft.study.examples import examples_hash
+    from nngraft.study.provenance import load_run_examples
+
+    examples = make_test_examples(make_facts("fake_movies_fake_actors", 3, seed=1), "sentence_3")
+    for name, digest in (("old", examples_hash(examples)), ("other", "0" * 64)):
+        folder = tmp_path / name
+        folder.mkdir()
+        (folder / "results.jsonl").write_text(json.dumps({"model": "m", "spec": "p", "example": examples[0].key,
+                                                          "prob": 0.5}) + "\n")
+        (folder / "manifest.json").write_text(json.dumps({
+            "format": "nngraft.results", "demo": {"seed": 1}, "models": {},
+            "dataset": {"name": "fake_movies_fake_actors", "n": 3, "seed": 1, "template": "sentence_3",
+                        "hash": digest}}))
+    code, _, err = _cli(capsys, "bundle", str(tmp_path / "old"), "-o", str(tmp_path / "old.zip"), "--no-progress")
+    assert code == 0 and "recorded" in err and load_run_examples(tmp_path / "old") == examples
+    assert json.loads((tmp_path / "old" / "manifest.json").read_text())["rerun"]["batch_size"] == 64
+    code, _, err = _cli(capsys, "bundle", str(tmp_path / "other"), "-o", str(tmp_path / "other.zip"))
+    assert code == 2 and "rerun the same `nngraft demo` command" in err and not (tmp_path / "other" /
+                                                                               "examples.jsonl").exists()

@@ -60,6 +60,24 @@ def test_quick_demo_writes_a_row_for_every_spec_and_fact(quick_runs):
 
 
 @pytest.mark.slow
+def test_a_quick_demo_bundles_and_reproduces_row_by_row(quick_runs, tmp_path, capsys):
+    """The demo's folder records its examples and settings; bundled (F, a full finetune of 540 MB,
+    by reference) and reproduced from another folder, every row matches (docs/bundle.md)."""
+    from nngraft.cli import main
+
+    _, first, _ = quick_runs
+    manifest = json.loads(first.manifest.read_text())
+    assert manifest["rerun"]["batch_size"] == 64 and (first.out / "examples.jsonl").is_file()
+    capsys.readouterr()
+    assert main(["bundle", str(first.out), "-o", str(tmp_path / "demo.zip"), "--no-progress"]) == 0
+    assert "by reference" in capsys.readouterr().out
+    code = main(["reproduce", str(tmp_path / "demo.zip"), "--json", "--no-progress"])
+    report = json.loads(capsys.readouterr().out)
+    assert code == 0 and report["ok"] and report["counts"]["rows"] == len(demo_specs()) * QUICK_FACTS
+    assert report["models"]["smollm2-135m"]["F"]["source"] == manifest["finetune"]["folder"]
+
+
+@pytest.mark.slow
 def test_quick_demo_p_and_f_rows_are_plain_forwards_of_p_and_f(quick_runs):
     from nngraft.study.finetune import load_finetuned
 
