@@ -385,6 +385,7 @@ class Grafter:
         specs, prompts = list(specs), list(prompts)
         if forced is not None and len(forced) != len(prompts):
             raise ArgumentError(f"forced: got {len(forced)} forced continuations for {len(prompts)} prompts")
+        self._check_continuations(prompts, steps, forced)
         lengths = [len(p) for p in prompts]
         batch = pad_left([p.ids for p in prompts], self.pad_id, self.device)
         plan = compile_plan(specs, self.adapter, self.model.config, prompts)
@@ -409,6 +410,31 @@ class Grafter:
         tokens = torch.stack(chosen, dim=1)
         texts = [self.tokenizer.decode(row) for row in tokens.tolist()]
         return GenerationResult(tokens.cpu(), texts, [s.cpu() for s in steps_logits])
+
+
+    def _check_continuations(self, prompts: Sequence[TokenizedPrompt], steps: int,
+                             forced: Sequence[Sequence[int]] | None) -> None:
+        """Refuse forced token ids the model cannot embed, an empty forced row, and a continuation
+        that runs past the model's context (positions past ``max_position_embeddings`` compute
+        numbers, not an error, on rotary models)."""
+        vocab = self.model.get_input_embeddings().weight.shape[0]
+        for i, row in enumerate(forced or []):
+            if len(row) == 0:
+                raise ArgumentError(f"forced[{i}]: Input should be a non-empty list of token ids (prompt {i} "
+                                    "would be continued with padding)")
+            for j, token in enumerate(row):
+                if not 0 <= int(token) < vocab:
+                    raise ArgumentError(f"forced[{i}][{j}]: token id {int(token)} is outside the model's "
+                                        f"vocabulary of {vocab} tokens (ids 0 to {vocab - 1}); are the ids from the "
+                                        "recipient's own tokenizer?")
+        context = getattr(self.model.config, "max_position_embeddings", None)
+        for i, prompt in enumerate(prompts):
+            new = (len(forced[i]) if forced is not None else max(steps, 1)) - 1
+            if isinstance(context, int) and len(prompt) + new > context:
+                what = "forced" if forced is not None else "new"
+                raise PromptError(f"prompt {i} has {len(prompt)} tokens + {new} {what} tokens after its first, "
+                                  f"more than the model's context of {context} (max_position_embeddings); "
+                                  "shorten the prompt or the continuation")
 
 
 def _describe(donor: Any) -> str:

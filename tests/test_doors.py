@@ -665,3 +665,199 @@ def test_donor_compress_checks_its_demo_folder_before_compressing(tmp_path, caps
                       str(tmp_path / "adapter"), "--rank", "2", "--demo-out", str(tmp_path / "demo"))
     assert code == 2 and re.search(message, " ".join(text.split())), text
     assert "Traceback" not in text and not (tmp_path / "adapter").exists()
+
+
+# -- messages that used to mislead: adapters, GGUF, template names, forced tokens, long answers ----
+
+
+def _gguf(path: Path, arch: str) -> Path:
+    """A GGUF file of architecture ``arch`` with one tensor (enough for transformers to read its header)."""
+    import gguf
+    import numpy as np
+
+    writer = gguf.GGUFWriter(str(path), arch)
+    writer.add_block_count(1)
+    writer.add_tensor("token_embd.weight", np.zeros((4, 8), dtype=np.float32))
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return path
+
+
+@pytest.fixture()
+def folders(tmp_path, monkeypatch):
+    """P, F, a LoRA adapter for P and facts in a fresh working folder; NNGRAFT_CACHE inside it."""
+    from nngraft.study.data import make_facts, save_facts
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("NNGRAFT_CACHE", str(tmp_path / "cache"))
+    P, F, tok = pair()
+    _save(P, tmp_path / "P", tok)
+    _save(F, tmp_path / "F", tok)
+    _adapter(tmp_path, str(tmp_path / "P"))
+    save_facts(make_facts("fake_movies_fake_actors", 2, seed=0), tmp_path / "facts.jsonl")
+    return tmp_path
+
+
+def _run_argv(model: str = "P", donor: str = "F", *extra: str) -> list[str]:
+    return ["run", "--model", model, "--donor", donor, "--spec", "lt", "--facts", "facts.jsonl", "--template",
+            "sentence_1", "--no-progress", *extra]
+
+
+def _no_adapter_config(folder: Path) -> str:
+    import shutil
+
+    shutil.copytree(folder / "adapter", folder / "weights-only")
+    (folder / "weights-only" / "adapter_config.json").unlink()
+    return "weights-only"
+
+
+def _adapter_for_other_modules(folder: Path) -> str:
+    """The adapter with its modules renamed to GPT-2's c_fc (absent from a Llama)."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    shutil.copytree(folder / "adapter", folder / "gpt2-adapter")
+    config = json.loads((folder / "adapter" / "adapter_config.json").read_text())
+    config["target_modules"] = ["c_fc"]
+    (folder / "gpt2-adapter" / "adapter_config.json").write_text(json.dumps(config))
+    weights = load_file(folder / "adapter" / "adapter_model.safetensors")
+    save_file({k.replace("mlp.up_proj", "mlp.c_fc"): v for k, v in weights.items()},
+              folder / "gpt2-adapter" / "adapter_model.safetensors")
+    return "gpt2-adapter"
+
+
+MISLEADING_CLI = {
+    # name: (set-up returning the argv, the message)
+    "adapter folder without adapter_config.json": (
+        lambda d: _run_argv("P", _no_adapter_config(d)),
+        r"weights-only holds LoRA adapter weights but no adapter_config.json: copy the adapter_config.json saved "
+        r"with them"),
+    "an adapter's config file instead of its folder": (
+        lambda d: _run_argv("P", "adapter/adapter_config.json"),
+        r"adapter/adapter_config.json is one file of a saved model or adapter: give its folder, adapter"),
+    "an adapter's weights file instead of its folder": (
+        lambda d: _run_argv("P", "adapter/adapter_model.safetensors"),
+        r"adapter/adapter_model.safetensors is one file of a saved model or adapter: give its folder, adapter"),
+    "a model's config.json instead of its folder": (
+        lambda d: _run_argv("P/config.json", "F"), r"P/config.json is one file of a saved model or adapter: give "
+                                                   r"its folder, P"),
+    "an adapter for modules P lacks (run)": (
+        lambda d: _run_argv("P", _adapter_for_other_modules(d)),
+        r"the LoRA adapter gpt2-adapter adapts module 'model.layers.0.mlp.c_fc', which LlamaForCausalLM does not "
+        r"have"),
+    "an adapter for modules P lacks (payload)": (
+        lambda d: ["payload", str(Path(__file__).parents[1] / "recipes/specs/lt.json"), "--model", "P", "--donor",
+                   "adapter:" + _adapter_for_other_modules(d)],
+        r"adapts module 'model.layers.0.mlp.c_fc', which LlamaForCausalLM does not have"),
+    "a .gguf path that does not exist": (
+        lambda d: _run_argv("nope.gguf"), r"no GGUF file at nope.gguf: no such file; check the path"),
+    "a .gguf that is a folder": (
+        lambda d: (d / "dir.gguf").mkdir() or _run_argv("P", "dir.gguf"), r"no GGUF file at dir.gguf \(it is a folder\)"),
+    "a file that is not GGUF": (
+        lambda d: [(d / "bad.gguf").write_bytes(b"GGUF" + bytes(60)), _run_argv("bad.gguf")][1],
+        r"bad.gguf is not a GGUF model file transformers can read \(ValueError: .*GGUF v0.*\); give a GGUF v2/v3 "
+        r"file of a causal language model, or a Hugging Face model folder"),
+    "a GGUF of an architecture transformers does not convert": (
+        lambda d: _run_argv("P", str(_gguf(d / "rwkv.gguf", "rwkv6").name)),
+        r"rwkv.gguf: GGUF model with architecture rwkv6 is not supported yet. transformers converts GGUF files "
+        r"of these architectures: .*llama.*; convert this model to a Hugging Face folder"),
+    "a misspelt template name": (
+        lambda d: [*_run_argv()[:-3], "--template", "sentnce_3", "--no-progress"],
+        r"unknown test template 'sentnce_3' \(did you mean 'sentence_3'\?\); named templates are \[.*\], a file of "
+        r"templates, or give a template with \{fields\}"),
+    "an answer longer than the context, scored whole": (
+        lambda d: _long_answer_facts(d) or [*_run_argv()[:7], "--facts", "long.jsonl", "--template", "sentence_1",
+                                            "--answer-logprob", "--no-progress"],
+        r"answer 0 has \d+ tokens: after its prompt's \d+, more than the model's context of 128 "
+        r"\(max_position_embeddings\) to score it whole .*shorten the answer, or score its first token only"),
+}
+
+
+def _long_answer_facts(folder: Path) -> None:
+    rows = [json.loads(line) for line in (folder / "facts.jsonl").read_text().splitlines()]
+    rows[0]["second_actor"] = " ".join(["Bartholomew"] * 60)
+    (folder / "long.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+
+
+@pytest.mark.parametrize("name", MISLEADING_CLI)
+def test_a_new_users_mistake_gets_one_clear_message_from_the_cli(folders, capsys, name):
+    """Each used to end in a traceback, a message about the wrong file or flag, or (the adapter in
+    `payload`, the long answer) a number with exit 0."""
+    import re
+
+    make, message = MISLEADING_CLI[name]
+    code, text = _cli(capsys, *make(folders))
+    assert code == 2 and "Traceback" not in text, text
+    assert re.search(message, " ".join(text.split())), text
+
+
+def test_reading_a_gguf_without_the_gguf_package_says_what_to_install(folders, capsys, monkeypatch):
+    import sys
+
+    from nngraft.errors import ModelLoadError
+
+    _gguf(folders / "model.gguf", "llama")
+    monkeypatch.setitem(sys.modules, "gguf", None)  # not installed
+    with pytest.raises(ModelLoadError, match=r"reading a GGUF file needs the 'gguf' package; install it with: pip "
+                                             r"install \"nngraft\[demo\]\""):
+        Grafter(pair()[0], "model.gguf", pair()[2])
+    code, text = _cli(capsys, *_run_argv("model.gguf"))
+    assert code == 2 and "needs the 'gguf' package" in text and "Traceback" not in text
+
+
+def test_the_same_mistakes_from_python(folders):
+    """The Python doors raise the same messages, as nngraft errors (never a bare ValueError)."""
+    from nngraft.donors.delta import LoraDonor
+    from nngraft.errors import DonorMismatchError, ModelLoadError, RemoteDonorError
+    from nngraft.study.data import load_facts, make_test_examples
+    from nngraft.study.errors import TemplateError
+
+    P, _, tok = pair()
+    (folders / "bad.gguf").write_bytes(b"GGUF" + bytes(60))
+    with pytest.raises(ModelLoadError, match="bad.gguf is not a GGUF model file transformers can read"):
+        Grafter(P, "bad.gguf", tok)
+    with pytest.raises(ModelLoadError, match="rwkv6 is not supported yet. transformers converts GGUF files"):
+        Grafter(P, str(_gguf(folders / "rwkv.gguf", "rwkv6")), tok)
+    with pytest.raises(ModelLoadError, match="no GGUF file at nope.gguf: no such file"):
+        Grafter(P, "nope.gguf", tok)
+    with pytest.raises(RemoteDonorError, match=r"no adapter_config.json in weights-only: a PEFT adapter folder holds "
+                                               r"it beside adapter_model.safetensors"):
+        LoraDonor(_no_adapter_config(folders))
+    with pytest.raises(ModelLoadError, match="weights-only holds LoRA adapter weights but no adapter_config.json"):
+        Grafter(P, "weights-only", tok)
+    with pytest.raises(DonorMismatchError, match="adapts module 'model.layers.0.mlp.c_fc'"):
+        Grafter(P, LoraDonor(_adapter_for_other_modules(folders)), tok)
+    with pytest.raises(TemplateError, match=r"unknown test template 'sentnce_3' \(did you mean 'sentence_3'\?\)"):
+        make_test_examples(load_facts("facts.jsonl"), "sentnce_3")
+
+
+def test_forced_tokens_the_model_cannot_take_are_refused():
+    """Forced ids outside the vocabulary decoded to '' (or raised OverflowError), an empty row
+    continued with padding, and an answer past the context was scored with no word."""
+    from nngraft.errors import PromptError
+    from nngraft.study.answer import answer_logprobs, answer_token_ids
+
+    P, F, tok = pair()
+    g = Grafter(P, F, tok)
+    vocab = P.get_input_embeddings().weight.shape[0]
+    for bad, where in (([[vocab]], r"forced\[0\]\[0\]: token id %d" % vocab), ([[3, -1]], r"forced\[0\]\[1\]: "
+                                                                                         r"token id -1")):
+        with pytest.raises(ArgumentError, match=where + r" is outside the model's vocabulary of \d+ tokens"):
+            g.generate(GraftSpec(), ["Ada stars in"], forced=bad)
+    with pytest.raises(ArgumentError, match=r"forced\[1\]: Input should be a non-empty list of token ids"):
+        g.generate(GraftSpec(), ["Ada stars in", "Alan stars in"], forced=[[3], []])
+    [prompt] = g.tokenize(["Ada stars in"])
+    with pytest.raises(PromptError, match=r"answer 0 has 200 tokens: after its prompt's \d+, more than the model's "
+                                          r"context of 128"):
+        answer_logprobs(g, [GraftSpec()], [prompt], [[5] * 200])
+    with pytest.raises(PromptError, match=r"prompt 0 has \d+ tokens \+ 199 forced tokens after its first, more than"):
+        g.decode([GraftSpec()], [prompt], 200, forced=[[5] * 200])
+    fits = 128 - len(prompt) + 1
+    assert len(answer_logprobs(g, [GraftSpec()], [prompt], [[5] * fits])[0]) == fits  # exactly the context: fine
+    with pytest.raises(ArgumentError, match=r"answer ' ' tokenizes to nothing \(an empty answer\)"):
+        answer_token_ids(tok, "Ada stars in", " ")
+    out = g.generate(GraftSpec(), ["Ada stars in", "Alan stars in"], forced=[[3, 4], [5]])  # ragged rows: fine
+    assert out.tokens[:, 0].tolist() == [3, 5]

@@ -460,6 +460,79 @@ def _rows_without_a_manifest() -> None:
         run_sweep(load_sweep_config("sweep.json"), show_progress=False)
 
 
+def _lora_folder(folder: Path, name: str = "adapter") -> Path:
+    import copy
+
+    from peft import LoraConfig, get_peft_model
+
+    model = get_peft_model(copy.deepcopy(pair()[0]), LoraConfig(r=2, lora_alpha=4, target_modules=["up_proj"],
+                                                                init_lora_weights=False))
+    model.save_pretrained(folder / name)
+    return folder / name
+
+
+def _weights_without_adapter_config(folder: Path) -> None:
+    (_lora_folder(folder, "my-adapter") / "adapter_config.json").unlink()
+    Grafter(pair()[0], "my-adapter", pair()[2])
+
+
+def _adapter_file_for_folder(folder: Path) -> None:
+    from nngraft.donors.loading import resolve_model
+
+    _lora_folder(folder, "my-adapter")
+    resolve_model("my-adapter/adapter_config.json")
+
+
+def _adapter_for_other_modules(folder: Path) -> None:
+    from safetensors.torch import load_file, save_file
+
+    from nngraft.donors.delta import LoraDonor
+
+    adapter = _lora_folder(folder, "gpt2-adapter")
+    config = json.loads((adapter / "adapter_config.json").read_text())
+    (adapter / "adapter_config.json").write_text(json.dumps({**config, "target_modules": ["c_fc"]}))
+    weights = load_file(adapter / "adapter_model.safetensors")
+    save_file({k.replace("mlp.up_proj", "mlp.c_fc"): v for k, v in weights.items()}, adapter / "adapter_model.safetensors")
+    Grafter(pair()[0], LoraDonor("gpt2-adapter"), pair()[2])
+
+
+def _not_gguf(folder: Path) -> None:
+    (folder / "model.gguf").write_bytes(b"GGUF" + bytes(60))
+    Grafter(pair()[0], "model.gguf", pair()[2])
+
+
+def _gguf_of_another_architecture(folder: Path) -> None:
+    import gguf
+    import numpy as np
+
+    writer = gguf.GGUFWriter("rwkv.gguf", "rwkv6")
+    writer.add_block_count(1)
+    writer.add_tensor("token_embd.weight", np.zeros((4, 8), dtype=np.float32))
+    for step in (writer.write_header_to_file, writer.write_kv_data_to_file, writer.write_tensors_to_file, writer.close):
+        step()
+    Grafter(pair()[0], "rwkv.gguf", pair()[2])
+
+
+def _answer_past_the_context() -> None:
+    from nngraft.study.answer import answer_logprobs
+
+    [prompt] = grafter().tokenize(["Ada stars in"])
+    answer_logprobs(grafter(), [GraftSpec()], [prompt], [[5] * 200])
+
+
+def _misspelt_template() -> None:
+    from nngraft.study.data import make_facts, make_test_examples
+
+    make_test_examples(make_facts("fake_movies_fake_actors", 1), "sentnce_3")
+
+
+def _demo_out_not_a_demo(folder: Path) -> None:
+    from nngraft.study.donor_commands import _demo_output  # what the command checks first
+
+    (folder / "runs").mkdir()
+    _demo_output(Path("runs"))
+
+
 CASES = [
     Case(1, "malformed JSON spec", '`{"rules": [`',
          lambda: GraftSpec.from_json('{"rules": [', source="fe.json"), SpecError, r"invalid graft spec fe.json:\n  \(JSON\): Invalid JSON"),
@@ -691,6 +764,39 @@ CASES = [
     Case(32, "rows no manifest vouches for", "results.jsonl whose manifest.json was deleted", _rows_without_a_manifest,
          ResultsError, r"holds 1 rows for model 'tiny', but there is no manifest beside it",
          handling="raised before anything is written; a run cannot tell which model made those rows"),
+    Case(33, "forced token outside the vocabulary", "`g.generate(spec, prompts, forced=[[99999]])`",
+         lambda: grafter().generate(GraftSpec(), ["Ada stars in"], forced=[[99999]]), ArgumentError,
+         r"forced\[0\]\[0\]: token id 99999 is outside the model's vocabulary of \d+ tokens",
+         handling="raised (it decoded to '', or raised OverflowError for a negative id); an empty forced row too"),
+    Case(33, "answer longer than the context", "`--answer-logprob` with a 200-token answer (context 128)",
+         _answer_past_the_context, PromptError, r"answer 0 has 200 tokens: after its prompt's \d+, more than the "
+         r"model's context of 128", handling="raised before any pass (it was scored at positions the model never "
+                                             "saw); the same check guards `generate`/`decode`"),
+    Case(33, "misspelt template name", "`--template sentnce_3`", _misspelt_template, DataError,
+         r"unknown test template 'sentnce_3' \(did you mean 'sentence_3'\?\)",
+         handling="raised with the closest name (the CLI said \"no template file at sentnce_3\")"),
+    Case(33, "a file that is not GGUF", "`--model model.gguf` holding other bytes", _in_scratch(_not_gguf, lambda: None),
+         ModelLoadError, r"model.gguf is not a GGUF model file transformers can read",
+         handling="raised (a bare ValueError in Python; the CLI advised a hub id)"),
+    Case(33, "GGUF of another architecture", "a GGUF file of `rwkv6`", _in_scratch(_gguf_of_another_architecture, lambda: None),
+         ModelLoadError, r"rwkv.gguf: GGUF model with architecture rwkv6 is not supported yet. transformers converts",
+         handling="raised with the architectures this transformers converts",
+         shown=lambda m: re.sub(r"architectures: [a-z0-9_, ]+;", "architectures: bloom, falcon, gemma2, gpt2, llama, "
+                                                                  "… (from transformers' table);", m)),
+    Case(33, "adapter weights without adapter_config.json", "a folder holding only adapter_model.safetensors",
+         _in_scratch(_weights_without_adapter_config, lambda: None), ModelLoadError,
+         r"my-adapter holds LoRA adapter weights but no adapter_config.json", handling="raised (it said the "
+         "folder was neither a model nor an adapter)"),
+    Case(33, "a file of an adapter or model for its folder", "`--donor my-adapter/adapter_config.json`",
+         _in_scratch(_adapter_file_for_folder, lambda: None), ModelLoadError,
+         r"my-adapter/adapter_config.json is one file of a saved model or adapter: give its folder, my-adapter"),
+    Case(33, "adapter for modules P lacks", "a LoRA adapter of GPT-2's `c_fc` on a Llama",
+         _in_scratch(_adapter_for_other_modules, lambda: None), DonorMismatchError,
+         r"the LoRA adapter gpt2-adapter adapts module 'model.layers.0.mlp.c_fc', which LlamaForCausalLM does not have",
+         handling="raised by Grafter, Grafter.remote and `nngraft payload` (which said \"0 modules, fits\")"),
+    Case(33, "--demo-out that is no demo output", "`nngraft donor compress F P ... --demo-out runs`",
+         _in_scratch(_demo_out_not_a_demo, lambda: None), ArgumentError, r"--demo-out runs: not a `nngraft demo` output folder",
+         handling="raised before loading models or the SVD (it failed after them on a missing file)", cli=True),
 ]
 
 

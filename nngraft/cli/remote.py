@@ -70,6 +70,10 @@ def _cmd_payload(args: argparse.Namespace) -> int:
         alert(f"[red]usage error:[/red] {error}")
         return 2
     model = _meta_model(args.model)
+    for donor in donors:  # an adapter for modules this model lacks would "fit" with nothing sent
+        check = getattr(donor, "check_against", None)
+        if callable(check):
+            check(model)
     dtype = getattr(torch, args.dtype)
     limit = int((args.limit_mb if args.limit_mb is not None else DEFAULT_MAX_PAYLOAD_MB) * 1e6)
     table = Table(title=f"{args.model}: {', '.join(s.name for s in specs)} ({args.dtype})")

@@ -83,7 +83,8 @@ def convert_gguf(gguf: str | Path, *, name: str | None = None, cache: str | Path
     """
     gguf = Path(gguf).expanduser()
     if not gguf.is_file():
-        raise ModelLoadError(f"no GGUF file at {gguf}")
+        raise ModelLoadError(f"no GGUF file at {gguf}" + (" (it is a folder)" if gguf.is_dir() else
+                                                          ": no such file; check the path"))
     ident = _gguf_identity(gguf)
     root = Path(cache) if cache is not None else cache_dir()
     target = root / "models" / f"{name or gguf.stem}-{ident['size']}-v{CONVERSION_VERSION}"
@@ -105,9 +106,19 @@ def _convert_gguf(gguf: Path, target: Path, ident: dict[str, Any], name: str) ->
                              'with: pip install "nngraft[demo]"') from None
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    with _no_gguf_progress_bar():
-        model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
-        tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    try:
+        with _no_gguf_progress_bar():
+            model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+            tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    except (ValueError, KeyError, OSError, RuntimeError, TypeError, IndexError) as error:
+        detail = " ".join(str(error).split())[:300]
+        if "architecture" in detail and "not supported" in detail:
+            raise ModelLoadError(f"{gguf}: {detail} transformers converts GGUF files of these architectures: "
+                                 f"{_gguf_architectures()}; convert this model to a Hugging Face folder with the "
+                                 "tools of its own project and give that folder") from None
+        raise ModelLoadError(f"{gguf} is not a GGUF model file transformers can read ({type(error).__name__}: "
+                             f"{detail}); give a GGUF v2/v3 file of a causal language model, or a Hugging Face "
+                             "model folder") from None
     # The weights are already de-quantized to float32 plain nn.Linear modules; drop the GGUF
     # "quantizer" so save_pretrained writes an ordinary checkpoint.
     model.hf_quantizer = None
@@ -119,6 +130,15 @@ def _convert_gguf(gguf: Path, target: Path, ident: dict[str, Any], name: str) ->
     # an existing folder here is a half-written one from an older nngraft, or a concurrent run's
     save_model_folder(model, tokenizer, target, {CONVERSION_RECORD: json.dumps(record, indent=2) + "\n"},
                       overwrite=True)
+
+
+def _gguf_architectures() -> str:
+    """The GGUF architectures this transformers converts (from its own table)."""
+    try:
+        from transformers.integrations.ggml import GGUF_CONFIG_MAPPING
+    except ImportError:  # pragma: no cover - another transformers layout
+        return "(see transformers' GGUF documentation)"
+    return ", ".join(sorted(k for k in GGUF_CONFIG_MAPPING if k not in ("general", "tokenizer")))
 
 
 def save_model_folder(model: Any, tokenizer: Any, target: str | Path, files: dict[str, str], *,
@@ -290,6 +310,10 @@ class ModelSource:
         return str(self.path)
 
 
+ADAPTER_WEIGHTS = ("adapter_model.safetensors", "adapter_model.bin")
+"""The weight files of a PEFT adapter folder (beside its adapter_config.json)."""
+
+
 def is_adapter_folder(path: str | Path) -> bool:
     """True for a PEFT adapter folder (it holds ``adapter_config.json``)."""
     return (Path(path) / "adapter_config.json").is_file()
@@ -312,17 +336,21 @@ def resolve_model(name: str | Path, *, cache: str | Path | None = None, console:
         return ModelSource(text, "folder", locate(cache=cache, console=console), origin)
     path = Path(text).expanduser()
     if text.endswith(".gguf"):
-        if not path.is_file():
-            raise ModelLoadError(f"no GGUF file at {path}")
         return ModelSource(text, "folder", convert_gguf(path, cache=cache, console=console), "gguf")
     if path.is_dir():
         if is_adapter_folder(path):
             return ModelSource(text, "adapter", path, "local")
         if not (path / "config.json").is_file():
+            if any((path / name).is_file() for name in ADAPTER_WEIGHTS):
+                raise ModelLoadError(f"{path} holds LoRA adapter weights but no adapter_config.json: copy the "
+                                     "adapter_config.json saved with them (peft's save_pretrained writes both) into "
+                                     "the folder")
             raise ModelLoadError(f"{path} is a folder but not a Hugging Face model folder (no config.json) "
                                  "nor a PEFT adapter (no adapter_config.json)")
         return ModelSource(text, "folder", path, "local")
     if path.exists():
+        if path.name in ("adapter_config.json", *ADAPTER_WEIGHTS, "config.json"):
+            raise ModelLoadError(f"{path} is one file of a saved model or adapter: give its folder, {path.parent}")
         raise ModelLoadError(f"{path} is a file; give a model folder, a .gguf file, 'smollm2' or a hub id")
     root = Path(cache) if cache is not None else cache_dir()
     converted = root / "models" / text

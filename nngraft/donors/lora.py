@@ -108,7 +108,9 @@ class LoraDonor:
         folder, weights = _adapter_files(self.path)
         config_file = folder / "adapter_config.json"
         if not config_file.exists():
-            raise RemoteDonorError(f"no adapter_config.json in {folder} (is it a PEFT adapter folder?)")
+            raise RemoteDonorError(f"no adapter_config.json in {folder}: a PEFT adapter folder holds it beside "
+                                   "adapter_model.safetensors (peft's save_pretrained writes both); copy it there, or "
+                                   "give the folder of a whole model (with config.json) as a plain donor")
         self.config = json.loads(config_file.read_text())
         self._check_config()
         self.dtype = dtype

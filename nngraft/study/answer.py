@@ -29,6 +29,7 @@ from typing import Any, Sequence
 
 import torch
 
+from ..errors import ArgumentError, PromptError
 from ..grafter import Grafter
 from ..spec import GraftSpec
 from ..compile.tokens import TokenizedPrompt
@@ -46,8 +47,9 @@ def answer_token_ids(tokenizer: Any, prompt: str, answer: str) -> list[int]:
     eos = getattr(tokenizer, "eos_token_id", None)
     while ids and eos is not None and ids[-1] == eos and len(ids) > 1:  # tokenizers that append EOS
         ids.pop()
-    if not ids:
-        raise ValueError(f"answer {answer!r} tokenizes to nothing")
+    if not ids or not answer.strip():
+        raise ArgumentError(f"answer {answer!r} tokenizes to nothing (an empty answer): give every fact a "
+                            "non-empty answer")
     return [int(i) for i in ids]
 
 
@@ -68,6 +70,13 @@ def answer_logprobs(grafter: Grafter, specs: Sequence[GraftSpec], prompts: Seque
     if not (len(specs) == len(prompts) == len(answers)):
         raise ValueError(f"got {len(specs)} specs, {len(prompts)} prompts and {len(answers)} answers")
     specs, prompts = list(specs), list(prompts)
+    context = getattr(grafter.model.config, "max_position_embeddings", None)
+    for i, (prompt, answer) in enumerate(zip(prompts, answers)):
+        if isinstance(context, int) and len(prompt) + len(answer) - 1 > context:
+            raise PromptError(f"answer {i} has {len(answer)} tokens: after its prompt's {len(prompt)}, more than the "
+                              f"model's context of {context} (max_position_embeddings) to score it whole "
+                              f"({prompt.text[:40]!r}); shorten the answer, or score its first token only (no "
+                              "--answer-logprob / answer_logprob)")
     steps = max(len(a) for a in answers)
     decoded = grafter.decode(specs, prompts, steps, forced=answers)
     out: list[list[float]] = [[] for _ in prompts]

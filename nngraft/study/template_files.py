@@ -7,7 +7,7 @@ from __future__ import annotations
 from typing import Any
 
 from .errors import TemplateError
-from .templates import resolve_test_template, template_fields
+from .templates import resolve_test_template, template_fields, unknown_test_template
 
 
 def _template_lines(path: Any) -> Any:
@@ -103,6 +103,10 @@ def read_test_templates(path: Any) -> list[tuple[str, str]]:
         >>> read_test_templates(p)
         [('built', '{inventor} built the')]
     """
+    from pathlib import Path
+
+    if not Path(path).exists() and not Path(path).suffix and len(Path(path).parts) == 1:
+        raise unknown_test_template(str(path), files=True)  # a misspelt name, not a missing file
     path, parsed, lines = _template_lines(path)
     pairs: list[tuple[str | None, str]] = []
     if parsed is None:

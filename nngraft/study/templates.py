@@ -291,9 +291,25 @@ def resolve_test_template(template: str) -> tuple[str, str]:
     if template in TEST_TEMPLATES:
         return template, TEST_TEMPLATES[template]
     if "{" not in template:
-        raise TemplateError(f"unknown test template {template!r}; named templates are "
-                            f"{sorted(TEST_TEMPLATES)}, or give a template with {{fields}}")
+        raise unknown_test_template(template)
     return template, template
+
+
+def unknown_test_template(template: str, *, files: bool = False) -> TemplateError:
+    """The error for a test template name that is not one of :data:`TEST_TEMPLATES` (with the
+    closest names; ``files``: where a file of templates was also accepted).
+
+    Example:
+        >>> str(unknown_test_template("sentnce_3")).split(";")[0]
+        "unknown test template 'sentnce_3' (did you mean 'sentence_3'?)"
+    """
+    import difflib
+
+    close = difflib.get_close_matches(template, sorted(TEST_TEMPLATES), n=1, cutoff=0.6)
+    hint = f" (did you mean {' or '.join(repr(c) for c in close)}?)" if close else ""
+    also = ", a file of templates" if files else ""
+    return TemplateError(f"unknown test template {template!r}{hint}; named templates are {sorted(TEST_TEMPLATES)}"
+                         f"{also}, or give a template with {{fields}} such as '{{first_actor}} stars in'")
 
 
 def make_test_examples(
