@@ -10,7 +10,7 @@ with this checkout installed (``pip install "torch==2.13.0" -e .``, ``-e ".[demo
 - install B, in folder ``B/`` with another, empty cache: ``nngraft reproduce`` the bundle and
   write its JSON report; the script exits with reproduce's exit code (0: every row matched).
 
-    python recipes/two_installs.py                      # tiny models (about 3 min, mostly pip)
+    python recipes/two_installs.py                      # tiny models (installing the venvs takes most of the time)
     python recipes/two_installs.py --model smollm2      # SmolLM2-135M + a LoRA F finetuned on 4 facts
     python recipes/two_installs.py --current-python     # no venvs: both sides use this interpreter (the test)
 """

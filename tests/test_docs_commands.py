@@ -121,6 +121,8 @@ WHERE: dict[tuple[str, str], tuple[str, str]] = {
                    "nngraft bundle runs/mine -o mine.zip", "nngraft reproduce mine.zip -o check --json",
                    "nngraft bundle runs/mine -o mine-ref.tar.gz --pack-donor never",
                    "nngraft reproduce mine-ref.tar.gz --donor F")},
+    ("docs/bundle.md", "python recipes/two_installs.py --current-python"):
+        (ELSEWHERE, "tests/study/test_bundle.py::test_the_two_installs_recipe_reproduces_in_one_interpreter"),
     # docs/data.md
     ("docs/data.md", "facts = make_facts(\"fake_movies_fake_actors\", 200, seed=0)"): (RUN, ""),
     ("docs/data.md", "nngraft data make fake_movies_fake_actors -n 200 --seed 0 -o data/fmfa.jsonl"): (RUN, ""),
