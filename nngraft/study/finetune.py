@@ -44,7 +44,7 @@ from typing import Any, Callable, Sequence
 import torch
 
 from ..compile.tokens import pad_token_id
-from .finetune_store import (CPU_FAST, DEMO, MANIFEST_FILE, MANIFEST_FORMAT, MANIFEST_VERSION,  # noqa: F401
+from .finetune_store import (CPU_FAST, DEMO, LORA_DEMO, MANIFEST_FILE, MANIFEST_FORMAT, MANIFEST_VERSION,  # noqa: F401
                              PAPER, PRESETS, TRAINING_CODE_VERSION, EpochStats, FinetuneConfig,
                              FinetuneError, FinetuneResult, LoraOptions, check_replaceable, copy_model,
                              finetune_key, load_finetuned, read_finetune_manifest, save_finetuned,

@@ -244,3 +244,27 @@ def test_finetune_recipe_tiny_run_writes_a_loadable_model(tmp_path):
     manifest = read_finetune_manifest(out)
     assert manifest["n_texts"] == 4 * 5 * 2 and manifest["epochs_run"] == 2
     assert weights_fingerprint(load_finetuned(out)) == manifest["weights_sha256"]
+
+
+def test_lora_demo_preset_is_the_demos_recipe_as_an_adapter(tmp_path):
+    """`--preset lora-demo`: DEMO's schedule with rank-32 adapters at lr 2e-3 (the settings tried
+    on the demo's F, docs/demo.md); the command writes an adapter with those settings."""
+    from nngraft.cli import main
+    from nngraft.study.finetune import DEMO, LORA_DEMO, PRESETS, read_finetune_manifest
+    from nngraft.testing import tiny_model, tiny_tokenizer
+
+    assert PRESETS["lora-demo"] is LORA_DEMO
+    assert LORA_DEMO.replace(lr=DEMO.lr, lora=None) == DEMO
+    assert (LORA_DEMO.lr, LORA_DEMO.lora) == (2e-3, LoraOptions(r=32, alpha=64, target_modules="all-linear"))
+    tok = tiny_tokenizer("llama")
+    tiny_model("llama", vocab_size=len(tok)).save_pretrained(tmp_path / "base")
+    tok.save_pretrained(tmp_path / "base")
+    out = tmp_path / "ft"
+    assert main(["finetune", "--model", str(tmp_path / "base"), "--out", str(out), "--dataset",
+                 "fake_movies_fake_actors", "--n", "2", "--families", "qa", "--directions", "A2B",
+                 "--preset", "lora-demo", "--epochs", "1", "--no-progress"]) == 0
+    manifest = read_finetune_manifest(out)
+    assert manifest["kind"] == "lora" and (out / "adapter_model.safetensors").is_file()
+    assert manifest["config"]["lora"] == {"r": 32, "alpha": 64, "dropout": 0.0, "target_modules": "all-linear"}
+    assert (manifest["config"]["lr"], manifest["config"]["schedule"], manifest["config"]["warmup_ratio"]) == \
+        (2e-3, "linear", 0.06)
