@@ -4,8 +4,10 @@ tables of the results, progress as lines without ipywidgets)."""
 
 from __future__ import annotations
 
+import json
 import re
 import shutil
+import sys
 
 import pytest
 
@@ -59,13 +61,26 @@ def test_the_committed_notebook_is_executed_with_its_outputs():
     check_key_outputs(nb)
 
 
+def this_python_kernel(folder, monkeypatch) -> str:
+    """A kernel spec that runs this interpreter (the installed "python3" spec runs whatever
+    `python` is first on PATH, which need not be the one with nngraft)."""
+    spec = folder / "jupyter" / "kernels" / "nngraft-test"
+    spec.mkdir(parents=True)
+    (spec / "kernel.json").write_text(json.dumps({
+        "argv": [sys.executable, "-m", "ipykernel_launcher", "-f", "{connection_file}"],
+        "display_name": "nngraft test", "language": "python"}))
+    monkeypatch.setenv("JUPYTER_PATH", str(folder / "jupyter"))
+    return "nngraft-test"
+
+
 @pytest.mark.slow
-def test_the_notebook_runs_in_a_kernel_without_errors_or_warnings(tmp_path):
+def test_the_notebook_runs_in_a_kernel_without_errors_or_warnings(tmp_path, monkeypatch):
+    kernel = this_python_kernel(tmp_path, monkeypatch)
     shutil.copy(NOTEBOOK, tmp_path / NOTEBOOK.name)
     nb = nbformat.read(tmp_path / NOTEBOOK.name, as_version=4)
     for cell in nb.cells:
         if cell.cell_type == "code":
             cell.outputs, cell.execution_count = [], None
-    nbclient.NotebookClient(nb, timeout=600, kernel_name="python3",
+    nbclient.NotebookClient(nb, timeout=600, kernel_name=kernel,
                             resources={"metadata": {"path": str(tmp_path)}}).execute()
     check_key_outputs(nb)
