@@ -313,3 +313,37 @@ def test_a_demo_folder_older_than_bundles_gets_its_examples_back(tmp_path, capsy
     code, _, err = _cli(capsys, "bundle", str(tmp_path / "other"), "-o", str(tmp_path / "other.zip"))
     assert code == 2 and "rerun the same `nngraft demo` command" in err and not (tmp_path / "other" /
                                                                                "examples.jsonl").exists()
+
+
+def test_a_named_donor_travels_and_is_checked_like_f(runs, tmp_path, capsys):
+    """`--donor hybrid=H`: H is packed by the same rule as F and checked against its fingerprint."""
+    from nngraft.testing import perturbed_copy
+    from transformers import AutoModelForCausalLM
+
+    H = tmp_path / "H"
+    perturbed_copy(AutoModelForCausalLM.from_pretrained(runs / "P"), seed=7).save_pretrained(H)
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copy(runs / "P" / name, H / name)
+    spec = tmp_path / "hybrid.json"
+    spec.write_text(json.dumps({"name": "f_mlp_hybrid_o_lt", "rules": [
+        {"components": ["mlp"], "positions": [{"span": "first_actor"}]},
+        {"components": ["o"], "positions": [{"last": True}], "donor": "hybrid"}]}))
+    assert main(["run", "--model", str(runs / "P"), "--donor", str(runs / "F"), "--donor", f"hybrid={H}", "--spec",
+                 str(spec), "--data", str(runs / "examples.jsonl"), "-o", str(tmp_path / "run"), "--no-progress",
+                 "-q"]) == 0
+    capsys.readouterr()
+    assert _cli(capsys, "bundle", str(tmp_path / "run"), "-o", str(tmp_path / "h.zip"), "--no-progress")[0] == 0
+    with zipfile.ZipFile(tmp_path / "h.zip") as archive:
+        assert "donors/F/donor-hybrid/model.safetensors" in archive.namelist()
+    with _moved(H):
+        code, out, err = _cli(capsys, "reproduce", str(tmp_path / "h.zip"), "--json", "--no-progress")
+    assert code == 0, err
+    report = json.loads(out)
+    assert report["ok"] and report["counts"]["rows"] == 3 * 3 and report["models"]["F"]["donor 'hybrid'"]["checked"]
+    # by reference, and H changed since the run: refused, naming the named donor
+    assert _cli(capsys, "bundle", str(tmp_path / "run"), "-o", str(tmp_path / "ref.zip"), "--pack-donor", "never",
+                "--no-progress")[0] == 0
+    perturbed_copy(AutoModelForCausalLM.from_pretrained(runs / "P"), seed=8).save_pretrained(H)
+    code, _, err = _cli(capsys, "reproduce", str(tmp_path / "ref.zip"), "--no-progress")
+    text = " ".join(err.split())
+    assert code == 2 and "donor 'hybrid' of model 'F'" in text and "is not the model this run used" in text, text
