@@ -42,6 +42,7 @@ from nngraft.study.errors import DataError
 from nngraft.errors import (ArgumentError, GraftError, IdentityCheckError, ModelLoadError, ModelNotAvailableError,
                             OutputExistsError, PayloadTooLargeError, PromptError, RemoteAuthError,
                             TraceError)
+from nngraft.study.bundle import BundleError, FingerprintMismatchError
 from nngraft.study.results import OutputInUseError, ResultsError, TruncatedResultsWarning
 from nngraft.study.sweep import SweepConfigError
 from nngraft.testing import tiny_model, tiny_pair
@@ -533,6 +534,28 @@ def _demo_out_not_a_demo(folder: Path) -> None:
     _demo_output(Path("runs"))
 
 
+def _wrong_f_for_a_bundle(folder: Path) -> None:
+    """A run of P and F saved as folders, bundled with F by reference; reproduced with another F."""
+    from nngraft.study.bundle import make_bundle
+    from nngraft.study.examples import TestExample
+    from nngraft.study.reproduce import reproduce
+    from nngraft.study.sweep import run_sweep, save_examples_jsonl
+    from nngraft.study.sweep_config import SweepConfig
+    from nngraft.testing import perturbed_copy
+
+    P, F, tok = pair()
+    for name, model in (("P", P), ("F", F), ("F2", perturbed_copy(P, seed=9))):
+        model.save_pretrained(folder / name)
+        tok.save_pretrained(folder / name)
+    save_examples_jsonl([TestExample("f1", "s3", "Ada Lovelace stars in", {"first_actor": "Ada Lovelace"}, "Alan")],
+                        "e.jsonl")
+    run_sweep(SweepConfig.model_validate({"models": [{"name": "m", "recipient": "P", "donor": "F"}],
+                                          "data": {"examples": "e.jsonl"}, "grid": "main"}), output="run",
+              show_progress=False)
+    make_bundle("run", "run.zip", pack_donor="never", show_progress=False)
+    reproduce("run.zip", donor="F2", show_progress=False)
+
+
 CASES = [
     Case(1, "malformed JSON spec", '`{"rules": [`',
          lambda: GraftSpec.from_json('{"rules": [', source="fe.json"), SpecError, r"invalid graft spec fe.json:\n  \(JSON\): Invalid JSON"),
@@ -797,6 +820,21 @@ CASES = [
     Case(33, "--demo-out that is no demo output", "`nngraft donor compress F P ... --demo-out runs`",
          _in_scratch(_demo_out_not_a_demo, lambda: None), ArgumentError, r"--demo-out runs: not a `nngraft demo` output folder",
          handling="raised before loading models or the SVD (it failed after them on a missing file)", cli=True),
+    Case(34, "bundling a folder that is no run", "`nngraft bundle notes`",
+         _in_scratch(lambda folder: (folder / "notes").mkdir(), lambda: __import__(
+             "nngraft.study.bundle", fromlist=["make_bundle"]).make_bundle("notes", show_progress=False)),
+         BundleError, r"notes is not a run folder: it has no results.jsonl and no manifest.json",
+         handling="raised before anything is written"),
+    Case(34, "a file that is no bundle", "`nngraft reproduce notes.zip` holding other bytes",
+         _in_scratch(_write("notes.zip", "not a bundle"), lambda: __import__(
+             "nngraft.study.bundle", fromlist=["open_bundle"]).open_bundle("notes.zip", "out")),
+         BundleError, r"notes.zip is neither a zip nor a tar file: not a bundle nngraft bundle made"),
+    Case(34, "reproducing with another F", "`nngraft reproduce run.zip --donor F2` (F2 is not the run's F)",
+         _in_scratch(_wrong_f_for_a_bundle, lambda: None), FingerprintMismatchError,
+         r"F of model 'm' \(.*F2\) is not the model this run used: its weights fingerprint is [0-9a-f]{16}…, the "
+         r"bundle records [0-9a-f]{16}…",
+         handling="raised after loading, before any row is computed; a LoRA F is checked by its adapter's tensors",
+         shown=lambda m: re.sub(r"[0-9a-f]{16}…", "…", re.sub(r"/\S*/(F2?)\b", r"\1", m))),
 ]
 
 
