@@ -183,3 +183,18 @@ def test_graft_paths_refuses_what_the_baselines_cannot_graft():
     P, _, _ = tiny_pair("llama")
     with pytest.raises(ValueError, match="block components only"):
         graft_paths(adapter_for(P), P.config, ["embed"], [0])
+
+
+def test_run_path_counts_the_files_a_command_enters():
+    """benchmarks/run_path.py's probe on ``nngraft schema``: the files whose functions run are the CLI,
+    the schema verb and the spec schema, no other verb's module and nothing of the study (imports
+    and the import system's calls skipped); each climb back is a return to a caller in another file."""
+    from benchmarks.run_path import measure
+    from tests.helpers import ROOT
+
+    result = measure(ROOT, ["schema"])
+    assert sorted(result["entered"]) == ["nngraft/cli/__init__.py", "nngraft/cli/core.py", "nngraft/spec/schema.py"]
+    assert "spec_json_schema" in result["entered"]["nngraft/spec/schema.py"]
+    assert set(result["climbs"]) == {"nngraft/cli/core.py -> nngraft/cli/__init__.py",
+                                     "nngraft/spec/schema.py -> nngraft/cli/core.py"}
+    assert result["returns"] == sum(result["climbs"].values())

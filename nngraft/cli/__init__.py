@@ -22,7 +22,10 @@ VERB_MODULES = ("nngraft.cli.core", "nngraft.study.commands", "nngraft.study.dem
 """The modules that register subcommands, in the order ``nngraft --help`` lists them."""
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(only: str | None = None) -> argparse.ArgumentParser:
+    """The whole command line; with ``only``, the options of that one verb alone (``""``: of none;
+    every verb is still listed, with its one-line help): what :func:`main` parses, so that a
+    command reads no other verb's module."""
     _load_plugins()
     parser = argparse.ArgumentParser(
         prog="nngraft",
@@ -34,11 +37,13 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for name, (fn, configure) in COMMANDS.items():
         p = sub.add_parser(name, help=(fn.__doc__ or "").strip().splitlines()[0], description=fn.__doc__)
+        p.set_defaults(func=fn)
+        if only is not None and name != only:
+            continue
         configure(p)
         if not any("--quiet" in a.option_strings for a in p._actions):
             p.add_argument("-q", "--quiet", action="store_true",
                            help="no logs or progress on stderr (results on stdout and errors still print)")
-        p.set_defaults(func=fn)
     return parser
 
 
@@ -60,7 +65,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     from .boundary import user_error_message
 
     argv = list(sys.argv[1:] if argv is None else argv)
-    args = build_parser().parse_args(argv)
+    _load_plugins()
+    verb = next((a for a in argv if not a.startswith("-")), None)  # (--debug is the only option before it)
+    args = build_parser(only=verb if verb in COMMANDS else "").parse_args(argv)  # "": no verb's options
     args.command_line = "nngraft " + shlex.join(argv)  # what to rerun (e.g. to resume after Ctrl-C)
     quiet = console.quiet
     console.quiet = bool(getattr(args, "quiet", False))

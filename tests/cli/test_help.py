@@ -70,3 +70,35 @@ def test_help_imports_no_heavy_package():
                            env={"PYTHONPATH": str(root), "PATH": ""})
     assert "usage: nngraft" in probe.stdout
     assert probe.stderr.strip().endswith("HEAVY="), f"--help imported: {probe.stderr.strip()} (of {HEAVY})"
+
+
+def test_a_command_configures_only_its_own_options(monkeypatch, capsys):
+    """``nngraft VERB`` builds the options of VERB alone (every verb still listed with its help):
+    running one command reads no other verb's module. The full parser still configures them all."""
+    from nngraft.cli import main
+    from nngraft.cli.registry import COMMANDS
+
+    build_parser()  # every verb registered
+    configured = []
+
+    def spy(name, configure):
+        def wrapped(p):
+            configured.append(name)
+            configure(p)
+        return wrapped
+
+    for name, (fn, configure) in list(COMMANDS.items()):
+        monkeypatch.setitem(COMMANDS, name, (fn, spy(name, configure)))
+    assert main(["schema"]) == 0 and '"$defs"' in capsys.readouterr().out
+    assert configured == ["schema"]
+    assert main(["--debug", "validate", str(ROOT / "recipes" / "specs" / "fe_lt.json")]) == 0
+    assert configured == ["schema", "validate"]
+    with pytest.raises(SystemExit):
+        main(["--help"])
+    assert "  run " in capsys.readouterr().out and configured == ["schema", "validate"]
+    with pytest.raises(SystemExit):
+        main(["runn"])
+    assert "invalid choice: 'runn'" in capsys.readouterr().err and configured == ["schema", "validate"]
+    configured.clear()
+    build_parser()
+    assert configured == list(COMMANDS)
