@@ -9,11 +9,13 @@ table twice, and every promised file written.
 
 from __future__ import annotations
 
+import io
 import json
 import math
 from pathlib import Path
 
 import pytest
+from rich.console import Console
 import torch
 
 from nngraft.study.demo import (DEFAULT_FACTS, QUICK_FACTS, DemoOptions, demo_specs, next_token_top1, run_demo)
@@ -23,6 +25,10 @@ from nngraft.study.smollm2 import smollm2_gguf_path, smollm2_path
 from nngraft.study.data import make_facts, make_test_examples
 from nngraft.study.results import load_results
 from nngraft.study.sweep import direct_probs
+
+
+SECOND_RUN_LOG: list[str] = []
+"""What the second quick run printed (progress on, to a file)."""
 
 
 @pytest.fixture(scope="module")
@@ -36,8 +42,10 @@ def quick_runs(tmp_path_factory):
     os.environ["NNGRAFT_CACHE"] = str(cache)
     try:
         first = run_demo(DemoOptions(quick=True, out=tmp_path_factory.mktemp("demo1"), progress=False))
-        second = run_demo(DemoOptions(quick=True, out=tmp_path_factory.mktemp("demo2"), progress=False,
-                                      plots=False))
+        log = io.StringIO()  # the second run's progress and logs go to a file, as with `2> demo.log`
+        second = run_demo(DemoOptions(quick=True, out=tmp_path_factory.mktemp("demo2"), progress=True,
+                                      plots=False), console=Console(file=log, width=140))
+        SECOND_RUN_LOG.append(log.getvalue())
     finally:
         if old is None:
             del os.environ["NNGRAFT_CACHE"]
@@ -99,6 +107,19 @@ def test_quick_demo_p_and_f_rows_are_plain_forwards_of_p_and_f(quick_runs):
     _, f_hits = next_token_top1(F, tok, examples)
     assert first.pretrained_top1 == sum(p_hits) / len(p_hits)
     assert first.finetuned_top1 == sum(f_hits) / len(f_hits)
+
+
+@pytest.mark.slow
+def test_quick_demo_logs_its_grafting_progress_as_lines_in_a_file(quick_runs):
+    """Progress to a file: no bar can be drawn, so the grafting step prints lines (rows, percent,
+    elapsed), the last at 100 %; no terminal escapes."""
+    [log] = SECOND_RUN_LOG
+    n_specs = len(demo_specs())
+    rows = n_specs * QUICK_FACTS
+    lines = [line for line in log.splitlines() if line.startswith(f"{n_specs} specs × {QUICK_FACTS} prompts: ")]
+    assert lines and lines[-1].startswith(f"{n_specs} specs × {QUICK_FACTS} prompts: {rows}/{rows} rows (100%), "
+                                          "elapsed ")
+    assert "\x1b[" not in log
 
 
 @pytest.mark.slow
