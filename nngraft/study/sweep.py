@@ -253,7 +253,6 @@ def run_sweep(config: SweepConfig, *, output: str | Path | None = None, show_pro
             for s in specs:
                 manifest["specs"][s.name] = {"hash": s.content_hash(), "role": spec_role(s),
                                              "spec": json.loads(s.to_json())}
-            save_run_examples(out_dir, examples)
             manifest["dataset"] = {**source, "hash": examples_hash(examples), "n_examples": len(examples),
                                    "examples_file": EXAMPLES_FILE,
                                    "n_facts": len({e.fact_id for e in examples}),
@@ -284,6 +283,7 @@ def run_sweep(config: SweepConfig, *, output: str | Path | None = None, show_pro
                 _check_resume(manifest, writer, specs, examples, {pair.name: pair.identity}, config.answer_logprob,
                               config.metric_names())
                 manifest["models"][pair.name] = pair.identity
+                save_run_examples(out_dir, examples)  # only once the resume checks passed: a refused run changes nothing
                 write_manifest(results, manifest)
                 recorded = True
                 grafter = grafter_for(pair, pair_cfg, config)
