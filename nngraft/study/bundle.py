@@ -42,7 +42,7 @@ BUNDLE_VERSION = 1
 BUNDLE_FILE = "bundle.json"
 PACK_LIMIT_MB = 100.0
 """F's folder is packed when it holds at most this many MB (a LoRA adapter always is): a 135M-parameter
-float32 model (540 MB) travels by reference, an adapter of a few MB inside."""
+float32 model (SmolLM2: 516 MB) travels by reference, an adapter of a few MB inside."""
 RECORD_SUFFIXES = (".json", ".jsonl", ".txt", ".csv")
 """The files of a run folder a bundle packs (its records; plots are left out: ``nngraft plot`` redraws them)."""
 

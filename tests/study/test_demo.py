@@ -69,7 +69,7 @@ def test_quick_demo_writes_a_row_for_every_spec_and_fact(quick_runs):
 
 @pytest.mark.slow
 def test_a_quick_demo_bundles_and_reproduces_row_by_row(quick_runs, tmp_path, capsys):
-    """The demo's folder records its examples and settings; bundled (F, a full finetune of 540 MB,
+    """The demo's folder records its examples and settings; bundled (F, a full finetune of 516 MB,
     by reference) and reproduced from another folder, every row matches (docs/bundle.md)."""
     from nngraft.cli import main
 
