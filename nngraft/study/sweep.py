@@ -282,6 +282,8 @@ def run_sweep(config: SweepConfig, *, output: str | Path | None = None, show_pro
                     on_loaded(pair)
                 _check_resume(manifest, writer, specs, examples, {pair.name: pair.identity}, config.answer_logprob,
                               config.metric_names())
+                if not recorded:  # only a run the resume check accepted records its examples
+                    save_run_examples(out_dir, examples)
                 manifest["models"][pair.name] = pair.identity
                 save_run_examples(out_dir, examples)  # only once the resume checks passed: a refused run changes nothing
                 write_manifest(results, manifest)

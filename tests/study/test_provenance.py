@@ -82,3 +82,19 @@ def test_the_commit_is_unknown_outside_a_git_checkout(tmp_path):
     where, commit = done.stdout.split()
     assert where == str(tmp_path / "nngraft" / "__init__.py") and commit == "unknown", done.stderr
     assert nngraft_commit() != "unknown"  # this checkout is a git one
+
+
+def test_a_refused_run_leaves_the_recorded_examples_as_they_were(tmp_path):
+    from nngraft.study.examples import TestExample
+
+    out = tmp_path / "out"
+    first, changed = tmp_path / "a.jsonl", tmp_path / "b.jsonl"
+    save_examples(first, EXAMPLES[:1])
+    save_examples(changed, [TestExample("f1", "s3", "Ada stars in The Engine alongside", {"first_actor": "Ada"},
+                                        "Alan Turing")])
+    assert main(["run", "--tiny", "llama", "--spec", "lt", "--data", str(first), "-o", str(out), "--no-progress",
+                 "-q"]) == 0
+    before = (out / "examples.jsonl").read_bytes()
+    assert main(["run", "--tiny", "llama", "--spec", "lt", "--data", str(changed), "-o", str(out), "--no-progress",
+                 "-q"]) == 2  # the same example key with another prompt: refused
+    assert (out / "examples.jsonl").read_bytes() == before
