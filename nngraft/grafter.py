@@ -26,7 +26,7 @@ from typing import Any, Mapping, Sequence
 import torch
 
 from .arch import Adapter
-from .errors import ArgumentError, PromptError
+from .errors import ArgumentError, GraftError, IdentityCheckError, PromptError
 from .backends.base import Backend
 from .backends.local import LocalBackend
 from .backends.setup import Setup
@@ -114,16 +114,17 @@ class Grafter:
     @classmethod
     def remote(cls, recipient: Any, donor: Any, tokenizer: Any = None, *, adapter: Adapter | None = None,
                donors: Mapping[str, Any] | None = None, batch_size: int | None = None,
-               **options: Any) -> "Grafter":
+               check_identities: bool = True, **options: Any) -> "Grafter":
         """A Grafter whose passes run on NDIF, where only P is hosted and the donor travels as
         tensors: ``Grafter.remote("meta-llama/Meta-Llama-3.1-8B", donor=LoraDonor("adapter/"))``.
         ``options`` go to :class:`~nngraft.backends.ndif.NdifBackend` (``execution=``,
         ``dtype=``, ``max_payload_mb=``, ``api_key=``, ``host=``, ``revision=``, ``check_model=``,
-        ``verbose=``); see docs/remote.md."""
+        ``verbose=``); see docs/remote.md. ``check_identities``: the identity guard, as for a
+        local Grafter (on the first run: one more request, or two where P is hosted)."""
         from .backends.ndif import NdifBackend
 
         return cls(recipient, donor, tokenizer, backend=NdifBackend(**options), adapter=adapter, donors=donors,
-                   batch_size=batch_size)
+                   batch_size=batch_size, check_identities=check_identities)
 
     def __repr__(self) -> str:
         return (f"Grafter({self.model.config.model_type!r}, donor={_describe(self.donor)!r}, "
@@ -324,13 +325,29 @@ class Grafter:
     def _guard(self, specs: Sequence[GraftSpec], prompts: Sequence[TokenizedPrompt]) -> None:
         """The identity guard (:mod:`nngraft.backends.identity`), once per Grafter, on the first
         run's first prompt: the empty spec must give P, "everything" F."""
-        from .backends.identity import check_identities, enabled
+        from .backends.identity import EVERYTHING, check_identities, enabled, finetuned_model
 
-        if self._identities_checked or not prompts or not enabled(self.check_identities) or \
-                not isinstance(self.backend, LocalBackend):
+        if self._identities_checked or not prompts or not enabled(self.check_identities):
             return
-        check_identities(self.forward, self.model, self.donor, self.adapter, specs, prompts, self.pad_id,
-                         self.device)
+        if isinstance(self.backend, LocalBackend):
+            check_identities(self.forward, self.model, self.donor, self.adapter, specs, prompts, self.pad_id,
+                             self.device)
+        else:  # one more request (or two); "everything" only where it fits one
+            with_f = finetuned_model(self.donor) is not None
+            estimate = getattr(self.backend, "estimate", None)
+            if with_f and callable(estimate):
+                try:
+                    report = estimate(EVERYTHING, self.setup)
+                    with_f = report.limit_bytes is None or report.total_bytes <= report.limit_bytes
+                except GraftError:
+                    with_f = False
+            try:
+                check_identities(self.forward, self.model, self.donor, self.adapter, specs, prompts, self.pad_id,
+                                 self.device, with_f=with_f, travel_dtype=self.setup.dtype)
+            except IdentityCheckError:
+                raise
+            except GraftError:  # the guard's own request refused: the run's requests say why, with its rows
+                return
         self._identities_checked = True
 
     def forward(self, plan: GraftPlan, batch: PaddedBatch, *, keep_all: bool = False,

@@ -861,3 +861,88 @@ def test_forced_tokens_the_model_cannot_take_are_refused():
         answer_token_ids(tok, "Ada stars in", " ")
     out = g.generate(GraftSpec(), ["Ada stars in", "Alan stars in"], forced=[[3, 4], [5]])  # ragged rows: fine
     assert out.tokens[:, 0].tolist() == [3, 5]
+
+
+# -- the identity guard on the NDIF backend (its stand-ins: in process, a server process, fake NDIF) ---
+
+from tests.helpers.ndif import fake_ndif  # noqa: E402,F401 - NDIF's endpoints, mocked; P hosted (weightless here)
+
+
+def _normalized(message: str) -> str:
+    return re.sub(r"max \|Δ log-prob\| [0-9.e+-]+ > [0-9.e+-]+", "max |Δ log-prob| …", message)
+
+
+def _remote(execution: str, donor, worker, fake_ndif):
+    from nngraft.donors.delta import DenseDonor
+
+    P, _, tok = pair()
+    if execution == "hosted":
+        return Grafter.remote(fake_ndif.folder, DenseDonor(donor, dtype=torch.float32), dtype=torch.float32,
+                              verbose=False)
+    server = "local" if execution == "in process" else worker.server("llama")
+    return Grafter.remote(P, DenseDonor(donor, dtype=torch.float32), tok, execution=server, verbose=False)
+
+
+@pytest.fixture(params=["in process", "server process", "hosted"])
+def execution(request):
+    if request.param == "hosted":
+        request.getfixturevalue("fake_ndif")
+    return request.param
+
+
+import re  # noqa: E402
+
+
+@pytest.mark.slow
+def test_the_identity_guard_runs_on_the_ndif_backend(execution, worker, request):
+    """On a remote backend the guard used to be skipped: a donor whose settings differ from P's
+    gave wrong numbers silently there while the local backend refused it. Now the first run
+    checks both identities (one extra request; P's plain pass as a request of its own where P
+    is hosted), with the local backend's error text."""
+    from nngraft.errors import IdentityCheckError
+
+    fake = request.getfixturevalue("fake_ndif") if execution == "hosted" else None
+    P, F, tok = _fresh_pair()
+    prompts = ["Ada Lovelace stars in", "Q: Who stars in a movie with Grace Hopper? A:"]
+    g = _remote(execution, F, worker, fake)
+    out = g.run(LT_MLP, prompts)
+    assert g._identities_checked and len(g.backend.requests) == (3 if execution == "hosted" else 2)
+    torch.testing.assert_close(out.logits, Grafter(P, F, tok).run(LT_MLP, prompts).logits, atol=2e-5, rtol=1e-4)
+    F.model.norm.variance_epsilon = 0.5  # same weights, same config: only F's norm computes otherwise
+    with pytest.raises(IdentityCheckError) as local:
+        Grafter(P, F, tok).run(LT_MLP, prompts)
+    g = _remote(execution, F, worker, fake)
+    with pytest.raises(IdentityCheckError) as remote:
+        g.run(LT_MLP, prompts)
+    assert "model.norm.variance_epsilon: P 1e-06, F 0.5" in str(remote.value), str(remote.value)
+    assert _normalized(str(remote.value)) == _normalized(str(local.value))
+    assert not g._identities_checked
+
+
+def test_the_identity_guard_on_ndif_catches_rows_that_are_not_independent():
+    from nngraft.donors.delta import DenseDonor
+    from nngraft.errors import IdentityCheckError
+
+    P, F, tok = _fresh_pair()
+    P.model.norm.register_forward_hook(lambda m, i, out: out + 0.1 * (out.shape[0] - 1))
+    g = Grafter.remote(P, DenseDonor(F, dtype=torch.float32), tok, execution="local", verbose=False)
+    with pytest.raises(IdentityCheckError, match="the empty spec does not reproduce P"):
+        g.run(LT_MLP, ["Ada stars in"])
+
+
+def test_the_ndif_guard_leaves_out_what_it_cannot_check(monkeypatch):
+    """A low-rank delta or LoRA is not F (no F half); "everything" over the payload limit is not
+    sent (no F half); switched off, no extra request."""
+    from nngraft.donors.delta import DeltaDonor, DenseDonor
+
+    P, F, tok = _fresh_pair()
+    F.model.norm.variance_epsilon = 0.5  # would fail the F half
+    for donor, options in ((DeltaDonor(F, P, rank=2, dtype=torch.float32), {}),
+                           (DenseDonor(F, dtype=torch.float32), {"max_payload_mb": 0.12})):  # the run fits, "everything" (160 kB) not
+        g = Grafter.remote(P, donor, tok, execution="local", verbose=False, **options)
+        g.run(LT_MLP, ["Ada stars in"])
+        assert g._identities_checked
+    g = Grafter.remote(P, DenseDonor(F, dtype=torch.float32), tok, execution="local", verbose=False,
+                       check_identities=False)
+    g.run(LT_MLP, ["Ada stars in"])
+    assert len(g.backend.requests) == 1

@@ -10,11 +10,17 @@ an identity fails, the error says what differs between P and F outside the graft
 (config entries, buffers such as rotary frequencies, module settings such as a norm's epsilon) or,
 for P, that rows of a batch are not independent.
 
-The F half needs F as a loaded model (a :class:`~nngraft.donors.donor.ModelDonor`); for a donor
-known only by its tensors (a checkpoint path, a LoRA adapter, a delta) F's config is compared at
-attach time instead (``check_against``). The guard runs where P's weights are in this process
-(the local backend). Switch it off with ``Grafter(..., check_identities=False)`` or the
-environment variable ``NNGRAFT_IDENTITY_CHECK=0``.
+The F half needs F as a loaded model (a :class:`~nngraft.donors.donor.ModelDonor`, or a remote
+:class:`~nngraft.donors.delta.DenseDonor` / full-rank :class:`~nngraft.donors.delta.DeltaDonor` made
+from one); for a donor known only by its tensors (a checkpoint path, a LoRA adapter, a low-rank
+delta) F's config is compared at attach time instead (``check_against``).
+
+On a remote backend (NDIF or its stand-ins) the three rows are one extra request, and P's plain
+forward pass is computed here when P's weights are here, else as one more request of the empty
+spec alone; the F half is left out when "everything" would not fit one request (F's plain pass
+runs here). Donor tensors that travel in half precision widen the tolerance as half precision
+does. The error texts are the same on every backend. Switch the guard off with
+``Grafter(..., check_identities=False)`` or the environment variable ``NNGRAFT_IDENTITY_CHECK=0``.
 """
 
 from __future__ import annotations
@@ -63,14 +69,28 @@ def _plain(model: torch.nn.Module, ids: Sequence[int], device: Any) -> torch.Ten
     return _last_logprobs(out.logits[0, -1]).cpu()
 
 
+def finetuned_model(donor: Any) -> torch.nn.Module | None:
+    """F as a loaded model, where the donor holds one that it grafts exactly."""
+    if isinstance(donor, ModelDonor):
+        return donor.model
+    model = getattr(donor, "finetuned_model", None)
+    return model if isinstance(model, torch.nn.Module) else None
+
+
+def _has_weights(model: torch.nn.Module) -> bool:
+    return all(p.device.type != "meta" for p in model.parameters())
+
+
 def check_identities(forward: Callable[..., Any], model: torch.nn.Module, donor: Any, adapter: Any,
                      specs: Sequence[GraftSpec], prompts: Sequence[TokenizedPrompt], pad_id: int,
-                     device: Any) -> None:
+                     device: Any, *, with_f: bool = True, travel_dtype: torch.dtype | None = None) -> None:
     """Raise :class:`~nngraft.errors.IdentityCheckError` unless the empty spec reproduces P and
-    "everything" reproduces F (when ``donor`` is a loaded model) on ``prompts[0]``, in one pass
-    beside the run's own first graft (``specs[i]`` on ``prompts[i]``) on a longer prompt.
+    "everything" reproduces F (when ``donor`` holds F as a loaded model, and ``with_f``) on
+    ``prompts[0]``, in one pass beside the run's own first graft (``specs[i]`` on ``prompts[i]``)
+    on a longer prompt.
 
-    ``forward(plan, batch)`` is the Grafter's forward pass (returns ``(logits, cache)``)."""
+    ``forward(plan, batch)`` is the Grafter's forward pass (returns ``(logits, cache)``), here or
+    remote; ``travel_dtype``: the dtype donor tensors travel in to a remote backend."""
     i = max(range(len(prompts)), key=lambda k: (bool(specs[k].rules), len(prompts[k])))
     beside, other = specs[i], prompts[i]
     first = prompts[0]
@@ -78,7 +98,7 @@ def check_identities(forward: Callable[..., Any], model: torch.nn.Module, donor:
     if len(first) >= len(other):  # no longer prompt in the run: P's row is made longer instead
         first = TokenizedPrompt(first.text + " " + first.text, tuple(first.ids) * 2)
         shown += " (twice)"
-    F = donor.model if isinstance(donor, ModelDonor) else None
+    F = finetuned_model(donor) if with_f else None
     rows = [(EMPTY, first), (beside, other)] + ([(EVERYTHING, first)] if F is not None else [])
     try:
         plan = compile_plan([s for s, _ in rows], adapter, model.config, [p for _, p in rows])
@@ -88,8 +108,13 @@ def check_identities(forward: Callable[..., Any], model: torch.nn.Module, donor:
     logits, _ = forward(plan, batch)
     got = _last_logprobs(logits[:, -1]).cpu()
     dtype = next(model.parameters()).dtype
-    tol = tolerance(dtype)
-    gap = float((got[0] - _plain(model, first.ids, device)).abs().max())
+    tol = max(tolerance(dtype), tolerance(travel_dtype or dtype))
+    if _has_weights(model):
+        plain = _plain(model, first.ids, device)
+    else:  # P is hosted elsewhere: its plain pass is the empty spec alone, in a request of its own
+        alone, _ = forward(compile_plan([EMPTY], adapter, model.config, [first]), pad_left([first.ids], pad_id, device))
+        plain = _last_logprobs(alone[0, -1]).cpu()
+    gap = float((got[0] - plain).abs().max())
     if not gap <= tol:
         raise IdentityCheckError(
             f"identity check failed: the empty spec does not reproduce P on {shown} (max |Δ log-prob| "
@@ -114,16 +139,19 @@ def describe_differences(P: torch.nn.Module, F: torch.nn.Module) -> str:
     found = [f"config {k}: P {a!r}, F {b!r}" for k, a, b in config_differences(P.config, F.config)]
     theirs = dict(F.named_buffers())
     for name, mine in P.named_buffers():
+        if mine.device.type == "meta":  # P hosted elsewhere: its buffers are not here to compare
+            continue
         other = theirs.get(name)
         if other is None or other.shape != mine.shape or not torch.equal(other.to(mine.device, mine.dtype), mine):
             found.append(f"buffer {name!r}" + (" (missing in F)" if other is None else ""))
     modules = dict(F.named_modules())
+    labels = {"name_or_path"} | ({"training"} if not _has_weights(P) else set())  # a hosted P's copy here never runs
     for path, module in P.named_modules():
         other = modules.get(path)
         if other is None:
             continue
         for key, value in vars(module).items():
-            if key.startswith("_") or not isinstance(value, (int, float, str, bool)):
+            if key.startswith("_") or key in labels or not isinstance(value, (int, float, str, bool)):
                 continue
             if getattr(other, key, value) != value:
                 found.append(f"{path or 'model'}.{key}: P {value!r}, F {getattr(other, key)!r}")

@@ -65,6 +65,11 @@ class DenseDonor:
         self._f = Tensors(finetuned, "finetuned")
         self.dtype = dtype
 
+    @property
+    def finetuned_model(self) -> torch.nn.Module | None:
+        """F as a loaded model when it was given as one (the identity guard compares with it)."""
+        return getattr(self._f.source, "model", None)
+
     def params(self, path: str, module: torch.nn.Module) -> dict[str, torch.Tensor]:
         """F's parameters for the recipient's ``module`` (the local Donor protocol)."""
         return self._f.source.params(path, module)
@@ -143,6 +148,14 @@ class DeltaDonor:
         self.pretrained_fingerprints: dict[str, str] = {}
         """Per tensor checked so far: a sha256 (12 hex) of the pretrained model's tensor the delta
         was made from; a recipient whose tensor differs is refused."""
+
+    @property
+    def finetuned_model(self) -> torch.nn.Module | None:
+        """F as a loaded model when it was given as one and travels whole (no ``rank``: the
+        identity guard's "everything" must then reproduce F)."""
+        if self.rank is not None or self._f is None:
+            return None
+        return getattr(self._f.source, "model", None)
 
     # -- which P ----------------------------------------------------------------------------
 
