@@ -120,7 +120,7 @@ class Grafter:
         ``options`` go to :class:`~nngraft.backends.ndif.NdifBackend` (``execution=``,
         ``dtype=``, ``max_payload_mb=``, ``api_key=``, ``host=``, ``revision=``, ``check_model=``,
         ``verbose=``); see docs/remote.md. ``check_identities``: the identity guard, as for a
-        local Grafter (on the first run: one more request, or two where P is hosted)."""
+        local Grafter (on the first run: two more requests)."""
         from .backends.ndif import NdifBackend
 
         return cls(recipient, donor, tokenizer, backend=NdifBackend(**options), adapter=adapter, donors=donors,
@@ -332,7 +332,7 @@ class Grafter:
         if isinstance(self.backend, LocalBackend):
             check_identities(self.forward, self.model, self.donor, self.adapter, specs, prompts, self.pad_id,
                              self.device)
-        else:  # one more request (or two); "everything" only where it fits one
+        else:  # two more requests; "everything" only where it fits one
             with_f = finetuned_model(self.donor) is not None
             estimate = getattr(self.backend, "estimate", None)
             if with_f and callable(estimate):
@@ -341,13 +341,18 @@ class Grafter:
                     with_f = report.limit_bytes is None or report.total_bytes <= report.limit_bytes
                 except GraftError:
                     with_f = False
+            log = getattr(self.backend, "requests", [])
+            sent = len(log)
             try:
                 check_identities(self.forward, self.model, self.donor, self.adapter, specs, prompts, self.pad_id,
-                                 self.device, with_f=with_f, travel_dtype=self.setup.dtype)
+                                 self.device, with_f=with_f, travel_dtype=self.setup.dtype, remote=True)
             except IdentityCheckError:
                 raise
             except GraftError:  # the guard's own request refused: the run's requests say why, with its rows
                 return
+            finally:
+                for entry in log[sent:]:  # the request log tells the guard's requests from the run's
+                    entry["purpose"] = "identity check"
         self._identities_checked = True
 
     def forward(self, plan: GraftPlan, batch: PaddedBatch, *, keep_all: bool = False,

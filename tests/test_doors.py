@@ -897,8 +897,8 @@ import re  # noqa: E402
 def test_the_identity_guard_runs_on_the_ndif_backend(execution, worker, request):
     """On a remote backend the guard used to be skipped: a donor whose settings differ from P's
     gave wrong numbers silently there while the local backend refused it. Now the first run
-    checks both identities (one extra request; P's plain pass as a request of its own where P
-    is hosted), with the local backend's error text."""
+    checks both identities (two extra requests: the three rows, and P's plain pass), with the
+    local backend's error text."""
     from nngraft.errors import IdentityCheckError
 
     fake = request.getfixturevalue("fake_ndif") if execution == "hosted" else None
@@ -906,7 +906,7 @@ def test_the_identity_guard_runs_on_the_ndif_backend(execution, worker, request)
     prompts = ["Ada Lovelace stars in", "Q: Who stars in a movie with Grace Hopper? A:"]
     g = _remote(execution, F, worker, fake)
     out = g.run(LT_MLP, prompts)
-    assert g._identities_checked and len(g.backend.requests) == (3 if execution == "hosted" else 2)
+    assert g._identities_checked and len(g.backend.requests) == 3  # the guard's two, then the run's
     torch.testing.assert_close(out.logits, Grafter(P, F, tok).run(LT_MLP, prompts).logits, atol=2e-5, rtol=1e-4)
     F.model.norm.variance_epsilon = 0.5  # same weights, same config: only F's norm computes otherwise
     with pytest.raises(IdentityCheckError) as local:

@@ -53,7 +53,7 @@ def test_remote_is_a_grafter_with_the_ndif_backend_and_gives_the_local_numbers()
     assert "NdifBackend(execution='local')" in repr(g)
     local = Grafter(P, F, tok).run(SPEC, PROMPTS, SPANS).logits
     torch.testing.assert_close(g.run(SPEC, PROMPTS, SPANS).logits, local, atol=ATOL, rtol=RTOL)
-    assert len(g.backend.requests) == 1
+    assert [r.get("purpose") for r in g.backend.requests] == ["identity check"] * 2 + [None]
     with pytest.raises(RemoteUnsupportedError, match="generation is not supported remotely"):
         g.generate(SPEC, PROMPTS, SPANS)
 

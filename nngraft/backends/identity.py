@@ -16,8 +16,7 @@ from one); for a donor known only by its tensors (a checkpoint path, a LoRA adap
 delta) F's config is compared at attach time instead (``check_against``).
 
 On a remote backend (NDIF or its stand-ins) the three rows are one extra request, and P's plain
-forward pass is computed here when P's weights are here, else as one more request of the empty
-spec alone; the F half is left out when "everything" would not fit one request (F's plain pass
+forward pass one more (the empty spec alone, on the server's P); the F half is left out when "everything" would not fit one request (F's plain pass
 runs here). Donor tensors that travel in half precision widen the tolerance as half precision
 does. The error texts are the same on every backend. Switch the guard off with
 ``Grafter(..., check_identities=False)`` or the environment variable ``NNGRAFT_IDENTITY_CHECK=0``.
@@ -83,14 +82,17 @@ def _has_weights(model: torch.nn.Module) -> bool:
 
 def check_identities(forward: Callable[..., Any], model: torch.nn.Module, donor: Any, adapter: Any,
                      specs: Sequence[GraftSpec], prompts: Sequence[TokenizedPrompt], pad_id: int,
-                     device: Any, *, with_f: bool = True, travel_dtype: torch.dtype | None = None) -> None:
+                     device: Any, *, with_f: bool = True, travel_dtype: torch.dtype | None = None,
+                     remote: bool = False) -> None:
     """Raise :class:`~nngraft.errors.IdentityCheckError` unless the empty spec reproduces P and
     "everything" reproduces F (when ``donor`` holds F as a loaded model, and ``with_f``) on
     ``prompts[0]``, in one pass beside the run's own first graft (``specs[i]`` on ``prompts[i]``)
     on a longer prompt.
 
     ``forward(plan, batch)`` is the Grafter's forward pass (returns ``(logits, cache)``), here or
-    remote; ``travel_dtype``: the dtype donor tensors travel in to a remote backend."""
+    remote; ``travel_dtype``: the dtype donor tensors travel in to a remote backend; ``remote``: P's
+    plain pass is the empty spec alone through ``forward`` (the server's P, which may carry a gated
+    Hub adapter), not the local copy's."""
     i = max(range(len(prompts)), key=lambda k: (bool(specs[k].rules), len(prompts[k])))
     beside, other = specs[i], prompts[i]
     first = prompts[0]
@@ -109,9 +111,9 @@ def check_identities(forward: Callable[..., Any], model: torch.nn.Module, donor:
     got = _last_logprobs(logits[:, -1]).cpu()
     dtype = next(model.parameters()).dtype
     tol = max(tolerance(dtype), tolerance(travel_dtype or dtype))
-    if _has_weights(model):
+    if not remote:
         plain = _plain(model, first.ids, device)
-    else:  # P is hosted elsewhere: its plain pass is the empty spec alone, in a request of its own
+    else:  # P runs elsewhere: its plain pass is the empty spec alone, in a request of its own
         alone, _ = forward(compile_plan([EMPTY], adapter, model.config, [first]), pad_left([first.ids], pad_id, device))
         plain = _last_logprobs(alone[0, -1]).cpu()
     gap = float((got[0] - plain).abs().max())
