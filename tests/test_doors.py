@@ -733,36 +733,36 @@ MISLEADING_CLI = {
     # name: (set-up returning the argv, the message)
     "adapter folder without adapter_config.json": (
         lambda d: _run_argv("P", _no_adapter_config(d)),
-        r"weights-only holds LoRA adapter weights but no adapter_config.json: copy the adapter_config.json saved "
+        r"\S*weights-only holds LoRA adapter weights but no adapter_config.json: copy the adapter_config.json saved "
         r"with them"),
     "an adapter's config file instead of its folder": (
         lambda d: _run_argv("P", "adapter/adapter_config.json"),
-        r"adapter/adapter_config.json is one file of a saved model or adapter: give its folder, adapter"),
+        r"adapter/adapter_config.json is one file of a saved model or adapter: give its folder, \S*adapter$"),
     "an adapter's weights file instead of its folder": (
         lambda d: _run_argv("P", "adapter/adapter_model.safetensors"),
-        r"adapter/adapter_model.safetensors is one file of a saved model or adapter: give its folder, adapter"),
+        r"adapter/adapter_model.safetensors is one file of a saved model or adapter: give its folder, \S*adapter$"),
     "a model's config.json instead of its folder": (
         lambda d: _run_argv("P/config.json", "F"), r"P/config.json is one file of a saved model or adapter: give "
-                                                   r"its folder, P"),
+                                                   r"its folder, \S*P$"),
     "an adapter for modules P lacks (run)": (
         lambda d: _run_argv("P", _adapter_for_other_modules(d)),
-        r"the LoRA adapter gpt2-adapter adapts module 'model.layers.0.mlp.c_fc', which LlamaForCausalLM does not "
+        r"the LoRA adapter \S*gpt2-adapter adapts module 'model.layers.0.mlp.c_fc', which LlamaForCausalLM does not "
         r"have"),
     "an adapter for modules P lacks (payload)": (
         lambda d: ["payload", str(Path(__file__).parents[1] / "recipes/specs/lt.json"), "--model", "P", "--donor",
                    "adapter:" + _adapter_for_other_modules(d)],
         r"adapts module 'model.layers.0.mlp.c_fc', which LlamaForCausalLM does not have"),
     "a .gguf path that does not exist": (
-        lambda d: _run_argv("nope.gguf"), r"no GGUF file at nope.gguf: no such file; check the path"),
+        lambda d: _run_argv("nope.gguf"), r"no GGUF file at \S*nope.gguf: no such file; check the path"),
     "a .gguf that is a folder": (
-        lambda d: (d / "dir.gguf").mkdir() or _run_argv("P", "dir.gguf"), r"no GGUF file at dir.gguf \(it is a folder\)"),
+        lambda d: (d / "dir.gguf").mkdir() or _run_argv("P", "dir.gguf"), r"no GGUF file at \S*dir.gguf \(it is a folder\)"),
     "a file that is not GGUF": (
         lambda d: [(d / "bad.gguf").write_bytes(b"GGUF" + bytes(60)), _run_argv("bad.gguf")][1],
-        r"bad.gguf is not a GGUF model file transformers can read \(ValueError: .*GGUF v0.*\); give a GGUF v2/v3 "
+        r"\S*bad.gguf is not a GGUF model file transformers can read \(ValueError: .*GGUF v0.*\); give a GGUF v2/v3 "
         r"file of a causal language model, or a Hugging Face model folder"),
     "a GGUF of an architecture transformers does not convert": (
         lambda d: _run_argv("P", str(_gguf(d / "rwkv.gguf", "rwkv6").name)),
-        r"rwkv.gguf: GGUF model with architecture rwkv6 is not supported yet. transformers converts GGUF files "
+        r"\S*rwkv.gguf: GGUF model with architecture rwkv6 is not supported yet. transformers converts GGUF files "
         r"of these architectures: .*llama.*; convert this model to a Hugging Face folder"),
     "a misspelt template name": (
         lambda d: [*_run_argv()[:-3], "--template", "sentnce_3", "--no-progress"],
