@@ -45,6 +45,14 @@ class LoadedPair:
     with the adapter merged, for the plain-F baseline check)."""
 
 
+def _recorded(source: str) -> str:
+    """A model's source as the manifest records it: a local path made absolute (the manifest is read
+    from elsewhere, e.g. by ``nngraft reproduce``); hub ids and names as given. Loading and its error
+    messages keep the path the user gave."""
+    local = Path(source)
+    return str(local.resolve()) if local.exists() else source
+
+
 def load_pair(pair: ModelPair, config: SweepConfig | None = None) -> LoadedPair:
     """Load P, F and the tokenizer of a :class:`ModelPair` (on its device and dtype)."""
     device = resolve_device(pair.device)
@@ -62,7 +70,7 @@ def load_pair(pair: ModelPair, config: SweepConfig | None = None) -> LoadedPair:
 
         def resolve(value: str) -> str:
             local = config.path(value) if config is not None else Path(value)
-            return str(local.resolve()) if local.exists() else value  # absolute: the manifest is read elsewhere
+            return str(local) if local.exists() else value
 
         src_p, src_f = resolve(pair.recipient), resolve(pair.donor)
         dtype = _DTYPES.get(pair.dtype, "auto")
@@ -71,7 +79,7 @@ def load_pair(pair: ModelPair, config: SweepConfig | None = None) -> LoadedPair:
         with loading_model(f"model {pair.name!r}: the donor", src_f):
             F, graft_from = load_donor(src_f, P, dtype=dtype)
     P, F = P.to(device).eval(), F.to(device).eval()
-    identity = {"recipient": model_identity(P, src_p), "donor": model_identity(F, src_f),
+    identity = {"recipient": model_identity(P, _recorded(src_p)), "donor": model_identity(F, _recorded(src_f)),
                 "device": str(device)}
     if graft_from is not None:
         identity["donor"]["lora_adapter"] = graft_from.describe()
@@ -80,11 +88,11 @@ def load_pair(pair: ModelPair, config: SweepConfig | None = None) -> LoadedPair:
     donors = {}
     for key, value in pair.donors.items():  # extra named donors: always paths or hub ids
         local = config.path(value) if config is not None else Path(value)
-        src = str(local.resolve()) if local.exists() else value
+        src = str(local) if local.exists() else value
         with loading_model(f"model {pair.name!r}: donor {key!r}", src):
             donors[key], _ = load_donor(src, P, dtype=_DTYPES.get(pair.dtype, "auto"))
         donors[key] = donors[key].to(device).eval()
-        identity.setdefault("donors", {})[key] = model_identity(donors[key], src)
+        identity.setdefault("donors", {})[key] = model_identity(donors[key], _recorded(src))
         identity["donors"][key].update(donor_provenance(src))
     loaded = LoadedPair(pair.name, P, F, tok, identity, donors)
     loaded.graft_donor = graft_from

@@ -347,3 +347,23 @@ def test_a_named_donor_travels_and_is_checked_like_f(runs, tmp_path, capsys):
     code, _, err = _cli(capsys, "reproduce", str(tmp_path / "ref.zip"), "--no-progress")
     text = " ".join(err.split())
     assert code == 2 and "donor 'hybrid' of model 'F'" in text and "is not the model this run used" in text, text
+
+
+def test_a_row_edited_inside_the_bundle_is_a_mismatch_and_the_file_is_named(runs, tmp_path, capsys):
+    assert _cli(capsys, "bundle", str(runs / "full"), "-o", str(tmp_path / "b.zip"), "--no-progress")[0] == 0
+    with zipfile.ZipFile(tmp_path / "b.zip") as source, zipfile.ZipFile(tmp_path / "edited.zip", "w") as edited:
+        for name in source.namelist():
+            data = source.read(name)
+            if name == "run/results.jsonl":
+                lines = data.decode().splitlines()
+                row = json.loads(lines[0])
+                row["rank"] += 1
+                data = ("\n".join([json.dumps(row), *lines[1:]]) + "\n").encode()
+            edited.writestr(name, data)
+    code, out, err = _cli(capsys, "reproduce", str(tmp_path / "edited.zip"), "--json", "--no-progress")
+    text = " ".join(err.split())
+    assert code == 1 and "run/results.jsonl changed since the bundle was made" in text, text
+    report = json.loads(out)
+    assert report["changed_since_bundling"] == ["run/results.jsonl"] and report["counts"]["mismatch"] == 1
+    (bad,) = [r for r in report["rows"] if r["status"] == "mismatch"]
+    assert bad["mismatched"] == [{"column": "rank", "recorded": row["rank"], "now": row["rank"] - 1}]
