@@ -227,7 +227,7 @@ def test_second_writer_is_refused_naming_the_first(tmp_path, examples):
     assert not (tmp_path / "out" / "results.jsonl").exists()
     outcome = run_sweep(load_sweep_config(config), show_progress=False)  # the lock is gone
     assert outcome.results.exists()
-    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["manifest.json", "results.jsonl"]
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["examples.jsonl", "manifest.json", "results.jsonl"]
 
 
 def test_the_lock_is_released_when_its_holder_is_killed(tmp_path):

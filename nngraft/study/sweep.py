@@ -285,7 +285,6 @@ def run_sweep(config: SweepConfig, *, output: str | Path | None = None, show_pro
                 if not recorded:  # only a run the resume check accepted records its examples
                     save_run_examples(out_dir, examples)
                 manifest["models"][pair.name] = pair.identity
-                save_run_examples(out_dir, examples)  # only once the resume checks passed: a refused run changes nothing
                 write_manifest(results, manifest)
                 recorded = True
                 grafter = grafter_for(pair, pair_cfg, config)
