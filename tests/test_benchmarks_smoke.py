@@ -198,3 +198,18 @@ def test_run_path_counts_the_files_a_command_enters():
     assert set(result["climbs"]) == {"nngraft/cli/core.py -> nngraft/cli/__init__.py",
                                      "nngraft/spec/schema.py -> nngraft/cli/core.py"}
     assert result["returns"] == sum(result["climbs"].values())
+
+
+def test_the_planted_mutants_still_apply_to_the_validators():
+    """benchmarks/mutate_validators.py: each mutant's text occurs once in its file (a validator
+    rewritten without its mutants would silently leave them out)."""
+    import subprocess
+    import sys
+
+    from benchmarks.mutate_validators import MUTANTS, check_applicable
+
+    assert check_applicable() == [] and len(MUTANTS) >= 25
+    assert {m.path for m in MUTANTS} == {"nngraft/util/checks.py", "nngraft/spec/schema.py", "nngraft/cli/boundary.py"}
+    done = subprocess.run([sys.executable, "-m", "benchmarks.mutate_validators", "--list"], capture_output=True,
+                          text=True, cwd=str(__import__("tests.helpers", fromlist=["ROOT"]).ROOT))
+    assert done.returncode == 0 and len(done.stdout.splitlines()) == len(MUTANTS)

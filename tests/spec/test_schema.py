@@ -186,3 +186,37 @@ _rules = st.builds(
 def test_json_round_trip_is_identity(rules, name):
     spec = GraftSpec(name=name or "x", rules=rules)
     assert GraftSpec.from_json(spec.to_json()) == spec
+
+
+def test_the_schema_validators_refuse_just_past_their_edge():
+    """Each rule of the schema, at its edge (written against benchmarks/mutate_validators.py's
+    planted mutants)."""
+    from pydantic import ValidationError
+
+    from nngraft import GraftRule, GraftSpec, Last
+
+    rule = {"components": ["mlp"], "positions": [{"last": True}]}
+    bad = [
+        ({**rule, "weights": {"rank": 2, "top_percent": 5}}, "give exactly one of top_percent, rank, rows, columns, "
+                                                             r"heads, neurons \(got top_percent, rank\)"),
+        ({**rule, "weights": {}}, r"give exactly one of .* \(got none\)"),
+        ({**rule, "weights": {"rank": 2, "per": "layer"}}, "per: 'layer' only applies to top_percent"),
+        ({**rule, "layers": []}, "an empty layer list selects nothing"),
+        ({"components": ["everything"], "layers": "last:1", "positions": [{"last": True}]},
+         "'everything' includes the embeddings and the LM head"),
+    ]
+    for fields, message in bad:
+        with pytest.raises(ValidationError, match=message):
+            GraftRule.model_validate(fields)
+    assert GraftRule.model_validate({**rule, "weights": {"top_percent": 5, "per": "layer"}}).weights.kind == "top_percent"
+    assert GraftRule(components=["everything"], positions=[Last()]).layers == "all"
+    for version, message in (("2", None), ("3", "written by a newer nngraft"), ("v1", "must be a number as a string"),
+                             ("", "must be a number as a string")):
+        if message is None:
+            assert GraftSpec(schema_version=version).schema_version == version
+        else:
+            with pytest.raises(ValidationError, match=message):
+                GraftSpec(schema_version=version)
+    assert GraftSpec.model_validate({"layer_groups": "paper"}).schema_version == "2"  # the feature needs version 2
+    assert GraftSpec.model_validate({"layer_groups": "paper", "schema_version": "1"}).schema_version == "2"
+    assert GraftSpec.model_validate({}).schema_version == "1"
