@@ -104,8 +104,11 @@ def load_donor(name: str, recipient: torch.nn.Module, *, dtype: Any) -> tuple[to
     LoRA adapter folder is grafted as a :class:`~nngraft.donors.delta.LoraDonor`; the whole model returned
     beside it is P with the adapter merged (by PEFT when installed), used for the plain-F baseline
     check, so every run compares the adapter's grafts against merged weights."""
-    from ..donors.loading import load_model, resolve_model
+    from ..donors.loading import ADAPTER_WEIGHTS, load_model, resolve_model
 
+    file = Path(name)
+    if file.is_file() and file.suffix == ".safetensors" and file.name not in ADAPTER_WEIGHTS:
+        return model_from_safetensors(file, recipient), None  # one weights file, as Python's Grafter takes it
     source = resolve_model(name)
     if source.kind != "adapter":
         return load_model(name, dtype=dtype)[0], None
@@ -114,6 +117,25 @@ def load_donor(name: str, recipient: torch.nn.Module, *, dtype: Any) -> tuple[to
     lora = LoraDonor(source.path)
     lora.check_against(recipient)
     return merged_lora_model(recipient, source.path), lora
+
+
+def model_from_safetensors(path: str | Path, recipient: torch.nn.Module) -> torch.nn.Module:
+    """F as a whole model from one ``.safetensors`` file (what ``Grafter(P, "F/model.safetensors")``
+    grafts from): a copy of ``recipient`` holding the file's tensors, after the same checks against P
+    (a ``config.json`` beside the file, every tensor's shape, no tensor P lacks). A tensor the file
+    lacks is refused by name (a tied LM head may be missing: it reads the embedding)."""
+    import copy
+
+    from ..donors.donor import SafetensorsDonor
+
+    donor = SafetensorsDonor(path)
+    donor.check_against(recipient)
+    model = copy.deepcopy(recipient)
+    with torch.no_grad():
+        for child_name, child in model.named_children():
+            for name, value in donor.params(child_name, child).items():
+                child.get_parameter(name).copy_(value)
+    return model.eval()
 
 
 def merged_lora_model(recipient: torch.nn.Module, adapter: str | Path) -> torch.nn.Module:

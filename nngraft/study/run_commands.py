@@ -35,11 +35,11 @@ def add_model_data_args(p: argparse.ArgumentParser, *, named_donors: bool = Fals
     if named_donors:
         who.add_argument("--donor", action="append", default=[], metavar="F | NAME=PATH",
                          help="donor F: a local folder (a PEFT LoRA adapter folder is grafted as a LoraDonor), "
-                              "a .gguf file or a hub id; repeat as NAME=PATH (e.g. hybrid=runs/hybrid) "
+                              "a .safetensors file of P's architecture, a .gguf file or a hub id; repeat as NAME=PATH (e.g. hybrid=runs/hybrid) "
                               "for the donors that spec rules name with \"donor\": NAME")
     else:
         who.add_argument("--donor", help="donor F: a local folder (a PEFT LoRA adapter folder is grafted as a "
-                         "LoraDonor), a .gguf file or a hub id")
+                         "LoraDonor), a .safetensors file of P's architecture, a .gguf file or a hub id")
     who.add_argument("--tiny", metavar="MODEL_TYPE", help="use nngraft.testing.tiny_pair(MODEL_TYPE) (CPU checks)")
     who.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16", "auto"],
                      help="dtype to load P and F in (default float32; auto: the checkpoint's own)")
