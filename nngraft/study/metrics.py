@@ -42,7 +42,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Any, Iterable, Mapping, Sequence
+from typing import Any, Callable, Iterable, Mapping, Sequence
 
 import numpy as np
 import torch
@@ -206,6 +206,21 @@ def student_t_quantile(p: float, df: float) -> float:
     return (lo + hi) / 2.0
 
 
+def _interval(values: Sequence[float], method: str,
+              bounds: Callable[[np.ndarray, float], tuple[float, float]]) -> Estimate:
+    """Mean of ``values`` with the interval ``bounds(x, mean)`` gives by ``method`` (``x``: the
+    values as float64, at least two of them); fewer than two values have no interval."""
+    x = np.asarray(values, dtype=np.float64)
+    n = int(x.size)
+    if n == 0:
+        return Estimate(math.nan, math.nan, math.nan, 0, method, "no facts")
+    mean = float(x.mean())
+    if n < 2:
+        return Estimate(mean, mean, mean, n, "none", "one fact: no interval")
+    low, high = bounds(x, mean)
+    return Estimate(mean, low, high, n, method)
+
+
 def t_interval(values: Sequence[float], level: float = CI_LEVEL) -> Estimate:
     """Mean ± t_{(1+level)/2, n−1} · s/√n (s: sample standard deviation, ddof = 1).
 
@@ -214,15 +229,12 @@ def t_interval(values: Sequence[float], level: float = CI_LEVEL) -> Estimate:
         >>> round(e.mean, 3), round(e.low, 3), round(e.high, 3)
         (2.5, 0.446, 4.554)
     """
-    x = np.asarray(values, dtype=np.float64)
-    n = int(x.size)
-    if n == 0:
-        return Estimate(math.nan, math.nan, math.nan, 0, "t", "no facts")
-    mean = float(x.mean())
-    if n < 2:
-        return Estimate(mean, mean, mean, n, "none", "one fact: no interval")
-    half = student_t_quantile((1.0 + level) / 2.0, n - 1) * float(x.std(ddof=1)) / math.sqrt(n)
-    return Estimate(mean, mean - half, mean + half, n, "t")
+    def bounds(x: np.ndarray, mean: float) -> tuple[float, float]:
+        n = int(x.size)
+        half = student_t_quantile((1.0 + level) / 2.0, n - 1) * float(x.std(ddof=1)) / math.sqrt(n)
+        return mean - half, mean + half
+
+    return _interval(values, "t", bounds)
 
 
 _RESAMPLES: dict[tuple[int, int, int], np.ndarray] = {}
@@ -254,16 +266,10 @@ def bootstrap_interval(values: Sequence[float], level: float = CI_LEVEL, *, n_bo
         >>> e.mean, 0.38 < e.low < 0.45, 0.55 < e.high < 0.62
         (0.5, True, True)
     """
-    x = np.asarray(values, dtype=np.float64)
-    n = int(x.size)
-    if n == 0:
-        return Estimate(math.nan, math.nan, math.nan, 0, "bootstrap", "no facts")
-    mean = float(x.mean())
-    if n < 2:
-        return Estimate(mean, mean, mean, n, "none", "one fact: no interval")
-    means = x[bootstrap_indices(n, n_boot, seed)].mean(axis=1)
-    low, high = _percentiles(means, level)
-    return Estimate(mean, low, high, n, "bootstrap")
+    def bounds(x: np.ndarray, mean: float) -> tuple[float, float]:
+        return _percentiles(x[bootstrap_indices(int(x.size), n_boot, seed)].mean(axis=1), level)
+
+    return _interval(values, "bootstrap", bounds)
 
 
 def mean_ci(values: Sequence[float], *, method: str = "bootstrap", level: float = CI_LEVEL,
