@@ -19,6 +19,7 @@ Example:
 from __future__ import annotations
 
 import argparse
+import functools
 import os
 import sys
 from typing import Callable
@@ -37,12 +38,26 @@ COMMANDS: dict[str, tuple[Handler, Configure]] = {}
 """Subcommand name → (handler, the function that adds its arguments), in registration order."""
 
 
-def command(name: str, configure: Configure) -> Callable[[Handler], Handler]:
-    """Register ``fn`` as subcommand ``name`` (``configure`` adds its arguments)."""
+def command(name: str, configure: Configure, *, runs_models: bool = False) -> Callable[[Handler], Handler]:
+    """Register ``fn`` as subcommand ``name`` (``configure`` adds its arguments).
+
+    ``runs_models``: the command runs models on its ``--device`` (a command without one, such as
+    ``sweep``, whose config chooses, counts as ``auto``). When that is ``auto`` or ``cpu``, the
+    handler first restarts the process with :func:`passive_omp_reexec`, before anything else.
+    """
 
     def wrap(fn: Handler) -> Handler:
-        COMMANDS[name] = (fn, configure)
-        return fn
+        handler = fn
+        if runs_models:
+
+            @functools.wraps(fn)
+            def handler(args: argparse.Namespace) -> int:
+                if getattr(args, "device", "auto") in ("auto", "cpu"):
+                    passive_omp_reexec(name)
+                return fn(args)
+
+        COMMANDS[name] = (handler, configure)
+        return handler
 
     return wrap
 
@@ -59,7 +74,9 @@ def alert(message: str) -> None:
 def passive_omp_reexec(command_name: str) -> None:
     """Restart this ``nngraft COMMAND`` process with ``OMP_WAIT_POLICY=PASSIVE`` unless the variable
     is already set (any value, e.g. ``ACTIVE``, opts out). Called first by the commands that run
-    models on the CPU (``run``, ``sweep``, ``localize``, ``finetune``, ``demo``).
+    models on the CPU (``run``, ``sweep``, ``localize``, ``finetune``, ``demo``, ``reproduce``: the
+    ones registered with ``command(..., runs_models=True)``; ``attribute`` calls it itself, after
+    checking its arguments).
 
     PyTorch's OpenMP threads spin while they wait for each other. When other processes compete for
     the cores, every operator then waits for descheduled spinning threads: on a shared 2-core box a

@@ -6,7 +6,7 @@ from __future__ import annotations
 import argparse
 import json
 
-from ..cli.registry import alert, command, console, out, passive_omp_reexec
+from ..cli.registry import alert, command, console, out
 from ..util.checks import non_negative_number_arg
 from .bundle import PACK_LIMIT_MB
 from .summary import wide_console
@@ -66,13 +66,11 @@ def _reproduce_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
-@command("reproduce", _reproduce_args)
+@command("reproduce", _reproduce_args, runs_models=True)
 def cmd_reproduce(args: argparse.Namespace) -> int:
     """Rerun a bundle here and report, row by row, what matched within what tolerance (exit 1 if not)."""
     from .reproduce import report_tables, reproduce
 
-    if args.device in ("auto", "cpu"):
-        passive_omp_reexec("reproduce")
     report = reproduce(args.bundle, model=args.model, donor=args.donor, device=args.device, output=args.output,
                        atol=args.atol, rtol=args.rtol, show_progress=not args.no_progress, console=console)
     if args.json:

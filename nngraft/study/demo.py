@@ -43,7 +43,7 @@ from pathlib import Path
 from typing import Any
 
 from ..util.checks import seed_arg
-from ..cli.registry import command, passive_omp_reexec
+from ..cli.registry import command
 from .demo_checks import most_likely_next_tokens, next_token_top1, validation_lags, validation_note
 from .demo_grid import demo_specs, summarize, with_fe_heatmap
 
@@ -426,11 +426,9 @@ def _demo_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
 
 
-@command("demo", _demo_args)
+@command("demo", _demo_args, runs_models=True)
 def _cmd_demo(args: argparse.Namespace) -> int:
     """Teach SmolLM2-135M new facts on CPU, then localize them by weight grafting."""
-    if args.device in ("auto", "cpu"):
-        passive_omp_reexec("demo")
     from ..cli.registry import console, out
 
     options = DemoOptions(facts=args.facts, seed=args.seed, out=Path(args.out), device=args.device,

@@ -12,7 +12,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from ..cli.registry import command, passive_omp_reexec
+from ..cli.registry import command
 from ..util.checks import seed_arg
 
 
@@ -82,11 +82,9 @@ P's folder (for 'smollm2' or a .gguf file: the cached conversion)."""
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
-@command("finetune", _finetune_args)
+@command("finetune", _finetune_args, runs_models=True)
 def _cmd_finetune(args: argparse.Namespace) -> int:
     """Finetune a causal LM on a dataset's training texts (the paper's recipe, or a fast CPU preset)."""
-    if args.device in ("auto", "cpu"):
-        passive_omp_reexec("finetune")
     from .errors import DataError
     from ..donors.loading import quiet_transformers
     from . import data as datasets

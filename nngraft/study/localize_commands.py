@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from ..cli.registry import command, console, out, passive_omp_reexec
+from ..cli.registry import command, console, out
 
 
 @dataclass
@@ -159,11 +159,9 @@ forward passes) and OUTPUT/localize.png. See docs/localize.md."""
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
-@command("localize", _localize_args)
+@command("localize", _localize_args, runs_models=True)
 def cmd_localize(args: argparse.Namespace) -> int:
     """Search (position group × component × layer) for a small graft set reaching a recovery target."""
-    if args.device in ("auto", "cpu"):
-        passive_omp_reexec("localize")
     from .run_commands import pair_and_data
 
     pair, data = pair_and_data(args)

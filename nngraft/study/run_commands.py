@@ -13,7 +13,7 @@ import re
 from pathlib import Path
 from typing import Any, Sequence
 
-from ..cli.registry import alert, command, console, out, passive_omp_reexec
+from ..cli.registry import alert, command, console, out
 from ..util.checks import positive_int_arg, seed_arg
 # the results tables moved to .summary; importing them from here keeps working
 from .summary import summary_json, summary_table, wide_console
@@ -277,7 +277,7 @@ def spec_files(values: Sequence[str], folder: Path, roles: dict[str, str] | None
     return files
 
 
-@command("run", _run_args)
+@command("run", _run_args, runs_models=True)
 def cmd_run(args: argparse.Namespace) -> int:
     """Run graft specs on test examples and print mean target probability, top-k and recovery."""
     import tempfile
@@ -287,8 +287,6 @@ def cmd_run(args: argparse.Namespace) -> int:
 
     from ..spec import GraftSpec
 
-    if args.device in ("auto", "cpu"):
-        passive_omp_reexec("run")
     if not args.spec and not args.grid:
         raise SystemExit(_usage("give --spec SPEC (a file or a built-in name such as fe_lt) and/or --grid NAME "
                                 "(e.g. main)"))
@@ -357,14 +355,13 @@ Rerunning the same command resumes: rows already in the results file are skipped
     add_span_role_args(p)
 
 
-@command("sweep", _sweep_args)
+@command("sweep", _sweep_args, runs_models=True)
 def cmd_sweep(args: argparse.Namespace) -> int:
     """Run a sweep config (models × data × templates × spec grid), resumable, to results JSONL."""
     from .results import load_results
     from .sweep import run_sweep
     from .sweep_config import load_sweep_config
 
-    passive_omp_reexec("sweep")
     config = load_sweep_config(args.config, **({"backend": args.backend} if args.backend else {}))
     roles = span_role_args(args)
     if roles:
