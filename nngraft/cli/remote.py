@@ -23,7 +23,7 @@ def _meta_model(name: str) -> Any:
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    from ..util.inputs import loading_model
+    from ..util.io import loading_model
     from ..donors.loading import ModelLoadError, resolve_model
 
     path = Path(name)

@@ -28,7 +28,7 @@ from typing import Any, Literal, Mapping, Sequence, Union
 from pydantic import Field, ValidationError, field_validator, model_validator
 
 from ..errors import ArgumentError, SpecError
-from ..util.inputs import refuse_duplicate_keys
+from ..util.io import refuse_duplicate_keys
 # the components, layers and positions of a spec live in their own modules; their names stay
 # importable from here, where they were defined before 0.2
 from .components import (COMPONENT_GROUPS, COMPONENTS, GLOBAL_COMPONENTS, LAYER_COMPONENTS,  # noqa: F401
@@ -209,7 +209,7 @@ class GraftSpec(Strict):
     @classmethod
     def from_json(cls, text: str | bytes, *, source: str = "<string>") -> "GraftSpec":
         """Parse and validate a JSON spec; raise :class:`SpecError` naming ``source`` and each bad field."""
-        from ..util.inputs import check_no_duplicate_keys, decode_utf8
+        from ..util.io import check_no_duplicate_keys, decode_utf8
 
         if isinstance(text, bytes):
             text = decode_utf8(text, f"graft spec {source}", SpecError)
@@ -222,7 +222,7 @@ class GraftSpec(Strict):
     @classmethod
     def load(cls, path: str | Path) -> "GraftSpec":
         """Read a spec file. ``GraftSpec.load("specs/fe_lt.json")``."""
-        from ..util.inputs import read_text
+        from ..util.io import read_text
 
         path = Path(path)
         return cls.from_json(read_text(path, "spec file", SpecError), source=str(path))

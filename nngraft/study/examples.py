@@ -91,7 +91,7 @@ def load_examples_jsonl(path: str | Path) -> list[TestExample]:
     object per line (what :meth:`TestExample.to_dict` writes)."""
     from .errors import DataError
 
-    from ..util.inputs import loads_json, read_text
+    from ..util.io import loads_json, read_text
 
     path = Path(path)
     examples = []

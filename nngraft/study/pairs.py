@@ -11,7 +11,7 @@ from typing import Any
 import torch
 
 from ..grafter import Grafter
-from ..util.inputs import loading_model
+from ..util.io import loading_model
 from .models import model_identity, resolve_device
 from .provenance import donor_provenance
 from .sweep_config import ModelPair, SweepConfig

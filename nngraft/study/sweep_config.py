@@ -16,7 +16,7 @@ from ..spec import GraftSpec, format_validation_error
 from .examples import TestExample, load_examples_jsonl
 from .grids import LmHeadMode, grid_specs, paper_specs, with_lm_head
 from .metric_registry import DEFAULT_KS, DEFAULT_METRICS, get_metric
-from ..util.inputs import refuse_duplicate_keys
+from ..util.io import refuse_duplicate_keys
 
 
 class SweepConfigError(GraftError, ValueError):
@@ -203,7 +203,7 @@ refuse_duplicate_keys(SweepConfig, SweepConfigError)  # SweepConfig.model_valida
 def load_sweep_config(path: str | Path, **overrides: Any) -> SweepConfig:
     """Read and validate a sweep config file; relative paths resolve against its folder.
     ``overrides``: fields the command line sets instead of the file (e.g. ``backend="ndif-local"``)."""
-    from ..util.inputs import loads_json, read_text
+    from ..util.io import loads_json, read_text
 
     path = Path(path)
     raw = loads_json(read_text(path, "sweep config", SweepConfigError), f"sweep config {path}", SweepConfigError)
