@@ -47,6 +47,7 @@ MOVED = {
     "nngraft.core_commands": "nngraft.cli.core",
     "nngraft.remote_commands": "nngraft.cli.remote",
     "nngraft.tiny": "nngraft.testing",
+    "nngraft.study.models": "nngraft.study.provenance",
 }
 """Old module path → the module it moved to."""
 
@@ -69,6 +70,7 @@ MOVED_NAMES: dict[tuple[str, str], str] = {
     ("nngraft.study.models", "SMOLLM2_PIN"): "nngraft.study.smollm2",
     ("nngraft.donors.loading", "SMOLLM2_PIN"): "nngraft.study.smollm2",
     ("nngraft.study.models", "ModelLoadError"): "nngraft.donors.loading",
+    ("nngraft.study.models", "resolve_device"): "nngraft.study.pairs",
     ("nngraft.study.models", "cache_dir"): "nngraft.donors.loading",
     ("nngraft.study.models", "default_permissions"): "nngraft.donors.loading",
     ("nngraft.study.models", "load_model"): "nngraft.donors.loading",
@@ -87,8 +89,13 @@ that still exists. The old module's ``__getattr__`` calls :func:`moved_name`."""
 def moved_name(module: str, name: str) -> object:
     """``name`` from the module it moved to (imported by path, so the old module's layer does not
     depend on the new one's), with a :class:`DeprecationWarning`; :class:`AttributeError` for a
-    name that never was there."""
+    name that never was there. ``module`` may also be the new path of an old module of
+    :data:`MOVED` (``nngraft.study.models`` is ``nngraft.study.provenance`` now): the names that
+    old module had moved elsewhere are found under its old name."""
     new = MOVED_NAMES.get((module, name))
+    if new is None:  # a name an old path of this module (MOVED) used to have
+        module, new = next(((old, MOVED_NAMES[old, name]) for old, target in MOVED.items()
+                            if target == module and (old, name) in MOVED_NAMES), (module, None))
     if new is None:
         raise AttributeError(f"module {module!r} has no attribute {name!r}")
     warnings.warn(f"{module}.{name} is deprecated and will be removed in the next release; import it from {new}",

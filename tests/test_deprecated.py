@@ -76,11 +76,30 @@ def test_old_paths_work_in_a_fresh_interpreter():
 def test_a_moved_name_is_the_new_object_and_warns_with_its_new_module(old):
     module, name = old
     new = getattr(importlib.import_module(MOVED_NAMES[old]), name)
+    with warnings.catch_warnings():  # an old module path (nngraft.study.models) warns on its own import
+        warnings.simplefilter("ignore", DeprecationWarning)
+        old_module = importlib.import_module(module)
     with pytest.warns(DeprecationWarning) as caught:
-        got = getattr(importlib.import_module(module), name)
+        got = getattr(old_module, name)
     assert got is new
     assert [str(w.message) for w in caught] == [
         f"{module}.{name} is deprecated and will be removed in the next release; import it from {MOVED_NAMES[old]}"]
+
+
+def test_a_name_an_old_module_path_had_moved_elsewhere_is_found_through_its_new_path():
+    """nngraft.study.models is nngraft.study.provenance now; the names it had already given away
+    (load_model to nngraft.donors.loading) still resolve, warn with the old path, and a name it never
+    had is an AttributeError naming the module asked."""
+    import nngraft.study.provenance as provenance
+    from nngraft.donors.loading import load_model
+    from nngraft.study.pairs import resolve_device
+
+    with pytest.warns(DeprecationWarning, match=r"^nngraft\.study\.models\.load_model is deprecated .* from nngraft\.donors\.loading$"):
+        assert provenance.load_model is load_model
+    with pytest.warns(DeprecationWarning, match=r"nngraft\.study\.models\.resolve_device .* from nngraft\.study\.pairs"):
+        assert provenance.resolve_device is resolve_device
+    with pytest.raises(AttributeError, match="module 'nngraft.study.provenance' has no attribute 'no_such_name'"):
+        provenance.no_such_name  # noqa: B018
 
 
 def test_from_import_of_a_moved_name_and_a_name_that_never_was():

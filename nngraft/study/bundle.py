@@ -230,7 +230,7 @@ def make_bundle(run: str | Path, output: str | Path | None = None, *, pack_donor
     """Pack the run folder ``run`` into one file (see the module docstring); returns where."""
     from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeElapsedColumn
 
-    from .models import environment_versions
+    from .provenance import environment_versions
     from .results import MANIFEST_FILE
 
     from .provenance import EXAMPLES_FILE

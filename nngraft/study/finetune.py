@@ -272,7 +272,8 @@ def finetune(model: Any, tokenizer: Any, texts: Sequence[str], *, config: Finetu
     Returns a :class:`FinetuneResult` whose ``model`` holds the selected epoch's weights, in eval
     mode (for LoRA, the ``peft`` model; :func:`load_finetuned` gives a merged one from disk).
     """
-    from .models import environment_versions, model_identity, weights_fingerprint
+    from ..donors.loading import weights_fingerprint
+    from .provenance import environment_versions, model_identity
 
     texts = list(texts)
     if not texts:
@@ -421,7 +422,7 @@ def cached_finetune(model: Any, tokenizer: Any, texts: Sequence[str], *, config:
     The folder is ``<cache>/finetuned/<key>`` with :func:`finetune_key` of the base model's
     weights, the texts, ``config``, ``validation`` and ``stop_key`` — a string that must describe ``stop_when``
     (a function cannot be hashed), e.g. ``"probe=sentence_2;top1>=0.9"``. ``cache`` defaults to
-    :func:`nngraft.study.models.cache_dir`. ``refresh=True`` trains again and replaces the entry.
+    :func:`nngraft.donors.loading.cache_dir`. ``refresh=True`` trains again and replaces the entry.
     """
     from ..donors.loading import cache_dir, weights_fingerprint
 

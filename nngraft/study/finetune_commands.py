@@ -210,7 +210,7 @@ def _finetune_command(args: argparse.Namespace, facts: Any, texts: list[str], co
                       validation: list[tuple[str, str]] | None = None) -> int:
     from ..cli.registry import console, out
     from ..donors.loading import load_model, resolve_model
-    from .models import resolve_device
+    from .pairs import resolve_device
     from . import data as datasets
     from .finetune import finetune
 

@@ -10,10 +10,10 @@ from typing import Any
 
 import torch
 
+from ..errors import GraftError
 from ..grafter import Grafter
 from ..util.io import loading_model
-from .models import model_identity, resolve_device
-from .provenance import donor_provenance
+from .provenance import donor_provenance, model_identity
 from .sweep_config import ModelPair, SweepConfig
 
 
@@ -27,6 +27,29 @@ def grafter_for(pair: Any, pair_cfg: ModelPair, config: "SweepConfig") -> Grafte
     if config.backend == "ndif-local":
         return Grafter.remote(pair.recipient, donor, pair.tokenizer, execution="local", verbose=False, **options)
     return Grafter.remote(pair_cfg.recipient, donor, pair.tokenizer, verbose=False, **options)
+
+
+def resolve_device(name: str) -> torch.device:
+    """``auto`` → cuda when available, else cpu; a CUDA device without CUDA is a clear error.
+
+    Example:
+        >>> resolve_device("cpu")
+        device(type='cpu')
+    """
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise GraftError(f"unknown device {name!r}; use cpu, cuda, cuda:1 … or auto") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise GraftError(f"--device {name}: this torch build has no usable CUDA GPU "
+                         f"(torch {torch.__version__}); use --device cpu or auto")
+    if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
+        raise GraftError(f"--device {name}: this machine has {torch.cuda.device_count()} CUDA device(s) "
+                         f"(cuda:0 … cuda:{torch.cuda.device_count() - 1}); use --device cpu or auto (or one of "
+                         "those)")
+    return device
 
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}

@@ -211,7 +211,7 @@ def reproduce(bundle_path: str | Path, *, model: str | None = None, donor: str |
     from rich.console import Console
 
     from ..spec import GraftSpec
-    from .models import environment_versions
+    from .provenance import environment_versions
     from .results import load_results
     from .sweep import run_sweep
     from .sweep_config import SweepConfig

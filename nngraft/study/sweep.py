@@ -49,7 +49,7 @@ from ..result import target_token_id
 from ..spec import GraftSpec
 from .examples import TestExample
 from .metric_registry import stored_metrics
-from .models import FINGERPRINT_VERSION, environment_versions
+from .provenance import FINGERPRINT_VERSION, environment_versions
 from .results import (FORMAT_VERSION, ResultsError, ResultsWriter, check_output, load_manifest, manifest_path,
                       output_lock, results_path, write_manifest)
 from .evaluate import EvalStats, check_donors, check_spans, evaluate

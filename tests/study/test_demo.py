@@ -227,7 +227,7 @@ def test_demo_refuses_zero_epochs_before_writing_anything(tmp_path, capsys):
 
 
 def test_device_errors_are_clear():
-    from nngraft.study.models import resolve_device
+    from nngraft.study.pairs import resolve_device
 
     assert resolve_device("cpu") == torch.device("cpu")
     assert resolve_device("auto").type == ("cuda" if torch.cuda.is_available() else "cpu")

@@ -9,7 +9,7 @@ import math
 import pytest
 import torch
 
-from nngraft.study.models import weights_fingerprint
+from nngraft.donors.loading import weights_fingerprint
 from nngraft.study.finetune import (CPU_FAST, MANIFEST_FILE, PAPER, FinetuneConfig, FinetuneError,
                                     LoraOptions, finetune, load_finetuned, read_finetune_manifest,
                                     split_texts, texts_hash)

@@ -16,7 +16,7 @@ from nngraft import GraftRule, GraftSpec, Grafter, Last, Span
 from nngraft.arch import adapter_for
 from nngraft.errors import ComponentNotFoundError, DonorMismatchError, LayerRangeError, SpecError
 from nngraft.study.errors import DataError
-from nngraft.study.models import weights_fingerprint
+from nngraft.donors.loading import weights_fingerprint
 from nngraft.study.data import make_facts
 from nngraft.study.examples import Fact, TestExample
 from nngraft.study.grids import PAPER_GRIDS, grid_specs, paper_specs

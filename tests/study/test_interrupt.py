@@ -191,7 +191,7 @@ def test_manifest_model_identity_records_the_hub_revision(tmp_path, monkeypatch)
     """A model from the Hub cache is identified by its commit (read off the cache path, offline)."""
     import huggingface_hub.constants
 
-    from nngraft.study.models import hub_revision, model_identity
+    from nngraft.study.provenance import hub_revision, model_identity
     from nngraft.testing import tiny_pair
 
     commit = "0123456789abcdef" * 2 + "01234567"

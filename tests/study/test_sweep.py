@@ -300,8 +300,8 @@ def _last_element_changed(model: torch.nn.Module) -> torch.nn.Module:
 def test_weights_fingerprint_sees_every_value():
     import hashlib
 
-    from nngraft.study.models import weights_fingerprint
-    from nngraft.study.models import FINGERPRINT_VERSION, model_identity
+    from nngraft.donors.loading import weights_fingerprint
+    from nngraft.study.provenance import FINGERPRINT_VERSION, model_identity
 
     P, F, _ = tiny_pair("llama")
     Q = _last_element_changed(F)
