@@ -7,11 +7,10 @@ from pathlib import Path
 
 from nngraft.study.examples import TestExample, save_examples_jsonl
 
+from .examples import TWO_FACTS
+
 EXAMPLES = [
-    TestExample("f1", "s3", "Ada Lovelace stars in The Engine alongside",
-                {"first_actor": "Ada Lovelace", "movie_title": "The Engine"}, "Alan Turing"),
-    TestExample("f2", "s3", "Grace Hopper stars in The Compiler alongside",
-                {"first_actor": "Grace Hopper", "movie_title": "The Compiler"}, "Marie Curie"),
+    *TWO_FACTS,
     TestExample("f3", "s3", "Ivo Pemberton stars in The Harbour alongside",
                 {"first_actor": "Ivo Pemberton", "movie_title": "The Harbour"}, "Zendaya Marlow"),
 ]
@@ -47,4 +46,23 @@ def finetune_lora(P: Path, root: Path, texts: Path | None = None) -> Path:
     code = main(["finetune", "--model", str(P), "--texts", str(texts), "--out", str(out), "--preset", "cpu-fast",
                  "--epochs", "1", "--lora-r", "4", "--no-progress", "-q"])
     assert code == 0 and (out / "adapter_config.json").is_file(), code
+    return out
+
+
+def run_inputs(root: Path) -> tuple[Path, Path, Path, Path]:
+    """What a run of a user's own models reads, saved under ``root``: P and a full F
+    (:func:`save_tiny_pair`), a LoRA F of P (:func:`finetune_lora`) and :data:`EXAMPLES`
+    (``examples.jsonl``). Returns their paths: P, F, the LoRA adapter, the examples."""
+    P, F = save_tiny_pair(root)
+    adapter = finetune_lora(P, root)
+    return P, F, adapter, save_examples(root / "examples.jsonl")
+
+
+def run_specs(P: Path, donor: Path, data: Path, out: Path, specs: tuple[str, ...] = ("fe_lt",)) -> Path:
+    """``nngraft run`` of ``specs`` with P and ``donor`` on ``data`` into ``out`` (exit code 0 asserted)."""
+    from nngraft.cli import main
+
+    spec_args = [arg for spec in specs for arg in ("--spec", spec)]
+    assert main(["run", "--model", str(P), "--donor", str(donor), *spec_args, "--data", str(data), "-o", str(out),
+                 "--no-progress", "-q"]) == 0
     return out

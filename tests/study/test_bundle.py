@@ -18,7 +18,7 @@ import pytest
 
 from nngraft.cli import main
 from nngraft.study.results import load_results
-from tests.helpers.runs import finetune_lora, save_examples, save_tiny_pair
+from tests.helpers.runs import run_inputs, run_specs, save_examples, save_tiny_pair
 
 
 def _cli(capsys, *argv: str) -> tuple[int, str, str]:
@@ -34,12 +34,9 @@ def _cli(capsys, *argv: str) -> tuple[int, str, str]:
 def runs(tmp_path_factory):
     """P and a full F saved as folders, a LoRA F trained by nngraft finetune, and a run of each."""
     root = tmp_path_factory.mktemp("bundle")
-    P, F = save_tiny_pair(root)
-    adapter = finetune_lora(P, root)
-    data = save_examples(root / "examples.jsonl")
+    P, F, adapter, data = run_inputs(root)
     for name, donor in (("full", F), ("lora", adapter)):
-        assert main(["run", "--model", str(P), "--donor", str(donor), "--spec", "fe_lt", "--spec", "lt",
-                     "--data", str(data), "-o", str(root / name), "--no-progress", "-q"]) == 0
+        run_specs(P, donor, data, root / name, ("fe_lt", "lt"))
     return root
 
 

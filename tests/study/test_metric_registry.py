@@ -15,21 +15,16 @@ import torch
 from nngraft import Grafter
 from nngraft.cli import main
 from nngraft.result import target_token_id
-from nngraft.study.examples import TestExample
 from nngraft.study.metric_registry import (REGISTRY, Metric, MetricError, MetricInputs, get_metric, register,
                                            resolve, unregister)
 from nngraft.study.results import load_results
 from nngraft.study.sweep import save_examples_jsonl
 from nngraft.testing import tiny_pair
 from tests.helpers import ROOT
+from tests.helpers.examples import TWO_FACTS
 
 SPECS = ROOT / "recipes" / "specs"
-EXAMPLES = [
-    TestExample("f1", "s3", "Ada Lovelace stars in The Engine alongside",
-                {"first_actor": "Ada Lovelace", "movie_title": "The Engine"}, "Alan Turing"),
-    TestExample("f2", "s3", "Grace Hopper stars in The Compiler alongside",
-                {"first_actor": "Grace Hopper", "movie_title": "The Compiler"}, "Marie Curie"),
-]
+EXAMPLES = list(TWO_FACTS)
 
 
 def margin(logits: torch.Tensor, inputs: MetricInputs) -> torch.Tensor:

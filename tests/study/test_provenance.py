@@ -16,17 +16,14 @@ from nngraft.cli import main
 from nngraft.study.provenance import load_run_examples, nngraft_commit
 from nngraft.study.results import load_manifest
 from tests.helpers import ROOT
-from tests.helpers.runs import EXAMPLES, finetune_lora, save_examples, save_tiny_pair
+from tests.helpers.runs import EXAMPLES, run_inputs, run_specs, save_examples
 
 
 @pytest.fixture(scope="module")
 def lora_run(tmp_path_factory):
     root = tmp_path_factory.mktemp("provenance")
-    P, _ = save_tiny_pair(root)
-    adapter = finetune_lora(P, root)
-    data = save_examples(root / "examples.jsonl")
-    assert main(["run", "--model", str(P), "--donor", str(adapter), "--spec", "fe_lt", "--data", str(data),
-                 "-o", str(root / "out"), "--no-progress", "-q"]) == 0
+    P, _, adapter, data = run_inputs(root)
+    run_specs(P, adapter, data, root / "out")
     return root
 
 

@@ -13,10 +13,10 @@ import pytest
 from nngraft.backends.local import LocalBackend
 from nngraft.backends.ndif import NdifBackend
 from nngraft.cli import main
-from nngraft.study.examples import TestExample
 from nngraft.study.results import load_manifest, load_results
 from nngraft.study.sweep import save_examples_jsonl
 from tests.helpers import ROOT
+from tests.helpers.examples import TWO_FACTS
 
 SPECS = ROOT / "recipes" / "specs"
 
@@ -28,12 +28,7 @@ def nngraft(*args: str, cwd: Path) -> subprocess.CompletedProcess:
 
 @pytest.fixture()
 def examples(tmp_path: Path) -> Path:
-    return save_examples_jsonl([
-        TestExample("f1", "s3", "Ada Lovelace stars in The Engine alongside",
-                    {"first_actor": "Ada Lovelace", "movie_title": "The Engine"}, "Alan Turing"),
-        TestExample("f2", "s3", "Grace Hopper stars in The Compiler alongside",
-                    {"first_actor": "Grace Hopper", "movie_title": "The Compiler"}, "Marie Curie"),
-    ], tmp_path / "examples.jsonl")
+    return save_examples_jsonl(TWO_FACTS, tmp_path / "examples.jsonl")
 
 
 def test_help_lists_the_study_commands(tmp_path):

@@ -25,14 +25,12 @@ from nngraft.testing import tiny_pair
 
 from tests.helpers.recipe_loader import load_recipe
 from tests.helpers import ROOT
+from tests.helpers.examples import TWO_FACTS
 
 SPEC_DIR = ROOT / "recipes" / "specs"
 
 EXAMPLES = [
-    TestExample("f1", "s3", "Ada Lovelace stars in The Engine alongside",
-                {"first_actor": "Ada Lovelace", "movie_title": "The Engine"}, "Alan Turing"),
-    TestExample("f2", "s3", "Grace Hopper stars in The Compiler alongside",
-                {"first_actor": "Grace Hopper", "movie_title": "The Compiler"}, "Marie Curie"),
+    *TWO_FACTS,
     TestExample("f3", "s3", "Keanu Reeves stars in The Matrix alongside",
                 {"first_actor": "Keanu Reeves", "movie_title": "The Matrix"}, "Carrie-Anne Moss"),
     TestExample("f1", "q", "Q: Who stars with Ada Lovelace in a movie? A: An actor named",
