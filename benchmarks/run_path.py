@@ -105,6 +105,18 @@ def measure(checkout: Path, command: list[str] | None = None) -> dict:
     return result
 
 
+MODULE_LINES = 500
+"""Issue #22's ceiling on a module's length (``tests/test_layering.py`` enforces it)."""
+
+
+def floor_of_files(checkout: Path, entered: dict) -> tuple[int, int]:
+    """The lines of the files a command entered, and the fewest files of at most
+    :data:`MODULE_LINES` lines that could hold them: how few files the same code could be packed
+    into without a module over the ceiling (each file kept whole: one concept, one home)."""
+    lines = sum(len((checkout / path).read_text(encoding="utf-8").splitlines()) for path in entered)
+    return lines, -(-lines // MODULE_LINES)
+
+
 def commit_of(checkout: Path) -> str:
     done = subprocess.run(["git", "-C", str(checkout), "log", "-1", "--format=%h %s"], capture_output=True,
                           text=True)
@@ -112,11 +124,12 @@ def commit_of(checkout: Path) -> str:
 
 
 def render(rows: list[tuple[str, str, dict]]) -> str:
-    lines = [BEGIN, "", "| checkout | commit | files entered | climbs back (distinct) | returns across files |",
-             "|---|---|---|---|---|"]
+    lines = [BEGIN, "", "| checkout | commit | files entered | climbs back (distinct) | returns across files | "
+             f"lines in those files | fewest files of ≤ {MODULE_LINES} lines that hold them |",
+             "|---|---|---|---|---|---|---|"]
     for label, commit, r in rows:
         lines.append(f"| {label} | {commit.replace('|', '/')} | {len(r['entered'])} | {len(r['climbs'])} | "
-                     f"{r['returns']} |")
+                     f"{r['returns']} | {r['lines']} | {r['floor']} |")
     label, _, last = rows[-1]
     lines += ["", f"Files entered by `{label}`, by package (functions only; imports skipped):", ""]
     by_package: dict[str, list[str]] = {}
@@ -142,9 +155,11 @@ def main(argv: list[str] | None = None) -> list[tuple[str, str, dict]]:
     for label, _, folder in checkouts:
         folder_path = Path(folder).resolve()
         result = measure(folder_path)
+        result["lines"], result["floor"] = floor_of_files(folder_path, result["entered"])
         rows.append((label, commit_of(folder_path), result))
         print(f"{label}: {len(result['entered'])} files entered, {len(result['climbs'])} distinct climbs back "
-              f"({result['returns']} returns across files)  [{commit_of(folder_path)}]")
+              f"({result['returns']} returns across files); {result['lines']} lines in them, so at least "
+              f"{result['floor']} files of <= {MODULE_LINES} lines  [{commit_of(folder_path)}]")
     if args.json:
         args.json.write_text(json.dumps({label: r for label, _, r in rows}, indent=2) + "\n")
     if not args.no_docs:

@@ -200,6 +200,18 @@ def test_run_path_counts_the_files_a_command_enters():
     assert result["returns"] == sum(result["climbs"].values())
 
 
+def test_run_path_floor_is_the_fewest_500_line_files_that_hold_the_code(tmp_path):
+    """The run-path table's floor: the entered files' lines, divided by the 500-line ceiling and
+    rounded up (1000 lines need 2 files, 1001 need 3)."""
+    from benchmarks.run_path import floor_of_files
+
+    (tmp_path / "a.py").write_text("x = 1\n" * 600)
+    (tmp_path / "b.py").write_text("y = 2\n" * 400)
+    assert floor_of_files(tmp_path, {"a.py": {}, "b.py": {}}) == (1000, 2)
+    (tmp_path / "b.py").write_text("y = 2\n" * 401)
+    assert floor_of_files(tmp_path, {"a.py": {}, "b.py": {}}) == (1001, 3)
+
+
 def test_the_planted_mutants_still_apply_to_the_validators():
     """benchmarks/mutate_validators.py: each mutant's text occurs once in its file (a validator
     rewritten without its mutants would silently leave them out)."""
