@@ -127,17 +127,13 @@ def grafted_bytes(F: torch.nn.Module, paths: Sequence[str]) -> int:
 
 
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
-    p = parser(__doc__.splitlines()[0])
-    p.add_argument("--length", type=int, default=20)
-    p.add_argument("--batch", type=int, default=32)
+    p = parser(__doc__.splitlines()[0], batch=True)
     p.add_argument("--worker", nargs=5, metavar=("VARIANT", "P_DIR", "F_DIR", "PROMPTS", "OUT"),
                    help=argparse.SUPPRESS)
     args = parse(p, argv)
     if args.worker:
         worker(*args.worker, threads=args.threads)
         return {}
-    if args.smoke:
-        args.batch = 4
     reps = args.reps or 1
 
     from .baselines import graft_paths

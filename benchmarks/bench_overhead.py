@@ -92,12 +92,7 @@ def flop_fraction(plan: Any, total: int, per_module: dict[str, int]) -> float:
 
 
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
-    p = parser(__doc__.splitlines()[0])
-    p.add_argument("--length", type=int, default=20)
-    p.add_argument("--batch", type=int, default=32)
-    args = parse(p, argv)
-    if args.smoke:
-        args.batch = 4
+    args = parse(parser(__doc__.splitlines()[0], batch=True), argv)
     reps = args.reps or (4 if args.model == "smollm2" else 15)
 
     m = load_models(args.model)

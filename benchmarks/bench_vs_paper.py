@@ -42,12 +42,7 @@ def spec_last4_mlp() -> GraftSpec:
 
 
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
-    p = parser(__doc__.splitlines()[0])
-    p.add_argument("--length", type=int, default=20, help="tokens per prompt (default 20)")
-    p.add_argument("--batch", type=int, default=32, help="prompts in the batch (default 32)")
-    args = parse(p, argv)
-    if args.smoke:
-        args.batch = 4
+    args = parse(parser(__doc__.splitlines()[0], batch=True), argv)
     reps = args.reps or (3 if args.model == "smollm2" else 10)
 
     m = load_models(args.model)

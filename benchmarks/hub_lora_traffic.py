@@ -27,7 +27,7 @@ from typing import Any, Sequence
 
 import torch
 
-from .common import docs_script_args, publish
+from .common import docs_script_main
 from .payload_sizes import LLAMA3_8B
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -93,11 +93,9 @@ def render(rows: list[dict[str, Any]]) -> str:
 
 
 def main(argv: Sequence[str] | None = None) -> list[dict[str, Any]]:
-    args = docs_script_args(__doc__.splitlines()[0], docs=ROOT / "docs" / "benchmarks.md",
-                            results=ROOT / "benchmarks" / "results" / "hub_lora_traffic.json").parse_args(argv)
-    rows = run()
-    publish(args, rows, render(rows), BEGIN, END, HEADING)
-    return rows
+    return docs_script_main(argv, __doc__.splitlines()[0], run, render, BEGIN, END, HEADING,
+                            docs=ROOT / "docs" / "benchmarks.md",
+                            results=ROOT / "benchmarks" / "results" / "hub_lora_traffic.json")
 
 
 if __name__ == "__main__":

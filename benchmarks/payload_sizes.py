@@ -28,7 +28,7 @@ from typing import Any, Sequence
 
 import torch
 
-from .common import docs_script_args, publish
+from .common import docs_script_main
 
 ROOT = Path(__file__).resolve().parent.parent
 BEGIN, END = "<!-- remote-payload:begin -->", "<!-- remote-payload:end -->"
@@ -188,11 +188,9 @@ def render(result: dict[str, Any]) -> str:
 
 
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
-    args = docs_script_args(__doc__.splitlines()[0], docs=ROOT / "docs" / "benchmarks.md",
-                            results=ROOT / "benchmarks" / "results" / "payload_sizes.json").parse_args(argv)
-    result = run()
-    publish(args, result, render(result), BEGIN, END, HEADING)
-    return result
+    return docs_script_main(argv, __doc__.splitlines()[0], run, render, BEGIN, END, HEADING,
+                            docs=ROOT / "docs" / "benchmarks.md",
+                            results=ROOT / "benchmarks" / "results" / "payload_sizes.json")
 
 
 if __name__ == "__main__":

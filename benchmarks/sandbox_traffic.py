@@ -19,7 +19,7 @@ from typing import Any, Sequence
 
 import torch
 
-from .common import docs_script_args, publish
+from .common import docs_script_main
 from .payload_sizes import meta_llama3_8b
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -78,10 +78,8 @@ def render(rows: list[dict[str, Any]]) -> str:
 
 
 def main(argv: Sequence[str] | None = None) -> list[dict[str, Any]]:
-    args = docs_script_args(__doc__.splitlines()[0], docs=ROOT / "docs" / "remote.md").parse_args(argv)
-    rows = run()
-    publish(args, rows, render(rows), BEGIN, END, HEADING)
-    return rows
+    return docs_script_main(argv, __doc__.splitlines()[0], run, render, BEGIN, END, HEADING,
+                            docs=ROOT / "docs" / "remote.md")
 
 
 if __name__ == "__main__":
