@@ -388,6 +388,8 @@ class _Restarted(BaseException):
     ["localize", "--tiny", "llama", "--data", "missing.jsonl"],
     ["sweep", "missing.json"],
     ["finetune", "--model", "smollm2", "--facts", "missing.jsonl", "--out", "x"],
+    ["demo", "--facts", "0", "--out", "x"],
+    ["reproduce", "missing.zip"],
 ])
 def test_commands_that_run_models_restart_with_passive_openmp_before_anything_else(argv, monkeypatch, tmp_path):
     """Spinning OpenMP threads made `nngraft localize` on five SmolLM2 facts take 318 s instead of
@@ -408,7 +410,7 @@ def test_commands_that_run_models_restart_with_passive_openmp_before_anything_el
     args, env = restarted.value.args
     assert args[-len(argv):] == argv and env["OMP_WAIT_POLICY"] == "PASSIVE"
     monkeypatch.setattr(sys, "argv", ["/venv/bin/nngraft", *argv, "--device", "cuda"])
-    if argv[0] in ("run", "localize", "finetune"):  # a GPU run keeps the user's environment
+    if argv[0] in ("run", "localize", "finetune", "demo", "reproduce"):  # a GPU run keeps the user's environment
         assert main([*argv, "--device", "cuda"]) == 2
 
 
