@@ -110,9 +110,10 @@ MODULE_LINES = 500
 
 
 def floor_of_files(checkout: Path, entered: dict) -> tuple[int, int]:
-    """The lines of the files a command entered, and the fewest files of at most
-    :data:`MODULE_LINES` lines that could hold them: how few files the same code could be packed
-    into without a module over the ceiling (each file kept whole: one concept, one home)."""
+    """The lines of the files a command entered, and a lower bound on how many files of at most
+    :data:`MODULE_LINES` lines could hold them: ``ceil(lines / 500)``, as if the code could be cut
+    anywhere and every file filled to the ceiling. Keeping each file whole (one concept, one home)
+    needs at least as many (packing the 38 files of the run path whole takes 23, not 22)."""
     lines = sum(len((checkout / path).read_text(encoding="utf-8").splitlines()) for path in entered)
     return lines, -(-lines // MODULE_LINES)
 
@@ -125,7 +126,7 @@ def commit_of(checkout: Path) -> str:
 
 def render(rows: list[tuple[str, str, dict]]) -> str:
     lines = [BEGIN, "", "| checkout | commit | files entered | climbs back (distinct) | returns across files | "
-             f"lines in those files | fewest files of ≤ {MODULE_LINES} lines that hold them |",
+             f"lines in those files | files of ≤ {MODULE_LINES} lines they need, at least |",
              "|---|---|---|---|---|---|---|"]
     for label, commit, r in rows:
         lines.append(f"| {label} | {commit.replace('|', '/')} | {len(r['entered'])} | {len(r['climbs'])} | "

@@ -102,6 +102,24 @@ def test_a_name_an_old_module_path_had_moved_elsewhere_is_found_through_its_new_
         provenance.no_such_name  # noqa: B018
 
 
+def test_the_names_nngraft_study_models_defined_itself_are_still_there():
+    """What old code imported from nngraft.study.models (its own names before it joined
+    nngraft.study.provenance) is the same object through the old path."""
+    from nngraft.donors.loading import weights_fingerprint
+    from nngraft.study import pairs, provenance
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)
+        old = importlib.import_module("nngraft.study.models")
+        got = {name: getattr(old, name) for name in ("weights_fingerprint", "model_identity", "hub_revision",
+                                                      "environment_versions", "FINGERPRINT_VERSION", "PACKAGES",
+                                                      "resolve_device")}
+    assert got["weights_fingerprint"] is weights_fingerprint and got["resolve_device"] is pairs.resolve_device
+    assert all(got[name] is getattr(provenance, name) for name in ("model_identity", "hub_revision",
+                                                                    "environment_versions", "FINGERPRINT_VERSION",
+                                                                    "PACKAGES"))
+
+
 def test_from_import_of_a_moved_name_and_a_name_that_never_was():
     from nngraft.study.errors import DataError
 

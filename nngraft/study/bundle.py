@@ -230,10 +230,8 @@ def make_bundle(run: str | Path, output: str | Path | None = None, *, pack_donor
     """Pack the run folder ``run`` into one file (see the module docstring); returns where."""
     from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeElapsedColumn
 
-    from .provenance import environment_versions
+    from .provenance import EXAMPLES_FILE, environment_versions
     from .results import MANIFEST_FILE
-
-    from .provenance import EXAMPLES_FILE
 
     given = Path(run).expanduser()
     had_examples = (given if given.is_dir() else given.parent).joinpath(EXAMPLES_FILE).is_file()

@@ -38,8 +38,7 @@ from pathlib import Path
 from typing import Any, Iterable, Sequence
 
 from .errors import DataError, DataIntegrityError
-from ..util.io import loads_json, read_text
-from ..util.io import atomic_write_text, refuse_foreign_file
+from ..util.io import atomic_write_text, loads_json, read_text, refuse_foreign_file
 from .examples import Fact, TestExample
 from .spancheck import SpanProblem, SpanReport, TokenizedExamples, tokenize_examples
 from .templates import (DIRECTIONS, TEST_TEMPLATES, TRAINING_TEMPLATES, make_test_examples,

@@ -1,6 +1,7 @@
 """Model pairs of a sweep: P, F and named donors loaded from a config entry (local folders, hub ids,
-GGUF files, LoRA adapters, or tiny random models), with the identity the manifest records, and
-the Grafter that runs them."""
+GGUF files, LoRA adapters, or tiny random models) on the device ``--device`` names
+(:func:`resolve_device`, also used by the demo and ``nngraft finetune``), with the identity the
+manifest records, and the Grafter that runs them."""
 
 from __future__ import annotations
 
