@@ -30,7 +30,13 @@ _FIRST_LAST_RE = re.compile(r"^(first|last):(\d+)$")
 class LayerRange(BaseModel):
     """Layers ``start ≤ i < stop`` (Python slice semantics, negatives count from the end).
 
-    Example: ``{"start": 4, "stop": -2}`` on a 12-layer model is layers 4 … 9.
+    ``{"start": 4, "stop": -2}`` on a 12-layer model is layers 4 … 9.
+
+    Example:
+        >>> from nngraft import GraftRule, LayerRange, Last, resolve_layers
+        >>> rule = GraftRule(components=["mlp"], layers={"start": 4, "stop": -2}, positions=[Last()])
+        >>> rule.layers == LayerRange(start=4, stop=-2), resolve_layers(rule.layers, 12)
+        (True, [4, 5, 6, 7, 8, 9])
     """
 
     model_config = ConfigDict(extra="forbid")

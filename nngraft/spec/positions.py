@@ -25,38 +25,93 @@ class Span(Strict):
 
     The text of each span is given per prompt when running (``spans=[{"first_actor": "Zendaya"}]``)
     and located with the tokenizer's character offsets, so leading spaces and BPE merges are
-    handled; every token that overlaps the span's characters is selected."""
+    handled; every token that overlaps the span's characters is selected.
+
+    Example:
+        >>> from nngraft import Grafter, GraftRule, GraftSpec, Span
+        >>> from nngraft.testing import tiny_pair
+        >>> g = Grafter(*tiny_pair("llama"))  # "Ada Lovelace stars in": <s> ▁Ada ▁Lov ela ce ▁stars ▁in
+        >>> spec = GraftSpec(rules=[GraftRule(components=["mlp"], layers=[0], positions=[Span(span="first_actor")])])
+        >>> g.plan(spec, ["Ada Lovelace stars in"], spans=[{"first_actor": "Ada Lovelace"}]).modules[0].cols.tolist()
+        [1, 2, 3, 4]
+    """
 
     span: str = Field(min_length=1, description="Name of the span, e.g. 'first_actor'.")
 
 
 class Last(Strict):
-    """The last real token of the prompt (padding-aware); during generation, each new token."""
+    """The last real token of the prompt (padding-aware); during generation, each new token.
+
+    Example:
+        >>> from nngraft import Grafter, GraftRule, GraftSpec, Last
+        >>> from nngraft.testing import tiny_pair
+        >>> g = Grafter(*tiny_pair("llama"))  # "Ada Lovelace stars in": <s> ▁Ada ▁Lov ela ce ▁stars ▁in
+        >>> spec = GraftSpec(rules=[GraftRule(components=["mlp"], layers=[0], positions=[Last()])])
+        >>> g.plan(spec, ["Ada Lovelace stars in"]).modules[0].cols.tolist()
+        [6]
+    """
 
     last: Literal[True] = True
 
 
 class Index(Strict):
-    """Explicit token indices; negative ones count from the end (``-1`` is the last token)."""
+    """Explicit token indices; negative ones count from the end (``-1`` is the last token).
+
+    Example:
+        >>> from nngraft import Grafter, GraftRule, GraftSpec, Index
+        >>> from nngraft.testing import tiny_pair
+        >>> g = Grafter(*tiny_pair("llama"))  # "Ada Lovelace stars in": <s> ▁Ada ▁Lov ela ce ▁stars ▁in
+        >>> spec = GraftSpec(rules=[GraftRule(components=["mlp"], layers=[0], positions=[Index(index=[1, -2])])])
+        >>> g.plan(spec, ["Ada Lovelace stars in"]).modules[0].cols.tolist()
+        [1, 5]
+    """
 
     index: list[int] = Field(min_length=1)
 
 
 class Other(Strict):
-    """Every position that no other selector of the spec names (the paper's ``other``)."""
+    """Every position that no other selector of the spec names (the paper's ``other``).
+
+    Example:
+        >>> from nngraft import Grafter, GraftRule, GraftSpec, Last, Other
+        >>> from nngraft.testing import tiny_pair
+        >>> g = Grafter(*tiny_pair("llama"))  # "Ada Lovelace stars in": <s> ▁Ada ▁Lov ela ce ▁stars ▁in
+        >>> spec = GraftSpec(rules=[GraftRule(components=["mlp"], layers=[0], positions=[Last()]),
+        ...                         GraftRule(components=["o"], layers=[0], positions=[Other()])])
+        >>> [(m.path, m.cols.tolist()) for m in g.plan(spec, ["Ada Lovelace stars in"]).modules]
+        [('model.layers.0.self_attn.o_proj', [0, 1, 2, 3, 4, 5]), ('model.layers.0.mlp', [6])]
+    """
 
     other: Literal[True] = True
 
 
 class All(Strict):
-    """Every real token of the prompt."""
+    """Every real token of the prompt.
+
+    Example:
+        >>> from nngraft import Grafter, GraftRule, GraftSpec, All
+        >>> from nngraft.testing import tiny_pair
+        >>> g = Grafter(*tiny_pair("llama"))  # "Ada Lovelace stars in": <s> ▁Ada ▁Lov ela ce ▁stars ▁in
+        >>> spec = GraftSpec(rules=[GraftRule(components=["mlp"], layers=[0], positions=[All()])])
+        >>> g.plan(spec, ["Ada Lovelace stars in"]).modules[0].cols.tolist()
+        [0, 1, 2, 3, 4, 5, 6]
+    """
 
     all: Literal[True] = True
 
 
 class Not(Strict):
     """Every real token except those the inner selectors name, e.g. ``{"not": [{"last": true}]}``
-    grafts the complement of the last token (the paper's ``LT^C``)."""
+    grafts the complement of the last token (the paper's ``LT^C``).
+
+    Example:
+        >>> from nngraft import Grafter, GraftRule, GraftSpec, Last, Not
+        >>> from nngraft.testing import tiny_pair
+        >>> g = Grafter(*tiny_pair("llama"))  # "Ada Lovelace stars in": <s> ▁Ada ▁Lov ela ce ▁stars ▁in
+        >>> spec = GraftSpec(rules=[GraftRule(components=["mlp"], layers=[0], positions=[Not(not_=[Last()])])])
+        >>> g.plan(spec, ["Ada Lovelace stars in"]).modules[0].cols.tolist()
+        [0, 1, 2, 3, 4, 5]
+    """
 
     not_: list["PositionSelector"] = Field(alias="not", min_length=1)
     model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)

@@ -16,6 +16,12 @@ Example:
     ...     components=["all"], positions=[Span(span="first_actor"), Last()])])
     >>> GraftSpec.model_validate_json(spec.model_dump_json()) == spec
     True
+
+:data:`SCHEMA_VERSION` is the newest spec format this nngraft reads; a spec is written with the
+oldest version that holds it:
+    >>> from nngraft import SCHEMA_VERSION
+    >>> SCHEMA_VERSION, spec.schema_version, GraftSpec(layer_groups="paper").schema_version
+    ('2', '1', '2')
 """
 
 from __future__ import annotations
@@ -65,7 +71,13 @@ class WeightSelection(Strict):
     The grafted module computes ``W_P + ΔW_partial`` — for a linear layer, P's output plus
     ``x · ΔW_partialᵀ``.
 
-    Example: ``{"rank": 4}``, ``{"top_percent": 5, "per": "layer"}``, ``{"neurons": [7, 12]}``.
+    In a spec: ``{"rank": 4}``, ``{"top_percent": 5, "per": "layer"}``, ``{"neurons": [7, 12]}``.
+
+    Example:
+        >>> from nngraft import GraftRule, Last, WeightSelection
+        >>> rule = GraftRule(components=["mlp"], positions=[Last()], weights={"top_percent": 5, "per": "layer"})
+        >>> rule.weights == WeightSelection(top_percent=5, per="layer"), rule.weights.kind
+        (True, 'top_percent')
     """
 
     top_percent: float | None = Field(default=None, gt=0, le=100)
@@ -296,7 +308,16 @@ def format_validation_error(error: ValidationError, source: str = "<spec>") -> s
 
 
 def spec_json_schema() -> dict[str, Any]:
-    """The JSON Schema of :class:`GraftSpec` (published as ``docs/graft-spec.schema.json``)."""
+    """The JSON Schema of :class:`GraftSpec` (published as ``docs/graft-spec.schema.json``).
+
+    Example:
+        >>> from nngraft import spec_json_schema
+        >>> schema = spec_json_schema()
+        >>> schema["$id"]
+        'https://nngraft.dev/schema/graft-spec-v2.json'
+        >>> sorted(schema["properties"])
+        ['description', 'donor', 'layer_groups', 'name', 'recipient', 'rules', 'schema_version']
+    """
     schema = GraftSpec.model_json_schema(by_alias=True)
     schema["$schema"] = "https://json-schema.org/draft/2020-12/schema"
     schema["$id"] = f"https://nngraft.dev/schema/graft-spec-v{SCHEMA_VERSION}.json"
@@ -373,5 +394,12 @@ def per_row(spec: SpecLike | Sequence[SpecLike], n: int) -> list[GraftSpec]:
 
 # Short names for the common cases.
 def everywhere_except(*selectors: Any) -> Not:
-    """``Not(not_=[...])`` with a readable name: ``everywhere_except(Span(span="first_actor"))``."""
+    """``Not(not_=[...])`` with a readable name: ``everywhere_except(Span(span="first_actor"))``.
+
+    Example:
+        >>> from nngraft import GraftRule, Span, everywhere_except
+        >>> rule = GraftRule(components=["mlp"], positions=[everywhere_except(Span(span="first_actor"))])
+        >>> rule.positions, rule.model_dump(by_alias=True)["positions"]
+        ([Not(not_=[Span(span='first_actor')])], [{'not': [{'span': 'first_actor'}]}])
+    """
     return Not(**{"not": list(selectors)})
