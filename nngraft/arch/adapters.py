@@ -29,6 +29,11 @@ Add an architecture without editing nngraft::
     ))
 
 and check it covers every weight with ``adapter.uncovered_parameters(model)``.
+
+:data:`ADAPTERS` maps each ``model_type`` (and alias) to its adapter:
+    >>> from nngraft import ADAPTERS
+    >>> ADAPTERS["mistral"] is ADAPTERS["llama"], ADAPTERS["gpt2"].layers_path
+    (True, 'transformer.h')
 """
 
 from __future__ import annotations
@@ -65,7 +70,19 @@ class Site:
 
 @dataclass(frozen=True)
 class Adapter:
-    """Component → module map for one Hugging Face ``model_type``. See the module docstring."""
+    """Component → module map for one Hugging Face ``model_type``. See the module docstring.
+
+    Example:
+        >>> from nngraft import Adapter
+        >>> from nngraft.testing import tiny_pair
+        >>> mine = Adapter(model_type="my_llama", layers_path="model.layers", block=(
+        ...     ("q", "self_attn.q_proj"), ("k", "self_attn.k_proj"), ("v", "self_attn.v_proj"),
+        ...     ("o", "self_attn.o_proj"), ("gate", "mlp.gate_proj"), ("up", "mlp.up_proj"),
+        ...     ("down", "mlp.down_proj")), embed="model.embed_tokens", ln_final="model.norm")
+        >>> mine.uncovered_parameters(tiny_pair("llama")[0])  # no ln_attn / ln_mlp in its block
+        ['model.layers.0.input_layernorm.weight', 'model.layers.0.post_attention_layernorm.weight',
+         'model.layers.1.input_layernorm.weight', 'model.layers.1.post_attention_layernorm.weight']
+    """
 
     model_type: str
     layers_path: str
@@ -299,7 +316,17 @@ ADAPTERS: dict[str, Adapter] = {}
 
 
 def register_adapter(adapter: Adapter, *, overwrite: bool = False) -> Adapter:
-    """Make ``adapter`` (and its aliases) available for its ``model_type``."""
+    """Make ``adapter`` (and its aliases) available for its ``model_type``.
+
+    Example:
+        >>> from dataclasses import replace
+        >>> from nngraft import ADAPTERS, register_adapter
+        >>> register_adapter(replace(ADAPTERS["llama"], model_type="my_llama", aliases=())).model_type
+        'my_llama'
+        >>> ADAPTERS["my_llama"].layers_path
+        'model.layers'
+        >>> del ADAPTERS["my_llama"]  # (leave the table as it was)
+    """
     for key in (adapter.model_type, *adapter.aliases):
         if key in ADAPTERS and not overwrite and ADAPTERS[key] is not adapter:
             raise ValueError(f"an adapter for {key!r} exists; pass overwrite=True to replace it")
@@ -359,7 +386,15 @@ def adapter_for_model_type(model_type: str) -> Adapter:
 
 
 def adapter_for(model: torch.nn.Module) -> Adapter:
-    """The adapter for a loaded Hugging Face model (from ``model.config.model_type``)."""
+    """The adapter for a loaded Hugging Face model (from ``model.config.model_type``).
+
+    Example:
+        >>> from nngraft import adapter_for
+        >>> from nngraft.testing import tiny_pair
+        >>> adapter = adapter_for(tiny_pair("llama")[0])
+        >>> adapter.layers_path, adapter.components
+        ('model.layers', ('embed', 'ln_final', 'lm_head', 'ln_attn', 'q', 'k', 'v', 'o', 'ln_mlp', 'gate', 'up', 'down'))
+    """
     config = getattr(model, "config", None)
     model_type = getattr(config, "model_type", None)
     if model_type is None:

@@ -160,7 +160,19 @@ class DerivedDonor:
 
 @dataclass
 class GraftPlan:
-    """Module grafts in forward order for a batch of ``batch_size`` rows × ``seq_len`` columns."""
+    """Module grafts in forward order for a batch of ``batch_size`` rows × ``seq_len`` columns.
+
+    Example:
+        >>> from nngraft import Grafter, GraftRule, GraftSpec, Last
+        >>> from nngraft.testing import tiny_pair
+        >>> spec = GraftSpec(rules=[GraftRule(components=["mlp"], layers="last:1", positions=[Last()])])
+        >>> plan = Grafter(*tiny_pair("llama")).plan(spec, ["Ada Lovelace stars in", "Ada"])
+        >>> print(plan.summary())
+        GraftPlan: 1 module grafts over 2×7
+          model.layers.1.mlp (gate+up+down): 2 positions
+        >>> plan.modules[0].rows.tolist(), plan.modules[0].cols.tolist()  # (row, column) cells, left-padded
+        ([0, 1], [6, 6])
+    """
 
     modules: list[ModuleGraft] = field(default_factory=list)
     batch_size: int = 0
@@ -261,6 +273,16 @@ def compile_plan(
     ``lengths`` (default: the prompts' lengths) lets generation evaluate selectors on a grown
     sequence. With ``collapse_mlp``, an MLP whose every projection is grafted at the same
     positions is grafted as one module (cheaper, and exactly equal: an MLP is position-wise).
+
+    Example:
+        >>> from nngraft import GraftRule, GraftSpec, Last, adapter_for, compile_plan
+        >>> from nngraft.compile.tokens import tokenize_prompt
+        >>> from nngraft.testing import tiny_pair
+        >>> P, F, tok = tiny_pair("llama")
+        >>> spec = GraftSpec(rules=[GraftRule(components=["q", "k"], layers="last:1", positions=[Last()])])
+        >>> plan = compile_plan([spec], adapter_for(P), P.config, [tokenize_prompt(tok, "Ada Lovelace stars in")])
+        >>> [(m.path, m.cols.tolist()) for m in plan.modules]
+        [('model.layers.1.self_attn.q_proj', [6]), ('model.layers.1.self_attn.k_proj', [6])]
     """
     if len(specs) != len(prompts):
         raise ValueError(f"compile_plan got {len(specs)} specs for {len(prompts)} prompts")

@@ -36,7 +36,21 @@ def pad_token_id(tokenizer: Any) -> int:
 
 
 class SpanAlignmentWarning(UserWarning):
-    """A span boundary falls inside a token; the whole token is selected (the warning names it)."""
+    """A span boundary falls inside a token; the whole token is selected (the warning names it).
+
+    Example:
+        >>> import warnings
+        >>> from nngraft import Grafter, GraftRule, GraftSpec, Span, SpanAlignmentWarning
+        >>> from nngraft.testing import tiny_pair
+        >>> spec = GraftSpec(rules=[GraftRule(components=["mlp"], positions=[Span(span="first_actor")])])
+        >>> with warnings.catch_warnings():
+        ...     warnings.simplefilter("error", SpanAlignmentWarning)  # strict: refuse partial tokens
+        ...     Grafter(*tiny_pair("llama")).plan(spec, ["Ada Lovelace stars in"], spans=[{"first_actor": "Ada Love"}])
+        Traceback (most recent call last):
+        ...
+        nngraft.compile.tokens.SpanAlignmentWarning: prompt 0: span 'first_actor' = 'Ada Love' cuts through a
+        token; selected whole tokens 1:'Ada', 2:' Lov', 3:'ela'
+    """
 
 
 @dataclass(frozen=True)

@@ -58,7 +58,16 @@ class CompiledGraft:
     ``model.trace(**compiled.inputs)``); ``plan``: per module, the (row, column) cells grafted;
     ``donors``: the donors by name (local), or ``program``: the same graft as plain tensors, for
     a remote trace. ``applier(root, compiled)`` applies it inside the current intervention block
-    (set by the backend that compiled it)."""
+    (set by the backend that compiled it).
+
+    Example (:func:`graft` shows one applied in a trace):
+        >>> from nngraft import Grafter, GraftRule, GraftSpec, Last
+        >>> from nngraft.testing import tiny_pair
+        >>> spec = GraftSpec(rules=[GraftRule(components=["mlp"], positions=[Last()])])
+        >>> compiled = Grafter(*tiny_pair("llama")).compile(spec, ["Ada Lovelace stars in", "Ada"])
+        >>> sorted(compiled.inputs), tuple(compiled.input_ids.shape), compiled.plan.modules[0].cols.tolist()
+        (['attention_mask', 'input_ids', 'position_ids'], (2, 7), [6, 6])
+    """
 
     plan: GraftPlan
     inputs: dict[str, torch.Tensor]
