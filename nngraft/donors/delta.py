@@ -56,6 +56,17 @@ class DenseDonor:
         dtype: dtype the tensors travel in (default: the remote run's ``dtype``).
 
     Locally it behaves like the matching core donor (:class:`~nngraft.donors.donor.ModelDonor` etc.).
+
+    Example (``execution="local"``: NDIF's request round trip, run in this process):
+        >>> import torch
+        >>> from nngraft import DenseDonor, Grafter, GraftRule, GraftSpec, Last
+        >>> from nngraft.testing import tiny_pair
+        >>> P, F, tok = tiny_pair("llama")
+        >>> spec = GraftSpec(rules=[GraftRule(components=["mlp"], positions=[Last()])])
+        >>> remote = Grafter.remote(P, DenseDonor(F), tok, execution="local", verbose=False)
+        >>> torch.equal(remote.run(spec, ["Ada Lovelace stars in"]).logits,
+        ...             Grafter(P, F, tok).run(spec, ["Ada Lovelace stars in"]).logits)
+        True
     """
 
     kind = "dense"
@@ -123,6 +134,16 @@ class DeltaDonor:
     :meth:`report`. Locally, F's parameters are taken as ``W_P + ΔŴ`` of the recipient module, so
     a rank-``r`` study gives the same numbers locally and remotely. What is sent is cached in
     float32 (the dense ΔW, or its two factors) per grafted tensor, for the donor's lifetime.
+
+    Example (a rank-2 ΔW of each MLP weight travels instead of the weight):
+        >>> from nngraft import DeltaDonor, Grafter, GraftRule, GraftSpec, Last
+        >>> from nngraft.testing import tiny_pair
+        >>> P, F, tok = tiny_pair("llama")
+        >>> donor = DeltaDonor(F, P, rank=2)
+        >>> spec = GraftSpec(rules=[GraftRule(components=["mlp"], positions=[Last()])])
+        >>> _ = Grafter.remote(P, donor, tok, execution="local", verbose=False).run(spec, ["Ada Lovelace stars in"])
+        >>> {key: donor.report()[0][key] for key in ("name", "rank", "bytes", "dense_bytes")}
+        {'name': 'model.layers.0.mlp.gate_proj.weight', 'rank': 2, 'bytes': 768, 'dense_bytes': 8192}
     """
 
     kind = "delta"

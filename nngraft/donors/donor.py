@@ -115,7 +115,20 @@ def check_configs(recipient: Any, donor: Any, what: str = "the donor") -> None:
 
 
 class Donor(Protocol):
-    """Anything that returns F's parameters for the recipient module at ``path``."""
+    """Anything that returns F's parameters for the recipient module at ``path``.
+
+    Example (a donor of your own: P and F averaged, module by module):
+        >>> from nngraft import Grafter, GraftRule, GraftSpec, Last
+        >>> from nngraft.testing import tiny_pair
+        >>> P, F, tok = tiny_pair("llama")
+        >>> class Halfway:
+        ...     def params(self, path, module):
+        ...         f = dict(F.get_submodule(path).named_parameters())
+        ...         return {name: (p + f[name]) / 2 for name, p in module.named_parameters()}
+        >>> spec = GraftSpec(rules=[GraftRule(components=["mlp"], positions=[Last()])])
+        >>> Grafter(P, Halfway(), tok).run(spec, ["Ada Lovelace stars in"]).logits.shape
+        torch.Size([1, 336])
+    """
 
     def params(self, path: str, module: torch.nn.Module) -> dict[str, torch.Tensor]:
         """F's parameters for ``module`` (named as in ``module.named_parameters()``)."""
@@ -194,7 +207,16 @@ class _CachingDonor:
 
 
 class ModelDonor(_CachingDonor):
-    """F as a loaded model. Tensors are shared, not copied, when dtype and device already match."""
+    """F as a loaded model. Tensors are shared, not copied, when dtype and device already match.
+
+    Example (``Grafter(P, F, tok)`` wraps F in one):
+        >>> from nngraft import ModelDonor
+        >>> from nngraft.testing import tiny_pair
+        >>> P, F, tok = tiny_pair("llama")
+        >>> up = ModelDonor(F).params("model.layers.0.mlp.up_proj", P.model.layers[0].mlp.up_proj)
+        >>> up["weight"] is F.model.layers[0].mlp.up_proj.weight
+        True
+    """
 
     def __init__(self, model: torch.nn.Module) -> None:
         super().__init__()
@@ -246,7 +268,19 @@ class ModelDonor(_CachingDonor):
 
 
 class TensorDonor(_CachingDonor):
-    """F's tensors by full parameter name, e.g. from ``model.state_dict()`` or a computation."""
+    """F's tensors by full parameter name, e.g. from ``model.state_dict()`` or a computation.
+
+    Example (only the tensors a spec grafts are needed):
+        >>> import torch
+        >>> from nngraft import Grafter, GraftRule, GraftSpec, Last, TensorDonor
+        >>> from nngraft.testing import tiny_pair
+        >>> P, F, tok = tiny_pair("llama")
+        >>> mlps = TensorDonor({name: t for name, t in F.state_dict().items() if ".mlp." in name})
+        >>> spec = GraftSpec(rules=[GraftRule(components=["mlp"], positions=[Last()])])
+        >>> torch.equal(Grafter(P, mlps, tok).run(spec, ["Ada Lovelace stars in"]).logits,
+        ...             Grafter(P, F, tok).run(spec, ["Ada Lovelace stars in"]).logits)
+        True
+    """
 
     def __init__(self, tensors: Mapping[str, torch.Tensor], *, source: str = "tensor dict") -> None:
         super().__init__()
@@ -276,6 +310,19 @@ class SafetensorsDonor(_CachingDonor):
     a 70B model needs only those MLPs in memory. Checkpoint names may lack the model's prefix
     (``h.0.mlp`` for ``transformer.h.0.mlp``); pass ``prefix`` (default: tried automatically).
     Loading never unpickles anything.
+
+    Example (a file holding only F's MLPs is enough to graft them):
+        >>> import tempfile, torch
+        >>> from safetensors.torch import save_file
+        >>> from nngraft import Grafter, GraftRule, GraftSpec, Last, SafetensorsDonor
+        >>> from nngraft.testing import tiny_pair
+        >>> P, F, tok = tiny_pair("llama")
+        >>> spec = GraftSpec(rules=[GraftRule(components=["mlp"], positions=[Last()])])
+        >>> with tempfile.TemporaryDirectory() as folder:
+        ...     save_file({n: t for n, t in F.state_dict().items() if ".mlp." in n}, f"{folder}/mlp.safetensors")
+        ...     logits = Grafter(P, SafetensorsDonor(folder), tok).run(spec, ["Ada Lovelace stars in"]).logits
+        >>> torch.allclose(logits, Grafter(P, F, tok).run(spec, ["Ada Lovelace stars in"]).logits, atol=1e-5)
+        True
     """
 
     def __init__(self, path: str | Path, *, prefixes: tuple[str, ...] | None = None) -> None:

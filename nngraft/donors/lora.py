@@ -94,6 +94,23 @@ class LoraDonor:
     adapter on the input embedding changes only the input side, whereas ``merge_and_unload()``
     would also change the tied head. The base weights PEFT saves beside adapted embeddings
     (``base_layer``) must equal P's; this is checked wherever P's weights are at hand.
+
+    Example (grafting the adapter equals grafting PEFT's merged model):
+        >>> import copy, tempfile, torch
+        >>> from peft import LoraConfig, get_peft_model
+        >>> from nngraft import Grafter, GraftRule, GraftSpec, Last, LoraDonor
+        >>> from nngraft.testing import tiny_pair
+        >>> P, _, tok = tiny_pair("llama")
+        >>> lora = get_peft_model(copy.deepcopy(P), LoraConfig(r=4, target_modules=["up_proj"], init_lora_weights=False))
+        >>> with tempfile.TemporaryDirectory() as folder:
+        ...     lora.save_pretrained(folder)
+        ...     donor = LoraDonor(folder)
+        >>> sorted(donor.factors), donor.scale("model.layers.0.mlp.up_proj")
+        (['model.layers.0.mlp.up_proj', 'model.layers.1.mlp.up_proj'], 2.0)
+        >>> spec = GraftSpec(rules=[GraftRule(components=["mlp"], positions=[Last()])])
+        >>> torch.allclose(Grafter(P, donor, tok).run(spec, ["Ada Lovelace stars in"]).logits,
+        ...                Grafter(P, lora.merge_and_unload(), tok).run(spec, ["Ada Lovelace stars in"]).logits, atol=1e-5)
+        True
     """
 
     kind = "lora"
