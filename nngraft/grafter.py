@@ -68,6 +68,14 @@ class Grafter:
 
     One Grafter may be used from several threads; traces are serialized with a lock.
     P's weights are never modified.
+
+    Example:
+        >>> from nngraft import Grafter, GraftRule, GraftSpec, Last
+        >>> from nngraft.testing import tiny_pair
+        >>> g = Grafter(*tiny_pair("llama"))  # P, F, P's tokenizer
+        >>> spec = GraftSpec(name="lt", rules=[GraftRule(components=["all"], positions=[Last()])])
+        >>> g.run(spec, ["Ada Lovelace stars in", "Grace Hopper stars in"]).target_prob("Alan").shape
+        torch.Size([2])
     """
 
     def __init__(self, recipient: Any, donor: Any, tokenizer: Any = None, *, backend: Backend | None = None,

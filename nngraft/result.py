@@ -83,7 +83,21 @@ class GraftResult:
     """Next-token logits (at each prompt's last real token) of one graft run.
 
     ``logits[i]`` belongs to ``prompts[i]`` (run under ``spec_names[i]``). ``all_logits`` holds
-    every position's logits (real tokens only) when the run asked for them."""
+    every position's logits (real tokens only) when the run asked for them.
+
+    Example:
+        >>> from nngraft import Grafter, GraftRule, GraftSpec, Last
+        >>> from nngraft.testing import tiny_pair
+        >>> g, prompts = Grafter(*tiny_pair("llama")), ["Ada Lovelace stars in", "Grace Hopper stars in"]
+        >>> out = g.run(GraftSpec(name="lt", rules=[GraftRule(components=["all"], positions=[Last()])]), prompts)
+        >>> out
+        GraftResult(logits=(2, 336), specs=['lt'], prompts=['Ada Lovelace stars in', 'Grace Hopper stars in'])
+        >>> out.target_prob("Alan").shape, out.target_rank(["Alan", "Marie"]).shape
+        (torch.Size([2]), torch.Size([2]))
+        >>> p = g.run(GraftSpec(name="P"), prompts)  # no rules: plain P
+        >>> out.logit_diff("Alan", baseline=p).shape, bool((out.kl_divergence(p) > 0).all())
+        (torch.Size([2]), True)
+    """
 
     logits: torch.Tensor
     prompts: Sequence[str]
@@ -206,7 +220,16 @@ class GraftResult:
 @dataclass
 class GenerationResult:
     """Continuations under a graft: the new (or forced) token ids, their text, and each step's
-    logits (``step_logits[j]`` is the distribution token ``j`` was chosen from)."""
+    logits (``step_logits[j]`` is the distribution token ``j`` was chosen from).
+
+    Example:
+        >>> from nngraft import Grafter, GraftRule, GraftSpec, Last
+        >>> from nngraft.testing import tiny_pair
+        >>> spec = GraftSpec(rules=[GraftRule(components=["all"], positions=[Last()])])
+        >>> out = Grafter(*tiny_pair("llama")).generate(spec, ["Ada Lovelace stars in"], max_new_tokens=3)
+        >>> tuple(out.tokens.shape), len(out.step_logits), tuple(out.step_logits[0].shape), type(out.texts[0])
+        ((1, 3), 3, (1, 336), <class 'str'>)
+    """
 
     tokens: torch.Tensor  # (batch, new_tokens)
     texts: list[str]
@@ -240,7 +263,18 @@ class GenerationResult:
 class GridResult(dict):
     """What :meth:`~nngraft.grafter.Grafter.run_grid` returns: ``{spec name: GraftResult}`` (a
     plain dict), shown in Jupyter as a table of each spec's top token per prompt, with
-    :meth:`target_probs` for the table of answer probabilities."""
+    :meth:`target_probs` for the table of answer probabilities.
+
+    Example:
+        >>> from nngraft import Grafter, GraftRule, GraftSpec, Last
+        >>> from nngraft.testing import tiny_pair
+        >>> lt = GraftSpec(name="lt", rules=[GraftRule(components=["all"], positions=[Last()])])
+        >>> grid = Grafter(*tiny_pair("llama")).run_grid([GraftSpec(name="P"), lt], ["Ada stars in", "Grace stars in"])
+        >>> grid["lt"]
+        GraftResult(logits=(2, 336), specs=['lt'], prompts=['Ada stars in', 'Grace stars in'])
+        >>> {name: len(probs) for name, probs in grid.target_probs("Alan").items()}
+        {'P': 2, 'lt': 2}
+    """
 
     def target_probs(self, targets: str | Sequence[str] | Sequence[int] | torch.Tensor) -> dict[str, list[float]]:
         """``{spec: [probability of each prompt's target]}`` (answer strings or token ids)."""

@@ -82,3 +82,65 @@ def test_readme_python_runs_as_written(tmp_path, capsys, monkeypatch):
     df = scope["df"]
     assert len(df) == 3 * 3 and {"prob", "recovery", "p_prob", "f_prob", "rank"} <= set(df.columns)
     assert "fe_lt" in capsys.readouterr().out
+
+
+# Public names that cannot carry a docstring of their own, with where their use is shown instead
+# (a ``>>>`` line naming them in that module's docstring) and why.
+NO_DOCSTRING = {
+    "ADAPTERS": ("nngraft.arch.adapters", "a dict (the adapter table): an instance, whose docstring is dict's"),
+    "SCHEMA_VERSION": ("nngraft.spec.schema", "a str constant: an instance, whose docstring is str's"),
+    "PositionSelector": ("nngraft.spec.positions", "a type alias (the union of Span, Last, Index, Other, All, "
+                         "Not): its docstring is typing's"),
+}
+
+
+def names_without_example(namespace, names) -> list[str]:
+    """The names whose object's *own* docstring has no ``>>>`` example. (``inspect.getdoc`` would
+    also accept a docstring inherited from a base class, e.g. every error's from GraftError.)"""
+    import inspect
+
+    missing = []
+    for name in names:
+        obj = getattr(namespace, name)
+        own = obj.__doc__ if (inspect.isclass(obj) or inspect.isroutine(obj)) else None
+        if ">>>" not in (inspect.cleandoc(own) if own else ""):
+            missing.append(name)
+    return missing
+
+
+def test_every_public_name_has_an_example_in_its_docstring():
+    """The brief: the public API documented with one short example each (the examples run as
+    doctests: pyproject's --doctest-modules)."""
+    import nngraft
+
+    missing = names_without_example(nngraft, [n for n in nngraft.__all__ if n not in NO_DOCSTRING])
+    assert missing == [], f"public names without a >>> example in their own docstring: {missing}"
+
+
+def test_the_names_without_a_docstring_are_shown_where_they_live():
+    import importlib
+
+    import nngraft
+
+    for name, (module, _why) in NO_DOCSTRING.items():
+        assert name in nngraft.__all__
+        assert names_without_example(nngraft, [name]) == [name], f"{name} can carry an example itself"
+        doc = importlib.import_module(module).__doc__ or ""
+        shown = [line for line in doc.splitlines() if line.strip().startswith(">>>") and name in line]
+        assert shown, f"{module}'s docstring shows no >>> line using {name}"
+
+
+def test_the_example_check_sees_a_missing_or_inherited_example():
+    """The check above fails where it should: no docstring, one without ``>>>``, one inherited."""
+    from types import SimpleNamespace
+
+    documented = type("Documented", (), {"__doc__": "A class.\n\nExample:\n    " + ">" * 3 + " 1 + 1\n    2\n"})
+    namespace = SimpleNamespace(
+        Documented=documented,
+        Inherits=type("Inherits", (documented,), {}),
+        Plain=type("Plain", (), {"__doc__": "A class with no example."}),
+        f=lambda: None,
+        CONSTANT="2",
+    )
+    assert names_without_example(namespace, ["Documented", "Inherits", "Plain", "f", "CONSTANT"]) == \
+        ["Inherits", "Plain", "f", "CONSTANT"]
