@@ -3,6 +3,7 @@ layer-group resolution."""
 
 from __future__ import annotations
 
+import inspect
 import json
 
 import pytest
@@ -68,6 +69,20 @@ def test_json_schema_validates_shape():
     assert set(rule["properties"]) == {"components", "layers", "positions", "donor", "weights"}
     enum = rule["properties"]["components"]["items"]["enum"]
     assert set(enum) == set(COMPONENTS) | set(COMPONENT_GROUPS)
+
+
+def test_the_schema_descriptions_carry_no_doctest():
+    """The spec models' docstrings end in runnable examples; the JSON Schema keeps only the prose
+    before them (a description that held the example would show ``>>>`` lines to schema users)."""
+    from nngraft import GraftRule, Span
+
+    text = json.dumps(spec_json_schema())
+    assert ">>>" not in text and "Example:" not in text
+    defs = spec_json_schema()["$defs"]
+    assert ">>>" in GraftRule.__doc__ and ">>>" in Span.__doc__
+    for model in (GraftRule, Span):
+        prose = inspect.cleandoc(model.__doc__).split("\n\nExample:")[0]
+        assert defs[model.__name__]["description"] == prose and len(prose) > 40
 
 
 def test_published_schema_is_current():
