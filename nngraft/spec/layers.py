@@ -12,9 +12,10 @@ from __future__ import annotations
 import re
 from typing import Literal, Union
 
-from pydantic import BaseModel, ConfigDict
+from pydantic import ConfigDict
 
 from ..errors import LayerRangeError
+from .positions import Documented
 
 LayerGroups = Literal["even", "paper"]
 """How named layer groups split the layers: ``even`` (nngraft's, part i of k is
@@ -27,7 +28,7 @@ _GROUP_RE = re.compile(r"^(first|second|third|fourth|fifth|sixth|seventh|eighth)
 _FIRST_LAST_RE = re.compile(r"^(first|last):(\d+)$")
 
 
-class LayerRange(BaseModel):
+class LayerRange(Documented):
     """Layers ``start ≤ i < stop`` (Python slice semantics, negatives count from the end).
 
     ``{"start": 4, "stop": -2}`` on a 12-layer model is layers 4 … 9.

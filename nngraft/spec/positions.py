@@ -9,12 +9,26 @@ Example:
 
 from __future__ import annotations
 
+import re
 from typing import Annotated, Any, Literal, Union
 
 from pydantic import BaseModel, ConfigDict, Discriminator, Field, Tag
 
 
-class Strict(BaseModel):
+class Documented(BaseModel):
+    """A spec model whose JSON Schema ``description`` is its docstring's prose, without the
+    runnable ``Example:`` section (the doctests are for Python readers, not for a schema's users)."""
+
+    @classmethod
+    def __get_pydantic_json_schema__(cls, core_schema: Any, handler: Any) -> Any:
+        schema = handler(core_schema)
+        target = handler.resolve_ref_schema(schema)
+        if isinstance(target.get("description"), str):
+            target["description"] = re.split(r"\n\s*Examples?:\s*\n", target["description"], maxsplit=1)[0].rstrip()
+        return schema
+
+
+class Strict(Documented):
     """The base of every spec model: unknown fields are refused, values are frozen."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)

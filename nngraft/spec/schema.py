@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import re
 from pathlib import Path
 from typing import Any, Literal, Mapping, Sequence, Union
 
@@ -319,20 +318,10 @@ def spec_json_schema() -> dict[str, Any]:
         >>> sorted(schema["properties"])
         ['description', 'donor', 'layer_groups', 'name', 'recipient', 'rules', 'schema_version']
     """
-    schema = _without_examples(GraftSpec.model_json_schema(by_alias=True))
+    schema = GraftSpec.model_json_schema(by_alias=True)
     schema["$schema"] = "https://json-schema.org/draft/2020-12/schema"
     schema["$id"] = f"https://nngraft.dev/schema/graft-spec-v{SCHEMA_VERSION}.json"
     return schema
-
-
-def _without_examples(node: Any) -> Any:
-    """``node`` with each ``description`` cut before its docstring's ``Example:`` section: the
-    doctests are for Python readers, not for a JSON Schema's users."""
-    if isinstance(node, dict):
-        return {key: re.split(r"\n\s*Examples?:\s*\n", value, maxsplit=1)[0].rstrip()
-                if key == "description" and isinstance(value, str) else _without_examples(value)
-                for key, value in node.items()}
-    return [_without_examples(item) for item in node] if isinstance(node, list) else node
 
 
 SpecLike = Union["GraftSpec", str, Path, Mapping[str, Any]]
