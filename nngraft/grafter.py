@@ -345,15 +345,15 @@ class Grafter:
             estimate = getattr(self.backend, "estimate", None)
             if with_f and callable(estimate):
                 try:
-                    report = estimate(EVERYTHING, self.setup)
-                    with_f = report.limit_bytes is None or report.total_bytes <= report.limit_bytes
+                    estimate(EVERYTHING, self.setup).check()  # PayloadTooLargeError where it does not fit
                 except GraftError:
                     with_f = False
             log = getattr(self.backend, "requests", [])
             sent = len(log)
             try:  # a request refused (key, server, size) is refused as the run's own would be
                 check_identities(self.forward, self.model, self.donor, self.adapter, specs, prompts, self.pad_id,
-                                 self.device, with_f=with_f, travel_dtype=self.setup.dtype, remote=True)
+                                 self.device, with_f=with_f, remote=True,
+                                 travel_dtype=getattr(self.donor, "dtype", None) or self.setup.dtype)  # as it ships
             finally:
                 for entry in log[sent:]:  # the request log tells the guard's requests from the run's
                     entry["purpose"] = "identity check"

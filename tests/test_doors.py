@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from functools import lru_cache
 from pathlib import Path
 
@@ -890,7 +891,6 @@ def execution(request):
     return request.param
 
 
-import re  # noqa: E402
 
 
 @pytest.mark.slow
@@ -928,6 +928,19 @@ def test_the_identity_guard_on_ndif_catches_rows_that_are_not_independent():
     g = Grafter.remote(P, DenseDonor(F, dtype=torch.float32), tok, execution="local", verbose=False)
     with pytest.raises(IdentityCheckError, match="the empty spec does not reproduce P"):
         g.run(LT_MLP, ["Ada stars in"])
+
+
+def test_the_ndif_guard_takes_the_tolerance_of_the_dtype_the_donor_travels_in():
+    """A donor may choose its own travel dtype (``DenseDonor(F, dtype=torch.bfloat16)``) while P
+    and the Grafter stay float32: the guard judged "everything" by float32's tolerance and called
+    bfloat16's rounding a bug in nngraft. It takes the donor's own dtype, as the payload does."""
+    from nngraft.donors.delta import DenseDonor
+
+    P, F, tok = _fresh_pair()
+    g = Grafter.remote(P, DenseDonor(F, dtype=torch.bfloat16), tok, execution="local", verbose=False)
+    assert g.setup.dtype == torch.float32
+    g.run(LT_MLP, ["Ada Lovelace stars in", "Grace Hopper stars in"])
+    assert g._identities_checked
 
 
 def test_the_ndif_guard_leaves_out_what_it_cannot_check(monkeypatch):
