@@ -187,14 +187,17 @@ def test_graft_paths_refuses_what_the_baselines_cannot_graft():
 
 def test_run_path_counts_the_files_a_command_enters():
     """benchmarks/run_path.py's probe on ``nngraft schema``: the files whose functions run are the CLI,
-    the schema verb and the spec schema, no other verb's module and nothing of the study (imports
-    and the import system's calls skipped); each climb back is a return to a caller in another file."""
+    the schema verb, the spec schema and the spec models' schema hook (called by pydantic, so no
+    climb back into nngraft), no other verb's module and nothing of the study (imports and the
+    import system's calls skipped); each climb back is a return to a caller in another file."""
     from benchmarks.run_path import measure
     from tests.helpers import ROOT
 
     result = measure(ROOT, ["schema"])
-    assert sorted(result["entered"]) == ["nngraft/cli/__init__.py", "nngraft/cli/core.py", "nngraft/spec/schema.py"]
+    assert sorted(result["entered"]) == ["nngraft/cli/__init__.py", "nngraft/cli/core.py", "nngraft/spec/positions.py",
+                                         "nngraft/spec/schema.py"]
     assert "spec_json_schema" in result["entered"]["nngraft/spec/schema.py"]
+    assert set(result["entered"]["nngraft/spec/positions.py"]) == {"Documented.__get_pydantic_json_schema__"}
     assert set(result["climbs"]) == {"nngraft/cli/core.py -> nngraft/cli/__init__.py",
                                      "nngraft/spec/schema.py -> nngraft/cli/core.py"}
     assert result["returns"] == sum(result["climbs"].values())
